@@ -1,0 +1,426 @@
+"""Synthetic multi-task image benchmark (the embedded default) and the benchmark table.
+
+Map of this module:
+- ``TASKS``, ``SPLITS``, ``ANNOTATION_COLUMNS``: the fixed vocabulary of the benchmark table.
+- ``PROMPTS``: the prompt wording, following HONES.md section 1 so real VLMs run the same benchmark.
+- ``Scene`` / ``sample_scene`` / ``render_scene``: procedural scenes (1-3 coloured shapes in
+  left/middle/right slots plus a short word in a box), seeded and deterministic.
+- ``build_benchmark``: writes ``annotations.parquet`` (one row per example) and
+  ``images.parquet`` (one row per image, PNG bytes) into a directory, atomically.
+- ``read_annotations`` / ``ImageTable``: read them back, validating columns and images.
+
+The table is the contract every later stage reads; the COCO importer writes the same table.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw, ImageFont
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+TASKS: tuple[str, ...] = ("vqa", "ocr", "caption", "retrieval")
+SPLITS: tuple[str, ...] = ("train", "discovery", "dev", "test")
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 40, 40),
+    "green": (40, 165, 60),
+    "blue": (45, 85, 225),
+    "yellow": (235, 200, 25),
+    "purple": (145, 60, 185),
+    "orange": (245, 135, 20),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
+POSITIONS: tuple[str, ...] = ("left", "middle", "right")
+WORDS: tuple[str, ...] = (
+    "cat", "dog", "sun", "map", "key", "box", "cup", "hat", "pen", "car",
+    "bus", "egg", "fox", "ice", "jam", "kit", "log", "net", "owl", "pig",
+    "rug", "tea", "van", "web", "yak", "zip", "bird", "fish", "lamp", "moon",
+    "star", "tree", "ship", "rain", "snow", "wind", "rock", "leaf", "milk", "corn",
+    "book", "door", "frog", "gold", "king", "lion", "nest", "park", "ring", "salt",
+    "apple", "bread", "chair", "cloud", "grape", "horse", "lemon", "mouse", "piano", "river",
+    "stone", "table", "tiger", "water", "zebra", "queen",
+)
+NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three")
+
+# HONES.md section 1 fixes the retrieval prompt; the others are short, model-agnostic instructions.
+PROMPTS: dict[str, str] = {
+    "ocr": "What is the word written in the box?",
+    "caption": "Describe the image in one sentence.",
+    "retrieval": (
+        "Candidate: {candidate} Does the candidate correctly describe the image? "
+        "Answer exactly Yes or No."
+    ),
+}
+VQA_QUESTIONS: dict[str, str] = {
+    "color": "What color is the {shape}?",
+    "shape": "What shape is the {color} object?",
+    "count": "How many shapes are there?",
+    "position": "Where is the {color} {shape}?",
+}
+
+ANNOTATION_SCHEMA = pa.schema(
+    [
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("question_type", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("references", pa.list_(pa.string()), nullable=False),
+        pa.field("candidates", pa.list_(pa.string()), nullable=False),
+        pa.field("positive_index", pa.int32(), nullable=False),
+    ]
+)
+ANNOTATION_COLUMNS: tuple[str, ...] = tuple(ANNOTATION_SCHEMA.names)
+IMAGE_SCHEMA = pa.schema(
+    [pa.field("image_id", pa.string(), nullable=False), pa.field("png", pa.binary(), nullable=False)]
+)
+
+
+class BenchmarkError(PipelineError):
+    """A benchmark table or image is malformed; the message names the item or file."""
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    color: str
+    shape: str
+    position: str
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One image's content: objects ordered left to right, and the word in the box."""
+
+    objects: tuple[SceneObject, ...]
+    word: str
+
+
+def sample_scene(rng: np.random.Generator) -> Scene:
+    """Draw 1-3 objects with distinct colours in distinct slots, and one word."""
+    n = int(rng.integers(1, 4))
+    slots = sorted(rng.choice(len(POSITIONS), size=n, replace=False).tolist())
+    colors = rng.choice(list(COLORS), size=n, replace=False).tolist()
+    shapes = rng.choice(SHAPES, size=n, replace=True).tolist()
+    objects = tuple(
+        SceneObject(color=c, shape=s, position=POSITIONS[p]) for c, s, p in zip(colors, shapes, slots)
+    )
+    return Scene(objects=objects, word=str(rng.choice(WORDS)))
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle((cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r), fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=fill)
+    elif shape == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    else:  # pragma: no cover - SHAPES is closed
+        raise BenchmarkError(f"unknown shape {shape!r}; allowed: {SHAPES}")
+
+
+_FONTS: dict[int, ImageFont.FreeTypeFont] = {}
+
+
+def _font(size: int):
+    if size not in _FONTS:
+        _FONTS[size] = ImageFont.load_default(size=size)
+    return _FONTS[size]
+
+
+def render_scene(scene: Scene, image_size: int, rng: np.random.Generator) -> Image.Image:
+    """Render ``scene`` as an RGB image of ``image_size`` x ``image_size`` pixels.
+
+    The upper ~65% holds the shapes in three slots, the lower part a white box with the
+    word in black. ``rng`` adds small jitter (background tint, shape size and offset) so
+    that no two images with the same scene are pixel-identical.
+    """
+    s = image_size
+    bg = tuple(int(v) for v in 200 + rng.integers(-18, 18, size=3))
+    img = Image.new("RGB", (s, s), bg)
+    draw = ImageDraw.Draw(img)
+    shape_h = 0.64 * s
+    slot_w = s / 3
+    for obj in scene.objects:
+        slot = POSITIONS.index(obj.position)
+        r = slot_w * (0.30 + 0.08 * rng.random())
+        cx = slot_w * (slot + 0.5) + rng.uniform(-0.08, 0.08) * slot_w
+        cy = shape_h * 0.5 + rng.uniform(-0.12, 0.12) * shape_h
+        _draw_shape(draw, obj.shape, cx, cy, r, COLORS[obj.color])
+    top = int(0.68 * s)
+    draw.rectangle((2, top, s - 3, s - 3), fill=(255, 255, 255), outline=(0, 0, 0))
+    font = _font(max(8, int(round(s * 0.19))))
+    left, t, right, b = draw.textbbox((0, 0), scene.word, font=font)
+    tx = (s - (right - left)) / 2 - left + rng.uniform(-1.5, 1.5)
+    ty = top + (s - 3 - top - (b - t)) / 2 - t
+    draw.text((tx, ty), scene.word, fill=(0, 0, 0), font=font)
+    return img
+
+
+# --- text for each task -------------------------------------------------------------------
+
+
+def _object_phrase(o: SceneObject) -> str:
+    article = "an" if o.color[0] in "aeiou" else "a"
+    return f"{article} {o.color} {o.shape}"
+
+
+def _where(o: SceneObject) -> str:
+    return "in the middle" if o.position == "middle" else f"on the {o.position}"
+
+
+def caption_references(scene: Scene) -> list[str]:
+    """Five reference captions with varied wording; the first is the canonical one."""
+    objs = scene.objects
+    n = len(objs)
+    at = " and ".join(f"{_object_phrase(o)} {_where(o)}" for o in objs)
+    plain = " and ".join(_object_phrase(o) for o in objs)
+    shapes_word = "shape" if n == 1 else "shapes"
+    return [
+        f"{at} .",
+        f"there is {at} .",
+        f"an image of {plain} .",
+        f"{NUMBER_WORDS[n]} {shapes_word} : {at} .",
+        f"a picture with {at} above a word in a box .",
+    ]
+
+
+def canonical_caption(scene: Scene) -> str:
+    return caption_references(scene)[0]
+
+
+def hard_negative(scene: Scene, rng: np.random.Generator) -> Scene:
+    """A scene that differs from ``scene`` in exactly one attribute (colour, shape, slot, count)."""
+    objs = list(scene.objects)
+    kinds = ["color", "shape", "position", "count"]
+    kind = str(rng.choice(kinds))
+    i = int(rng.integers(len(objs)))
+    if kind == "color":
+        used = {o.color for o in objs}
+        new = str(rng.choice([c for c in COLORS if c not in used]))
+        objs[i] = SceneObject(new, objs[i].shape, objs[i].position)
+    elif kind == "shape":
+        new = str(rng.choice([s for s in SHAPES if s != objs[i].shape]))
+        objs[i] = SceneObject(objs[i].color, new, objs[i].position)
+    elif kind == "position":
+        free = [p for p in POSITIONS if p not in {o.position for o in objs}]
+        if free:
+            objs[i] = SceneObject(objs[i].color, objs[i].shape, str(rng.choice(free)))
+        else:  # all slots used: swap two objects' attributes instead
+            j = (i + 1) % len(objs)
+            objs[i], objs[j] = (
+                SceneObject(objs[j].color, objs[j].shape, objs[i].position),
+                SceneObject(objs[i].color, objs[i].shape, objs[j].position),
+            )
+    else:
+        if len(objs) > 1 and (len(objs) == 3 or rng.random() < 0.5):
+            objs.pop(i)
+        else:
+            free = [p for p in POSITIONS if p not in {o.position for o in objs}]
+            used = {o.color for o in objs}
+            objs.append(
+                SceneObject(
+                    str(rng.choice([c for c in COLORS if c not in used])),
+                    str(rng.choice(SHAPES)),
+                    str(rng.choice(free)),
+                )
+            )
+    objs.sort(key=lambda o: POSITIONS.index(o.position))
+    return Scene(objects=tuple(objs), word=scene.word)
+
+
+def retrieval_candidates(
+    scene: Scene, rng: np.random.Generator, n_negatives: int, n_hard: int
+) -> tuple[list[str], int]:
+    """1 positive + ``n_negatives`` distinct negative captions; returns (candidates, positive index)."""
+    positive = canonical_caption(scene)
+    negatives: list[str] = []
+    seen = {positive}
+    tries = 0
+    while len(negatives) < n_negatives:
+        tries += 1
+        if tries > 1000:
+            raise BenchmarkError(f"could not draw {n_negatives} distinct negatives for scene {scene}")
+        other = hard_negative(scene, rng) if len(negatives) < n_hard else sample_scene(rng)
+        cap = canonical_caption(other)
+        if cap not in seen:
+            seen.add(cap)
+            negatives.append(cap)
+    pos = int(rng.integers(n_negatives + 1))
+    candidates = negatives[:pos] + [positive] + negatives[pos:]
+    return candidates, pos
+
+
+def vqa_examples(scene: Scene) -> list[tuple[str, str, str]]:
+    """All well-posed (question type, question, answer) triples for ``scene``."""
+    out: list[tuple[str, str, str]] = [("count", VQA_QUESTIONS["count"], str(len(scene.objects)))]
+    shape_counts: dict[str, int] = {}
+    for o in scene.objects:
+        shape_counts[o.shape] = shape_counts.get(o.shape, 0) + 1
+    for o in scene.objects:
+        if shape_counts[o.shape] == 1:
+            out.append(("color", VQA_QUESTIONS["color"].format(shape=o.shape), o.color))
+        out.append(("shape", VQA_QUESTIONS["shape"].format(color=o.color), o.shape))
+        out.append(("position", VQA_QUESTIONS["position"].format(color=o.color, shape=o.shape), o.position))
+    return out
+
+
+# --- building the table ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """Sizes (in images) per split and rendering options of the synthetic benchmark."""
+
+    seed: int
+    image_size: int
+    n_images: dict[str, int]
+    vqa_per_image: dict[str, int]
+    retrieval_negatives: int
+    retrieval_hard_negatives: int
+
+
+def build_benchmark(spec: BenchmarkSpec, out_dir: Path) -> pd.DataFrame:
+    """Render the benchmark into ``out_dir`` (annotations.parquet, images.parquet).
+
+    Each split draws from its own seeded stream, so images are disjoint across splits and a
+    split's content does not change when another split's size does. Returns the annotations.
+    Writes into a temporary sibling directory and renames it, so a crash leaves no partial output.
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    rows: list[dict] = []
+    images: list[dict] = []
+    from tqdm import tqdm
+
+    for split_index, split in enumerate(SPLITS):
+        n = spec.n_images.get(split, 0)
+        split_rng = np.random.default_rng(np.random.SeedSequence([spec.seed, split_index]))
+        n_vqa = spec.vqa_per_image.get(split, 1)
+        for k in tqdm(range(n), desc=f"benchmark {split}", leave=False):
+            image_id = f"{split}-{k:06d}"
+            scene = sample_scene(split_rng)
+            img = render_scene(scene, spec.image_size, split_rng)
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            images.append({"image_id": image_id, "png": buf.getvalue()})
+
+            def row(task: str, qtype: str, prompt: str, refs: list[str], cands=(), pos=-1, j=0) -> dict:
+                return {
+                    "item_id": f"{image_id}-{task}-{j}",
+                    "image_id": image_id,
+                    "split": split,
+                    "task": task,
+                    "question_type": qtype,
+                    "prompt": prompt,
+                    "references": list(refs),
+                    "candidates": list(cands),
+                    "positive_index": int(pos),
+                }
+
+            qs = vqa_examples(scene)
+            # Balance question types: pick types round-robin from the image index, then a question.
+            for j in range(min(n_vqa, len(qs))):
+                types = sorted({q[0] for q in qs})
+                qtype = types[(k + j) % len(types)]
+                pool = [q for q in qs if q[0] == qtype]
+                q = pool[int(split_rng.integers(len(pool)))]
+                qs.remove(q)
+                rows.append(row("vqa", q[0], q[1], [q[2]], j=j))
+            rows.append(row("ocr", "", PROMPTS["ocr"], [scene.word]))
+            rows.append(row("caption", "", PROMPTS["caption"], caption_references(scene)))
+            cands, pos = retrieval_candidates(
+                scene, split_rng, spec.retrieval_negatives, spec.retrieval_hard_negatives
+            )
+            rows.append(row("retrieval", "", PROMPTS["retrieval"], [cands[pos]], cands, pos))
+    table = pa.Table.from_pylist(rows, schema=ANNOTATION_SCHEMA)
+    pq.write_table(table, tmp / "annotations.parquet")
+    pq.write_table(pa.Table.from_pylist(images, schema=IMAGE_SCHEMA), tmp / "images.parquet", row_group_size=512)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    log.info("benchmark: %d images, %d examples -> %s", len(images), len(rows), out_dir)
+    return table.to_pandas()
+
+
+def read_annotations(path: Path, splits: tuple[str, ...] | None = None, tasks: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """Read and validate ``annotations.parquet``; optionally filter by split and task."""
+    path = Path(path)
+    if not path.is_file():
+        raise BenchmarkError(f"annotation table not found: {path}")
+    df = pq.read_table(path).to_pandas()
+    missing = [c for c in ANNOTATION_COLUMNS if c not in df.columns]
+    if missing:
+        raise BenchmarkError(f"{path}: missing columns {missing}; expected {list(ANNOTATION_COLUMNS)}")
+    bad_task = sorted(set(df["task"]) - set(TASKS))
+    if bad_task:
+        log.info("%s: tasks beyond the built-in four: %s", path, bad_task)
+    bad_split = sorted(set(df["split"]) - set(SPLITS))
+    if bad_split:
+        raise BenchmarkError(f"{path}: unknown splits {bad_split}; allowed: {list(SPLITS)}")
+    if df["item_id"].duplicated().any():
+        dup = df.loc[df["item_id"].duplicated(), "item_id"].iloc[0]
+        raise BenchmarkError(f"{path}: duplicate item_id {dup!r}")
+    if splits is not None:
+        df = df[df["split"].isin(splits)]
+    if tasks is not None:
+        df = df[df["task"].isin(tasks)]
+    for rec in df.itertuples():
+        if len(rec.references) == 0 or any(not str(r).strip() for r in rec.references):
+            raise BenchmarkError(f"{path}: item {rec.item_id!r} has an empty reference answer")
+        if rec.task == "retrieval" and not (0 <= rec.positive_index < len(rec.candidates)):
+            raise BenchmarkError(
+                f"{path}: retrieval item {rec.item_id!r} has positive_index {rec.positive_index} "
+                f"outside its {len(rec.candidates)} candidates"
+            )
+    return df.reset_index(drop=True)
+
+
+class ImageTable:
+    """Images by id from ``images.parquet``, decoded on demand.
+
+    >>> images = ImageTable("data/benchmark/images.parquet")
+    >>> img = images["test-000001"]          # PIL.Image in RGB
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise BenchmarkError(f"image table not found: {self.path}")
+        t = pq.read_table(self.path)
+        self._bytes = dict(zip(t.column("image_id").to_pylist(), t.column("png").to_pylist()))
+
+    def __len__(self) -> int:
+        return len(self._bytes)
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self._bytes
+
+    def __getitem__(self, image_id: str) -> Image.Image:
+        data = self._bytes.get(image_id)
+        if data is None:
+            raise BenchmarkError(f"image {image_id!r} is not in {self.path}")
+        try:
+            img = Image.open(io.BytesIO(data))
+            img.load()
+        except Exception as exc:  # PIL raises several unrelated types for corrupt data
+            raise BenchmarkError(f"image {image_id!r} in {self.path} cannot be decoded: {exc}") from exc
+        return img.convert("RGB")

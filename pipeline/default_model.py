@@ -1,0 +1,329 @@
+"""The embedded default VLM: built from transformers configs and trained on the benchmark, on CPU.
+
+Map of this module:
+- ``DefaultModelSpec``: architecture and training hyper-parameters (validated by the stage).
+- ``build_tokenizer``: a word-level ``tokenizers`` tokenizer over the benchmark vocabulary,
+  wrapped as a transformers fast tokenizer with a chat template.
+- ``build_processor`` / ``build_model``: a LLaVA processor (CLIP image processor + tokenizer)
+  and a ``LlavaForConditionalGeneration`` (CLIP vision tower + Llama text model), or a
+  Qwen2-VL-style model for the second family.
+- ``train_default_model``: trains on the benchmark's train split and ``save_pretrained``s
+  model + processor into a folder that ``ModelAdapter.load`` (AutoProcessor +
+  AutoModelForImageTextToText) reads like any hub model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.benchmark import ImageTable, read_annotations
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>", "image": "<image>"}
+# A LLaVA-1.5-like single-turn template; words are in the vocabulary, so it tokenises exactly.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}user : "
+    "{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<image> {% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}"
+    "{% else %} assistant : {% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %} </s>"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %} assistant :{% endif %}"
+)
+TEMPLATE_WORDS = ("user", "assistant", ":", "yes", "no")
+
+
+@dataclass(frozen=True)
+class DefaultModelSpec:
+    """Architecture (sizes in units of features) and training schedule of the default model."""
+
+    name: str
+    family: str  # "llava"
+    image_size: int
+    patch_size: int
+    vision_hidden: int
+    vision_layers: int
+    vision_heads: int
+    vision_ffn: int
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_kv_heads: int
+    text_ffn: int
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    weight_decay: float
+    task_weights: dict[str, float]
+    seed: int
+    threads: int
+
+
+def benchmark_vocabulary(annotations: pd.DataFrame) -> list[str]:
+    """Every word that the benchmark's prompts, answers and candidates use, sorted."""
+    from tokenizers.pre_tokenizers import Punctuation, Sequence, WhitespaceSplit
+
+    pre = Sequence([WhitespaceSplit(), Punctuation()])
+    words: set[str] = set(TEMPLATE_WORDS)
+    texts: list[str] = []
+    for rec in annotations.itertuples():
+        texts.append(rec.prompt.replace("{candidate}", " "))
+        texts.extend(rec.references)
+        texts.extend(rec.candidates)
+    for t in set(texts):
+        words.update(w for w, _ in pre.pre_tokenize_str(t.lower()))
+    return sorted(words)
+
+
+def build_tokenizer(vocabulary: list[str]):
+    """Word-level fast tokenizer (lower-cased, punctuation split) with the chat template."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = list(SPECIAL_TOKENS.values())
+    vocab = {tok: i for i, tok in enumerate(specials + [w for w in vocabulary if w not in specials])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk"]))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=SPECIAL_TOKENS["pad"],
+        unk_token=SPECIAL_TOKENS["unk"],
+        bos_token=SPECIAL_TOKENS["bos"],
+        eos_token=SPECIAL_TOKENS["eos"],
+        extra_special_tokens={"image_token": SPECIAL_TOKENS["image"]},
+        padding_side="left",
+        model_max_length=512,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_processor(tokenizer, spec: DefaultModelSpec):
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": spec.image_size},
+        crop_size={"height": spec.image_size, "width": spec.image_size},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=spec.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's class token, dropped by the "default" strategy
+        chat_template=CHAT_TEMPLATE,
+        image_token=SPECIAL_TOKENS["image"],
+    )
+
+
+def build_model(tokenizer, spec: DefaultModelSpec) -> torch.nn.Module:
+    """A randomly initialised LLaVA: CLIP vision tower + 2-layer projector + Llama decoder."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    if spec.family != "llava":
+        raise ValueError(f"default model family {spec.family!r} is not supported; allowed: 'llava'")
+    n_patches = (spec.image_size // spec.patch_size) ** 2
+    vision = CLIPVisionConfig(
+        hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_ffn,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        projection_dim=spec.vision_hidden,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.text_hidden,
+        intermediate_size=spec.text_ffn,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        num_key_value_heads=spec.text_kv_heads,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS["image"]),
+        image_seq_length=n_patches,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        projector_hidden_act="gelu",
+    )
+    config.pad_token_id = tokenizer.pad_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    config.bos_token_id = tokenizer.bos_token_id
+    torch.manual_seed(spec.seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def training_examples(annotations: pd.DataFrame, rng: np.random.Generator) -> list[tuple[str, str, str, str]]:
+    """(task, image_id, prompt, answer) tuples for one pass over the train split.
+
+    Captions take one of their references at random; retrieval yields one positive and one
+    negative (hard negatives are drawn as often as they occur among the candidates).
+    """
+    out: list[tuple[str, str, str, str]] = []
+    for rec in annotations.itertuples():
+        if rec.task == "caption":
+            out.append((rec.task, rec.image_id, rec.prompt, str(rng.choice(rec.references))))
+        elif rec.task == "retrieval":
+            neg = [c for i, c in enumerate(rec.candidates) if i != rec.positive_index]
+            out.append((rec.task, rec.image_id, rec.prompt.format(candidate=rec.candidates[rec.positive_index]), "Yes"))
+            out.append((rec.task, rec.image_id, rec.prompt.format(candidate=str(rng.choice(neg))), "No"))
+        else:
+            out.append((rec.task, rec.image_id, rec.prompt, rec.references[0]))
+    return out
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    lm = sum(p.numel() for p in model.get_decoder().parameters()) if hasattr(model, "get_decoder") else 0
+    return {"total": int(total), "language_model": int(lm)}
+
+
+def train_default_model(spec: DefaultModelSpec, benchmark_dir: Path, out_dir: Path) -> dict:
+    """Train the default model on the benchmark's train split and save it to ``out_dir``.
+
+    Returns a summary (parameters, sizes, train seconds, final loss) that is also written to
+    ``out_dir/training.json``. The folder is written under a temporary name and renamed.
+    """
+    from tqdm import tqdm
+
+    from pipeline.adapter import ModelAdapter
+
+    torch.set_num_threads(spec.threads)
+    torch.manual_seed(spec.seed)
+    rng = np.random.default_rng(spec.seed)
+    benchmark_dir = Path(benchmark_dir)
+    annotations = read_annotations(benchmark_dir / "annotations.parquet")
+    train = annotations[annotations["split"] == "train"]
+    if train.empty:
+        raise ValueError(f"{benchmark_dir}/annotations.parquet has no 'train' rows to train on")
+    images = ImageTable(benchmark_dir / "images.parquet")
+
+    tokenizer = build_tokenizer(benchmark_vocabulary(annotations))
+    processor = build_processor(tokenizer, spec)
+    model = build_model(tokenizer, spec)
+    adapter = ModelAdapter.from_model(model, processor)
+    params = count_parameters(model)
+    log.info("default model %s: %s parameters", spec.name, f"{params['total']:,}")
+
+    # Pixel values once per image: the image processor is deterministic and costs as much as a step.
+    image_ids = sorted(train["image_id"].unique())
+    index_of = {iid: i for i, iid in enumerate(image_ids)}
+    pixels = torch.cat(
+        [
+            processor.image_processor([images[i] for i in image_ids[s : s + 256]], return_tensors="pt")["pixel_values"]
+            for s in range(0, len(image_ids), 256)
+        ]
+    )
+
+    weights = spec.task_weights
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.98))
+
+    def lr_at(step: int) -> float:
+        if step < spec.warmup_steps:
+            return spec.lr * (step + 1) / spec.warmup_steps
+        frac = (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps)
+        return spec.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+    pool: list[tuple[str, str, str, str]] = []
+    losses: list[float] = []
+    model.train()
+    t0 = time.time()
+    bar = tqdm(range(spec.steps), desc=f"train {spec.name}")
+    for step in bar:
+        if len(pool) < spec.batch_size:
+            fresh = training_examples(train, rng)
+            p = np.array([weights.get(e[0], 1.0) for e in fresh], dtype=float)
+            take = rng.choice(len(fresh), size=len(fresh), replace=True, p=p / p.sum())
+            pool.extend(fresh[i] for i in take)
+        batch, pool = pool[: spec.batch_size], pool[spec.batch_size :]
+        inputs = adapter.build_inputs(
+            images=None,
+            prompts=[b[2] for b in batch],
+            answers=[b[3] for b in batch],
+            pixel_values=pixels[[index_of[b[1]] for b in batch]],
+        )
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step)
+        logits = model(**inputs.tensors).logits
+        loss = answer_cross_entropy(logits, inputs.tensors["input_ids"], inputs.answer_mask)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(float(loss))
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    train_seconds = time.time() - t0
+    model.eval()
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    text = model.config.text_config
+    summary = {
+        "name": spec.name,
+        "family": spec.family,
+        "parameters": params,
+        "language_model": {
+            "layers": text.num_hidden_layers,
+            "heads": text.num_attention_heads,
+            "kv_heads": text.num_key_value_heads,
+            "hidden": text.hidden_size,
+            "ffn_width": text.intermediate_size,
+            "vocab": text.vocab_size,
+        },
+        "train_seconds": round(train_seconds, 1),
+        "steps": spec.steps,
+        "final_loss": float(np.mean(losses[-50:])),
+        "loss_curve": [float(np.mean(losses[i : i + 50])) for i in range(0, len(losses), 50)],
+        "spec": asdict(spec),
+    }
+    (tmp / "training.json").write_text(json.dumps(summary, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    log.info("trained %s in %.0f s, final loss %.4f", spec.name, train_seconds, summary["final_loss"])
+    return summary
+
+
+def answer_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats) over answer positions.
+
+    logits [batch, seq, vocab]; input_ids and answer_mask [batch, seq]; the logits at position
+    p-1 predict the token at p, so the mask is shifted by one.
+    """
+    target_mask = answer_mask[:, 1:]
+    pred = logits[:, :-1][target_mask]
+    target = input_ids[:, 1:][target_mask]
+    return torch.nn.functional.cross_entropy(pred.float(), target)

@@ -1,0 +1,80 @@
+"""Shared plumbing of the stage entry points: params loading, model resolution, error exit.
+
+Stages are thin: parse paths, validate their params section, call one pipeline function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import PipelineError
+from pipeline.config import ConfigError, PretrainedModelConfig, RuntimeConfig, TrainedModelConfig, validate_section
+
+log = logging.getLogger("stages")
+PARAMS_FILE = Path("params.yaml")
+MODELS_DIR = Path("data/models")
+
+
+def load_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise ConfigError(f"params file not found: {path}")
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def section(params: dict, name: str, model: type):
+    return validate_section(model, params.get(name), name)
+
+
+def runtime(params: dict) -> RuntimeConfig:
+    return section(params, "runtime", RuntimeConfig)
+
+
+def model_config(params: dict, name: str) -> TrainedModelConfig | PretrainedModelConfig:
+    models = params.get("models") or {}
+    if name not in models:
+        raise ConfigError(f"model {name!r} is not defined under 'models' in params.yaml; defined: {sorted(models)}")
+    entry = models[name] or {}
+    cls = PretrainedModelConfig if entry.get("source") == "pretrained" else TrainedModelConfig
+    return validate_section(cls, entry, f"models.{name}")
+
+
+def model_location(params: dict, name: str) -> tuple[str, str | None, str, str]:
+    """(path or hub id, revision, dtype, device) to load model ``name`` from."""
+    cfg = model_config(params, name)
+    rt = runtime(params)
+    if isinstance(cfg, PretrainedModelConfig):
+        return cfg.path, cfg.revision, cfg.dtype, cfg.device
+    return str(MODELS_DIR / name), None, rt.dtype, rt.device
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--params", type=Path, default=PARAMS_FILE, help="params file (default: params.yaml)")
+    return p
+
+
+def entry(fn: Callable[[], None]) -> Callable[[], None]:
+    """Run a stage's main with logging set up; known errors exit 2 with their message, no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper() -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            fn()
+        except PipelineError as exc:
+            log.error("%s", exc)
+            sys.exit(2)
+
+    return wrapper

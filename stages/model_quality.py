@@ -1,0 +1,42 @@
+"""Stage `model_quality`: task utilities of each model on the held-out split -> metrics JSON."""
+
+import json
+from pathlib import Path
+
+import torch
+
+from pipeline.adapter import ModelAdapter
+from pipeline.benchmark import ImageTable, read_annotations
+from pipeline.config import ModelQualityConfig
+from pipeline.evaluation import evaluate_model_quality
+from stages._common import entry, load_params, model_location, parser, runtime, section
+
+
+@entry
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--benchmark", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="metrics JSON to write")
+    args = p.parse_args()
+    params = load_params(args.params)
+    cfg = section(params, "model_quality", ModelQualityConfig)
+    rt = runtime(params)
+    torch.set_num_threads(rt.threads)
+    annotations = read_annotations(args.benchmark / "annotations.parquet")
+    images = ImageTable(args.benchmark / "images.parquet")
+    result = {}
+    for name in cfg.models or params.get("trained_models", []):
+        path, revision, dtype, device = model_location(params, name)
+        adapter = ModelAdapter.load(path, dtype=dtype, device=device, revision=revision)
+        result[name] = evaluate_model_quality(
+            adapter, annotations, images, tasks=cfg.tasks, split=cfg.split, batch_size=rt.batch_size,
+            max_new_tokens=rt.max_new_tokens, max_items=cfg.max_items,
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""Hand-computed cases for pipeline.metrics (task utilities of HONES.md section 1)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pipeline.metrics import (
+    anls,
+    corpus_bleu,
+    corpus_cider,
+    levenshtein,
+    ndcg_at_k,
+    normalize_answer,
+    sentence_bleu,
+    tokenize_caption,
+    vqa_accuracy,
+)
+
+# ------------------------------------------------------------------ normalisation
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("  The Dog.  ", "dog"),
+        ("An apple, a pear!", "apple pear"),
+        ("3.5", "3.5"),  # decimal point inside a number is kept
+        ("3.", "3"),  # a sentence-final period is not
+        ("1,000", "1000"),
+        ("It's TWO", "its 2"),
+        ("zero one ten eleven", "0 1 10 eleven"),
+        ("red-white   blue", "red white blue"),
+        ("", ""),
+    ],
+)
+def test_normalize_answer(text: str, expected: str) -> None:
+    assert normalize_answer(text) == expected
+
+
+# ------------------------------------------------------------------------- VQA
+
+
+@pytest.mark.parametrize(("n_match", "expected"), [(0, 0.0), (1, 1 / 3), (2, 2 / 3), (3, 1.0), (4, 1.0)])
+def test_vqa_accuracy_ten_references(n_match: int, expected: float) -> None:
+    refs = ["yes"] * n_match + ["no"] * (10 - n_match)
+    assert vqa_accuracy("Yes.", refs) == pytest.approx(expected)
+
+
+def test_vqa_accuracy_number_words() -> None:
+    assert vqa_accuracy("two", ["2"]) == 1.0
+    assert vqa_accuracy("2", ["two", "Two", "2", "3"]) == 1.0  # 3 matches after normalisation
+    assert vqa_accuracy("3", ["two", "2"]) == 0.0
+
+
+def test_vqa_accuracy_single_reference_containment() -> None:
+    assert vqa_accuracy("a red circle", ["red"]) == 1.0
+    assert vqa_accuracy("It is the red one.", ["Red"]) == 1.0
+    assert vqa_accuracy("redder", ["red"]) == 0.0  # not a whole word
+    assert vqa_accuracy("red circle", ["red square"]) == 0.0
+    # containment only applies to a single reference: with two, exact matches count
+    assert vqa_accuracy("a red circle", ["red", "red"]) == pytest.approx(0.0)
+
+
+def test_vqa_accuracy_empty_prediction_and_errors() -> None:
+    assert vqa_accuracy("", ["red"]) == 0.0
+    assert vqa_accuracy("  the ", ["the"]) == 0.0  # normalises to empty
+    with pytest.raises(ValueError, match="references"):
+        vqa_accuracy("red", [])
+    with pytest.raises(ValueError, match="sequence"):
+        vqa_accuracy("red", "red")  # a bare string is not a list of references
+
+
+# ------------------------------------------------------------------------- ANLS
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "d"),
+    [("", "", 0), ("abc", "", 3), ("kitten", "sitting", 3), ("flaw", "lawn", 2), ("same", "same", 0)],
+)
+def test_levenshtein(a: str, b: str, d: int) -> None:
+    assert levenshtein(a, b) == d
+    assert levenshtein(b, a) == d
+
+
+def test_anls_values() -> None:
+    assert anls("CAT ", ["cat"]) == 1.0  # lowercased and stripped
+    # "hello" vs "helo": distance 1, max length 5 -> 1 - 1/5 = 0.8
+    assert anls("hello", ["helo"]) == pytest.approx(0.8)
+    # max over references: "dog" (0) and "hello" (1 - 1/5 = 0.8)
+    assert anls("helo", ["dog", "hello"]) == pytest.approx(0.8)
+
+
+def test_anls_threshold_boundary() -> None:
+    # "ab" vs "ac": 1 - 1/2 = 0.5 exactly -> kept (only values below 0.5 become 0)
+    assert anls("ab", ["ac"]) == pytest.approx(0.5)
+    # "abc" vs "axy": 1 - 2/3 = 1/3 < 0.5 -> 0
+    assert anls("abc", ["axy"]) == 0.0
+    # same pair with a lower threshold keeps 1/3
+    assert anls("abc", ["axy"], threshold=0.3) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="threshold"):
+        anls("a", ["a"], threshold=1.5)
+
+
+def test_anls_empty() -> None:
+    assert anls("", [""]) == 1.0
+    assert anls("  ", [""]) == 1.0
+    assert anls("", ["cat"]) == 0.0  # distance 3 / length 3 -> similarity 0
+    with pytest.raises(ValueError, match="references"):
+        anls("cat", [])
+
+
+# ------------------------------------------------------------------------- BLEU
+
+
+def test_tokenize_caption() -> None:
+    assert tokenize_caption("A dog, running.") == ["a", "dog", ",", "running", "."]
+    assert tokenize_caption("  ") == []
+
+
+def test_bleu_perfect_match() -> None:
+    preds = ["a man rides a red bike down the street", "two dogs play in the snow"]
+    refs = [["a man rides a red bike down the street", "someone on a bike"], ["two dogs play in the snow"]]
+    assert corpus_bleu(preds, refs) == pytest.approx(1.0)
+    assert sentence_bleu(preds[0], refs[0]) == pytest.approx(1.0)
+
+
+def test_bleu_brevity_penalty() -> None:
+    # Hypothesis = first 6 of the reference's 8 tokens: every n-gram precision is 1,
+    # c = 6, r = 8, BP = exp(1 - 8/6) = exp(-1/3) = 0.716531...
+    pred = "a cat sits on the mat"
+    ref = "a cat sits on the mat at home"
+    assert corpus_bleu([pred], [[ref]]) == pytest.approx(math.exp(-1 / 3))
+    assert corpus_bleu([pred], [[ref]]) == pytest.approx(0.7165313)
+
+
+def test_bleu_closest_reference_length_tie_goes_to_shorter() -> None:
+    # c = 5, reference lengths 4 and 6 are equally close -> r = 4 < c -> BP = 1.
+    # All hypothesis n-grams occur in the 6-token reference, so BLEU = 1 (with r = 6
+    # it would be exp(1 - 6/5) = 0.8187).
+    pred = "one two three four five"
+    refs = ["one two three six", "one two three four five six"]
+    assert corpus_bleu([pred], [refs]) == pytest.approx(1.0)
+
+
+def test_bleu_zero_four_gram_match() -> None:
+    # 1..3-grams match, the single 4-gram does not -> unsmoothed BLEU-4 = 0
+    pred, ref = "the cat sat down", "the cat sat up"
+    assert corpus_bleu([pred], [[ref]]) == 0.0
+    # sentence BLEU+1: p1 = 3/4, p2 = (2+1)/(3+1), p3 = (1+1)/(2+1), p4 = (0+1)/(1+1), BP = 1
+    expected = (0.75 * 0.75 * (2 / 3) * 0.5) ** 0.25  # = 0.658037
+    assert sentence_bleu(pred, [ref]) == pytest.approx(expected)
+    assert sentence_bleu(pred, [ref]) == pytest.approx(0.6580370)
+
+
+def test_bleu_multi_reference_clipping() -> None:
+    # Papineni et al. (2002): "the" x7, max count of "the" in one reference is 2 ->
+    # unigram precision 2/7; c = 7, closest reference length 7 -> BP = 1.
+    pred = "the the the the the the the"
+    refs = ["the cat is on the mat", "there is a cat on the mat"]
+    assert corpus_bleu([pred], [refs], max_n=1) == pytest.approx(2 / 7)
+    # the max is taken per reference, not summed over references: 2/7, not 3/7
+    assert corpus_bleu([pred], [refs + ["the end"]], max_n=1) == pytest.approx(2 / 7)
+
+
+def test_bleu_is_corpus_level() -> None:
+    # Counts summed over items: p1 = (2 + 1)/4, p2 = (1 + 0)/2, c = r = 4 ->
+    # BLEU-2 = sqrt(3/4 * 1/2) = 0.612372 (item 2 alone would give 0).
+    preds, refs = ["a b", "c d"], [["a b"], ["c e"]]
+    assert corpus_bleu(preds, refs, max_n=2) == pytest.approx(math.sqrt(3 / 8))
+
+
+def test_bleu_empty_predictions() -> None:
+    assert corpus_bleu([""], [["a cat"]]) == 0.0
+    assert sentence_bleu("", ["a cat"]) == 0.0
+    assert sentence_bleu("dog", ["a cat"]) == 0.0  # no unigram match
+
+
+def test_bleu_errors() -> None:
+    with pytest.raises(ValueError, match="differ in length"):
+        corpus_bleu(["a", "b"], [["a"]])
+    with pytest.raises(ValueError, match="empty corpus"):
+        corpus_bleu([], [])
+    with pytest.raises(ValueError, match=r"references\[1\]"):
+        corpus_bleu(["a", "b"], [["a"], []])
+    with pytest.raises(ValueError, match="max_n"):
+        corpus_bleu(["a"], [["a"]], max_n=0)
+    with pytest.raises(ValueError, match="references"):
+        sentence_bleu("a", [])
+
+
+# ------------------------------------------------------------------------ CIDEr
+
+
+def test_cider_hand_computed() -> None:
+    # 2 items, idf = log 2 - log df. Item 1 "a cat" vs ref "a cat": unigram "a" has
+    # df 2 (weight 0), "cat" df 1 (weight log 2) -> cosine 1; bigram cosine 1; no
+    # 3-/4-grams -> 0. Equal lengths -> no penalty. Score = 10 * mean(1, 1, 0, 0) = 5.
+    refs = [["a cat"], ["a dog"]]
+    assert corpus_cider(["a cat", "a dog"], refs) == pytest.approx(5.0)
+    # Wrong caption on item 2 ("a cat" vs "a dog") shares only the zero-weight "a" -> 0,
+    # corpus mean (5 + 0) / 2 = 2.5.
+    assert corpus_cider(["a cat", "a cat"], refs) == pytest.approx(2.5)
+
+
+def test_cider_identical_candidate_ranks_higher() -> None:
+    refs = [
+        ["a red circle on the left", "a red circle at left"],
+        ["a blue square in the middle", "blue square in the middle"],
+        ["a green triangle on the right", "a triangle that is green"],
+    ]
+    exact = corpus_cider(["a red circle on the left", *[r[0] for r in refs[1:]]], refs)
+    other = corpus_cider(["a yellow star on the bottom", *[r[0] for r in refs[1:]]], refs)
+    assert exact > other > 0.0
+
+
+def test_cider_errors() -> None:
+    with pytest.raises(ValueError, match="differ in length"):
+        corpus_cider(["a"], [["a"], ["b"]])
+    with pytest.raises(ValueError, match="sigma"):
+        corpus_cider(["a"], [["a"]], sigma=0.0)
+
+
+# ------------------------------------------------------------------------- NDCG
+
+
+def test_ndcg_positive_first() -> None:
+    assert ndcg_at_k([3.0, 1.0, 2.0, -1.0], positive_index=0) == 1.0
+
+
+def test_ndcg_rank_three_and_six() -> None:
+    scores = [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]
+    assert ndcg_at_k(scores, positive_index=2) == pytest.approx(0.5)  # 1/log2(4)
+    assert ndcg_at_k(scores, positive_index=5) == 0.0  # rank 6 > k = 5
+    assert ndcg_at_k(scores, positive_index=5, k=6) == pytest.approx(1 / math.log2(7))
+
+
+def test_ndcg_ties_use_expected_rank() -> None:
+    # Full tie of 10: ranks 1..10 equally likely, ranks 6..10 give 0 ->
+    # (1 + 1/log2 3 + 1/log2 4 + 1/log2 5 + 1/log2 6) / 10 = 0.2948459
+    expected = sum(1 / math.log2(r + 1) for r in range(1, 6)) / 10
+    assert ndcg_at_k(np.zeros(10), positive_index=4) == pytest.approx(expected)
+    assert ndcg_at_k(np.zeros(10), positive_index=4) == pytest.approx(0.2948459)
+    # one higher score, positive tied with one other: ranks 2 and 3 -> mean(1/log2 3, 1/2)
+    assert ndcg_at_k([9.0, 1.0, 1.0, 0.0], positive_index=2) == pytest.approx(
+        (1 / math.log2(3) + 0.5) / 2
+    )
+
+
+def test_ndcg_errors() -> None:
+    with pytest.raises(ValueError, match=r"scores\[2\] is NaN"):
+        ndcg_at_k([1.0, 0.0, float("nan")], positive_index=0)
+    with pytest.raises(ValueError, match="out of range"):
+        ndcg_at_k([1.0, 0.0], positive_index=2)
+    with pytest.raises(ValueError, match="out of range"):
+        ndcg_at_k([1.0, 0.0], positive_index=-1)
+    with pytest.raises(ValueError, match="k must be"):
+        ndcg_at_k([1.0, 0.0], positive_index=0, k=0)
