@@ -143,3 +143,38 @@ def params_hash(*configs: BaseModel | dict) -> str:
     """Short sha256 of the configs' canonical JSON: identifies what produced an artefact."""
     payload = [c.model_dump(mode="json") if isinstance(c, BaseModel) else c for c in configs]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class HeadsConfig(_Strict):
+    """Critical-head localisation. ``top_k`` is read by ``dump`` (selection is cheap; scoring is not)."""
+
+    split: Literal["discovery", "dev", "test"] = "discovery"
+    max_items: int | None = Field(None, ge=1)
+    utility: Literal["generative", "teacher_forced"] = "generative"
+    top_k: int = Field(4, ge=1)
+
+
+class DumpConfig(_Strict):
+    split: Literal["discovery", "dev", "test"] = "discovery"
+    max_items: int | None = Field(None, ge=1)
+    dtype: Literal["float16", "float32"] = "float32"
+    caption_idf: bool = True
+    target_chunk_mib: float = Field(1.0, gt=0, le=1024)
+
+
+class AblationConfig(_Strict):
+    """Ground-truth single-neuron ablation (only for models small enough; off for real VLMs)."""
+
+    enabled: bool = True
+    split: Literal["discovery", "dev", "test"] = "discovery"
+    max_items: int = Field(16, ge=1)
+
+
+class AttributeConfig(_Strict):
+    seed: int = 0
+    ape_min_probability: float = Field(0.05, ge=0, le=1)
+    items_per_block: int | None = Field(None, ge=1)
+
+
+class MasksConfig(_Strict):
+    rho: float = Field(0.01, gt=0, le=1)

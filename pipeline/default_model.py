@@ -233,15 +233,8 @@ def train_default_model(spec: DefaultModelSpec, benchmark_dir: Path, out_dir: Pa
     params = count_parameters(model)
     log.info("default model %s: %s parameters", spec.name, f"{params['total']:,}")
 
-    # Pixel values once per image: the image processor is deterministic and costs as much as a step.
-    image_ids = sorted(train["image_id"].unique())
-    index_of = {iid: i for i, iid in enumerate(image_ids)}
-    pixels = torch.cat(
-        [
-            processor.image_processor([images[i] for i in image_ids[s : s + 256]], return_tensors="pt")["pixel_values"]
-            for s in range(0, len(image_ids), 256)
-        ]
-    )
+    # Decode each training image once; PNG decoding would otherwise cost as much as a step.
+    decoded = {iid: images[iid] for iid in tqdm(sorted(train["image_id"].unique()), desc="decode images", leave=False)}
 
     weights = spec.task_weights
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.98))
@@ -254,6 +247,7 @@ def train_default_model(spec: DefaultModelSpec, benchmark_dir: Path, out_dir: Pa
 
     pool: list[tuple[str, str, str, str]] = []
     losses: list[float] = []
+    task_losses: dict[str, list[float]] = {}
     model.train()
     t0 = time.time()
     bar = tqdm(range(spec.steps), desc=f"train {spec.name}")
@@ -264,23 +258,21 @@ def train_default_model(spec: DefaultModelSpec, benchmark_dir: Path, out_dir: Pa
             take = rng.choice(len(fresh), size=len(fresh), replace=True, p=p / p.sum())
             pool.extend(fresh[i] for i in take)
         batch, pool = pool[: spec.batch_size], pool[spec.batch_size :]
-        inputs = adapter.build_inputs(
-            images=None,
-            prompts=[b[2] for b in batch],
-            answers=[b[3] for b in batch],
-            pixel_values=pixels[[index_of[b[1]] for b in batch]],
-        )
+        inputs = adapter.build_inputs([decoded[b[1]] for b in batch], [b[2] for b in batch], [b[3] for b in batch])
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step)
         logits = model(**inputs.tensors).logits
-        loss = answer_cross_entropy(logits, inputs.tensors["input_ids"], inputs.answer_mask)
+        row_loss = answer_cross_entropy(logits, inputs.tensors["input_ids"], inputs.answer_mask, per_row=True)
+        loss = row_loss.mean()
+        for task_name, v in zip((b[0] for b in batch), row_loss.detach().tolist()):
+            task_losses.setdefault(task_name, []).append(v)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 20 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+            bar.set_postfix({t: f"{np.mean(v[-100:]):.3f}" for t, v in sorted(task_losses.items())})
     train_seconds = time.time() - t0
     model.eval()
 
@@ -307,6 +299,7 @@ def train_default_model(spec: DefaultModelSpec, benchmark_dir: Path, out_dir: Pa
         "steps": spec.steps,
         "final_loss": float(np.mean(losses[-50:])),
         "loss_curve": [float(np.mean(losses[i : i + 50])) for i in range(0, len(losses), 50)],
+        "final_task_loss": {t: float(np.mean(v[-200:])) for t, v in sorted(task_losses.items())},
         "spec": asdict(spec),
     }
     (tmp / "training.json").write_text(json.dumps(summary, indent=2))
@@ -317,13 +310,17 @@ def train_default_model(spec: DefaultModelSpec, benchmark_dir: Path, out_dir: Pa
     return summary
 
 
-def answer_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy (nats) over answer positions.
+def answer_cross_entropy(
+    logits: torch.Tensor, input_ids: torch.Tensor, answer_mask: torch.Tensor, per_row: bool = False
+) -> torch.Tensor:
+    """Next-token cross-entropy (nats) over answer positions: the mean, or per row [batch].
 
     logits [batch, seq, vocab]; input_ids and answer_mask [batch, seq]; the logits at position
     p-1 predict the token at p, so the mask is shifted by one.
     """
-    target_mask = answer_mask[:, 1:]
-    pred = logits[:, :-1][target_mask]
-    target = input_ids[:, 1:][target_mask]
-    return torch.nn.functional.cross_entropy(pred.float(), target)
+    mask = answer_mask[:, 1:].float()
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none"
+    )
+    rows = (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return rows if per_row else rows.mean()

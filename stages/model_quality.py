@@ -1,6 +1,5 @@
 """Stage `model_quality`: task utilities of each model on the held-out split -> metrics JSON."""
 
-import json
 from pathlib import Path
 
 import torch
@@ -9,6 +8,7 @@ from pipeline.adapter import ModelAdapter
 from pipeline.benchmark import ImageTable, read_annotations
 from pipeline.config import ModelQualityConfig
 from pipeline.evaluation import evaluate_model_quality
+from pipeline.io import write_json
 from stages._common import entry, load_params, model_location, parser, runtime, section
 
 
@@ -32,10 +32,7 @@ def main() -> None:
             adapter, annotations, images, tasks=cfg.tasks, split=cfg.split, batch_size=rt.batch_size,
             max_new_tokens=rt.max_new_tokens, max_items=cfg.max_items,
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(args.out)
+    write_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,126 @@
+"""Critical-head localisation (HONES.md section 2).
+
+For every attention head (l, h) of the language model, S_t(l, h) = P_t(base) - P_t(head h of
+layer l mean-substituted) on the discovery split. All L*H + 1 conditions of an example run
+in the same batches: each example is repeated once per condition and every row substitutes
+its own head (``hooks.substitute_heads``), so the model runs ceil(items * (L*H+1) / batch)
+forwards instead of L*H+1 passes over the split.
+
+- ``score_heads``: the batched computation -> DataFrame (layer, head, score, baseline,
+  intervened, metric, utility).
+- ``score_heads_naive``: one head at a time, the reference the tests compare against.
+- ``top_heads``: the K_h heads with the highest score.
+- ``plot_head_scores``: layer x head heatmap PNG.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.benchmark import ImageTable
+from pipeline.evaluation import evaluate_task
+from pipeline.hooks import substitute_heads
+
+log = logging.getLogger(__name__)
+
+HEAD_COLUMNS = ("layer", "head", "score", "baseline", "intervened", "metric", "utility")
+
+
+def all_heads(n_layers: int, n_heads: int) -> list[tuple[int, int]]:
+    return [(l, h) for l in range(n_layers) for h in range(n_heads)]
+
+
+def _table(heads, base: float, intervened: list[float], metric: str, utility: str) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "layer": np.array([l for l, _ in heads], dtype=np.int32),
+            "head": np.array([h for _, h in heads], dtype=np.int32),
+            "score": np.array([base - v for v in intervened], dtype=np.float64),
+            "baseline": np.full(len(heads), base, dtype=np.float64),
+            "intervened": np.array(intervened, dtype=np.float64),
+            "metric": metric,
+            "utility": utility,
+        }
+    )
+
+
+def score_heads(
+    adapter,
+    task: str,
+    items: pd.DataFrame,
+    images: ImageTable,
+    *,
+    batch_size: int,
+    max_new_tokens: int = 24,
+    utility: str = "generative",
+    heads: list[tuple[int, int]] | None = None,
+) -> pd.DataFrame:
+    """S_t(l, h) for every head (or the given ``heads``), batched across heads.
+
+    Returns one row per head: ``score`` = ``baseline`` - ``intervened`` in the task's metric
+    units (``metric`` column; "answer_logprob" in nats for ``utility="teacher_forced"``).
+    """
+    heads = heads if heads is not None else all_heads(adapter.num_layers, adapter.num_heads)
+    row_heads: list[tuple[int, int] | None] = [None, *heads]
+    results = evaluate_task(
+        adapter, task, items, images, batch_size=batch_size, max_new_tokens=max_new_tokens, utility=utility,
+        n_conditions=len(row_heads),
+        condition_hooks=lambda conds: substitute_heads(adapter, [row_heads[c] for c in conds]),
+        progress=f"heads {task} ({utility})",
+    )
+    base = results[0].utility
+    log.info("%s %s baseline %.4f over %d items", task, results[0].metric, base, len(items))
+    return _table(heads, base, [r.utility for r in results[1:]], results[0].metric, utility)
+
+
+def score_heads_naive(
+    adapter, task: str, items: pd.DataFrame, images: ImageTable, *, batch_size: int, max_new_tokens: int = 24,
+    utility: str = "generative", heads: list[tuple[int, int]] | None = None,
+) -> pd.DataFrame:
+    """Reference implementation: a full pass over ``items`` per head (L*H+1 passes)."""
+    heads = heads if heads is not None else all_heads(adapter.num_layers, adapter.num_heads)
+    kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, utility=utility, progress=False)
+    base = evaluate_task(adapter, task, items, images, **kw)[0]
+    intervened = []
+    for head in heads:
+        res = evaluate_task(
+            adapter, task, items, images, **kw,
+            condition_hooks=lambda conds, head=head: substitute_heads(adapter, [head] * len(conds)),
+        )[0]
+        intervened.append(res.utility)
+    return _table(heads, base.utility, intervened, base.metric, utility)
+
+
+def top_heads(scores: pd.DataFrame, k: int) -> pd.DataFrame:
+    """The ``k`` highest-scoring heads (ties broken by layer, then head), with their rank."""
+    if k < 1:
+        raise ValueError(f"top_k must be >= 1, got {k}")
+    top = scores.sort_values(["score", "layer", "head"], ascending=[False, True, True], kind="stable").head(k)
+    return top.assign(rank=np.arange(1, len(top) + 1, dtype=np.int32)).reset_index(drop=True)
+
+
+def plot_head_scores(scores: pd.DataFrame, path: Path, title: str) -> None:
+    """Layer x head heatmap of S_t (diverging colour map centred on 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    L, H = int(scores["layer"].max()) + 1, int(scores["head"].max()) + 1
+    grid = np.full((L, H), np.nan)
+    grid[scores["layer"], scores["head"]] = scores["score"]
+    vmax = float(np.nanmax(np.abs(grid))) or 1.0
+    fig, ax = plt.subplots(figsize=(max(4, 0.35 * H + 2), max(3, 0.3 * L + 1.5)))
+    im = ax.imshow(grid, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto", origin="lower")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label=f"S = P(base) - P(head substituted) [{scores['metric'].iloc[0]}]")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,318 @@
+"""Interventions on a VLM's language model: context managers around torch forward pre-hooks.
+
+Map of this module:
+- ``capture_ffn``: copies the FFN neuron vector z (input of down_proj) at one position per row.
+- ``substitute_heads``: per batch row, mean-substitutes attention heads at the input of o_proj
+  (HONES section 2), so many head conditions of one example run as one batched forward.
+- ``scale_neurons``: multiplies chosen neurons of z by scales (0 = masking; a Parameter =
+  learnable steering scales, differentiable).
+- ``scale_neurons_per_row`` / ``ablate_neurons_per_row``: per batch row, scales (zeroes) that
+  row's own neurons, so many single-neuron ablations run as one batched forward.
+
+All hooks are pre-hooks on modules returned by ``ModelAdapter.attn_out_proj`` /
+``ModelAdapter.ffn_down_proj`` and are removed when the context exits, also when its body
+raises. Hooks entered later see the inputs as modified by hooks entered earlier on the same
+module (torch runs pre-hooks in registration order), e.g. a capture entered inside a
+``scale_neurons`` context records the scaled z.
+
+Row-wise interventions assume the batch rows seen by the model are the rows given here, in
+order: true for ``model(...)`` and greedy/sampled ``model.generate`` with KV cache (decode steps
+see [B, new_tokens, ...]), not for beam search or num_return_sequences > 1, which expand rows.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.adapter import ModelAdapter
+
+__all__ = [
+    "capture_ffn",
+    "substitute_heads",
+    "scale_neurons",
+    "scale_neurons_per_row",
+    "ablate_neurons_per_row",
+    "RowSpec",
+]
+
+# One batch row's intervention: None (untouched), one (layer, index) pair, or several pairs.
+RowSpec = tuple[int, int] | Sequence[tuple[int, int]] | None
+
+
+class _StopForward(Exception):
+    """Raised by a capture hook to skip the rest of a forward pass; caught by its context manager."""
+
+
+def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    if args:
+        return args[0]
+    if "input" in kwargs:
+        return kwargs["input"]
+    raise RuntimeError("hooked projection was called without an input tensor")
+
+
+def _replace_first_input(args: tuple, kwargs: dict, new: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (new,) + tuple(args[1:]), kwargs
+    return args, {**kwargs, "input": new}
+
+
+@contextmanager
+def _pre_hooks(pairs: list[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    handles = []
+    try:
+        for module, hook in pairs:
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _is_pair(entry: Any) -> bool:
+    return (
+        isinstance(entry, (tuple, list))
+        and len(entry) == 2
+        and all(isinstance(v, numbers.Integral) or (isinstance(v, torch.Tensor) and v.dim() == 0) for v in entry)
+    )
+
+
+def _group_rows(row_specs: Sequence[RowSpec], n_layers: int, n_units: int, unit: str) -> dict[int, tuple[list, list]]:
+    """{layer: (rows, units)} from per-row specs, validated."""
+    per_layer: dict[int, tuple[list[int], list[int]]] = {}
+    seen: set[tuple[int, int, int]] = set()
+    for row, entry in enumerate(row_specs):
+        if entry is None:
+            continue
+        pairs = [entry] if _is_pair(entry) else list(entry)
+        for pair in pairs:
+            if not _is_pair(pair):
+                raise ValueError(f"row {row}: expected (layer, {unit}) pairs, got {pair!r}")
+            layer, idx = int(pair[0]), int(pair[1])
+            if not 0 <= layer < n_layers:
+                raise ValueError(f"row {row}: layer {layer} out of range [0, {n_layers})")
+            if not 0 <= idx < n_units:
+                raise ValueError(f"row {row}: {unit} {idx} out of range [0, {n_units})")
+            if (row, layer, idx) in seen:
+                raise ValueError(f"row {row}: ({layer}, {idx}) given twice")
+            seen.add((row, layer, idx))
+            rows, units = per_layer.setdefault(layer, ([], []))
+            rows.append(row)
+            units.append(idx)
+    return per_layer
+
+
+class _DeviceCache:
+    """Index tensors moved to a device once (hooks run on every decode step)."""
+
+    def __init__(self, *tensors: torch.Tensor) -> None:
+        self._cpu = tensors
+        self._by_device: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        got = self._by_device.get(device)
+        if got is None:
+            got = tuple(t.to(device) for t in self._cpu)
+            self._by_device[device] = got
+        return got
+
+
+def _check_batch(x: torch.Tensor, expected: int, what: str) -> None:
+    if x.shape[0] != expected:
+        raise ValueError(f"{what}: the model ran a batch of {x.shape[0]} rows but {expected} row specs were given "
+                         "(beam search and num_return_sequences > 1 expand rows and are not supported)")
+
+
+# ---------------------------------------------------------------------------------------------
+@contextmanager
+def capture_ffn(
+    adapter: ModelAdapter,
+    layers: Sequence[int] | None,
+    positions: torch.Tensor | int,
+    *,
+    stop_after_last: bool = False,
+) -> Iterator[dict[int, torch.Tensor]]:
+    """Capture z (the input of down_proj) at one position per row.
+
+    Args:
+        layers: decoder layers to capture (None = all).
+        positions: LongTensor [B] (e.g. ``ModelInputs.last_prompt_index``) or one int for all
+            rows (negative counts from the end, e.g. -1 = last position).
+        stop_after_last: once the highest requested layer is captured, abort the forward pass
+            (an internal exception, swallowed by this context manager) so that later layers,
+            the final norm and the unembedding are not computed. The rest of the ``with``
+            body after the aborted forward call is then skipped too; execution continues
+            after the ``with`` statement, and the model's outputs are not available. Use it
+            for dumping activations only.
+
+    Yields:
+        dict layer -> float32 Tensor [B, ffn_width], filled by the forward pass run in the
+        body (one forward pass per context: a second one overwrites the first).
+    """
+    wanted = sorted(set(range(adapter.num_layers) if layers is None else (int(l) for l in layers)))
+    if not wanted:
+        raise ValueError("capture_ffn: no layers requested")
+    for layer in wanted:
+        if not 0 <= layer < adapter.num_layers:
+            raise ValueError(f"capture_ffn: layer {layer} out of range [0, {adapter.num_layers})")
+    last_layer = wanted[-1]
+    captured: dict[int, torch.Tensor] = {}
+    pos_cache = _DeviceCache(torch.as_tensor(positions, dtype=torch.long).reshape(-1))
+
+    def make_hook(layer: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            z = _first_input(args, kwargs)
+            bsz, seq = z.shape[0], z.shape[1]
+            (pos,) = pos_cache.on(z.device)
+            if pos.numel() == 1:
+                pos = pos.expand(bsz)
+            _check_batch(z, pos.numel(), "capture_ffn")
+            pos = torch.where(pos < 0, pos + seq, pos)
+            rows = torch.arange(bsz, device=z.device)
+            # .float() alone would alias z when it is already float32; the copy must outlive the forward.
+            captured[layer] = z.detach()[rows, pos].to(torch.float32, copy=True)
+            if stop_after_last and layer == last_layer:
+                raise _StopForward
+            return None
+
+        return hook
+
+    try:
+        with _pre_hooks([(adapter.ffn_down_proj(l), make_hook(l)) for l in wanted]):
+            yield captured
+    except _StopForward:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+@contextmanager
+def substitute_heads(adapter: ModelAdapter, row_heads: Sequence[RowSpec]) -> Iterator[None]:
+    """Mean-substitute attention heads, per batch row, at the input of o_proj (HONES section 2).
+
+    Args:
+        row_heads: one entry per batch row: None (row untouched), (layer, head), or a sequence
+            of (layer, head) pairs. For each pair, in that row, at every position, head h's
+            slice (width head_dim) of the concatenated head outputs [.., H*head_dim] entering
+            that layer's o_proj is replaced by the mean of the other H-1 heads' slices (all
+            computed from the unmodified input, so several heads of one layer are substituted
+            simultaneously).
+
+    Works for full forwards ([B, S, H*dh]) and KV-cached decode steps ([B, new, H*dh]).
+    """
+    n_heads, head_dim = adapter.num_heads, adapter.head_dim
+    if n_heads < 2:
+        raise ValueError("substitute_heads needs at least 2 heads (the mean of the others)")
+    per_layer = _group_rows(row_heads, adapter.num_layers, n_heads, "head")
+    n_rows = len(row_heads)
+
+    def make_hook(rows: list[int], heads: list[int]) -> Callable:
+        cache = _DeviceCache(torch.tensor(rows), torch.tensor(heads), torch.arange(len(rows)))
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            x = _first_input(args, kwargs)
+            _check_batch(x, n_rows, "substitute_heads")
+            r, h, k = cache.on(x.device)
+            x4 = x.reshape(*x.shape[:-1], n_heads, head_dim)  # [B, S, H, dh]
+            # float32: a bf16 sum over H heads minus one of them loses most of the mean's bits.
+            sel = x4[r].float()  # [n, S, H, dh]
+            mean_others = (sel.sum(dim=2) - sel[k, :, h]) / (n_heads - 1)  # [n, S, dh]
+            new = x4.clone()
+            new[r, :, h] = mean_others.to(x.dtype)
+            return _replace_first_input(args, kwargs, new.reshape(x.shape))
+
+        return hook
+
+    hooks = [(adapter.attn_out_proj(l), make_hook(rows, heads)) for l, (rows, heads) in sorted(per_layer.items())]
+    with _pre_hooks(hooks):
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+@contextmanager
+def scale_neurons(
+    adapter: ModelAdapter,
+    scales: Mapping[int, tuple[torch.Tensor | Sequence[int], torch.Tensor | float]],
+) -> Iterator[None]:
+    """Multiply chosen neurons of z (input of down_proj) by scales, at every position and row.
+
+    Args:
+        scales: layer -> (idx, scale). idx: LongTensor [k] of distinct neuron indices; scale: a
+            float, a 0-dim tensor, or a tensor [k] (one per neuron). 0 zeroes the neurons
+            (masking). A ``torch.nn.Parameter`` is used as is: z is never modified in place, so
+            gradients reach it (steering).
+    """
+    width = adapter.ffn_width
+    prepared: list[tuple[nn.Module, Callable]] = []
+    for layer, (idx, scale) in sorted(scales.items()):
+        if not 0 <= int(layer) < adapter.num_layers:
+            raise ValueError(f"scale_neurons: layer {layer} out of range [0, {adapter.num_layers})")
+        idx_t = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+        if idx_t.numel() and (int(idx_t.min()) < 0 or int(idx_t.max()) >= width):
+            raise ValueError(f"scale_neurons: layer {layer}: neuron index out of range [0, {width})")
+        if idx_t.unique().numel() != idx_t.numel():
+            raise ValueError(f"scale_neurons: layer {layer}: repeated neuron indices")
+        scale_t = scale if isinstance(scale, torch.Tensor) else torch.tensor(float(scale))
+        if scale_t.dim() > 1 or (scale_t.dim() == 1 and scale_t.numel() not in (1, idx_t.numel())):
+            raise ValueError(f"scale_neurons: layer {layer}: {scale_t.numel()} scales for {idx_t.numel()} neurons")
+        prepared.append((adapter.ffn_down_proj(int(layer)), _scale_hook(idx_t, scale_t, width)))
+    with _pre_hooks(prepared):
+        yield
+
+
+def _scale_hook(idx: torch.Tensor, scale: torch.Tensor, width: int) -> Callable:
+    cache = _DeviceCache(idx)
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        z = _first_input(args, kwargs)
+        (i,) = cache.on(z.device)
+        s = scale.to(z.device)
+        values = s.expand(i.shape) if s.numel() == 1 else s
+        # Out-of-place index_put: differentiable w.r.t. the scales, leaves z untouched.
+        factor = torch.ones(width, dtype=values.dtype, device=z.device).index_put((i,), values)
+        return _replace_first_input(args, kwargs, z * factor.to(z.dtype))
+
+    return hook
+
+
+@contextmanager
+def scale_neurons_per_row(
+    adapter: ModelAdapter, row_neurons: Sequence[RowSpec], scale: float = 0.0
+) -> Iterator[None]:
+    """Scale, per batch row, that row's own neurons of z by ``scale`` at every position.
+
+    Args:
+        row_neurons: one entry per batch row: None (untouched), (layer, neuron), or a sequence
+            of (layer, neuron) pairs.
+        scale: the factor (0 = ablation).
+    """
+    per_layer = _group_rows(row_neurons, adapter.num_layers, adapter.ffn_width, "neuron")
+    n_rows = len(row_neurons)
+
+    def make_hook(rows: list[int], neurons: list[int]) -> Callable:
+        cache = _DeviceCache(torch.tensor(rows), torch.tensor(neurons))
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            z = _first_input(args, kwargs)
+            _check_batch(z, n_rows, "scale_neurons_per_row")
+            r, n = cache.on(z.device)
+            new = z.clone()
+            new[r, ..., n] = z[r, ..., n] * scale
+            return _replace_first_input(args, kwargs, new)
+
+        return hook
+
+    hooks = [(adapter.ffn_down_proj(l), make_hook(rows, neurons)) for l, (rows, neurons) in sorted(per_layer.items())]
+    with _pre_hooks(hooks):
+        yield
+
+
+def ablate_neurons_per_row(adapter: ModelAdapter, row_neurons: Sequence[RowSpec]):
+    """Zero, per batch row, that row's own neurons of z (ground-truth ablation of many neurons
+    in one batched forward). Same ``row_neurons`` format as ``scale_neurons_per_row``."""
+    return scale_neurons_per_row(adapter, row_neurons, scale=0.0)

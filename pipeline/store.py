@@ -1,0 +1,361 @@
+"""The activation store: one Zarr v3 group per (model, task); the only module that knows its layout.
+
+Layout of ``<task>.zarr`` (dimension names are stored in each array's ``dimension_names``):
+
+========================  ==========================================  =========  ===============
+array                     shape                                        dtype      chunks
+========================  ==========================================  =========  ===============
+``z``                     [condition, item, layer, neuron]             float16/32 [1, B, L, I]
+``dvp``                   [item, layer, neuron]                        float32    [B, L, I]
+``item_id``               [item]                                       str        all
+``target_ids``            [item, target_token]  (-1 = padding)         int32      all
+``target_weights``        [item, target_token]  (0 = padding)          float32    all
+``condition_layer``       [condition]  (-1 for the base condition)     int32      all
+``condition_head``        [condition]  (-1 for the base condition)     int32      all
+``condition_head_score``  [condition]  (S_t of the head; NaN for base)  float64    all
+========================  ==========================================  =========  ===============
+
+- ``z[c, n, l, i]`` is the FFN activation (input of down_proj) of neuron i in layer l at the last
+  prompt token of item n, under condition c: c = 0 is the unmodified model, c >= 1 has the
+  c-th critical head mean-substituted.
+- ``dvp[n, l, i] = < W_down[l][:, i], u_y(n) >``: the direct vocabulary projection of the
+  neuron's write direction onto the item's normalised target direction, so that the
+  contribution ``c = z * dvp`` needs no model (HONES.md section 3).
+- The item axis is chunked in blocks of B items so that one chunk of ``z`` is about
+  ``target_chunk_bytes`` (1 MiB by default: fastest on our machines, see README). When that
+  would make more than ``max_files`` chunk files, chunks are grouped into shards along the
+  item axis. The *write block* (a chunk, or a shard when sharded) is the unit of writing and
+  of resumption: a writer always writes whole blocks, and each block is marked done by an
+  empty marker file only after its data are written.
+
+The store is built under ``<path>.partial-<params hash>/`` and renamed to ``<path>`` by
+``finalize`` once every block is marked done, so a half-written store is never read as done,
+and a scratch directory made under different params is never resumed.
+Group attributes carry provenance (model, params hash, code version) and the layout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+Z_DIMS = ("condition", "item", "layer", "neuron")
+DONE_DIR = "_done"
+
+
+class StoreError(PipelineError):
+    """The store is missing, incomplete, or does not match what is asked of it."""
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """Sizes of one task's store; ``block_items`` items per write block (chunk or shard)."""
+
+    n_conditions: int
+    n_items: int
+    n_layers: int
+    n_neurons: int
+    chunk_items: int
+    block_items: int
+    dtype: str
+
+    @classmethod
+    def plan(
+        cls,
+        n_conditions: int,
+        n_items: int,
+        n_layers: int,
+        n_neurons: int,
+        dtype: str = "float32",
+        target_chunk_bytes: int = 1 << 20,
+        max_files: int = 2000,
+    ) -> "StoreLayout":
+        if dtype not in ("float16", "float32"):
+            raise StoreError(f"store dtype {dtype!r} is not supported; use 'float16' or 'float32'")
+        if min(n_conditions, n_items, n_layers, n_neurons) < 1:
+            raise StoreError(
+                f"store dimensions must be positive: conditions={n_conditions} items={n_items} "
+                f"layers={n_layers} neurons={n_neurons}"
+            )
+        item_bytes = n_layers * n_neurons * np.dtype(dtype).itemsize
+        chunk_items = int(min(n_items, max(1, round(target_chunk_bytes / item_bytes))))
+        n_chunk_files = n_conditions * math.ceil(n_items / chunk_items)
+        block_items = chunk_items
+        if n_chunk_files > max_files:
+            per_shard = math.ceil(n_chunk_files / max_files)
+            block_items = min(n_items, chunk_items * per_shard)
+        return cls(n_conditions, n_items, n_layers, n_neurons, chunk_items, block_items, dtype)
+
+    @property
+    def sharded(self) -> bool:
+        return self.block_items != self.chunk_items
+
+    @property
+    def n_blocks(self) -> int:
+        return math.ceil(self.n_items / self.block_items)
+
+    def block(self, k: int) -> slice:
+        if not 0 <= k < self.n_blocks:
+            raise StoreError(f"block {k} out of range: the store has {self.n_blocks} blocks")
+        return slice(k * self.block_items, min(self.n_items, (k + 1) * self.block_items))
+
+    def nbytes(self) -> int:
+        """Bytes of ``z`` plus ``dvp`` (the expected disk use, uncompressed)."""
+        per = self.n_layers * self.n_neurons
+        return self.n_items * per * (self.n_conditions * np.dtype(self.dtype).itemsize + 4)
+
+
+@dataclass(frozen=True)
+class ItemBlock:
+    """One block of items read back: ``z`` [condition, item, layer, neuron] (float32),
+    ``dvp`` [item, layer, neuron], and the item slice they cover."""
+
+    items: slice
+    z: np.ndarray
+    dvp: np.ndarray
+
+
+def scratch_path(path: Path, params_hash: str) -> Path:
+    path = Path(path)
+    return path.with_name(f"{path.name}.partial-{params_hash}")
+
+
+class ActivationStore:
+    """Read and write one task's activation store.
+
+    >>> store = ActivationStore.create(path, layout, conditions, item_ids, target_ids, weights, attrs, params_hash)
+    >>> for k in store.pending_blocks(): store.write_block(k, z_block, dvp_block)
+    >>> store = store.finalize()               # renames <path>.partial-<hash> to <path>
+    >>> for block in ActivationStore.open(path).iter_blocks(): ...
+    """
+
+    def __init__(self, root: Path, final_path: Path, group: zarr.Group):
+        self.root = Path(root)
+        self.final_path = Path(final_path)
+        self.group = group
+        self.layout = StoreLayout(**group.attrs["layout"])
+
+    # --- creation and resumption -----------------------------------------------------------
+
+    @classmethod
+    def create_or_resume(
+        cls,
+        path: Path,
+        layout: StoreLayout,
+        conditions: list[tuple[int, int, float]],
+        item_ids: list[str],
+        target_ids: list[list[int]],
+        target_weights: list[list[float]],
+        attrs: dict,
+        params_hash: str,
+    ) -> "ActivationStore":
+        """Open the scratch store for ``params_hash`` if one exists, else create it.
+
+        Scratch directories of *other* params hashes next to ``path`` are stale and removed.
+        ``conditions``: (layer, head, head score) per condition, the base condition first as
+        (-1, -1, nan). ``target_ids``/``target_weights``: per item, the target token ids and
+        their weights (ragged; padded here).
+        """
+        path = Path(path)
+        scratch = scratch_path(path, params_hash)
+        for stale in path.parent.glob(f"{path.name}.partial-*"):
+            if stale != scratch:
+                log.warning("removing scratch store %s made under other params", stale)
+                shutil.rmtree(stale)
+        if scratch.exists():
+            try:
+                group = zarr.open_group(str(scratch), mode="r+")
+                ok = group.attrs.get("params_hash") == params_hash and "layout" in group.attrs
+            except (FileNotFoundError, ValueError, KeyError):
+                ok = False
+            if ok and StoreLayout(**group.attrs["layout"]) == layout:
+                store = cls(scratch, path, group)
+                store._clean_partial_files()
+                log.info("resuming %s: %d of %d blocks already done", scratch, len(store.done_blocks()),
+                         layout.n_blocks)
+                return store
+            log.warning("scratch store %s is unreadable or has another layout; starting afresh", scratch)
+            shutil.rmtree(scratch)
+        return cls._create(scratch, path, layout, conditions, item_ids, target_ids, target_weights, attrs,
+                           params_hash)
+
+    @classmethod
+    def _create(cls, scratch, path, layout, conditions, item_ids, target_ids, target_weights, attrs, params_hash):
+        n, C = layout.n_items, layout.n_conditions
+        if len(item_ids) != n or len(target_ids) != n or len(target_weights) != n:
+            raise StoreError(
+                f"layout has {n} items but got {len(item_ids)} ids, {len(target_ids)} target lists, "
+                f"{len(target_weights)} weight lists"
+            )
+        if len(conditions) != C:
+            raise StoreError(f"layout has {C} conditions but {len(conditions)} were described")
+        for iid, ids, w in zip(item_ids, target_ids, target_weights):
+            if len(ids) == 0:
+                raise StoreError(f"item {iid!r} has an empty target: no token to project onto")
+            if len(ids) != len(w):
+                raise StoreError(f"item {iid!r}: {len(ids)} target ids but {len(w)} weights")
+        tmp = scratch.with_name(scratch.name + ".init")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        group = zarr.open_group(str(tmp), mode="w")
+        L, I = layout.n_layers, layout.n_neurons
+        group.create_array(
+            "z", shape=(C, n, L, I), chunks=(1, layout.chunk_items, L, I),
+            shards=(1, layout.block_items, L, I) if layout.sharded else None,
+            dtype=layout.dtype, compressors=None, fill_value=0, dimension_names=Z_DIMS,
+            attributes={"units": "FFN activation (input of down_proj) at the last prompt token"},
+        )
+        group.create_array(
+            "dvp", shape=(n, L, I), chunks=(layout.chunk_items, L, I),
+            shards=(layout.block_items, L, I) if layout.sharded else None,
+            dtype="float32", compressors=None, fill_value=0, dimension_names=("item", "layer", "neuron"),
+            attributes={"units": "<W_down[:, i], u_y>: logit-space write per unit of activation"},
+        )
+        T = max(len(t) for t in target_ids)
+        tid = np.full((n, T), -1, dtype=np.int32)
+        tw = np.zeros((n, T), dtype=np.float32)
+        for k, (ids, w) in enumerate(zip(target_ids, target_weights)):
+            tid[k, : len(ids)] = ids
+            tw[k, : len(w)] = w
+        small = {
+            "item_id": (np.array(item_ids, dtype=object), ("item",), str),
+            "target_ids": (tid, ("item", "target_token"), "int32"),
+            "target_weights": (tw, ("item", "target_token"), "float32"),
+            "condition_layer": (np.array([c[0] for c in conditions], dtype=np.int32), ("condition",), "int32"),
+            "condition_head": (np.array([c[1] for c in conditions], dtype=np.int32), ("condition",), "int32"),
+            "condition_head_score": (np.array([c[2] for c in conditions], dtype=np.float64), ("condition",),
+                                     "float64"),
+        }
+        for name, (data, dims, dtype) in small.items():
+            arr = group.create_array(name, shape=data.shape, chunks=data.shape, dtype=dtype, dimension_names=dims)
+            arr[...] = data
+        group.attrs.update(
+            {
+                **attrs,
+                "format_version": FORMAT_VERSION,
+                "params_hash": params_hash,
+                "layout": asdict(layout),
+                "dimensions": {"z": list(Z_DIMS), "dvp": ["item", "layer", "neuron"]},
+                "complete": False,
+            }
+        )
+        (tmp / DONE_DIR).mkdir()
+        tmp.rename(scratch)
+        log.info(
+            "created %s: %d conditions x %d items x %d layers x %d neurons (%s), %d blocks of %d items, %.1f MiB",
+            scratch, C, n, L, I, layout.dtype, layout.n_blocks, layout.block_items, layout.nbytes() / 2**20,
+        )
+        return cls(scratch, path, zarr.open_group(str(scratch), mode="r+"))
+
+    def _clean_partial_files(self) -> None:
+        # LocalStore writes *.partial then renames; a hard kill can leave them behind.
+        for p in self.root.rglob("*.partial"):
+            p.unlink()
+
+    # --- writing ------------------------------------------------------------------------------
+
+    def done_blocks(self) -> set[int]:
+        d = self.root / DONE_DIR
+        return {int(p.stem) for p in d.glob("*.done")} if d.is_dir() else set(range(self.layout.n_blocks))
+
+    def pending_blocks(self, rank: int = 0, world_size: int = 1) -> list[int]:
+        """Blocks not yet done that belong to ``rank`` (blocks are dealt round-robin)."""
+        done = self.done_blocks()
+        return [k for k in range(self.layout.n_blocks) if k % world_size == rank and k not in done]
+
+    def write_block(self, k: int, z: np.ndarray, dvp: np.ndarray) -> None:
+        """Write block ``k``: ``z`` [condition, items, layer, neuron], ``dvp`` [items, layer, neuron]."""
+        sl = self.layout.block(k)
+        n = sl.stop - sl.start
+        lay = self.layout
+        want_z = (lay.n_conditions, n, lay.n_layers, lay.n_neurons)
+        if z.shape != want_z or dvp.shape != want_z[1:]:
+            raise StoreError(f"block {k}: got z {z.shape} and dvp {dvp.shape}, expected {want_z} and {want_z[1:]}")
+        self.group["z"][:, sl] = z.astype(lay.dtype, copy=False)
+        self.group["dvp"][sl] = dvp.astype(np.float32, copy=False)
+        # The marker goes last: a block without one is rewritten on resume.
+        (self.root / DONE_DIR / f"{k:06d}.done").touch()
+
+    def finalize(self) -> "ActivationStore":
+        """Check every block is done, drop the markers, mark complete, rename to the final path."""
+        missing = sorted(set(range(self.layout.n_blocks)) - self.done_blocks())
+        if missing:
+            raise StoreError(f"{self.root}: blocks {missing[:10]} are not written yet; cannot finalize")
+        shutil.rmtree(self.root / DONE_DIR, ignore_errors=True)
+        self.group.attrs["complete"] = True
+        if self.final_path.exists():
+            shutil.rmtree(self.final_path)
+        self.root.rename(self.final_path)
+        return ActivationStore.open(self.final_path)
+
+    # --- reading ------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path) -> "ActivationStore":
+        """Open a finished store read-only; an unfinished one is refused."""
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            partial = sorted(path.parent.glob(f"{path.name}.partial-*"))
+            hint = f" (an unfinished build exists at {partial[0]}; re-run the dump stage)" if partial else ""
+            raise StoreError(f"no activation store at {path}{hint}")
+        group = zarr.open_group(str(path), mode="r")
+        if not group.attrs.get("complete", False):
+            raise StoreError(f"activation store {path} is not complete; re-run the dump stage")
+        if group.attrs.get("format_version") != FORMAT_VERSION:
+            raise StoreError(
+                f"activation store {path} has format {group.attrs.get('format_version')}, "
+                f"this code reads format {FORMAT_VERSION}; re-run the dump stage"
+            )
+        return cls(path, path, group)
+
+    @property
+    def attrs(self) -> dict:
+        return dict(self.group.attrs)
+
+    @property
+    def item_ids(self) -> list[str]:
+        return [str(s) for s in self.group["item_id"][:]]
+
+    def conditions(self) -> list[tuple[int, int, float]]:
+        return list(
+            zip(
+                self.group["condition_layer"][:].tolist(),
+                self.group["condition_head"][:].tolist(),
+                self.group["condition_head_score"][:].tolist(),
+            )
+        )
+
+    def targets(self) -> tuple[np.ndarray, np.ndarray]:
+        """(target_ids [item, token] with -1 padding, target_weights [item, token])."""
+        return self.group["target_ids"][:], self.group["target_weights"][:]
+
+    def iter_blocks(self, items_per_block: int | None = None) -> Iterator[ItemBlock]:
+        """Stream the store in item blocks (default: its write blocks); memory is O(block)."""
+        step = items_per_block or self.layout.block_items
+        z, dvp = self.group["z"], self.group["dvp"]
+        for s in range(0, self.layout.n_items, step):
+            sl = slice(s, min(self.layout.n_items, s + step))
+            yield ItemBlock(sl, np.asarray(z[:, sl], dtype=np.float32), np.asarray(dvp[sl], dtype=np.float32))
+
+
+def describe(path: Path) -> str:
+    """A one-paragraph description of a store, for logs and the CLI."""
+    s = ActivationStore.open(path)
+    lay = s.layout
+    return json.dumps(
+        {"path": str(path), "layout": asdict(lay), "conditions": s.conditions(), "model": s.attrs.get("model")},
+        indent=1,
+    )
