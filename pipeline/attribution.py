@@ -186,3 +186,29 @@ def importance_matrix(
         for m, method in enumerate(STORE_METHODS):
             out[m, j] = by_method[method]
     return list(STORE_METHODS), tasks, out
+
+
+def attribute(
+    stores: dict[str, ActivationStore],
+    ablation: dict[str, np.ndarray | None],
+    *,
+    seed: int,
+    ape_min_probability: float,
+    items_per_block: int | None = None,
+) -> tuple[list[str], list[str], np.ndarray]:
+    """All methods for all tasks: (methods, tasks, importance [method, task, layer, neuron]).
+
+    One streaming pass per task store. ``ablation[task]`` is the ground-truth effect
+    [layer, neuron] or None (then the ``ablation`` slice is NaN).
+    """
+    statistics = {}
+    for task, store in stores.items():
+        statistics[task] = task_statistics(store, items_per_block)
+        log.info("%s: %d items, %d head conditions", task, statistics[task].n_items,
+                 len(statistics[task].head_scores))
+    methods, tasks, scores = importance_matrix(statistics, seed=seed, ape_min_probability=ape_min_probability)
+    truth = np.full((1, *scores.shape[1:]), np.nan, dtype=np.float32)
+    for j, task in enumerate(tasks):
+        if ablation.get(task) is not None:
+            truth[0, j] = ablation[task]
+    return [*methods, "ablation"], tasks, np.concatenate([scores, truth])

@@ -28,6 +28,9 @@ class _Strict(BaseModel):
 
 
 class BenchmarkConfig(_Strict):
+    """The benchmark: the synthetic default, or the HONES COCO format (section ``coco_import``)."""
+
+    source: Literal["synthetic", "hones_coco"] = "synthetic"
     seed: int = 0
     image_size: int = Field(64, ge=32, le=512)
     n_images: dict[str, int] = Field(default_factory=lambda: {"train": 8000, "discovery": 200, "dev": 100, "test": 200})
@@ -71,6 +74,7 @@ class TrainedModelConfig(_Strict):
     text_heads: int = Field(4, ge=1)
     text_kv_heads: int = Field(4, ge=1)
     text_ffn: int = Field(512, ge=8)
+    vision_warmup_steps: int = Field(400, ge=0)
     steps: int = Field(2000, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-3, gt=0, le=1)

@@ -66,7 +66,7 @@ def item_targets(
                     seen.setdefault(t, None)
             ids = list(seen)
         else:
-            ids = ids_of(str(rec.references[0]))
+            ids = ids_of(str(rec.references[0])) if len(rec.references) else []
         if not ids:
             raise PipelineError(f"item {rec.item_id!r} ({rec.task}) has an empty target after tokenisation")
         token_sets.append(ids)

@@ -23,7 +23,9 @@ def mask_size(n_layers: int, n_neurons: int, rho: float) -> int:
     """Number of neurons in a top-``rho`` mask (at least 1)."""
     if not 0 < rho <= 1:
         raise ValueError(f"rho must be in (0, 1], got {rho}")
-    return max(1, math.ceil(rho * n_layers * n_neurons))
+    # round() first: rho * n is computed in binary floating point, e.g. 0.07 * 100 = 7.000000000000001,
+    # whose plain ceil would select one neuron too many.
+    return max(1, math.ceil(round(rho * n_layers * n_neurons, 6)))
 
 
 def _ranked(layers: np.ndarray, neurons: np.ndarray, scores: np.ndarray) -> pd.DataFrame:

@@ -92,11 +92,13 @@ class StoreLayout:
             )
         item_bytes = n_layers * n_neurons * np.dtype(dtype).itemsize
         chunk_items = int(min(n_items, max(1, round(target_chunk_bytes / item_bytes))))
-        n_chunk_files = n_conditions * math.ceil(n_items / chunk_items)
+        n_chunks = math.ceil(n_items / chunk_items)
         block_items = chunk_items
-        if n_chunk_files > max_files:
-            per_shard = math.ceil(n_chunk_files / max_files)
-            block_items = min(n_items, chunk_items * per_shard)
+        if n_conditions * n_chunks > max_files:
+            # A shard holds a whole number of chunks (zarr requires it; the last shard may reach
+            # past n_items) and there are at most max_files // n_conditions shards per condition.
+            per_shard = math.ceil(n_chunks / max(1, max_files // n_conditions))
+            block_items = chunk_items * per_shard
         return cls(n_conditions, n_items, n_layers, n_neurons, chunk_items, block_items, dtype)
 
     @property
@@ -309,8 +311,9 @@ class ActivationStore:
         path = Path(path)
         if not (path / "zarr.json").is_file():
             partial = sorted(path.parent.glob(f"{path.name}.partial-*"))
-            hint = f" (an unfinished build exists at {partial[0]}; re-run the dump stage)" if partial else ""
-            raise StoreError(f"no activation store at {path}{hint}")
+            hint = (f"an unfinished build exists at {partial[0]}; re-run the dump stage to finish it" if partial
+                    else "run the dump stage to build it")
+            raise StoreError(f"no activation store at {path}: {hint}")
         group = zarr.open_group(str(path), mode="r")
         if not group.attrs.get("complete", False):
             raise StoreError(f"activation store {path} is not complete; re-run the dump stage")
@@ -359,3 +362,45 @@ def describe(path: Path) -> str:
         {"path": str(path), "layout": asdict(lay), "conditions": s.conditions(), "model": s.attrs.get("model")},
         indent=1,
     )
+
+
+# --- the attribution array --------------------------------------------------------------------
+
+IMPORTANCE_DIMS = ("method", "task", "layer", "neuron")
+
+
+def write_importance(path: Path, methods: list[str], tasks: list[str], importance: np.ndarray, attrs: dict) -> None:
+    """Write ``importance`` [method, task, layer, neuron] (float32) with its coordinates, atomically."""
+    path = Path(path)
+    if importance.shape[:2] != (len(methods), len(tasks)):
+        raise StoreError(f"importance has shape {importance.shape}, expected ({len(methods)}, {len(tasks)}, L, I)")
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    group = zarr.open_group(str(tmp), mode="w")
+    M, T, L, I = importance.shape
+    arr = group.create_array(
+        "importance", shape=importance.shape, chunks=(1, 1, L, I), dtype="float32", compressors=None,
+        fill_value=np.nan, dimension_names=IMPORTANCE_DIMS,
+        attributes={"units": "method-specific; higher = more important to the task"},
+    )
+    arr[...] = importance.astype(np.float32)
+    for name, values in (("method", methods), ("task", tasks)):
+        coord = group.create_array(name, shape=(len(values),), chunks=(len(values),), dtype=str,
+                                   dimension_names=(name,))
+        coord[...] = np.array(values, dtype=object)
+    group.attrs.update({**attrs, "format_version": FORMAT_VERSION, "dimensions": list(IMPORTANCE_DIMS)})
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def read_importance(path: Path) -> tuple[list[str], list[str], np.ndarray, dict]:
+    """(methods, tasks, importance [method, task, layer, neuron], attrs)."""
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        raise StoreError(f"no attribution array at {path}; run the attribute stage")
+    group = zarr.open_group(str(path), mode="r")
+    methods = [str(s) for s in group["method"][:]]
+    tasks = [str(s) for s in group["task"][:]]
+    return methods, tasks, np.asarray(group["importance"][...]), dict(group.attrs)

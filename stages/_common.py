@@ -37,6 +37,22 @@ def section(params: dict, name: str, model: type):
     return validate_section(model, params.get(name), name)
 
 
+def study_tasks(params: dict) -> list[str]:
+    tasks = params.get("tasks")
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+        raise ConfigError(f"params 'tasks' must be a non-empty list of task names, got {tasks!r}")
+    return tasks
+
+
+def studied_models(params: dict) -> list[str]:
+    models = params.get("studied_models")
+    if not isinstance(models, list) or not models:
+        raise ConfigError(f"params 'studied_models' must be a non-empty list of model names, got {models!r}")
+    for name in models:
+        model_config(params, name)
+    return models
+
+
 def runtime(params: dict) -> RuntimeConfig:
     return section(params, "runtime", RuntimeConfig)
 

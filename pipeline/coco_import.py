@@ -1,0 +1,417 @@
+"""Import the published HONES data (the authors' unified COCO JSON) into the benchmark table.
+
+A lab that has the paper's data runs the paper's setting by pointing the ``coco_import``
+params section at its JSON and image folder; the result is the same two Parquet files the
+synthetic benchmark writes (``annotations.parquet`` with ``ANNOTATION_SCHEMA``,
+``images.parquet`` with ``IMAGE_SCHEMA``), so every later stage reads it unchanged.
+
+Map of this module:
+- ``CocoImportConfig``: the validated ``coco_import`` params section.
+- ``load_items``: parse and validate the JSON into ``CocoItem`` records (one per image). A
+  missing task block skips that task for the image (counted, logged at INFO); a present but
+  malformed field raises ``BenchmarkError`` naming ``data[i]``, the file name and the field.
+- ``assign_splits``: seeded, image-disjoint train/discovery/dev/test assignment.
+- ``caption_words`` / ``rank_hard_negatives``: word-overlap (Jaccard) hard negatives for
+  retrieval via an inverted index, ties broken by a seeded RNG.
+- ``import_hones_coco``: the whole import, written atomically (temporary sibling directory,
+  renamed when complete; removed on any error).
+
+Input format (top level ``{"data": [item, ...]}``), per item::
+
+    {"image_info": {"file_name": "COCO_val2014_000000000042.jpg", ...},
+     "vqa": {"question": "...", "answer": "...", "all_answers": ["...", ...]},
+     "ocr": {"text": "...", "bbox": [x, y, w, h]},
+     "captions": [{"caption": "..."}, ...]}
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.benchmark import ANNOTATION_SCHEMA, IMAGE_SCHEMA, PROMPTS, SPLITS, BenchmarkError
+
+log = logging.getLogger(__name__)
+
+MAX_CAPTION_REFERENCES = 5
+_IMAGE_BATCH = 256  # images per Parquet write: bounds memory for 12K full-size COCO images
+_WORD = re.compile(r"\w+")
+
+
+class CocoImportConfig(BaseModel):
+    """The ``coco_import`` params section (sizes in images; paper: 7000 / 2000 / 3000, 49 negatives)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    json_path: str
+    image_root: str
+    seed: int = 0
+    n_discovery: int = Field(7000, ge=0)
+    n_dev: int = Field(2000, ge=0)
+    n_test: int = Field(3000, ge=0)
+    n_negatives: int = Field(49, ge=1)
+    max_images: int | None = Field(None, ge=1)
+
+
+@dataclass(frozen=True)
+class CocoItem:
+    """One image of the input and its validated task fields (``None``: task absent)."""
+
+    index: int  # position in the JSON's ``data`` list
+    file_name: str  # relative to the image root
+    image_id: str  # file name stem
+    vqa: tuple[str, list[str]] | None  # (question, reference answers)
+    ocr: str | None  # the text in the image
+    captions: list[str] | None  # all captions, stripped, non-empty
+
+
+def _err(json_path: Path, index: int, file_name: object, field: str, problem: str) -> BenchmarkError:
+    return BenchmarkError(f"{json_path}: data[{index}] (file_name {file_name!r}): field {field!r} {problem}")
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _parse_item(json_path: Path, index: int, raw: object) -> tuple[CocoItem, list[str]]:
+    """Validate one element of ``data``; returns the item and the tasks it lacks."""
+    if not isinstance(raw, dict):
+        raise _err(json_path, index, None, "", f"must be an object, got {type(raw).__name__}")
+    info = raw.get("image_info")
+    if not isinstance(info, dict):
+        raise _err(json_path, index, None, "image_info", f"must be an object, got {type(info).__name__}")
+    fn = info.get("file_name")
+    if not isinstance(fn, str) or not fn.strip():
+        raise _err(json_path, index, fn, "image_info.file_name", "must be a non-empty string")
+    if Path(fn).is_absolute() or ".." in Path(fn).parts:
+        raise _err(json_path, index, fn, "image_info.file_name", "must be relative to the image root")
+    lacking: list[str] = []
+
+    def bad(field: str, problem: str) -> BenchmarkError:
+        return _err(json_path, index, fn, field, problem)
+
+    # vqa: block absent -> no row; present -> question and at least one answer required.
+    vqa = None
+    block = raw.get("vqa")
+    if block is None:
+        lacking.append("vqa")
+    elif not isinstance(block, dict):
+        raise bad("vqa", f"must be an object, got {type(block).__name__}")
+    else:
+        q = block.get("question")
+        if not isinstance(q, str) or not q.strip():
+            raise bad("vqa.question", f"must be a non-empty string, got {q!r}")
+        answer = block.get("answer")
+        if answer is not None and not isinstance(answer, str):
+            raise bad("vqa.answer", f"must be a string, got {type(answer).__name__}")
+        all_answers = block.get("all_answers")
+        if all_answers is None:
+            all_answers = []
+        if not isinstance(all_answers, list):
+            raise bad("vqa.all_answers", f"must be a list of strings, got {type(all_answers).__name__}")
+        for j, a in enumerate(all_answers):
+            if not isinstance(a, str) or not a.strip():
+                raise bad(f"vqa.all_answers[{j}]", f"must be a non-empty string, got {a!r}")
+        refs = [a.strip() for a in all_answers]
+        if not refs:
+            if answer is None or not answer.strip():
+                raise bad("vqa.answer", "is empty and vqa.all_answers is empty: no reference answer")
+            refs = [answer.strip()]
+        vqa = (q.strip(), refs)
+
+    # ocr: block absent or text missing/empty -> the image has no text, no row.
+    ocr = None
+    block = raw.get("ocr")
+    if block is not None and not isinstance(block, dict):
+        raise bad("ocr", f"must be an object, got {type(block).__name__}")
+    if block is not None:
+        bbox = block.get("bbox")
+        if bbox is not None and not (
+            isinstance(bbox, list) and (len(bbox) == 0 or (len(bbox) == 4 and all(_is_number(v) for v in bbox)))
+        ):
+            raise bad("ocr.bbox", f"must be a list of 4 numbers (or empty), got {bbox!r}")
+        text = block.get("text")
+        if text is not None and not isinstance(text, str):
+            raise bad("ocr.text", f"must be a string, got {type(text).__name__}")
+        if text is not None and text.strip():
+            ocr = text.strip()
+    if ocr is None:
+        lacking.append("ocr")
+
+    # captions: absent or empty list -> no caption and no retrieval row.
+    captions = None
+    block = raw.get("captions")
+    if block is not None and not isinstance(block, list):
+        raise bad("captions", f"must be a list, got {type(block).__name__}")
+    if block:
+        captions = []
+        for j, c in enumerate(block):
+            text = c.get("caption") if isinstance(c, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                raise bad(f"captions[{j}].caption", f"must be a non-empty string, got {c!r}")
+            captions.append(text.strip())
+    else:
+        lacking += ["caption", "retrieval"]
+    return CocoItem(index, fn, Path(fn).stem, vqa, ocr, captions), lacking
+
+
+def load_items(json_path: Path, max_images: int | None = None) -> list[CocoItem]:
+    """Parse and validate the unified JSON; the first ``max_images`` items of ``data`` if given.
+
+    Raises ``BenchmarkError`` for an unreadable file, a malformed item (naming ``data[i]``, its
+    file name and the field) or two items with the same image id (file name stem).
+    """
+    json_path = Path(json_path)
+    if not json_path.is_file():
+        raise BenchmarkError(f"HONES COCO JSON not found: {json_path}")
+    try:
+        doc = json.loads(json_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BenchmarkError(f"{json_path}: not valid JSON: {exc}") from exc
+    data = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(data, list):
+        raise BenchmarkError(f"{json_path}: top level must be an object with a list under 'data'")
+    if max_images is not None:
+        data = data[:max_images]
+    if not data:
+        raise BenchmarkError(f"{json_path}: 'data' holds no items")
+    items: list[CocoItem] = []
+    lacking_counts: dict[str, int] = {t: 0 for t in ("vqa", "ocr", "caption", "retrieval")}
+    first_index: dict[str, int] = {}
+    for i, raw in enumerate(data):
+        item, lacking = _parse_item(json_path, i, raw)
+        if item.image_id in first_index:
+            j = first_index[item.image_id]
+            raise BenchmarkError(
+                f"{json_path}: data[{j}] ({items[j].file_name!r}) and data[{i}] ({item.file_name!r}) "
+                f"have the same image id {item.image_id!r} (file name stem); image ids must be unique"
+            )
+        first_index[item.image_id] = i
+        for t in lacking:
+            lacking_counts[t] += 1
+        items.append(item)
+    for t, n in lacking_counts.items():
+        log.info("coco import: %d of %d images lack the %s task (no row emitted)", n, len(items), t)
+    return items
+
+
+def assign_splits(n_images: int, *, seed: int, n_discovery: int, n_dev: int, n_test: int) -> np.ndarray:
+    """Split name per image (shape ``(n_images,)``, dtype object), image-disjoint by construction.
+
+    A seeded permutation of the images gives the first ``n_test`` to test, the next ``n_dev``
+    to dev, the next ``n_discovery`` to discovery and the rest to train.
+    """
+    sizes = {"test": n_test, "dev": n_dev, "discovery": n_discovery}
+    if any(v < 0 for v in sizes.values()):
+        raise BenchmarkError(f"coco import: split sizes must be >= 0, got {sizes}")
+    if sum(sizes.values()) > n_images:
+        raise BenchmarkError(
+            f"coco import: split sizes {sizes} (total {sum(sizes.values())}) exceed the {n_images} images"
+        )
+    perm = np.random.default_rng(np.random.SeedSequence([seed, 0])).permutation(n_images)
+    out = np.full(n_images, "train", dtype=object)
+    start = 0
+    for name, size in sizes.items():
+        out[perm[start : start + size]] = name
+        start += size
+    return out
+
+
+def caption_words(text: str) -> tuple[str, ...]:
+    """Lower-cased word tokens (``\\w+``) of a caption; punctuation dropped."""
+    return tuple(_WORD.findall(text.lower()))
+
+
+def rank_hard_negatives(positives: list[str], n_negatives: int, rng: np.random.Generator) -> list[list[str]]:
+    """For each caption, the ``n_negatives`` most word-overlapping OTHER captions of the list.
+
+    ``positives``: one caption per image of a split (length N). Overlap is the Jaccard index of
+    lower-cased word sets, highest first; ties (including zero overlap, the fallback to random
+    captions) are broken by ``rng``. Captions with the same word sequence as the positive (the
+    image's own, or a duplicate) are never negatives, and negatives are distinct texts: the
+    candidate pool is the U <= N distinct captions of the split.
+
+    Complexity: an inverted index word -> distinct captions; per query, ``np.bincount`` over the
+    postings of its words gives the intersection sizes, then an O(U) partition selects the top
+    ``n_negatives`` (plus ties). Total O(sum of posting lengths touched + N * U) time, vectorised
+    (about a second for a 7000-image split), and O(total words + U) memory; no U x U matrix.
+    Returns a list (length N) of lists of ``n_negatives`` caption strings. Raises
+    ``BenchmarkError`` when fewer than ``n_negatives`` distinct other captions exist.
+    """
+    keys = [caption_words(p) for p in positives]
+    uid: dict[tuple[str, ...], int] = {}
+    texts: list[str] = []
+    for key, text in zip(keys, positives):
+        if key not in uid:
+            uid[key] = len(texts)
+            texts.append(text)
+    n_unique = len(texts)
+    if n_unique - 1 < n_negatives and positives:
+        raise BenchmarkError(
+            f"retrieval needs {n_negatives} negatives per image but the split has only {n_unique} "
+            f"distinct captions; lower coco_import.n_negatives or enlarge the split"
+        )
+    vocab: dict[str, int] = {}
+    word_ids: list[np.ndarray] = []
+    for key in uid:  # dict order = first occurrence = text index
+        word_ids.append(np.array(sorted({vocab.setdefault(w, len(vocab)) for w in key}), dtype=np.int64))
+    sizes = np.array([len(w) for w in word_ids], dtype=np.float64)
+    postings: list[list[int]] = [[] for _ in vocab]
+    for u, ws in enumerate(word_ids):
+        for w in ws:
+            postings[w].append(u)
+    postings_np = [np.array(p, dtype=np.int64) for p in postings]
+
+    out: list[list[str]] = []
+    for key in keys:
+        u = uid[key]
+        ws = word_ids[u]
+        if len(ws):
+            inter = np.bincount(np.concatenate([postings_np[w] for w in ws]), minlength=n_unique).astype(np.float64)
+        else:
+            inter = np.zeros(n_unique)
+        union = sizes[u] + sizes - inter
+        jac = np.divide(inter, union, out=np.zeros(n_unique), where=union > 0)
+        jac[u] = -np.inf  # the positive itself (and any caption with the same words)
+        kth = np.partition(jac, n_unique - n_negatives)[n_unique - n_negatives]
+        sel = np.flatnonzero(jac >= kth)  # top n_negatives plus everything tied with the last
+        order = np.lexsort((rng.random(sel.size), -jac[sel]))
+        out.append([texts[v] for v in sel[order[:n_negatives]]])
+    return out
+
+
+def _read_image(json_path: Path, image_root: Path, item: CocoItem) -> bytes:
+    """The file's bytes as they are, after checking PIL decodes them fully."""
+    path = image_root / item.file_name
+    if not path.is_file():
+        raise _err(json_path, item.index, item.file_name, "image_info.file_name", f"image file not found: {path}")
+    data = path.read_bytes()
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+    except Exception as exc:  # PIL raises several unrelated types for corrupt data; re-raised below
+        raise _err(
+            json_path, item.index, item.file_name, "image_info.file_name", f"image {path} cannot be decoded: {exc}"
+        ) from exc
+    return data
+
+
+def import_hones_coco(
+    json_path: Path,
+    image_root: Path,
+    out_dir: Path,
+    *,
+    seed: int,
+    n_discovery: int,
+    n_dev: int,
+    n_test: int,
+    n_negatives: int = 49,
+    max_images: int | None = None,
+) -> pd.DataFrame:
+    """Import the HONES unified COCO JSON into ``out_dir`` (annotations.parquet, images.parquet).
+
+    One annotation row per (image, task) present: vqa (prompt = the question, references =
+    ``all_answers`` or ``[answer]``), ocr (references = ``[text]``), caption (references = up to
+    5 captions), retrieval (candidates = the first caption + ``n_negatives`` hard negatives from
+    the same split, positive at a seeded position). ``images.parquet`` holds the original file
+    bytes (JPEG/PNG as they are) in its ``png`` column. Rows are ordered by split, then input
+    order, then task. Deterministic for ``seed``. The JSON and the image files' presence are
+    validated before any output is written; each image is decoded with PIL while it is copied.
+    Output goes to a temporary sibling directory that is renamed when complete and is removed
+    on any error, so a failed import leaves neither ``out_dir`` nor its temporary sibling.
+    Returns the annotations (as ``read_annotations`` would read them).
+    """
+    json_path, image_root, out_dir = Path(json_path), Path(image_root), Path(out_dir)
+    if n_negatives < 1:
+        raise BenchmarkError(f"coco import: n_negatives must be >= 1, got {n_negatives}")
+    if not image_root.is_dir():
+        raise BenchmarkError(f"coco import: image root is not a directory: {image_root}")
+    items = load_items(json_path, max_images)
+    splits = assign_splits(len(items), seed=seed, n_discovery=n_discovery, n_dev=n_dev, n_test=n_test)
+
+    rows: list[dict] = []
+    for split_index, split in enumerate(SPLITS):
+        members = [it for it, s in zip(items, splits) if s == split]
+        with_captions = [it for it in members if it.captions]
+        rng = np.random.default_rng(np.random.SeedSequence([seed, 1, split_index]))
+        try:
+            negatives = rank_hard_negatives([it.captions[0] for it in with_captions], n_negatives, rng)
+        except BenchmarkError as exc:
+            raise BenchmarkError(f"coco import, split {split!r} ({len(members)} images): {exc}") from None
+        neg_of = {it.image_id: negs for it, negs in zip(with_captions, negatives)}
+        for it in members:
+
+            def row(task: str, prompt: str, refs: list[str], cands: list[str] = (), pos: int = -1) -> dict:
+                return {
+                    "item_id": f"{it.image_id}-{task}-0",
+                    "image_id": it.image_id,
+                    "split": split,
+                    "task": task,
+                    "question_type": "",
+                    "prompt": prompt,
+                    "references": list(refs),
+                    "candidates": list(cands),
+                    "positive_index": int(pos),
+                }
+
+            if it.vqa is not None:
+                rows.append(row("vqa", it.vqa[0], it.vqa[1]))
+            if it.ocr is not None:
+                rows.append(row("ocr", PROMPTS["ocr"], [it.ocr]))
+            if it.captions:
+                rows.append(row("caption", PROMPTS["caption"], it.captions[:MAX_CAPTION_REFERENCES]))
+                negs = neg_of[it.image_id]
+                pos = int(rng.integers(n_negatives + 1))
+                cands = negs[:pos] + [it.captions[0]] + negs[pos:]
+                rows.append(row("retrieval", PROMPTS["retrieval"], [it.captions[0]], cands, pos))
+    table = pa.Table.from_pylist(rows, schema=ANNOTATION_SCHEMA)
+    for it in items:  # cheap check before any output; decoding is checked while writing
+        if not (image_root / it.file_name).is_file():
+            raise _err(
+                json_path, it.index, it.file_name, "image_info.file_name",
+                f"image file not found: {image_root / it.file_name}",
+            )
+
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        pq.write_table(table, tmp / "annotations.parquet")
+        from tqdm import tqdm
+
+        with pq.ParquetWriter(tmp / "images.parquet", IMAGE_SCHEMA) as writer:
+            for start in tqdm(range(0, len(items), _IMAGE_BATCH), desc="coco images", leave=False):
+                batch = [
+                    {"image_id": it.image_id, "png": _read_image(json_path, image_root, it)}
+                    for it in items[start : start + _IMAGE_BATCH]
+                ]
+                writer.write_table(pa.Table.from_pylist(batch, schema=IMAGE_SCHEMA))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    counts = pd.Series(splits).value_counts().to_dict()
+    log.info(
+        "coco import: %d images (%s), %d examples -> %s",
+        len(items),
+        ", ".join(f"{s} {counts.get(s, 0)}" for s in SPLITS),
+        len(rows),
+        out_dir,
+    )
+    return table.to_pandas()

@@ -1,0 +1,65 @@
+"""PNG figures a person can open (and ``dvc plots show`` embeds): one function per figure kind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+
+
+def plot_layer_distribution(masks: pd.DataFrame, n_layers: int, path: Path, title: str) -> None:
+    """Selected neurons per layer: one panel per task, one bar group per method."""
+    plt = _plt()
+    tasks = list(dict.fromkeys(masks["task"]))
+    methods = list(dict.fromkeys(masks["method"]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks) + 1, 3), sharey=True, squeeze=False)
+    width = 0.8 / max(1, len(methods))
+    for ax, task in zip(axes[0], tasks):
+        sub = masks[masks["task"] == task]
+        for k, method in enumerate(methods):
+            counts = np.bincount(sub[sub["method"] == method]["layer"], minlength=n_layers)
+            ax.bar(np.arange(n_layers) + k * width, counts, width, label=method)
+        ax.set_title(task)
+        ax.set_xlabel("layer")
+    axes[0][0].set_ylabel("selected neurons")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def plot_square(matrix: pd.DataFrame, path: Path, title: str, label: str, cmap: str = "viridis",
+                center: float | None = None, fmt: str = "{:.2f}") -> None:
+    """A labelled heatmap of a small square (or rectangular) table, values printed in cells."""
+    plt = _plt()
+    values = matrix.to_numpy(dtype=float)
+    fig, ax = plt.subplots(figsize=(1.1 * values.shape[1] + 2, 0.9 * values.shape[0] + 1.5))
+    kw = {}
+    if center is not None:
+        span = float(np.nanmax(np.abs(values - center))) or 1.0
+        kw = {"vmin": center - span, "vmax": center + span}
+    im = ax.imshow(values, cmap=cmap, **kw)
+    ax.set_xticks(range(values.shape[1]), matrix.columns, rotation=30)
+    ax.set_yticks(range(values.shape[0]), matrix.index)
+    for (r, c), v in np.ndenumerate(values):
+        ax.text(c, r, fmt.format(v), ha="center", va="center", fontsize=8, color="white" if np.isfinite(v) else "k")
+    fig.colorbar(im, ax=ax, label=label)
+    ax.set_title(title)
+    _save(fig, path)

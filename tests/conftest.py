@@ -1,0 +1,161 @@
+"""Shared fixtures: seeding, a tiny synthetic benchmark and a tiny LLaVA built over its vocabulary.
+
+- ``_seed`` (autouse): seeds python, numpy and torch before every test.
+- ``benchmark_dir`` (session): ``build_benchmark`` at image_size 32, a handful of images per split.
+- ``annotations`` / ``images`` (session): the benchmark table and its ``ImageTable``.
+- ``tiny_adapter`` (session, read-only): a random ``DefaultModelSpec`` LLaVA (2 text layers,
+  4 heads, hidden 32, FFN 64) whose tokenizer, processor and chat template are those of the
+  embedded default model, so every benchmark word tokenises exactly.
+- ``discovery_items(annotations, task, n)``: the first ``n`` discovery items of a task.
+- ``direct_z`` / ``direct_targets`` / ``direct_dvp``: golden references for the dump (one unpadded
+  row per forward pass; targets, IDF weights and DVP written out from HONES.md section 3).
+
+``build_tiny_adapter(benchmark_dir)`` is importable from a subprocess (``sys.path`` = tests/)
+and builds bitwise the same model as the fixture.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.benchmark import BenchmarkSpec, ImageTable, build_benchmark, read_annotations
+from pipeline.hooks import capture_ffn, substitute_heads
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+# Tiny models run ~30x faster on one thread than on two when another job holds the cores
+# (OpenMP threads wait on each other for microsecond-sized ops); results do not depend on it.
+torch.set_num_threads(1)
+
+TINY_BENCHMARK = BenchmarkSpec(
+    seed=0,
+    image_size=32,
+    n_images={"train": 2, "discovery": 8, "dev": 2, "test": 2},
+    vqa_per_image={"discovery": 1},
+    retrieval_negatives=3,
+    retrieval_hard_negatives=1,
+)
+
+
+def tiny_model_spec():
+    from pipeline.default_model import DefaultModelSpec
+
+    return DefaultModelSpec(
+        name="test-tiny", family="llava", image_size=32, patch_size=8, vision_hidden=32, vision_layers=1,
+        vision_heads=2, vision_ffn=64, text_hidden=32, text_layers=2, text_heads=4, text_kv_heads=4, text_ffn=64,
+        steps=1, batch_size=1, lr=1e-3, warmup_steps=0, weight_decay=0.0, task_weights={}, seed=0, threads=1,
+    )
+
+
+def build_tiny_adapter(benchmark_dir: Path):
+    """The tiny LLaVA of the fixture (deterministic: ``build_model`` seeds itself)."""
+    from pipeline.adapter import ModelAdapter
+    from pipeline.default_model import benchmark_vocabulary, build_model, build_processor, build_tokenizer
+
+    spec = tiny_model_spec()
+    annotations = read_annotations(Path(benchmark_dir) / "annotations.parquet")
+    tokenizer = build_tokenizer(benchmark_vocabulary(annotations))
+    processor = build_processor(tokenizer, spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_model(tokenizer, spec)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return ModelAdapter.from_model(model, processor)
+
+
+def discovery_items(annotations: pd.DataFrame, task: str, n: int | None = None) -> pd.DataFrame:
+    items = annotations[(annotations["split"] == "discovery") & (annotations["task"] == task)]
+    return (items if n is None else items.head(n)).reset_index(drop=True)
+
+
+# --- golden references, written from HONES.md section 3 without the store or pipeline.dump's math ---
+@torch.no_grad()
+def direct_z(adapter, images, items: pd.DataFrame, heads: pd.DataFrame) -> np.ndarray:
+    """z [condition, item, layer, neuron] at the last prompt token, one unpadded row at a time."""
+    conds = [None] + [(int(l), int(h)) for l, h in zip(heads["layer"], heads["head"])]
+    prompts = [p.format(candidate=c[k]) if t == "retrieval" else p  # retrieval: the positive pair
+               for t, p, c, k in zip(items["task"], items["prompt"], items["candidates"], items["positive_index"])]
+    out = np.zeros((len(conds), len(items), adapter.num_layers, adapter.ffn_width), dtype=np.float32)
+    for n, (image_id, prompt) in enumerate(zip(items["image_id"], prompts)):
+        inputs = adapter.build_inputs([images[image_id]], [prompt])
+        for c, head in enumerate(conds):
+            with substitute_heads(adapter, [head]), capture_ffn(adapter, None, inputs.last_prompt_index) as z:
+                adapter.model(**inputs.tensors)
+            out[c, n] = torch.stack([z[l][0] for l in range(adapter.num_layers)]).numpy()
+    return out
+
+
+def direct_targets(tokenizer, items: pd.DataFrame) -> tuple[list[list[int]], list[list[float]]]:
+    """Target token ids and weights written out from HONES.md section 3 (independent of item_targets)."""
+    special = set(tokenizer.all_special_ids)
+    ids = []
+    for task, refs in zip(items["task"], items["references"]):
+        texts = ["Yes"] if task == "retrieval" else (list(refs) if task == "caption" else [refs[0]])
+        toks: list[int] = []
+        for text in texts:
+            for t in tokenizer(str(text), add_special_tokens=False)["input_ids"]:
+                if t not in special and not (task == "caption" and t in toks):
+                    toks.append(t)
+        ids.append(toks)
+    n = len(items)
+    weights = []
+    for task, toks in zip(items["task"], ids):
+        if task == "caption":
+            df = {t: sum(t in set(other) for other in ids) for t in toks}
+            weights.append([math.log((n + 1) / (df[t] + 1)) + 1 for t in toks])
+        else:
+            weights.append([1.0] * len(toks))
+    return ids, weights
+
+
+def direct_dvp(adapter, target_ids, target_weights) -> np.ndarray:
+    """dvp [item, layer, neuron] in float64: <W_down[l][:, i], u_y> with u_y the normalised weighted sum."""
+    U = adapter.unembedding().detach().double().numpy()
+    downs = [adapter.ffn_down_proj(l).weight.detach().double().numpy() for l in range(adapter.num_layers)]
+    out = np.zeros((len(target_ids), adapter.num_layers, adapter.ffn_width))
+    for n, (ids, w) in enumerate(zip(target_ids, target_weights)):
+        u = sum(wj * U[t] for t, wj in zip(ids, w))
+        u = u / np.linalg.norm(u)
+        for l, W in enumerate(downs):
+            out[n, l] = [W[:, i] @ u for i in range(W.shape[1])]
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def benchmark_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("benchmark") / "bench"
+    build_benchmark(TINY_BENCHMARK, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def annotations(benchmark_dir) -> pd.DataFrame:
+    return read_annotations(benchmark_dir / "annotations.parquet")
+
+
+@pytest.fixture(scope="session")
+def images(benchmark_dir) -> ImageTable:
+    return ImageTable(benchmark_dir / "images.parquet")
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(benchmark_dir):
+    return build_tiny_adapter(benchmark_dir)

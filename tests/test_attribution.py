@@ -1,0 +1,311 @@
+"""Attribution from the store against in-memory and model-side references; masks and faithfulness."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.attribution import (
+    STORE_METHODS,
+    StreamingContributions,
+    accumulate,
+    ape_scores,
+    hones_importance,
+    importance_matrix,
+    task_statistics,
+)
+from pipeline.dump import dump_activations
+from pipeline.masks import build_masks, faithfulness, mask_layer_budget, mask_size, mask_topk, overlap
+from pipeline.store import ActivationStore, StoreLayout
+
+from conftest import direct_dvp, direct_targets, direct_z, discovery_items
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+C, N, L, I = 4, 23, 3, 16
+HEAD_SCORES = [0.3, -0.2, 0.1]
+
+
+def random_arrays(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((C, N, L, I)).astype(np.float32)
+    z[:, rng.random(N) < 0.3, 0, :4] = 0.0  # exact zeros: not "active" for AP
+    dvp = rng.standard_normal((N, L, I)).astype(np.float32)
+    return z, dvp
+
+
+@pytest.fixture
+def random_store(tmp_path):
+    z, dvp = random_arrays()
+    lay = StoreLayout.plan(C, N, L, I, "float32", target_chunk_bytes=4 * L * I * 4)  # blocks of 4 items
+    conditions = [(-1, -1, math.nan)] + [(k, k, s) for k, s in enumerate(HEAD_SCORES)]
+    store = ActivationStore.create_or_resume(
+        tmp_path / "t.zarr", lay, conditions, [f"i{k}" for k in range(N)], [[1]] * N, [[1.0]] * N, {}, "h",
+    )
+    for k in store.pending_blocks():
+        sl = lay.block(k)
+        store.write_block(k, z[:, sl], dvp[sl])
+    return store.finalize(), z, dvp
+
+
+def in_memory(z, dvp):
+    z64, d64 = z.astype(np.float64), dvp.astype(np.float64)
+    cbar = (z64 * d64[None]).mean(axis=1)
+    return cbar, z64[0].mean(axis=0), (z[0] > 0).mean(axis=0)
+
+
+def assert_same(stats: StreamingContributions, cbar, ma, ap, rtol=1e-12):
+    np.testing.assert_allclose(stats.mean_contribution(), cbar, rtol=rtol, atol=1e-15)
+    np.testing.assert_allclose(stats.mean_activation(), ma, rtol=rtol, atol=1e-15)
+    np.testing.assert_array_equal(stats.activation_probability(), ap)
+
+
+# ------------------------------------------------------------------------------ streaming sums
+def test_streaming_equals_in_memory(random_store):
+    store, z, dvp = random_store
+    assert store.layout.n_blocks == 6
+    stats = accumulate(store)
+    assert stats.n_items == N
+    assert stats.contribution_sum.dtype == np.float64 and stats.activation_sum.dtype == np.float64
+    cbar, ma, ap = in_memory(z, dvp)
+    assert_same(stats, cbar, ma, ap)
+    assert 0 < ap.min() < ap.max() < 1 and ap[0, :4].max() < ap[0, 4:].max()
+
+    ts = task_statistics(store)
+    np.testing.assert_allclose(ts.mean_contribution, cbar, rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(ts.head_scores, HEAD_SCORES)
+    assert ts.n_items == N
+
+
+@pytest.mark.parametrize("items_per_block", [1, 5, 7, N])
+def test_block_size_does_not_change_the_result(random_store, items_per_block):
+    store, z, dvp = random_store
+    ref = accumulate(store)
+    got = accumulate(store, items_per_block=items_per_block)
+    assert_same(got, ref.mean_contribution(), ref.mean_activation(), ref.activation_probability())
+
+
+def test_state_dict_round_trip_and_merge(random_store):
+    store, z, dvp = random_store
+    one = accumulate(store)
+    state = one.state_dict()
+    restored = StreamingContributions(C, L, I)
+    restored.load_state_dict(state)
+    state["contribution_sum"][:] = 0  # the state is a copy, not a view
+    assert_same(restored, one.mean_contribution(), one.mean_activation(), one.activation_probability())
+    assert restored.positive_count.dtype == np.int64
+
+    # Two halves summed elsewhere, the second resumed from a state dict, then merged.
+    first, second = StreamingContributions(C, L, I), StreamingContributions(C, L, I)
+    blocks = list(store.iter_blocks(items_per_block=5))
+    for b in blocks[:2]:
+        first.add(b.z, b.dvp)
+    second.add(blocks[2].z, blocks[2].dvp)
+    resumed = StreamingContributions(C, L, I)
+    resumed.load_state_dict(second.state_dict())
+    for b in blocks[3:]:
+        resumed.add(b.z, b.dvp)
+    first.merge(resumed)
+    assert first.n_items == N
+    assert_same(first, one.mean_contribution(), one.mean_activation(), one.activation_probability())
+
+
+def test_empty_statistics_refuse():
+    with pytest.raises(ValueError, match="no items"):
+        StreamingContributions(2, 1, 1).mean_contribution()
+
+
+# ------------------------------------------------------------------------------ importance formulas
+def loop_hones(cbar: np.ndarray, scores) -> np.ndarray:
+    """I_{l,i} = sum_h w_h max(c_0 - c_h, 0) / sum_h w_h, w_h = max(S_h, 0); no positive w -> c_0."""
+    w = [max(s, 0.0) for s in scores]
+    out = np.zeros(cbar.shape[1:])
+    for l in range(cbar.shape[1]):
+        for i in range(cbar.shape[2]):
+            if sum(w) <= 0:
+                out[l, i] = cbar[0, l, i]
+                continue
+            out[l, i] = sum(w[h] * max(cbar[0, l, i] - cbar[h + 1, l, i], 0.0) for h in range(len(w))) / sum(w)
+    return out
+
+
+def test_hones_importance_equals_the_formula():
+    rng = np.random.default_rng(1)
+    cbar = rng.standard_normal((4, 3, 5))
+    for scores in ([0.3, -0.2, 0.1], [2.0, 0.0, 0.0], [0.5, 0.5, 0.5]):
+        got = hones_importance(cbar, np.array(scores))
+        np.testing.assert_allclose(got, loop_hones(cbar, scores), rtol=1e-12, atol=0)
+        assert (got >= 0).all()
+    # A negative head has no weight: changing its condition changes nothing.
+    other = cbar.copy()
+    other[2] += 10
+    np.testing.assert_array_equal(hones_importance(other, [0.3, -0.2, 0.1]), hones_importance(cbar, [0.3, -0.2, 0.1]))
+    # No positive head: fall back to the plain base contribution.
+    for scores in ([-0.1, 0.0, -3.0], [0.0, 0.0, 0.0]):
+        got = hones_importance(cbar, scores)
+        np.testing.assert_array_equal(got, cbar[0])
+        assert (got < 0).any()  # the fallback keeps signs (it is not the clipped drop)
+    np.testing.assert_array_equal(hones_importance(cbar[:1], []), cbar[0])
+    with pytest.raises(ValueError, match="3 head conditions but 2 head scores"):
+        hones_importance(cbar, [1.0, 2.0])
+
+
+def test_ape_scores_on_a_two_task_example():
+    # neuron:      0: equal   1: only A   2: never    3: A below the floor   4: 3:1
+    ap = np.array([[[0.5, 0.2, 0.0, 0.04, 0.6]],
+                   [[0.5, 0.0, 0.0, 0.30, 0.2]]])
+    got = ape_scores(ap, min_probability=0.05)
+    assert got.shape == (2, 1, 5)
+    log2 = math.log(2)
+
+    def specific(p):  # p * (log T - H(p, 1 - p))
+        h = -sum(q * math.log(q) for q in (p, 1 - p) if q > 0)
+        return p * (log2 - h)
+
+    want = np.array([[[0.0, log2, 0.0, 0.0, specific(0.75)]],
+                     [[0.0, 0.0, 0.0, specific(0.3 / 0.34), specific(0.25)]]])
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    # With no floor, neuron 3 is also (weakly) specific to task A.
+    assert ape_scores(ap, 0.0)[0, 0, 3] == pytest.approx(specific(0.04 / 0.34))
+
+
+def test_importance_matrix_methods():
+    rng = np.random.default_rng(2)
+    from pipeline.attribution import TaskStatistics
+
+    stats = {
+        t: TaskStatistics(rng.standard_normal((3, 2, 6)), rng.random((2, 6)), rng.random((2, 6)),
+                          np.array([0.5, -1.0]), 10)
+        for t in ("vqa", "ocr")
+    }
+    methods, tasks, scores = importance_matrix(stats, seed=0, ape_min_probability=0.05)
+    assert methods == list(STORE_METHODS) and tasks == ["vqa", "ocr"] and scores.shape == (len(methods), 2, 2, 6)
+    ape = ape_scores(np.stack([stats[t].activation_probability for t in tasks]), 0.05)
+    for j, t in enumerate(tasks):
+        s = stats[t]
+        np.testing.assert_allclose(scores[methods.index("hones"), j],
+                                   hones_importance(s.mean_contribution, s.head_scores), rtol=1e-6)
+        np.testing.assert_allclose(scores[methods.index("hones_nohead"), j], s.mean_contribution[0], rtol=1e-6)
+        np.testing.assert_allclose(scores[methods.index("ma"), j], s.mean_activation, rtol=1e-6)
+        np.testing.assert_allclose(scores[methods.index("ap"), j], s.activation_probability, rtol=1e-6)
+        np.testing.assert_allclose(scores[methods.index("ape"), j], ape[j], rtol=1e-6)
+    rand = scores[methods.index("random")]
+    assert ((rand >= 0) & (rand < 1)).all() and not np.array_equal(rand[0], rand[1])
+    np.testing.assert_array_equal(importance_matrix(stats, seed=0, ape_min_probability=0.05)[2], scores)
+
+
+# ------------------------------------------------------------------------------ end to end
+def test_hones_from_store_equals_direct_model_computation(tmp_path, tiny_adapter, annotations, images):
+    """HONES from a dumped store == re-running the model with each head substituted (no store)."""
+    a = tiny_adapter
+    items = discovery_items(annotations, "caption", 6)
+    heads = pd.DataFrame({"layer": [0, 1, 1, 0], "head": [1, 3, 0, 2], "score": [0.2, 0.5, -0.3, 0.05]})
+    store = dump_activations(
+        a, items, images, heads, tmp_path / "caption.zarr", batch_size=7, dtype="float32", caption_idf=True,
+        attrs={}, params_hash="e2e", target_chunk_bytes=2 * a.num_layers * a.ffn_width * 4,
+    )
+    assert store.layout.n_blocks == 3
+    got = hones_importance(*(lambda s: (s.mean_contribution, s.head_scores))(task_statistics(store)))
+
+    # Direct: z at the last prompt token under base and under each head, one row at a time;
+    # contributions z * <W_down[:, i], u_y>, averaged over items; then the HONES formula.
+    z = direct_z(a, images, items, heads).astype(np.float64)  # [condition, item, layer, neuron]
+    ids, weights = direct_targets(a.tokenizer, items)
+    dvp = direct_dvp(a, ids, weights)  # [item, layer, neuron]
+    cbar = np.stack([(z[c] * dvp).mean(axis=0) for c in range(z.shape[0])])
+    want = loop_hones(cbar, heads["score"].tolist())
+
+    scale = np.abs(want).max()
+    assert scale > 0 and (want > 0).sum() > 10
+    assert not np.allclose(want, np.maximum(cbar[0], 0))  # the head conditioning matters here
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
+    # The baselines from the same store equal their definitions too.
+    ts = task_statistics(store)
+    np.testing.assert_allclose(ts.mean_contribution[0], cbar[0], rtol=1e-5, atol=1e-5 * np.abs(cbar).max())
+    np.testing.assert_allclose(ts.mean_activation, z[0].mean(axis=0), rtol=1e-5, atol=1e-5 * np.abs(z).max())
+    # AP may only differ where z sits within rounding of 0.
+    np.testing.assert_allclose(ts.activation_probability, (z[0] > 0).mean(axis=0), atol=1 / len(items) + 1e-12)
+    assert np.mean(ts.activation_probability == (z[0] > 0).mean(axis=0)) > 0.95
+
+
+# ------------------------------------------------------------------------------ masks
+def test_mask_topk_size_order_and_ties():
+    scores = np.array([[0.1, 0.9, 0.5, np.nan],
+                       [0.9, 0.2, 0.5, 0.3],
+                       [0.0, 0.9, -1.0, 0.7]])
+    assert mask_size(3, 4, 0.25) == 3 and mask_size(3, 4, 0.26) == 4 and mask_size(3, 4, 0.01) == 1
+    assert mask_size(1, 100, 0.07) == 7 and mask_size(4, 512, 0.01) == math.ceil(20.48)
+    with pytest.raises(ValueError, match="rho"):
+        mask_size(3, 4, 0.0)
+    m = mask_topk(scores, 0.5)  # ceil(0.5 * 12) = 6
+    assert list(m.columns) == ["rank", "layer", "neuron", "score"]
+    # Ties at 0.9 and 0.5 are ordered by (layer, neuron).
+    assert list(zip(m["layer"], m["neuron"])) == [(0, 1), (1, 0), (2, 1), (2, 3), (0, 2), (1, 2)]
+    assert m["rank"].tolist() == list(range(1, 7))
+    np.testing.assert_array_equal(m["score"], [0.9, 0.9, 0.9, 0.7, 0.5, 0.5])
+    full = mask_topk(scores, 1.0)
+    assert len(full) == 12 and (full["layer"].iloc[-1], full["neuron"].iloc[-1]) == (0, 3)  # NaN last
+
+
+def test_mask_layer_budget_respects_the_budget():
+    rng = np.random.default_rng(3)
+    scores = rng.random((4, 10))
+    budget = {0: 3, 2: 1, 3: 0}
+    m = mask_layer_budget(scores, budget)
+    assert m.groupby("layer").size().to_dict() == {0: 3, 2: 1}
+    for layer, n in budget.items():
+        chosen = set(m.loc[m["layer"] == layer, "neuron"])
+        assert chosen == set(np.argsort(-scores[layer])[:n].tolist())
+    assert m["score"].is_monotonic_decreasing and m["rank"].tolist() == [1, 2, 3, 4]
+    assert len(mask_layer_budget(scores, {})) == 0
+
+
+def test_build_masks_gives_random_the_budget_of_hones():
+    rng = np.random.default_rng(4)
+    methods = ["hones", "ma", "random"]
+    scores = rng.random((3, 2, 4, 25))
+    scores[0, 0, 3] += 1.0  # hones of task 0 prefers layer 3
+    scores[0, 1, 1] += 0.5  # hones of task 1 prefers layer 1, less sharply
+    masks = build_masks(methods, ["vqa", "ocr"], scores, rho=0.1)
+    assert list(masks.columns) == ["method", "task", "rank", "layer", "neuron", "score"]
+    k = mask_size(4, 25, 0.1)
+    assert (masks.groupby(["method", "task"]).size() == k).all()
+    for task in ("vqa", "ocr"):
+        per_layer = {m: masks[(masks.method == m) & (masks.task == task)].groupby("layer").size().to_dict()
+                     for m in methods}
+        assert per_layer["random"] == per_layer["hones"]
+    assert masks[(masks.method == "hones") & (masks.task == "vqa")]["layer"].eq(3).all()
+    # ma is a plain global top-k (it does not follow the hones budget).
+    ma = masks[(masks.method == "ma") & (masks.task == "vqa")]
+    assert set(zip(ma.layer, ma.neuron)) == set(zip(*np.unravel_index(np.argsort(-scores[1, 0].ravel())[:k], (4, 25))))
+
+
+def test_faithfulness_and_overlap():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 20))
+    f = faithfulness(x, x, k=6)
+    assert f["spearman"] == pytest.approx(1.0) and f["precision_at_k"] == 1.0 and f["k"] == 6
+    g = faithfulness(-x, x, k=6)
+    assert g["spearman"] == pytest.approx(-1.0) and g["precision_at_k"] == 0.0
+    y = x.copy()
+    y[0, np.argmax(x[0])] = np.nan  # the non-finite entry is left out of both
+    assert faithfulness(y, x, k=6)["spearman"] == pytest.approx(1.0)
+
+    masks = pd.DataFrame(
+        {
+            "method": ["hones"] * 7 + ["ma"],
+            "task": ["vqa"] * 3 + ["ocr"] * 4 + ["vqa"],
+            "rank": [1, 2, 3, 1, 2, 3, 4, 1],
+            "layer": [0, 0, 1, 0, 1, 2, 2, 5],
+            "neuron": [1, 2, 3, 1, 3, 0, 1, 5],
+            "score": 1.0,
+        }
+    )
+    jac = overlap(masks, "hones")
+    assert list(jac.index) == ["vqa", "ocr"] == list(jac.columns)
+    # vqa {(0,1),(0,2),(1,3)}, ocr {(0,1),(1,3),(2,0),(2,1)}: 2 shared of 5.
+    assert jac.loc["vqa", "ocr"] == jac.loc["ocr", "vqa"] == pytest.approx(2 / 5)
+    assert jac.loc["vqa", "vqa"] == jac.loc["ocr", "ocr"] == 1.0

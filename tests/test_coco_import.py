@@ -1,0 +1,261 @@
+"""Import of the HONES unified COCO JSON (pipeline.coco_import) on a tiny fake dataset."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, ImageDraw
+
+from pipeline.benchmark import ANNOTATION_SCHEMA, PROMPTS, BenchmarkError, ImageTable, read_annotations
+from pipeline.coco_import import CocoImportConfig, caption_words, import_hones_coco, rank_hard_negatives
+from pipeline.config import ConfigError, validate_section
+
+# Image 0's caption overlaps most with 2, then 1, then 3 (Jaccard 4/7 > 4/8 > 2/10), none with the rest.
+CAPTIONS = [
+    "a red bus on a city street",
+    "a red bus on a country road",
+    "a blue bus on a street",
+    "two cats sleeping on a sofa",
+    "green trees in spring",
+    "kids playing football",
+    "plate of food",
+    "old clock tower",
+    "snowy mountain peak",
+    "wooden boat at dawn",
+]
+N = len(CAPTIONS)
+
+
+def _png(path: Path, k: int, fmt: str = "PNG") -> None:
+    img = Image.new("RGB", (12, 12), (20 * k, 100, 200 - 15 * k))
+    ImageDraw.Draw(img).rectangle((2, 2, 2 + k % 8, 8), fill=(255, 255, 255))
+    img.save(path, format=fmt)
+
+
+def make_dataset(root: Path) -> tuple[Path, Path, dict]:
+    """10 images (image 1 a JPEG); image 4 without OCR text, image 5 without a vqa block,
+    image 6 with empty all_answers, image 7 with 6 captions. Returns (json, image root, doc)."""
+    images = root / "images"
+    (images / "sub").mkdir(parents=True)
+    data = []
+    for k in range(N):
+        fn = f"sub/img_{k:02d}.jpg" if k == 1 else f"img_{k:02d}.png"
+        _png(images / fn, k, "JPEG" if k == 1 else "PNG")
+        item = {
+            "image_info": {"file_name": fn, "height": 12, "width": 12},
+            "vqa": {"question": f"What is in image {k}?", "answer": f"thing{k}", "all_answers": [f"thing{k}", "stuff"]},
+            "ocr": {"text": f"WORD{k}", "bbox": [1, 2, 3.5, 4]},
+            "captions": [{"caption": CAPTIONS[k]}, {"caption": f"another view {k}"}],
+        }
+        data.append(item)
+    data[4]["ocr"] = {"text": "", "bbox": []}
+    del data[5]["vqa"]
+    data[6]["vqa"]["all_answers"] = []
+    data[7]["captions"] = [{"caption": f"caption {j} of seven"} for j in range(6)]
+    doc = {"info": "fake", "data": data}
+    path = root / "hones.json"
+    path.write_text(json.dumps(doc))
+    return path, images, doc
+
+
+def run(tmp_path: Path, doc: dict | None = None, out: str = "bench", **kw) -> pd.DataFrame:
+    """Import the dataset in ``tmp_path`` (made on first use; ``doc`` replaces its JSON) into ``out``."""
+    json_path, images = tmp_path / "hones.json", tmp_path / "images"
+    if not json_path.exists():
+        make_dataset(tmp_path)
+    if doc is not None:
+        json_path.write_text(json.dumps(doc))
+    args = dict(seed=0, n_discovery=2, n_dev=2, n_test=2, n_negatives=1) | kw
+    return import_hones_coco(json_path, images, tmp_path / out, **args)
+
+
+def _jaccard(a: str, b: str) -> float:
+    x, y = set(caption_words(a)), set(caption_words(b))
+    return len(x & y) / len(x | y)
+
+
+# ------------------------------------------------------------------ the table
+
+
+def test_columns_rows_and_references(tmp_path):
+    df = run(tmp_path)
+    out = tmp_path / "bench"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench", "hones.json", "images"]
+    assert pq.read_schema(out / "annotations.parquet").equals(ANNOTATION_SCHEMA, check_metadata=False)
+    back = read_annotations(out / "annotations.parquet")
+    pd.testing.assert_frame_equal(back, df)
+    assert list(df.columns) == ANNOTATION_SCHEMA.names
+    assert df["positive_index"].dtype == np.int32
+    for col in ("item_id", "image_id", "split", "task", "question_type", "prompt"):
+        assert all(isinstance(v, str) for v in df[col]), col
+    assert (df["question_type"] == "").all()
+
+    rows = {(r.image_id, r.task): r for r in df.itertuples()}
+    assert df["item_id"].tolist() == [f"{r.image_id}-{r.task}-0" for r in df.itertuples()]
+    # one row per (image, task) present: 10 vqa - 1, 10 ocr - 1, 10 caption, 10 retrieval
+    assert df["task"].value_counts().to_dict() == {"caption": 10, "retrieval": 10, "vqa": 9, "ocr": 9}
+    assert ("img_04", "ocr") not in rows and ("img_05", "vqa") not in rows
+
+    v = rows[("img_03", "vqa")]
+    assert v.prompt == "What is in image 3?" and list(v.references) == ["thing3", "stuff"]
+    assert list(rows[("img_06", "vqa")].references) == ["thing6"]  # empty all_answers -> [answer]
+    o = rows[("img_01", "ocr")]
+    assert o.prompt == PROMPTS["ocr"] and list(o.references) == ["WORD1"]
+    c = rows[("img_07", "caption")]
+    assert c.prompt == PROMPTS["caption"] and list(c.references) == [f"caption {j} of seven" for j in range(5)]
+    assert list(rows[("img_02", "caption")].references) == [CAPTIONS[2], "another view 2"]
+    for r in df[df.task != "retrieval"].itertuples():
+        assert len(r.candidates) == 0 and r.positive_index == -1
+
+    images = ImageTable(out / "images.parquet")
+    assert len(images) == N
+    assert images["img_01"].size == (12, 12) and images["img_05"].mode == "RGB"
+    raw = dict(zip(*pq.read_table(out / "images.parquet").to_pydict().values()))
+    assert raw["img_01"] == (tmp_path / "images/sub/img_01.jpg").read_bytes()  # JPEG kept as is
+    assert raw["img_00"][:4] == b"\x89PNG"
+
+
+def test_splits_are_image_disjoint_with_requested_sizes(tmp_path):
+    df = run(tmp_path, n_discovery=3, n_dev=2, n_test=2)
+    per_image = df.groupby("image_id")["split"].nunique()
+    assert (per_image == 1).all()  # every image's rows lie in one split
+    sizes = df.drop_duplicates("image_id")["split"].value_counts().to_dict()
+    assert sizes == {"train": 3, "discovery": 3, "dev": 2, "test": 2}
+
+
+def test_retrieval_candidates_and_hard_negative_order(tmp_path):
+    df = run(tmp_path, n_discovery=0, n_dev=0, n_test=0, n_negatives=3)
+    first = {r.image_id: r.references[0] for r in df[df.task == "caption"].itertuples()}
+    ret = df[df.task == "retrieval"]
+    assert (ret["prompt"] == PROMPTS["retrieval"]).all() and "{candidate}" in PROMPTS["retrieval"]
+    positions = set()
+    for r in ret.itertuples():
+        cands = list(r.candidates)
+        assert len(cands) == 4 and len(set(cands)) == 4
+        assert cands[r.positive_index] == first[r.image_id] == r.references[0]
+        positions.add(int(r.positive_index))
+        negs = cands[: r.positive_index] + cands[r.positive_index + 1 :]
+        assert all(n in first.values() and n != first[r.image_id] for n in negs)
+        scores = [_jaccard(first[r.image_id], n) for n in negs]
+        assert scores == sorted(scores, reverse=True)
+        others = [c for i, c in first.items() if i != r.image_id and c not in negs]
+        assert min(scores) >= max(_jaccard(first[r.image_id], c) for c in others)
+    assert len(positions) > 1  # the positive is not always in the same slot
+    r0 = ret[ret.image_id == "img_00"].iloc[0]
+    negs0 = [c for i, c in enumerate(r0.candidates) if i != r0.positive_index]
+    assert negs0 == [CAPTIONS[2], CAPTIONS[1], CAPTIONS[3]]
+
+
+def test_rank_hard_negatives_ties_and_duplicates():
+    caps = ["a dog", "A dog.", "a cat", "one bird", "two fish", "the moon"]
+    out = rank_hard_negatives(caps, 3, np.random.default_rng(0))
+    assert out[0][0] == "a cat" and "A dog." not in out[0]  # same words as the positive: never a negative
+    assert out[1][0] == "a cat" and "a dog" not in out[1]
+    again = rank_hard_negatives(caps, 3, np.random.default_rng(0))
+    assert again == out
+    with pytest.raises(BenchmarkError, match="only 5 distinct captions"):
+        rank_hard_negatives(caps, 5, np.random.default_rng(0))
+
+
+def test_deterministic_for_a_seed(tmp_path):
+    a = run(tmp_path, out="a", n_negatives=1)
+    b = run(tmp_path, out="b", n_negatives=1)
+    pd.testing.assert_frame_equal(a, b)
+    assert (tmp_path / "a/images.parquet").read_bytes() == (tmp_path / "b/images.parquet").read_bytes()
+    c = run(tmp_path, out="c", seed=1, n_negatives=1)
+    assert not a["split"].equals(c["split"])
+
+
+def test_max_images_and_overwrite(tmp_path):
+    run(tmp_path)
+    df = run(tmp_path, max_images=6, n_discovery=2, n_dev=0, n_test=2)
+    assert df["image_id"].nunique() == 6
+    assert len(ImageTable(tmp_path / "bench/images.parquet")) == 6
+
+
+# ------------------------------------------------------------------ errors
+
+
+def _broken(tmp_path: Path, edit) -> dict:
+    _, images, doc = make_dataset(tmp_path)
+    edit(doc, images)
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("edit", "pattern"),
+    [
+        (lambda d, im: (im / "img_03.png").unlink(), r"data\[3\] \(file_name 'img_03.png'\).*not found"),
+        (lambda d, im: (im / "img_02.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage"),
+         r"data\[2\] \(file_name 'img_02.png'\).*cannot be decoded"),
+        (lambda d, im: d["data"][4]["vqa"].update(question="  "),
+         r"data\[4\] \(file_name 'img_04.png'\): field 'vqa.question'"),
+        (lambda d, im: d["data"][8]["image_info"].update(file_name="sub/img_03.png"),
+         r"data\[3\] \('img_03.png'\) and data\[8\] \('sub/img_03.png'\).*'img_03'"),
+        (lambda d, im: d["data"][1]["captions"].append({"caption": ""}),
+         r"data\[1\] \(file_name 'sub/img_01.jpg'\): field 'captions\[2\].caption'"),
+        (lambda d, im: d["data"][0]["vqa"].update(answer=3, all_answers=[]),
+         r"data\[0\].*'vqa.answer' must be a string"),
+        (lambda d, im: d["data"][9]["ocr"].update(bbox=[1, 2, 3]), r"data\[9\].*'ocr.bbox'"),
+    ],
+    ids=["missing-file", "corrupt-image", "empty-question", "duplicate-id", "empty-caption", "answer-type", "bbox"],
+)
+def test_errors_name_the_item_and_leave_nothing(tmp_path, edit, pattern):
+    doc = _broken(tmp_path, edit)
+    with pytest.raises(BenchmarkError, match=pattern):
+        run(tmp_path, doc)
+    assert not (tmp_path / "bench").exists() and not (tmp_path / "bench.tmp").exists()
+
+
+def test_sizes_too_large(tmp_path):
+    with pytest.raises(BenchmarkError, match=r"exceed the 10 images"):
+        run(tmp_path, n_discovery=7, n_dev=2, n_test=3)
+    with pytest.raises(BenchmarkError, match=r"split 'dev'.*needs 3 negatives"):
+        run(tmp_path, n_discovery=0, n_dev=2, n_test=0, n_negatives=3)
+    assert not (tmp_path / "bench").exists() and not (tmp_path / "bench.tmp").exists()
+
+
+def test_failed_import_keeps_previous_output(tmp_path):
+    run(tmp_path)
+    before = (tmp_path / "bench/annotations.parquet").read_bytes()
+    (tmp_path / "images/img_05.png").write_bytes(b"not an image")
+    with pytest.raises(BenchmarkError, match="img_05"):
+        run(tmp_path)
+    assert (tmp_path / "bench/annotations.parquet").read_bytes() == before
+    assert not (tmp_path / "bench.tmp").exists()
+
+
+# ------------------------------------------------------------------ config and stage
+
+
+def test_config_and_stage(tmp_path, monkeypatch):
+    json_path, images, _ = make_dataset(tmp_path)
+    section = {"json_path": str(json_path), "image_root": str(images), "seed": 3,
+               "n_discovery": 2, "n_dev": 2, "n_test": 2, "n_negatives": 1}
+    cfg = validate_section(CocoImportConfig, section, "coco_import")
+    assert cfg.max_images is None
+    with pytest.raises(ConfigError, match="coco_import.n_dev"):
+        validate_section(CocoImportConfig, section | {"n_dev": -1}, "coco_import")
+    with pytest.raises(ConfigError, match="coco_import.typo"):
+        validate_section(CocoImportConfig, section | {"typo": 1}, "coco_import")
+
+    import yaml
+
+    from stages import import_coco
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"coco_import": section}))
+    monkeypatch.setattr(sys, "argv", ["import_coco", "--params", str(params), "--out", str(tmp_path / "st")])
+    import_coco.main()
+    assert len(read_annotations(tmp_path / "st/annotations.parquet")) == 38
+
+    params.write_text(yaml.safe_dump({"coco_import": section | {"n_test": 99}}))
+    with pytest.raises(SystemExit) as exc:
+        import_coco.main()
+    assert exc.value.code == 2

@@ -1,0 +1,84 @@
+"""Critical-head localisation: batched scoring equals the one-head-at-a-time reference; top_heads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.evaluation import evaluate_task
+from pipeline.heads import HEAD_COLUMNS, all_heads, score_heads, score_heads_naive, top_heads
+
+from conftest import discovery_items
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def check_equal(batched: pd.DataFrame, naive: pd.DataFrame, n_heads: int) -> None:
+    assert list(batched.columns) == list(HEAD_COLUMNS) == list(naive.columns)
+    assert len(batched) == len(naive) == n_heads
+    assert (batched[["layer", "head"]].values == naive[["layer", "head"]].values).all()
+    for col in ("score", "baseline", "intervened"):
+        assert np.abs(batched[col].to_numpy() - naive[col].to_numpy()).max() <= 1e-5, col
+    np.testing.assert_allclose(batched["score"], batched["baseline"] - batched["intervened"], atol=1e-12)
+    assert (batched[["metric", "utility"]].values == naive[["metric", "utility"]].values).all()
+
+
+def test_batched_equals_naive_teacher_forced(tiny_adapter, annotations, images):
+    a = tiny_adapter
+    items = discovery_items(annotations, "caption", 3)
+    # batch_size 7 does not divide the 3 x 9 rows: batches mix items and conditions.
+    batched = score_heads(a, "caption", items, images, batch_size=7, utility="teacher_forced")
+    naive = score_heads_naive(a, "caption", items, images, batch_size=7, utility="teacher_forced")
+    check_equal(batched, naive, a.num_layers * a.num_heads)
+    assert batched["metric"].iloc[0] == "answer_logprob"
+    assert batched["baseline"].iloc[0] < 0  # a mean log-probability
+    assert np.abs(batched["score"]).max() > 1e-4  # substituting a head changes the utility
+    assert batched["score"].nunique() == len(batched)  # ... and each head differently
+    assert list(zip(batched["layer"], batched["head"])) == all_heads(a.num_layers, a.num_heads)
+
+
+def test_batched_equals_naive_generative(tiny_adapter, annotations, images):
+    a = tiny_adapter
+    items = discovery_items(annotations, "vqa", 4)
+    # A random model answers garbage; take its own greedy answers as references, so that the base
+    # utility is 1 and a head that changes an answer has a positive score.
+    base = evaluate_task(a, "vqa", items, images, batch_size=8, max_new_tokens=3, progress=False)[0]
+    items["references"] = [[p] for p in base.predictions]
+    heads = [(0, 0), (0, 3), (1, 1), (1, 2)]
+    batched = score_heads(a, "vqa", items, images, batch_size=6, max_new_tokens=3, heads=heads)
+    naive = score_heads_naive(a, "vqa", items, images, batch_size=6, max_new_tokens=3, heads=heads)
+    check_equal(batched, naive, len(heads))
+    assert batched["metric"].iloc[0] == "vqa_accuracy" and (batched["utility"] == "generative").all()
+    assert batched["baseline"].iloc[0] == pytest.approx(1.0)
+    assert batched["score"].max() > 0
+
+
+def test_teacher_forced_retrieval_batched_equals_naive(tiny_adapter, annotations, images):
+    a = tiny_adapter
+    items = discovery_items(annotations, "retrieval", 2)
+    heads = [(0, 1), (1, 3)]
+    batched = score_heads(a, "retrieval", items, images, batch_size=4, utility="teacher_forced", heads=heads)
+    naive = score_heads_naive(a, "retrieval", items, images, batch_size=4, utility="teacher_forced", heads=heads)
+    check_equal(batched, naive, len(heads))
+
+
+def test_top_heads_order_and_ties():
+    scores = pd.DataFrame(
+        {
+            "layer": [0, 0, 1, 1, 2, 2],
+            "head": [0, 1, 0, 1, 0, 1],
+            "score": [0.1, 0.5, 0.5, np.nan, -0.2, 0.5],
+            "baseline": 1.0, "intervened": 0.0, "metric": "m", "utility": "generative",
+        }
+    ).sample(frac=1.0, random_state=3)  # input order must not matter
+    top = top_heads(scores, 4)
+    # Ties at 0.5 are broken by layer, then head; NaN sorts last.
+    assert list(zip(top["layer"], top["head"])) == [(0, 1), (1, 0), (2, 1), (0, 0)]
+    assert top["rank"].tolist() == [1, 2, 3, 4] and top["rank"].dtype == np.int32
+    assert top.index.tolist() == [0, 1, 2, 3]
+    everything = top_heads(scores, 100)
+    assert len(everything) == 6 and everything["score"].iloc[:5].is_monotonic_decreasing
+    assert np.isnan(everything["score"].iloc[-1])
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        top_heads(scores, 0)
