@@ -182,3 +182,40 @@ class AttributeConfig(_Strict):
 
 class MasksConfig(_Strict):
     rho: float = Field(0.01, gt=0, le=1)
+
+
+class EvaluateConfig(_Strict):
+    """Held-out suppression check."""
+
+    split: Literal["discovery", "dev", "test"] = "test"
+    max_items: int | None = Field(None, ge=1)
+    methods: list[str] | None = None  # default: every method in the masks table
+    utility: Literal["generative", "teacher_forced"] = "generative"
+
+
+class SteerConfig(_Strict):
+    """Task steering (HONES.md section 6): learned per-neuron scales vs. baselines on the same neurons."""
+
+    beta: float = Field(0.5, ge=0)  # weight of KL(p_original || p_scaled) on answer positions
+    l2: float = Field(1e-4, ge=0)  # weight of ||lambda||^2
+    lr: float = Field(5e-4, gt=0, le=1)
+    epochs: int = Field(2, ge=1)
+    grad_accum: int = Field(4, ge=1)
+    train_batch_size: int = Field(4, ge=1)  # rows per micro-batch while training (runtime.batch_size evaluates)
+    clamp: float = Field(1.5, gt=0)  # lambda in [-clamp, clamp]
+    train_split: Literal["discovery", "dev", "test"] = "dev"
+    eval_split: Literal["discovery", "dev", "test"] = "test"
+    max_items: int | None = Field(None, ge=1)  # per task and split
+    seed: int = 0
+    grid: list[float] = Field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 2.0], min_length=1)
+    utility: Literal["generative", "teacher_forced"] = "generative"
+
+    @model_validator(mode="after")
+    def _splits(self) -> "SteerConfig":
+        if self.train_split == self.eval_split:
+            raise ValueError(f"train_split and eval_split are both {self.train_split!r}; steering is judged held out")
+        import math
+
+        if any(not math.isfinite(s) for s in self.grid):
+            raise ValueError(f"grid scales must be finite, got {self.grid}")
+        return self

@@ -46,13 +46,19 @@ TINY_BENCHMARK = BenchmarkSpec(
 
 
 def tiny_model_spec():
+    """The fixture's architecture; training-only fields are inert (``build_model`` never trains)."""
+    from dataclasses import fields
+
     from pipeline.default_model import DefaultModelSpec
 
-    return DefaultModelSpec(
+    values = dict(
         name="test-tiny", family="llava", image_size=32, patch_size=8, vision_hidden=32, vision_layers=1,
         vision_heads=2, vision_ffn=64, text_hidden=32, text_layers=2, text_heads=4, text_kv_heads=4, text_ffn=64,
-        steps=1, batch_size=1, lr=1e-3, warmup_steps=0, weight_decay=0.0, task_weights={}, seed=0, threads=1,
+        vision_warmup_steps=0, steps=1, batch_size=1, lr=1e-3, warmup_steps=0, weight_decay=0.0, task_weights={},
+        seed=0, threads=1,
     )
+    known = {f.name for f in fields(DefaultModelSpec)}
+    return DefaultModelSpec(**{k: v for k, v in values.items() if k in known})
 
 
 def build_tiny_adapter(benchmark_dir: Path):

@@ -65,6 +65,12 @@ def test_outputs_are_written(repo: Path) -> None:
     attribution = json.loads((repo / "metrics/attribution.json").read_text())
     assert set(attribution["tiny-llava"]["faithfulness"]) == {"vqa", "ocr", "caption", "retrieval"}
     assert not list(repo.glob("data/activations/**/*.partial-*")), "scratch stores left behind"
+    suppression = json.loads((repo / "metrics/suppression.json").read_text())
+    assert set(suppression["tiny-llava"]["hones"]) == {"vqa", "ocr", "caption", "retrieval"}
+    steering = json.loads((repo / "metrics/steering.json").read_text())
+    assert "learned" in steering["tiny-llava"]["mean"]
+    report = (repo / "reports/hones_report.html").read_text()
+    assert "data:image/png;base64," in report and "http" not in report.split("<body>")[1]
 
 
 def test_second_repro_reruns_nothing(repo: Path) -> None:

@@ -1,0 +1,62 @@
+"""Stage `evaluate@<model>`: cross-task suppression matrices on the test split."""
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from pipeline.adapter import ModelAdapter
+from pipeline.benchmark import ImageTable, read_annotations
+from pipeline.config import ConfigError, EvaluateConfig
+from pipeline.io import write_json, write_parquet
+from pipeline.plots import plot_square
+from pipeline.suppression import suppression_matrices, suppression_summary, suppression_table
+from stages._common import entry, load_params, model_location, parser, runtime, section, study_tasks
+
+
+@entry
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--model", required=True)
+    p.add_argument("--benchmark", type=Path, required=True)
+    p.add_argument("--masks", type=Path, required=True, help="masks Parquet of this model")
+    p.add_argument("--out", type=Path, required=True, help="folder: table, metrics JSON and heatmaps")
+    args = p.parse_args()
+    params = load_params(args.params)
+    cfg = section(params, "evaluate", EvaluateConfig)
+    rt = runtime(params)
+    torch.set_num_threads(rt.threads)
+    tasks = study_tasks(params)
+    masks = pd.read_parquet(args.masks)
+    methods = cfg.methods or list(dict.fromkeys(masks["method"]))
+    unknown = sorted(set(methods) - set(masks["method"]))
+    if unknown:
+        raise ConfigError(f"evaluate.methods: {unknown} not in {args.masks}; available: {sorted(set(masks['method']))}")
+    masks = masks[masks["method"].isin(methods) & masks["task"].isin(tasks)]
+    items = read_annotations(args.benchmark / "annotations.parquet", splits=(cfg.split,), tasks=tuple(tasks))
+    if cfg.max_items is not None:
+        items = items.groupby("task", sort=False).head(cfg.max_items)
+    path, revision, dtype, device = model_location(params, args.model)
+    adapter = ModelAdapter.load(path, dtype=dtype, device=device, revision=revision)
+    table = suppression_table(adapter, items, ImageTable(args.benchmark / "images.parquet"), masks,
+                              batch_size=rt.batch_size, max_new_tokens=rt.max_new_tokens, utility=cfg.utility)
+    write_parquet(table, args.out / "suppression.parquet")
+    matrices = suppression_matrices(table)
+    baseline = table.drop_duplicates("eval_task").set_index("eval_task")["baseline"].to_dict()
+    write_json(
+        {
+            "baseline": {t: round(v, 6) for t, v in baseline.items()},
+            "relative_drop": {m: {t: {s: round(float(v), 4) for s, v in row.items()} for t, row in mat.iterrows()}
+                              for m, mat in matrices.items()},
+            "summary": {m: {k: round(v, 4) for k, v in suppression_summary(mat).items()} for m, mat in matrices.items()},
+        },
+        args.out / "suppression.json",
+    )
+    for method, mat in matrices.items():
+        plot_square(mat, args.out / f"suppression_{method}.png",
+                    f"{args.model} / {method}: relative drop (%) when the row task's mask is zeroed",
+                    "relative drop (%)", cmap="RdBu_r", center=0.0, fmt="{:.1f}")
+
+
+if __name__ == "__main__":
+    main()
