@@ -197,7 +197,6 @@ def dump_distributed(
     for k in tqdm(pending, desc=f"dump {out.name} (rank {rank})", leave=False, disable=None):
         sl = layout.block(k)
         imgs = [images[i] for i in items["image_id"].iloc[sl]]
-        if rank == 1: imgs = [images[items["image_id"].iloc[0]]] * len(imgs)
         z = capture_block(adapter, imgs, plan.prompts[sl], plan.row_heads, batch_size)
         dvp = dvp_projection(adapter, plan.target_ids[sl], plan.target_weights[sl])
         store.write_block(k, z, dvp)
@@ -286,8 +285,10 @@ def _init_process_group(backend: str, device: str) -> str:
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(local_rank)
+        # One rank per GPU; more ranks than GPUs share them round-robin (gloo only: NCCL refuses).
+        index = local_rank % max(1, torch.cuda.device_count())
+        device = f"cuda:{index}"
+        torch.cuda.set_device(index)
     if world == 1 or dist.is_initialized():
         return device
     if backend == "auto":
@@ -302,19 +303,16 @@ def _init_process_group(backend: str, device: str) -> str:
 def _dump_stage_inputs(args) -> dict:
     """What ``stages.dump`` computes from params.yaml (items, heads, params hash, attrs), so that
     this entry point writes the stage's store bitwise, under the same params hash."""
-    from pipeline.benchmark import read_annotations
     from pipeline.config import DumpConfig, HeadsConfig, params_hash
     from pipeline.heads import top_heads
     from pipeline.provenance import provenance
-    from stages._common import load_params, model_location, runtime, section
+    from stages._common import load_items, load_params, model_location, runtime, section
 
     params = load_params(args.params)
     cfg = section(params, "dump", DumpConfig)
     heads_cfg = section(params, "heads", HeadsConfig)
     rt = runtime(params)
-    items = read_annotations(args.benchmark / "annotations.parquet", splits=(cfg.split,), tasks=(args.task,))
-    if cfg.max_items is not None:
-        items = items.head(cfg.max_items)
+    items = load_items(args.benchmark, (cfg.split,), (args.task,), cfg.max_items)
     heads = top_heads(pd.read_parquet(args.heads), heads_cfg.top_k)
     path, revision, dtype, device = model_location(params, args.model)
     prov = provenance(path, None, revision)

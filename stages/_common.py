@@ -94,3 +94,31 @@ def entry(fn: Callable[[], None]) -> Callable[[], None]:
             sys.exit(2)
 
     return wrapper
+
+
+def load_model(params: dict, name: str):
+    """The adapter of model ``name``, loaded as params say (path, revision, dtype, device), with
+    torch's CPU threads set from ``runtime.threads``."""
+    import torch
+
+    from pipeline.adapter import ModelAdapter
+
+    torch.set_num_threads(runtime(params).threads)
+    path, revision, dtype, device = model_location(params, name)
+    return ModelAdapter.load(path, dtype=dtype, device=device, revision=revision)
+
+
+def load_items(benchmark: Path, splits: tuple[str, ...], tasks: tuple[str, ...], max_items: int | None = None):
+    """The benchmark rows of ``splits`` x ``tasks`` (the first ``max_items`` per task)."""
+    from pipeline.benchmark import read_annotations
+
+    items = read_annotations(Path(benchmark) / "annotations.parquet", splits=splits, tasks=tasks)
+    if max_items is not None:
+        items = items.groupby(["task", "split"], sort=False).head(max_items).reset_index(drop=True)
+    return items
+
+
+def load_images(benchmark: Path):
+    from pipeline.benchmark import ImageTable
+
+    return ImageTable(Path(benchmark) / "images.parquet")

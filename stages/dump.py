@@ -3,16 +3,13 @@
 from pathlib import Path
 
 import pandas as pd
-import torch
 
-from pipeline.adapter import ModelAdapter
-from pipeline.benchmark import ImageTable, read_annotations
 from pipeline.config import DumpConfig, HeadsConfig, params_hash
 from pipeline.dump import dump_activations
 from pipeline.heads import top_heads
 from pipeline.io import write_parquet
 from pipeline.provenance import provenance
-from stages._common import entry, load_params, model_location, parser, runtime, section
+from stages._common import model_location, entry, load_images, load_items, load_model, load_params, parser, runtime, section
 
 
 @entry
@@ -29,18 +26,15 @@ def main() -> None:
     cfg = section(params, "dump", DumpConfig)
     heads_cfg = section(params, "heads", HeadsConfig)
     rt = runtime(params)
-    torch.set_num_threads(rt.threads)
-    items = read_annotations(args.benchmark / "annotations.parquet", splits=(cfg.split,), tasks=(args.task,))
-    if cfg.max_items is not None:
-        items = items.head(cfg.max_items)
+    items = load_items(args.benchmark, (cfg.split,), (args.task,), cfg.max_items)
     heads = top_heads(pd.read_parquet(args.heads), heads_cfg.top_k)
-    path, revision, dtype, device = model_location(params, args.model)
+    path, revision, _, _ = model_location(params, args.model)
     prov = provenance(path, None, revision)
     phash = params_hash(cfg, {"top_k": heads_cfg.top_k, "heads": heads[["layer", "head", "score"]].to_dict("list"),
                               "items": items["item_id"].tolist(), "model": prov})
     prov["params_hash"] = phash
-    adapter = ModelAdapter.load(path, dtype=dtype, device=device, revision=revision)
-    images = ImageTable(args.benchmark / "images.parquet")
+    adapter = load_model(params, args.model)
+    images = load_images(args.benchmark)
     dump_activations(
         adapter, items, images, heads, args.out, batch_size=rt.batch_size, dtype=cfg.dtype,
         caption_idf=cfg.caption_idf, attrs={**prov, "model_name": args.model, "params": cfg.model_dump()},

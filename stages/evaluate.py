@@ -3,15 +3,12 @@
 from pathlib import Path
 
 import pandas as pd
-import torch
 
-from pipeline.adapter import ModelAdapter
-from pipeline.benchmark import ImageTable, read_annotations
 from pipeline.config import ConfigError, EvaluateConfig
 from pipeline.io import write_json, write_parquet
 from pipeline.plots import plot_square
 from pipeline.suppression import suppression_matrices, suppression_summary, suppression_table
-from stages._common import entry, load_params, model_location, parser, runtime, section, study_tasks
+from stages._common import entry, load_images, load_items, load_model, load_params, parser, runtime, section, study_tasks
 
 
 @entry
@@ -25,7 +22,6 @@ def main() -> None:
     params = load_params(args.params)
     cfg = section(params, "evaluate", EvaluateConfig)
     rt = runtime(params)
-    torch.set_num_threads(rt.threads)
     tasks = study_tasks(params)
     masks = pd.read_parquet(args.masks)
     methods = cfg.methods or list(dict.fromkeys(masks["method"]))
@@ -33,12 +29,9 @@ def main() -> None:
     if unknown:
         raise ConfigError(f"evaluate.methods: {unknown} not in {args.masks}; available: {sorted(set(masks['method']))}")
     masks = masks[masks["method"].isin(methods) & masks["task"].isin(tasks)]
-    items = read_annotations(args.benchmark / "annotations.parquet", splits=(cfg.split,), tasks=tuple(tasks))
-    if cfg.max_items is not None:
-        items = items.groupby("task", sort=False).head(cfg.max_items)
-    path, revision, dtype, device = model_location(params, args.model)
-    adapter = ModelAdapter.load(path, dtype=dtype, device=device, revision=revision)
-    table = suppression_table(adapter, items, ImageTable(args.benchmark / "images.parquet"), masks,
+    items = load_items(args.benchmark, (cfg.split,), tuple(tasks), cfg.max_items)
+    adapter = load_model(params, args.model)
+    table = suppression_table(adapter, items, load_images(args.benchmark), masks,
                               batch_size=rt.batch_size, max_new_tokens=rt.max_new_tokens, utility=cfg.utility)
     write_parquet(table, args.out / "suppression.parquet")
     matrices = suppression_matrices(table)

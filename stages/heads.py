@@ -2,14 +2,11 @@
 
 from pathlib import Path
 
-import torch
 
-from pipeline.adapter import ModelAdapter
-from pipeline.benchmark import ImageTable, read_annotations
 from pipeline.config import HeadsConfig
 from pipeline.heads import plot_head_scores, score_heads
 from pipeline.io import write_parquet
-from stages._common import entry, load_params, model_location, parser, runtime, section
+from stages._common import entry, load_images, load_items, load_model, load_params, parser, runtime, section
 
 
 @entry
@@ -23,13 +20,9 @@ def main() -> None:
     params = load_params(args.params)
     cfg = section(params, "heads", HeadsConfig)
     rt = runtime(params)
-    torch.set_num_threads(rt.threads)
-    items = read_annotations(args.benchmark / "annotations.parquet", splits=(cfg.split,), tasks=(args.task,))
-    if cfg.max_items is not None:
-        items = items.head(cfg.max_items)
-    images = ImageTable(args.benchmark / "images.parquet")
-    path, revision, dtype, device = model_location(params, args.model)
-    adapter = ModelAdapter.load(path, dtype=dtype, device=device, revision=revision)
+    items = load_items(args.benchmark, (cfg.split,), (args.task,), cfg.max_items)
+    images = load_images(args.benchmark)
+    adapter = load_model(params, args.model)
     scores = score_heads(adapter, args.task, items, images, batch_size=rt.batch_size,
                          max_new_tokens=rt.max_new_tokens, utility=cfg.utility)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -2,14 +2,11 @@
 
 from pathlib import Path
 
-import torch
 
-from pipeline.adapter import ModelAdapter
-from pipeline.benchmark import ImageTable, read_annotations
 from pipeline.config import ModelQualityConfig
 from pipeline.evaluation import evaluate_model_quality
 from pipeline.io import write_json
-from stages._common import entry, load_params, model_location, parser, runtime, section
+from stages._common import entry, load_images, load_items, load_model, load_params, parser, runtime, section
 
 
 @entry
@@ -21,13 +18,11 @@ def main() -> None:
     params = load_params(args.params)
     cfg = section(params, "model_quality", ModelQualityConfig)
     rt = runtime(params)
-    torch.set_num_threads(rt.threads)
-    annotations = read_annotations(args.benchmark / "annotations.parquet")
-    images = ImageTable(args.benchmark / "images.parquet")
+    annotations = load_items(args.benchmark, (cfg.split,), tuple(cfg.tasks))
+    images = load_images(args.benchmark)
     result = {}
     for name in cfg.models or params.get("trained_models", []):
-        path, revision, dtype, device = model_location(params, name)
-        adapter = ModelAdapter.load(path, dtype=dtype, device=device, revision=revision)
+        adapter = load_model(params, name)
         result[name] = evaluate_model_quality(
             adapter, annotations, images, tasks=cfg.tasks, split=cfg.split, batch_size=rt.batch_size,
             max_new_tokens=rt.max_new_tokens, max_items=cfg.max_items,

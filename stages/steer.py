@@ -3,14 +3,11 @@
 from pathlib import Path
 
 import pandas as pd
-import torch
 
-from pipeline.adapter import ModelAdapter
-from pipeline.benchmark import ImageTable, read_annotations
 from pipeline.config import ConfigError, SteerConfig
 from pipeline.io import write_json, write_parquet
 from pipeline.steering import scales_table, steer_task, steering_summary, steering_table
-from stages._common import entry, load_params, model_location, parser, runtime, section, study_tasks
+from stages._common import entry, load_images, load_items, load_model, load_params, parser, runtime, section, study_tasks
 
 MASK_METHOD = "hones"
 RANDOM_METHOD = "random"
@@ -32,7 +29,6 @@ def main() -> None:
     params = load_params(args.params)
     cfg = section(params, "steer", SteerConfig)
     rt = runtime(params)
-    torch.set_num_threads(rt.threads)
     tasks = study_tasks(params)
     if not args.masks.is_file():
         raise ConfigError(f"masks table not found: {args.masks}")
@@ -40,11 +36,9 @@ def main() -> None:
     missing = [t for t in tasks if not _neurons(masks, MASK_METHOD, t)]
     if missing:
         raise ConfigError(f"{args.masks} has no {MASK_METHOD!r} mask for task(s) {missing}")
-    items = read_annotations(args.benchmark / "annotations.parquet", splits=(cfg.train_split, cfg.eval_split),
-                             tasks=tuple(tasks))
-    images = ImageTable(args.benchmark / "images.parquet")
-    path, revision, dtype, device = model_location(params, args.model)
-    adapter = ModelAdapter.load(path, dtype=dtype, device=device, revision=revision)
+    items = load_items(args.benchmark, (cfg.train_split, cfg.eval_split), tuple(tasks))
+    images = load_images(args.benchmark)
+    adapter = load_model(params, args.model)
 
     runs = []
     for task in tasks:

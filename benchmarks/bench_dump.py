@@ -1,0 +1,96 @@
+"""Dump throughput against a bare batched forward over the same rows.
+
+    python benchmarks/bench_dump.py --model data/models/tiny-llava --benchmark data/benchmark \\
+        [--task vqa] [--items 64] [--top-k 4] [--batch-size 64] [--threads 1] [--device cpu]
+
+Rows are (item, condition) pairs: items x (top_k + 1). ``dump`` is ``pipeline.dump.dump_activations``
+into a temporary store (head substitution hooks, FFN capture that stops after the last layer,
+DVP projection, Zarr writes); ``bare forward`` runs ``model(**inputs)`` on the same batches
+without hooks (input building included in both). Skips politely when the folders are absent.
+Not run by CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import require, table
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=Path("data/models/tiny-llava"))
+    p.add_argument("--benchmark", type=Path, default=Path("data/benchmark"))
+    p.add_argument("--task", default="vqa")
+    p.add_argument("--split", default="discovery")
+    p.add_argument("--items", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    args = p.parse_args(argv)
+    if not require(args.model, args.benchmark):
+        return 0
+
+    import pandas as pd
+    import torch
+
+    from pipeline.adapter import ModelAdapter
+    from pipeline.benchmark import ImageTable, read_annotations
+    from pipeline.dump import dump_activations, task_prompts
+
+    torch.set_num_threads(args.threads)
+    adapter = ModelAdapter.load(str(args.model), dtype=args.dtype, device=args.device)
+    images = ImageTable(args.benchmark / "images.parquet")
+    items = read_annotations(args.benchmark / "annotations.parquet", splits=(args.split,), tasks=(args.task,))
+    items = items.head(args.items).reset_index(drop=True)
+    L, H = adapter.num_layers, adapter.num_heads
+    heads = [(l, h) for l in range(L) for h in range(H)][:: max(1, (L * H) // args.top_k)][: args.top_k]
+    heads_df = pd.DataFrame({"layer": [l for l, _ in heads], "head": [h for _, h in heads], "score": 1.0})
+    C = len(heads) + 1
+    rows = len(items) * C
+
+    def sync():
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench_dump_") as tmp:
+        # Warm-up (allocator, kernels) on a few items.
+        dump_activations(adapter, items.head(2), images, heads_df, Path(tmp) / "warm.zarr", batch_size=args.batch_size,
+                         dtype="float32", caption_idf=True, attrs={}, params_hash="w")
+        sync()
+        t0 = time.perf_counter()
+        dump_activations(adapter, items, images, heads_df, Path(tmp) / "bench.zarr", batch_size=args.batch_size,
+                         dtype="float32", caption_idf=True, attrs={}, params_hash="b")
+        sync()
+        t_dump = time.perf_counter() - t0
+
+    prompts = task_prompts(items)
+    pairs = [(i, c) for i in range(len(items)) for c in range(C)]
+    sync()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for s in range(0, len(pairs), args.batch_size):
+            batch = pairs[s: s + args.batch_size]
+            inputs = adapter.build_inputs([images[items["image_id"][i]] for i, _ in batch],
+                                          [prompts[i] for i, _ in batch])
+            adapter.model(**inputs.tensors)
+    sync()
+    t_bare = time.perf_counter() - t0
+    results.append(("dump (dump_activations)", rows, t_dump, rows / t_dump, len(items) / t_dump))
+    results.append(("bare batched forward", rows, t_bare, rows / t_bare, len(items) / t_bare))
+    print(f"{args.model} ({L} layers x {adapter.ffn_width} neurons), task {args.task}, {len(items)} items x {C} "
+          f"conditions, batch {args.batch_size}, {args.device} {args.dtype}, {args.threads} thread(s)")
+    print(table(("path", "rows", "seconds", "rows/s", "items/s"), results))
+    print(f"dump / bare time: {t_dump / t_bare:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

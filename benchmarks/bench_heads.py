@@ -1,0 +1,72 @@
+"""Head localisation: all heads batched (``score_heads``) against one pass per head (``score_heads_naive``).
+
+    python benchmarks/bench_heads.py --model data/models/tiny-llava --benchmark data/benchmark \\
+        [--task vqa] [--items 16] [--utility teacher_forced] [--batch-size 64] [--max-heads N]
+
+Both compute S_t(l, h) on the same subset; the table gives the time of each, the speed-up and
+the largest score difference (they must agree). Skips politely when the folders are absent.
+Not run by CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from _common import require, table
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=Path("data/models/tiny-llava"))
+    p.add_argument("--benchmark", type=Path, default=Path("data/benchmark"))
+    p.add_argument("--task", default="vqa")
+    p.add_argument("--split", default="discovery")
+    p.add_argument("--items", type=int, default=16)
+    p.add_argument("--utility", choices=("generative", "teacher_forced"), default="teacher_forced")
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-heads", type=int, default=None, help="score only the first N heads (both paths)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    args = p.parse_args(argv)
+    if not require(args.model, args.benchmark):
+        return 0
+
+    import torch
+
+    from pipeline.adapter import ModelAdapter
+    from pipeline.benchmark import ImageTable, read_annotations
+    from pipeline.heads import all_heads, score_heads, score_heads_naive
+
+    torch.set_num_threads(args.threads)
+    adapter = ModelAdapter.load(str(args.model), dtype=args.dtype, device=args.device)
+    images = ImageTable(args.benchmark / "images.parquet")
+    items = read_annotations(args.benchmark / "annotations.parquet", splits=(args.split,), tasks=(args.task,))
+    items = items.head(args.items).reset_index(drop=True)
+    heads = all_heads(adapter.num_layers, adapter.num_heads)[: args.max_heads]
+    kw = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, utility=args.utility, heads=heads)
+    score_heads(adapter, args.task, items.head(1), images, **{**kw, "heads": heads[:1]})  # warm-up
+    timings = {}
+    scores = {}
+    for name, fn in (("batched (score_heads)", score_heads), ("naive (score_heads_naive)", score_heads_naive)):
+        t0 = time.perf_counter()
+        scores[name] = fn(adapter, args.task, items, images, **kw)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        timings[name] = time.perf_counter() - t0
+    a, b = (scores[k]["score"].to_numpy() for k in timings)
+    naive = timings["naive (score_heads_naive)"]
+    rows = [(k, len(items), len(heads), t, naive / t) for k, t in timings.items()]
+    print(f"{args.model}, task {args.task}, {len(items)} items, {len(heads)} heads, utility {args.utility}, "
+          f"batch {args.batch_size}, {args.device}, {args.threads} thread(s)")
+    print(table(("path", "items", "heads", "seconds", "speed-up vs naive"), rows))
+    print(f"max |score difference|: {abs(a - b).max():.3g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""pipeline.estimate: the presets against hand-computed numbers, and the parameter count of
+instantiated transformers models (LLaVA, Qwen2-VL, Qwen2.5-VL, the embedded default)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from pipeline.estimate import PRESETS, Workload, architecture, estimate, load_config, main
+
+torch.set_num_threads(1)
+
+
+def _count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_llava_1_5_7b_by_hand():
+    arch = architecture(PRESETS["llava-1.5-7b"], "llava-1.5-7b")
+    h, I, V, L = 4096, 11008, 32064, 32
+    text = L * (4 * h * h + 3 * h * I + 2 * h) + 2 * V * h + h  # MHA without biases, SwiGLU, 2 RMSNorms; untied
+    assert text == 6_738_939_904
+    d, di, n = 1024, 4096, 576  # CLIP ViT-L/14 at 336 px: 24^2 patches + CLS
+    clip = 3 * 14 * 14 * d + d + (n + 1) * d + 2 * d + 24 * (4 * (d * d + d) + d * di + di + di * d + d + 4 * d) + 2 * d
+    assert clip == 303_507_456
+    projector = d * h + h + h * h + h
+    assert arch.params == text + clip + projector == 7_063_427_072  # llava-hf/llava-1.5-7b-hf: "7.06B params"
+    assert arch.image_tokens == 576
+
+    w = Workload(items=7000, top_k=4, dtype="bfloat16", store_dtype="float32", batch_size=16, prompt_tokens=48,
+                 answer_tokens=8, ablation_items=16)
+    est = estimate(arch, w)
+    assert est["weights_bytes"]["bfloat16"] == 2 * 7_063_427_072
+    S = 576 + 48 + 8
+    assert est["batch_bytes"]["kv_cache"] == 2 * 32 * 32 * 128 * S * 16 * 2 == 5_301_600_256
+    st = est["store"]
+    item = 32 * 11008 * 4  # 1,409,024 bytes > 1 MiB: one item per chunk
+    assert (st["chunk_items"], st["chunk_bytes"]) == (1, item)
+    # 5 x 7000 chunks > 2000 files: shards of ceil(7000 / (2000 // 5)) = 18 chunks, ceil(7000 / 18) = 389 of them.
+    assert (st["sharded"], st["block_items"], st["blocks"]) == (True, 18, 389)
+    assert (st["z_files"], st["dvp_files"]) == (5 * 389, 389)
+    assert st["z_bytes"] == 5 * 7000 * item == 49_315_840_000
+    assert st["dvp_bytes"] == 7000 * item == 9_863_168_000
+    assert st["all_tasks_bytes"] == 4 * (49_315_840_000 + 9_863_168_000)
+    stages = est["stages"]
+    assert stages["heads"]["rows"] == 7000 * (32 * 32 + 1) == 7_175_000
+    assert stages["dump"]["rows"] == 7000 * 5 and stages["dump"]["batches"] == 2188
+    assert stages["ablation"]["rows"] == 16 * 32 * 11008 == 5_636_096
+
+
+def test_qwen2_5_vl_7b_by_hand():
+    arch = architecture(PRESETS["qwen2.5-vl-7b"], "qwen2.5-vl-7b")
+    h, I, V, L, kv = 3584, 18944, 152064, 28, 4 * 128
+    attn = h * h + h + 2 * (h * kv + kv) + h * h  # q, k, v with biases (Qwen2), o without
+    text = L * (attn + 3 * h * I + 2 * h) + 2 * V * h + h
+    assert text == 7_615_616_512
+    d, di, m = 1280, 3420, 4 * 1280  # vision width, SwiGLU width, 2x2 merged width
+    block = 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * (d * di + di) + (di * d + d)
+    vision = 3 * 2 * 14 * 14 * d + 32 * block + d + (m * m + m) + (m * h + h)
+    assert vision == 676_550_144
+    assert arch.params == text + vision == 8_292_166_656  # Qwen/Qwen2.5-VL-7B-Instruct: "8.29B params"
+    est = estimate(arch, Workload(items=100, top_k=2, batch_size=8, prompt_tokens=40, answer_tokens=4))
+    S = 256 + 40 + 4
+    assert est["batch_bytes"]["kv_cache"] == 2 * 28 * 4 * 128 * S * 8 * 2
+    assert est["stages"]["heads"]["rows"] == 100 * (28 * 28 + 1)
+    assert est["store"]["z_bytes"] == 3 * 100 * 28 * 18944 * 4
+
+
+def _tiny_text(**kw):
+    return dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=48, vocab_size=100, **kw)
+
+
+def test_parameter_count_equals_instantiated_models():
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration)
+
+    rope = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}}
+    configs = [
+        LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                                   num_attention_heads=2, image_size=28, patch_size=14),
+                    text_config=LlamaConfig(**_tiny_text(tie_word_embeddings=False))),
+        Qwen2_5_VLConfig(text_config=_tiny_text(**rope), vision_config=dict(
+            depth=2, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=32, fullatt_block_indexes=[1])),
+        Qwen2VLConfig(text_config=_tiny_text(**rope), vision_config=dict(
+            depth=2, embed_dim=16, mlp_ratio=2, num_heads=2, hidden_size=32)),
+    ]
+    classes = [LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for cls, config in zip(classes, configs):
+            assert architecture(config.to_dict()).params == _count(cls(config)), cls.__name__
+
+
+def test_embedded_default_model_from_its_folder(tmp_path, tiny_adapter):
+    tiny_adapter.model.config.save_pretrained(tmp_path / "m")
+    name, config = load_config(str(tmp_path / "m"))
+    arch = architecture(config, name)
+    assert name == "m" and arch.params == _count(tiny_adapter.model)
+    assert (arch.text.layers, arch.text.ffn) == (tiny_adapter.num_layers, tiny_adapter.ffn_width)
+    assert arch.image_tokens == (32 // 8) ** 2
+
+
+def test_cli(capsys):
+    assert main(["--model-config", "qwen2.5-vl-7b", "--items", "10", "--conditions", "3", "--json"]) == 0
+    est = json.loads(capsys.readouterr().out)
+    assert est["store"]["conditions"] == 3 and est["stages"]["dump"]["rows"] == 30
+    assert main(["--model-config", "llava-1.5-7b"]) == 0
+    table = capsys.readouterr().out
+    assert "7,063,427,072" in table and "389 shards of 18 items" in table
+    inline = json.dumps({"text_config": _tiny_text()})
+    assert main(["--model-config", inline, "--items", "3"]) == 0
+    assert "vision tower" in capsys.readouterr().out
+    assert main(["--model-config", "no-such-model"]) == 2
+    assert "neither a preset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ['{"text_config": {"hidden_size": 8}}'])
+def test_incomplete_config_is_an_error(bad, capsys):
+    assert main(["--model-config", bad]) == 2
+    assert "lacks 'num_hidden_layers'" in capsys.readouterr().err
