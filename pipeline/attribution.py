@@ -188,6 +188,19 @@ def importance_matrix(
     return list(STORE_METHODS), tasks, out
 
 
+def with_ground_truth(
+    statistics: dict[str, TaskStatistics], ablation: dict[str, np.ndarray | None], *, seed: int,
+    ape_min_probability: float,
+) -> tuple[list[str], list[str], np.ndarray]:
+    """``importance_matrix`` plus the ``ablation`` slice (NaN for tasks without ground truth)."""
+    methods, tasks, scores = importance_matrix(statistics, seed=seed, ape_min_probability=ape_min_probability)
+    truth = np.full((1, *scores.shape[1:]), np.nan, dtype=np.float32)
+    for j, task in enumerate(tasks):
+        if ablation.get(task) is not None:
+            truth[0, j] = ablation[task]
+    return [*methods, "ablation"], tasks, np.concatenate([scores, truth])
+
+
 def attribute(
     stores: dict[str, ActivationStore],
     ablation: dict[str, np.ndarray | None],
@@ -206,9 +219,4 @@ def attribute(
         statistics[task] = task_statistics(store, items_per_block)
         log.info("%s: %d items, %d head conditions", task, statistics[task].n_items,
                  len(statistics[task].head_scores))
-    methods, tasks, scores = importance_matrix(statistics, seed=seed, ape_min_probability=ape_min_probability)
-    truth = np.full((1, *scores.shape[1:]), np.nan, dtype=np.float32)
-    for j, task in enumerate(tasks):
-        if ablation.get(task) is not None:
-            truth[0, j] = ablation[task]
-    return [*methods, "ablation"], tasks, np.concatenate([scores, truth])
+    return with_ground_truth(statistics, ablation, seed=seed, ape_min_probability=ape_min_probability)

@@ -175,6 +175,11 @@ class AblationConfig(_Strict):
 
 
 class AttributeConfig(_Strict):
+    """``engine: dask`` runs the store reductions on dask (a scheduler address, or a LocalCluster)."""
+
+    engine: Literal["streaming", "dask"] = "streaming"
+    dask_scheduler: str | None = None
+    dask_workers: int = Field(2, ge=1)
     seed: int = 0
     ape_min_probability: float = Field(0.05, ge=0, le=1)
     items_per_block: int | None = Field(None, ge=1)

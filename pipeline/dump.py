@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -140,16 +141,24 @@ def dump_activations(
     target_chunk_bytes: int = 1 << 20,
     rank: int = 0,
     world_size: int = 1,
-    finalize: bool = True,
-) -> ActivationStore:
+    barrier: Callable[[], None] | None = None,
+    poll_seconds: float = 2.0,
+    timeout_seconds: float | None = None,
+) -> ActivationStore | None:
     """Write (or resume) the activation store of one task's ``items`` at ``out``.
 
     ``heads``: the critical heads (columns layer, head, score), one condition each after the
-    base condition. With ``world_size > 1`` this process writes only the blocks dealt to
-    ``rank``; rank 0 finalizes once all blocks are done (see ``pipeline.distributed``).
+    base condition. With ``world_size > 1`` (see ``pipeline.distributed``) every rank calls this
+    with the same inputs: rank 0 creates or resumes the scratch store, all ranks meet at
+    ``barrier``, each writes only the whole blocks dealt to it (``k % world_size == rank``), and
+    rank 0 polls the done markers (no collective at the end: ranks are uneven) and finalizes.
+    Returns the finished store on rank 0, None on the other ranks.
     """
     from tqdm import tqdm
 
+    out = Path(out)
+    if not 0 <= rank < world_size:
+        raise PipelineError(f"rank {rank} is outside world size {world_size}")
     items = items.reset_index(drop=True)
     if items.empty:
         raise PipelineError(f"no items to dump for {out}")
@@ -160,19 +169,27 @@ def dump_activations(
     ]
     layout = StoreLayout.plan(len(conditions), len(items), adapter.num_layers, adapter.ffn_width, dtype,
                               target_chunk_bytes)
-    store = ActivationStore.create_or_resume(
-        out, layout, conditions, items["item_id"].tolist(), target_ids, target_weights,
-        {**attrs, "task": str(items["task"].iloc[0]), "caption_idf": caption_idf}, params_hash,
-    )
+    store = None
+    if rank == 0:
+        # Creating or resuming cleans stale scratch dirs and torn files: before anyone writes.
+        store = ActivationStore.create_or_resume(
+            out, layout, conditions, items["item_id"].tolist(), target_ids, target_weights,
+            {**attrs, "task": str(items["task"].iloc[0]), "caption_idf": caption_idf}, params_hash,
+        )
+    if barrier is not None:
+        barrier()
+    if rank != 0:
+        store = ActivationStore.open_scratch(out, params_hash, layout)
     prompts = task_prompts(items)
     pending = store.pending_blocks(rank, world_size)
+    log.info("rank %d/%d: %d of %d blocks to write", rank, world_size, len(pending), layout.n_blocks)
     for k in tqdm(pending, desc=f"dump {out.name} (rank {rank})", leave=False):
         sl = layout.block(k)
-        block_items = items.iloc[sl]
-        imgs = [images[i] for i in block_items["image_id"]]
+        imgs = [images[i] for i in items["image_id"].iloc[sl]]
         z = capture_block(adapter, imgs, prompts[sl], row_heads, batch_size)
         dvp = dvp_projection(adapter, target_ids[sl], target_weights[sl])
         store.write_block(k, z, dvp)
-    if finalize:
-        return store.finalize()
-    return store
+    if rank != 0:
+        return None
+    store.wait_until_done(poll_seconds, timeout_seconds)
+    return store.finalize()

@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -261,6 +262,34 @@ class ActivationStore:
             scratch, C, n, L, I, layout.dtype, layout.n_blocks, layout.block_items, layout.nbytes() / 2**20,
         )
         return cls(scratch, path, zarr.open_group(str(scratch), mode="r+"))
+
+    @classmethod
+    def open_scratch(cls, path: Path, params_hash: str, layout: StoreLayout) -> "ActivationStore":
+        """The scratch store another process (rank 0) created, opened without cleaning anything:
+        other ranks may be writing into it."""
+        scratch = scratch_path(path, params_hash)
+        if not (scratch / "zarr.json").is_file():
+            raise StoreError(f"rank 0 did not create the scratch store {scratch} (did it fail? see its log)")
+        group = zarr.open_group(str(scratch), mode="r+")
+        if group.attrs.get("params_hash") != params_hash or StoreLayout(**group.attrs["layout"]) != layout:
+            raise StoreError(f"scratch store {scratch} has another params hash or layout than this process "
+                             "computed; do all ranks run the same code and params?")
+        return cls(scratch, Path(path), group)
+
+    def wait_until_done(self, poll_seconds: float = 2.0, timeout_seconds: float | None = None) -> None:
+        """Block until every write block has its done marker (other ranks' included), polling."""
+        n = self.layout.n_blocks
+        start = last_log = time.monotonic()
+        while len(done := self.done_blocks()) < n:
+            now = time.monotonic()
+            if timeout_seconds is not None and now - start > timeout_seconds:
+                missing = sorted(set(range(n)) - done)
+                raise StoreError(f"{self.root}: blocks {missing[:10]} ({len(missing)} missing) still not done "
+                                 f"after {timeout_seconds:.0f} s; rerun to resume")
+            if now - last_log > 60:
+                log.info("waiting for %d of %d blocks", n - len(done), n)
+                last_log = now
+            time.sleep(poll_seconds)
 
     def _clean_partial_files(self) -> None:
         # LocalStore writes *.partial then renames; a hard kill can leave them behind.

@@ -96,16 +96,19 @@ def entry(fn: Callable[[], None]) -> Callable[[], None]:
     return wrapper
 
 
-def load_model(params: dict, name: str):
-    """The adapter of model ``name``, loaded as params say (path, revision, dtype, device), with
-    torch's CPU threads set from ``runtime.threads``."""
+def load_model(params: dict, name: str, device: str | None = None):
+    """The adapter of model ``name``, loaded as params say (path, revision, dtype, device unless
+    given), with torch's CPU threads set from ``runtime.threads`` (shared by local ranks)."""
+    import os
+
     import torch
 
     from pipeline.adapter import ModelAdapter
 
-    torch.set_num_threads(runtime(params).threads)
-    path, revision, dtype, device = model_location(params, name)
-    return ModelAdapter.load(path, dtype=dtype, device=device, revision=revision)
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    torch.set_num_threads(max(1, runtime(params).threads // local_ranks))
+    path, revision, dtype, default_device = model_location(params, name)
+    return ModelAdapter.load(path, dtype=dtype, device=device or default_device, revision=revision)
 
 
 def load_items(benchmark: Path, splits: tuple[str, ...], tasks: tuple[str, ...], max_items: int | None = None):

@@ -21,6 +21,27 @@ def ablation_matrix(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
     return out
 
 
+def run_dask(cfg: AttributeConfig, stores, truth):
+    from dask.distributed import Client, LocalCluster
+
+    from pipeline.distributed import importance_dask
+
+    cluster = None
+    if cfg.dask_scheduler:
+        client = Client(cfg.dask_scheduler)
+    else:
+        cluster = LocalCluster(n_workers=cfg.dask_workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+        client = Client(cluster)
+    try:
+        return importance_dask(stores, truth, seed=cfg.seed, ape_min_probability=cfg.ape_min_probability,
+                               client=client, items_per_chunk=cfg.items_per_block)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
 @entry
 def main() -> None:
     p = parser(__doc__)
@@ -35,8 +56,11 @@ def main() -> None:
     stores = {t: ActivationStore.open(args.activations / f"{t}.zarr") for t in task_names}
     lay = next(iter(stores.values())).layout
     truth = {t: ablation_matrix(args.ablation / f"{t}.parquet", (lay.n_layers, lay.n_neurons)) for t in task_names}
-    methods, tasks, importance = attribute(stores, truth, seed=cfg.seed, ape_min_probability=cfg.ape_min_probability,
-                                           items_per_block=cfg.items_per_block)
+    if cfg.engine == "dask":
+        methods, tasks, importance = run_dask(cfg, stores, truth)
+    else:
+        methods, tasks, importance = attribute(stores, truth, seed=cfg.seed, ape_min_probability=cfg.ape_min_probability,
+                                               items_per_block=cfg.items_per_block)
     first = next(iter(stores.values())).attrs
     prov = provenance(None, params_hash(cfg, {t: s.attrs.get("params_hash") for t, s in stores.items()}))
     prov.update({k: first.get(k) for k in ("model", "model_name", "model_revision", "model_weights_sha256")})

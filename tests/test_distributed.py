@@ -28,7 +28,9 @@ import zarr
 
 from pipeline.attribution import attribute, task_statistics
 from pipeline.benchmark import ImageTable
-from pipeline.distributed import _dump_stage_inputs, attribute_dask, importance_dask, main
+from pipeline.distributed import attribute_dask, importance_dask
+from pipeline.store import StoreError
+from stages.dump import dump_inputs
 from pipeline.dump import dump_activations
 from pipeline.store import DONE_DIR, ActivationStore, StoreLayout, read_importance, scratch_path
 
@@ -84,7 +86,7 @@ def test_torchrun_two_ranks_equal_single_process(tmp_path, model_dir, benchmark_
     args = Namespace(params=tmp_path / "params.yaml", model="test-tiny", task="vqa", benchmark=benchmark_dir,
                      heads=tmp_path / "scores.parquet", out=tmp_path / "dist" / "vqa.zarr",
                      critical_heads=tmp_path / "dist" / "vqa.heads.parquet")
-    inputs = _dump_stage_inputs(args)
+    inputs = dump_inputs(yaml.safe_load(args.params.read_text()), args)
     assert len(inputs["items"]) == N_ITEMS and inputs["heads"]["layer"].tolist() == [1, 1]
 
     adapter = ModelAdapter.load(str(model_dir), dtype="float32", device="cpu")
@@ -95,24 +97,24 @@ def test_torchrun_two_ranks_equal_single_process(tmp_path, model_dir, benchmark_
                                  **kw)
     assert reference.layout.n_blocks == N_ITEMS  # one item per block: uneven ranks (3 + 2 blocks)
 
-    # An earlier, interrupted 3-rank run: "rank 1" wrote blocks 1 and 4, then everything stopped.
+    # An earlier, interrupted 3-rank run: "rank 0" wrote blocks 0 and 3, then gave up waiting for the others.
     args.out.parent.mkdir()
-    dump_activations(adapter, inputs["items"], images, inputs["heads"], args.out, rank=1, world_size=3,
-                     finalize=False, **kw)
+    with pytest.raises(StoreError, match="still not done"):
+        dump_activations(adapter, inputs["items"], images, inputs["heads"], args.out, rank=0, world_size=3,
+                         timeout_seconds=0.0, poll_seconds=0.01, **kw)
     scratch = scratch_path(args.out, inputs["params_hash"])
-    assert sorted(int(p.stem) for p in (scratch / DONE_DIR).glob("*.done")) == [1, 4]
+    assert sorted(int(p.stem) for p in (scratch / DONE_DIR).glob("*.done")) == [0, 3]
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "pipeline.distributed", "dump",
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "stages.dump",
            "--params", str(args.params), "--model", "test-tiny", "--task", "vqa", "--benchmark", str(benchmark_dir),
-           "--heads", str(args.heads), "--out", str(args.out), "--critical-heads", str(args.critical_heads),
-           "--backend", "gloo", "--poll-seconds", "0.1"]
+           "--heads", str(args.heads), "--out", str(args.out), "--critical-heads", str(args.critical_heads)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
-    # Rank 0 resumed: blocks 0 and 2 are left for it, block 3 for rank 1 (1 and 4 were done).
+    # Rank 0 resumed: blocks 2 and 4 are left for it, block 1 for rank 1 (0 and 3 were done).
     assert re.search(r"rank 0/2: 2 of 5 blocks to write", log), log[-3000:]
     assert re.search(r"rank 1/2: 1 of 5 blocks to write", log), log[-3000:]
     assert not scratch.exists()
@@ -181,7 +183,7 @@ def test_attribute_dask_equals_streaming(random_stores, dask_cluster):
     _rel_close(single.mean_contribution, task_statistics(random_stores["ocr"]).mean_contribution)
 
 
-def test_attribute_subcommand_equals_stage(tmp_path, random_stores, dask_cluster):
+def test_attribute_stage_dask_engine_equals_streaming(tmp_path, random_stores, dask_cluster, monkeypatch):
     act = tmp_path / "activations"
     act.mkdir()
     for task, store in random_stores.items():
@@ -192,14 +194,16 @@ def test_attribute_subcommand_equals_stage(tmp_path, random_stores, dask_cluster
     pd.DataFrame({"layer": pd.Series([], dtype="int64"), "neuron": pd.Series([], dtype="int64"),
                   "effect": pd.Series([], dtype="float64")}).to_parquet(abl / "ocr.parquet")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(
-        {"tasks": ["vqa", "ocr"], "attribute": {"seed": 3, "ape_min_probability": 0.05}}))
+        {"tasks": ["vqa", "ocr"], "attribute": {"seed": 3, "ape_min_probability": 0.05, "engine": "dask",
+                                                "dask_scheduler": dask_cluster.scheduler_address}}))
     out = tmp_path / "attribution.zarr"
-    rc = main(["attribute", "--params", str(tmp_path / "params.yaml"), "--model", "random", "--activations", str(act),
-               "--ablation", str(abl), "--out", str(out), "--scheduler", dask_cluster.scheduler_address])
-    assert rc == 0
-    methods, tasks, got, attrs = read_importance(out)
-
+    from stages import attribute as attribute_stage
     from stages.attribute import ablation_matrix
+
+    monkeypatch.setattr(sys, "argv", ["attribute", "--params", str(tmp_path / "params.yaml"), "--model", "random",
+                                      "--activations", str(act), "--ablation", str(abl), "--out", str(out)])
+    attribute_stage.main()
+    methods, tasks, got, attrs = read_importance(out)
 
     stores = {t: ActivationStore.open(act / f"{t}.zarr") for t in ("vqa", "ocr")}
     truth = {t: ablation_matrix(abl / f"{t}.parquet", (2, 16)) for t in stores}
