@@ -64,7 +64,7 @@ class TrainedModelConfig(_Strict):
 
     source: Literal["train"] = "train"
     family: Literal["llava"] = "llava"
-    patch_size: int = Field(8, ge=1)
+    patch_size: int = Field(16, ge=1)
     vision_hidden: int = Field(128, ge=8)
     vision_layers: int = Field(3, ge=1)
     vision_heads: int = Field(4, ge=1)
@@ -74,10 +74,10 @@ class TrainedModelConfig(_Strict):
     text_heads: int = Field(4, ge=1)
     text_kv_heads: int = Field(4, ge=1)
     text_ffn: int = Field(512, ge=8)
-    vision_warmup_steps: int = Field(400, ge=0)
-    steps: int = Field(2000, ge=1)
+    vision_warmup_steps: int = Field(600, ge=0)
+    steps: int = Field(3000, ge=1)
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(2e-3, gt=0, le=1)
+    lr: float = Field(1e-3, gt=0, le=1)
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.01, ge=0)
     task_weights: dict[str, float] = Field(default_factory=lambda: {t: 1.0 for t in TASKS})
