@@ -8,6 +8,8 @@ Map of this module:
   learnable steering scales, differentiable).
 - ``scale_neurons_per_row`` / ``ablate_neurons_per_row``: per batch row, scales (zeroes) that
   row's own neurons, so many single-neuron ablations run as one batched forward.
+- ``condition_scales``: ``evaluate_task`` condition hooks for per-condition neuron scales
+  (steering variants run as conditions of the same batches).
 
 All hooks are pre-hooks on modules returned by ``ModelAdapter.attn_out_proj`` /
 ``ModelAdapter.ffn_down_proj`` and are removed when the context exits, also when its body
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -316,3 +318,45 @@ def ablate_neurons_per_row(adapter: ModelAdapter, row_neurons: Sequence[RowSpec]
     """Zero, per batch row, that row's own neurons of z (ground-truth ablation of many neurons
     in one batched forward). Same ``row_neurons`` format as ``scale_neurons_per_row``."""
     return scale_neurons_per_row(adapter, row_neurons, scale=0.0)
+
+
+def condition_scales(
+    adapter: ModelAdapter, conditions: Sequence[Mapping[tuple[int, int], float]]
+) -> Callable[[list[int]], AbstractContextManager]:
+    """``evaluate_task``'s ``condition_hooks`` for per-condition neuron scales.
+
+    ``conditions[c]``: {(layer, neuron): scale} applied to the rows of condition c (an empty
+    mapping = no intervention). The returned callable takes the condition of every batch row
+    and returns a context manager multiplying z (input of down_proj) of each row by its
+    condition's scales, at every position (full forwards and KV-cached decode steps). A scale
+    of 1 leaves z bitwise unchanged, and a row's result equals ``hooks.scale_neurons`` with
+    its condition's scales.
+    """
+    width, n_layers, C = adapter.ffn_width, adapter.num_layers, len(conditions)
+    factors: dict[int, torch.Tensor] = {}
+    for c, cond in enumerate(conditions):
+        for (layer, neuron), s in cond.items():
+            layer, neuron = int(layer), int(neuron)
+            if not 0 <= layer < n_layers or not 0 <= neuron < width:
+                raise ValueError(f"condition {c}: neuron ({layer}, {neuron}) out of range: {n_layers} layers x {width}")
+            factors.setdefault(layer, torch.ones(C, width))[c, neuron] = float(s)
+
+    def make_hook(per_row: torch.Tensor) -> Callable:
+        cache = _DeviceCache(per_row)
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            z = _first_input(args, kwargs)
+            _check_batch(z, per_row.shape[0], "condition_scales")
+            (f,) = cache.on(z.device)
+            f = f.to(z.dtype).reshape(f.shape[0], *([1] * (z.dim() - 2)), f.shape[1])
+            return _replace_first_input(args, kwargs, z * f)
+
+        return hook
+
+    def hooks(row_conditions: list[int]) -> AbstractContextManager:
+        rows = torch.as_tensor(list(row_conditions), dtype=torch.long)
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= C):
+            raise ValueError(f"condition index out of range [0, {C})")
+        return _pre_hooks([(adapter.ffn_down_proj(l), make_hook(f[rows])) for l, f in sorted(factors.items())])
+
+    return hooks

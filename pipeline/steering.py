@@ -12,7 +12,7 @@ Map of this module:
   picked by the task's utility on dev; ``no_kl``: learned with beta = 0), learned scales on
   the ``random`` method's neurons of the task (``random_learned``, same per-layer budget) and
   ``base`` (no intervention), all evaluated on the test split.
-- ``condition_scales``: per-row scale hooks, so all variants of a task run as conditions of
+- ``hooks.condition_scales``: per-row scale hooks, so all variants of a task run as conditions of
   the same evaluation batches (each test example is repeated once per variant inside a batch;
   one pass over the test items per task, not one per variant).
 - ``steering_table`` / ``steering_summary`` / ``scales_table``: the long results table, its
@@ -29,8 +29,8 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +43,7 @@ from pipeline.adapter import ModelAdapter
 from pipeline.benchmark import ImageTable
 from pipeline.errors import PipelineError
 from pipeline.evaluation import TaskResult, evaluate_task
-from pipeline.hooks import _DeviceCache, _check_batch, _first_input, _pre_hooks, _replace_first_input, scale_neurons
+from pipeline.hooks import condition_scales, scale_neurons
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,6 @@ __all__ = [
     "training_rows",
     "answer_logprobs",
     "train_scales",
-    "condition_scales",
     "TaskSteering",
     "steer_task",
     "steering_table",
@@ -280,48 +279,6 @@ def train_scales(
 
 
 # ---------------------------------------------------------------------------------------------
-def condition_scales(
-    adapter: ModelAdapter, conditions: Sequence[Mapping[Neuron, float]]
-) -> Callable[[list[int]], AbstractContextManager]:
-    """``evaluate_task``'s ``condition_hooks`` for per-condition neuron scales.
-
-    ``conditions[c]``: {(layer, neuron): scale} applied to the rows of condition c (an empty
-    mapping = no intervention). The returned callable takes the condition of every batch row
-    and returns a context manager multiplying z (input of down_proj) of each row by its
-    condition's scales, at every position (full forwards and KV-cached decode steps). A scale
-    of 1 leaves z bitwise unchanged, and a row's result equals ``hooks.scale_neurons`` with
-    its condition's scales.
-    """
-    width, n_layers, C = adapter.ffn_width, adapter.num_layers, len(conditions)
-    factors: dict[int, torch.Tensor] = {}
-    for c, cond in enumerate(conditions):
-        for (layer, neuron), s in cond.items():
-            layer, neuron = int(layer), int(neuron)
-            if not 0 <= layer < n_layers or not 0 <= neuron < width:
-                raise ValueError(f"condition {c}: neuron ({layer}, {neuron}) out of range: {n_layers} layers x {width}")
-            factors.setdefault(layer, torch.ones(C, width))[c, neuron] = float(s)
-
-    def make_hook(per_row: torch.Tensor) -> Callable:
-        cache = _DeviceCache(per_row)
-
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            z = _first_input(args, kwargs)
-            _check_batch(z, per_row.shape[0], "condition_scales")
-            (f,) = cache.on(z.device)
-            f = f.to(z.dtype).reshape(f.shape[0], *([1] * (z.dim() - 2)), f.shape[1])
-            return _replace_first_input(args, kwargs, z * f)
-
-        return hook
-
-    def hooks(row_conditions: list[int]) -> AbstractContextManager:
-        rows = torch.as_tensor(list(row_conditions), dtype=torch.long)
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= C):
-            raise ValueError(f"condition index out of range [0, {C})")
-        return _pre_hooks([(adapter.ffn_down_proj(l), make_hook(f[rows])) for l, f in sorted(factors.items())])
-
-    return hooks
-
-
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class TaskSteering:

@@ -18,7 +18,7 @@ import zarr
 
 import pipeline.dump as dump_module
 from pipeline.benchmark import IMAGE_SCHEMA, ImageTable
-from pipeline.dump import dump_activations, item_targets, task_prompts
+from pipeline.dump import dump_activations, item_targets
 from pipeline.errors import PipelineError
 from pipeline.store import DONE_DIR, ActivationStore, StoreError, StoreLayout
 
