@@ -1,0 +1,67 @@
+"""Params validation: bad keys, types and ranges stop a stage with a message naming the key,
+before any model is loaded."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+import yaml
+
+from pipeline.config import (
+    BenchmarkConfig, ConfigError, HeadsConfig, TrainedModelConfig, params_hash, validate_section,
+)
+
+
+def test_unknown_key_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"heads\.topk"):
+        validate_section(HeadsConfig, {"topk": 3}, "heads")
+
+
+def test_wrong_type_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"heads\.top_k.*got 'many'"):
+        validate_section(HeadsConfig, {"top_k": "many"}, "heads")
+
+
+def test_out_of_range_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"heads\.top_k: Input should be greater than or equal to 1"):
+        validate_section(HeadsConfig, {"top_k": 0}, "heads")
+    with pytest.raises(ConfigError, match="retrieval_hard_negatives"):
+        validate_section(BenchmarkConfig, {"retrieval_negatives": 2, "retrieval_hard_negatives": 3}, "benchmark")
+    with pytest.raises(ConfigError, match="unknown split"):
+        validate_section(BenchmarkConfig, {"n_images": {"validation": 3}}, "benchmark")
+    with pytest.raises(ConfigError, match="divisible"):
+        validate_section(TrainedModelConfig, {"text_hidden": 130, "text_heads": 4}, "models.m")
+
+
+def test_section_must_be_a_mapping() -> None:
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        validate_section(HeadsConfig, [1, 2], "heads")
+
+
+def test_params_hash_is_stable_and_sensitive() -> None:
+    a = validate_section(HeadsConfig, {"top_k": 3}, "heads")
+    assert params_hash(a) == params_hash(validate_section(HeadsConfig, {"top_k": 3}, "heads"))
+    assert params_hash(a) != params_hash(validate_section(HeadsConfig, {"top_k": 4}, "heads"))
+
+
+def test_stage_stops_before_loading_the_model(tmp_path, monkeypatch, caplog) -> None:
+    from stages import heads as heads_stage
+    import pipeline.adapter
+
+    params = {"runtime": {"threads": 1}, "heads": {"top_k": 2, "max_items": -5},
+              "models": {"m": {"source": "pretrained", "path": str(tmp_path / "no-such-model")}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+
+    def never(*a, **k):  # pragma: no cover - reaching it is the failure
+        raise AssertionError("the model was loaded before params were validated")
+
+    monkeypatch.setattr(pipeline.adapter.ModelAdapter, "load", classmethod(never))
+    monkeypatch.setattr(sys, "argv", ["heads", "--params", str(tmp_path / "params.yaml"), "--model", "m",
+                                      "--task", "vqa", "--benchmark", str(tmp_path), "--out", str(tmp_path / "o")])
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exc:
+        heads_stage.main()
+    assert exc.value.code == 2
+    assert "heads.max_items" in caplog.text
+    assert not (tmp_path / "o").exists()
