@@ -63,7 +63,7 @@ class TrainedModelConfig(_Strict):
     """A model that the pipeline trains itself on the benchmark (the embedded default)."""
 
     source: Literal["train"] = "train"
-    family: Literal["llava"] = "llava"
+    family: Literal["llava", "idefics3"] = "llava"
     patch_size: int = Field(16, ge=1)
     vision_hidden: int = Field(128, ge=8)
     vision_layers: int = Field(3, ge=1)

@@ -31,6 +31,9 @@ from pipeline.benchmark import ImageTable, read_annotations
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>", "image": "<image>"}
+# Idefics3's processor wraps the image tokens in these; they must be single tokens.
+IDEFICS3_SPECIALS = ("<fake_token_around_image>", "<global-img>", "<end_of_utterance>")
+FAMILIES = ("llava", "idefics3")
 # A LLaVA-1.5-like single-turn template; words are in the vocabulary, so it tokenises exactly.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -90,12 +93,12 @@ def benchmark_vocabulary(annotations: pd.DataFrame) -> list[str]:
     return sorted(words)
 
 
-def build_tokenizer(vocabulary: list[str]):
+def build_tokenizer(vocabulary: list[str], extra_specials: tuple[str, ...] = ()):
     """Word-level fast tokenizer (lower-cased, punctuation split) with the chat template."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    specials = list(SPECIAL_TOKENS.values())
+    specials = list(SPECIAL_TOKENS.values()) + list(extra_specials)
     vocab = {tok: i for i, tok in enumerate(specials + [w for w in vocabulary if w not in specials])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk"]))
     tok.normalizer = normalizers.Lowercase()
@@ -108,6 +111,7 @@ def build_tokenizer(vocabulary: list[str]):
         bos_token=SPECIAL_TOKENS["bos"],
         eos_token=SPECIAL_TOKENS["eos"],
         extra_special_tokens={"image_token": SPECIAL_TOKENS["image"]},
+        additional_special_tokens=list(extra_specials),
         padding_side="left",
         model_max_length=512,
     )
@@ -116,6 +120,19 @@ def build_tokenizer(vocabulary: list[str]):
 
 
 def build_processor(tokenizer, spec: DefaultModelSpec):
+    """The family's own processor class over our tokenizer and a fixed-size image processor."""
+    if spec.family == "idefics3":
+        from transformers import Idefics3Processor
+        from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+        image_processor = Idefics3ImageProcessorPil(
+            do_image_splitting=False, size={"longest_edge": spec.image_size},
+            max_image_size={"longest_edge": spec.image_size},
+        )
+        # Pixel shuffle with scale factor 2 merges 2x2 patches into one language-model token.
+        seq_len = (spec.image_size // spec.patch_size) ** 2 // 4
+        return Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=seq_len,
+                                 chat_template=CHAT_TEMPLATE)
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
     image_processor = CLIPImageProcessorPil(
@@ -137,8 +154,10 @@ def build_model(tokenizer, spec: DefaultModelSpec) -> torch.nn.Module:
     """A randomly initialised LLaVA: CLIP vision tower + 2-layer projector + Llama decoder."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    if spec.family != "llava":
-        raise ValueError(f"default model family {spec.family!r} is not supported; allowed: 'llava'")
+    if spec.family not in FAMILIES:
+        raise ValueError(f"default model family {spec.family!r} is not supported; allowed: {FAMILIES}")
+    if spec.family == "idefics3":
+        return _build_idefics3(tokenizer, spec)
     n_patches = (spec.image_size // spec.patch_size) ** 2
     vision = CLIPVisionConfig(
         hidden_size=spec.vision_hidden,
@@ -184,6 +203,59 @@ def build_model(tokenizer, spec: DefaultModelSpec) -> torch.nn.Module:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model
+
+
+def _build_idefics3(tokenizer, spec: DefaultModelSpec) -> torch.nn.Module:
+    """An Idefics3-style VLM: SigLIP-style tower (no class token, post-norm) + pixel-shuffle
+    connector + a Qwen2 decoder (biased q/k/v, grouped-query attention): a second family that
+    differs from LLaVA in vision encoder, connector and language model."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+    from transformers import SiglipVisionModel
+
+    vision = dict(hidden_size=spec.vision_hidden, intermediate_size=spec.vision_ffn,
+                  num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
+                  image_size=spec.image_size, patch_size=spec.patch_size)
+    text = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=spec.text_hidden, intermediate_size=spec.text_ffn,
+        num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
+        num_key_value_heads=spec.text_kv_heads, max_position_embeddings=512, tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    config = Idefics3Config(vision_config=vision, text_config=text.to_dict(), scale_factor=2,
+                            image_token_id=tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS["image"]),
+                            tie_word_embeddings=False)
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(spec.seed)
+    model = Idefics3ForConditionalGeneration(config)
+    # As for LLaVA: the composite model's N(0, 0.02) init stalls a from-scratch tower; SigLIP's own
+    # init (same parameter names, minus SigLIP's pooling head) learns.
+    siglip = SiglipVisionModel(SiglipVisionConfig(**vision)).state_dict()
+    own = model.model.vision_model.state_dict()
+    model.model.vision_model.load_state_dict({k: siglip[k] for k in own if k in siglip}, strict=False)
+    for attr in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        setattr(model.generation_config, attr, getattr(tokenizer, attr))
+    return model
+
+
+def vision_tower(model) -> torch.nn.Module:
+    """The vision encoder module of a default model (frozen after the warm-up)."""
+    inner = model.model
+    return inner.vision_tower if hasattr(inner, "vision_tower") else inner.vision_model
+
+
+def image_pixels(processor, images: list) -> torch.Tensor:
+    """[image, 3, H, W] pixel values from the family's image processor."""
+    if type(processor).__name__.startswith("Idefics3"):
+        return processor.image_processor([[im] for im in images], return_tensors="pt")["pixel_values"][:, 0]
+    return processor.image_processor(images, return_tensors="pt")["pixel_values"]
+
+
+def patch_features(tower: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """[image, patch, hidden]: the patch features the language model receives (CLIP: the last
+    hidden state without the class token; SigLIP-style: the post-normed last hidden state)."""
+    if hasattr(tower, "post_layernorm") and not hasattr(tower, "vision_model"):
+        return tower(pixel_values=pixels).last_hidden_state
+    return tower(pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
 
 
 def training_examples(annotations: pd.DataFrame, rng: np.random.Generator) -> list[tuple[str, str, str, str]]:
@@ -236,13 +308,13 @@ def warm_up_vision(model, processor, decoded: dict, targets: tuple[dict[str, lis
     """
     from tqdm import tqdm
 
-    tower = model.model.vision_tower
+    tower = vision_tower(model)
     vocab = len(processor.tokenizer)
     targets, ocr_token = targets
     ids = sorted(targets)
     # Pixels once for all images: the image processor costs more than the tower's step.
     pixels = torch.cat([
-        processor.image_processor([decoded[i] for i in ids[s : s + 512]], return_tensors="pt")["pixel_values"]
+        image_pixels(processor, [decoded[i] for i in ids[s : s + 512]])
         for s in range(0, len(ids), 512)
     ])
     labels = torch.zeros(len(ids), vocab)
@@ -263,7 +335,7 @@ def warm_up_vision(model, processor, decoded: dict, targets: tuple[dict[str, lis
     tower.train()
     for _ in tqdm(range(steps), desc="vision warm-up", leave=False):
         pick = torch.randint(0, len(ids), (batch_size,), generator=gen).to(device)
-        patches = tower(pixels[pick], output_hidden_states=True).hidden_states[-1][:, 1:]
+        patches = patch_features(tower, pixels[pick])
         # Multiple-instance pooling (max over patches, smoothed): each word must be predictable
         # from some patch, which keeps the features local, as the language model reads them.
         word_logits = torch.logsumexp(head(patches), dim=1) - math.log(patches.shape[1])
@@ -307,7 +379,8 @@ def train_default_model(spec: DefaultModelSpec, benchmark_dir: Path, out_dir: Pa
         raise ValueError(f"{benchmark_dir}/annotations.parquet has no 'train' rows to train on")
     images = ImageTable(benchmark_dir / "images.parquet")
 
-    tokenizer = build_tokenizer(benchmark_vocabulary(annotations))
+    tokenizer = build_tokenizer(benchmark_vocabulary(annotations),
+                                IDEFICS3_SPECIALS if spec.family == "idefics3" else ())
     processor = build_processor(tokenizer, spec)
     model = build_model(tokenizer, spec).to(device)
     adapter = ModelAdapter.from_model(model, processor)
@@ -325,7 +398,7 @@ def train_default_model(spec: DefaultModelSpec, benchmark_dir: Path, out_dir: Pa
     # As in LLaVA, the language model learns to read a frozen vision tower; letting the VLM loss
     # reach the tower collapsed its features to an image-independent vector (measured: patch
     # features differing by 1% between images after 1,500 steps) and nothing was learned.
-    model.model.vision_tower.requires_grad_(False)
+    vision_tower(model).requires_grad_(False)
     weights = spec.task_weights
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr,
                                   weight_decay=spec.weight_decay, betas=(0.9, 0.98))
@@ -340,7 +413,7 @@ def train_default_model(spec: DefaultModelSpec, benchmark_dir: Path, out_dir: Pa
     losses: list[float] = []
     task_losses: dict[str, list[float]] = {}
     model.train()
-    model.model.vision_tower.eval()
+    vision_tower(model).eval()
     bar = tqdm(range(spec.steps), desc=f"train {spec.name}")
     for step in bar:
         if len(pool) < spec.batch_size:

@@ -61,3 +61,23 @@ def test_train_save_and_load_back(benchmark_dir, tmp_path) -> None:
     with torch.no_grad():
         logits = adapter.model(**inputs.tensors).logits
     assert torch.isfinite(logits).all()
+
+
+def test_second_family_trains_and_loads(benchmark_dir, tmp_path) -> None:
+    spec = replace(tiny_model_spec(), family="idefics3", text_kv_heads=2, steps=2, batch_size=4,
+                   vision_warmup_steps=2, warmup_steps=1)
+    out = tmp_path / "idefics3"
+    train_default_model(spec, benchmark_dir, out)
+    adapter = ModelAdapter.load(str(out))
+    assert adapter.family == "idefics3"
+    assert (adapter.num_layers, adapter.num_heads, adapter.num_kv_heads) == (2, 4, 2)
+    assert type(adapter.model.model.text_model).__name__ == "Qwen2Model"
+    from pipeline.benchmark import ImageTable
+
+    images = ImageTable(benchmark_dir / "images.parquet")
+    items = read_annotations(benchmark_dir / "annotations.parquet", splits=("test",), tasks=("ocr",)).head(2)
+    inputs = adapter.build_inputs([images[i] for i in items["image_id"]], items["prompt"].tolist())
+    image_id = adapter.model.config.image_token_id
+    assert int((inputs.tensors["input_ids"][0] == image_id).sum()) == (32 // 8) ** 2 // 4
+    with torch.no_grad():
+        assert torch.isfinite(adapter.model(**inputs.tensors).logits).all()
