@@ -247,15 +247,16 @@ def test_config_and_stage(tmp_path, monkeypatch):
 
     import yaml
 
-    from stages import import_coco
+    from stages import benchmark as benchmark_stage
 
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"coco_import": section}))
-    monkeypatch.setattr(sys, "argv", ["import_coco", "--params", str(params), "--out", str(tmp_path / "st")])
-    import_coco.main()
+    coco = {"benchmark": {"source": "hones_coco"}}
+    params.write_text(yaml.safe_dump(coco | {"coco_import": section}))
+    monkeypatch.setattr(sys, "argv", ["benchmark", "--params", str(params), "--out", str(tmp_path / "st")])
+    benchmark_stage.main()
     assert len(read_annotations(tmp_path / "st/annotations.parquet")) == 38
 
-    params.write_text(yaml.safe_dump({"coco_import": section | {"n_test": 99}}))
+    params.write_text(yaml.safe_dump(coco | {"coco_import": section | {"n_test": 99}}))
     with pytest.raises(SystemExit) as exc:
-        import_coco.main()
+        benchmark_stage.main()
     assert exc.value.code == 2
