@@ -2,11 +2,11 @@
 
     python benchmarks/bench_attribute_memory.py [--items 256] [--layers 8] [--neurons 1024] [--conditions 5]
 
-Builds float32 stores of N and 4N items (random activations, ``pipeline.store``), then, in a
+Builds float32 stores of N and 4N items (random activations, ``pipeline.method.store``), then, in a
 fresh subprocess per (method, size), reads ``ru_maxrss`` after the imports and after the
 computation:
-- ``streaming``: ``pipeline.attribution.task_statistics`` (one write block at a time);
-- ``dask``: ``pipeline.distributed.attribute_dask`` on dask's threaded scheduler;
+- ``streaming``: ``pipeline.method.attribution.task_statistics`` (one write block at a time);
+- ``dask``: ``pipeline.method.distributed.attribute_dask`` on dask's threaded scheduler;
 - ``load-all``: the same sums in numpy after reading all of z and dvp (what streaming avoids).
 Not run by CI.
 """
@@ -29,9 +29,9 @@ CHILD = r"""
 import json, resource, sys
 sys.path.insert(0, {repo!r})
 import numpy as np
-from pipeline.attribution import task_statistics
-from pipeline.distributed import attribute_dask
-from pipeline.store import ActivationStore
+from pipeline.method.attribution import task_statistics
+from pipeline.method.distributed import attribute_dask
+from pipeline.method.store import ActivationStore
 import dask.array  # imported by every method, so the baselines compare
 rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB (Linux)
 store = ActivationStore.open({path!r})
@@ -50,7 +50,7 @@ print(json.dumps({{"before": before, "after": rss()}}))
 
 
 def build_store(path: Path, n_items: int, C: int, L: int, I: int) -> int:
-    from pipeline.store import ActivationStore, StoreLayout
+    from pipeline.method.store import ActivationStore, StoreLayout
 
     lay = StoreLayout.plan(C, n_items, L, I, "float32")
     s = ActivationStore.create_or_resume(path, lay, [(-1, -1, float("nan"))] + [(0, h, 0.1) for h in range(C - 1)],

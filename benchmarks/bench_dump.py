@@ -3,7 +3,7 @@
     python benchmarks/bench_dump.py --model data/models/tiny-llava --benchmark data/benchmark \\
         [--task vqa] [--items 64] [--top-k 4] [--batch-size 64] [--threads 1] [--device cpu]
 
-Rows are (item, condition) pairs: items x (top_k + 1). ``dump`` is ``pipeline.dump.dump_activations``
+Rows are (item, condition) pairs: items x (top_k + 1). ``dump`` is ``pipeline.method.dump.dump_activations``
 into a temporary store (head substitution hooks, FFN capture that stops after the last layer,
 DVP projection, Zarr writes); ``bare forward`` runs ``model(**inputs)`` on the same batches
 without hooks (input building included in both). Skips politely when the folders are absent.
@@ -40,9 +40,9 @@ def main(argv=None) -> int:
     import pandas as pd
     import torch
 
-    from pipeline.adapter import ModelAdapter
-    from pipeline.benchmark import ImageTable, read_annotations
-    from pipeline.dump import dump_activations, task_prompts
+    from pipeline.model.adapter import ModelAdapter
+    from pipeline.tasks.benchmark import ImageTable, read_annotations
+    from pipeline.method.dump import dump_activations, task_prompts
 
     torch.set_num_threads(args.threads)
     adapter = ModelAdapter.load(str(args.model), dtype=args.dtype, device=args.device)

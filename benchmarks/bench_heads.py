@@ -38,9 +38,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    from pipeline.adapter import ModelAdapter
-    from pipeline.benchmark import ImageTable, read_annotations
-    from pipeline.heads import all_heads, score_heads, score_heads_naive
+    from pipeline.model.adapter import ModelAdapter
+    from pipeline.tasks.benchmark import ImageTable, read_annotations
+    from pipeline.method.heads import all_heads, score_heads, score_heads_naive
 
     torch.set_num_threads(args.threads)
     adapter = ModelAdapter.load(str(args.model), dtype=args.dtype, device=args.device)

@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.store import StoreLayout  # noqa: E402
+from pipeline.method.store import StoreLayout  # noqa: E402
 
 
 def _count_files(path: Path) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from pipeline.errors import PipelineError
-from pipeline.config import ConfigError, PretrainedModelConfig, RuntimeConfig, TrainedModelConfig, validate_section
+from stages.params import ConfigError, PretrainedModelConfig, RuntimeConfig, TrainedModelConfig, validate_section
 
 log = logging.getLogger("stages")
 PARAMS_FILE = Path("params.yaml")
@@ -103,7 +103,7 @@ def load_model(params: dict, name: str, device: str | None = None):
 
     import torch
 
-    from pipeline.adapter import ModelAdapter
+    from pipeline.model.adapter import ModelAdapter
 
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     torch.set_num_threads(max(1, runtime(params).threads // local_ranks))
@@ -113,7 +113,7 @@ def load_model(params: dict, name: str, device: str | None = None):
 
 def load_items(benchmark: Path, splits: tuple[str, ...], tasks: tuple[str, ...], max_items: int | None = None):
     """The benchmark rows of ``splits`` x ``tasks`` (the first ``max_items`` per task)."""
-    from pipeline.benchmark import read_annotations
+    from pipeline.tasks.benchmark import read_annotations
 
     items = read_annotations(Path(benchmark) / "annotations.parquet", splits=splits, tasks=tasks)
     if max_items is not None:
@@ -122,6 +122,6 @@ def load_items(benchmark: Path, splits: tuple[str, ...], tasks: tuple[str, ...],
 
 
 def load_images(benchmark: Path):
-    from pipeline.benchmark import ImageTable
+    from pipeline.tasks.benchmark import ImageTable
 
     return ImageTable(Path(benchmark) / "images.parquet")

@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.ablation import neuron_ablation_effects
-from pipeline.config import AblationConfig
+from pipeline.method.ablation import neuron_ablation_effects
+from stages.params import AblationConfig
 from pipeline.io import write_parquet
 from stages._common import entry, load_images, load_items, load_model, load_params, parser, runtime, section
 

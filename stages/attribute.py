@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.attribution import attribute
-from pipeline.config import AttributeConfig, params_hash
+from pipeline.method.attribution import attribute
+from stages.params import AttributeConfig, params_hash
 from pipeline.provenance import provenance
-from pipeline.store import ActivationStore, write_importance
+from pipeline.method.store import ActivationStore, write_importance
 from stages._common import entry, load_params, parser, section, study_tasks
 
 
@@ -24,7 +24,7 @@ def ablation_matrix(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
 def run_dask(cfg: AttributeConfig, stores, truth):
     from dask.distributed import Client, LocalCluster
 
-    from pipeline.distributed import importance_dask
+    from pipeline.method.distributed import importance_dask
 
     cluster = None
     if cfg.dask_scheduler:

@@ -6,9 +6,9 @@ imports the paper's COCO data (params section ``coco_import``: JSON file and ima
 
 from pathlib import Path
 
-from pipeline.benchmark import BenchmarkSpec, build_benchmark
-from pipeline.coco_import import CocoImportConfig, import_hones_coco
-from pipeline.config import BenchmarkConfig
+from pipeline.tasks.benchmark import BenchmarkSpec, build_benchmark
+from pipeline.tasks.coco_import import CocoImportConfig, import_hones_coco
+from stages.params import BenchmarkConfig
 from stages._common import entry, load_params, parser, section
 
 

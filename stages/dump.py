@@ -1,17 +1,17 @@
 """Stage `dump@<model>-<task>`: FFN activations under base + critical-head conditions -> Zarr store.
 
 Multi-process: launch the same command under ``torchrun --nproc_per_node=N -m stages.dump ...``;
-each rank writes its own whole blocks and rank 0 finalizes (see ``pipeline.distributed``).
+each rank writes its own whole blocks and rank 0 finalizes (see ``pipeline.method.distributed``).
 """
 
 from pathlib import Path
 
 import pandas as pd
 
-from pipeline.config import DumpConfig, HeadsConfig, params_hash
-from pipeline.distributed import barrier, dist_context, init_process_group
-from pipeline.dump import dump_activations
-from pipeline.heads import top_heads
+from stages.params import DumpConfig, HeadsConfig, params_hash
+from pipeline.method.distributed import barrier, dist_context, init_process_group
+from pipeline.method.dump import dump_activations
+from pipeline.method.heads import top_heads
 from pipeline.io import write_parquet
 from pipeline.provenance import provenance
 from stages._common import entry, load_images, load_items, load_model, load_params, model_location, parser, runtime, section

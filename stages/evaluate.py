@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.config import ConfigError, EvaluateConfig
+from stages.params import ConfigError, EvaluateConfig
 from pipeline.io import write_json, write_parquet
-from pipeline.plots import plot_square
-from pipeline.suppression import suppression_matrices, suppression_summary, suppression_table
+from pipeline.report.html.plots import plot_square
+from pipeline.outcomes.suppression import suppression_matrices, suppression_summary, suppression_table
 from stages._common import entry, load_images, load_items, load_model, load_params, parser, runtime, section, study_tasks
 
 

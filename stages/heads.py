@@ -3,8 +3,8 @@
 from pathlib import Path
 
 
-from pipeline.config import HeadsConfig
-from pipeline.heads import plot_head_scores, score_heads
+from stages.params import HeadsConfig
+from pipeline.method.heads import plot_head_scores, score_heads
 from pipeline.io import write_parquet
 from stages._common import entry, load_images, load_items, load_model, load_params, parser, runtime, section
 

@@ -4,11 +4,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import MasksConfig
+from stages.params import MasksConfig
 from pipeline.io import write_json, write_parquet
-from pipeline.masks import build_masks, faithfulness, mask_size, overlap
-from pipeline.plots import plot_layer_distribution, plot_square
-from pipeline.store import read_importance
+from pipeline.method.masks import build_masks, faithfulness, mask_size, overlap
+from pipeline.report.html.plots import plot_layer_distribution, plot_square
+from pipeline.method.store import read_importance
 from stages._common import entry, load_params, parser, section, studied_models
 
 

@@ -3,8 +3,8 @@
 from pathlib import Path
 
 
-from pipeline.config import ModelQualityConfig
-from pipeline.evaluation import evaluate_model_quality
+from stages.params import ModelQualityConfig
+from pipeline.model.evaluation import evaluate_model_quality
 from pipeline.io import write_json
 from stages._common import entry, load_images, load_items, load_model, load_params, parser, runtime, section
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.io import write_json
-from pipeline.report import Section, build_report
+from pipeline.report.html import Section, build_report
 from stages._common import entry, load_params, parser, studied_models, study_tasks
 
 

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.config import ConfigError, SteerConfig
+from stages.params import ConfigError, SteerConfig
 from pipeline.io import write_json, write_parquet
-from pipeline.steering import scales_table, steer_task, steering_summary, steering_table
+from pipeline.outcomes.steering import scales_table, steer_task, steering_summary, steering_table
 from stages._common import entry, load_images, load_items, load_model, load_params, parser, runtime, section, study_tasks
 
 MASK_METHOD = "hones"

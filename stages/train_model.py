@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from pipeline.config import BenchmarkConfig, ConfigError, TrainedModelConfig
-from pipeline.default_model import DefaultModelSpec, train_default_model
+from stages.params import BenchmarkConfig, ConfigError, TrainedModelConfig
+from pipeline.model.default_model import DefaultModelSpec, train_default_model
 from stages._common import entry, load_params, model_config, parser, runtime, section
 
 

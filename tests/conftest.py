@@ -26,8 +26,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.benchmark import BenchmarkSpec, ImageTable, build_benchmark, read_annotations
-from pipeline.hooks import capture_ffn, substitute_heads
+from pipeline.tasks.benchmark import BenchmarkSpec, ImageTable, build_benchmark, read_annotations
+from pipeline.model.hooks import capture_ffn, substitute_heads
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -49,7 +49,7 @@ def tiny_model_spec():
     """The fixture's architecture; training-only fields are inert (``build_model`` never trains)."""
     from dataclasses import fields
 
-    from pipeline.default_model import DefaultModelSpec
+    from pipeline.model.default_model import DefaultModelSpec
 
     values = dict(
         name="test-tiny", family="llava", image_size=32, patch_size=8, vision_hidden=32, vision_layers=1,
@@ -63,8 +63,8 @@ def tiny_model_spec():
 
 def build_tiny_adapter(benchmark_dir: Path):
     """The tiny LLaVA of the fixture (deterministic: ``build_model`` seeds itself)."""
-    from pipeline.adapter import ModelAdapter
-    from pipeline.default_model import benchmark_vocabulary, build_model, build_processor, build_tokenizer
+    from pipeline.model.adapter import ModelAdapter
+    from pipeline.model.default_model import benchmark_vocabulary, build_model, build_processor, build_tokenizer
 
     spec = tiny_model_spec()
     annotations = read_annotations(Path(benchmark_dir) / "annotations.parquet")
@@ -84,7 +84,7 @@ def discovery_items(annotations: pd.DataFrame, task: str, n: int | None = None) 
     return (items if n is None else items.head(n)).reset_index(drop=True)
 
 
-# --- golden references, written from HONES.md section 3 without the store or pipeline.dump's math ---
+# --- golden references, written from HONES.md section 3 without the store or pipeline.method.dump's math ---
 @torch.no_grad()
 def direct_z(adapter, images, items: pd.DataFrame, heads: pd.DataFrame) -> np.ndarray:
     """z [condition, item, layer, neuron] at the last prompt token, one unpadded row at a time."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.adapter import AdapterError, ModelAdapter, ModelInputs
+from pipeline.model.adapter import AdapterError, ModelAdapter, ModelInputs
 from pipeline.errors import PipelineError
 from tiny_models import ANSWERS, FACTORIES, PROMPTS, WITH_PROCESSOR, make_images, tiny_llava, tiny_phi
 

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.attribution import (
+from pipeline.method.attribution import (
     STORE_METHODS,
     StreamingContributions,
     accumulate,
@@ -17,9 +17,9 @@ from pipeline.attribution import (
     importance_matrix,
     task_statistics,
 )
-from pipeline.dump import dump_activations
-from pipeline.masks import build_masks, faithfulness, mask_layer_budget, mask_size, mask_topk, overlap
-from pipeline.store import ActivationStore, StoreLayout
+from pipeline.method.dump import dump_activations
+from pipeline.method.masks import build_masks, faithfulness, mask_layer_budget, mask_size, mask_topk, overlap
+from pipeline.method.store import ActivationStore, StoreLayout
 
 from conftest import direct_dvp, direct_targets, direct_z, discovery_items
 
@@ -174,7 +174,7 @@ def test_ape_scores_on_a_two_task_example():
 
 def test_importance_matrix_methods():
     rng = np.random.default_rng(2)
-    from pipeline.attribution import TaskStatistics
+    from pipeline.method.attribution import TaskStatistics
 
     stats = {
         t: TaskStatistics(rng.standard_normal((3, 2, 6)), rng.random((2, 6)), rng.random((2, 6)),

@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.benchmark import (
+from pipeline.tasks.benchmark import (
     COLORS, POSITIONS, PROMPTS, SHAPES, BenchmarkError, BenchmarkSpec, ImageTable, Scene, SceneObject,
     build_benchmark, caption_references, hard_negative, read_annotations, sample_scene, vqa_examples,
 )

@@ -1,4 +1,4 @@
-"""Import of the HONES unified COCO JSON (pipeline.coco_import) on a tiny fake dataset."""
+"""Import of the HONES unified COCO JSON (pipeline.tasks.coco_import) on a tiny fake dataset."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
-from pipeline.benchmark import ANNOTATION_SCHEMA, PROMPTS, BenchmarkError, ImageTable, read_annotations
-from pipeline.coco_import import CocoImportConfig, caption_words, import_hones_coco, rank_hard_negatives
-from pipeline.config import ConfigError, validate_section
+from pipeline.tasks.benchmark import ANNOTATION_SCHEMA, PROMPTS, BenchmarkError, ImageTable, read_annotations
+from pipeline.tasks.coco_import import CocoImportConfig, caption_words, import_hones_coco, rank_hard_negatives
+from stages.params import ConfigError, validate_section
 
 # Image 0's caption overlaps most with 2, then 1, then 3 (Jaccard 4/7 > 4/8 > 2/10), none with the rest.
 CAPTIONS = [

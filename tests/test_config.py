@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from pipeline.config import (
+from stages.params import (
     BenchmarkConfig, ConfigError, HeadsConfig, TrainedModelConfig, params_hash, validate_section,
 )
 
@@ -48,7 +48,7 @@ def test_params_hash_is_stable_and_sensitive() -> None:
 
 def test_stage_stops_before_loading_the_model(tmp_path, monkeypatch, caplog) -> None:
     from stages import heads as heads_stage
-    import pipeline.adapter
+    import pipeline.model.adapter
 
     params = {"runtime": {"threads": 1}, "heads": {"top_k": 2, "max_items": -5},
               "models": {"m": {"source": "pretrained", "path": str(tmp_path / "no-such-model")}}}
@@ -57,7 +57,7 @@ def test_stage_stops_before_loading_the_model(tmp_path, monkeypatch, caplog) -> 
     def never(*a, **k):  # pragma: no cover - reaching it is the failure
         raise AssertionError("the model was loaded before params were validated")
 
-    monkeypatch.setattr(pipeline.adapter.ModelAdapter, "load", classmethod(never))
+    monkeypatch.setattr(pipeline.model.adapter.ModelAdapter, "load", classmethod(never))
     monkeypatch.setattr(sys, "argv", ["heads", "--params", str(tmp_path / "params.yaml"), "--model", "m",
                                       "--task", "vqa", "--benchmark", str(tmp_path), "--out", str(tmp_path / "o")])
     with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exc:

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 
 from conftest import tiny_model_spec
-from pipeline.adapter import ModelAdapter
-from pipeline.benchmark import read_annotations
-from pipeline.default_model import (
+from pipeline.model.adapter import ModelAdapter
+from pipeline.tasks.benchmark import read_annotations
+from pipeline.model.default_model import (
     answer_cross_entropy, benchmark_vocabulary, build_tokenizer, image_word_targets, train_default_model,
 )
 
@@ -54,7 +54,7 @@ def test_train_save_and_load_back(benchmark_dir, tmp_path) -> None:
     adapter = ModelAdapter.load(str(out))
     assert adapter.family == "llava" and adapter.num_layers == spec.text_layers
     items = read_annotations(benchmark_dir / "annotations.parquet", splits=("test",), tasks=("vqa",)).head(2)
-    from pipeline.benchmark import ImageTable
+    from pipeline.tasks.benchmark import ImageTable
 
     images = ImageTable(benchmark_dir / "images.parquet")
     inputs = adapter.build_inputs([images[i] for i in items["image_id"]], items["prompt"].tolist())
@@ -72,7 +72,7 @@ def test_second_family_trains_and_loads(benchmark_dir, tmp_path) -> None:
     assert adapter.family == "idefics3"
     assert (adapter.num_layers, adapter.num_heads, adapter.num_kv_heads) == (2, 4, 2)
     assert type(adapter.model.model.text_model).__name__ == "Qwen2Model"
-    from pipeline.benchmark import ImageTable
+    from pipeline.tasks.benchmark import ImageTable
 
     images = ImageTable(benchmark_dir / "images.parquet")
     items = read_annotations(benchmark_dir / "annotations.parquet", splits=("test",), tasks=("ocr",)).head(2)

@@ -1,7 +1,7 @@
 """Scale-out: a 2-rank torchrun dump equals the single-process dump bitwise; dask attribution
 equals the streaming one.
 
-- torchrun --standalone --nproc_per_node=2 (gloo, CPU) of ``python -m pipeline.distributed dump``
+- torchrun --standalone --nproc_per_node=2 (gloo, CPU) of ``python -m pipeline.method.distributed dump``
   on the tiny model, resuming a scratch store that a third "rank" of an earlier, interrupted
   run had started, gives bitwise the store of one in-process ``dump_activations`` (same params
   hash), with uneven ranks (5 blocks over 2 ranks) and each block written exactly once.
@@ -26,13 +26,13 @@ import pytest
 import yaml
 import zarr
 
-from pipeline.attribution import attribute, task_statistics
-from pipeline.benchmark import ImageTable
-from pipeline.distributed import attribute_dask, importance_dask
-from pipeline.store import StoreError
+from pipeline.method.attribution import attribute, task_statistics
+from pipeline.tasks.benchmark import ImageTable
+from pipeline.method.distributed import attribute_dask, importance_dask
+from pipeline.method.store import StoreError
 from stages.dump import dump_inputs
-from pipeline.dump import dump_activations
-from pipeline.store import DONE_DIR, ActivationStore, StoreLayout, read_importance, scratch_path
+from pipeline.method.dump import dump_activations
+from pipeline.method.store import DONE_DIR, ActivationStore, StoreLayout, read_importance, scratch_path
 
 from conftest import TESTS_DIR
 
@@ -72,7 +72,7 @@ def model_dir(tmp_path_factory, tiny_adapter) -> Path:
 def test_torchrun_two_ranks_equal_single_process(tmp_path, model_dir, benchmark_dir):
     import torch
 
-    from pipeline.adapter import ModelAdapter
+    from pipeline.model.adapter import ModelAdapter
 
     params = {
         "models": {"test-tiny": {"source": "pretrained", "path": str(model_dir), "dtype": "float32", "device": "cpu"}},

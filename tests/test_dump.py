@@ -16,11 +16,11 @@ import pytest
 import torch
 import zarr
 
-import pipeline.dump as dump_module
-from pipeline.benchmark import IMAGE_SCHEMA, ImageTable
-from pipeline.dump import dump_activations, item_targets
+import pipeline.method.dump as dump_module
+from pipeline.tasks.benchmark import IMAGE_SCHEMA, ImageTable
+from pipeline.method.dump import dump_activations, item_targets
 from pipeline.errors import PipelineError
-from pipeline.store import DONE_DIR, ActivationStore, StoreError, StoreLayout
+from pipeline.method.store import DONE_DIR, ActivationStore, StoreError, StoreLayout
 
 from conftest import TESTS_DIR, direct_dvp, direct_targets, direct_z, discovery_items
 
@@ -86,10 +86,10 @@ import sys, time, torch
 sys.path.insert(0, {tests!r})
 torch.set_num_threads({threads})
 import pandas as pd
-import pipeline.dump as dump
-from pipeline.benchmark import ImageTable
+import pipeline.method.dump as dump
+from pipeline.tasks.benchmark import ImageTable
 from conftest import build_tiny_adapter, discovery_items
-from pipeline.benchmark import read_annotations
+from pipeline.tasks.benchmark import read_annotations
 
 bench = {bench!r}
 adapter = build_tiny_adapter(bench)

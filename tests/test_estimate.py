@@ -1,4 +1,4 @@
-"""pipeline.estimate: the presets against hand-computed numbers, and the parameter count of
+"""pipeline.tools.estimate: the presets against hand-computed numbers, and the parameter count of
 instantiated transformers models (LLaVA, Qwen2-VL, Qwen2.5-VL, the embedded default)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from pipeline.estimate import PRESETS, Workload, architecture, estimate, load_config, main
+from pipeline.tools.estimate import PRESETS, Workload, architecture, estimate, load_config, main
 
 torch.set_num_threads(1)
 

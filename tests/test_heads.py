@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.evaluation import evaluate_task
-from pipeline.heads import HEAD_COLUMNS, all_heads, score_heads, score_heads_naive, top_heads
+from pipeline.model.evaluation import evaluate_task
+from pipeline.method.heads import HEAD_COLUMNS, all_heads, score_heads, score_heads_naive, top_heads
 
 from conftest import discovery_items
 

@@ -1,4 +1,4 @@
-"""Interventions of pipeline.hooks against manual computations on tiny models."""
+"""Interventions of pipeline.model.hooks against manual computations on tiny models."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.adapter import ModelAdapter
-from pipeline.hooks import (
+from pipeline.model.adapter import ModelAdapter
+from pipeline.model.hooks import (
     ablate_neurons_per_row,
     capture_ffn,
     scale_neurons,

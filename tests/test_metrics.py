@@ -1,4 +1,4 @@
-"""Hand-computed cases for pipeline.metrics (task utilities of HONES.md section 1)."""
+"""Hand-computed cases for pipeline.tasks.metrics (task utilities of HONES.md section 1)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.metrics import (
+from pipeline.tasks.metrics import (
     anls,
     corpus_bleu,
     corpus_cider,

@@ -1,7 +1,7 @@
 """Sharing activation stores through a DVC remote: a local directory, and S3 (a moto server on
 127.0.0.1 with fake credentials).
 
-In a throw-away git + DVC repository, a stage builds a small Zarr store with ``pipeline.store``
+In a throw-away git + DVC repository, a stage builds a small Zarr store with ``pipeline.method.store``
 and a second store is ``dvc add``-ed; ``dvc push --run-cache`` sends both to the remote. Then
 - a clone + ``dvc pull`` gets every file bitwise (md5 of each), ``dvc status`` is clean and
   ``dvc repro`` reruns nothing;
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.store import ActivationStore, StoreLayout
+from pipeline.method.store import ActivationStore, StoreLayout
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 sys.path.insert(0, {repo!r})
 import numpy as np
-from pipeline.store import ActivationStore, StoreLayout
+from pipeline.method.store import ActivationStore, StoreLayout
 
 with open("ran.log", "a") as fh:  # untracked: shows whether the command ran in this checkout
     fh.write("ran\\n")

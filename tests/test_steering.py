@@ -1,4 +1,4 @@
-"""Steering (pipeline.steering, stages.steer) on the tiny LLaVA and the tiny benchmark."""
+"""Steering (pipeline.outcomes.steering, stages.steer) on the tiny LLaVA and the tiny benchmark."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import pytest
 import torch
 import yaml
 
-from pipeline.adapter import ModelAdapter
-from pipeline.config import SteerConfig
-from pipeline.hooks import scale_neurons
+from pipeline.model.adapter import ModelAdapter
+from stages.params import SteerConfig
+from pipeline.model.hooks import scale_neurons
 from pipeline.io import write_parquet
-from pipeline.steering import (
+from pipeline.outcomes.steering import (
     FIXED_AMP_SCALE,
     answer_logprobs,
     VARIANTS,
@@ -69,7 +69,7 @@ def test_training_rows_retrieval_positive_and_negative(annotations):
 
 
 def test_answer_positions_match_evaluation_logprob(tiny_adapter, images, annotations):
-    from pipeline.evaluation import answer_logprob
+    from pipeline.model.evaluation import answer_logprob
 
     items = pd.concat([split_items(annotations, "caption", n=1), split_items(annotations, "vqa", n=1)])
     imgs, prompts, answers = training_rows(items, seed=0)
@@ -153,7 +153,7 @@ def test_steer_task_variants_and_baseline_scale_sets(tiny_adapter, images, annot
     for v in ("learned", "no_kl", "random_learned"):
         assert all(1 - cfg.clamp <= s <= 1 + cfg.clamp for s in run.scales[v].values())
     # the grid's scale-1 condition is the unsteered model on dev
-    from pipeline.evaluation import evaluate_task
+    from pipeline.model.evaluation import evaluate_task
 
     plain = evaluate_task(tiny_adapter, "vqa", split_items(annotations, "vqa"), images, batch_size=8,
                           utility="teacher_forced")[0]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.store import DONE_DIR, ActivationStore, StoreError, StoreLayout, scratch_path
+from pipeline.method.store import DONE_DIR, ActivationStore, StoreError, StoreLayout, scratch_path
 
 C, N, L, I = 3, 11, 2, 8
 CONDITIONS = [(-1, -1, float("nan")), (0, 1, 0.5), (1, 3, -0.25)]

@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.evaluation import evaluate_task
-from pipeline.hooks import scale_neurons
-from pipeline.report import Section, build_report
-from pipeline.suppression import relative_drop, suppression_matrices, suppression_summary, suppression_table
+from pipeline.model.evaluation import evaluate_task
+from pipeline.model.hooks import scale_neurons
+from pipeline.report.html import Section, build_report
+from pipeline.outcomes.suppression import relative_drop, suppression_matrices, suppression_summary, suppression_table
 
 
 def test_relative_drop() -> None:

@@ -18,9 +18,9 @@ import logging
 import numpy as np
 import pandas as pd
 
-from pipeline.benchmark import ImageTable
-from pipeline.evaluation import evaluate_task
-from pipeline.hooks import ablate_neurons_per_row
+from pipeline.tasks.benchmark import ImageTable
+from pipeline.model.evaluation import evaluate_task
+from pipeline.model.hooks import ablate_neurons_per_row
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.adapter import ModelAdapter
+from pipeline.model.adapter import ModelAdapter
 
 __all__ = [
     "capture_ffn",

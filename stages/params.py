@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.benchmark import SPLITS, TASKS
+from pipeline.tasks.benchmark import SPLITS, TASKS
 from pipeline.errors import PipelineError
 
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.benchmark import ImageTable
-from pipeline.evaluation import evaluate_task
-from pipeline.hooks import substitute_heads
+from pipeline.tasks.benchmark import ImageTable
+from pipeline.model.evaluation import evaluate_task
+from pipeline.model.hooks import substitute_heads
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ Every method yields a [layer, neuron] importance matrix per task (higher = more 
   task at all to be specific to it).
 - ``random``: seeded uniform scores; ``masks`` selects them with the per-layer budget of
   ``hones``, which makes it the floor the paper compares against.
-- ``ablation``: ground truth from ``pipeline.ablation`` (not computed here).
+- ``ablation``: ground truth from ``pipeline.method.ablation`` (not computed here).
 
 ``StreamingContributions`` holds float64 running sums, so memory is bounded by one block of
 the store (``ActivationStore.iter_blocks``) whatever the number of items; its ``state_dict``
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.store import ActivationStore
+from pipeline.method.store import ActivationStore
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Extraction: ``stages.dump`` launched by torchrun runs one rank per process,
 
     torchrun --standalone --nproc_per_node=N -m stages.dump --model M --task T ...   (same arguments)
 
-and calls ``pipeline.dump.dump_activations`` with this module's ``dist_context()`` and
+and calls ``pipeline.method.dump.dump_activations`` with this module's ``dist_context()`` and
 ``barrier``: rank 0 creates (or resumes) the scratch store, every rank writes only whole write
 blocks ``k % N == r`` (no two processes touch one chunk or shard: zarr's unlocked
 read-modify-write of a shard would lose data), no DistributedSampler (it pads with duplicated
@@ -15,7 +15,7 @@ single process writes, under the same params hash, so either resumes the other.
 ``init_process_group`` serves only that start barrier: ``gloo`` on CPU; on CUDA the group is
 ``nccl`` (each rank on ``cuda:LOCAL_RANK``) and the barrier runs on a gloo side group.
 
-Attribution (``attribute_dask``): the per-task sums of ``pipeline.attribution`` (sum over items of
+Attribution (``attribute_dask``): the per-task sums of ``pipeline.method.attribution`` (sum over items of
 z * dvp per condition, of z and of 1[z > 0] in the base condition) as ``dask.array`` reductions
 over ``from_zarr`` views of ``z`` and ``dvp`` in float64, all tasks and all statistics in one
 ``dask.compute`` (the stores are read once), on the given ``dask.distributed`` client or the
@@ -33,8 +33,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from pipeline.attribution import StreamingContributions, TaskStatistics, with_ground_truth
-from pipeline.store import ActivationStore
+from pipeline.method.attribution import StreamingContributions, TaskStatistics, with_ground_truth
+from pipeline.method.store import ActivationStore
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def attribute_dask(
     client=None,
     items_per_chunk: int | None = None,
 ) -> dict[str, TaskStatistics] | TaskStatistics:
-    """``pipeline.attribution.task_statistics`` of each store, computed by dask.
+    """``pipeline.method.attribution.task_statistics`` of each store, computed by dask.
 
     ``stores``: {task: store} (returns {task: TaskStatistics}) or one store (returns its
     TaskStatistics). ``client``: a ``dask.distributed.Client`` to run on (default: the current
@@ -122,7 +122,7 @@ def importance_dask(
     client=None,
     items_per_chunk: int | None = None,
 ) -> tuple[list[str], list[str], np.ndarray]:
-    """``pipeline.attribution.attribute`` with the store reductions done by ``attribute_dask``."""
+    """``pipeline.method.attribution.attribute`` with the store reductions done by ``attribute_dask``."""
     statistics = attribute_dask(stores, client=client, items_per_chunk=items_per_chunk)
     return with_ground_truth(statistics, ablation, seed=seed, ape_min_probability=ape_min_probability)
 

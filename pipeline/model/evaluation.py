@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline import metrics
-from pipeline.benchmark import ImageTable
+from pipeline.tasks import metrics
+from pipeline.tasks.benchmark import ImageTable
 
 log = logging.getLogger(__name__)
 

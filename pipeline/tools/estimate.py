@@ -1,8 +1,8 @@
 """Back-of-the-envelope cost of running the pipeline on a model, before downloading it.
 
-    python -m pipeline.estimate --model-config llava-1.5-7b --items 7000 --top-k 4 --dtype bfloat16
-    python -m pipeline.estimate --model-config data/models/tiny-llava          # a folder's config.json
-    python -m pipeline.estimate --model-config '{"text_config": {...}, ...}'    # inline JSON
+    python -m pipeline.tools.estimate --model-config llava-1.5-7b --items 7000 --top-k 4 --dtype bfloat16
+    python -m pipeline.tools.estimate --model-config data/models/tiny-llava          # a folder's config.json
+    python -m pipeline.tools.estimate --model-config '{"text_config": {...}, ...}'    # inline JSON
 
 From a transformers config (``config.json`` of a local folder, a JSON file or string, or one of
 ``PRESETS``: ``llava-1.5-7b``, ``qwen2.5-vl-7b``) it prints:
@@ -30,7 +30,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.store import StoreLayout
+from pipeline.method.store import StoreLayout
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
 
@@ -393,7 +393,7 @@ def format_table(est: dict, arch: ModelArch) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     d = Workload()
-    p = argparse.ArgumentParser(prog="python -m pipeline.estimate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pipeline.tools.estimate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model-config", required=True,
                    help=f"a preset ({', '.join(PRESETS)}), a model folder, a config.json path or a JSON string")
     p.add_argument("--items", type=int, default=d.items, help="discovery items per task (dump)")

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.benchmark import ImageTable, read_annotations
+from pipeline.tasks.benchmark import ImageTable, read_annotations
 
 log = logging.getLogger(__name__)
 
@@ -367,7 +367,7 @@ def train_default_model(spec: DefaultModelSpec, benchmark_dir: Path, out_dir: Pa
     """
     from tqdm import tqdm
 
-    from pipeline.adapter import ModelAdapter
+    from pipeline.model.adapter import ModelAdapter
 
     torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)

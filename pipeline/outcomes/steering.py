@@ -19,7 +19,7 @@ Map of this module:
   {task: {variant: utility}} JSON and the Parquet of learned scales (task, layer, neuron, scale).
 - ``apply_steering`` / ``load_scales``: the public one-call loader of the learned scales::
 
-      from pipeline.steering import apply_steering
+      from pipeline.outcomes.steering import apply_steering
       with apply_steering(model, "data/steer/tiny-llava/scales.parquet", task="vqa"):
           out = model.generate(**inputs)   # the vqa neurons scaled by (1 + lambda)
 """
@@ -39,11 +39,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from pipeline.adapter import ModelAdapter
-from pipeline.benchmark import ImageTable
+from pipeline.model.adapter import ModelAdapter
+from pipeline.tasks.benchmark import ImageTable
 from pipeline.errors import PipelineError
-from pipeline.evaluation import TaskResult, evaluate_task
-from pipeline.hooks import condition_scales, scale_neurons
+from pipeline.model.evaluation import TaskResult, evaluate_task
+from pipeline.model.hooks import condition_scales, scale_neurons
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +320,7 @@ def steer_task(
 ) -> TaskSteering:
     """Learned steering of ``task`` and its baselines (module docstring), evaluated on ``eval_items``.
 
-    ``cfg``: a ``pipeline.config.SteerConfig`` (beta, l2, lr, epochs, grad_accum, clamp, seed,
+    ``cfg``: a ``stages.params.SteerConfig`` (beta, l2, lr, epochs, grad_accum, clamp, seed,
     grid, utility, train_split, eval_split). ``random_neurons`` None or empty: no
     ``random_learned`` variant. The grid search evaluates every grid scale as a condition of
     the same batches on ``train_items``; the final evaluation runs all variants as conditions of

@@ -22,10 +22,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.benchmark import ImageTable
+from pipeline.tasks.benchmark import ImageTable
 from pipeline.errors import PipelineError
-from pipeline.hooks import capture_ffn, substitute_heads
-from pipeline.store import ActivationStore, StoreLayout
+from pipeline.model.hooks import capture_ffn, substitute_heads
+from pipeline.method.store import ActivationStore, StoreLayout
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def dump_activations(
     """Write (or resume) the activation store of one task's ``items`` at ``out``.
 
     ``heads``: the critical heads (columns layer, head, score), one condition each after the
-    base condition. With ``world_size > 1`` (see ``pipeline.distributed``) every rank calls this
+    base condition. With ``world_size > 1`` (see ``pipeline.method.distributed``) every rank calls this
     with the same inputs: rank 0 creates or resumes the scratch store, all ranks meet at
     ``barrier``, each writes only the whole blocks dealt to it (``k % world_size == rank``), and
     rank 0 polls the done markers (no collective at the end: ranks are uneven) and finalizes.

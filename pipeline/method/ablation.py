@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.benchmark import ImageTable
-from pipeline.dump import task_prompts
-from pipeline.evaluation import answer_logprob
-from pipeline.hooks import ablate_neurons_per_row
+from pipeline.tasks.benchmark import ImageTable
+from pipeline.method.dump import task_prompts
+from pipeline.model.evaluation import answer_logprob
+from pipeline.model.hooks import ablate_neurons_per_row
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.benchmark import ANNOTATION_SCHEMA, IMAGE_SCHEMA, PROMPTS, SPLITS, BenchmarkError
+from pipeline.tasks.benchmark import ANNOTATION_SCHEMA, IMAGE_SCHEMA, PROMPTS, SPLITS, BenchmarkError
 
 log = logging.getLogger(__name__)
 
