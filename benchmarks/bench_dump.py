@@ -41,8 +41,8 @@ def main(argv=None) -> int:
     import torch
 
     from pipeline.model.adapter import ModelAdapter
-    from pipeline.tasks.benchmark import ImageTable, read_annotations
-    from pipeline.method.dump import dump_activations, task_prompts
+    from pipeline.method.dump import DumpExecution, DumpRequest, DumpStorage, dump_activations
+    from pipeline.tasks.items import ImageTable, item_prompts, read_annotations
 
     torch.set_num_threads(args.threads)
     adapter = ModelAdapter.load(str(args.model), dtype=args.dtype, device=args.device)
@@ -62,16 +62,16 @@ def main(argv=None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_dump_") as tmp:
         # Warm-up (allocator, kernels) on a few items.
-        dump_activations(adapter, items.head(2), images, heads_df, Path(tmp) / "warm.zarr", batch_size=args.batch_size,
-                         dtype="float32", caption_idf=True, attrs={}, params_hash="w")
+        dump_activations(adapter, DumpRequest(items.head(2), images, heads_df, caption_idf=True), Path(tmp) / "warm.zarr",
+                         DumpStorage(dtype="float32", params_hash="w", attrs={}), DumpExecution(args.batch_size))
         sync()
         t0 = time.perf_counter()
-        dump_activations(adapter, items, images, heads_df, Path(tmp) / "bench.zarr", batch_size=args.batch_size,
-                         dtype="float32", caption_idf=True, attrs={}, params_hash="b")
+        dump_activations(adapter, DumpRequest(items, images, heads_df, caption_idf=True), Path(tmp) / "bench.zarr",
+                         DumpStorage(dtype="float32", params_hash="b", attrs={}), DumpExecution(args.batch_size))
         sync()
         t_dump = time.perf_counter() - t0
 
-    prompts = task_prompts(items)
+    prompts = item_prompts(items)
     pairs = [(i, c) for i in range(len(items)) for c in range(C)]
     sync()
     t0 = time.perf_counter()

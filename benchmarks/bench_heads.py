@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     import torch
 
     from pipeline.model.adapter import ModelAdapter
-    from pipeline.tasks.benchmark import ImageTable, read_annotations
+    from pipeline.tasks.items import ImageTable, read_annotations
     from pipeline.method.heads import all_heads, score_heads, score_heads_naive
 
     torch.set_num_threads(args.threads)

@@ -1,127 +1,111 @@
-"""Shared plumbing of the stage entry points: params loading, model resolution, error exit.
+"""Shared plumbing of every stage entry point: the error exit and output locks.
 
-Stages are thin: parse paths, validate their params section, call one pipeline function.
+A stage is thin: it declares the params keys it reads (``READS``, the same list as its
+``dvc.yaml`` entry), parses its paths, calls library functions and writes its outputs.
+``@entry`` runs it: logging set up, an exclusive lock on its ``--out`` path, and every mistake a
+user can make (``PipelineError``) printed as one line with exit code 2; anything else is a bug
+and keeps its traceback. Loading models and benchmark data is in ``stages._load``, imported
+only by the stages that do it (so editing it reruns only them).
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import functools
+import hashlib
 import logging
+import os
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from pipeline.errors import PipelineError
-from stages.params import ConfigError, PretrainedModelConfig, RuntimeConfig, TrainedModelConfig, validate_section
+from stages.params import write_params_audit
 
 log = logging.getLogger("stages")
 PARAMS_FILE = Path("params.yaml")
-MODELS_DIR = Path("data/models")
 
 
-def load_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
-    if not Path(path).is_file():
-        raise ConfigError(f"params file not found: {path}")
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
-    return data
-
-
-def section(params: dict, name: str, model: type):
-    return validate_section(model, params.get(name), name)
-
-
-def study_tasks(params: dict) -> list[str]:
-    tasks = params.get("tasks")
-    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
-        raise ConfigError(f"params 'tasks' must be a non-empty list of task names, got {tasks!r}")
-    return tasks
-
-
-def studied_models(params: dict) -> list[str]:
-    models = params.get("studied_models")
-    if not isinstance(models, list) or not models:
-        raise ConfigError(f"params 'studied_models' must be a non-empty list of model names, got {models!r}")
-    for name in models:
-        model_config(params, name)
-    return models
-
-
-def runtime(params: dict) -> RuntimeConfig:
-    return section(params, "runtime", RuntimeConfig)
-
-
-def model_config(params: dict, name: str) -> TrainedModelConfig | PretrainedModelConfig:
-    models = params.get("models") or {}
-    if name not in models:
-        raise ConfigError(f"model {name!r} is not defined under 'models' in params.yaml; defined: {sorted(models)}")
-    entry = models[name] or {}
-    cls = PretrainedModelConfig if entry.get("source") == "pretrained" else TrainedModelConfig
-    return validate_section(cls, entry, f"models.{name}")
-
-
-def model_location(params: dict, name: str) -> tuple[str, str | None, str, str]:
-    """(path or hub id, revision, dtype, device) to load model ``name`` from."""
-    cfg = model_config(params, name)
-    rt = runtime(params)
-    if isinstance(cfg, PretrainedModelConfig):
-        return cfg.path, cfg.revision, cfg.dtype, cfg.device
-    return str(MODELS_DIR / name), None, rt.dtype, rt.device
-
-
-def parser(description: str) -> argparse.ArgumentParser:
+def parser(description: str | None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--params", type=Path, default=PARAMS_FILE, help="params file (default: params.yaml)")
     return p
 
 
+def _argv_value(flag: str) -> str | None:
+    argv = sys.argv[1:]
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def stage_id(module: str) -> str:
+    """``heads@tiny-llava-vqa``: the stage module's short name and its matrix arguments."""
+    short = module.rsplit(".", 1)[-1]
+    names = [v for v in (_argv_value("--model"), _argv_value("--task")) if v]
+    return f"{short}@{'-'.join(names)}" if names else short
+
+
+class OutputLocked(PipelineError):
+    """Another process is writing the same output."""
+
+
+@contextmanager
+def output_lock(path: Path) -> Iterator[None]:
+    """Exclusive lock on ``path`` for this process's lifetime (released by the OS if it dies).
+
+    The lock file lives in the temp directory, keyed by the absolute path, so it never appears
+    among the outputs DVC hashes.
+    """
+    # Under torchrun every rank of one job writes its own blocks: each rank takes the lock of
+    # its rank number, so a second job collides rank by rank and is refused.
+    rank = f"#rank{os.environ['RANK']}" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+    key = hashlib.sha256((str(Path(path).resolve()) + rank).encode()).hexdigest()[:24]
+    lock_dir = Path(tempfile.gettempdir()) / "hones-locks"
+    lock_dir.mkdir(exist_ok=True)
+    fh = open(lock_dir / f"{key}.lock", "a+")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            raise OutputLocked(f"{path} is being written by another run (PID {holder}); wait for it to "
+                               "finish or stop it, then run again") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield
+    finally:
+        fh.close()
+
+
 def entry(fn: Callable[[], None]) -> Callable[[], None]:
-    """Run a stage's main with logging set up; known errors exit 2 with their message, no traceback."""
+    """Run a stage's main: logging, a lock on ``--out``, one-line errors with exit code 2."""
 
     @functools.wraps(fn)
     def wrapper() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        out = _argv_value("--out")
         try:
-            fn()
+            if out is None:
+                fn()
+            else:
+                with output_lock(Path(out)):
+                    fn()
         except PipelineError as exc:
-            log.error("%s", exc)
+            # One line: the message names the file, key or item; a traceback would bury it.
+            msg = " ".join(str(exc).split())
+            log.error("%s", msg)
             sys.exit(2)
+        module = fn.__module__ if fn.__module__ != "__main__" else Path(sys.argv[0]).stem
+        write_params_audit(stage_id(module))
 
     return wrapper
-
-
-def load_model(params: dict, name: str, device: str | None = None):
-    """The adapter of model ``name``, loaded as params say (path, revision, dtype, device unless
-    given), with torch's CPU threads set from ``runtime.threads`` (shared by local ranks)."""
-    import os
-
-    import torch
-
-    from pipeline.model.adapter import ModelAdapter
-
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    torch.set_num_threads(max(1, runtime(params).threads // local_ranks))
-    path, revision, dtype, default_device = model_location(params, name)
-    return ModelAdapter.load(path, dtype=dtype, device=device or default_device, revision=revision)
-
-
-def load_items(benchmark: Path, splits: tuple[str, ...], tasks: tuple[str, ...], max_items: int | None = None):
-    """The benchmark rows of ``splits`` x ``tasks`` (the first ``max_items`` per task)."""
-    from pipeline.tasks.benchmark import read_annotations
-
-    items = read_annotations(Path(benchmark) / "annotations.parquet", splits=splits, tasks=tasks)
-    if max_items is not None:
-        items = items.groupby(["task", "split"], sort=False).head(max_items).reset_index(drop=True)
-    return items
-
-
-def load_images(benchmark: Path):
-    from pipeline.tasks.benchmark import ImageTable
-
-    return ImageTable(Path(benchmark) / "images.parquet")

@@ -5,10 +5,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.method.ablation import neuron_ablation_effects
-from stages.params import AblationConfig
 from pipeline.io import write_parquet
-from stages._common import entry, load_images, load_items, load_model, load_params, parser, runtime, section
+from pipeline.method.ablation import neuron_ablation_effects
+from stages._common import entry, parser
+from stages._load import load_images, load_items, load_model
+from stages.params import read_params
+
+READS = (
+    "ablation.enabled", "ablation.split", "ablation.max_items",
+    "runtime.threads", "runtime.batch_sequences",
+    "models.{model}",
+)
+
+
+def effect_table(effect: np.ndarray) -> pd.DataFrame:
+    """[layer, neuron] effects as rows (layer, neuron, effect); empty when ablation is off."""
+    layers, neurons = np.indices(effect.shape)
+    return pd.DataFrame({"layer": layers.ravel().astype(np.int32), "neuron": neurons.ravel().astype(np.int32),
+                         "effect": effect.ravel().astype(np.float64)})
 
 
 @entry
@@ -19,20 +33,16 @@ def main() -> None:
     p.add_argument("--benchmark", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, help="Parquet (layer, neuron, effect)")
     args = p.parse_args()
-    params = load_params(args.params)
-    cfg = section(params, "ablation", AblationConfig)
-    rt = runtime(params)
+    params = read_params(args.params, READS, model=args.model, task=args.task)
+    cfg = params.ablation
     if not cfg.enabled:
-        write_parquet(pd.DataFrame({"layer": np.array([], np.int32), "neuron": np.array([], np.int32),
-                                    "effect": np.array([], np.float64)}), args.out)
+        write_parquet(effect_table(np.zeros((0, 0))), args.out)
         return
     items = load_items(args.benchmark, (cfg.split,), (args.task,), cfg.max_items)
     adapter = load_model(params, args.model)
     effect = neuron_ablation_effects(adapter, items, load_images(args.benchmark),
-                                     batch_size=rt.batch_size)
-    layers, neurons = np.indices(effect.shape)
-    write_parquet(pd.DataFrame({"layer": layers.ravel().astype(np.int32), "neuron": neurons.ravel().astype(np.int32),
-                                "effect": effect.ravel()}), args.out)
+                                     batch_size=params.runtime.batch_sequences)
+    write_parquet(effect_table(effect), args.out)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,20 @@ import numpy as np
 import pandas as pd
 
 from pipeline.method.attribution import attribute
-from stages.params import AttributeConfig, params_hash
-from pipeline.provenance import provenance
 from pipeline.method.store import ActivationStore, write_importance
-from stages._common import entry, load_params, parser, section, study_tasks
+from pipeline.provenance import provenance
+from stages._common import entry, parser
+from stages.params import params_hash, read_params
+
+READS = (
+    "attribute.engine", "attribute.dask_scheduler", "attribute.dask_workers", "attribute.seed",
+    "attribute.ape_min_probability", "attribute.items_per_block",
+    "tasks",
+)
 
 
 def ablation_matrix(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
+    """The [layer, neuron] ground truth of one task, or None when ablation was off (empty table)."""
     table = pd.read_parquet(path)
     if table.empty:
         return None
@@ -21,21 +28,20 @@ def ablation_matrix(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
     return out
 
 
-def run_dask(cfg: AttributeConfig, stores, truth):
+def run_dask(scheduler: str | None, workers: int, stores, truth, **kwargs):
+    """The same reductions on dask: a running scheduler, or a LocalCluster of ``workers`` processes."""
     from dask.distributed import Client, LocalCluster
 
     from pipeline.method.distributed import importance_dask
 
     cluster = None
-    if cfg.dask_scheduler:
-        client = Client(cfg.dask_scheduler)
+    if scheduler:
+        client = Client(scheduler)
     else:
-        cluster = LocalCluster(n_workers=cfg.dask_workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None)
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
         client = Client(cluster)
     try:
-        return importance_dask(stores, truth, seed=cfg.seed, ape_min_probability=cfg.ape_min_probability,
-                               client=client, items_per_chunk=cfg.items_per_block)
+        return importance_dask(stores, truth, client=client, **kwargs)
     finally:
         client.close()
         if cluster is not None:
@@ -50,21 +56,24 @@ def main() -> None:
     p.add_argument("--ablation", type=Path, required=True, help="folder of <task>.parquet ground truth")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
-    params = load_params(args.params)
-    cfg = section(params, "attribute", AttributeConfig)
-    task_names = study_tasks(params)
-    stores = {t: ActivationStore.open(args.activations / f"{t}.zarr") for t in task_names}
+    params = read_params(args.params, READS, model=args.model)
+    settings = params.as_dict()
+    cfg = params.attribute
+    stores = {t: ActivationStore.open(args.activations / f"{t}.zarr") for t in params.tasks}
     lay = next(iter(stores.values())).layout
-    truth = {t: ablation_matrix(args.ablation / f"{t}.parquet", (lay.n_layers, lay.n_neurons)) for t in task_names}
+    truth = {t: ablation_matrix(args.ablation / f"{t}.parquet", (lay.n_layers, lay.n_neurons)) for t in stores}
     if cfg.engine == "dask":
-        methods, tasks, importance = run_dask(cfg, stores, truth)
+        methods, tasks, importance = run_dask(cfg.dask_scheduler, cfg.dask_workers, stores, truth, seed=cfg.seed,
+                                              ape_min_probability=cfg.ape_min_probability,
+                                              items_per_chunk=cfg.items_per_block)
     else:
         methods, tasks, importance = attribute(stores, truth, seed=cfg.seed, ape_min_probability=cfg.ape_min_probability,
                                                items_per_block=cfg.items_per_block)
     first = next(iter(stores.values())).attrs
-    prov = provenance(None, params_hash(cfg, {t: s.attrs.get("params_hash") for t, s in stores.items()}))
+    prov = provenance(None, params_hash(settings, {t: s.attrs.get("params_hash") for t, s in stores.items()}),
+                      entry=__spec__.name)
     prov.update({k: first.get(k) for k in ("model", "model_name", "model_revision", "model_weights_sha256")})
-    write_importance(args.out, methods, tasks, importance, {**prov, "params": cfg.model_dump()})
+    write_importance(args.out, methods, tasks, importance, {**prov, "params": settings})
 
 
 if __name__ == "__main__":

@@ -8,31 +8,43 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.params import DumpConfig, HeadsConfig, params_hash
-from pipeline.method.distributed import barrier, dist_context, init_process_group
-from pipeline.method.dump import dump_activations
-from pipeline.method.heads import top_heads
 from pipeline.io import write_parquet
+from pipeline.method.distributed import barrier, dist_context, init_process_group
+from pipeline.method.dump import DumpExecution, DumpRequest, DumpStorage, dump_activations
+from pipeline.method.heads import top_heads
 from pipeline.provenance import provenance
-from stages._common import entry, load_images, load_items, load_model, load_params, model_location, parser, runtime, section
+from stages._common import entry, parser
+from stages._load import load_images, load_items, load_model, model_device, model_path
+from stages.params import StageParams, params_hash, read_params
+
+READS = (
+    "dump.split", "dump.max_items", "dump.store_dtype", "dump.caption_idf", "dump.target_chunk_mib",
+    "heads.top_k",
+    "runtime.threads", "runtime.batch_sequences",
+    "models.{model}",
+)
 
 
-def dump_inputs(params: dict, args) -> dict:
-    """Items, critical heads, params hash and attributes of this stage: the same for every rank."""
-    cfg = section(params, "dump", DumpConfig)
-    heads_cfg = section(params, "heads", HeadsConfig)
+def dump_inputs(params: StageParams, args) -> tuple[pd.DataFrame, pd.DataFrame, DumpStorage]:
+    """Items, critical heads, and how to store them (params hash, attributes): the same for every rank.
+
+    The params hash names the scratch store a killed run resumes from: it covers what changes
+    the arrays (the dump keys, the heads, the items, the model), not the batch size.
+    """
+    cfg = params.dump
+    settings = cfg.as_dict()
+    top_k = params.heads.top_k
     items = load_items(args.benchmark, (cfg.split,), (args.task,), cfg.max_items)
-    heads = top_heads(pd.read_parquet(args.heads), heads_cfg.top_k)
-    path, revision, _, _ = model_location(params, args.model)
-    prov = provenance(path, None, revision)
-    phash = params_hash(cfg, {"top_k": heads_cfg.top_k, "heads": heads[["layer", "head", "score"]].to_dict("list"),
-                              "items": items["item_id"].tolist(), "model": prov})
+    heads = top_heads(pd.read_parquet(args.heads), top_k)
+    path, revision = model_path(params, args.model)
+    prov = provenance(path, None, revision, entry=__spec__.name)
+    phash = params_hash(settings, {"top_k": top_k, "heads": heads[["layer", "head", "score"]].to_dict("list"),
+                                   "items": items["item_id"].tolist(), "model": prov})
     prov["params_hash"] = phash
-    return dict(
-        items=items, heads=heads, params_hash=phash, dtype=cfg.dtype, caption_idf=cfg.caption_idf,
-        target_chunk_bytes=int(cfg.target_chunk_mib * 2**20),
-        attrs={**prov, "model_name": args.model, "params": cfg.model_dump()},
-    )
+    storage = DumpStorage(dtype=cfg.store_dtype, params_hash=phash,
+                          attrs={**prov, "model_name": args.model, "params": {**settings, "heads.top_k": top_k}},
+                          target_chunk_bytes=int(cfg.target_chunk_mib * 2**20))
+    return items, heads, storage
 
 
 @entry
@@ -45,15 +57,14 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True, help="the store, <dir>/<task>.zarr")
     p.add_argument("--critical-heads", type=Path, required=True, help="Parquet of the K_h heads used")
     args = p.parse_args()
-    params = load_params(args.params)
-    inputs = dump_inputs(params, args)
+    params = read_params(args.params, READS, model=args.model, task=args.task)
+    items, heads, storage = dump_inputs(params, args)
     rank, world = dist_context()
-    device = model_location(params, args.model)[3]
-    adapter = load_model(params, args.model, device=init_process_group("auto", device) if world > 1 else None)
-    heads = inputs.pop("heads")
+    device = init_process_group("auto", model_device(params, args.model)) if world > 1 else None
+    adapter = load_model(params, args.model, device=device)
     store = dump_activations(
-        adapter, inputs.pop("items"), load_images(args.benchmark), heads, args.out,
-        batch_size=runtime(params).batch_size, rank=rank, world_size=world, barrier=barrier, **inputs,
+        adapter, DumpRequest(items, load_images(args.benchmark), heads, params.dump.caption_idf), args.out, storage,
+        DumpExecution(params.runtime.batch_sequences, rank=rank, world_size=world, barrier=barrier),
     )
     if store is not None:
         write_parquet(heads, args.critical_heads)

@@ -2,11 +2,18 @@
 
 from pathlib import Path
 
-
-from stages.params import HeadsConfig
-from pipeline.method.heads import plot_head_scores, score_heads
 from pipeline.io import write_parquet
-from stages._common import entry, load_images, load_items, load_model, load_params, parser, runtime, section
+from pipeline.method.heads import score_heads
+from pipeline.report.plots import plot_head_scores
+from stages._common import entry, parser
+from stages._load import load_images, load_items, load_model
+from stages.params import read_params
+
+READS = (
+    "heads.split", "heads.max_items", "heads.utility",
+    "runtime.threads", "runtime.batch_sequences", "runtime.max_new_tokens",
+    "models.{model}",
+)
 
 
 @entry
@@ -17,13 +24,12 @@ def main() -> None:
     p.add_argument("--benchmark", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, help="output directory")
     args = p.parse_args()
-    params = load_params(args.params)
-    cfg = section(params, "heads", HeadsConfig)
-    rt = runtime(params)
+    params = read_params(args.params, READS, model=args.model, task=args.task)
+    cfg, rt = params.heads, params.runtime
     items = load_items(args.benchmark, (cfg.split,), (args.task,), cfg.max_items)
     images = load_images(args.benchmark)
     adapter = load_model(params, args.model)
-    scores = score_heads(adapter, args.task, items, images, batch_size=rt.batch_size,
+    scores = score_heads(adapter, args.task, items, images, batch_size=rt.batch_sequences,
                          max_new_tokens=rt.max_new_tokens, utility=cfg.utility)
     args.out.mkdir(parents=True, exist_ok=True)
     write_parquet(scores, args.out / "scores.parquet")

@@ -1,32 +1,35 @@
-"""Stage `model_quality`: task utilities of each model on the held-out split -> metrics JSON."""
+"""Stage `model_quality@<model>`: task utilities of one model on the held-out split -> metrics JSON."""
 
 from pathlib import Path
 
-
-from stages.params import ModelQualityConfig
-from pipeline.model.evaluation import evaluate_model_quality
 from pipeline.io import write_json
-from stages._common import entry, load_images, load_items, load_model, load_params, parser, runtime, section
+from pipeline.model.evaluation import evaluate_model_quality
+from stages._common import entry, parser
+from stages._load import load_images, load_items, load_model
+from stages.params import read_params
+
+READS = (
+    "model_quality.split", "model_quality.max_items", "model_quality.tasks",
+    "runtime.threads", "runtime.batch_sequences", "runtime.max_new_tokens",
+    "models.{model}",
+)
 
 
 @entry
 def main() -> None:
     p = parser(__doc__)
+    p.add_argument("--model", required=True)
     p.add_argument("--benchmark", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, help="metrics JSON to write")
     args = p.parse_args()
-    params = load_params(args.params)
-    cfg = section(params, "model_quality", ModelQualityConfig)
-    rt = runtime(params)
+    params = read_params(args.params, READS, model=args.model)
+    cfg, rt = params.model_quality, params.runtime
     annotations = load_items(args.benchmark, (cfg.split,), tuple(cfg.tasks))
-    images = load_images(args.benchmark)
-    result = {}
-    for name in cfg.models or params.get("trained_models", []):
-        adapter = load_model(params, name)
-        result[name] = evaluate_model_quality(
-            adapter, annotations, images, tasks=cfg.tasks, split=cfg.split, batch_size=rt.batch_size,
-            max_new_tokens=rt.max_new_tokens, max_items=cfg.max_items,
-        )
+    adapter = load_model(params, args.model)
+    result = evaluate_model_quality(
+        adapter, annotations, load_images(args.benchmark), tasks=cfg.tasks, split=cfg.split,
+        batch_size=rt.batch_sequences, max_new_tokens=rt.max_new_tokens, max_items=cfg.max_items,
+    )
     write_json(result, args.out)
 
 

@@ -1,36 +1,61 @@
-"""Typed, validated configuration of every stage.
+"""The params.yaml schema, and the typed, declared view each stage gets of it.
 
-Each stage's section of params.yaml is validated against one of these models before any
-data or model is touched: an unknown key, a wrong type or an out-of-range value raises
-``ConfigError`` naming the key (``heads.top_k: Input should be greater than 0``).
-The library never reads params.yaml itself; ``stages/`` loads the file and calls
-``validate_section``.
+Map of this module:
+- one pydantic model per section (``HeadsConfig``, ``DumpConfig``, ...), strict: an unknown
+  key, a wrong type or an out-of-range value raises ``ConfigError`` naming the key
+  (``heads.top_k: Input should be greater than or equal to 1``);
+- ``ParamsFile``: the whole file, validated at every stage start (so a typo anywhere stops the
+  stage before any model loads); study lists (``tasks``, ``studied_models``,
+  ``trained_models``) are checked against the known tasks and the ``models`` entries;
+- ``read_params(path, reads, **names)``: the file as one stage sees it. ``reads`` is the
+  stage's declaration (``"heads.split"``, ``"runtime.threads"``, ``"models.{model}"``), the
+  same list that ``dvc.yaml`` declares for the stage (``tests/test_graph.py`` keeps both
+  equal); reading a key outside it is a bug and raises ``UndeclaredParam``.
+
+The library (``pipeline/``) never sees these objects: stages pass plain arguments.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal
+import math
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+import yaml
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
-from pipeline.tasks.benchmark import SPLITS, TASKS
 from pipeline.errors import PipelineError
+from pipeline.model.default_spec import DEFAULT_MODEL_FIELDS, DefaultModelSpec, architecture_problems
+from pipeline.tasks.items import SPLITS, TASKS
+
+Split = Literal["train", "discovery", "dev", "test"]
+HeldOutSplit = Literal["discovery", "dev", "test"]
+# ``auto`` picks cuda when torch sees a GPU, else cpu; ``cuda`` on a machine without one is an error.
+DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:\d+|mps)$"
 
 
 class ConfigError(PipelineError):
-    """A params section is invalid; the message names every offending key."""
+    """A params value is invalid; the message names every offending key."""
+
+
+class UndeclaredParam(AttributeError):
+    """A stage read a params key its declaration (and so dvc.yaml) does not list: a bug."""
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class BenchmarkConfig(_Strict):
-    """The benchmark: the synthetic default, or the HONES COCO format (section ``coco_import``)."""
+# --- sections -----------------------------------------------------------------------------------
 
-    source: Literal["synthetic", "hones_coco"] = "synthetic"
+
+class SyntheticBenchmarkConfig(_Strict):
+    """The embedded synthetic benchmark (``benchmark.synthetic``), sizes in images."""
+
     seed: int = 0
     image_size: int = Field(64, ge=32, le=512)
     n_images: dict[str, int] = Field(default_factory=lambda: {"train": 8000, "discovery": 200, "dev": 100, "test": 200})
@@ -50,7 +75,7 @@ class BenchmarkConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _hard(self) -> "BenchmarkConfig":
+    def _hard(self) -> "SyntheticBenchmarkConfig":
         if self.retrieval_hard_negatives > self.retrieval_negatives:
             raise ValueError(
                 f"retrieval_hard_negatives ({self.retrieval_hard_negatives}) exceeds "
@@ -59,41 +84,65 @@ class BenchmarkConfig(_Strict):
         return self
 
 
-class TrainedModelConfig(_Strict):
-    """A model that the pipeline trains itself on the benchmark (the embedded default)."""
+class CocoImportConfig(_Strict):
+    """The paper's COCO data (``benchmark.hones_coco``), sizes in images (paper: 7000 / 2000 / 3000,
+    49 negatives). Both paths must lie under ``data/inputs``, the benchmark stage's data dependency,
+    so that editing the JSON or an image reruns the import."""
+
+    json_path: str = "data/inputs/hones_coco.json"
+    image_root: str = "data/inputs/coco_images"
+    seed: int = 0
+    n_discovery: int = Field(7000, ge=0)
+    n_dev: int = Field(2000, ge=0)
+    n_test: int = Field(3000, ge=0)
+    n_negatives: int = Field(49, ge=1)
+    max_images: int | None = Field(None, ge=1)
+
+    @field_validator("json_path", "image_root")
+    @classmethod
+    def _under_inputs(cls, v: str) -> str:
+        if Path(os.path.normpath(v)).parts[:2] != ("data", "inputs"):
+            raise ValueError(f"{v!r} is not under data/inputs/ (the benchmark stage's data dependency); "
+                             "put the file there or link it from there")
+        return v
+
+
+class BenchmarkConfig(_Strict):
+    """``source`` picks which of the two subsections the benchmark stage reads."""
+
+    source: Literal["synthetic", "hones_coco"] = "synthetic"
+    synthetic: SyntheticBenchmarkConfig = Field(default_factory=SyntheticBenchmarkConfig)
+    hones_coco: CocoImportConfig = Field(default_factory=CocoImportConfig)
+
+
+class _ModelLoading(_Strict):
+    """How a model is loaded for analysis: weights dtype and device."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = Field("cpu", pattern=DEVICE_PATTERN)
+
+
+class TrainedModelConfig(_ModelLoading):
+    """A model the pipeline trains (the embedded default). Its architecture and schedule are the
+    library's ``DefaultModelSpec`` fields (one definition); ``image_size`` comes from the benchmark."""
 
     source: Literal["train"] = "train"
-    family: Literal["llava", "idefics3"] = "llava"
-    patch_size: int = Field(16, ge=1)
-    vision_hidden: int = Field(128, ge=8)
-    vision_layers: int = Field(3, ge=1)
-    vision_heads: int = Field(4, ge=1)
-    vision_ffn: int = Field(256, ge=8)
-    text_hidden: int = Field(128, ge=8)
-    text_layers: int = Field(4, ge=1)
-    text_heads: int = Field(4, ge=1)
-    text_kv_heads: int = Field(4, ge=1)
-    text_ffn: int = Field(512, ge=8)
-    vision_warmup_steps: int = Field(600, ge=0)
-    steps: int = Field(3000, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-3, gt=0, le=1)
-    warmup_steps: int = Field(100, ge=0)
-    weight_decay: float = Field(0.01, ge=0)
-    task_weights: dict[str, float] = Field(default_factory=lambda: {t: 1.0 for t in TASKS})
-    seed: int = 0
+    spec: DefaultModelSpec
 
-    @model_validator(mode="after")
-    def _heads(self) -> "TrainedModelConfig":
-        if self.text_hidden % self.text_heads:
-            raise ValueError(f"text_hidden ({self.text_hidden}) must be divisible by text_heads ({self.text_heads})")
-        if self.text_heads % self.text_kv_heads:
-            raise ValueError(f"text_heads ({self.text_heads}) must be divisible by text_kv_heads ({self.text_kv_heads})")
-        if self.vision_hidden % self.vision_heads:
-            raise ValueError(
-                f"vision_hidden ({self.vision_hidden}) must be divisible by vision_heads ({self.vision_heads})"
-            )
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_spec(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "spec" in data:
+            return data
+        own = {"source", "dtype", "device"}
+        unknown = sorted(set(data) - own - set(DEFAULT_MODEL_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown}; allowed: {sorted(own | set(DEFAULT_MODEL_FIELDS))}")
+        spec = {k: v for k, v in data.items() if k not in own}
+        problems = architecture_problems(spec)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return {**{k: v for k, v in data.items() if k in own}, "spec": spec}
 
 
 class PretrainedModelConfig(_Strict):
@@ -103,65 +152,61 @@ class PretrainedModelConfig(_Strict):
     path: str
     revision: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    device: str = "cuda"
+    device: str = Field("auto", pattern=DEVICE_PATTERN)
+
+
+def _model_source(entry: Any) -> str:
+    source = entry.get("source", "train") if isinstance(entry, dict) else getattr(entry, "source", "train")
+    return "pretrained" if source == "pretrained" else "train"
+
+
+# The schema is picked by ``source`` so that errors name that schema's keys, not both.
+ModelConfig = Annotated[
+    Annotated[TrainedModelConfig, Tag("train")] | Annotated[PretrainedModelConfig, Tag("pretrained")],
+    Discriminator(_model_source),
+]
 
 
 class RuntimeConfig(_Strict):
-    """How a stage runs models: threads on CPU, batch size, decoding length."""
+    """How stages run a model.
+
+    ``batch_sequences``: sequences per forward pass, whatever a sequence stands for in the stage
+    (an item under one head condition in ``heads`` and ``dump``, an item with one neuron zeroed in
+    ``ablation``, an item under one mask in ``evaluate``, an item in ``model_quality``). It bounds
+    memory; results do not depend on it.
+    """
 
     threads: int = Field(2, ge=1)
-    batch_size: int = Field(64, ge=1)
+    batch_sequences: int = Field(64, ge=1)
     max_new_tokens: int = Field(24, ge=1, le=512)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "cpu"
 
 
 class ModelQualityConfig(_Strict):
-    models: list[str] | None = None  # default: every entry of trained_models
-    split: Literal["discovery", "dev", "test"] = "test"
+    split: HeldOutSplit = "test"
     max_items: int | None = Field(None, ge=1)
     tasks: list[str] = Field(default_factory=lambda: list(TASKS))
 
-
-def validate_section(model: type[BaseModel], data: Any, section: str) -> BaseModel:
-    """Validate ``data`` (the params.yaml section ``section``) against ``model``.
-
-    Raises ConfigError listing each bad key as ``section.key: message``.
-    """
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"params section {section!r} must be a mapping, got {type(data).__name__}")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"])
-            key = f"{section}.{loc}" if loc else section
-            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
-        raise ConfigError(f"invalid params in section {section!r}:\n" + "\n".join(lines)) from None
-
-
-def params_hash(*configs: BaseModel | dict) -> str:
-    """Short sha256 of the configs' canonical JSON: identifies what produced an artefact."""
-    payload = [c.model_dump(mode="json") if isinstance(c, BaseModel) else c for c in configs]
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: list[str]) -> list[str]:
+        return _known_tasks(v)
 
 
 class HeadsConfig(_Strict):
     """Critical-head localisation. ``top_k`` is read by ``dump`` (selection is cheap; scoring is not)."""
 
-    split: Literal["discovery", "dev", "test"] = "discovery"
+    split: HeldOutSplit = "discovery"
     max_items: int | None = Field(None, ge=1)
     utility: Literal["generative", "teacher_forced"] = "generative"
     top_k: int = Field(4, ge=1)
 
 
 class DumpConfig(_Strict):
-    split: Literal["discovery", "dev", "test"] = "discovery"
+    """``store_dtype``: the dtype of the stored activations z (the model runs in ``models.<m>.dtype``)."""
+
+    split: HeldOutSplit = "discovery"
     max_items: int | None = Field(None, ge=1)
-    dtype: Literal["float16", "float32"] = "float32"
+    store_dtype: Literal["float16", "float32"] = "float32"
     caption_idf: bool = True
     target_chunk_mib: float = Field(1.0, gt=0, le=1024)
 
@@ -170,7 +215,7 @@ class AblationConfig(_Strict):
     """Ground-truth single-neuron ablation (only for models small enough; off for real VLMs)."""
 
     enabled: bool = True
-    split: Literal["discovery", "dev", "test"] = "discovery"
+    split: HeldOutSplit = "discovery"
     max_items: int = Field(16, ge=1)
 
 
@@ -192,7 +237,7 @@ class MasksConfig(_Strict):
 class EvaluateConfig(_Strict):
     """Held-out suppression check."""
 
-    split: Literal["discovery", "dev", "test"] = "test"
+    split: HeldOutSplit = "test"
     max_items: int | None = Field(None, ge=1)
     methods: list[str] | None = None  # default: every method in the masks table
     utility: Literal["generative", "teacher_forced"] = "generative"
@@ -206,10 +251,10 @@ class SteerConfig(_Strict):
     lr: float = Field(5e-4, gt=0, le=1)
     epochs: int = Field(2, ge=1)
     grad_accum: int = Field(4, ge=1)
-    train_batch_size: int = Field(4, ge=1)  # rows per micro-batch while training (runtime.batch_size evaluates)
+    train_batch_size: int = Field(4, ge=1)  # sequences per micro-batch while training the scales
     clamp: float = Field(1.5, gt=0)  # lambda in [-clamp, clamp]
-    train_split: Literal["discovery", "dev", "test"] = "dev"
-    eval_split: Literal["discovery", "dev", "test"] = "test"
+    train_split: HeldOutSplit = "dev"
+    eval_split: HeldOutSplit = "test"
     max_items: int | None = Field(None, ge=1)  # per task and split
     seed: int = 0
     grid: list[float] = Field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 2.0], min_length=1)
@@ -219,8 +264,217 @@ class SteerConfig(_Strict):
     def _splits(self) -> "SteerConfig":
         if self.train_split == self.eval_split:
             raise ValueError(f"train_split and eval_split are both {self.train_split!r}; steering is judged held out")
-        import math
-
         if any(not math.isfinite(s) for s in self.grid):
             raise ValueError(f"grid scales must be finite, got {self.grid}")
         return self
+
+
+def _known_tasks(tasks: list[str]) -> list[str]:
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; known: {list(TASKS)}")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"duplicate task in {tasks}")
+    return tasks
+
+
+# --- the whole file -----------------------------------------------------------------------------
+
+
+class ParamsFile(_Strict):
+    """Every key of params.yaml. Sections left out take their defaults."""
+
+    trained_models: list[str] = Field(default_factory=list)
+    studied_models: list[str] = Field(min_length=1)
+    tasks: list[str] = Field(min_length=1)
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
+    model_quality: ModelQualityConfig = Field(default_factory=ModelQualityConfig)
+    heads: HeadsConfig = Field(default_factory=HeadsConfig)
+    dump: DumpConfig = Field(default_factory=DumpConfig)
+    ablation: AblationConfig = Field(default_factory=AblationConfig)
+    attribute: AttributeConfig = Field(default_factory=AttributeConfig)
+    masks: MasksConfig = Field(default_factory=MasksConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    steer: SteerConfig = Field(default_factory=SteerConfig)
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: list[str]) -> list[str]:
+        return _known_tasks(v)
+
+    @model_validator(mode="after")
+    def _models_defined(self) -> "ParamsFile":
+        for key in ("trained_models", "studied_models"):
+            missing = [m for m in getattr(self, key) if m not in self.models]
+            if missing:
+                raise ValueError(f"{key}: {missing} not defined under 'models'; defined: {sorted(self.models)}")
+        pretrained = [m for m in self.trained_models if isinstance(self.models[m], PretrainedModelConfig)]
+        if pretrained:
+            raise ValueError(f"trained_models: {pretrained} have source 'pretrained': there is nothing to train")
+        return self
+
+
+def _error_lines(exc: ValidationError, prefix: str = "") -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        if len(loc) >= 3 and loc[0] == "models" and loc[2] in ("train", "pretrained"):
+            del loc[2]  # the union's tag
+        key = ".".join([prefix, *loc] if prefix else loc)
+        key = re.sub(r"^(models\.[^.]+)\.spec\.", r"\1.", key)  # the spec nesting is an implementation detail
+        msg = err["msg"].removeprefix("Value error, ")
+        got = f" (got {err['input']!r})" if err["type"] not in ("missing", "value_error") else ""
+        lines.append(f"{key or '<top level>'}: {msg}{got}")
+    return lines
+
+
+def validate_section(model: type[BaseModel], data: Any, section: str) -> BaseModel:
+    """Validate ``data`` (the params section ``section``) against ``model``; ConfigError names each bad key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"params section {section!r} must be a mapping, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("invalid params: " + "; ".join(_error_lines(exc, section))) from None
+
+
+def load_params_file(path: Path) -> ParamsFile:
+    """Parse and validate params.yaml; a YAML syntax error names the file, line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: YAML syntax error: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    try:
+        return ParamsFile.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: invalid params: " + "; ".join(_error_lines(exc))) from None
+
+
+# --- what one stage sees ------------------------------------------------------------------------
+
+
+class StageParams:
+    """Read-only view of a validated ``ParamsFile`` restricted to the keys a stage declares.
+
+    >>> p = read_params("params.yaml", ("heads.split", "models.{model}"), model="tiny-llava")
+    >>> p.heads.split, p.models["tiny-llava"].dtype
+    >>> p.heads.top_k   # UndeclaredParam: not in the declaration
+
+    A declared key covers everything under it (``models.tiny-llava`` covers its ``dtype``).
+    Every read is recorded in ``accessed`` (the graph test checks declared == read).
+    """
+
+    def __init__(self, root: Any, declared: tuple[str, ...], prefix: str = "",
+                 accessed: set[str] | None = None) -> None:
+        self._root = root
+        self._declared = declared
+        self._prefix = prefix
+        self.accessed = accessed if accessed is not None else set()
+
+    def _covered(self, key: str) -> str | None:
+        for d in self._declared:
+            if key == d or key.startswith(d + "."):
+                return d
+        return None
+
+    def _get(self, name: str) -> Any:
+        key = f"{self._prefix}.{name}" if self._prefix else name
+        value = self._root[name] if isinstance(self._root, dict) else getattr(self._root, name)
+        cover = self._covered(key)
+        if cover is not None:
+            self.accessed.add(cover)
+            return value
+        if any(d.startswith(key + ".") for d in self._declared):
+            return StageParams(value, self._declared, key, self.accessed)
+        raise UndeclaredParam(f"params key {key!r} is read but not declared; declared: {list(self._declared)}")
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every declared key under this view and its value (JSON-able): for params hashes and
+        provenance attributes. Counts as reading all of them."""
+        out: dict[str, Any] = {}
+        for key in self._declared:
+            if self._prefix and not key.startswith(self._prefix + "."):
+                continue
+            value: Any = self._root
+            for part in (key[len(self._prefix) + 1:] if self._prefix else key).split("."):
+                value = value[part] if isinstance(value, dict) else getattr(value, part)
+            self.accessed.add(key)
+            out[key] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self._get(name)
+
+    def __getitem__(self, name: str) -> Any:
+        return self._get(name)
+
+
+_PLACEHOLDER = re.compile(r"\{([\w.-]+)\}")
+
+
+def declared_keys(reads: tuple[str, ...], values: Any = None, **names: str) -> tuple[str, ...]:
+    """The stage's declaration with its names filled in, as dvc.yaml resolves them:
+    ``models.{model}`` -> ``models.m`` (a matrix name), ``benchmark.{benchmark.source}`` ->
+    ``benchmark.synthetic`` (a params value, like dvc.yaml's ``${benchmark.source}``)."""
+
+    def fill(match: re.Match) -> str:
+        name = match.group(1)
+        if name in names:
+            return str(names[name])
+        value: Any = values
+        for part in name.split("."):
+            value = value[part] if isinstance(value, dict) else getattr(value, part)
+        return str(value)
+
+    return tuple(_PLACEHOLDER.sub(fill, r) for r in reads)
+
+
+def read_params(path: Path, reads: tuple[str, ...], **names: str) -> StageParams:
+    """Validate the whole params file, then give the stage its declared view of it."""
+    full = load_params_file(path)
+    if "model" in names and names["model"] not in full.models:
+        raise ConfigError(f"model {names['model']!r} is not defined under 'models' in {path}; "
+                          f"defined: {sorted(full.models)}")
+    if "task" in names and names["task"] not in full.tasks:
+        raise ConfigError(f"task {names['task']!r} is not in 'tasks' of {path}: {full.tasks}")
+    view = StageParams(full, declared_keys(reads, full, **names))
+    audit = os.environ.get("HONES_PARAMS_AUDIT")
+    if audit:
+        _AUDITS.append((Path(audit), view))
+    return view
+
+
+_AUDITS: list[tuple[Path, StageParams]] = []
+
+
+def write_params_audit(stage_id: str) -> None:
+    """For the graph test: the keys this process read, as JSON under ``$HONES_PARAMS_AUDIT``."""
+    for folder, view in _AUDITS:
+        folder.mkdir(parents=True, exist_ok=True)
+        record = {"declared": sorted(view._declared), "accessed": sorted(view.accessed)}
+        (folder / f"{stage_id}.json").write_text(json.dumps(record, indent=1))
+
+
+def params_hash(*configs: BaseModel | dict | Any) -> str:
+    """Short sha256 of the configs' canonical JSON: identifies what produced an artefact."""
+    def dump(c: Any) -> Any:
+        if isinstance(c, BaseModel):
+            return c.model_dump(mode="json")
+        return c
+
+    payload = [dump(c) for c in configs]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

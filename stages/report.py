@@ -7,7 +7,10 @@ import pandas as pd
 
 from pipeline.io import write_json
 from pipeline.report.html import Section, build_report
-from stages._common import entry, load_params, parser, studied_models, study_tasks
+from stages._common import entry, parser
+from stages.params import read_params
+
+READS = ("studied_models", "tasks")
 
 
 def _json(path: Path) -> dict:
@@ -22,10 +25,10 @@ def main() -> None:
     p.add_argument("--plots", type=Path, default=Path("plots"))
     p.add_argument("--out", type=Path, required=True, help="the HTML report")
     args = p.parse_args()
-    params = load_params(args.params)
-    models, tasks = studied_models(params), study_tasks(params)
-    quality = _json(args.metrics / "model_quality.json")
-    attribution = _json(args.metrics / "attribution.json")
+    params = read_params(args.params, READS)
+    models, tasks = params.studied_models, params.tasks
+    quality = {m: _json(args.metrics / "model_quality" / f"{m}.json") for m in models}
+    attribution = {m: _json(args.metrics / "attribution" / f"{m}.json") for m in models}
     suppression = {m: _json(args.data / "evaluate" / m / "suppression.json") for m in models}
     steering = {m: _json(args.data / "steer" / m / "steering.json") for m in models}
     write_json({m: s.get("relative_drop", {}) for m, s in suppression.items()}, args.metrics / "suppression.json")
@@ -35,16 +38,16 @@ def main() -> None:
 
     sections = [Section("Model quality", "Generative utility of each model on the held-out test split "
                         "(VQA accuracy, OCR ANLS, caption BLEU-4, retrieval NDCG@5).",
-                        table=pd.DataFrame(quality).T if quality else None)]
+                        table=pd.DataFrame({m: q for m, q in quality.items() if q}).T if any(quality.values()) else None)]
     for m in models:
         sections.append(Section(f"{m}: critical heads", "S_t(l, h) = utility drop when head h of layer l is "
                                 "mean-substituted, on the discovery split; one heatmap per task.",
                                 images=[args.data / "heads" / m / t / "heatmap.png" for t in tasks]))
         sections.append(Section(f"{m}: layers of the selected neurons", "How many of each method's top-rho "
                                 "neurons fall in each layer, per task.",
-                                images=[args.plots / "attribution" / f"{m}_layer_distribution.png"]))
+                                images=[args.plots / "attribution" / m / "layer_distribution.png"]))
         sections.append(Section(f"{m}: overlap of HONES masks", "Jaccard overlap of the tasks' HONES neuron sets.",
-                                images=[args.plots / "attribution" / f"{m}_overlap.png"]))
+                                images=[args.plots / "attribution" / m / "overlap.png"]))
         faith = attribution.get(m, {}).get("faithfulness", {})
         if faith:
             rows = {(t, meth): v for t, d in faith.items() for meth, v in d.items()}

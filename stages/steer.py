@@ -4,10 +4,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.params import ConfigError, SteerConfig
 from pipeline.io import write_json, write_parquet
-from pipeline.outcomes.steering import scales_table, steer_task, steering_summary, steering_table
-from stages._common import entry, load_images, load_items, load_model, load_params, parser, runtime, section, study_tasks
+from pipeline.outcomes.steering import SteeringSettings, scales_table, steer_task, steering_summary, steering_table
+from stages._common import entry, parser
+from stages._load import load_images, load_items, load_model
+from stages.params import ConfigError, read_params
+
+READS = (
+    "steer.beta", "steer.l2", "steer.lr", "steer.epochs", "steer.grad_accum", "steer.train_batch_size",
+    "steer.clamp", "steer.train_split", "steer.eval_split", "steer.max_items", "steer.seed", "steer.grid",
+    "steer.utility",
+    "runtime.threads", "runtime.batch_sequences", "runtime.max_new_tokens",
+    "tasks", "models.{model}",
+)
 
 MASK_METHOD = "hones"
 RANDOM_METHOD = "random"
@@ -26,10 +35,8 @@ def main() -> None:
     p.add_argument("--masks", type=Path, required=True, help="masks Parquet of this model")
     p.add_argument("--out", type=Path, required=True, help="folder: scales.parquet, steering.parquet, steering.json")
     args = p.parse_args()
-    params = load_params(args.params)
-    cfg = section(params, "steer", SteerConfig)
-    rt = runtime(params)
-    tasks = study_tasks(params)
+    params = read_params(args.params, READS, model=args.model)
+    cfg, rt, tasks = params.steer, params.runtime, params.tasks
     if not args.masks.is_file():
         raise ConfigError(f"masks table not found: {args.masks}")
     masks = pd.read_parquet(args.masks)
@@ -50,8 +57,12 @@ def main() -> None:
 
         runs.append(steer_task(
             adapter, task, split_items(cfg.train_split), split_items(cfg.eval_split), images,
-            _neurons(masks, MASK_METHOD, task), _neurons(masks, RANDOM_METHOD, task), cfg,
-            batch_size=rt.batch_size, train_batch_size=cfg.train_batch_size, max_new_tokens=rt.max_new_tokens,
+            _neurons(masks, MASK_METHOD, task), _neurons(masks, RANDOM_METHOD, task),
+            SteeringSettings(beta=cfg.beta, l2=cfg.l2, lr=cfg.lr, epochs=cfg.epochs, grad_accum=cfg.grad_accum,
+                             train_batch_size=cfg.train_batch_size, clamp=cfg.clamp, seed=cfg.seed,
+                             grid=tuple(cfg.grid), utility=cfg.utility, train_split=cfg.train_split,
+                             eval_split=cfg.eval_split),
+            batch_size=rt.batch_sequences, max_new_tokens=rt.max_new_tokens,
         ))
     table = steering_table(runs)
     write_parquet(scales_table(runs), args.out / "scales.parquet")

@@ -2,9 +2,14 @@
 
 from pathlib import Path
 
-from stages.params import BenchmarkConfig, ConfigError, TrainedModelConfig
-from pipeline.model.default_model import DefaultModelSpec, train_default_model
-from stages._common import entry, load_params, model_config, parser, runtime, section
+import torch
+
+from pipeline.model.default_model import train_default_model
+from stages._common import entry, parser
+from stages._load import model_device
+from stages.params import ConfigError, PretrainedModelConfig, read_params
+
+READS = ("models.{model}", "runtime.threads")
 
 
 @entry
@@ -14,14 +19,12 @@ def main() -> None:
     p.add_argument("--benchmark", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
-    params = load_params(args.params)
-    cfg = model_config(params, args.model)
-    if not isinstance(cfg, TrainedModelConfig):
+    params = read_params(args.params, READS, model=args.model)
+    cfg = params.models[args.model]
+    if isinstance(cfg, PretrainedModelConfig):
         raise ConfigError(f"models.{args.model} has source 'pretrained': there is nothing to train")
-    bench = section(params, "benchmark", BenchmarkConfig)
-    fields = cfg.model_dump(exclude={"source"})
-    spec = DefaultModelSpec(name=args.model, image_size=bench.image_size, threads=runtime(params).threads, **fields)
-    train_default_model(spec, args.benchmark, args.out)
+    torch.set_num_threads(params.runtime.threads)
+    train_default_model(cfg.spec, args.benchmark, args.out, name=args.model, device=model_device(params, args.model))
 
 
 if __name__ == "__main__":

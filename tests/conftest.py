@@ -26,7 +26,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.tasks.benchmark import BenchmarkSpec, ImageTable, build_benchmark, read_annotations
+from pipeline.tasks.benchmark import BenchmarkSpec, build_benchmark
+from pipeline.tasks.items import ImageTable, read_annotations
 from pipeline.model.hooks import capture_ffn, substitute_heads
 
 TESTS_DIR = Path(__file__).resolve().parent

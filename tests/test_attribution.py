@@ -17,7 +17,7 @@ from pipeline.method.attribution import (
     importance_matrix,
     task_statistics,
 )
-from pipeline.method.dump import dump_activations
+from pipeline.method.dump import DumpExecution, DumpRequest, DumpStorage, dump_activations
 from pipeline.method.masks import build_masks, faithfulness, mask_layer_budget, mask_size, mask_topk, overlap
 from pipeline.method.store import ActivationStore, StoreLayout
 
@@ -204,8 +204,9 @@ def test_hones_from_store_equals_direct_model_computation(tmp_path, tiny_adapter
     items = discovery_items(annotations, "caption", 6)
     heads = pd.DataFrame({"layer": [0, 1, 1, 0], "head": [1, 3, 0, 2], "score": [0.2, 0.5, -0.3, 0.05]})
     store = dump_activations(
-        a, items, images, heads, tmp_path / "caption.zarr", batch_size=7, dtype="float32", caption_idf=True,
-        attrs={}, params_hash="e2e", target_chunk_bytes=2 * a.num_layers * a.ffn_width * 4,
+        a, DumpRequest(items, images, heads, caption_idf=True), tmp_path / "caption.zarr",
+        DumpStorage(dtype="float32", params_hash="e2e", attrs={}, target_chunk_bytes=2 * a.num_layers * a.ffn_width * 4),
+        DumpExecution(batch_size=7),
     )
     assert store.layout.n_blocks == 3
     got = hones_importance(*(lambda s: (s.mean_contribution, s.head_scores))(task_statistics(store)))

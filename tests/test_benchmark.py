@@ -11,9 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.tasks.benchmark import (
-    COLORS, POSITIONS, PROMPTS, SHAPES, BenchmarkError, BenchmarkSpec, ImageTable, Scene, SceneObject,
-    build_benchmark, caption_references, hard_negative, read_annotations, sample_scene, vqa_examples,
+    COLORS, POSITIONS, SHAPES, BenchmarkSpec, Scene, SceneObject,
+    build_benchmark, caption_references, hard_negative, sample_scene, vqa_examples,
 )
+from pipeline.tasks.items import PROMPTS, BenchmarkError, ImageTable, read_annotations
 
 SPEC = BenchmarkSpec(seed=3, image_size=48, n_images={"train": 12, "discovery": 5, "dev": 3, "test": 4},
                      vqa_per_image={"train": 2}, retrieval_negatives=5, retrieval_hard_negatives=3)

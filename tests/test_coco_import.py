@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
-from pipeline.tasks.benchmark import ANNOTATION_SCHEMA, PROMPTS, BenchmarkError, ImageTable, read_annotations
-from pipeline.tasks.coco_import import CocoImportConfig, caption_words, import_hones_coco, rank_hard_negatives
-from stages.params import ConfigError, validate_section
+from pipeline.tasks.items import ANNOTATION_SCHEMA, PROMPTS, BenchmarkError, ImageTable, read_annotations
+from pipeline.tasks.coco_import import caption_words, import_hones_coco, rank_hard_negatives
+from stages.params import CocoImportConfig, ConfigError, validate_section
 
 # Image 0's caption overlaps most with 2, then 1, then 3 (Jaccard 4/7 > 4/8 > 2/10), none with the rest.
 CAPTIONS = [
@@ -235,28 +235,34 @@ def test_failed_import_keeps_previous_output(tmp_path):
 
 
 def test_config_and_stage(tmp_path, monkeypatch):
-    json_path, images, _ = make_dataset(tmp_path)
+    # Paths are relative to the repository root, under data/inputs (the stage's data dependency).
+    monkeypatch.chdir(tmp_path)
+    json_path, images, _ = make_dataset(Path("data/inputs"))
     section = {"json_path": str(json_path), "image_root": str(images), "seed": 3,
                "n_discovery": 2, "n_dev": 2, "n_test": 2, "n_negatives": 1}
-    cfg = validate_section(CocoImportConfig, section, "coco_import")
+    key = "benchmark.hones_coco"
+    cfg = validate_section(CocoImportConfig, section, key)
     assert cfg.max_images is None
-    with pytest.raises(ConfigError, match="coco_import.n_dev"):
-        validate_section(CocoImportConfig, section | {"n_dev": -1}, "coco_import")
-    with pytest.raises(ConfigError, match="coco_import.typo"):
-        validate_section(CocoImportConfig, section | {"typo": 1}, "coco_import")
+    with pytest.raises(ConfigError, match="benchmark.hones_coco.n_dev"):
+        validate_section(CocoImportConfig, section | {"n_dev": -1}, key)
+    with pytest.raises(ConfigError, match="benchmark.hones_coco.typo"):
+        validate_section(CocoImportConfig, section | {"typo": 1}, key)
+    with pytest.raises(ConfigError, match="benchmark.hones_coco.json_path: .* is not under data/inputs/"):
+        validate_section(CocoImportConfig, section | {"json_path": str(tmp_path / "x.json")}, key)
 
     import yaml
 
     from stages import benchmark as benchmark_stage
 
     params = tmp_path / "params.yaml"
-    coco = {"benchmark": {"source": "hones_coco"}}
-    params.write_text(yaml.safe_dump(coco | {"coco_import": section}))
+    study = {"tasks": ["vqa"], "studied_models": ["m"], "models": {"m": {"source": "pretrained", "path": "x"}}}
+    params.write_text(yaml.safe_dump(study | {"benchmark": {"source": "hones_coco", "hones_coco": section}}))
     monkeypatch.setattr(sys, "argv", ["benchmark", "--params", str(params), "--out", str(tmp_path / "st")])
     benchmark_stage.main()
     assert len(read_annotations(tmp_path / "st/annotations.parquet")) == 38
 
-    params.write_text(yaml.safe_dump(coco | {"coco_import": section | {"n_test": 99}}))
+    params.write_text(yaml.safe_dump(study | {"benchmark": {"source": "hones_coco",
+                                                           "hones_coco": section | {"n_test": 99}}}))
     with pytest.raises(SystemExit) as exc:
         benchmark_stage.main()
     assert exc.value.code == 2

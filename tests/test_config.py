@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from stages.params import (
-    BenchmarkConfig, ConfigError, HeadsConfig, TrainedModelConfig, params_hash, validate_section,
+    ConfigError, HeadsConfig, SyntheticBenchmarkConfig, TrainedModelConfig, params_hash, validate_section,
 )
 
 
@@ -28,9 +28,9 @@ def test_out_of_range_is_named() -> None:
     with pytest.raises(ConfigError, match=r"heads\.top_k: Input should be greater than or equal to 1"):
         validate_section(HeadsConfig, {"top_k": 0}, "heads")
     with pytest.raises(ConfigError, match="retrieval_hard_negatives"):
-        validate_section(BenchmarkConfig, {"retrieval_negatives": 2, "retrieval_hard_negatives": 3}, "benchmark")
+        validate_section(SyntheticBenchmarkConfig, {"retrieval_negatives": 2, "retrieval_hard_negatives": 3}, "benchmark")
     with pytest.raises(ConfigError, match="unknown split"):
-        validate_section(BenchmarkConfig, {"n_images": {"validation": 3}}, "benchmark")
+        validate_section(SyntheticBenchmarkConfig, {"n_images": {"validation": 3}}, "benchmark")
     with pytest.raises(ConfigError, match="divisible"):
         validate_section(TrainedModelConfig, {"text_hidden": 130, "text_heads": 4}, "models.m")
 
@@ -50,7 +50,8 @@ def test_stage_stops_before_loading_the_model(tmp_path, monkeypatch, caplog) -> 
     from stages import heads as heads_stage
     import pipeline.model.adapter
 
-    params = {"runtime": {"threads": 1}, "heads": {"top_k": 2, "max_items": -5},
+    params = {"runtime": {"threads": 1}, "heads": {"top_k": 2, "max_items": -5}, "tasks": ["vqa"],
+              "studied_models": ["m"],
               "models": {"m": {"source": "pretrained", "path": str(tmp_path / "no-such-model")}}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
 

@@ -9,10 +9,11 @@ import torch
 
 from conftest import tiny_model_spec
 from pipeline.model.adapter import ModelAdapter
-from pipeline.tasks.benchmark import read_annotations
+from pipeline.tasks.items import read_annotations
 from pipeline.model.default_model import (
-    answer_cross_entropy, benchmark_vocabulary, build_tokenizer, image_word_targets, train_default_model,
+    benchmark_vocabulary, build_tokenizer, image_word_targets, train_default_model,
 )
+from pipeline.model.scoring import answer_cross_entropy
 
 
 def test_tokenizer_covers_the_benchmark(annotations) -> None:
@@ -47,14 +48,14 @@ def test_warm_up_targets_name_image_words(annotations) -> None:
 def test_train_save_and_load_back(benchmark_dir, tmp_path) -> None:
     spec = replace(tiny_model_spec(), steps=3, batch_size=4, vision_warmup_steps=2, warmup_steps=1)
     out = tmp_path / "m"
-    summary = train_default_model(spec, benchmark_dir, out)
+    summary = train_default_model(spec, benchmark_dir, out, name="m")
     assert summary["steps"] == 3 and np.isfinite(summary["final_loss"])
     assert summary["language_model"]["ffn_width"] == spec.text_ffn
     assert not (tmp_path / "m.tmp").exists()
     adapter = ModelAdapter.load(str(out))
     assert adapter.family == "llava" and adapter.num_layers == spec.text_layers
     items = read_annotations(benchmark_dir / "annotations.parquet", splits=("test",), tasks=("vqa",)).head(2)
-    from pipeline.tasks.benchmark import ImageTable
+    from pipeline.tasks.items import ImageTable
 
     images = ImageTable(benchmark_dir / "images.parquet")
     inputs = adapter.build_inputs([images[i] for i in items["image_id"]], items["prompt"].tolist())
@@ -67,12 +68,12 @@ def test_second_family_trains_and_loads(benchmark_dir, tmp_path) -> None:
     spec = replace(tiny_model_spec(), family="idefics3", text_kv_heads=2, steps=2, batch_size=4,
                    vision_warmup_steps=2, warmup_steps=1)
     out = tmp_path / "idefics3"
-    train_default_model(spec, benchmark_dir, out)
+    train_default_model(spec, benchmark_dir, out, name="idefics3")
     adapter = ModelAdapter.load(str(out))
     assert adapter.family == "idefics3"
     assert (adapter.num_layers, adapter.num_heads, adapter.num_kv_heads) == (2, 4, 2)
     assert type(adapter.model.model.text_model).__name__ == "Qwen2Model"
-    from pipeline.tasks.benchmark import ImageTable
+    from pipeline.tasks.items import ImageTable
 
     images = ImageTable(benchmark_dir / "images.parquet")
     items = read_annotations(benchmark_dir / "annotations.parquet", splits=("test",), tasks=("ocr",)).head(2)
@@ -81,3 +82,17 @@ def test_second_family_trains_and_loads(benchmark_dir, tmp_path) -> None:
     assert int((inputs.tensors["input_ids"][0] == image_id).sum()) == (32 // 8) ** 2 // 4
     with torch.no_grad():
         assert torch.isfinite(adapter.model(**inputs.tensors).logits).all()
+
+
+def test_training_is_byte_for_byte_reproducible(benchmark_dir, tmp_path) -> None:
+    """Same spec, same data: every file of the saved folder is identical (no wall-clock time in
+    training.json), so a retrain never invalidates what DVC cached downstream."""
+    spec = replace(tiny_model_spec(), steps=3, batch_size=4, vision_warmup_steps=2, warmup_steps=1)
+    folders = []
+    for run in ("a", "b"):
+        torch.manual_seed(123 if run == "a" else 456)  # the trainer seeds itself; outside state must not matter
+        train_default_model(spec, benchmark_dir, tmp_path / run, name="m")
+        folders.append({p.name: p.read_bytes() for p in sorted((tmp_path / run).iterdir())})
+    assert folders[0].keys() == folders[1].keys() and "training.json" in folders[0]
+    different = [name for name in folders[0] if folders[0][name] != folders[1][name]]
+    assert not different, different

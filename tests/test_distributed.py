@@ -27,11 +27,12 @@ import yaml
 import zarr
 
 from pipeline.method.attribution import attribute, task_statistics
-from pipeline.tasks.benchmark import ImageTable
+from pipeline.tasks.items import ImageTable
 from pipeline.method.distributed import attribute_dask, importance_dask
 from pipeline.method.store import StoreError
-from stages.dump import dump_inputs
-from pipeline.method.dump import dump_activations
+from stages.dump import READS, dump_inputs
+from stages.params import read_params
+from pipeline.method.dump import DumpExecution, DumpRequest, DumpStorage, dump_activations
 from pipeline.method.store import DONE_DIR, ActivationStore, StoreLayout, read_importance, scratch_path
 
 from conftest import TESTS_DIR
@@ -75,9 +76,10 @@ def test_torchrun_two_ranks_equal_single_process(tmp_path, model_dir, benchmark_
     from pipeline.model.adapter import ModelAdapter
 
     params = {
+        "studied_models": ["test-tiny"], "tasks": ["vqa"],
         "models": {"test-tiny": {"source": "pretrained", "path": str(model_dir), "dtype": "float32", "device": "cpu"}},
-        "runtime": {"threads": 2, "batch_size": 4},
-        "dump": {"split": "discovery", "max_items": N_ITEMS, "dtype": "float32", "target_chunk_mib": 1e-6},
+        "runtime": {"threads": 2, "batch_sequences": 4},
+        "dump": {"split": "discovery", "max_items": N_ITEMS, "store_dtype": "float32", "target_chunk_mib": 1e-6},
         "heads": {"top_k": 2},
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -86,23 +88,21 @@ def test_torchrun_two_ranks_equal_single_process(tmp_path, model_dir, benchmark_
     args = Namespace(params=tmp_path / "params.yaml", model="test-tiny", task="vqa", benchmark=benchmark_dir,
                      heads=tmp_path / "scores.parquet", out=tmp_path / "dist" / "vqa.zarr",
                      critical_heads=tmp_path / "dist" / "vqa.heads.parquet")
-    inputs = dump_inputs(yaml.safe_load(args.params.read_text()), args)
-    assert len(inputs["items"]) == N_ITEMS and inputs["heads"]["layer"].tolist() == [1, 1]
+    items, heads, storage = dump_inputs(read_params(args.params, READS, model="test-tiny", task="vqa"), args)
+    assert len(items) == N_ITEMS and heads["layer"].tolist() == [1, 1]
 
     adapter = ModelAdapter.load(str(model_dir), dtype="float32", device="cpu")
     images = ImageTable(benchmark_dir / "images.parquet")
-    kw = dict(batch_size=4, dtype="float32", caption_idf=inputs["caption_idf"], attrs=inputs["attrs"],
-              params_hash=inputs["params_hash"], target_chunk_bytes=inputs["target_chunk_bytes"])
-    reference = dump_activations(adapter, inputs["items"], images, inputs["heads"], tmp_path / "single" / "vqa.zarr",
-                                 **kw)
+    request = DumpRequest(items, images, heads, caption_idf=True)
+    reference = dump_activations(adapter, request, tmp_path / "single" / "vqa.zarr", storage, DumpExecution(batch_size=4))
     assert reference.layout.n_blocks == N_ITEMS  # one item per block: uneven ranks (3 + 2 blocks)
 
     # An earlier, interrupted 3-rank run: "rank 0" wrote blocks 0 and 3, then gave up waiting for the others.
     args.out.parent.mkdir()
     with pytest.raises(StoreError, match="still not done"):
-        dump_activations(adapter, inputs["items"], images, inputs["heads"], args.out, rank=0, world_size=3,
-                         timeout_seconds=0.0, poll_seconds=0.01, **kw)
-    scratch = scratch_path(args.out, inputs["params_hash"])
+        dump_activations(adapter, request, args.out, storage,
+                         DumpExecution(batch_size=4, rank=0, world_size=3, timeout_seconds=0.0, poll_seconds=0.01))
+    scratch = scratch_path(args.out, storage.params_hash)
     assert sorted(int(p.stem) for p in (scratch / DONE_DIR).glob("*.done")) == [0, 3]
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
@@ -119,7 +119,7 @@ def test_torchrun_two_ranks_equal_single_process(tmp_path, model_dir, benchmark_
     assert re.search(r"rank 1/2: 1 of 5 blocks to write", log), log[-3000:]
     assert not scratch.exists()
     store = ActivationStore.open(args.out)
-    assert store.attrs["params_hash"] == reference.attrs["params_hash"] == inputs["params_hash"]
+    assert store.attrs["params_hash"] == reference.attrs["params_hash"] == storage.params_hash
     _assert_same_store(args.out, reference.root)
     assert pd.read_parquet(args.critical_heads)[["layer", "head"]].values.tolist() == [[1, 2], [1, 1]]
     assert torch.get_num_threads() >= 1
@@ -194,7 +194,9 @@ def test_attribute_stage_dask_engine_equals_streaming(tmp_path, random_stores, d
     pd.DataFrame({"layer": pd.Series([], dtype="int64"), "neuron": pd.Series([], dtype="int64"),
                   "effect": pd.Series([], dtype="float64")}).to_parquet(abl / "ocr.parquet")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(
-        {"tasks": ["vqa", "ocr"], "attribute": {"seed": 3, "ape_min_probability": 0.05, "engine": "dask",
+        {"tasks": ["vqa", "ocr"], "studied_models": ["random"], "models": {"random": {"source": "pretrained",
+                                                                                     "path": "unused"}},
+         "attribute": {"seed": 3, "ape_min_probability": 0.05, "engine": "dask",
                                                 "dask_scheduler": dask_cluster.scheduler_address}}))
     out = tmp_path / "attribution.zarr"
     from stages import attribute as attribute_stage

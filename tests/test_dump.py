@@ -17,8 +17,8 @@ import torch
 import zarr
 
 import pipeline.method.dump as dump_module
-from pipeline.tasks.benchmark import IMAGE_SCHEMA, ImageTable
-from pipeline.method.dump import dump_activations, item_targets
+from pipeline.tasks.items import IMAGE_SCHEMA, ImageTable
+from pipeline.method.dump import DumpExecution, DumpRequest, DumpStorage, dump_activations, item_targets
 from pipeline.errors import PipelineError
 from pipeline.method.store import DONE_DIR, ActivationStore, StoreError, StoreLayout
 
@@ -30,11 +30,12 @@ HEADS = pd.DataFrame({"layer": [1, 0, 1], "head": [2, 3, 0], "score": [0.4, -0.1
 ONE_ITEM_PER_BLOCK = 1  # target_chunk_bytes < one item's bytes -> blocks of one item
 
 
-def run_dump(adapter, items, images, out, *, heads=HEADS, params_hash="p", batch_size=5, **kw):
-    kw.setdefault("target_chunk_bytes", 1 << 20)
+def run_dump(adapter, items, images, out, *, heads=HEADS, params_hash="p", batch_size=5, target_chunk_bytes=1 << 20):
     return dump_activations(
-        adapter, items, images, heads, out, batch_size=batch_size, dtype="float32", caption_idf=True,
-        attrs={"model": "test-tiny"}, params_hash=params_hash, **kw,
+        adapter, DumpRequest(items, images, heads, caption_idf=True), out,
+        DumpStorage(dtype="float32", params_hash=params_hash, attrs={"model": "test-tiny"},
+                    target_chunk_bytes=target_chunk_bytes),
+        DumpExecution(batch_size=batch_size),
     )
 
 
@@ -87,9 +88,9 @@ sys.path.insert(0, {tests!r})
 torch.set_num_threads({threads})
 import pandas as pd
 import pipeline.method.dump as dump
-from pipeline.tasks.benchmark import ImageTable
+from pipeline.tasks.items import ImageTable
 from conftest import build_tiny_adapter, discovery_items
-from pipeline.tasks.benchmark import read_annotations
+from pipeline.tasks.items import read_annotations
 
 bench = {bench!r}
 adapter = build_tiny_adapter(bench)
@@ -101,9 +102,10 @@ def slow_capture_block(*args, **kw):  # a slower model: the kill lands while a b
     return original(*args, **kw)
 dump.capture_block = slow_capture_block
 print("start", flush=True)
-dump.dump_activations(adapter, items, ImageTable(bench + "/images.parquet"), heads, __import__("pathlib").Path({out!r}),
-    batch_size=3, dtype="float32", caption_idf=True, attrs={{"model": "test-tiny"}}, params_hash="kill",
-    target_chunk_bytes=1)
+dump.dump_activations(adapter, dump.DumpRequest(items, ImageTable(bench + "/images.parquet"), heads, caption_idf=True),
+    __import__("pathlib").Path({out!r}),
+    dump.DumpStorage(dtype="float32", params_hash="kill", attrs={{"model": "test-tiny"}}, target_chunk_bytes=1),
+    dump.DumpExecution(batch_size=3))
 print("finished", flush=True)
 """
 

@@ -13,12 +13,12 @@ import torch
 import yaml
 
 from pipeline.model.adapter import ModelAdapter
-from stages.params import SteerConfig
 from pipeline.model.hooks import scale_neurons
 from pipeline.io import write_parquet
+from pipeline.model.scoring import model_answer_logprobs
 from pipeline.outcomes.steering import (
     FIXED_AMP_SCALE,
-    answer_logprobs,
+    SteeringSettings,
     VARIANTS,
     apply_steering,
     condition_scales,
@@ -26,8 +26,8 @@ from pipeline.outcomes.steering import (
     scales_table,
     steer_task,
     train_scales,
-    training_rows,
 )
+from pipeline.tasks.items import training_rows
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 torch.set_num_threads(1)
@@ -76,7 +76,7 @@ def test_answer_positions_match_evaluation_logprob(tiny_adapter, images, annotat
     inputs = tiny_adapter.build_inputs([images[i] for i in imgs], prompts, answers)
     assert inputs.answer_mask.sum(1).unique().numel() == 2  # answers of different lengths
     with torch.no_grad():
-        logp, target, mask = answer_logprobs(tiny_adapter, inputs)
+        logp, target, mask = model_answer_logprobs(tiny_adapter, inputs)
     per_row = (logp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * mask).sum(1) / mask.sum(1)
     want = answer_logprob(tiny_adapter, [images[i] for i in imgs], prompts, answers)
     np.testing.assert_allclose(per_row.numpy(), want, rtol=1e-5, atol=1e-5)
@@ -84,8 +84,8 @@ def test_answer_positions_match_evaluation_logprob(tiny_adapter, images, annotat
 
 def test_lambda_starts_at_zero_and_unit_scales_are_no_op(tiny_adapter, images, annotations):
     items = split_items(annotations, "vqa")
-    lam = train_scales(tiny_adapter, items, images, NEURONS, beta=0.5, l2=1e-4, lr=0.0, epochs=1, grad_accum=1,
-                       batch_size=2, seed=0, progress=False)
+    lam = train_scales(tiny_adapter, items, images, NEURONS, SteeringSettings(
+        beta=0.5, l2=1e-4, lr=0.0, epochs=1, grad_accum=1, train_batch_size=2, seed=0), progress=False)
     np.testing.assert_array_equal(lam, np.zeros(len(NEURONS)))
     inputs = answer_batch(tiny_adapter, images, items)
     base = logits(tiny_adapter.model, inputs)
@@ -102,8 +102,8 @@ def test_training_moves_clamps_and_leaves_model_untouched(tiny_adapter, images, 
     adapter = ModelAdapter.from_model(model, tiny_adapter.processor)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     clamp = 0.05
-    lam = train_scales(adapter, split_items(annotations, "vqa"), images, NEURONS, beta=0.5, l2=1e-4, lr=1.0,
-                       epochs=2, grad_accum=1, batch_size=1, clamp=clamp, seed=0, progress=False)
+    lam = train_scales(adapter, split_items(annotations, "vqa"), images, NEURONS, SteeringSettings(
+        beta=0.5, l2=1e-4, lr=1.0, epochs=2, grad_accum=1, train_batch_size=1, clamp=clamp, seed=0), progress=False)
     assert lam.shape == (len(NEURONS),)
     assert np.abs(lam).max() > 0
     assert np.all(np.abs(lam) <= clamp + 1e-7)
@@ -116,9 +116,9 @@ def test_training_moves_clamps_and_leaves_model_untouched(tiny_adapter, images, 
 
 def test_beta_changes_the_learned_scales(tiny_adapter, images, annotations):
     items = split_items(annotations, "caption")
-    kw = dict(l2=0.0, lr=0.05, epochs=2, grad_accum=1, batch_size=1, seed=0, progress=False)
-    with_kl = train_scales(tiny_adapter, items, images, NEURONS, beta=10.0, **kw)
-    no_kl = train_scales(tiny_adapter, items, images, NEURONS, beta=0.0, **kw)
+    kw = dict(l2=0.0, lr=0.05, epochs=2, grad_accum=1, train_batch_size=1, seed=0)
+    with_kl = train_scales(tiny_adapter, items, images, NEURONS, SteeringSettings(beta=10.0, **kw), progress=False)
+    no_kl = train_scales(tiny_adapter, items, images, NEURONS, SteeringSettings(beta=0.0, **kw), progress=False)
     assert np.abs(with_kl).max() > 0 and np.abs(no_kl).max() > 0
     assert not np.allclose(with_kl, no_kl, rtol=0, atol=1e-6)
     assert all(not p.requires_grad for p in tiny_adapter.model.parameters())  # the fixture's flags, restored
@@ -138,9 +138,10 @@ def test_condition_rows_match_scale_neurons(tiny_adapter, images, annotations):
 
 
 def test_steer_task_variants_and_baseline_scale_sets(tiny_adapter, images, annotations):
-    cfg = SteerConfig(epochs=1, grad_accum=1, grid=[0.5, 1.0, 2.0], utility="teacher_forced", seed=0)
+    cfg = SteeringSettings(beta=0.5, l2=1e-4, epochs=1, grad_accum=1, train_batch_size=2, grid=(0.5, 1.0, 2.0),
+                           utility="teacher_forced", seed=0)
     run = steer_task(tiny_adapter, "vqa", split_items(annotations, "vqa"), split_items(annotations, "vqa", "test"),
-                     images, NEURONS, RANDOM, cfg, batch_size=8, train_batch_size=2, max_new_tokens=2)
+                     images, NEURONS, RANDOM, cfg, batch_size=8, max_new_tokens=2)
     assert tuple(run.results) == VARIANTS
     assert run.scales["base"] == {}
     assert run.scales["fixed_amp"] == {nr: FIXED_AMP_SCALE for nr in NEURONS}
@@ -200,7 +201,7 @@ def test_stage_writes_declared_outputs(tiny_adapter, benchmark_dir, tmp_path, mo
         "studied_models": ["tiny"],
         "tasks": tasks,
         "models": {"tiny": {"source": "pretrained", "path": str(model_dir), "dtype": "float32", "device": "cpu"}},
-        "runtime": {"threads": 1, "batch_size": 16, "max_new_tokens": 2},
+        "runtime": {"threads": 1, "batch_sequences": 16, "max_new_tokens": 2},
         "steer": {"epochs": 1, "grad_accum": 1, "train_batch_size": 4, "max_items": 2, "grid": [1.0, 2.0]},
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

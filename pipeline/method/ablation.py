@@ -5,6 +5,10 @@ utility (mean answer log-probability, nats) over a discovery subset; positive = 
 helps the task. Each batch row zeroes its own neuron (``hooks.ablate_neurons_per_row``), so
 one forward pass ablates ``batch_size`` neurons. Cost: L * I * n_items rows, so it is meant
 for models small enough (the embedded default: 2,048 neurons).
+
+- ``neuron_ablation_effects``: effect [layer, neuron] in nats. Prompts and answers are
+  ``pipeline.tasks.items.item_prompts`` / ``teacher_forced_answers``, scored by
+  ``pipeline.model.evaluation.answer_logprob``: the same utility as the teacher-forced heads.
 """
 
 from __future__ import annotations
@@ -15,32 +19,29 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.tasks.benchmark import ImageTable
-from pipeline.method.dump import task_prompts
 from pipeline.model.evaluation import answer_logprob
 from pipeline.model.hooks import ablate_neurons_per_row
+from pipeline.tasks.items import ImageTable, item_prompts, teacher_forced_answers
 
 log = logging.getLogger(__name__)
-
-
-def teacher_forced_answers(items: pd.DataFrame) -> list[str]:
-    """The answer whose log-probability is the utility: first reference; "Yes" for retrieval."""
-    return ["Yes" if t == "retrieval" else str(r[0]) for t, r in zip(items["task"], items["references"])]
 
 
 @torch.no_grad()
 def neuron_ablation_effects(
     adapter, items: pd.DataFrame, images: ImageTable, *, batch_size: int, layers: list[int] | None = None
 ) -> np.ndarray:
-    """effect [layer, neuron] (nats): base utility minus utility with that neuron zeroed."""
+    """effect [layer, neuron] (nats): base utility minus utility with that neuron zeroed.
+
+    ``layers``: the layers to ablate (default all); the other layers' rows are NaN.
+    """
     from tqdm import tqdm
 
     items = items.reset_index(drop=True)
-    prompts = task_prompts(items)
+    prompts = item_prompts(items)
     answers = teacher_forced_answers(items)
     imgs = [images[i] for i in items["image_id"]]
     L, I = adapter.num_layers, adapter.ffn_width
-    layers = list(range(L)) if layers is None else layers
+    layers = list(range(L)) if layers is None else adapter.check_layers(layers, "neuron_ablation_effects")
     neurons = [(l, i) for l in layers for i in range(I)]
     base = np.array([answer_logprob(adapter, [imgs[k]], [prompts[k]], [answers[k]])[0] for k in range(len(items))])
     effect = np.full((L, I), np.nan)

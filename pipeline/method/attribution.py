@@ -17,24 +17,42 @@ Every method yields a [layer, neuron] importance matrix per task (higher = more 
   ``hones``, which makes it the floor the paper compares against.
 - ``ablation``: ground truth from ``pipeline.method.ablation`` (not computed here).
 
-``StreamingContributions`` holds float64 running sums, so memory is bounded by one block of
-the store (``ActivationStore.iter_blocks``) whatever the number of items; its ``state_dict``
-round-trips for resumption and for merging partial sums computed elsewhere (dask, ranks).
+Map of this module:
+- ``STORE_METHODS``: the methods computed from the stores, in the order of the importance array.
+- ``StreamingContributions``: float64 running sums, so memory is bounded by one block of the
+  store (``ActivationStore.iter_blocks``) whatever the number of items; its ``state_dict``
+  round-trips for resumption and for merging partial sums computed elsewhere (dask, ranks).
+- ``accumulate`` / ``task_statistics``: one streaming pass over a store -> ``TaskStatistics``
+  (``TaskStatistics.from_sums``: the means plus the store's head scores).
+- ``hones_importance`` / ``ape_scores``: the formulas above.
+- ``importance_matrix`` / ``with_ground_truth`` / ``attribute``: every method for every task,
+  [method, task, layer, neuron].
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
+from pipeline.errors import PipelineError
 from pipeline.method.store import ActivationStore
 
 log = logging.getLogger(__name__)
 
 STORE_METHODS = ("hones", "hones_nohead", "ma", "ap", "ape", "random")
-METHODS = (*STORE_METHODS, "ablation")
+
+
+class MethodScores(NamedTuple):
+    """Every neuron's importance under each method for each task: ``scores`` [method, task,
+    layer, neuron] (float32) with its coordinates ``methods`` and ``tasks``. Unpacks as
+    ``methods, tasks, scores = ...``."""
+
+    methods: list[str]
+    tasks: list[str]
+    scores: np.ndarray
 
 
 class StreamingContributions:
@@ -60,6 +78,7 @@ class StreamingContributions:
         self.n_items += z.shape[1]
 
     def merge(self, other: "StreamingContributions") -> None:
+        """Add ``other``'s sums (computed over other items of the same store) to these."""
         self.contribution_sum += other.contribution_sum
         self.activation_sum += other.activation_sum
         self.positive_count += other.positive_count
@@ -81,7 +100,7 @@ class StreamingContributions:
 
     def _check(self) -> None:
         if self.n_items == 0:
-            raise ValueError("no items were added: the store is empty")
+            raise PipelineError("no items were added: the store is empty")
 
     def mean_contribution(self) -> np.ndarray:
         """cbar [condition, layer, neuron]: mean DVP contribution (logit units)."""
@@ -89,10 +108,12 @@ class StreamingContributions:
         return self.contribution_sum / self.n_items
 
     def mean_activation(self) -> np.ndarray:
+        """[layer, neuron]: mean z of the base condition."""
         self._check()
         return self.activation_sum / self.n_items
 
     def activation_probability(self) -> np.ndarray:
+        """[layer, neuron]: fraction of items with z > 0 in the base condition."""
         self._check()
         return self.positive_count / self.n_items
 
@@ -115,7 +136,7 @@ def hones_importance(mean_contribution: np.ndarray, head_scores: np.ndarray) -> 
     base, heads = mean_contribution[0], mean_contribution[1:]
     w = np.maximum(np.asarray(head_scores, dtype=np.float64), 0.0)
     if heads.shape[0] != w.shape[0]:
-        raise ValueError(f"{heads.shape[0]} head conditions but {w.shape[0]} head scores")
+        raise PipelineError(f"{heads.shape[0]} head conditions but {w.shape[0]} head scores")
     if w.sum() <= 0:
         log.warning("no critical head has a positive score: falling back to the plain DVP contribution")
         return base.copy()
@@ -145,30 +166,30 @@ class TaskStatistics:
     head_scores: np.ndarray  # [condition - 1]
     n_items: int
 
+    @classmethod
+    def from_sums(cls, stats: StreamingContributions, store: ActivationStore) -> "TaskStatistics":
+        """The means of ``stats`` (summed over ``store``'s items) with the store's head scores."""
+        return cls(
+            stats.mean_contribution(), stats.mean_activation(), stats.activation_probability(),
+            store.head_scores(), stats.n_items,
+        )
+
 
 def task_statistics(store: ActivationStore, items_per_block: int | None = None) -> TaskStatistics:
-    stats = accumulate(store, items_per_block)
-    return _statistics(stats, store)
-
-
-def _statistics(stats: StreamingContributions, store: ActivationStore) -> TaskStatistics:
-    head_scores = np.array([s for _, _, s in store.conditions()[1:]], dtype=np.float64)
-    return TaskStatistics(
-        stats.mean_contribution(), stats.mean_activation(), stats.activation_probability(), head_scores,
-        stats.n_items,
-    )
+    """``TaskStatistics`` of one store, in one streaming pass (``accumulate``)."""
+    return TaskStatistics.from_sums(accumulate(store, items_per_block), store)
 
 
 def importance_matrix(
     statistics: dict[str, TaskStatistics], *, seed: int, ape_min_probability: float
-) -> tuple[list[str], list[str], np.ndarray]:
+) -> MethodScores:
     """(methods, tasks, scores [method, task, layer, neuron]) for ``STORE_METHODS``."""
     tasks = list(statistics)
     if not tasks:
-        raise ValueError("no task statistics to attribute")
+        raise PipelineError("no task statistics to attribute")
     shapes = {t: s.mean_activation.shape for t, s in statistics.items()}
     if len(set(shapes.values())) != 1:
-        raise ValueError(f"tasks' stores have different [layer, neuron] shapes: {shapes}")
+        raise PipelineError(f"tasks' stores have different [layer, neuron] shapes: {shapes}")
     L, I = next(iter(shapes.values()))
     out = np.zeros((len(STORE_METHODS), len(tasks), L, I), dtype=np.float32)
     ape = ape_scores(np.stack([statistics[t].activation_probability for t in tasks]), ape_min_probability)
@@ -185,20 +206,20 @@ def importance_matrix(
         }
         for m, method in enumerate(STORE_METHODS):
             out[m, j] = by_method[method]
-    return list(STORE_METHODS), tasks, out
+    return MethodScores(list(STORE_METHODS), tasks, out)
 
 
 def with_ground_truth(
     statistics: dict[str, TaskStatistics], ablation: dict[str, np.ndarray | None], *, seed: int,
     ape_min_probability: float,
-) -> tuple[list[str], list[str], np.ndarray]:
+) -> MethodScores:
     """``importance_matrix`` plus the ``ablation`` slice (NaN for tasks without ground truth)."""
     methods, tasks, scores = importance_matrix(statistics, seed=seed, ape_min_probability=ape_min_probability)
     truth = np.full((1, *scores.shape[1:]), np.nan, dtype=np.float32)
     for j, task in enumerate(tasks):
         if ablation.get(task) is not None:
             truth[0, j] = ablation[task]
-    return [*methods, "ablation"], tasks, np.concatenate([scores, truth])
+    return MethodScores([*methods, "ablation"], tasks, np.concatenate([scores, truth]))
 
 
 def attribute(
@@ -208,7 +229,7 @@ def attribute(
     seed: int,
     ape_min_probability: float,
     items_per_block: int | None = None,
-) -> tuple[list[str], list[str], np.ndarray]:
+) -> MethodScores:
     """All methods for all tasks: (methods, tasks, importance [method, task, layer, neuron]).
 
     One streaming pass per task store. ``ablation[task]`` is the ground-truth effect

@@ -1,5 +1,11 @@
 """Scale-out: multi-process activation dumps (torch.distributed) and distributed attribution (dask).
 
+Map of this module:
+- ``dist_context`` / ``init_process_group`` / ``barrier``: the torch.distributed plumbing of a
+  multi-rank dump (rank, world size, the one start barrier).
+- ``attribute_dask`` / ``importance_dask``: ``task_statistics`` / ``attribute`` with the store
+  reductions done by dask.
+
 Extraction: ``stages.dump`` launched by torchrun runs one rank per process,
 
     torchrun --standalone --nproc_per_node=N -m stages.dump --model M --task T ...   (same arguments)
@@ -33,7 +39,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from pipeline.method.attribution import StreamingContributions, TaskStatistics, with_ground_truth
+from pipeline.errors import PipelineError
+from pipeline.method.attribution import MethodScores, StreamingContributions, TaskStatistics, with_ground_truth
 from pipeline.method.store import ActivationStore
 
 log = logging.getLogger(__name__)
@@ -97,7 +104,7 @@ def attribute_dask(
     single = isinstance(stores, ActivationStore)
     named = {"_": stores} if single else dict(stores)
     if not named:
-        raise ValueError("no stores to attribute")
+        raise PipelineError("no stores to attribute")
     lazy = {task: _dask_sums(store, items_per_chunk) for task, store in named.items()}
     flat = [x for sums in lazy.values() for x in sums]
     computed = dask.compute(*flat, scheduler=client) if client is not None else dask.compute(*flat)
@@ -107,9 +114,7 @@ def attribute_dask(
         stats = StreamingContributions(store.layout.n_conditions, store.layout.n_layers, store.layout.n_neurons)
         stats.load_state_dict({"contribution_sum": contribution, "activation_sum": activation,
                                "positive_count": positive, "n_items": store.layout.n_items})
-        head_scores = np.array([s for _, _, s in store.conditions()[1:]], dtype=np.float64)
-        out[task] = TaskStatistics(stats.mean_contribution(), stats.mean_activation(),
-                                   stats.activation_probability(), head_scores, stats.n_items)
+        out[task] = TaskStatistics.from_sums(stats, store)
     return out["_"] if single else out
 
 
@@ -121,7 +126,7 @@ def importance_dask(
     ape_min_probability: float,
     client=None,
     items_per_chunk: int | None = None,
-) -> tuple[list[str], list[str], np.ndarray]:
+) -> MethodScores:
     """``pipeline.method.attribution.attribute`` with the store reductions done by ``attribute_dask``."""
     statistics = attribute_dask(stores, client=client, items_per_chunk=items_per_chunk)
     return with_ground_truth(statistics, ablation, seed=seed, ape_min_probability=ape_min_probability)

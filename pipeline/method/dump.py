@@ -1,9 +1,13 @@
 """Dumping FFN activations into the activation store (HONES.md section 3, the model-side half).
 
 For each discovery item of a task: the target tokens and their weights (``item_targets``),
-the DVP direction's projection of every neuron's write vector (``dvp``), and z at the last
-prompt token under the base condition and with each critical head mean-substituted
-(``dump_activations``). Everything downstream (attribution, masks) reads only the store.
+the DVP direction's projection of every neuron's write vector (``dvp_projection``), and z at
+the last prompt token (prompts: ``pipeline.tasks.items.item_prompts``) under the base condition
+and with each critical head mean-substituted (``capture_block``, ``dump_activations``).
+Everything downstream (attribution, masks) reads only the store. ``dump_activations`` takes
+three small records: ``DumpRequest`` (what: items, images, heads, target weighting),
+``DumpStorage`` (how it is stored) and ``DumpExecution`` (how this process runs: batch size,
+rank, barrier).
 
 Resumable: blocks already marked done in the scratch store are skipped, and each block's
 computation depends only on its own items (batches never straddle blocks), so an interrupted
@@ -16,29 +20,19 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.tasks.benchmark import ImageTable
 from pipeline.errors import PipelineError
+from pipeline.tasks.items import ImageTable, item_prompts, reference_answer
 from pipeline.model.hooks import capture_ffn, substitute_heads
-from pipeline.method.store import ActivationStore, StoreLayout
+from pipeline.method.store import ActivationStore, StoreIndex, StoreLayout
 
 log = logging.getLogger(__name__)
-
-
-def task_prompts(items: pd.DataFrame) -> list[str]:
-    """Prompts as the model sees them; retrieval items are shown their positive candidate."""
-    out = []
-    for rec in items.itertuples():
-        if rec.task == "retrieval":
-            out.append(rec.prompt.format(candidate=rec.candidates[rec.positive_index]))
-        else:
-            out.append(rec.prompt)
-    return out
 
 
 def item_targets(
@@ -46,9 +40,10 @@ def item_targets(
 ) -> tuple[list[list[int]], list[list[float]]]:
     """Target token ids and weights per item (HONES.md section 3).
 
-    vqa / ocr: the tokens of the first reference answer, weight 1. caption: the distinct tokens
-    of all reference captions, weighted by smoothed IDF over the items' references,
-    idf = log((n + 1) / (df + 1)) + 1 (or 1 without ``caption_idf``). retrieval: "Yes".
+    vqa / ocr: the tokens of ``items.reference_answer`` (the first reference), weight 1. caption:
+    the distinct tokens of ALL reference captions, weighted by smoothed IDF over the items'
+    references, idf = log((n + 1) / (df + 1)) + 1 (or 1 without ``caption_idf``). retrieval: the
+    first token of its reference answer "Yes" (the token whose logit the margin reads).
     Special tokens are dropped; an item left with no target token is an error naming it.
     """
     special = set(tokenizer.all_special_ids)
@@ -59,7 +54,7 @@ def item_targets(
     token_sets: list[list[int]] = []
     for rec in items.itertuples():
         if rec.task == "retrieval":
-            ids = ids_of("Yes")[:1]
+            ids = ids_of(reference_answer(rec))[:1]
         elif rec.task == "caption":
             seen: dict[int, None] = {}
             for ref in rec.references:
@@ -67,7 +62,7 @@ def item_targets(
                     seen.setdefault(t, None)
             ids = list(seen)
         else:
-            ids = ids_of(str(rec.references[0])) if len(rec.references) else []
+            ids = ids_of(reference_answer(rec))
         if not ids:
             raise PipelineError(f"item {rec.item_id!r} ({rec.task}) has an empty target after tokenisation")
         token_sets.append(ids)
@@ -126,70 +121,114 @@ def capture_block(
     return z
 
 
+@dataclass(frozen=True, eq=False)
+class DumpRequest:
+    """What to dump: one task's ``items`` (annotation rows) with their ``images``, under the
+    base condition and under each critical head of ``heads`` (columns layer, head, score)
+    mean-substituted; caption targets IDF-weighted when ``caption_idf`` (``item_targets``)."""
+
+    items: pd.DataFrame
+    images: ImageTable
+    heads: pd.DataFrame
+    caption_idf: bool
+
+
+@dataclass(frozen=True)
+class DumpStorage:
+    """How the store is written: z in ``dtype`` ("float16" or "float32"), chunks of about
+    ``target_chunk_bytes`` of z (``StoreLayout.plan``), the scratch store named by
+    ``params_hash`` (resumed only under the same hash) and ``attrs`` (provenance) in its attributes."""
+
+    dtype: str
+    params_hash: str
+    attrs: dict
+    target_chunk_bytes: int = 1 << 20
+
+
+@dataclass(frozen=True)
+class DumpExecution:
+    """How this process runs: ``batch_size`` (item, condition) rows per forward pass; this
+    process's ``rank`` of ``world_size`` (see ``pipeline.method.distributed``) and the
+    ``barrier`` all ranks meet at once the scratch store exists (None: one process); rank 0
+    polls every ``poll_seconds`` for the other ranks' blocks, giving up after
+    ``timeout_seconds`` (None: never)."""
+
+    batch_size: int
+    rank: int = 0
+    world_size: int = 1
+    barrier: Callable[[], None] | None = None
+    poll_seconds: float = 2.0
+    timeout_seconds: float | None = None
+
+
+def head_conditions(heads: pd.DataFrame) -> list[tuple[int, int, float]]:
+    """(layer, head, head score) per condition: the base condition (-1, -1, nan), then one per
+    row of ``heads`` (columns layer, head, score), in order."""
+    return [(-1, -1, float("nan"))] + [
+        (int(l), int(h), float(s)) for l, h, s in zip(heads["layer"], heads["head"], heads["score"])
+    ]
+
+
+def _scratch_store(out: Path, layout: StoreLayout, index: StoreIndex, attrs: dict, params_hash: str,
+                   execution: DumpExecution) -> ActivationStore:
+    """The scratch store all ranks write into: rank 0 creates or resumes it (which cleans stale
+    scratch dirs and torn files: before anyone writes), then every rank meets at the barrier,
+    then the other ranks open it."""
+    store = None
+    if execution.rank == 0:
+        store = ActivationStore.create_or_resume(out, layout, index.conditions, index.item_ids, index.target_ids,
+                                                 index.target_weights, attrs, params_hash)
+    if execution.barrier is not None:
+        execution.barrier()
+    if execution.rank != 0:
+        store = ActivationStore.open_scratch(out, params_hash, layout)
+    return store
+
+
 def dump_activations(
     adapter,
-    items: pd.DataFrame,
-    images: ImageTable,
-    heads: pd.DataFrame,
+    request: DumpRequest,
     out: Path,
-    *,
-    batch_size: int,
-    dtype: str,
-    caption_idf: bool,
-    attrs: dict,
-    params_hash: str,
-    target_chunk_bytes: int = 1 << 20,
-    rank: int = 0,
-    world_size: int = 1,
-    barrier: Callable[[], None] | None = None,
-    poll_seconds: float = 2.0,
-    timeout_seconds: float | None = None,
+    storage: DumpStorage,
+    execution: DumpExecution,
 ) -> ActivationStore | None:
-    """Write (or resume) the activation store of one task's ``items`` at ``out``.
+    """Write (or resume) the activation store of one task's ``request.items`` at ``out``.
 
-    ``heads``: the critical heads (columns layer, head, score), one condition each after the
-    base condition. With ``world_size > 1`` (see ``pipeline.method.distributed``) every rank calls this
-    with the same inputs: rank 0 creates or resumes the scratch store, all ranks meet at
-    ``barrier``, each writes only the whole blocks dealt to it (``k % world_size == rank``), and
-    rank 0 polls the done markers (no collective at the end: ranks are uneven) and finalizes.
-    Returns the finished store on rank 0, None on the other ranks.
+    One condition per critical head of ``request.heads`` after the base condition. With
+    ``execution.world_size > 1`` (see ``pipeline.method.distributed``) every rank calls this
+    with the same request and storage: rank 0 creates or resumes the scratch store, all ranks
+    meet at ``execution.barrier``, each writes only the whole blocks dealt to it
+    (``k % world_size == rank``), and rank 0 polls the done markers (no collective at the end:
+    ranks are uneven) and finalizes. Returns the finished store on rank 0, None on the other ranks.
     """
     from tqdm import tqdm
 
     out = Path(out)
+    rank, world_size = execution.rank, execution.world_size
     if not 0 <= rank < world_size:
         raise PipelineError(f"rank {rank} is outside world size {world_size}")
-    items = items.reset_index(drop=True)
+    items = request.items.reset_index(drop=True)
     if items.empty:
         raise PipelineError(f"no items to dump for {out}")
-    target_ids, target_weights = item_targets(adapter.tokenizer, items, caption_idf=caption_idf)
-    row_heads: list[tuple[int, int] | None] = [None] + [(int(l), int(h)) for l, h in zip(heads["layer"], heads["head"])]
-    conditions = [(-1, -1, float("nan"))] + [
-        (int(l), int(h), float(s)) for l, h, s in zip(heads["layer"], heads["head"], heads["score"])
-    ]
-    layout = StoreLayout.plan(len(conditions), len(items), adapter.num_layers, adapter.ffn_width, dtype,
-                              target_chunk_bytes)
-    store = None
-    if rank == 0:
-        # Creating or resuming cleans stale scratch dirs and torn files: before anyone writes.
-        store = ActivationStore.create_or_resume(
-            out, layout, conditions, items["item_id"].tolist(), target_ids, target_weights,
-            {**attrs, "task": str(items["task"].iloc[0]), "caption_idf": caption_idf}, params_hash,
-        )
-    if barrier is not None:
-        barrier()
-    if rank != 0:
-        store = ActivationStore.open_scratch(out, params_hash, layout)
-    prompts = task_prompts(items)
+    target_ids, target_weights = item_targets(adapter.tokenizer, items, caption_idf=request.caption_idf)
+    conditions = head_conditions(request.heads)
+    row_heads: list[tuple[int, int] | None] = [None] + [(l, h) for l, h, _ in conditions[1:]]
+    layout = StoreLayout.plan(len(conditions), len(items), adapter.num_layers, adapter.ffn_width, storage.dtype,
+                              storage.target_chunk_bytes)
+    index = StoreIndex(conditions, items["item_id"].tolist(), target_ids, target_weights)
+    attrs = {**storage.attrs, "task": str(items["task"].iloc[0]), "caption_idf": request.caption_idf}
+    store = _scratch_store(out, layout, index, attrs, storage.params_hash, execution)
+
+    prompts = item_prompts(items)
     pending = store.pending_blocks(rank, world_size)
     log.info("rank %d/%d: %d of %d blocks to write", rank, world_size, len(pending), layout.n_blocks)
     for k in tqdm(pending, desc=f"dump {out.name} (rank {rank})", leave=False):
         sl = layout.block(k)
-        imgs = [images[i] for i in items["image_id"].iloc[sl]]
-        z = capture_block(adapter, imgs, prompts[sl], row_heads, batch_size)
+        imgs = [request.images[i] for i in items["image_id"].iloc[sl]]
+        z = capture_block(adapter, imgs, prompts[sl], row_heads, execution.batch_size)
         dvp = dvp_projection(adapter, target_ids[sl], target_weights[sl])
         store.write_block(k, z, dvp)
     if rank != 0:
         return None
-    store.wait_until_done(poll_seconds, timeout_seconds)
+    store.wait_until_done(execution.poll_seconds, execution.timeout_seconds)
     return store.finalize()

@@ -10,20 +10,21 @@ forwards instead of L*H+1 passes over the split.
   intervened, metric, utility).
 - ``score_heads_naive``: one head at a time, the reference the tests compare against.
 - ``top_heads``: the K_h heads with the highest score.
-- ``plot_head_scores``: layer x head heatmap PNG.
+
+The layer x head heatmap of the scores is ``pipeline.report.plots.plot_head_scores``.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pipeline.tasks.benchmark import ImageTable
+from pipeline.errors import PipelineError
 from pipeline.model.evaluation import evaluate_task
 from pipeline.model.hooks import substitute_heads
+from pipeline.tasks.items import ImageTable
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ HEAD_COLUMNS = ("layer", "head", "score", "baseline", "intervened", "metric", "u
 
 
 def all_heads(n_layers: int, n_heads: int) -> list[tuple[int, int]]:
+    """Every (layer, head) pair, layer-major."""
     return [(l, h) for l in range(n_layers) for h in range(n_heads)]
 
 
@@ -98,29 +100,6 @@ def score_heads_naive(
 def top_heads(scores: pd.DataFrame, k: int) -> pd.DataFrame:
     """The ``k`` highest-scoring heads (ties broken by layer, then head), with their rank."""
     if k < 1:
-        raise ValueError(f"top_k must be >= 1, got {k}")
+        raise PipelineError(f"top_k must be >= 1, got {k}")
     top = scores.sort_values(["score", "layer", "head"], ascending=[False, True, True], kind="stable").head(k)
     return top.assign(rank=np.arange(1, len(top) + 1, dtype=np.int32)).reset_index(drop=True)
-
-
-def plot_head_scores(scores: pd.DataFrame, path: Path, title: str) -> None:
-    """Layer x head heatmap of S_t (diverging colour map centred on 0)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    L, H = int(scores["layer"].max()) + 1, int(scores["head"].max()) + 1
-    grid = np.full((L, H), np.nan)
-    grid[scores["layer"], scores["head"]] = scores["score"]
-    vmax = float(np.nanmax(np.abs(grid))) or 1.0
-    fig, ax = plt.subplots(figsize=(max(4, 0.35 * H + 2), max(3, 0.3 * L + 1.5)))
-    im = ax.imshow(grid, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto", origin="lower")
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, label=f"S = P(base) - P(head substituted) [{scores['metric'].iloc[0]}]")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -16,13 +16,15 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
+from pipeline.errors import PipelineError
+
 MASK_COLUMNS = ("method", "task", "rank", "layer", "neuron", "score")
 
 
 def mask_size(n_layers: int, n_neurons: int, rho: float) -> int:
     """Number of neurons in a top-``rho`` mask (at least 1)."""
     if not 0 < rho <= 1:
-        raise ValueError(f"rho must be in (0, 1], got {rho}")
+        raise PipelineError(f"masks: rho must be in (0, 1], got {rho}")
     # round() first: rho * n is computed in binary floating point, e.g. 0.07 * 100 = 7.000000000000001,
     # whose plain ceil would select one neuron too many.
     return max(1, math.ceil(round(rho * n_layers * n_neurons, 6)))

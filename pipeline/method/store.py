@@ -32,11 +32,19 @@ The store is built under ``<path>.partial-<params hash>/`` and renamed to ``<pat
 ``finalize`` once every block is marked done, so a half-written store is never read as done,
 and a scratch directory made under different params is never resumed.
 Group attributes carry provenance (model, params hash, code version) and the layout.
+
+Map of this module:
+- ``StoreLayout``: sizes, chunking and write blocks of one store (``plan``).
+- ``StoreIndex``: the item and condition arrays of a new store (checked, padded, written).
+- ``ActivationStore``: ``create_or_resume`` / ``open_scratch`` / ``write_block`` / ``finalize``
+  (writing, resumable; a new scratch store is made by ``_create``) and ``open`` /
+  ``iter_blocks`` / ``conditions`` / ``head_scores`` / ``targets`` (reading).
+- ``write_importance`` / ``read_importance`` (an ``ImportanceArray``): the attribution array
+  [method, task, layer, neuron].
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -44,11 +52,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import zarr
 
 from pipeline.errors import PipelineError
+from pipeline.io import atomic_directory, replace_directory
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +146,97 @@ def scratch_path(path: Path, params_hash: str) -> Path:
     return path.with_name(f"{path.name}.partial-{params_hash}")
 
 
+@dataclass(frozen=True)
+class StoreIndex:
+    """The small arrays of a store, as given to ``create_or_resume``.
+
+    ``conditions``: (layer, head, head score) per condition, the base condition first as
+    (-1, -1, nan). ``item_ids``, ``target_ids``, ``target_weights``: per item, its id and its
+    target token ids and their weights (ragged lists of equal lengths per item).
+    """
+
+    conditions: list[tuple[int, int, float]]
+    item_ids: list[str]
+    target_ids: list[list[int]]
+    target_weights: list[list[float]]
+
+    def check(self, layout: StoreLayout) -> None:
+        """``StoreError`` unless the counts match ``layout`` and every item has a non-empty
+        target with one weight per token."""
+        n, C = layout.n_items, layout.n_conditions
+        if len(self.item_ids) != n or len(self.target_ids) != n or len(self.target_weights) != n:
+            raise StoreError(
+                f"layout has {n} items but got {len(self.item_ids)} ids, {len(self.target_ids)} target lists, "
+                f"{len(self.target_weights)} weight lists"
+            )
+        if len(self.conditions) != C:
+            raise StoreError(f"layout has {C} conditions but {len(self.conditions)} were described")
+        for iid, ids, w in zip(self.item_ids, self.target_ids, self.target_weights):
+            if len(ids) == 0:
+                raise StoreError(f"item {iid!r} has an empty target: no token to project onto")
+            if len(ids) != len(w):
+                raise StoreError(f"item {iid!r}: {len(ids)} target ids but {len(w)} weights")
+
+    def padded_targets(self) -> tuple[np.ndarray, np.ndarray]:
+        """(target_ids [item, T] int32 padded with -1, target_weights [item, T] float32 padded
+        with 0), T the longest target."""
+        n, T = len(self.target_ids), max(len(t) for t in self.target_ids)
+        tid = np.full((n, T), -1, dtype=np.int32)
+        tw = np.zeros((n, T), dtype=np.float32)
+        for k, (ids, w) in enumerate(zip(self.target_ids, self.target_weights)):
+            tid[k, : len(ids)] = ids
+            tw[k, : len(w)] = w
+        return tid, tw
+
+    def write(self, group: zarr.Group) -> None:
+        """Create and fill the item and condition arrays (see the module docstring's table) in ``group``."""
+        tid, tw = self.padded_targets()
+        conditions = self.conditions
+        small = {
+            "item_id": (np.array(self.item_ids, dtype=object), ("item",), str),
+            "target_ids": (tid, ("item", "target_token"), "int32"),
+            "target_weights": (tw, ("item", "target_token"), "float32"),
+            "condition_layer": (np.array([c[0] for c in conditions], dtype=np.int32), ("condition",), "int32"),
+            "condition_head": (np.array([c[1] for c in conditions], dtype=np.int32), ("condition",), "int32"),
+            "condition_head_score": (np.array([c[2] for c in conditions], dtype=np.float64), ("condition",),
+                                     "float64"),
+        }
+        for name, (data, dims, dtype) in small.items():
+            arr = group.create_array(name, shape=data.shape, chunks=data.shape, dtype=dtype, dimension_names=dims)
+            arr[...] = data
+
+
+def _create_activation_arrays(group: zarr.Group, layout: StoreLayout) -> None:
+    """Create the empty (fill 0, uncompressed) ``z`` [condition, item, layer, neuron] and ``dvp``
+    [item, layer, neuron] arrays, chunked (and sharded) along items as ``layout`` plans."""
+    C, n, L, I = layout.n_conditions, layout.n_items, layout.n_layers, layout.n_neurons
+    group.create_array(
+        "z", shape=(C, n, L, I), chunks=(1, layout.chunk_items, L, I),
+        shards=(1, layout.block_items, L, I) if layout.sharded else None,
+        dtype=layout.dtype, compressors=None, fill_value=0, dimension_names=Z_DIMS,
+        attributes={"units": "FFN activation (input of down_proj) at the last prompt token"},
+    )
+    group.create_array(
+        "dvp", shape=(n, L, I), chunks=(layout.chunk_items, L, I),
+        shards=(layout.block_items, L, I) if layout.sharded else None,
+        dtype="float32", compressors=None, fill_value=0, dimension_names=("item", "layer", "neuron"),
+        attributes={"units": "<W_down[:, i], u_y>: logit-space write per unit of activation"},
+    )
+
+
+def _store_attrs(attrs: dict, layout: StoreLayout, params_hash: str) -> dict:
+    """The group attributes of a new scratch store: the caller's ``attrs`` (provenance), then
+    the format version, params hash, layout, dimension names and ``complete`` False."""
+    return {
+        **attrs,
+        "format_version": FORMAT_VERSION,
+        "params_hash": params_hash,
+        "layout": asdict(layout),
+        "dimensions": {"z": list(Z_DIMS), "dvp": ["item", "layer", "neuron"]},
+        "complete": False,
+    }
+
+
 class ActivationStore:
     """Read and write one task's activation store.
 
@@ -192,74 +293,26 @@ class ActivationStore:
                 return store
             log.warning("scratch store %s is unreadable or has another layout; starting afresh", scratch)
             shutil.rmtree(scratch)
-        return cls._create(scratch, path, layout, conditions, item_ids, target_ids, target_weights, attrs,
-                           params_hash)
+        return cls._create(scratch, path, layout, StoreIndex(conditions, item_ids, target_ids, target_weights),
+                           _store_attrs(attrs, layout, params_hash))
 
     @classmethod
-    def _create(cls, scratch, path, layout, conditions, item_ids, target_ids, target_weights, attrs, params_hash):
-        n, C = layout.n_items, layout.n_conditions
-        if len(item_ids) != n or len(target_ids) != n or len(target_weights) != n:
-            raise StoreError(
-                f"layout has {n} items but got {len(item_ids)} ids, {len(target_ids)} target lists, "
-                f"{len(target_weights)} weight lists"
-            )
-        if len(conditions) != C:
-            raise StoreError(f"layout has {C} conditions but {len(conditions)} were described")
-        for iid, ids, w in zip(item_ids, target_ids, target_weights):
-            if len(ids) == 0:
-                raise StoreError(f"item {iid!r} has an empty target: no token to project onto")
-            if len(ids) != len(w):
-                raise StoreError(f"item {iid!r}: {len(ids)} target ids but {len(w)} weights")
-        tmp = scratch.with_name(scratch.name + ".init")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        group = zarr.open_group(str(tmp), mode="w")
-        L, I = layout.n_layers, layout.n_neurons
-        group.create_array(
-            "z", shape=(C, n, L, I), chunks=(1, layout.chunk_items, L, I),
-            shards=(1, layout.block_items, L, I) if layout.sharded else None,
-            dtype=layout.dtype, compressors=None, fill_value=0, dimension_names=Z_DIMS,
-            attributes={"units": "FFN activation (input of down_proj) at the last prompt token"},
-        )
-        group.create_array(
-            "dvp", shape=(n, L, I), chunks=(layout.chunk_items, L, I),
-            shards=(layout.block_items, L, I) if layout.sharded else None,
-            dtype="float32", compressors=None, fill_value=0, dimension_names=("item", "layer", "neuron"),
-            attributes={"units": "<W_down[:, i], u_y>: logit-space write per unit of activation"},
-        )
-        T = max(len(t) for t in target_ids)
-        tid = np.full((n, T), -1, dtype=np.int32)
-        tw = np.zeros((n, T), dtype=np.float32)
-        for k, (ids, w) in enumerate(zip(target_ids, target_weights)):
-            tid[k, : len(ids)] = ids
-            tw[k, : len(w)] = w
-        small = {
-            "item_id": (np.array(item_ids, dtype=object), ("item",), str),
-            "target_ids": (tid, ("item", "target_token"), "int32"),
-            "target_weights": (tw, ("item", "target_token"), "float32"),
-            "condition_layer": (np.array([c[0] for c in conditions], dtype=np.int32), ("condition",), "int32"),
-            "condition_head": (np.array([c[1] for c in conditions], dtype=np.int32), ("condition",), "int32"),
-            "condition_head_score": (np.array([c[2] for c in conditions], dtype=np.float64), ("condition",),
-                                     "float64"),
-        }
-        for name, (data, dims, dtype) in small.items():
-            arr = group.create_array(name, shape=data.shape, chunks=data.shape, dtype=dtype, dimension_names=dims)
-            arr[...] = data
-        group.attrs.update(
-            {
-                **attrs,
-                "format_version": FORMAT_VERSION,
-                "params_hash": params_hash,
-                "layout": asdict(layout),
-                "dimensions": {"z": list(Z_DIMS), "dvp": ["item", "layer", "neuron"]},
-                "complete": False,
-            }
-        )
-        (tmp / DONE_DIR).mkdir()
-        tmp.rename(scratch)
+    def _create(cls, scratch: Path, path: Path, layout: StoreLayout, index: "StoreIndex",
+                attrs: dict) -> "ActivationStore":
+        """A new, empty scratch store at ``scratch`` (to be finalized to ``path``): built in a
+        temporary sibling and renamed (``pipeline.io.atomic_directory``), so a crash never leaves
+        a half-made scratch store."""
+        index.check(layout)
+        with atomic_directory(scratch) as tmp:
+            group = zarr.open_group(str(tmp), mode="w")
+            _create_activation_arrays(group, layout)
+            index.write(group)
+            group.attrs.update(attrs)
+            (tmp / DONE_DIR).mkdir()
         log.info(
             "created %s: %d conditions x %d items x %d layers x %d neurons (%s), %d blocks of %d items, %.1f MiB",
-            scratch, C, n, L, I, layout.dtype, layout.n_blocks, layout.block_items, layout.nbytes() / 2**20,
+            scratch, layout.n_conditions, layout.n_items, layout.n_layers, layout.n_neurons, layout.dtype,
+            layout.n_blocks, layout.block_items, layout.nbytes() / 2**20,
         )
         return cls(scratch, path, zarr.open_group(str(scratch), mode="r+"))
 
@@ -327,9 +380,7 @@ class ActivationStore:
             raise StoreError(f"{self.root}: blocks {missing[:10]} are not written yet; cannot finalize")
         shutil.rmtree(self.root / DONE_DIR, ignore_errors=True)
         self.group.attrs["complete"] = True
-        if self.final_path.exists():
-            shutil.rmtree(self.final_path)
-        self.root.rename(self.final_path)
+        replace_directory(self.root, self.final_path)
         return ActivationStore.open(self.final_path)
 
     # --- reading ------------------------------------------------------------------------------
@@ -343,7 +394,14 @@ class ActivationStore:
             hint = (f"an unfinished build exists at {partial[0]}; re-run the dump stage to finish it" if partial
                     else "run the dump stage to build it")
             raise StoreError(f"no activation store at {path}: {hint}")
-        group = zarr.open_group(str(path), mode="r")
+        try:
+            group = zarr.open_group(str(path), mode="r")
+            for name in group.array_keys():  # parse every array's metadata now, not mid-stream
+                group[name]
+        except (ValueError, KeyError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+            raise StoreError(f"activation store {path} has unreadable metadata ({type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())[:200]}); restore it with `dvc checkout {path}` "
+                             "or re-run the dump stage") from None
         if not group.attrs.get("complete", False):
             raise StoreError(f"activation store {path} is not complete; re-run the dump stage")
         if group.attrs.get("format_version") != FORMAT_VERSION:
@@ -362,6 +420,7 @@ class ActivationStore:
         return [str(s) for s in self.group["item_id"][:]]
 
     def conditions(self) -> list[tuple[int, int, float]]:
+        """(layer, head, head score S_t) per condition; the base condition is (-1, -1, nan)."""
         return list(
             zip(
                 self.group["condition_layer"][:].tolist(),
@@ -369,6 +428,10 @@ class ActivationStore:
                 self.group["condition_head_score"][:].tolist(),
             )
         )
+
+    def head_scores(self) -> np.ndarray:
+        """[condition - 1] float64: the head score S_t of each critical-head condition (base excluded)."""
+        return np.array([s for _, _, s in self.conditions()[1:]], dtype=np.float64)
 
     def targets(self) -> tuple[np.ndarray, np.ndarray]:
         """(target_ids [item, token] with -1 padding, target_weights [item, token])."""
@@ -380,17 +443,13 @@ class ActivationStore:
         z, dvp = self.group["z"], self.group["dvp"]
         for s in range(0, self.layout.n_items, step):
             sl = slice(s, min(self.layout.n_items, s + step))
-            yield ItemBlock(sl, np.asarray(z[:, sl], dtype=np.float32), np.asarray(dvp[sl], dtype=np.float32))
-
-
-def describe(path: Path) -> str:
-    """A one-paragraph description of a store, for logs and the CLI."""
-    s = ActivationStore.open(path)
-    lay = s.layout
-    return json.dumps(
-        {"path": str(path), "layout": asdict(lay), "conditions": s.conditions(), "model": s.attrs.get("model")},
-        indent=1,
-    )
+            try:
+                block = ItemBlock(sl, np.asarray(z[:, sl], dtype=np.float32), np.asarray(dvp[sl], dtype=np.float32))
+            except (ValueError, OSError) as exc:  # a truncated chunk cannot be decoded or reshaped
+                raise StoreError(f"activation store {self.root}: items {sl.start}-{sl.stop - 1} cannot be read "
+                                 f"({' '.join(str(exc).split())[:200]}); restore it with "
+                                 f"`dvc checkout {self.root}` or re-run the dump stage") from None
+            yield block
 
 
 # --- the attribution array --------------------------------------------------------------------
@@ -403,28 +462,34 @@ def write_importance(path: Path, methods: list[str], tasks: list[str], importanc
     path = Path(path)
     if importance.shape[:2] != (len(methods), len(tasks)):
         raise StoreError(f"importance has shape {importance.shape}, expected ({len(methods)}, {len(tasks)}, L, I)")
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    group = zarr.open_group(str(tmp), mode="w")
-    M, T, L, I = importance.shape
-    arr = group.create_array(
-        "importance", shape=importance.shape, chunks=(1, 1, L, I), dtype="float32", compressors=None,
-        fill_value=np.nan, dimension_names=IMPORTANCE_DIMS,
-        attributes={"units": "method-specific; higher = more important to the task"},
-    )
-    arr[...] = importance.astype(np.float32)
-    for name, values in (("method", methods), ("task", tasks)):
-        coord = group.create_array(name, shape=(len(values),), chunks=(len(values),), dtype=str,
-                                   dimension_names=(name,))
-        coord[...] = np.array(values, dtype=object)
-    group.attrs.update({**attrs, "format_version": FORMAT_VERSION, "dimensions": list(IMPORTANCE_DIMS)})
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
+    with atomic_directory(path) as tmp:
+        group = zarr.open_group(str(tmp), mode="w")
+        M, T, L, I = importance.shape
+        arr = group.create_array(
+            "importance", shape=importance.shape, chunks=(1, 1, L, I), dtype="float32", compressors=None,
+            fill_value=np.nan, dimension_names=IMPORTANCE_DIMS,
+            attributes={"units": "method-specific; higher = more important to the task"},
+        )
+        arr[...] = importance.astype(np.float32)
+        for name, values in (("method", methods), ("task", tasks)):
+            coord = group.create_array(name, shape=(len(values),), chunks=(len(values),), dtype=str,
+                                       dimension_names=(name,))
+            coord[...] = np.array(values, dtype=object)
+        group.attrs.update({**attrs, "format_version": FORMAT_VERSION, "dimensions": list(IMPORTANCE_DIMS)})
 
 
-def read_importance(path: Path) -> tuple[list[str], list[str], np.ndarray, dict]:
+class ImportanceArray(NamedTuple):
+    """The attribution array read back: ``importance`` [method, task, layer, neuron] (float32),
+    its coordinates ``methods`` and ``tasks``, and its group ``attrs``. Unpacks as
+    ``methods, tasks, importance, attrs = ...``."""
+
+    methods: list[str]
+    tasks: list[str]
+    importance: np.ndarray
+    attrs: dict
+
+
+def read_importance(path: Path) -> ImportanceArray:
     """(methods, tasks, importance [method, task, layer, neuron], attrs)."""
     path = Path(path)
     if not (path / "zarr.json").is_file():
@@ -432,4 +497,4 @@ def read_importance(path: Path) -> tuple[list[str], list[str], np.ndarray, dict]
     group = zarr.open_group(str(path), mode="r")
     methods = [str(s) for s in group["method"][:]]
     tasks = [str(s) for s in group["task"][:]]
-    return methods, tasks, np.asarray(group["importance"][...]), dict(group.attrs)
+    return ImportanceArray(methods, tasks, np.asarray(group["importance"][...]), dict(group.attrs))

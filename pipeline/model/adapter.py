@@ -7,7 +7,8 @@ Map of this module:
   attention output projection (o_proj, whose input is the concatenation of the H head outputs)
   and the FFN down projection (down_proj / fc2, whose input is the neuron vector z) of each
   layer, the unembedding and the final norm; and turns (image, prompt[, answer]) triples into
-  left-padded model inputs with the processor's own chat template.
+  left-padded model inputs with the processor's own chat template. ``check_layers`` /
+  ``check_heads`` / ``check_neurons``: the one range check of (layer, index) arguments.
 
 Everything is found generically (``get_decoder().layers``, ``self_attn.o_proj|out_proj|dense``,
 ``mlp.down_proj|fc2``, head counts from the text config); the per-family tables below only say
@@ -18,6 +19,7 @@ Layers are looked up only under the language model, never in the vision tower, w
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +111,10 @@ class ModelInputs:
         return self.answer_mask[:, 1:], self.input_ids[:, 1:]
 
 
+def _prefix(context: str) -> str:
+    return f"{context}: " if context else ""
+
+
 def _get_path(obj: Any, path: str) -> Any:
     for part in path.split("."):
         obj = getattr(obj, part, None)
@@ -130,6 +136,26 @@ def _width_in(module: nn.Module) -> int | None:
     if width is None and isinstance(getattr(module, "weight", None), torch.Tensor):
         width = module.weight.shape[1]
     return None if width is None else int(width)
+
+
+def _answer_tensors(ans: list[int], ids_dtype: torch.dtype, mask_dtype: torch.dtype,
+                    answer_type: int) -> dict[str, torch.Tensor]:
+    """What one answer of ``len(ans)`` tokens appends to each per-token tensor (``_SEQUENCE_KEYS``):
+    its ids, attention 1, token type ``answer_type`` and multimodal token type 0."""
+    return {
+        "input_ids": torch.tensor(ans, dtype=ids_dtype),
+        "attention_mask": torch.ones(len(ans), dtype=mask_dtype),
+        "token_type_ids": torch.full((len(ans),), answer_type, dtype=torch.long),
+        "mm_token_type_ids": torch.zeros(len(ans), dtype=torch.long),
+    }
+
+
+def _left_pad(rows: list[torch.Tensor], total: int, value: int, dtype: torch.dtype) -> torch.Tensor:
+    """[len(rows), total] of ``dtype``: each 1-d row right-aligned, ``value`` to its left."""
+    padded = torch.full((len(rows), total), value, dtype=dtype)
+    for r, row in enumerate(rows):
+        padded[r, total - len(row):] = row
+    return padded
 
 
 @dataclass(eq=False)
@@ -291,10 +317,50 @@ class ModelAdapter:
                 return p.dtype
         return torch.float32
 
+    # ------------------------------------------------------------------ index checks
+    def check_layers(self, layers: Iterable[int], context: str = "") -> list[int]:
+        """``layers`` as ints, each checked to be a decoder layer in [0, num_layers).
+
+        Raises ``AdapterError`` naming ``context`` (e.g. the caller, a row) and the bad layer.
+        """
+        out = [int(l) for l in layers]
+        for l in out:
+            if not 0 <= l < self.num_layers:
+                raise AdapterError(f"{_prefix(context)}layer {l} out of range [0, {self.num_layers})")
+        return out
+
+    def check_heads(
+        self, heads: Iterable[tuple[int, int]], context: str = "", *, distinct: bool = False
+    ) -> list[tuple[int, int]]:
+        """(layer, head) pairs as ints, each checked against num_layers x num_heads (and, with
+        ``distinct``, none given twice). Raises ``AdapterError`` naming ``context`` and the pair."""
+        return self._check_pairs(heads, self.num_heads, "head", context, distinct)
+
+    def check_neurons(
+        self, neurons: Iterable[tuple[int, int]], context: str = "", *, distinct: bool = False
+    ) -> list[tuple[int, int]]:
+        """(layer, neuron) pairs as ints, each checked against num_layers x ffn_width (and, with
+        ``distinct``, none given twice). Raises ``AdapterError`` naming ``context`` and the pair."""
+        return self._check_pairs(neurons, self.ffn_width, "neuron", context, distinct)
+
+    def _check_pairs(
+        self, pairs: Iterable[tuple[int, int]], n_units: int, unit: str, context: str, distinct: bool
+    ) -> list[tuple[int, int]]:
+        out = [(int(l), int(i)) for l, i in pairs]
+        seen: set[tuple[int, int]] = set()
+        for l, i in out:
+            if not (0 <= l < self.num_layers and 0 <= i < n_units):
+                raise AdapterError(f"{_prefix(context)}{unit} ({l}, {i}) out of range: "
+                                   f"{self.num_layers} layers x {n_units} {unit}s")
+            if distinct:
+                if (l, i) in seen:
+                    raise AdapterError(f"{_prefix(context)}{unit} ({l}, {i}) given twice")
+                seen.add((l, i))
+        return out
+
     # ------------------------------------------------------------------ modules
     def _layer(self, layer: int) -> nn.Module:
-        if not 0 <= layer < self.num_layers:
-            raise IndexError(f"layer {layer} out of range [0, {self.num_layers})")
+        (layer,) = self.check_layers([layer])
         return self.layers[layer]
 
     def _attention(self, layer: int) -> nn.Module:
@@ -383,10 +449,10 @@ class ModelAdapter:
         [pad..., prompt..., answer..., eos]: the answer is tokenised on its own (no special
         tokens) and eos is the tokenizer's eos token (omitted with ``append_eos=False``); the
         answer_mask covers the answer tokens and eos. Tensors are on the model's device, float
-        tensors in the model's dtype.
+        tensors in the model's dtype. Steps: ``_encode_prompts``, then (with answers)
+        ``_answer_token_ids`` and ``_append_answers``, then ``_to_model``.
         """
         proc = self._require_processor()
-        tok = self.tokenizer
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images for {len(prompts)} prompts: give one image per prompt")
         if answers is not None and len(answers) != len(prompts):
@@ -394,6 +460,18 @@ class ModelAdapter:
         if not prompts:
             raise ValueError("build_inputs needs at least one row")
 
+        tensors = self._encode_prompts(proc, images, prompts)
+        if answers is None:
+            bsz, seq = tensors["input_ids"].shape
+            last = torch.full((bsz,), seq - 1, dtype=torch.long)
+            return self._to_model(ModelInputs(tensors, last, None))
+        return self._to_model(self._append_answers(tensors, self._answer_token_ids(answers, append_eos)))
+
+    def _encode_prompts(self, proc: Any, images: list[Any], prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The processor's left-padded output for one image + formatted prompt per row, on the CPU:
+        input_ids [B, S], attention_mask [B, S] (all ones when the processor gives none) and the
+        family's other model inputs; non-input outputs (``_DROP_KEYS``) are dropped."""
+        tok = self.tokenizer
         texts = [self.format_prompt(p) for p in prompts]
         kwargs: dict[str, Any] = {}
         bos = getattr(tok, "bos_token", None)
@@ -404,49 +482,47 @@ class ModelAdapter:
         batch = proc(images=[[im] for im in images], text=texts, padding=True, padding_side="left",
                      return_tensors="pt", **kwargs)
         tensors = {k: v for k, v in batch.items() if k not in _DROP_KEYS and isinstance(v, torch.Tensor)}
-        ids = tensors["input_ids"]
         if "attention_mask" not in tensors:
-            tensors["attention_mask"] = torch.ones_like(ids)
-        mask = tensors["attention_mask"]
-        if not bool(mask[:, -1].all()):
+            tensors["attention_mask"] = torch.ones_like(tensors["input_ids"])
+        if not bool(tensors["attention_mask"][:, -1].all()):
             raise AdapterError(f"processor {type(proc).__name__} did not left-pad its output")
+        return tensors
 
-        bsz, seq = ids.shape
-        if answers is None:
-            last = torch.full((bsz,), seq - 1, dtype=torch.long)
-            return self._to_model(ModelInputs(tensors, last, None))
-
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    def _answer_token_ids(self, answers: list[str], append_eos: bool) -> list[list[int]]:
+        """Per answer: its token ids (tokenised on its own, no special tokens), then eos if asked
+        for and the tokenizer has one."""
+        tok = self.tokenizer
         eos = [tok.eos_token_id] if append_eos and tok.eos_token_id is not None else []
+        return [list(tok(answer, add_special_tokens=False)["input_ids"]) + eos for answer in answers]
+
+    def _append_answers(self, tensors: dict[str, torch.Tensor], answer_ids: list[list[int]]) -> ModelInputs:
+        """Append each row's answer tokens after its prompt and left-pad again.
+
+        ``tensors``: ``_encode_prompts``' output [B, S] (changed in place); ``answer_ids``: B
+        token lists. Every per-token tensor (``_SEQUENCE_KEYS``) grows to [B, T], T the longest
+        prompt + answer; input_ids are padded with the pad token (else eos, else 0), the others
+        with 0. Returns the inputs (still on the CPU) with ``last_prompt_index`` and ``answer_mask``.
+        """
+        tok = self.tokenizer
+        ids, mask = tensors["input_ids"], tensors["attention_mask"]
+        bsz, seq = ids.shape
         answer_type = _ANSWER_TOKEN_TYPE.get(self.family, 0)
         seq_keys = [k for k in _SEQUENCE_KEYS if k in tensors and tuple(tensors[k].shape[:2]) == (bsz, seq)]
         rows: dict[str, list[torch.Tensor]] = {k: [] for k in seq_keys}
-        answer_lens: list[int] = []
-        for r in range(bsz):
+        for r, ans in enumerate(answer_ids):
             n = int(mask[r].sum())
-            ans = list(tok(answers[r], add_special_tokens=False)["input_ids"]) + eos
-            answer_lens.append(len(ans))
-            extra = {
-                "input_ids": torch.tensor(ans, dtype=ids.dtype),
-                "attention_mask": torch.ones(len(ans), dtype=mask.dtype),
-                "token_type_ids": torch.full((len(ans),), answer_type, dtype=torch.long),
-                "mm_token_type_ids": torch.zeros(len(ans), dtype=torch.long),
-            }
+            extra = _answer_tensors(ans, ids.dtype, mask.dtype, answer_type)
             for k in seq_keys:
                 prompt_part = tensors[k][r, seq - n:]
                 rows[k].append(torch.cat([prompt_part, extra[k].to(prompt_part.dtype)]))
         total = max(len(x) for x in rows["input_ids"])
-        pad_values = {"input_ids": pad_id}
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         for k in seq_keys:
-            padded = torch.full((bsz, total), pad_values.get(k, 0), dtype=tensors[k].dtype)
-            for r, row in enumerate(rows[k]):
-                padded[r, total - len(row):] = row
-            tensors[k] = padded
-        lens = torch.tensor(answer_lens, dtype=torch.long)
+            tensors[k] = _left_pad(rows[k], total, pad_id if k == "input_ids" else 0, tensors[k].dtype)
+        lens = torch.tensor([len(ans) for ans in answer_ids], dtype=torch.long)
         last = total - lens - 1
         positions = torch.arange(total).unsqueeze(0)
-        answer_mask = positions > last.unsqueeze(1)
-        return self._to_model(ModelInputs(tensors, last, answer_mask))
+        return ModelInputs(tensors, last, positions > last.unsqueeze(1))
 
     def _to_model(self, inputs: ModelInputs) -> ModelInputs:
         device, dtype = self.device, self.dtype

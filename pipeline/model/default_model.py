@@ -1,15 +1,24 @@
 """The embedded default VLM: built from transformers configs and trained on the benchmark, on CPU.
 
 Map of this module:
-- ``DefaultModelSpec``: architecture and training hyper-parameters (validated by the stage).
+- ``DefaultModelSpec`` (defined in ``default_spec``): architecture and training schedule.
 - ``build_tokenizer``: a word-level ``tokenizers`` tokenizer over the benchmark vocabulary,
   wrapped as a transformers fast tokenizer with a chat template.
-- ``build_processor`` / ``build_model``: a LLaVA processor (CLIP image processor + tokenizer)
-  and a ``LlavaForConditionalGeneration`` (CLIP vision tower + Llama text model), or a
-  Qwen2-VL-style model for the second family.
+- ``build_processor`` / ``build_model``: the family's processor and a randomly initialised
+  model. ``llava``: a ``LlavaProcessor`` (CLIP image processor + tokenizer) and a
+  ``LlavaForConditionalGeneration`` (CLIP vision tower + 2-layer projector + Llama decoder).
+  ``idefics3``, the second family: an ``Idefics3Processor`` and an
+  ``Idefics3ForConditionalGeneration`` (SigLIP-style vision tower, pixel-shuffle connector,
+  Qwen2 decoder), different from LLaVA in vision encoder, connector and language model.
+- ``warm_up_vision``: trains the vision tower alone first (``image_word_targets``).
 - ``train_default_model``: trains on the benchmark's train split and ``save_pretrained``s
   model + processor into a folder that ``ModelAdapter.load`` (AutoProcessor +
-  AutoModelForImageTextToText) reads like any hub model.
+  AutoModelForImageTextToText) reads like any hub model. Its steps, in order:
+  ``_read_train_split`` -> ``_build_untrained`` -> ``_decode_images`` -> ``warm_up_vision`` ->
+  ``_language_optimizer`` -> ``_train_language_model`` (``_refill_pool``, ``_training_step``)
+  -> ``_training_summary`` -> ``_save_trained``. The examples are
+  ``pipeline.tasks.items.training_examples`` (captions answered with a sampled reference), the
+  loss ``pipeline.model.scoring.answer_cross_entropy``.
 """
 
 from __future__ import annotations
@@ -17,23 +26,25 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.tasks.benchmark import ImageTable, read_annotations
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_directory
+from pipeline.model.default_spec import FAMILIES, DefaultModelSpec
+from pipeline.model.scoring import answer_cross_entropy
+from pipeline.tasks.items import CANDIDATE_SLOT, ImageTable, read_annotations, training_examples
 
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>", "image": "<image>"}
 # Idefics3's processor wraps the image tokens in these; they must be single tokens.
 IDEFICS3_SPECIALS = ("<fake_token_around_image>", "<global-img>", "<end_of_utterance>")
-FAMILIES = ("llava", "idefics3")
 # A LLaVA-1.5-like single-turn template; words are in the vocabulary, so it tokenises exactly.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -49,34 +60,6 @@ CHAT_TEMPLATE = (
 TEMPLATE_WORDS = ("user", "assistant", ":", "yes", "no")
 
 
-@dataclass(frozen=True)
-class DefaultModelSpec:
-    """Architecture (sizes in units of features) and training schedule of the default model."""
-
-    name: str
-    family: str  # "llava"
-    image_size: int
-    patch_size: int
-    vision_hidden: int
-    vision_layers: int
-    vision_heads: int
-    vision_ffn: int
-    text_hidden: int
-    text_layers: int
-    text_heads: int
-    text_kv_heads: int
-    text_ffn: int
-    vision_warmup_steps: int
-    steps: int
-    batch_size: int
-    lr: float
-    warmup_steps: int
-    weight_decay: float
-    task_weights: dict[str, float]
-    seed: int
-    threads: int
-
-
 def benchmark_vocabulary(annotations: pd.DataFrame) -> list[str]:
     """Every word that the benchmark's prompts, answers and candidates use, sorted."""
     from tokenizers.pre_tokenizers import Punctuation, Sequence, WhitespaceSplit
@@ -85,7 +68,7 @@ def benchmark_vocabulary(annotations: pd.DataFrame) -> list[str]:
     words: set[str] = set(TEMPLATE_WORDS)
     texts: list[str] = []
     for rec in annotations.itertuples():
-        texts.append(rec.prompt.replace("{candidate}", " "))
+        texts.append(rec.prompt.replace(CANDIDATE_SLOT, " "))
         texts.extend(rec.references)
         texts.extend(rec.candidates)
     for t in set(texts):
@@ -151,11 +134,12 @@ def build_processor(tokenizer, spec: DefaultModelSpec):
 
 
 def build_model(tokenizer, spec: DefaultModelSpec) -> torch.nn.Module:
-    """A randomly initialised LLaVA: CLIP vision tower + 2-layer projector + Llama decoder."""
+    """A randomly initialised model of ``spec.family``: LLaVA (CLIP vision tower + 2-layer projector +
+    Llama decoder) or Idefics3 (``_build_idefics3``)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     if spec.family not in FAMILIES:
-        raise ValueError(f"default model family {spec.family!r} is not supported; allowed: {FAMILIES}")
+        raise PipelineError(f"default model family {spec.family!r} is not supported; allowed: {FAMILIES}")
     if spec.family == "idefics3":
         return _build_idefics3(tokenizer, spec)
     n_patches = (spec.image_size // spec.patch_size) ** 2
@@ -258,25 +242,6 @@ def patch_features(tower: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor
     return tower(pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
 
 
-def training_examples(annotations: pd.DataFrame, rng: np.random.Generator) -> list[tuple[str, str, str, str]]:
-    """(task, image_id, prompt, answer) tuples for one pass over the train split.
-
-    Captions take one of their references at random; retrieval yields one positive and one
-    negative (hard negatives are drawn as often as they occur among the candidates).
-    """
-    out: list[tuple[str, str, str, str]] = []
-    for rec in annotations.itertuples():
-        if rec.task == "caption":
-            out.append((rec.task, rec.image_id, rec.prompt, str(rng.choice(rec.references))))
-        elif rec.task == "retrieval":
-            neg = [c for i, c in enumerate(rec.candidates) if i != rec.positive_index]
-            out.append((rec.task, rec.image_id, rec.prompt.format(candidate=rec.candidates[rec.positive_index]), "Yes"))
-            out.append((rec.task, rec.image_id, rec.prompt.format(candidate=str(rng.choice(neg))), "No"))
-        else:
-            out.append((rec.task, rec.image_id, rec.prompt, rec.references[0]))
-    return out
-
-
 def image_word_targets(annotations: pd.DataFrame, tokenizer) -> tuple[dict[str, list[int]], dict[str, int]]:
     """Per image: the token ids of every reference answer of its non-retrieval rows (the words a
     description of the image uses: colours, shapes, positions, counts, the written word), and
@@ -359,99 +324,148 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     return {"total": int(total), "language_model": int(lm)}
 
 
-def train_default_model(spec: DefaultModelSpec, benchmark_dir: Path, out_dir: Path, device: str = "cpu") -> dict:
-    """Train the default model on the benchmark's train split and save it to ``out_dir``.
+@dataclass(frozen=True)
+class TrainSplit:
+    """The benchmark as training reads it: ``annotations`` of every split (the vocabulary covers
+    them all), the ``train`` rows trained on, and the ``images`` table (image_id -> PIL image)."""
 
-    Returns a summary (parameters, sizes, train seconds, final loss) that is also written to
-    ``out_dir/training.json``. The folder is written under a temporary name and renamed.
-    """
-    from tqdm import tqdm
+    annotations: pd.DataFrame
+    train: pd.DataFrame
+    images: ImageTable
 
-    from pipeline.model.adapter import ModelAdapter
 
-    torch.set_num_threads(spec.threads)
-    torch.manual_seed(spec.seed)
-    rng = np.random.default_rng(spec.seed)
+@dataclass
+class TrainingCurves:
+    """What the VLM training loop measured, in step order: ``losses`` (mean answer
+    cross-entropy of each step's batch, nats) and ``task_losses`` (task -> every training row's
+    answer cross-entropy, nats)."""
+
+    losses: list[float] = field(default_factory=list)
+    task_losses: dict[str, list[float]] = field(default_factory=dict)
+
+
+def _read_train_split(benchmark_dir: Path) -> TrainSplit:
+    """The benchmark at ``benchmark_dir``; ``PipelineError`` when it has no train rows."""
     benchmark_dir = Path(benchmark_dir)
     annotations = read_annotations(benchmark_dir / "annotations.parquet")
     train = annotations[annotations["split"] == "train"]
     if train.empty:
-        raise ValueError(f"{benchmark_dir}/annotations.parquet has no 'train' rows to train on")
-    images = ImageTable(benchmark_dir / "images.parquet")
+        raise PipelineError(f"{benchmark_dir}/annotations.parquet has no 'train' rows to train on")
+    return TrainSplit(annotations, train, ImageTable(benchmark_dir / "images.parquet"))
 
+
+def _build_untrained(spec: DefaultModelSpec, annotations: pd.DataFrame, device: str):
+    """(model on ``device``, processor) before training: the family's word-level tokenizer over
+    the benchmark vocabulary, its processor, and a model initialised by ``build_model`` (which
+    seeds torch with ``spec.seed`` itself). ``processor.tokenizer`` is that tokenizer."""
     tokenizer = build_tokenizer(benchmark_vocabulary(annotations),
                                 IDEFICS3_SPECIALS if spec.family == "idefics3" else ())
     processor = build_processor(tokenizer, spec)
-    model = build_model(tokenizer, spec).to(device)
-    adapter = ModelAdapter.from_model(model, processor)
-    params = count_parameters(model)
-    log.info("default model %s: %s parameters", spec.name, f"{params['total']:,}")
+    return build_model(tokenizer, spec).to(device), processor
 
-    # Decode each training image once; PNG decoding would otherwise cost as much as a step.
-    decoded = {iid: images[iid] for iid in tqdm(sorted(train["image_id"].unique()), desc="decode images", leave=False)}
 
-    t0 = time.time()
-    warmup_losses = warm_up_vision(
-        model, processor, decoded, image_word_targets(train, tokenizer), steps=spec.vision_warmup_steps,
-        batch_size=spec.batch_size * 2, lr=spec.lr, seed=spec.seed,
-    )
+def _decode_images(images: ImageTable, image_ids: pd.Series) -> dict:
+    """image_id -> decoded PIL image for each distinct id of ``image_ids``, in sorted order.
+
+    Each training image is decoded once; PNG decoding would otherwise cost as much as a step.
+    """
+    from tqdm import tqdm
+
+    return {iid: images[iid] for iid in tqdm(sorted(image_ids.unique()), desc="decode images", leave=False)}
+
+
+def _learning_rate(spec: DefaultModelSpec, step: int) -> float:
+    """Learning rate of VLM step ``step`` (0-based): linear warm-up to ``spec.lr`` over
+    ``spec.warmup_steps`` steps, then cosine decay to 5% of ``spec.lr`` at ``spec.steps``."""
+    if step < spec.warmup_steps:
+        return spec.lr * (step + 1) / spec.warmup_steps
+    frac = (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps)
+    return spec.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def _language_optimizer(model: torch.nn.Module, spec: DefaultModelSpec) -> torch.optim.AdamW:
+    """Freeze the vision tower; AdamW over every parameter still trainable (projector + LM)."""
     # As in LLaVA, the language model learns to read a frozen vision tower; letting the VLM loss
     # reach the tower collapsed its features to an image-independent vector (measured: patch
     # features differing by 1% between images after 1,500 steps) and nothing was learned.
     vision_tower(model).requires_grad_(False)
-    weights = spec.task_weights
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr,
-                                  weight_decay=spec.weight_decay, betas=(0.9, 0.98))
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr,
+                             weight_decay=spec.weight_decay, betas=(0.9, 0.98))
 
-    def lr_at(step: int) -> float:
-        if step < spec.warmup_steps:
-            return spec.lr * (step + 1) / spec.warmup_steps
-        frac = (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps)
-        return spec.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+def _refill_pool(pool: list[tuple[str, str, str, str]], train: pd.DataFrame, spec: DefaultModelSpec,
+                 rng: np.random.Generator) -> None:
+    """When ``pool`` holds fewer than ``spec.batch_size`` examples, append one pass over the
+    train split (``training_examples``) resampled with replacement in proportion to
+    ``spec.task_weights`` (default weight 1). Draws from ``rng``: the pass's draws, then the resampling."""
+    if len(pool) < spec.batch_size:
+        fresh = training_examples(train, rng, caption_reference="sampled")
+        p = np.array([spec.task_weights.get(e[0], 1.0) for e in fresh], dtype=float)
+        take = rng.choice(len(fresh), size=len(fresh), replace=True, p=p / p.sum())
+        pool.extend(fresh[i] for i in take)
+
+
+def _training_step(adapter, optimizer: torch.optim.Optimizer, batch: list[tuple[str, str, str, str]],
+                   decoded: dict, lr: float) -> tuple[float, list[float]]:
+    """One optimiser step at learning rate ``lr`` on ``batch`` ((task, image_id, prompt, answer)
+    rows; images from ``decoded``): the mean answer cross-entropy, gradients clipped to norm 1.
+
+    Returns (the batch's mean loss, each row's loss), in nats, measured before the step.
+    """
+    model = adapter.model
+    inputs = adapter.build_inputs([decoded[b[1]] for b in batch], [b[2] for b in batch], [b[3] for b in batch])
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    logits = model(**inputs.tensors).logits
+    row_loss = answer_cross_entropy(logits, inputs.tensors["input_ids"], inputs.answer_mask, per_row=True)
+    loss = row_loss.mean()
+    row_values = row_loss.detach().tolist()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss.item(), row_values
+
+
+def _train_language_model(adapter, optimizer: torch.optim.Optimizer, spec: DefaultModelSpec, train: pd.DataFrame,
+                          decoded: dict, rng: np.random.Generator, *, name: str) -> TrainingCurves:
+    """``spec.steps`` steps of ``spec.batch_size`` rows drawn in order from a pool that
+    ``_refill_pool`` tops up from ``rng``; the vision tower stays in eval mode (frozen)."""
+    from tqdm import tqdm
 
     pool: list[tuple[str, str, str, str]] = []
-    losses: list[float] = []
-    task_losses: dict[str, list[float]] = {}
-    model.train()
-    vision_tower(model).eval()
-    bar = tqdm(range(spec.steps), desc=f"train {spec.name}")
+    curves = TrainingCurves()
+    adapter.model.train()
+    vision_tower(adapter.model).eval()
+    bar = tqdm(range(spec.steps), desc=f"train {name}")
     for step in bar:
-        if len(pool) < spec.batch_size:
-            fresh = training_examples(train, rng)
-            p = np.array([weights.get(e[0], 1.0) for e in fresh], dtype=float)
-            take = rng.choice(len(fresh), size=len(fresh), replace=True, p=p / p.sum())
-            pool.extend(fresh[i] for i in take)
-        batch, pool = pool[: spec.batch_size], pool[spec.batch_size :]
-        inputs = adapter.build_inputs([decoded[b[1]] for b in batch], [b[2] for b in batch], [b[3] for b in batch])
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(step)
-        logits = model(**inputs.tensors).logits
-        row_loss = answer_cross_entropy(logits, inputs.tensors["input_ids"], inputs.answer_mask, per_row=True)
-        loss = row_loss.mean()
-        for task_name, v in zip((b[0] for b in batch), row_loss.detach().tolist()):
-            task_losses.setdefault(task_name, []).append(v)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
+        _refill_pool(pool, train, spec, rng)
+        batch = pool[: spec.batch_size]
+        del pool[: spec.batch_size]
+        loss, row_losses = _training_step(adapter, optimizer, batch, decoded, _learning_rate(spec, step))
+        for task_name, v in zip((b[0] for b in batch), row_losses):
+            curves.task_losses.setdefault(task_name, []).append(v)
+        curves.losses.append(loss)
         if step % 20 == 0:
-            bar.set_postfix({t: f"{np.mean(v[-100:]):.3f}" for t, v in sorted(task_losses.items())})
-    train_seconds = time.time() - t0
-    model.eval()
-    model.to("cpu")
+            bar.set_postfix({t: f"{np.mean(v[-100:]):.3f}" for t, v in sorted(curves.task_losses.items())})
+    return curves
 
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
+
+def _every_50(values: list[float]) -> list[float]:
+    """Means of consecutive windows of 50 values (the last window may be shorter)."""
+    return [float(np.mean(values[i : i + 50])) for i in range(0, len(values), 50)]
+
+
+def _training_summary(name: str, spec: DefaultModelSpec, model: torch.nn.Module, curves: TrainingCurves,
+                      warmup_losses: list[float]) -> dict:
+    """The ``training.json`` record: sizes, final loss (mean of the last 50 steps), loss curves in
+    windows of 50 steps, final loss per task (last 200 rows), the spec. No wall-clock time: the
+    record is part of a DVC output, and the same training must give the same bytes."""
     text = model.config.text_config
-    summary = {
-        "name": spec.name,
+    return {
+        "name": name,
         "family": spec.family,
-        "parameters": params,
+        "parameters": count_parameters(model),
         "language_model": {
             "layers": text.num_hidden_layers,
             "heads": text.num_attention_heads,
@@ -460,33 +474,68 @@ def train_default_model(spec: DefaultModelSpec, benchmark_dir: Path, out_dir: Pa
             "ffn_width": text.intermediate_size,
             "vocab": text.vocab_size,
         },
-        "train_seconds": round(train_seconds, 1),
         "steps": spec.steps,
-        "final_loss": float(np.mean(losses[-50:])),
-        "loss_curve": [float(np.mean(losses[i : i + 50])) for i in range(0, len(losses), 50)],
-        "vision_warmup_loss": [float(np.mean(warmup_losses[i : i + 50])) for i in range(0, len(warmup_losses), 50)],
-        "final_task_loss": {t: float(np.mean(v[-200:])) for t, v in sorted(task_losses.items())},
+        "final_loss": float(np.mean(curves.losses[-50:])),
+        "loss_curve": _every_50(curves.losses),
+        "vision_warmup_loss": _every_50(warmup_losses),
+        "final_task_loss": {t: float(np.mean(v[-200:])) for t, v in sorted(curves.task_losses.items())},
         "spec": asdict(spec),
     }
-    (tmp / "training.json").write_text(json.dumps(summary, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    log.info("trained %s in %.0f s, final loss %.4f", spec.name, train_seconds, summary["final_loss"])
-    return summary
 
 
-def answer_cross_entropy(
-    logits: torch.Tensor, input_ids: torch.Tensor, answer_mask: torch.Tensor, per_row: bool = False
-) -> torch.Tensor:
-    """Next-token cross-entropy (nats) over answer positions: the mean, or per row [batch].
+def _save_trained(model: torch.nn.Module, processor, summary: dict, out_dir: Path) -> None:
+    """``save_pretrained`` model and processor plus ``training.json`` into ``out_dir``, written
+    under a temporary sibling name and renamed (``pipeline.io.atomic_directory``)."""
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / "training.json").write_text(json.dumps(summary, indent=2))
 
-    logits [batch, seq, vocab]; input_ids and answer_mask [batch, seq]; the logits at position
-    p-1 predict the token at p, so the mask is shifted by one.
+
+def _image_size(data: TrainSplit) -> int:
+    """Side of the square train images (pixels); the processor and the vision tower are built for it."""
+    first = data.train["image_id"].iloc[0]
+    width, height = data.images[first].size
+    if width != height:
+        raise PipelineError(f"{data.images.path}: image {first!r} is {width}x{height}; the default model "
+                            "is built for square images")
+    return width
+
+
+def train_default_model(spec: DefaultModelSpec, benchmark_dir: Path, out_dir: Path, *, name: str,
+                        device: str = "cpu") -> dict:
+    """Train the default model ``name`` on the benchmark's train split and save it to ``out_dir``.
+
+    Returns a summary (parameters, sizes, final loss, loss curves) that is also written to
+    ``out_dir/training.json``. The folder is written under a temporary name and renamed.
+    Steps: read the benchmark, build the untrained model for its image size, decode the train
+    images, warm up the vision tower (``warm_up_vision``), freeze it, train the projector and
+    language model, save. The seeds are set first and every random draw follows in that order,
+    so a spec trains bitwise the same model on the same machine and thread count (the caller
+    sets torch's threads).
     """
-    mask = answer_mask[:, 1:].float()
-    nll = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none"
+    from pipeline.model.adapter import ModelAdapter
+
+    torch.manual_seed(spec.seed)
+    rng = np.random.default_rng(spec.seed)
+    data = _read_train_split(benchmark_dir)
+    spec = replace(spec, image_size=_image_size(data))
+    model, processor = _build_untrained(spec, data.annotations, device)
+    adapter = ModelAdapter.from_model(model, processor)
+    log.info("default model %s: %s parameters", name, f"{count_parameters(model)['total']:,}")
+    decoded = _decode_images(data.images, data.train["image_id"])
+
+    t0 = time.perf_counter()
+    warmup_losses = warm_up_vision(
+        model, processor, decoded, image_word_targets(data.train, processor.tokenizer),
+        steps=spec.vision_warmup_steps, batch_size=spec.batch_size * 2, lr=spec.lr, seed=spec.seed,
     )
-    rows = (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
-    return rows if per_row else rows.mean()
+    optimizer = _language_optimizer(model, spec)
+    curves = _train_language_model(adapter, optimizer, spec, data.train, decoded, rng, name=name)
+    model.eval()
+    model.to("cpu")
+
+    summary = _training_summary(name, spec, model, curves, warmup_losses)
+    _save_trained(model, processor, summary, out_dir)
+    log.info("trained %s in %.0f s, final loss %.4f", name, time.perf_counter() - t0, summary["final_loss"])
+    return summary

@@ -5,11 +5,15 @@ Map of this module:
 - ``UTILITY_KINDS``: "generative" (the paper's metrics) and "teacher_forced" (mean answer
   log-probability, a cheap surrogate that is always reported beside, never instead of, it).
 - ``TaskResult``: one task's utility over a set of items under one condition.
+- ``generate`` / ``answer_logprob`` / ``yes_no_margin``: one batch's greedy answers, mean answer
+  log-probabilities (via ``pipeline.model.scoring``) and retrieval Yes/No margins.
 - ``evaluate_task``: runs a task over items, optionally under several *conditions* at once
   (e.g. one per substituted head). Each example is repeated once per condition inside the
   same batch and ``condition_hooks(conditions_of_rows)`` returns the context manager that
   applies the per-row interventions; this is what lets head localisation batch across heads.
+  Prompts and teacher-forced answers come from ``pipeline.tasks.items``.
 - ``aggregate_utility``: per-item scores and the corpus-level utility for a task.
+- ``evaluate_model_quality``: the generative utility of each task on one split.
 """
 
 from __future__ import annotations
@@ -19,14 +23,23 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 
+from pipeline.errors import PipelineError
+from pipeline.model.scoring import answer_logprobs, mean_answer_logprob
 from pipeline.tasks import metrics
-from pipeline.tasks.benchmark import ImageTable
+from pipeline.tasks.items import (
+    RETRIEVAL_NO,
+    RETRIEVAL_YES,
+    ImageTable,
+    candidate_prompt,
+    item_prompts,
+    teacher_forced_answers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +63,6 @@ class TaskResult:
     utility: float
     per_item: np.ndarray
     predictions: list[str] | None = None
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 def _chunks(n: int, size: int) -> Iterator[slice]:
@@ -62,7 +74,7 @@ def answer_token_id(tokenizer, word: str) -> int:
     """The first token id of ``word`` as the model would write it after the prompt."""
     ids = tokenizer(word, add_special_tokens=False)["input_ids"]
     if not ids:
-        raise ValueError(f"the tokenizer maps {word!r} to no tokens; cannot score retrieval")
+        raise PipelineError(f"the tokenizer maps {word!r} to no tokens; cannot score retrieval")
     return int(ids[0])
 
 
@@ -78,7 +90,7 @@ def aggregate_utility(task: str, predictions: Sequence[str], items: pd.DataFrame
     if task == "caption":
         per = np.array([metrics.sentence_bleu(p, r) for p, r in zip(predictions, refs)])
         return float(metrics.corpus_bleu(list(predictions), refs)), per
-    raise ValueError(f"task {task!r} has no generative metric; known: vqa, ocr, caption (retrieval is ranked)")
+    raise PipelineError(f"task {task!r} has no generative metric; known: vqa, ocr, caption (retrieval is ranked)")
 
 
 def _row_plan(n_items: int, n_conditions: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -110,21 +122,20 @@ def generate(adapter, images: list, prompts: list[str], max_new_tokens: int) -> 
 
 @torch.no_grad()
 def answer_logprob(adapter, images: list, prompts: list[str], answers: list[str]) -> np.ndarray:
-    """Mean log-probability (nats per token) of each answer given image and prompt; [batch]."""
+    """Mean log-probability (nats per token) of each answer (+ eos) given image and prompt; [batch].
+
+    One full forward pass (logits at every position), then ``scoring.mean_answer_logprob``.
+    """
     inputs = adapter.build_inputs(images, prompts, answers=answers)
-    logits = adapter.model(**inputs.tensors).logits.float()
-    logp = torch.log_softmax(logits[:, :-1], dim=-1)
-    target = inputs.tensors["input_ids"][:, 1:]
-    mask = inputs.answer_mask[:, 1:].float()
-    tok = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    return ((tok * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu().numpy()
+    logits = adapter.model(**inputs.tensors).logits
+    return mean_answer_logprob(*answer_logprobs(logits, inputs.input_ids, inputs.answer_mask)).cpu().numpy()
 
 
 @torch.no_grad()
 def yes_no_margin(adapter, images: list, prompts: list[str]) -> np.ndarray:
     """logit("Yes") - logit("No") at the last prompt token; [batch]."""
     tok = adapter.processor.tokenizer
-    yes, no = answer_token_id(tok, "Yes"), answer_token_id(tok, "No")
+    yes, no = answer_token_id(tok, RETRIEVAL_YES), answer_token_id(tok, RETRIEVAL_NO)
     inputs = adapter.build_inputs(images, prompts)
     logits = adapter.model(**inputs.tensors).logits
     rows = torch.arange(logits.shape[0])
@@ -151,24 +162,25 @@ def evaluate_task(
     retrieval a row is one (item, candidate, condition) triple). ``condition_hooks`` receives the
     condition index of every row of a batch and returns a context manager that applies the
     interventions (``None``: no interventions). With ``utility="teacher_forced"`` the score is
-    the mean log-probability of the first reference (retrieval: of "Yes" on the positive pair).
+    the mean log-probability of ``pipeline.tasks.items.reference_answer`` given ``item_prompt``
+    (the first reference; retrieval: "Yes" on the positive pair).
     """
     from tqdm import tqdm
 
     if utility not in UTILITY_KINDS:
-        raise ValueError(f"utility {utility!r} is not one of {UTILITY_KINDS}")
+        raise PipelineError(f"utility {utility!r} is not one of {UTILITY_KINDS}")
     items = items.reset_index(drop=True)
     n = len(items)
     if n == 0:
-        raise ValueError(f"no items to evaluate for task {task!r}")
+        raise PipelineError(f"no items to evaluate for task {task!r}")
     C = n_conditions
 
-    if task == "retrieval":
-        return _evaluate_retrieval(adapter, items, images, batch_size, utility, C, condition_hooks, progress)
+    if task == "retrieval" and utility == "generative":
+        return _evaluate_retrieval(adapter, items, images, batch_size, C, condition_hooks, progress)
 
-    prompts = items["prompt"].tolist()
+    prompts = item_prompts(items)
     image_ids = items["image_id"].tolist()
-    first_ref = [str(r[0]) for r in items["references"]]
+    answers = teacher_forced_answers(items) if utility == "teacher_forced" else []
     preds: list[list[str]] = [[""] * n for _ in range(C)]
     scores = np.zeros((C, n))
     plan = list(_row_plan(n, C, batch_size))
@@ -181,7 +193,7 @@ def evaluate_task(
                 for i, c, text in zip(it, cd, out):
                     preds[c][i] = text
             else:
-                lp = answer_logprob(adapter, imgs, ps, [first_ref[i] for i in it])
+                lp = answer_logprob(adapter, imgs, ps, [answers[i] for i in it])
                 scores[cd, it] = lp
     results = []
     for c in range(C):
@@ -193,24 +205,12 @@ def evaluate_task(
     return results
 
 
-def _evaluate_retrieval(adapter, items, images, batch_size, utility, C, condition_hooks, progress) -> list[TaskResult]:
+def _evaluate_retrieval(
+    adapter, items: pd.DataFrame, images: ImageTable, batch_size: int, C: int,
+    condition_hooks: ConditionHooks | None, progress: str | None,
+) -> list[TaskResult]:
+    """Generative retrieval: NDCG@5 of the Yes/No margins of every candidate; one result per condition."""
     from tqdm import tqdm
-
-    if utility == "teacher_forced":
-        # The surrogate: log-probability of "Yes" on the positive pair only.
-        pos_items = items.copy()
-        pos_items["prompt"] = [
-            p.format(candidate=c[k]) for p, c, k in zip(items["prompt"], items["candidates"], items["positive_index"])
-        ]
-        pos_items["references"] = [["Yes"]] * len(items)
-        pos_items["task"] = "retrieval_positive"
-        res = evaluate_task(
-            adapter, "retrieval_positive", pos_items, images, batch_size=batch_size, utility="teacher_forced",
-            n_conditions=C, condition_hooks=condition_hooks, progress=progress,
-        )
-        for r in res:
-            r.task = "retrieval"
-        return res
 
     # Rows: (item, candidate, condition), item-major so that an image's rows share a batch.
     rows = [
@@ -224,7 +224,7 @@ def _evaluate_retrieval(adapter, items, images, batch_size, utility, C, conditio
                    disable=progress is False):
         batch = rows[sl]
         imgs = [images[items.at[i, "image_id"]] for i, _, _ in batch]
-        prompts = [items.at[i, "prompt"].format(candidate=items.at[i, "candidates"][k]) for i, k, _ in batch]
+        prompts = [candidate_prompt(items.at[i, "prompt"], items.at[i, "candidates"][k]) for i, k, _ in batch]
         with _hooks(condition_hooks, np.array([c for _, _, c in batch])):
             m = yes_no_margin(adapter, imgs, prompts)
         for key, v in zip(batch, m):
@@ -263,7 +263,7 @@ def evaluate_model_quality(
         if max_items is not None:
             items = items.head(max_items)
         if items.empty:
-            raise ValueError(f"no {task!r} items in split {split!r} of the benchmark")
+            raise PipelineError(f"no {task!r} items in split {split!r} of the benchmark")
         res = evaluate_task(adapter, task, items, images, batch_size=batch_size, max_new_tokens=max_new_tokens,
                             progress=f"quality {task}")[0]
         out[task] = round(res.utility, 6)

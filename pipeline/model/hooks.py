@@ -11,6 +11,9 @@ Map of this module:
 - ``condition_scales``: ``evaluate_task`` condition hooks for per-condition neuron scales
   (steering variants run as conditions of the same batches).
 
+(layer, head) and (layer, neuron) arguments are range-checked by ``ModelAdapter.check_heads`` /
+``check_neurons`` (an ``AdapterError``, a ``PipelineError``, naming the row or condition).
+
 All hooks are pre-hooks on modules returned by ``ModelAdapter.attn_out_proj`` /
 ``ModelAdapter.ffn_down_proj`` and are removed when the context exits, also when its body
 raises. Hooks entered later see the inputs as modified by hooks entered earlier on the same
@@ -32,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.model.adapter import ModelAdapter
+from pipeline.model.adapter import AdapterError, ModelAdapter
 
 __all__ = [
     "capture_ffn",
@@ -85,10 +88,11 @@ def _is_pair(entry: Any) -> bool:
     )
 
 
-def _group_rows(row_specs: Sequence[RowSpec], n_layers: int, n_units: int, unit: str) -> dict[int, tuple[list, list]]:
-    """{layer: (rows, units)} from per-row specs, validated."""
+def _group_rows(adapter: ModelAdapter, row_specs: Sequence[RowSpec], unit: str) -> dict[int, tuple[list, list]]:
+    """{layer: (rows, units)} from per-row specs of (layer, ``unit``) pairs ("head" or "neuron"),
+    each row's pairs checked by ``ModelAdapter.check_heads`` / ``check_neurons`` (distinct)."""
+    check = adapter.check_heads if unit == "head" else adapter.check_neurons
     per_layer: dict[int, tuple[list[int], list[int]]] = {}
-    seen: set[tuple[int, int, int]] = set()
     for row, entry in enumerate(row_specs):
         if entry is None:
             continue
@@ -96,14 +100,7 @@ def _group_rows(row_specs: Sequence[RowSpec], n_layers: int, n_units: int, unit:
         for pair in pairs:
             if not _is_pair(pair):
                 raise ValueError(f"row {row}: expected (layer, {unit}) pairs, got {pair!r}")
-            layer, idx = int(pair[0]), int(pair[1])
-            if not 0 <= layer < n_layers:
-                raise ValueError(f"row {row}: layer {layer} out of range [0, {n_layers})")
-            if not 0 <= idx < n_units:
-                raise ValueError(f"row {row}: {unit} {idx} out of range [0, {n_units})")
-            if (row, layer, idx) in seen:
-                raise ValueError(f"row {row}: ({layer}, {idx}) given twice")
-            seen.add((row, layer, idx))
+        for layer, idx in check(pairs, f"row {row}", distinct=True):
             rows, units = per_layer.setdefault(layer, ([], []))
             rows.append(row)
             units.append(idx)
@@ -157,12 +154,9 @@ def capture_ffn(
         dict layer -> float32 Tensor [B, ffn_width], filled by the forward pass run in the
         body (one forward pass per context: a second one overwrites the first).
     """
-    wanted = sorted(set(range(adapter.num_layers) if layers is None else (int(l) for l in layers)))
+    wanted = sorted(set(adapter.check_layers(range(adapter.num_layers) if layers is None else layers, "capture_ffn")))
     if not wanted:
         raise ValueError("capture_ffn: no layers requested")
-    for layer in wanted:
-        if not 0 <= layer < adapter.num_layers:
-            raise ValueError(f"capture_ffn: layer {layer} out of range [0, {adapter.num_layers})")
     last_layer = wanted[-1]
     captured: dict[int, torch.Tensor] = {}
     pos_cache = _DeviceCache(torch.as_tensor(positions, dtype=torch.long).reshape(-1))
@@ -209,8 +203,9 @@ def substitute_heads(adapter: ModelAdapter, row_heads: Sequence[RowSpec]) -> Ite
     """
     n_heads, head_dim = adapter.num_heads, adapter.head_dim
     if n_heads < 2:
-        raise ValueError("substitute_heads needs at least 2 heads (the mean of the others)")
-    per_layer = _group_rows(row_heads, adapter.num_layers, n_heads, "head")
+        raise AdapterError(f"substitute_heads needs at least 2 heads (the mean of the others); "
+                           f"{type(adapter.model).__name__} has {n_heads}")
+    per_layer = _group_rows(adapter, row_heads, "head")
     n_rows = len(row_heads)
 
     def make_hook(rows: list[int], heads: list[int]) -> Callable:
@@ -252,17 +247,13 @@ def scale_neurons(
     width = adapter.ffn_width
     prepared: list[tuple[nn.Module, Callable]] = []
     for layer, (idx, scale) in sorted(scales.items()):
-        if not 0 <= int(layer) < adapter.num_layers:
-            raise ValueError(f"scale_neurons: layer {layer} out of range [0, {adapter.num_layers})")
+        (layer,) = adapter.check_layers([layer], "scale_neurons")
         idx_t = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
-        if idx_t.numel() and (int(idx_t.min()) < 0 or int(idx_t.max()) >= width):
-            raise ValueError(f"scale_neurons: layer {layer}: neuron index out of range [0, {width})")
-        if idx_t.unique().numel() != idx_t.numel():
-            raise ValueError(f"scale_neurons: layer {layer}: repeated neuron indices")
+        adapter.check_neurons([(layer, i) for i in idx_t.tolist()], "scale_neurons", distinct=True)
         scale_t = scale if isinstance(scale, torch.Tensor) else torch.tensor(float(scale))
         if scale_t.dim() > 1 or (scale_t.dim() == 1 and scale_t.numel() not in (1, idx_t.numel())):
             raise ValueError(f"scale_neurons: layer {layer}: {scale_t.numel()} scales for {idx_t.numel()} neurons")
-        prepared.append((adapter.ffn_down_proj(int(layer)), _scale_hook(idx_t, scale_t, width)))
+        prepared.append((adapter.ffn_down_proj(layer), _scale_hook(idx_t, scale_t, width)))
     with _pre_hooks(prepared):
         yield
 
@@ -293,7 +284,7 @@ def scale_neurons_per_row(
             of (layer, neuron) pairs.
         scale: the factor (0 = ablation).
     """
-    per_layer = _group_rows(row_neurons, adapter.num_layers, adapter.ffn_width, "neuron")
+    per_layer = _group_rows(adapter, row_neurons, "neuron")
     n_rows = len(row_neurons)
 
     def make_hook(rows: list[int], neurons: list[int]) -> Callable:
@@ -332,13 +323,10 @@ def condition_scales(
     of 1 leaves z bitwise unchanged, and a row's result equals ``hooks.scale_neurons`` with
     its condition's scales.
     """
-    width, n_layers, C = adapter.ffn_width, adapter.num_layers, len(conditions)
+    width, C = adapter.ffn_width, len(conditions)
     factors: dict[int, torch.Tensor] = {}
     for c, cond in enumerate(conditions):
-        for (layer, neuron), s in cond.items():
-            layer, neuron = int(layer), int(neuron)
-            if not 0 <= layer < n_layers or not 0 <= neuron < width:
-                raise ValueError(f"condition {c}: neuron ({layer}, {neuron}) out of range: {n_layers} layers x {width}")
+        for (layer, neuron), s in zip(adapter.check_neurons(cond.keys(), f"condition {c}"), cond.values()):
             factors.setdefault(layer, torch.ones(C, width))[c, neuron] = float(s)
 
     def make_hook(per_row: torch.Tensor) -> Callable:

@@ -1,0 +1,1 @@
+"""What the masks do: ``suppression`` (zeroing a task's neurons) and ``steering`` (learned scales)."""

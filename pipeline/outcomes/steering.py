@@ -6,15 +6,19 @@ split with answer-token cross-entropy + beta * KL(p_original || p_scaled) on the
 positions + l2 * ||lambda||^2 (AdamW, cosine schedule, gradient accumulation).
 
 Map of this module:
-- ``train_scales``: the learned lambdas of one task's neurons (the model is left unchanged).
+- ``SteeringSettings``: the hyper-parameters (training, grid, utility) and split names.
+- ``train_scales``: the learned lambdas of one task's neurons (the model is left unchanged);
+  one ``_ScaleProblem`` (inputs and loss of a micro-batch) trained by ``_train_epoch``. Its
+  rows are ``pipeline.tasks.items.training_rows``; its log-probabilities
+  ``pipeline.model.scoring.model_answer_logprobs``.
 - ``steer_task``: one task end to end: learned scales and the baselines over the SAME
   neurons (``fixed_amp``: every scale 2.0; ``grid_search``: one uniform scale from the grid
   picked by the task's utility on dev; ``no_kl``: learned with beta = 0), learned scales on
   the ``random`` method's neurons of the task (``random_learned``, same per-layer budget) and
   ``base`` (no intervention), all evaluated on the test split.
-- ``hooks.condition_scales``: per-row scale hooks, so all variants of a task run as conditions of
-  the same evaluation batches (each test example is repeated once per variant inside a batch;
-  one pass over the test items per task, not one per variant).
+  All variants of a task run as conditions of the same evaluation batches
+  (``pipeline.model.hooks.condition_scales``: each test example is repeated once per variant
+  inside a batch; one pass over the test items per task, not one per variant).
 - ``steering_table`` / ``steering_summary`` / ``scales_table``: the long results table, its
   {task: {variant: utility}} JSON and the Parquet of learned scales (task, layer, neuron, scale).
 - ``apply_steering`` / ``load_scales``: the public one-call loader of the learned scales::
@@ -26,12 +30,11 @@ Map of this module:
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +43,8 @@ import torch
 from torch import nn
 
 from pipeline.model.adapter import ModelAdapter
-from pipeline.tasks.benchmark import ImageTable
+from pipeline.model.scoring import model_answer_logprobs, token_logprobs
+from pipeline.tasks.items import ImageTable, training_rows
 from pipeline.errors import PipelineError
 from pipeline.model.evaluation import TaskResult, evaluate_task
 from pipeline.model.hooks import condition_scales, scale_neurons
@@ -52,8 +56,7 @@ __all__ = [
     "FIXED_AMP_SCALE",
     "STEERING_COLUMNS",
     "SCALES_COLUMNS",
-    "training_rows",
-    "answer_logprobs",
+    "SteeringSettings",
     "train_scales",
     "TaskSteering",
     "steer_task",
@@ -73,46 +76,6 @@ Neuron = tuple[int, int]
 
 
 # ---------------------------------------------------------------------------------------------
-def training_rows(items: pd.DataFrame, seed: int) -> tuple[list[str], list[str], list[str]]:
-    """(image_ids, prompts, answers) of the training examples of ``items``.
-
-    vqa / ocr / caption: the prompt and its first reference. retrieval: two rows per item, the
-    positive candidate answered "Yes" and one negative candidate (drawn with ``seed``,
-    uniformly among the item's non-positive candidates) answered "No".
-    """
-    rng = np.random.default_rng(seed)
-    image_ids, prompts, answers = [], [], []
-    for rec in items.itertuples():
-        if rec.task == "retrieval":
-            cands = list(rec.candidates)
-            pos = int(rec.positive_index)
-            negatives = [k for k in range(len(cands)) if k != pos]
-            if not negatives:
-                raise PipelineError(f"retrieval item {rec.item_id!r} has no negative candidate to train on")
-            neg = negatives[int(rng.integers(len(negatives)))]
-            for k, ans in ((pos, "Yes"), (neg, "No")):
-                image_ids.append(rec.image_id)
-                prompts.append(rec.prompt.format(candidate=cands[k]))
-                answers.append(ans)
-        else:
-            if len(rec.references) == 0:
-                raise PipelineError(f"item {rec.item_id!r} ({rec.task}) has no reference to train on")
-            image_ids.append(rec.image_id)
-            prompts.append(rec.prompt)
-            answers.append(str(rec.references[0]))
-    return image_ids, prompts, answers
-
-
-def _validate_neurons(adapter: ModelAdapter, neurons: Sequence[Neuron]) -> list[Neuron]:
-    out = [(int(l), int(n)) for l, n in neurons]
-    if len(set(out)) != len(out):
-        raise ValueError("train_scales: repeated (layer, neuron) pairs")
-    for l, n in out:
-        if not 0 <= l < adapter.num_layers or not 0 <= n < adapter.ffn_width:
-            raise ValueError(f"neuron ({l}, {n}) out of range: {adapter.num_layers} layers x {adapter.ffn_width}")
-    return out
-
-
 def _layer_groups(neurons: Sequence[Neuron]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """layer -> (positions in ``neurons``, neuron indices), both LongTensors."""
     groups: dict[int, tuple[list[int], list[int]]] = {}
@@ -126,44 +89,6 @@ def _layer_groups(neurons: Sequence[Neuron]) -> dict[int, tuple[torch.Tensor, to
 def _scale_map(groups: Mapping[int, tuple[torch.Tensor, torch.Tensor]], scales: torch.Tensor) -> dict:
     """``hooks.scale_neurons`` argument from per-neuron scales (differentiable in ``scales``)."""
     return {l: (idx, scales[pos]) for l, (pos, idx) in groups.items()}
-
-
-_KEEP_CACHE: dict[type, bool] = {}
-
-
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    cls = type(model)
-    if cls not in _KEEP_CACHE:
-        try:
-            _KEEP_CACHE[cls] = "logits_to_keep" in inspect.signature(model.forward).parameters
-        except (TypeError, ValueError):
-            _KEEP_CACHE[cls] = False
-    return _KEEP_CACHE[cls]
-
-
-def _answer_logits(adapter: ModelAdapter, tensors: dict, keep: int) -> torch.Tensor:
-    """float32 logits [B, keep-1, V] of the last ``keep`` positions but the final one.
-
-    Rows are left-padded with the answer at the end, so the answer tokens of every row lie in
-    the last ``keep - 1`` positions and are predicted from the ``keep - 1`` positions before them.
-    """
-    kwargs = dict(tensors)
-    if _accepts_logits_to_keep(adapter.model):
-        kwargs["logits_to_keep"] = keep
-    logits = adapter.model(**kwargs).logits
-    return logits[:, -keep:-1].float()
-
-
-def answer_logprobs(adapter: ModelAdapter, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Log-probabilities over the vocabulary at the answer positions of ``inputs`` (with answers).
-
-    Returns (logp float32 [B, K, V], target ids [B, K], mask float [B, K]): position k predicts
-    token target[:, k]; mask is 1 where that token is an answer token (answer + eos). K is the
-    longest answer of the batch (rows are left-padded, so every answer ends at the last position).
-    """
-    keep = int(inputs.answer_mask.sum(1).max()) + 1
-    logp = torch.log_softmax(_answer_logits(adapter, inputs.tensors, keep), dim=-1)
-    return logp, inputs.input_ids[:, -keep + 1 :], inputs.answer_mask[:, -keep + 1 :].float()
 
 
 @contextmanager
@@ -182,20 +107,121 @@ def _frozen(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+@dataclass(frozen=True, kw_only=True)
+class SteeringSettings:
+    """How steering learns and judges scales (HONES.md section 6); defaults are the paper's.
+
+    ``train_scales`` reads the training fields: ``beta`` (weight of KL(p_original ||
+    p_scaled) on the answer positions; 0 drops the term), ``l2`` (weight of ||lambda||^2),
+    ``lr`` (AdamW peak learning rate), ``epochs`` (passes over the training rows),
+    ``grad_accum`` (micro-batches per optimiser step), ``train_batch_size`` (training rows per
+    micro-batch), ``clamp`` (lambda kept in [-clamp, clamp]) and ``seed`` (the rows' retrieval
+    negatives and the per-epoch shuffles). ``steer_task`` also reads ``grid`` (the uniform
+    scales of the grid-search baseline), ``utility`` ("generative" or "teacher_forced") and
+    ``train_split`` / ``eval_split`` (the names of the splits its items come from: labels only).
+    """
+
+    beta: float
+    l2: float
+    train_batch_size: int
+    seed: int
+    lr: float = 5e-4
+    epochs: int = 2
+    grad_accum: int = 4
+    clamp: float = 1.5
+    grid: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+    utility: str = "generative"
+    train_split: str = "dev"
+    eval_split: str = "test"
+
+
+@dataclass(frozen=True, eq=False)
+class _ScaleProblem:
+    """What one ``train_scales`` run optimises: ``lam`` [neuron] (float32, scales 1 + lam of the
+    neurons that ``groups`` places, see ``_layer_groups``) on the rows (image_ids, prompts,
+    answers) of ``training_rows``, under ``settings``."""
+
+    adapter: ModelAdapter
+    images: ImageTable
+    rows: tuple[list[str], list[str], list[str]]
+    groups: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    lam: nn.Parameter
+    settings: SteeringSettings
+
+    def inputs(self, picked: np.ndarray):
+        """Model inputs (prompt + answer + eos) of the training rows at positions ``picked``."""
+        image_ids, prompts, answers = self.rows
+        return self.adapter.build_inputs([self.images[image_ids[r]] for r in picked], [prompts[r] for r in picked],
+                                         [answers[r] for r in picked])
+
+    def loss(self, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(loss, ce, kl) of one micro-batch, scalars: ce is the mean cross-entropy (nats) over
+        the answer tokens with the neurons scaled, kl the mean over the same positions of
+        KL(p_original || p_scaled) (None when beta = 0: no unscaled forward), and
+        loss = ce + beta * kl + l2 * ||lam||^2."""
+        beta, adapter = self.settings.beta, self.adapter
+        if beta > 0:
+            with torch.no_grad():
+                logp_orig, _, _ = model_answer_logprobs(adapter, inputs)
+        with scale_neurons(adapter, _scale_map(self.groups, 1.0 + self.lam)):
+            logp, target, mask = model_answer_logprobs(adapter, inputs)
+        n_tok = mask.sum().clamp(min=1)
+        ce = -(token_logprobs(logp, target) * mask).sum() / n_tok
+        loss = ce
+        kl = None
+        if beta > 0:
+            kl_tok = (logp_orig.exp() * (logp_orig - logp)).sum(-1)
+            kl = (kl_tok * mask).sum() / n_tok
+            loss = loss + beta * kl
+        loss = loss + self.settings.l2 * self.lam.pow(2).sum()
+        return loss, ce, kl
+
+
+def _cosine_adamw(lam: nn.Parameter, lr: float, total_steps: int):
+    """(AdamW on ``lam`` without weight decay, its schedule): cosine decay from ``lr`` to 0 over
+    ``total_steps`` optimiser steps, no warm-up."""
+    opt = torch.optim.AdamW([lam], lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total_steps) / total_steps))
+    )
+    return opt, sched
+
+
+def _train_epoch(problem: _ScaleProblem, opt: torch.optim.Optimizer, sched, order: np.ndarray, bar) -> dict[str, float]:
+    """One pass over the training rows in ``order`` (a permutation of their positions).
+
+    Micro-batches of ``train_batch_size`` rows; one optimiser and schedule step per
+    ``grad_accum`` micro-batches (and one for the remainder), their losses averaged; lambda
+    clamped after every step. Returns {"ce": sum, "kl": sum} over the micro-batches (nats).
+    """
+    s, lam = problem.settings, problem.lam
+    micro = [order[i : i + s.train_batch_size] for i in range(0, len(order), s.train_batch_size)]
+    sums = {"ce": 0.0, "kl": 0.0}
+    for g in range(0, len(micro), s.grad_accum):
+        group = micro[g : g + s.grad_accum]
+        opt.zero_grad(set_to_none=True)
+        for picked in group:
+            loss, ce, kl = problem.loss(problem.inputs(picked))
+            if kl is not None:
+                sums["kl"] += kl.item()
+            (loss / len(group)).backward()
+            sums["ce"] += ce.item()
+            bar.update(1)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            lam.clamp_(-s.clamp, s.clamp)
+        bar.set_postfix(ce=f"{ce.item():.3f}", lam=f"{lam.detach().abs().max().item():.4f}")
+    return sums
+
+
 def train_scales(
     adapter: ModelAdapter,
     items: pd.DataFrame,
     images: ImageTable,
     neurons: Sequence[Neuron],
+    settings: SteeringSettings,
     *,
-    beta: float,
-    l2: float,
-    lr: float = 5e-4,
-    epochs: int = 2,
-    grad_accum: int = 4,
-    batch_size: int,
-    clamp: float = 1.5,
-    seed: int,
     progress: str | bool | None = None,
 ) -> np.ndarray:
     """Learned lambda [len(neurons)] (float64) of the scales (1 + lambda) of ``neurons``.
@@ -203,76 +229,43 @@ def train_scales(
     The model is frozen (``requires_grad`` False on all its parameters and eval mode, both
     restored on exit, also on error); its weights are never modified. Lambda starts at 0 and
     is clamped to [-clamp, clamp] after every optimizer step. Loss per micro-batch of
-    ``batch_size`` training rows (``training_rows``): mean cross-entropy over the answer tokens
-    (answer + eos) + beta * mean over those positions of KL(p_original || p_scaled), p_original
-    from a no-grad forward of the unscaled model on the same batch (skipped when beta = 0),
-    + l2 * ||lambda||^2. AdamW (weight_decay 0: the L2 term is the only regulariser), cosine
-    decay from ``lr`` to 0 over all optimizer steps, no warmup; ``epochs`` passes over the rows,
-    reshuffled each epoch with ``seed``; one optimizer step per ``grad_accum`` micro-batches
-    (and one for the remainder at the end of an epoch), the micro-batch losses averaged.
+    ``train_batch_size`` training rows (``training_rows``): mean cross-entropy over the answer
+    tokens (answer + eos) + beta * mean over those positions of KL(p_original || p_scaled),
+    p_original from a no-grad forward of the unscaled model on the same batch (skipped when
+    beta = 0), + l2 * ||lambda||^2. AdamW (weight_decay 0: the L2 term is the only
+    regulariser), cosine decay from ``lr`` to 0 over all optimizer steps, no warmup; ``epochs``
+    passes over the rows, reshuffled each epoch with ``seed``; one optimizer step per
+    ``grad_accum`` micro-batches (and one for the remainder at the end of an epoch), the
+    micro-batch losses averaged. All of these come from ``settings``.
     """
     from tqdm import tqdm
 
-    neurons = _validate_neurons(adapter, neurons)
+    neurons = adapter.check_neurons(neurons, "steering", distinct=True)
     if not neurons:
         return np.zeros(0)
-    if epochs < 1 or grad_accum < 1 or batch_size < 1:
-        raise ValueError("train_scales: epochs, grad_accum and batch_size must be >= 1")
+    s = settings
+    if s.epochs < 1 or s.grad_accum < 1 or s.train_batch_size < 1:
+        raise PipelineError(f"train_scales: epochs, grad_accum and train_batch_size must be >= 1, got "
+                            f"{s.epochs}, {s.grad_accum}, {s.train_batch_size}")
     items = items.reset_index(drop=True)
-    image_ids, prompts, answers = training_rows(items, seed)
+    image_ids, prompts, answers = training_rows(items, s.seed)
     if not prompts:
-        raise ValueError("train_scales: no training items")
+        raise PipelineError("train_scales: no training items")
     n_rows = len(prompts)
-    n_micro = math.ceil(n_rows / batch_size)
-    steps_per_epoch = math.ceil(n_micro / grad_accum)
-    total_steps = epochs * steps_per_epoch
-    groups = _layer_groups(neurons)
-    rng = np.random.default_rng(seed)
-
-    device = adapter.device
-    lam = nn.Parameter(torch.zeros(len(neurons), dtype=torch.float32, device=device))
-    opt = torch.optim.AdamW([lam], lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total_steps) / total_steps))
-    )
+    n_micro = math.ceil(n_rows / s.train_batch_size)
+    steps_per_epoch = math.ceil(n_micro / s.grad_accum)
+    lam = nn.Parameter(torch.zeros(len(neurons), dtype=torch.float32, device=adapter.device))
+    problem = _ScaleProblem(adapter, images, (image_ids, prompts, answers), _layer_groups(neurons), lam, s)
+    rng = np.random.default_rng(s.seed)
+    opt, sched = _cosine_adamw(lam, s.lr, s.epochs * steps_per_epoch)
 
     with _frozen(adapter.model):
-        bar = tqdm(total=epochs * n_micro, desc=progress or f"steer ({len(neurons)} neurons, beta={beta:g})",
+        bar = tqdm(total=s.epochs * n_micro, desc=progress or f"steer ({len(neurons)} neurons, beta={s.beta:g})",
                    leave=False, disable=progress is False)
-        for epoch in range(epochs):
-            order = rng.permutation(n_rows)
-            micro = [order[s : s + batch_size] for s in range(0, n_rows, batch_size)]
-            sums = {"ce": 0.0, "kl": 0.0}
-            for g in range(0, len(micro), grad_accum):
-                group = micro[g : g + grad_accum]
-                opt.zero_grad(set_to_none=True)
-                for rows in group:
-                    inputs = adapter.build_inputs([images[image_ids[r]] for r in rows], [prompts[r] for r in rows],
-                                                  [answers[r] for r in rows])
-                    if beta > 0:
-                        with torch.no_grad():
-                            logp_orig, _, _ = answer_logprobs(adapter, inputs)
-                    with scale_neurons(adapter, _scale_map(groups, 1.0 + lam)):
-                        logp, target, mask = answer_logprobs(adapter, inputs)
-                    n_tok = mask.sum().clamp(min=1)
-                    ce = -(logp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * mask).sum() / n_tok
-                    loss = ce
-                    if beta > 0:
-                        kl_tok = (logp_orig.exp() * (logp_orig - logp)).sum(-1)
-                        kl = (kl_tok * mask).sum() / n_tok
-                        loss = loss + beta * kl
-                        sums["kl"] += kl.item()
-                    loss = loss + l2 * lam.pow(2).sum()
-                    (loss / len(group)).backward()
-                    sums["ce"] += ce.item()
-                    bar.update(1)
-                opt.step()
-                sched.step()
-                with torch.no_grad():
-                    lam.clamp_(-clamp, clamp)
-                bar.set_postfix(ce=f"{ce.item():.3f}", lam=f"{lam.detach().abs().max().item():.4f}")
+        for epoch in range(s.epochs):
+            sums = _train_epoch(problem, opt, sched, rng.permutation(n_rows), bar)
             log.info("steer epoch %d/%d: %d steps, mean ce %.4f, mean kl %.3g, |lambda| mean %.5f max %.5f",
-                     epoch + 1, epochs, steps_per_epoch, sums["ce"] / len(micro), sums["kl"] / len(micro),
+                     epoch + 1, s.epochs, steps_per_epoch, sums["ce"] / n_micro, sums["kl"] / n_micro,
                      lam.detach().abs().mean().item(), lam.detach().abs().max().item())
         bar.close()
     return lam.detach().cpu().double().numpy()
@@ -304,6 +297,41 @@ def _pick_grid(results: Mapping[float, TaskResult]) -> float:
     return min(results, key=lambda s: (-results[s].utility, abs(s - 1.0), s))
 
 
+@dataclass(frozen=True, eq=False)
+class _TaskEvaluation:
+    """``evaluate_task``'s fixed arguments while steering one task: each call evaluates a list
+    of scale sets ({(layer, neuron): scale}) as conditions of the same batches."""
+
+    adapter: ModelAdapter
+    task: str
+    images: ImageTable
+    batch_size: int
+    max_new_tokens: int
+    utility: str
+
+    def run(self, items: pd.DataFrame, conditions: list[dict[Neuron, float]], progress: str) -> list[TaskResult]:
+        """One ``TaskResult`` per scale set, in order, on ``items``."""
+        return evaluate_task(self.adapter, self.task, items, self.images, batch_size=self.batch_size,
+                             max_new_tokens=self.max_new_tokens, utility=self.utility,
+                             n_conditions=len(conditions), condition_hooks=condition_scales(self.adapter, conditions),
+                             progress=progress)
+
+
+def _learned_scales(adapter: ModelAdapter, items: pd.DataFrame, images: ImageTable, neurons: list[Neuron],
+                    settings: SteeringSettings, progress: str) -> dict[Neuron, float]:
+    """{neuron: 1 + lambda} with lambda from ``train_scales`` on ``items``."""
+    lam = train_scales(adapter, items, images, neurons, settings, progress=progress)
+    return {nr: 1.0 + float(v) for nr, v in zip(neurons, lam)}
+
+
+def _grid_search(evaluation: _TaskEvaluation, items: pd.DataFrame, neurons: list[Neuron],
+                 grid: Sequence[float]) -> dict[float, TaskResult]:
+    """{scale: TaskResult on ``items``} with every neuron of ``neurons`` at that one scale."""
+    grid = [float(s) for s in grid]
+    results = evaluation.run(items, [{nr: s for nr in neurons} for s in grid], f"steer {evaluation.task} grid")
+    return dict(zip(grid, results))
+
+
 def steer_task(
     adapter: ModelAdapter,
     task: str,
@@ -312,63 +340,47 @@ def steer_task(
     images: ImageTable,
     neurons: Sequence[Neuron],
     random_neurons: Sequence[Neuron] | None,
-    cfg,
+    settings: SteeringSettings,
     *,
     batch_size: int,
-    train_batch_size: int,
     max_new_tokens: int,
 ) -> TaskSteering:
     """Learned steering of ``task`` and its baselines (module docstring), evaluated on ``eval_items``.
 
-    ``cfg``: a ``stages.params.SteerConfig`` (beta, l2, lr, epochs, grad_accum, clamp, seed,
-    grid, utility, train_split, eval_split). ``random_neurons`` None or empty: no
-    ``random_learned`` variant. The grid search evaluates every grid scale as a condition of
-    the same batches on ``train_items``; the final evaluation runs all variants as conditions of
-    the same batches on ``eval_items``.
+    ``settings``: training (``train_scales``), the grid, the utility and the split names.
+    ``random_neurons`` None or empty: no ``random_learned`` variant. The grid search evaluates
+    every grid scale as a condition of the same batches on ``train_items``; the final
+    evaluation runs all variants as conditions of the same batches on ``eval_items``
+    (``batch_size`` rows per batch, ``max_new_tokens`` generated tokens).
     """
-    neurons = _validate_neurons(adapter, neurons)
+    neurons = adapter.check_neurons(neurons, "steering", distinct=True)
     if not neurons:
         raise PipelineError(f"steering {task!r}: the mask has no neurons")
-    common = dict(lr=cfg.lr, epochs=cfg.epochs, grad_accum=cfg.grad_accum, batch_size=train_batch_size,
-                  clamp=cfg.clamp, seed=cfg.seed)
+    evaluation = _TaskEvaluation(adapter, task, images, batch_size, max_new_tokens, settings.utility)
     scales: dict[str, dict[Neuron, float]] = {"base": {}}
-
-    lam = train_scales(adapter, train_items, images, neurons, beta=cfg.beta, l2=cfg.l2,
-                       progress=f"steer {task} learned", **common)
-    scales["learned"] = {nr: 1.0 + float(v) for nr, v in zip(neurons, lam)}
+    scales["learned"] = _learned_scales(adapter, train_items, images, neurons, settings, f"steer {task} learned")
     scales["fixed_amp"] = {nr: FIXED_AMP_SCALE for nr in neurons}
 
-    grid = [float(s) for s in cfg.grid]
-    dev = evaluate_task(adapter, task, train_items, images, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                        utility=cfg.utility, n_conditions=len(grid),
-                        condition_hooks=condition_scales(adapter, [{nr: s for nr in neurons} for s in grid]),
-                        progress=f"steer {task} grid")
-    grid_results = dict(zip(grid, dev))
+    grid_results = _grid_search(evaluation, train_items, neurons, settings.grid)
     grid_scale = _pick_grid(grid_results)
     scales["grid_search"] = {nr: grid_scale for nr in neurons}
-    log.info("%s grid search on %s: %s -> %g", task, cfg.train_split,
+    log.info("%s grid search on %s: %s -> %g", task, settings.train_split,
              ", ".join(f"{s:g}: {r.utility:.4f}" for s, r in grid_results.items()), grid_scale)
 
-    lam0 = train_scales(adapter, train_items, images, neurons, beta=0.0, l2=cfg.l2,
-                        progress=f"steer {task} no_kl", **common)
-    scales["no_kl"] = {nr: 1.0 + float(v) for nr, v in zip(neurons, lam0)}
-
+    scales["no_kl"] = _learned_scales(adapter, train_items, images, neurons, replace(settings, beta=0.0),
+                                      f"steer {task} no_kl")
     if random_neurons:
-        rnd = _validate_neurons(adapter, random_neurons)
-        lam_r = train_scales(adapter, train_items, images, rnd, beta=cfg.beta, l2=cfg.l2,
-                             progress=f"steer {task} random_learned", **common)
-        scales["random_learned"] = {nr: 1.0 + float(v) for nr, v in zip(rnd, lam_r)}
+        rnd = adapter.check_neurons(random_neurons, "steering (random neurons)", distinct=True)
+        scales["random_learned"] = _learned_scales(adapter, train_items, images, rnd, settings,
+                                                    f"steer {task} random_learned")
     else:
         log.warning("%s: no random-method neurons; the random_learned variant is skipped", task)
 
     variants = [v for v in VARIANTS if v in scales]
-    res = evaluate_task(adapter, task, eval_items, images, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                        utility=cfg.utility, n_conditions=len(variants),
-                        condition_hooks=condition_scales(adapter, [scales[v] for v in variants]),
-                        progress=f"steer {task} eval")
-    results = dict(zip(variants, res))
-    log.info("%s on %s: %s", task, cfg.eval_split, ", ".join(f"{v} {r.utility:.4f}" for v, r in results.items()))
-    return TaskSteering(task, cfg.train_split, cfg.eval_split, neurons, scales, results, grid_results, grid_scale)
+    results = dict(zip(variants, evaluation.run(eval_items, [scales[v] for v in variants], f"steer {task} eval")))
+    log.info("%s on %s: %s", task, settings.eval_split, ", ".join(f"{v} {r.utility:.4f}" for v, r in results.items()))
+    return TaskSteering(task, settings.train_split, settings.eval_split, neurons, scales, results, grid_results,
+                        grid_scale)
 
 
 def steering_table(runs: Sequence[TaskSteering]) -> pd.DataFrame:

@@ -18,7 +18,7 @@ import logging
 import numpy as np
 import pandas as pd
 
-from pipeline.tasks.benchmark import ImageTable
+from pipeline.tasks.items import ImageTable
 from pipeline.model.evaluation import evaluate_task
 from pipeline.model.hooks import ablate_neurons_per_row
 

@@ -1,0 +1,1 @@
+"""Presentation: ``plots`` (PNG figures) and ``html`` (the self-contained report)."""

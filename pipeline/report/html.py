@@ -1,7 +1,8 @@
 """One self-contained HTML report (no network needed): tables as HTML, figures inlined as PNG data URIs.
 
-``build_report(sections, path)`` takes an ordered list of ``Section``s, each a title, one line
-saying what it shows, and either a table (DataFrame) or a PNG file.
+Map of this module:
+- ``Section``: a title, one line saying what it shows, and a table (DataFrame) and/or PNG files.
+- ``build_report(title, intro, sections, path)``: writes the page (atomically, ``pipeline.io.atomic_file``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+
+from pipeline.io import atomic_file
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -26,6 +29,8 @@ th { background: #f3f3f3; } img { max-width: 100%; border: 1px solid #eee; }
 
 @dataclass
 class Section:
+    """One part of the report: ``table`` rendered as HTML, ``images`` inlined (missing ones flagged)."""
+
     title: str
     what: str
     table: pd.DataFrame | None = None
@@ -53,8 +58,5 @@ def build_report(title: str, intro: str, sections: list[Section], path: Path) ->
             parts.append(s.table.to_html(float_format=lambda v: f"{v:.4g}", na_rep="-", border=0))
         parts.extend(_img(p) for p in s.images)
     parts.append("</body></html>")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(parts))
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        tmp.write_text("\n".join(parts))

@@ -1,4 +1,13 @@
-"""PNG figures a person can open (and ``dvc plots show`` embeds): one function per figure kind."""
+"""PNG figures a person can open (and ``dvc plots show`` embeds): one function per figure kind.
+
+Map of this module:
+- ``plot_head_scores``: layer x head heatmap of the head scores S_t (the heads stage).
+- ``plot_layer_distribution``: selected neurons per layer, per task and method (the masks stage).
+- ``plot_square``: a labelled heatmap of a small table (overlaps, suppression matrices).
+
+Matplotlib is set up once (``_plt``: the non-interactive Agg backend) and every figure is
+written by ``_save`` (parent folders created, tight layout, 110 dpi).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +18,7 @@ import pandas as pd
 
 
 def _plt():
+    """``matplotlib.pyplot`` on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,6 +33,25 @@ def _save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     _plt().close(fig)
+
+
+def plot_head_scores(scores: pd.DataFrame, path: Path, title: str) -> None:
+    """Layer x head heatmap of S_t (diverging colour map centred on 0).
+
+    ``scores``: columns layer, head, score, metric (``pipeline.method.heads.score_heads``).
+    """
+    plt = _plt()
+    L, H = int(scores["layer"].max()) + 1, int(scores["head"].max()) + 1
+    grid = np.full((L, H), np.nan)
+    grid[scores["layer"], scores["head"]] = scores["score"]
+    vmax = float(np.nanmax(np.abs(grid))) or 1.0
+    fig, ax = plt.subplots(figsize=(max(4, 0.35 * H + 2), max(3, 0.3 * L + 1.5)))
+    im = ax.imshow(grid, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto", origin="lower")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label=f"S = P(base) - P(head substituted) [{scores['metric'].iloc[0]}]")
+    _save(fig, path)
 
 
 def plot_layer_distribution(masks: pd.DataFrame, n_layers: int, path: Path, title: str) -> None:

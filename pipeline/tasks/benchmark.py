@@ -1,22 +1,23 @@
-"""Synthetic multi-task image benchmark (the embedded default) and the benchmark table.
+"""The synthetic multi-task image benchmark (the embedded default) and its generator.
 
 Map of this module:
-- ``TASKS``, ``SPLITS``, ``ANNOTATION_COLUMNS``: the fixed vocabulary of the benchmark table.
-- ``PROMPTS``: the prompt wording, following HONES.md section 1 so real VLMs run the same benchmark.
+- ``COLORS``, ``SHAPES``, ``POSITIONS``, ``WORDS``, ``VQA_QUESTIONS``: what scenes and questions
+  are made of.
 - ``Scene`` / ``sample_scene`` / ``render_scene``: procedural scenes (1-3 coloured shapes in
   left/middle/right slots plus a short word in a box), seeded and deterministic.
-- ``build_benchmark``: writes ``annotations.parquet`` (one row per example) and
-  ``images.parquet`` (one row per image, PNG bytes) into a directory, atomically.
-- ``read_annotations`` / ``ImageTable``: read them back, validating columns and images.
+- ``caption_references`` / ``hard_negative`` / ``retrieval_candidates`` / ``vqa_examples``: the
+  text of each task for a scene.
+- ``BenchmarkSpec`` / ``build_benchmark``: writes ``annotations.parquet`` (one row per example)
+  and ``images.parquet`` (one row per image, PNG bytes) into a directory, atomically.
 
-The table is the contract every later stage reads; the COCO importer writes the same table.
+The table itself (schemas, task prompts, reading it back) lives in ``pipeline.tasks.items``;
+the COCO importer writes the same table.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,12 +27,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.errors import PipelineError
+from pipeline.io import atomic_directory
+from pipeline.tasks.items import ANNOTATION_SCHEMA, IMAGE_SCHEMA, PROMPTS, SPLITS, BenchmarkError
 
 log = logging.getLogger(__name__)
-
-TASKS: tuple[str, ...] = ("vqa", "ocr", "caption", "retrieval")
-SPLITS: tuple[str, ...] = ("train", "discovery", "dev", "test")
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
@@ -54,44 +53,12 @@ WORDS: tuple[str, ...] = (
 )
 NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three")
 
-# HONES.md section 1 fixes the retrieval prompt; the others are short, model-agnostic instructions.
-PROMPTS: dict[str, str] = {
-    "ocr": "What is the word written in the box?",
-    "caption": "Describe the image in one sentence.",
-    "retrieval": (
-        "Candidate: {candidate} Does the candidate correctly describe the image? "
-        "Answer exactly Yes or No."
-    ),
-}
 VQA_QUESTIONS: dict[str, str] = {
     "color": "What color is the {shape}?",
     "shape": "What shape is the {color} object?",
     "count": "How many shapes are there?",
     "position": "Where is the {color} {shape}?",
 }
-
-ANNOTATION_SCHEMA = pa.schema(
-    [
-        pa.field("item_id", pa.string(), nullable=False),
-        pa.field("image_id", pa.string(), nullable=False),
-        pa.field("split", pa.string(), nullable=False),
-        pa.field("task", pa.string(), nullable=False),
-        pa.field("question_type", pa.string(), nullable=False),
-        pa.field("prompt", pa.string(), nullable=False),
-        pa.field("references", pa.list_(pa.string()), nullable=False),
-        pa.field("candidates", pa.list_(pa.string()), nullable=False),
-        pa.field("positive_index", pa.int32(), nullable=False),
-    ]
-)
-ANNOTATION_COLUMNS: tuple[str, ...] = tuple(ANNOTATION_SCHEMA.names)
-IMAGE_SCHEMA = pa.schema(
-    [pa.field("image_id", pa.string(), nullable=False), pa.field("png", pa.binary(), nullable=False)]
-)
-
-
-class BenchmarkError(PipelineError):
-    """A benchmark table or image is malformed; the message names the item or file."""
-
 
 @dataclass(frozen=True)
 class SceneObject:
@@ -300,13 +267,9 @@ def build_benchmark(spec: BenchmarkSpec, out_dir: Path) -> pd.DataFrame:
 
     Each split draws from its own seeded stream, so images are disjoint across splits and a
     split's content does not change when another split's size does. Returns the annotations.
-    Writes into a temporary sibling directory and renames it, so a crash leaves no partial output.
+    Written with ``pipeline.io.atomic_directory``, so a crash leaves no partial output.
     """
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     rows: list[dict] = []
     images: list[dict] = []
     from tqdm import tqdm
@@ -352,75 +315,8 @@ def build_benchmark(spec: BenchmarkSpec, out_dir: Path) -> pd.DataFrame:
             )
             rows.append(row("retrieval", "", PROMPTS["retrieval"], [cands[pos]], cands, pos))
     table = pa.Table.from_pylist(rows, schema=ANNOTATION_SCHEMA)
-    pq.write_table(table, tmp / "annotations.parquet")
-    pq.write_table(pa.Table.from_pylist(images, schema=IMAGE_SCHEMA), tmp / "images.parquet", row_group_size=512)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        pq.write_table(table, tmp / "annotations.parquet")
+        pq.write_table(pa.Table.from_pylist(images, schema=IMAGE_SCHEMA), tmp / "images.parquet", row_group_size=512)
     log.info("benchmark: %d images, %d examples -> %s", len(images), len(rows), out_dir)
     return table.to_pandas()
-
-
-def read_annotations(path: Path, splits: tuple[str, ...] | None = None, tasks: tuple[str, ...] | None = None) -> pd.DataFrame:
-    """Read and validate ``annotations.parquet``; optionally filter by split and task."""
-    path = Path(path)
-    if not path.is_file():
-        raise BenchmarkError(f"annotation table not found: {path}")
-    df = pq.read_table(path).to_pandas()
-    missing = [c for c in ANNOTATION_COLUMNS if c not in df.columns]
-    if missing:
-        raise BenchmarkError(f"{path}: missing columns {missing}; expected {list(ANNOTATION_COLUMNS)}")
-    bad_task = sorted(set(df["task"]) - set(TASKS))
-    if bad_task:
-        log.info("%s: tasks beyond the built-in four: %s", path, bad_task)
-    bad_split = sorted(set(df["split"]) - set(SPLITS))
-    if bad_split:
-        raise BenchmarkError(f"{path}: unknown splits {bad_split}; allowed: {list(SPLITS)}")
-    if df["item_id"].duplicated().any():
-        dup = df.loc[df["item_id"].duplicated(), "item_id"].iloc[0]
-        raise BenchmarkError(f"{path}: duplicate item_id {dup!r}")
-    if splits is not None:
-        df = df[df["split"].isin(splits)]
-    if tasks is not None:
-        df = df[df["task"].isin(tasks)]
-    for rec in df.itertuples():
-        if len(rec.references) == 0 or any(not str(r).strip() for r in rec.references):
-            raise BenchmarkError(f"{path}: item {rec.item_id!r} has an empty reference answer")
-        if rec.task == "retrieval" and not (0 <= rec.positive_index < len(rec.candidates)):
-            raise BenchmarkError(
-                f"{path}: retrieval item {rec.item_id!r} has positive_index {rec.positive_index} "
-                f"outside its {len(rec.candidates)} candidates"
-            )
-    return df.reset_index(drop=True)
-
-
-class ImageTable:
-    """Images by id from ``images.parquet``, decoded on demand.
-
-    >>> images = ImageTable("data/benchmark/images.parquet")
-    >>> img = images["test-000001"]          # PIL.Image in RGB
-    """
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise BenchmarkError(f"image table not found: {self.path}")
-        t = pq.read_table(self.path)
-        self._bytes = dict(zip(t.column("image_id").to_pylist(), t.column("png").to_pylist()))
-
-    def __len__(self) -> int:
-        return len(self._bytes)
-
-    def __contains__(self, image_id: str) -> bool:
-        return image_id in self._bytes
-
-    def __getitem__(self, image_id: str) -> Image.Image:
-        data = self._bytes.get(image_id)
-        if data is None:
-            raise BenchmarkError(f"image {image_id!r} is not in {self.path}")
-        try:
-            img = Image.open(io.BytesIO(data))
-            img.load()
-        except Exception as exc:  # PIL raises several unrelated types for corrupt data
-            raise BenchmarkError(f"image {image_id!r} in {self.path} cannot be decoded: {exc}") from exc
-        return img.convert("RGB")

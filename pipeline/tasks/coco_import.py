@@ -1,18 +1,19 @@
 """Import the published HONES data (the authors' unified COCO JSON) into the benchmark table.
 
-A lab that has the paper's data runs the paper's setting by pointing the ``coco_import``
-params section at its JSON and image folder; the result is the same two Parquet files the
+A lab that has the paper's data runs the paper's setting by pointing ``benchmark.hones_coco``
+(params) at its JSON and image folder; the result is the same two Parquet files the
 synthetic benchmark writes (``annotations.parquet`` with ``ANNOTATION_SCHEMA``,
 ``images.parquet`` with ``IMAGE_SCHEMA``), so every later stage reads it unchanged.
 
 Map of this module:
-- ``CocoImportConfig``: the validated ``coco_import`` params section.
 - ``load_items``: parse and validate the JSON into ``CocoItem`` records (one per image). A
   missing task block skips that task for the image (counted, logged at INFO); a present but
-  malformed field raises ``BenchmarkError`` naming ``data[i]``, the file name and the field.
+  malformed field raises ``BenchmarkError`` naming ``data[i]``, the file name and the field
+  (``_parse_item``: ``_parse_file_name``, ``_parse_vqa``, ``_parse_ocr``, ``_parse_captions``).
 - ``assign_splits``: seeded, image-disjoint train/discovery/dev/test assignment.
 - ``caption_words`` / ``rank_hard_negatives``: word-overlap (Jaccard) hard negatives for
   retrieval via an inverted index, ties broken by a seeded RNG.
+- ``annotation_rows``: the annotation rows of all splits (``_split_rows``, ``_image_rows``).
 - ``import_hones_coco``: the whole import, written atomically (temporary sibling directory,
   renamed when complete; removed on any error).
 
@@ -31,7 +32,7 @@ import json
 import logging
 import math
 import re
-import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,30 +41,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
-
-from pipeline.tasks.benchmark import ANNOTATION_SCHEMA, IMAGE_SCHEMA, PROMPTS, SPLITS, BenchmarkError
+from pipeline.io import atomic_directory
+from pipeline.tasks.items import ANNOTATION_SCHEMA, IMAGE_SCHEMA, PROMPTS, SPLITS, TASKS, BenchmarkError
 
 log = logging.getLogger(__name__)
 
 MAX_CAPTION_REFERENCES = 5
 _IMAGE_BATCH = 256  # images per Parquet write: bounds memory for 12K full-size COCO images
 _WORD = re.compile(r"\w+")
-
-
-class CocoImportConfig(BaseModel):
-    """The ``coco_import`` params section (sizes in images; paper: 7000 / 2000 / 3000, 49 negatives)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    json_path: str
-    image_root: str
-    seed: int = 0
-    n_discovery: int = Field(7000, ge=0)
-    n_dev: int = Field(2000, ge=0)
-    n_test: int = Field(3000, ge=0)
-    n_negatives: int = Field(49, ge=1)
-    max_images: int | None = Field(None, ge=1)
 
 
 @dataclass(frozen=True)
@@ -86,8 +71,8 @@ def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _parse_item(json_path: Path, index: int, raw: object) -> tuple[CocoItem, list[str]]:
-    """Validate one element of ``data``; returns the item and the tasks it lacks."""
+def _parse_file_name(json_path: Path, index: int, raw: object) -> str:
+    """``image_info.file_name`` of one element of ``data``: a non-empty path relative to the image root."""
     if not isinstance(raw, dict):
         raise _err(json_path, index, None, "", f"must be an object, got {type(raw).__name__}")
     info = raw.get("image_info")
@@ -98,72 +83,93 @@ def _parse_item(json_path: Path, index: int, raw: object) -> tuple[CocoItem, lis
         raise _err(json_path, index, fn, "image_info.file_name", "must be a non-empty string")
     if Path(fn).is_absolute() or ".." in Path(fn).parts:
         raise _err(json_path, index, fn, "image_info.file_name", "must be relative to the image root")
-    lacking: list[str] = []
+    return fn
+
+
+# ``bad(field, problem)``: the BenchmarkError naming the item being parsed, the field and the problem.
+_Bad = Callable[[str, str], BenchmarkError]
+
+
+def _parse_vqa(block: object, bad: _Bad) -> tuple[str, list[str]] | None:
+    """(question, reference answers) of a ``vqa`` block; None when the block is absent.
+
+    A present block needs a question and at least one answer: the references are
+    ``all_answers`` (stripped), else ``[answer]``.
+    """
+    if block is None:
+        return None
+    if not isinstance(block, dict):
+        raise bad("vqa", f"must be an object, got {type(block).__name__}")
+    q = block.get("question")
+    if not isinstance(q, str) or not q.strip():
+        raise bad("vqa.question", f"must be a non-empty string, got {q!r}")
+    answer = block.get("answer")
+    if answer is not None and not isinstance(answer, str):
+        raise bad("vqa.answer", f"must be a string, got {type(answer).__name__}")
+    all_answers = block.get("all_answers")
+    if all_answers is None:
+        all_answers = []
+    if not isinstance(all_answers, list):
+        raise bad("vqa.all_answers", f"must be a list of strings, got {type(all_answers).__name__}")
+    for j, a in enumerate(all_answers):
+        if not isinstance(a, str) or not a.strip():
+            raise bad(f"vqa.all_answers[{j}]", f"must be a non-empty string, got {a!r}")
+    refs = [a.strip() for a in all_answers]
+    if not refs:
+        if answer is None or not answer.strip():
+            raise bad("vqa.answer", "is empty and vqa.all_answers is empty: no reference answer")
+        refs = [answer.strip()]
+    return q.strip(), refs
+
+
+def _parse_ocr(block: object, bad: _Bad) -> str | None:
+    """The stripped text of an ``ocr`` block; None when the block is absent or its text is
+    missing or empty (the image has no text). A present ``bbox`` must be 4 finite numbers or empty."""
+    if block is not None and not isinstance(block, dict):
+        raise bad("ocr", f"must be an object, got {type(block).__name__}")
+    if block is None:
+        return None
+    bbox = block.get("bbox")
+    if bbox is not None and not (
+        isinstance(bbox, list) and (len(bbox) == 0 or (len(bbox) == 4 and all(_is_number(v) for v in bbox)))
+    ):
+        raise bad("ocr.bbox", f"must be a list of 4 numbers (or empty), got {bbox!r}")
+    text = block.get("text")
+    if text is not None and not isinstance(text, str):
+        raise bad("ocr.text", f"must be a string, got {type(text).__name__}")
+    if text is not None and text.strip():
+        return text.strip()
+    return None
+
+
+def _parse_captions(block: object, bad: _Bad) -> list[str] | None:
+    """Every caption of a ``captions`` list, stripped and non-empty; None when the list is
+    absent or empty (no caption and no retrieval row)."""
+    if block is not None and not isinstance(block, list):
+        raise bad("captions", f"must be a list, got {type(block).__name__}")
+    if not block:
+        return None
+    captions = []
+    for j, c in enumerate(block):
+        text = c.get("caption") if isinstance(c, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise bad(f"captions[{j}].caption", f"must be a non-empty string, got {c!r}")
+        captions.append(text.strip())
+    return captions
+
+
+def _parse_item(json_path: Path, index: int, raw: object) -> tuple[CocoItem, list[str]]:
+    """Validate one element of ``data``; returns the item and the tasks it lacks."""
+    fn = _parse_file_name(json_path, index, raw)
 
     def bad(field: str, problem: str) -> BenchmarkError:
         return _err(json_path, index, fn, field, problem)
 
-    # vqa: block absent -> no row; present -> question and at least one answer required.
-    vqa = None
-    block = raw.get("vqa")
-    if block is None:
-        lacking.append("vqa")
-    elif not isinstance(block, dict):
-        raise bad("vqa", f"must be an object, got {type(block).__name__}")
-    else:
-        q = block.get("question")
-        if not isinstance(q, str) or not q.strip():
-            raise bad("vqa.question", f"must be a non-empty string, got {q!r}")
-        answer = block.get("answer")
-        if answer is not None and not isinstance(answer, str):
-            raise bad("vqa.answer", f"must be a string, got {type(answer).__name__}")
-        all_answers = block.get("all_answers")
-        if all_answers is None:
-            all_answers = []
-        if not isinstance(all_answers, list):
-            raise bad("vqa.all_answers", f"must be a list of strings, got {type(all_answers).__name__}")
-        for j, a in enumerate(all_answers):
-            if not isinstance(a, str) or not a.strip():
-                raise bad(f"vqa.all_answers[{j}]", f"must be a non-empty string, got {a!r}")
-        refs = [a.strip() for a in all_answers]
-        if not refs:
-            if answer is None or not answer.strip():
-                raise bad("vqa.answer", "is empty and vqa.all_answers is empty: no reference answer")
-            refs = [answer.strip()]
-        vqa = (q.strip(), refs)
-
-    # ocr: block absent or text missing/empty -> the image has no text, no row.
-    ocr = None
-    block = raw.get("ocr")
-    if block is not None and not isinstance(block, dict):
-        raise bad("ocr", f"must be an object, got {type(block).__name__}")
-    if block is not None:
-        bbox = block.get("bbox")
-        if bbox is not None and not (
-            isinstance(bbox, list) and (len(bbox) == 0 or (len(bbox) == 4 and all(_is_number(v) for v in bbox)))
-        ):
-            raise bad("ocr.bbox", f"must be a list of 4 numbers (or empty), got {bbox!r}")
-        text = block.get("text")
-        if text is not None and not isinstance(text, str):
-            raise bad("ocr.text", f"must be a string, got {type(text).__name__}")
-        if text is not None and text.strip():
-            ocr = text.strip()
-    if ocr is None:
-        lacking.append("ocr")
-
-    # captions: absent or empty list -> no caption and no retrieval row.
-    captions = None
-    block = raw.get("captions")
-    if block is not None and not isinstance(block, list):
-        raise bad("captions", f"must be a list, got {type(block).__name__}")
-    if block:
-        captions = []
-        for j, c in enumerate(block):
-            text = c.get("caption") if isinstance(c, dict) else None
-            if not isinstance(text, str) or not text.strip():
-                raise bad(f"captions[{j}].caption", f"must be a non-empty string, got {c!r}")
-            captions.append(text.strip())
-    else:
+    vqa = _parse_vqa(raw.get("vqa"), bad)
+    ocr = _parse_ocr(raw.get("ocr"), bad)
+    captions = _parse_captions(raw.get("captions"), bad)
+    lacking = (["vqa"] if vqa is None else []) + (["ocr"] if ocr is None else [])
+    if captions is None:
         lacking += ["caption", "retrieval"]
     return CocoItem(index, fn, Path(fn).stem, vqa, ocr, captions), lacking
 
@@ -189,7 +195,7 @@ def load_items(json_path: Path, max_images: int | None = None) -> list[CocoItem]
     if not data:
         raise BenchmarkError(f"{json_path}: 'data' holds no items")
     items: list[CocoItem] = []
-    lacking_counts: dict[str, int] = {t: 0 for t in ("vqa", "ocr", "caption", "retrieval")}
+    lacking_counts: dict[str, int] = {t: 0 for t in TASKS}
     first_index: dict[str, int] = {}
     for i, raw in enumerate(data):
         item, lacking = _parse_item(json_path, i, raw)
@@ -309,6 +315,98 @@ def _read_image(json_path: Path, image_root: Path, item: CocoItem) -> bytes:
     return data
 
 
+def _annotation_row(it: CocoItem, split: str, task: str, prompt: str, refs: list[str],
+                    cands: Sequence[str] = (), pos: int = -1) -> dict:
+    """One ``ANNOTATION_SCHEMA`` row of image ``it`` (item id ``<image_id>-<task>-0``)."""
+    return {
+        "item_id": f"{it.image_id}-{task}-0",
+        "image_id": it.image_id,
+        "split": split,
+        "task": task,
+        "question_type": "",
+        "prompt": prompt,
+        "references": list(refs),
+        "candidates": list(cands),
+        "positive_index": int(pos),
+    }
+
+
+def _image_rows(it: CocoItem, split: str, negatives: list[str] | None, n_negatives: int,
+                rng: np.random.Generator) -> list[dict]:
+    """The rows of one image, in task order vqa, ocr, caption, retrieval (each only if present).
+
+    Retrieval: candidates are ``negatives`` with the first caption inserted at a position
+    drawn from ``rng`` (uniform over the ``n_negatives + 1`` places).
+    """
+    rows = []
+    if it.vqa is not None:
+        rows.append(_annotation_row(it, split, "vqa", it.vqa[0], it.vqa[1]))
+    if it.ocr is not None:
+        rows.append(_annotation_row(it, split, "ocr", PROMPTS["ocr"], [it.ocr]))
+    if it.captions:
+        rows.append(_annotation_row(it, split, "caption", PROMPTS["caption"], it.captions[:MAX_CAPTION_REFERENCES]))
+        pos = int(rng.integers(n_negatives + 1))
+        cands = negatives[:pos] + [it.captions[0]] + negatives[pos:]
+        rows.append(_annotation_row(it, split, "retrieval", PROMPTS["retrieval"], [it.captions[0]], cands, pos))
+    return rows
+
+
+def _split_rows(members: list[CocoItem], split: str, n_negatives: int, rng: np.random.Generator) -> list[dict]:
+    """The rows of one split's images (``members``, in input order).
+
+    Draws from ``rng`` first for the hard negatives of the images with captions
+    (``rank_hard_negatives``), then for each retrieval row's positive position, image by image.
+    """
+    with_captions = [it for it in members if it.captions]
+    try:
+        negatives = rank_hard_negatives([it.captions[0] for it in with_captions], n_negatives, rng)
+    except BenchmarkError as exc:
+        raise BenchmarkError(f"coco import, split {split!r} ({len(members)} images): {exc}") from None
+    neg_of = {it.image_id: negs for it, negs in zip(with_captions, negatives)}
+    rows: list[dict] = []
+    for it in members:
+        rows.extend(_image_rows(it, split, neg_of.get(it.image_id), n_negatives, rng))
+    return rows
+
+
+def annotation_rows(items: list[CocoItem], splits: np.ndarray, *, seed: int, n_negatives: int) -> list[dict]:
+    """Every annotation row, ordered by split (``SPLITS`` order), then input order, then task.
+
+    ``splits``: the split name of each item (``assign_splits``). Each split draws from its own
+    stream, ``SeedSequence([seed, 1, split index])``.
+    """
+    rows: list[dict] = []
+    for split_index, split in enumerate(SPLITS):
+        members = [it for it, s in zip(items, splits) if s == split]
+        rng = np.random.default_rng(np.random.SeedSequence([seed, 1, split_index]))
+        rows.extend(_split_rows(members, split, n_negatives, rng))
+    return rows
+
+
+def _check_image_files(json_path: Path, image_root: Path, items: list[CocoItem]) -> None:
+    """Every item's image file exists (a cheap check before any output; decoding is checked while writing)."""
+    for it in items:
+        if not (image_root / it.file_name).is_file():
+            raise _err(
+                json_path, it.index, it.file_name, "image_info.file_name",
+                f"image file not found: {image_root / it.file_name}",
+            )
+
+
+def _write_images(path: Path, json_path: Path, image_root: Path, items: list[CocoItem]) -> None:
+    """``images.parquet`` (``IMAGE_SCHEMA``): each item's file bytes as they are, checked to
+    decode, written ``_IMAGE_BATCH`` images at a time."""
+    from tqdm import tqdm
+
+    with pq.ParquetWriter(path, IMAGE_SCHEMA) as writer:
+        for start in tqdm(range(0, len(items), _IMAGE_BATCH), desc="coco images", leave=False):
+            batch = [
+                {"image_id": it.image_id, "png": _read_image(json_path, image_root, it)}
+                for it in items[start : start + _IMAGE_BATCH]
+            ]
+            writer.write_table(pa.Table.from_pylist(batch, schema=IMAGE_SCHEMA))
+
+
 def import_hones_coco(
     json_path: Path,
     image_root: Path,
@@ -333,6 +431,8 @@ def import_hones_coco(
     Output goes to a temporary sibling directory that is renamed when complete and is removed
     on any error, so a failed import leaves neither ``out_dir`` nor its temporary sibling.
     Returns the annotations (as ``read_annotations`` would read them).
+    Steps: ``load_items`` -> ``assign_splits`` -> ``annotation_rows`` -> ``_check_image_files``
+    -> write both tables (``_write_images``).
     """
     json_path, image_root, out_dir = Path(json_path), Path(image_root), Path(out_dir)
     if n_negatives < 1:
@@ -341,71 +441,13 @@ def import_hones_coco(
         raise BenchmarkError(f"coco import: image root is not a directory: {image_root}")
     items = load_items(json_path, max_images)
     splits = assign_splits(len(items), seed=seed, n_discovery=n_discovery, n_dev=n_dev, n_test=n_test)
-
-    rows: list[dict] = []
-    for split_index, split in enumerate(SPLITS):
-        members = [it for it, s in zip(items, splits) if s == split]
-        with_captions = [it for it in members if it.captions]
-        rng = np.random.default_rng(np.random.SeedSequence([seed, 1, split_index]))
-        try:
-            negatives = rank_hard_negatives([it.captions[0] for it in with_captions], n_negatives, rng)
-        except BenchmarkError as exc:
-            raise BenchmarkError(f"coco import, split {split!r} ({len(members)} images): {exc}") from None
-        neg_of = {it.image_id: negs for it, negs in zip(with_captions, negatives)}
-        for it in members:
-
-            def row(task: str, prompt: str, refs: list[str], cands: list[str] = (), pos: int = -1) -> dict:
-                return {
-                    "item_id": f"{it.image_id}-{task}-0",
-                    "image_id": it.image_id,
-                    "split": split,
-                    "task": task,
-                    "question_type": "",
-                    "prompt": prompt,
-                    "references": list(refs),
-                    "candidates": list(cands),
-                    "positive_index": int(pos),
-                }
-
-            if it.vqa is not None:
-                rows.append(row("vqa", it.vqa[0], it.vqa[1]))
-            if it.ocr is not None:
-                rows.append(row("ocr", PROMPTS["ocr"], [it.ocr]))
-            if it.captions:
-                rows.append(row("caption", PROMPTS["caption"], it.captions[:MAX_CAPTION_REFERENCES]))
-                negs = neg_of[it.image_id]
-                pos = int(rng.integers(n_negatives + 1))
-                cands = negs[:pos] + [it.captions[0]] + negs[pos:]
-                rows.append(row("retrieval", PROMPTS["retrieval"], [it.captions[0]], cands, pos))
+    rows = annotation_rows(items, splits, seed=seed, n_negatives=n_negatives)
     table = pa.Table.from_pylist(rows, schema=ANNOTATION_SCHEMA)
-    for it in items:  # cheap check before any output; decoding is checked while writing
-        if not (image_root / it.file_name).is_file():
-            raise _err(
-                json_path, it.index, it.file_name, "image_info.file_name",
-                f"image file not found: {image_root / it.file_name}",
-            )
+    _check_image_files(json_path, image_root, items)
 
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(out_dir) as tmp:
         pq.write_table(table, tmp / "annotations.parquet")
-        from tqdm import tqdm
-
-        with pq.ParquetWriter(tmp / "images.parquet", IMAGE_SCHEMA) as writer:
-            for start in tqdm(range(0, len(items), _IMAGE_BATCH), desc="coco images", leave=False):
-                batch = [
-                    {"image_id": it.image_id, "png": _read_image(json_path, image_root, it)}
-                    for it in items[start : start + _IMAGE_BATCH]
-                ]
-                writer.write_table(pa.Table.from_pylist(batch, schema=IMAGE_SCHEMA))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _write_images(tmp / "images.parquet", json_path, image_root, items)
     counts = pd.Series(splits).value_counts().to_dict()
     log.info(
         "coco import: %d images (%s), %d examples -> %s",

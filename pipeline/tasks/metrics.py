@@ -16,8 +16,8 @@ Map of this module:
 - ``ndcg_at_k`` (task ``retrieval``): NDCG@k with one relevant candidate, ties broken
   by expectation over a uniformly random order.
 
-Only numpy and the standard library are used. Invalid input raises ``ValueError``
-naming the offending value; nothing is skipped silently.
+Only numpy and the standard library are used. Invalid input raises ``MetricError`` (a
+``PipelineError``, hence a ``ValueError``) naming the offending value; nothing is skipped silently.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pipeline.errors import PipelineError
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -43,7 +45,13 @@ __all__ = [
     "sentence_bleu",
     "corpus_cider",
     "ndcg_at_k",
+    "MetricError",
 ]
+
+
+class MetricError(PipelineError):
+    """A metric was given invalid input (a prediction, reference, score or parameter); the message names it."""
+
 
 _ARTICLES = frozenset({"a", "an", "the"})
 _NUMBER_WORDS = {
@@ -59,16 +67,16 @@ _CAPTION_TOKEN = re.compile(r"[^\W_]+|[^\w\s]|_")
 
 def _check_str(value: object, name: str) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"{name} must be a str, got {type(value).__name__}: {value!r}")
+        raise MetricError(f"{name} must be a str, got {type(value).__name__}: {value!r}")
     return value
 
 
 def _check_refs(references: object, name: str = "references") -> list[str]:
     """Validate a non-empty sequence of reference strings (a bare str is rejected)."""
     if isinstance(references, str) or not isinstance(references, Sequence):
-        raise ValueError(f"{name} must be a sequence of str, got {references!r}")
+        raise MetricError(f"{name} must be a sequence of str, got {references!r}")
     if len(references) == 0:
-        raise ValueError(f"{name} is empty: at least one reference is required")
+        raise MetricError(f"{name} is empty: at least one reference is required")
     return [_check_str(r, f"{name}[{i}]") for i, r in enumerate(references)]
 
 
@@ -101,7 +109,7 @@ def vqa_accuracy(prediction: str, references: Sequence[str]) -> float:
     "redder" does not), else 0.0. An empty (after normalisation) prediction scores 0.0.
 
     Raises:
-        ValueError: ``references`` is empty, a bare string, or holds a non-string.
+        MetricError: ``references`` is empty, a bare string, or holds a non-string.
     """
     refs = [normalize_answer(r) for r in _check_refs(references)]
     pred = normalize_answer(prediction)
@@ -143,10 +151,10 @@ def anls(prediction: str, references: Sequence[str], threshold: float = 0.5) -> 
     similarity of exactly ``threshold`` is kept). Both strings empty -> 1.0.
 
     Raises:
-        ValueError: empty/invalid ``references`` or ``threshold`` outside [0, 1].
+        MetricError: empty/invalid ``references`` or ``threshold`` outside [0, 1].
     """
     if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
+        raise MetricError(f"threshold must be in [0, 1], got {threshold!r}")
     pred = " ".join(_check_str(prediction, "prediction").lower().split())
     best = 0.0
     for ref in _check_refs(references):
@@ -177,15 +185,15 @@ def _check_corpus(
 ) -> tuple[list[list[str]], list[list[list[str]]]]:
     """Validate and tokenize a caption corpus: (hypothesis tokens, reference tokens)."""
     if isinstance(predictions, str) or not isinstance(predictions, Sequence):
-        raise ValueError(f"predictions must be a sequence of str, got {predictions!r}")
+        raise MetricError(f"predictions must be a sequence of str, got {predictions!r}")
     if isinstance(references, str) or not isinstance(references, Sequence):
-        raise ValueError(f"references must be a sequence of sequences of str, got {references!r}")
+        raise MetricError(f"references must be a sequence of sequences of str, got {references!r}")
     if len(predictions) != len(references):
-        raise ValueError(
+        raise MetricError(
             f"predictions and references differ in length: {len(predictions)} != {len(references)}"
         )
     if len(predictions) == 0:
-        raise ValueError("empty corpus: predictions and references hold no items")
+        raise MetricError("empty corpus: predictions and references hold no items")
     hyps = [tokenize_caption(_check_str(p, f"predictions[{i}]")) for i, p in enumerate(predictions)]
     refs = [
         [tokenize_caption(r) for r in _check_refs(rs, f"references[{i}]")]
@@ -221,7 +229,7 @@ def _bleu(precisions: np.ndarray, hyp_len: int, ref_len: int) -> float:
 
 def _check_max_n(max_n: int) -> int:
     if isinstance(max_n, bool) or not isinstance(max_n, int) or max_n < 1:
-        raise ValueError(f"max_n must be a positive int, got {max_n!r}")
+        raise MetricError(f"max_n must be a positive int, got {max_n!r}")
     return max_n
 
 
@@ -239,7 +247,7 @@ def corpus_bleu(
     length (ties -> the shorter). Any precision with zero matches gives 0.0.
 
     Raises:
-        ValueError: length mismatch, empty corpus, an item without references, or
+        MetricError: length mismatch, empty corpus, an item without references, or
             ``max_n`` < 1.
     """
     _check_max_n(max_n)
@@ -294,12 +302,12 @@ def corpus_cider(
     score (logged as a warning).
 
     Raises:
-        ValueError: length mismatch, empty corpus, an item without references,
+        MetricError: length mismatch, empty corpus, an item without references,
             ``n`` < 1 or ``sigma`` <= 0.
     """
     _check_max_n(n)
     if not sigma > 0:
-        raise ValueError(f"sigma must be > 0, got {sigma!r}")
+        raise MetricError(f"sigma must be > 0, got {sigma!r}")
     hyps, refs = _check_corpus(predictions, references)
     if len(hyps) == 1:
         log.warning("CIDEr-D on a single-item corpus: idf is 0 everywhere, score is 0")
@@ -357,23 +365,23 @@ def ndcg_at_k(scores: Sequence[float], positive_index: int, k: int = 5) -> float
     relevant item the ideal DCG is 1, so NDCG = DCG.
 
     Raises:
-        ValueError: a NaN score (its index is named), ``positive_index`` out of range,
+        MetricError: a NaN score (its index is named), ``positive_index`` out of range,
             non 1-D ``scores`` or ``k`` < 1.
     """
     arr = np.asarray(scores, dtype=float)
     if arr.ndim != 1:
-        raise ValueError(f"scores must be 1-D, got shape {arr.shape}")
+        raise MetricError(f"scores must be 1-D, got shape {arr.shape}")
     nan = np.flatnonzero(np.isnan(arr))
     if nan.size:
-        raise ValueError(f"scores[{int(nan[0])}] is NaN")
+        raise MetricError(f"scores[{int(nan[0])}] is NaN")
     try:
         pos = operator.index(positive_index)
     except TypeError:
-        raise ValueError(f"positive_index must be an int, got {positive_index!r}") from None
+        raise MetricError(f"positive_index must be an int, got {positive_index!r}") from None
     if isinstance(positive_index, bool) or not 0 <= pos < arr.size:
-        raise ValueError(f"positive_index {positive_index!r} out of range for {arr.size} scores")
+        raise MetricError(f"positive_index {positive_index!r} out of range for {arr.size} scores")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+        raise MetricError(f"k must be a positive int, got {k!r}")
     rank = 1 + int(np.sum(arr > arr[pos]))
     n_tied_others = int(np.sum(arr == arr[pos])) - 1
     ranks = np.arange(rank, rank + n_tied_others + 1)

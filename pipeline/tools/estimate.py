@@ -30,6 +30,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pipeline.errors import PipelineError
 from pipeline.method.store import StoreLayout
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
@@ -72,8 +73,8 @@ _QKV_BIAS_TYPES = ("qwen2", "qwen2_vl", "qwen2_5_vl", "qwen2_vl_text", "qwen2_5_
 _NON_GATED_TYPES = ("gpt2", "opt", "phi", "gpt_neox", "falcon", "starcoder2")
 
 
-class EstimateError(ValueError):
-    pass
+class EstimateError(PipelineError):
+    """A config or workload the estimate cannot use; the message names it."""
 
 
 # ------------------------------------------------------------------------------ architecture

@@ -1,0 +1,70 @@
+"""What defines an embedded default model: ``DefaultModelSpec``, its architecture and schedule.
+
+Kept apart from the trainer (``default_model``) so that the params schema can use it without
+making every stage depend on the training code.
+
+- ``DefaultModelSpec``: frozen dataclass; sizes in features, ``lr`` per step, ``steps`` in
+  optimiser steps. Field constraints are ``Annotated`` so a validator (pydantic) enforces them.
+- ``DEFAULT_MODEL_FIELDS``: the fields a params entry sets (all but ``image_size``, which the
+  trainer takes from the benchmark's images).
+- ``architecture_problems``: the cross-field checks (divisibility of heads), as messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+FAMILIES = ("llava", "idefics3")
+_TASKS = ("vqa", "ocr", "caption", "retrieval")
+
+
+@dataclass(frozen=True)
+class DefaultModelSpec:
+    """Architecture (sizes in features) and training schedule of the default model.
+
+    >>> spec = DefaultModelSpec(family="idefics3", patch_size=8, text_kv_heads=2)
+    >>> train_default_model(spec, "data/benchmark", "data/models/m", name="m")
+    """
+
+    family: Literal["llava", "idefics3"] = "llava"
+    patch_size: Annotated[int, Field(ge=1)] = 16
+    vision_hidden: Annotated[int, Field(ge=8)] = 128
+    vision_layers: Annotated[int, Field(ge=1)] = 3
+    vision_heads: Annotated[int, Field(ge=1)] = 4
+    vision_ffn: Annotated[int, Field(ge=8)] = 256
+    text_hidden: Annotated[int, Field(ge=8)] = 128
+    text_layers: Annotated[int, Field(ge=1)] = 4
+    text_heads: Annotated[int, Field(ge=1)] = 4
+    text_kv_heads: Annotated[int, Field(ge=1)] = 4
+    text_ffn: Annotated[int, Field(ge=8)] = 512
+    vision_warmup_steps: Annotated[int, Field(ge=0)] = 600
+    steps: Annotated[int, Field(ge=1)] = 3000
+    batch_size: Annotated[int, Field(ge=1)] = 32
+    lr: Annotated[float, Field(gt=0, le=1)] = 1e-3
+    warmup_steps: Annotated[int, Field(ge=0)] = 100
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01
+    task_weights: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in _TASKS})
+    seed: int = 0
+    # Pixels of the square input image; None until the trainer reads it from the benchmark.
+    image_size: int | None = None
+
+
+DEFAULT_MODEL_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(DefaultModelSpec) if f.name != "image_size")
+
+
+def architecture_problems(values: dict) -> list[str]:
+    """Cross-field problems of spec ``values`` (missing keys take the defaults), one message each."""
+    defaults = DefaultModelSpec()
+    get = lambda k: values.get(k, getattr(defaults, k))  # noqa: E731
+    problems = []
+    for width, heads in (("text_hidden", "text_heads"), ("text_heads", "text_kv_heads"),
+                         ("vision_hidden", "vision_heads")):
+        try:
+            if int(get(width)) % int(get(heads)):
+                problems.append(f"{width} ({get(width)}) must be divisible by {heads} ({get(heads)})")
+        except (TypeError, ValueError, ZeroDivisionError):
+            pass  # the field validators name a non-integer or zero value
+    return problems

@@ -1,0 +1,189 @@
+"""The stage graph says exactly what each stage reads.
+
+For every stage of ``dvc.yaml`` (matrix stages expanded, as DVC itself resolves them):
+- its code deps equal the project files its stage script imports, transitively (read from the
+  source with ``ast``, never executed): a missing one leaves stale results, an extra one
+  reruns too much;
+- its params equal the stage's declaration (``READS`` in the stage module, with the matrix
+  names and ``{benchmark.source}``-style params values filled in).
+
+``python tests/test_graph.py`` prints the expected code deps of each stage module, to paste
+into dvc.yaml after an import changes.
+"""
+
+from __future__ import annotations
+
+import ast
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from pipeline.provenance import PROJECT_PACKAGES as PACKAGES  # noqa: E402
+from pipeline.provenance import module_file  # noqa: E402
+from pipeline.provenance import imported_modules as _imported_modules  # noqa: E402
+from pipeline.provenance import source_files  # noqa: E402
+
+
+def import_closure(root: Path, module: str) -> set[str]:
+    """The project files importing ``module`` executes (``pipeline.provenance.source_files``)."""
+    return source_files(module, root)
+
+
+def _reads(root: Path, module: str) -> tuple[str, ...]:
+    """The stage module's ``READS`` declaration, read from its source."""
+    path = module_file(root, module)
+    assert path is not None, f"stage module {module} not found"
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "READS" for t in node.targets):
+            return tuple(ast.literal_eval(node.value))
+    raise AssertionError(f"{path} declares no READS")
+
+
+def _argument(argv: list[str], flag: str) -> str | None:
+    return argv[argv.index(flag) + 1] if flag in argv else None
+
+
+def _fill(reads: tuple[str, ...], params: dict, names: dict[str, str]) -> set[str]:
+    sys.path.insert(0, str(ROOT))
+    from stages.params import declared_keys
+
+    return set(declared_keys(reads, params, **names))
+
+
+@dataclass
+class StageCheck:
+    name: str
+    problems: list[str] = field(default_factory=list)
+
+
+def check_graph(root: Path, stages: dict[str, dict], params: dict) -> list[str]:
+    """Every mismatch between resolved stages and the code, one line each (empty when exact).
+
+    ``stages``: name -> {"cmd": str, "deps": [paths], "params": [keys]}, as DVC resolves them.
+    """
+    problems: list[str] = []
+    for name, stage in sorted(stages.items()):
+        argv = shlex.split(stage["cmd"])
+        if argv[:2] != ["python", "-m"]:
+            problems.append(f"{name}: cmd does not run a stage module: {stage['cmd']!r}")
+            continue
+        module = argv[2]
+        code = {d for d in stage["deps"] if d.endswith(".py") or d.split("/")[0] in PACKAGES}
+        expected = import_closure(root, module)
+        problems += [f"{name}: missing code dep {d}" for d in sorted(expected - code)]
+        problems += [f"{name}: extra code dep {d}" for d in sorted(code - expected)]
+        names = {k: v for k, v in (("model", _argument(argv, "--model")), ("task", _argument(argv, "--task"))) if v}
+        reads = _fill(_reads(root, module), params, names)
+        declared = set(stage["params"])
+        problems += [f"{name}: missing param {k}" for k in sorted(reads - declared)]
+        problems += [f"{name}: extra param {k}" for k in sorted(declared - reads)]
+    return problems
+
+
+def resolved_stages(root: Path) -> dict[str, dict]:
+    """The stages as DVC resolves dvc.yaml (matrix expanded, ``${...}`` filled)."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        out = {}
+        for stage in repo.index.stages:
+            deps, keys = [], []
+            for dep in stage.deps:
+                if isinstance(dep, ParamsDependency):
+                    keys.extend(dep.params)
+                else:
+                    deps.append(dep.def_path)
+            out[stage.addressing] = {"cmd": stage.cmd, "deps": deps, "params": keys}
+        return out
+
+
+@pytest.fixture(scope="module")
+def stages() -> dict[str, dict]:
+    return resolved_stages(ROOT)
+
+
+@pytest.fixture(scope="module")
+def params() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_graph_is_exact(stages, params) -> None:
+    assert len(stages) > 10
+    problems = check_graph(ROOT, stages, params)
+    assert not problems, "dvc.yaml does not match the code:\n" + "\n".join(problems)
+
+
+def test_graph_check_names_each_broken_entry(stages, params) -> None:
+    """The check is not vacuous: a dep lost, a dep gained, a param lost and one gained are each named."""
+    broken = {k: {"cmd": v["cmd"], "deps": list(v["deps"]), "params": list(v["params"])} for k, v in stages.items()}
+    broken["heads@tiny-llava-vqa"]["deps"].remove("pipeline/model/hooks.py")
+    broken["masks@tiny-llava"]["deps"].append("pipeline/outcomes/steering.py")
+    broken["dump@tiny-llava-ocr"]["params"].remove("heads.top_k")
+    broken["train_default_model@tiny-llava"]["params"].append("runtime.max_new_tokens")
+    problems = check_graph(ROOT, broken, params)
+    assert sorted(problems) == sorted([
+        "heads@tiny-llava-vqa: missing code dep pipeline/model/hooks.py",
+        "masks@tiny-llava: extra code dep pipeline/outcomes/steering.py",
+        "dump@tiny-llava-ocr: missing param heads.top_k",
+        "train_default_model@tiny-llava: extra param runtime.max_new_tokens",
+    ])
+
+
+def test_closure_follows_lazy_and_from_imports(tmp_path) -> None:
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "pipeline" / "sub").mkdir(parents=True)
+    (tmp_path / "stages" / "__init__.py").write_text("")
+    (tmp_path / "pipeline" / "__init__.py").write_text('"""Only a docstring."""\n')
+    (tmp_path / "pipeline" / "sub" / "__init__.py").write_text("X = 1\n")
+    (tmp_path / "pipeline" / "sub" / "a.py").write_text("def f():\n    from pipeline.sub import b\n")
+    (tmp_path / "pipeline" / "sub" / "b.py").write_text("import os\n")
+    (tmp_path / "pipeline" / "unused.py").write_text("")
+    (tmp_path / "stages" / "s.py").write_text("from pipeline.sub.a import f\n")
+    assert import_closure(tmp_path, "stages.s") == {
+        "stages/s.py", "pipeline/sub/__init__.py", "pipeline/sub/a.py", "pipeline/sub/b.py"}
+
+
+def test_model_reads_only_its_own_entry(stages) -> None:
+    """A model's stages declare its ``models.<m>`` entry, never another model's."""
+    for name, stage in stages.items():
+        if "@" not in name:
+            continue
+        for key in stage["params"]:
+            if key.startswith("models."):
+                assert key.split(".")[1] in name, f"{name} declares {key}"
+
+
+if __name__ == "__main__":
+    seen: dict[str, list[str]] = {}
+    for name, stage in resolved_stages(ROOT).items():
+        module = shlex.split(stage["cmd"])[2]
+        if module not in seen:
+            seen[module] = sorted(import_closure(ROOT, module))
+            print(f"{module}:\n" + "\n".join(f"      - {d}" for d in seen[module]))
+
+
+# Layers of the library, lowest first: a module imports only from its own layer or lower ones.
+LAYERS = {"errors": 0, "io": 0, "provenance": 0, "tasks": 1, "model": 2, "method": 3, "outcomes": 4,
+          "report": 5, "tools": 6}
+
+
+def test_library_imports_flow_one_way() -> None:
+    problems = []
+    for path in sorted((ROOT / "pipeline").rglob("*.py")):
+        rel = path.relative_to(ROOT / "pipeline").with_suffix("")
+        own = LAYERS.get(rel.parts[0]) if rel.parts[0] != "__init__" else 0
+        assert own is not None, f"{path}: a module outside the known layers {sorted(LAYERS)}"
+        for module in _imported_modules(path):
+            parts = module.split(".")
+            if parts[0] == "stages":
+                problems.append(f"{path.relative_to(ROOT)} imports {module}: the library never imports stages")
+            elif len(parts) > 1 and LAYERS.get(parts[1], -1) > own:
+                problems.append(f"{path.relative_to(ROOT)} imports {module} from a higher layer")
+    assert not problems, "\n".join(problems)

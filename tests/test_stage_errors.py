@@ -1,0 +1,138 @@
+"""Mistakes a user can make stop a stage with one line naming the file, key or item, exit code 2,
+no traceback, before any model loads where the mistake is in params.
+
+Each case runs the real stage entry point in a subprocess (``python -m stages.<name>``), as DVC does.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def params_file(tmp_path: Path, **over) -> Path:
+    params = {
+        "studied_models": ["m"], "tasks": ["vqa", "ocr"],
+        "models": {"m": {"source": "pretrained", "path": str(tmp_path / "no-such-model"), "device": "cpu"}},
+        "runtime": {"threads": 1},
+    }
+    for key, value in over.items():
+        section, _, leaf = key.partition("__")
+        if leaf:
+            params.setdefault(section, {})[leaf] = value
+        else:
+            params[section] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def run_stage(stage: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("HONES_PARAMS_AUDIT", None)
+    return subprocess.run([sys.executable, "-m", f"stages.{stage}", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    """The single ERROR line of a stage that stopped on a user mistake."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    return errors[0]
+
+
+def heads(params: Path, benchmark: Path, out: Path, task: str = "vqa", model: str = "m"):
+    return run_stage("heads", "--params", params, "--model", model, "--task", task, "--benchmark", benchmark,
+                     "--out", out)
+
+
+def test_unknown_task_is_named_before_any_model_loads(tmp_path, benchmark_dir) -> None:
+    params = params_file(tmp_path, tasks=["vqa", "ocrr"])
+    line = one_line_error(heads(params, benchmark_dir, tmp_path / "out"))
+    assert "tasks" in line and "'ocrr'" in line and "known: ['vqa', 'ocr', 'caption', 'retrieval']" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_split_is_named(tmp_path) -> None:
+    from pipeline.tasks.benchmark import BenchmarkSpec, build_benchmark
+
+    bench = tmp_path / "bench"
+    build_benchmark(BenchmarkSpec(seed=0, image_size=32, n_images={"discovery": 2, "test": 0},
+                                  vqa_per_image={"discovery": 1}, retrieval_negatives=3, retrieval_hard_negatives=1), bench)
+    params = params_file(tmp_path, heads__split="test")
+    line = one_line_error(heads(params, bench, tmp_path / "out"))
+    assert "annotations.parquet has no 'vqa' items in split 'test'" in line
+
+
+def test_bad_device_name_is_named(tmp_path, benchmark_dir) -> None:
+    params = params_file(tmp_path, models={"m": {"source": "pretrained", "path": "x", "device": "gpu"}})
+    line = one_line_error(heads(params, benchmark_dir, tmp_path / "out"))
+    assert "models.m.device" in line and "'gpu'" in line
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_named(tmp_path, benchmark_dir) -> None:
+    params = params_file(tmp_path, models={"m": {"source": "pretrained", "path": "x", "device": "cuda"}})
+    line = one_line_error(heads(params, benchmark_dir, tmp_path / "out"))
+    assert "models.m.device: 'cuda' but torch sees no CUDA device" in line
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path, benchmark_dir) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text("tasks: [vqa, ocr]\nheads:\n  split: discovery\n   top_k: 3\n")
+    line = one_line_error(heads(params, benchmark_dir, tmp_path / "out"))
+    assert f"{params}: line 4" in line and "YAML syntax error" in line
+
+
+def test_unknown_key_is_one_line(tmp_path, benchmark_dir) -> None:
+    params = params_file(tmp_path, heads__topk=3)
+    line = one_line_error(heads(params, benchmark_dir, tmp_path / "out"))
+    assert "heads.topk: Extra inputs are not permitted" in line
+
+
+def _finished_store(path: Path) -> None:
+    from pipeline.method.store import ActivationStore, StoreLayout
+
+    lay = StoreLayout.plan(2, 6, 2, 8, "float32", target_chunk_bytes=2 * 2 * 8 * 4)
+    store = ActivationStore.create_or_resume(path, lay, [(-1, -1, float("nan")), (0, 1, 0.5)],
+                                             [f"i{k}" for k in range(6)], [[1]] * 6, [[1.0]] * 6,
+                                             {"model": "m"}, "h")
+    rng = np.random.default_rng(0)
+    for k in store.pending_blocks():
+        n = lay.block(k).stop - lay.block(k).start
+        store.write_block(k, rng.normal(size=(2, n, 2, 8)).astype(np.float32),
+                          rng.normal(size=(n, 2, 8)).astype(np.float32))
+    store.finalize()
+
+
+@pytest.mark.parametrize("damage", ["group", "array"])
+def test_truncated_store_metadata_names_the_store(tmp_path, damage) -> None:
+    acts = tmp_path / "activations"
+    for task in ("vqa", "ocr"):
+        _finished_store(acts / f"{task}.zarr")
+    meta = acts / "ocr.zarr" / ("zarr.json" if damage == "group" else "z/zarr.json")
+    meta.write_bytes(meta.read_bytes()[:40])
+    params = params_file(tmp_path)
+    proc = run_stage("attribute", "--params", params, "--model", "m", "--activations", acts,
+                     "--ablation", tmp_path, "--out", tmp_path / "out.zarr")
+    line = one_line_error(proc)
+    assert f"activation store {acts / 'ocr.zarr'}" in line and "dvc checkout" in line
+
+
+def test_second_run_on_the_same_output_is_refused(tmp_path, benchmark_dir) -> None:
+    from stages._common import output_lock
+
+    out = tmp_path / "out"
+    with output_lock(out):
+        line = one_line_error(heads(params_file(tmp_path), benchmark_dir, out))
+    assert f"{out} is being written by another run (PID {os.getpid()})" in line
