@@ -32,7 +32,7 @@ from pipeline.method.distributed import attribute_dask, importance_dask
 from pipeline.method.store import StoreError
 from stages.dump import READS, dump_inputs
 from stages.params import read_params
-from pipeline.method.dump import DumpExecution, DumpRequest, DumpStorage, dump_activations
+from pipeline.method.dump import DumpExecution, DumpRequest, dump_activations
 from pipeline.method.store import DONE_DIR, ActivationStore, StoreLayout, read_importance, scratch_path
 
 from conftest import TESTS_DIR
