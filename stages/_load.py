@@ -10,41 +10,36 @@ import logging
 import os
 from pathlib import Path
 
+from stages._device import model_device
 from stages.params import ConfigError, PretrainedModelConfig, StageParams
 
 log = logging.getLogger("stages")
 MODELS_DIR = Path("data/models")
 
 
-def resolve_device(device: str, key: str) -> str:
-    """``auto`` -> cuda when present (logged), else cpu; ``cuda[:N]`` without CUDA is a ConfigError
-    naming ``key``."""
-    import torch
+def file_hashes():
+    """The sha256 memory of model files, shared by every clone on this machine
+    (``$XDG_CACHE_HOME/hones/file-hashes.json``, default ``~/.cache``)."""
+    from pipeline.model.source import FileHashes
 
-    if device == "auto":
-        picked = "cuda" if torch.cuda.is_available() else "cpu"
-        log.info("%s: auto -> %s", key, picked)
-        return picked
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"{key}: {device!r} but torch sees no CUDA device on this machine; "
-                              "use 'cpu' or 'auto'")
-        index = int(device.split(":")[1]) if ":" in device else 0
-        if index >= torch.cuda.device_count():
-            raise ConfigError(f"{key}: {device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"{key}: 'mps' but torch sees no MPS device on this machine; use 'cpu' or 'auto'")
-    return device
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return FileHashes(cache_home / "hones" / "file-hashes.json")
 
 
-def model_device(params: StageParams, name: str) -> str:
-    """The device model ``name`` runs on, resolved (``models.<name>.device``)."""
-    return resolve_device(params.models[name].device, f"models.{name}.device")
+def _model_folder(params: StageParams, name: str) -> Path:
+    """Where model ``name`` is loaded from: its training output, or for a pretrained model the
+    folder (or hub snapshot) its ``resolve_model`` record pins, checked unchanged."""
+    from pipeline.model.source import read_source
+
+    if isinstance(params.models[name], PretrainedModelConfig):
+        return read_source(MODELS_DIR / name, name).folder(file_hashes(), name)
+    return MODELS_DIR / name
 
 
 def load_model(params: StageParams, name: str, device: str | None = None):
-    """The adapter of model ``name`` as params say (``models.<name>``: path, revision, dtype,
-    device unless given), with torch's CPU threads from ``runtime.threads`` (shared by local ranks)."""
+    """The adapter of model ``name`` as params say (``models.<name>``: dtype, device unless
+    given; the files from ``_model_folder``), with torch's CPU threads from ``runtime.threads``
+    (shared by local ranks). The device is checked before anything is read."""
     import torch
 
     from pipeline.model.adapter import ModelAdapter
@@ -53,16 +48,16 @@ def load_model(params: StageParams, name: str, device: str | None = None):
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     torch.set_num_threads(max(1, params.runtime.threads // local_ranks))
     device = device or model_device(params, name)
-    if isinstance(cfg, PretrainedModelConfig):
-        return ModelAdapter.load(cfg.path, dtype=cfg.dtype, device=device, revision=cfg.revision)
-    return ModelAdapter.load(str(MODELS_DIR / name), dtype=cfg.dtype, device=device)
+    return ModelAdapter.load(str(_model_folder(params, name)), dtype=cfg.dtype, device=device)
 
 
-def model_path(params: StageParams, name: str) -> tuple[str, str | None]:
-    """(path or hub id, revision) that model ``name`` is loaded from."""
-    cfg = params.models[name]
-    if isinstance(cfg, PretrainedModelConfig):
-        return cfg.path, cfg.revision
+def model_identity(params: StageParams, name: str) -> tuple[str, str | None]:
+    """(model, revision) of model ``name`` for provenance: the training output folder, or the
+    pretrained model's hub id and commit / folder and sha256 of its files."""
+    from pipeline.model.source import read_source
+
+    if isinstance(params.models[name], PretrainedModelConfig):
+        return read_source(MODELS_DIR / name, name).identity
     return str(MODELS_DIR / name), None
 
 

@@ -14,7 +14,7 @@ from pipeline.method.dump import DumpExecution, DumpRequest, DumpStorage, dump_a
 from pipeline.method.heads import top_heads
 from pipeline.provenance import provenance
 from stages._common import entry, parser
-from stages._load import load_images, load_items, load_model, model_device, model_path
+from stages._load import load_images, load_items, load_model, model_device, model_identity
 from stages.params import StageParams, params_hash, read_params
 
 READS = (
@@ -36,7 +36,7 @@ def dump_inputs(params: StageParams, args) -> tuple[pd.DataFrame, pd.DataFrame, 
     top_k = params.heads.top_k
     items = load_items(args.benchmark, (cfg.split,), (args.task,), cfg.max_items)
     heads = top_heads(pd.read_parquet(args.heads), top_k)
-    path, revision = model_path(params, args.model)
+    path, revision = model_identity(params, args.model)
     prov = provenance(path, None, revision, entry=__spec__.name)
     phash = params_hash(settings, {"top_k": top_k, "heads": heads[["layer", "head", "score"]].to_dict("list"),
                                    "items": items["item_id"].tolist(), "model": prov})

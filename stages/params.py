@@ -146,13 +146,25 @@ class TrainedModelConfig(_ModelLoading):
 
 
 class PretrainedModelConfig(_Strict):
-    """A model the user brings: a local folder or a Hugging Face hub id."""
+    """A model the user brings: ``path``, a local save_pretrained folder (relative to the
+    repository root, or absolute), or ``hub_id`` (with an optional ``revision``: a branch, tag
+    or commit; default main), never both. Listed in ``pretrained_models``, its
+    ``resolve_model`` stage pins the files that the other stages load."""
 
     source: Literal["pretrained"]
-    path: str
+    path: str | None = None
+    hub_id: str | None = None
     revision: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     device: str = Field("auto", pattern=DEVICE_PATTERN)
+
+    @model_validator(mode="after")
+    def _one_location(self) -> "PretrainedModelConfig":
+        if (self.path is None) == (self.hub_id is None):
+            raise ValueError("give exactly one of 'path' (a local folder) and 'hub_id' (a Hugging Face hub id)")
+        if self.revision is not None and self.hub_id is None:
+            raise ValueError("'revision' needs 'hub_id': a local folder has no revisions")
+        return self
 
 
 def _model_source(entry: Any) -> str:
@@ -285,6 +297,7 @@ class ParamsFile(_Strict):
     """Every key of params.yaml. Sections left out take their defaults."""
 
     trained_models: list[str] = Field(default_factory=list)
+    pretrained_models: list[str] = Field(default_factory=list)
     studied_models: list[str] = Field(min_length=1)
     tasks: list[str] = Field(min_length=1)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
@@ -306,13 +319,22 @@ class ParamsFile(_Strict):
 
     @model_validator(mode="after")
     def _models_defined(self) -> "ParamsFile":
-        for key in ("trained_models", "studied_models"):
+        for key in ("trained_models", "pretrained_models", "studied_models"):
             missing = [m for m in getattr(self, key) if m not in self.models]
             if missing:
                 raise ValueError(f"{key}: {missing} not defined under 'models'; defined: {sorted(self.models)}")
         pretrained = [m for m in self.trained_models if isinstance(self.models[m], PretrainedModelConfig)]
         if pretrained:
-            raise ValueError(f"trained_models: {pretrained} have source 'pretrained': there is nothing to train")
+            raise ValueError(f"trained_models: {pretrained} have source 'pretrained': there is nothing to train; "
+                             "list them in pretrained_models")
+        trained = [m for m in self.pretrained_models if not isinstance(self.models[m], PretrainedModelConfig)]
+        if trained:
+            raise ValueError(f"pretrained_models: {trained} have source 'train'; list them in trained_models")
+        # data/models/<m> must have a producer: the training stage or the resolve stage.
+        orphans = [m for m in self.studied_models if m not in self.trained_models + self.pretrained_models]
+        if orphans:
+            raise ValueError(f"studied_models: {orphans} are in neither trained_models nor pretrained_models, "
+                             "so no stage provides them")
         return self
 
 

@@ -6,7 +6,7 @@ import torch
 
 from pipeline.model.default_model import train_default_model
 from stages._common import entry, parser
-from stages._load import model_device
+from stages._device import model_device
 from stages.params import ConfigError, PretrainedModelConfig, read_params
 
 READS = ("models.{model}", "runtime.threads")

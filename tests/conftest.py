@@ -1,6 +1,8 @@
 """Shared fixtures: seeding, a tiny synthetic benchmark and a tiny LLaVA built over its vocabulary.
 
 - ``_seed`` (autouse): seeds python, numpy and torch before every test.
+- ``_private_hash_cache`` (session, autouse): ``XDG_CACHE_HOME`` in a temp dir.
+- ``resolve_pretrained(params, name, root, monkeypatch)``: the resolve stage of a pretrained model.
 - ``benchmark_dir`` (session): ``build_benchmark`` at image_size 32, a handful of images per split.
 - ``annotations`` / ``images`` (session): the benchmark table and its ``ImageTable``.
 - ``tiny_adapter`` (session, read-only): a random ``DefaultModelSpec`` LLaVA (2 text layers,
@@ -17,6 +19,7 @@ and builds bitwise the same model as the fixture.
 from __future__ import annotations
 
 import math
+import os
 import random
 import warnings
 from pathlib import Path
@@ -135,6 +138,32 @@ def direct_dvp(adapter, target_ids, target_weights) -> np.ndarray:
         u = u / np.linalg.norm(u)
         for l, W in enumerate(downs):
             out[n, l] = [W[:, i] @ u for i in range(W.shape[1])]
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_hash_cache(tmp_path_factory):
+    """Model file hashes go to a temp cache, not the user's ~/.cache (subprocesses inherit it)."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
+def resolve_pretrained(params: Path, name: str, root: Path, monkeypatch) -> Path:
+    """Run the resolve_model stage of pretrained model ``name`` as ``dvc repro`` would, in ``root``
+    (the working directory from then on); returns ``root/data/models/<name>``."""
+    import sys
+
+    from stages import resolve_model
+
+    monkeypatch.chdir(root)
+    out = Path(root) / "data" / "models" / name
+    monkeypatch.setattr(sys, "argv", ["resolve_model", "--params", str(params), "--model", name, "--out", str(out)])
+    resolve_model.main()
     return out
 
 

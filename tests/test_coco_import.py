@@ -255,7 +255,7 @@ def test_config_and_stage(tmp_path, monkeypatch):
     from stages import benchmark as benchmark_stage
 
     params = tmp_path / "params.yaml"
-    study = {"tasks": ["vqa"], "studied_models": ["m"], "models": {"m": {"source": "pretrained", "path": "x"}}}
+    study = {"tasks": ["vqa"], "studied_models": ["m"], "pretrained_models": ["m"], "models": {"m": {"source": "pretrained", "path": "x"}}}
     params.write_text(yaml.safe_dump(study | {"benchmark": {"source": "hones_coco", "hones_coco": section}}))
     monkeypatch.setattr(sys, "argv", ["benchmark", "--params", str(params), "--out", str(tmp_path / "st")])
     benchmark_stage.main()

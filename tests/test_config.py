@@ -4,13 +4,15 @@ before any model is loaded."""
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from stages.params import (
-    ConfigError, HeadsConfig, SyntheticBenchmarkConfig, TrainedModelConfig, params_hash, validate_section,
+    ConfigError, HeadsConfig, ParamsFile, SyntheticBenchmarkConfig, TrainedModelConfig, params_hash, validate_section,
 )
 
 
@@ -51,7 +53,7 @@ def test_stage_stops_before_loading_the_model(tmp_path, monkeypatch, caplog) -> 
     import pipeline.model.adapter
 
     params = {"runtime": {"threads": 1}, "heads": {"top_k": 2, "max_items": -5}, "tasks": ["vqa"],
-              "studied_models": ["m"],
+              "studied_models": ["m"], "pretrained_models": ["m"],
               "models": {"m": {"source": "pretrained", "path": str(tmp_path / "no-such-model")}}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
 
@@ -66,3 +68,39 @@ def test_stage_stops_before_loading_the_model(tmp_path, monkeypatch, caplog) -> 
     assert exc.value.code == 2
     assert "heads.max_items" in caplog.text
     assert not (tmp_path / "o").exists()
+
+
+def test_readme_snippet_for_your_own_model_is_the_tested_one_and_valid() -> None:
+    """The README's "Study your own model" block is tests/e2e/params_pretrained.yaml verbatim, and
+    merged into params.yaml it validates."""
+    root = Path(__file__).resolve().parents[1]
+    snippet = (root / "tests/e2e/params_pretrained.yaml").read_text()
+    assert "```yaml\n" + snippet + "```" in (root / "README.md").read_text()
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    block = yaml.safe_load(snippet)
+    merged = {**params, **{k: v for k, v in block.items() if k != "models"},
+              "models": {**params["models"], **block["models"]}}
+    parsed = ParamsFile.model_validate(merged)
+    assert parsed.models["my-vlm"].path == "/path/to/my-vlm" and parsed.pretrained_models == ["my-vlm"]
+
+
+@pytest.mark.parametrize("entry,message", [
+    ({"path": "a", "hub_id": "org/a"}, "give exactly one of 'path' (a local folder) and 'hub_id'"),
+    ({}, "give exactly one of 'path' (a local folder) and 'hub_id'"),
+    ({"path": "a", "revision": "v1"}, "'revision' needs 'hub_id': a local folder has no revisions"),
+])
+def test_pretrained_entry_names_one_location(entry, message) -> None:
+    data = {"studied_models": ["m"], "pretrained_models": ["m"], "tasks": ["vqa"],
+            "models": {"m": {"source": "pretrained", **entry}}}
+    with pytest.raises(ConfigError, match=re.escape(f"models.m: {message}")):
+        validate_section(ParamsFile, data, "")
+
+
+def test_every_studied_model_has_a_producer() -> None:
+    data = {"studied_models": ["m"], "tasks": ["vqa"], "models": {"m": {"source": "pretrained", "path": "a"}}}
+    with pytest.raises(ConfigError, match=r"studied_models: \['m'\] are in neither trained_models nor "
+                                          r"pretrained_models, so no stage provides them"):
+        validate_section(ParamsFile, data, "")
+    with pytest.raises(ConfigError, match=r"pretrained_models: \['t'\] have source 'train'"):
+        validate_section(ParamsFile, {**data, "pretrained_models": ["t"],
+                                      "models": {**data["models"], "t": {"source": "train"}}}, "")

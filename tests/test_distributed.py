@@ -35,7 +35,7 @@ from stages.params import read_params
 from pipeline.method.dump import DumpExecution, DumpRequest, dump_activations
 from pipeline.method.store import DONE_DIR, ActivationStore, StoreLayout, read_importance, scratch_path
 
-from conftest import TESTS_DIR
+from conftest import TESTS_DIR, resolve_pretrained
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 REPO = TESTS_DIR.parent
@@ -70,19 +70,20 @@ def model_dir(tmp_path_factory, tiny_adapter) -> Path:
     return out
 
 
-def test_torchrun_two_ranks_equal_single_process(tmp_path, model_dir, benchmark_dir):
+def test_torchrun_two_ranks_equal_single_process(tmp_path, model_dir, benchmark_dir, monkeypatch):
     import torch
 
     from pipeline.model.adapter import ModelAdapter
 
     params = {
-        "studied_models": ["test-tiny"], "tasks": ["vqa"],
+        "studied_models": ["test-tiny"], "pretrained_models": ["test-tiny"], "tasks": ["vqa"],
         "models": {"test-tiny": {"source": "pretrained", "path": str(model_dir), "dtype": "float32", "device": "cpu"}},
         "runtime": {"threads": 2, "batch_sequences": 4},
         "dump": {"split": "discovery", "max_items": N_ITEMS, "store_dtype": "float32", "target_chunk_mib": 1e-6},
         "heads": {"top_k": 2},
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    resolve_pretrained(tmp_path / "params.yaml", "test-tiny", tmp_path, monkeypatch)
     scores = pd.DataFrame({"layer": [0, 0, 1, 1], "head": [0, 3, 2, 1], "score": [0.1, -0.2, 0.4, 0.3]})
     scores.to_parquet(tmp_path / "scores.parquet")
     args = Namespace(params=tmp_path / "params.yaml", model="test-tiny", task="vqa", benchmark=benchmark_dir,
@@ -111,7 +112,7 @@ def test_torchrun_two_ranks_equal_single_process(tmp_path, model_dir, benchmark_
     cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "stages.dump",
            "--params", str(args.params), "--model", "test-tiny", "--task", "vqa", "--benchmark", str(benchmark_dir),
            "--heads", str(args.heads), "--out", str(args.out), "--critical-heads", str(args.critical_heads)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     # Rank 0 resumed: blocks 2 and 4 are left for it, block 1 for rank 1 (0 and 3 were done).
@@ -194,7 +195,8 @@ def test_attribute_stage_dask_engine_equals_streaming(tmp_path, random_stores, d
     pd.DataFrame({"layer": pd.Series([], dtype="int64"), "neuron": pd.Series([], dtype="int64"),
                   "effect": pd.Series([], dtype="float64")}).to_parquet(abl / "ocr.parquet")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(
-        {"tasks": ["vqa", "ocr"], "studied_models": ["random"], "models": {"random": {"source": "pretrained",
+        {"tasks": ["vqa", "ocr"], "studied_models": ["random"], "pretrained_models": ["random"],
+         "models": {"random": {"source": "pretrained",
                                                                                      "path": "unused"}},
          "attribute": {"seed": 3, "ape_min_probability": 0.05, "engine": "dask",
                                                 "dask_scheduler": dask_cluster.scheduler_address}}))

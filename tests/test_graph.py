@@ -160,13 +160,39 @@ def test_model_reads_only_its_own_entry(stages) -> None:
                 assert key.split(".")[1] in name, f"{name} declares {key}"
 
 
+def rewrite_code_deps(text: str, root: Path = ROOT) -> str:
+    """``dvc.yaml`` text with each stage's code deps (the ``.py`` lines of its ``deps``) replaced
+    by the import closure of its stage module, after its data deps; comments kept."""
+    raw = yaml.safe_load(text)["stages"]
+    lines = text.splitlines()
+    out: list[str] = []
+    stage = None
+    in_deps = False
+    for line in lines:
+        if line.startswith("  ") and not line.startswith("   ") and line.rstrip().endswith(":"):
+            stage = line.strip()[:-1]
+        if in_deps and not line.startswith("      - "):
+            module = shlex.split(" ".join(str(raw[stage]["cmd"]).split()))[2]
+            out.extend(f"      - {d}" for d in sorted(import_closure(root, module)))
+            in_deps = False
+        if line == "    deps:":
+            in_deps = True
+        if in_deps and line.startswith("      - ") and line.endswith(".py"):
+            continue
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
 if __name__ == "__main__":
-    seen: dict[str, list[str]] = {}
-    for name, stage in resolved_stages(ROOT).items():
-        module = shlex.split(stage["cmd"])[2]
-        if module not in seen:
-            seen[module] = sorted(import_closure(ROOT, module))
-            print(f"{module}:\n" + "\n".join(f"      - {d}" for d in seen[module]))
+    if sys.argv[1:] == ["--write"]:
+        (ROOT / "dvc.yaml").write_text(rewrite_code_deps((ROOT / "dvc.yaml").read_text()))
+    else:
+        seen: dict[str, list[str]] = {}
+        for name, stage in resolved_stages(ROOT).items():
+            module = shlex.split(stage["cmd"])[2]
+            if module not in seen:
+                seen[module] = sorted(import_closure(ROOT, module))
+                print(f"{module}:\n" + "\n".join(f"      - {d}" for d in seen[module]))
 
 
 # Layers of the library, lowest first: a module imports only from its own layer or lower ones.

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def params_file(tmp_path: Path, **over) -> Path:
     params = {
-        "studied_models": ["m"], "tasks": ["vqa", "ocr"],
+        "studied_models": ["m"], "pretrained_models": ["m"], "tasks": ["vqa", "ocr"],
         "models": {"m": {"source": "pretrained", "path": str(tmp_path / "no-such-model"), "device": "cpu"}},
         "runtime": {"threads": 1},
     }
@@ -35,10 +35,11 @@ def params_file(tmp_path: Path, **over) -> Path:
     return path
 
 
-def run_stage(stage: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run_stage(stage: str, *args: str, env: dict[str, str] | None = None,
+              cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     env.pop("HONES_PARAMS_AUDIT", None)
-    return subprocess.run([sys.executable, "-m", f"stages.{stage}", *map(str, args)], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", f"stages.{stage}", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -136,3 +137,57 @@ def test_second_run_on_the_same_output_is_refused(tmp_path, benchmark_dir) -> No
     with output_lock(out):
         line = one_line_error(heads(params_file(tmp_path), benchmark_dir, out))
     assert f"{out} is being written by another run (PID {os.getpid()})" in line
+
+
+# ------------------------------------------------------------------ the model a user names
+def resolve(tmp_path: Path, entry: dict, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The resolve_model stage of model ``m`` = ``entry``, run in ``tmp_path`` as DVC would."""
+    params = params_file(tmp_path, models={"m": {"source": "pretrained", "device": "cpu", **entry}})
+    out = tmp_path / "data" / "models" / "m"
+    proc = run_stage("resolve_model", "--params", params, "--model", "m", "--out", out, env=env, cwd=tmp_path)
+    if proc.returncode != 0:
+        assert not out.exists(), "a failed resolve left a record behind"
+    return proc
+
+
+def test_missing_relative_folder_names_its_absolute_path(tmp_path) -> None:
+    line = one_line_error(resolve(tmp_path, {"path": "models/llava-local"}))
+    assert f"model 'm': folder {tmp_path}/models/llava-local not found (models.m.path; " \
+           "a Hugging Face hub id goes in models.m.hub_id)" in line
+
+
+def test_hub_id_missing_from_the_offline_cache_is_named_at_once(tmp_path) -> None:
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty-cache")}
+    proc = resolve(tmp_path, {"hub_id": "llava-hf/llava-1.5-7b-hf", "revision": "main"}, env)
+    line = one_line_error(proc)
+    assert "hub id 'llava-hf/llava-1.5-7b-hf' at revision 'main' is not in the local Hugging Face cache " \
+           f"({tmp_path}/empty-cache)" in line and "HF_HUB_OFFLINE=1" in line
+
+
+def test_text_only_model_is_named_with_the_supported_families(tmp_path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(tmp_path / "llama")
+    line = one_line_error(resolve(tmp_path, {"path": str(tmp_path / "llama")}))
+    assert f"{tmp_path}/llama is not a vision-language model: its config.json has model_type 'llama' " \
+           "(LlamaForCausalLM); supported families: llava, qwen2_vl, qwen2_5_vl, idefics3" in line
+
+
+def test_decoder_the_adapter_cannot_find_is_named(tmp_path) -> None:
+    from tiny_models import llava_with_opt_text
+
+    llava_with_opt_text().save_pretrained(tmp_path / "odd")
+    line = one_line_error(resolve(tmp_path, {"path": str(tmp_path / "odd")}))
+    assert "decoder layers not found in LlavaForConditionalGeneration" in line and "OPTModel" in line
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_named_before_the_model_is_read(tmp_path) -> None:
+    line = one_line_error(resolve(tmp_path, {"path": str(tmp_path / "not-even-there"), "device": "cuda:1"}))
+    assert "models.m.device: 'cuda:1' but torch sees no CUDA device on this machine; use 'cpu' or 'auto'" in line
+
+
+def test_path_and_hub_id_together_are_refused(tmp_path) -> None:
+    line = one_line_error(resolve(tmp_path, {"path": "a", "hub_id": "org/a"}))
+    assert "models.m: give exactly one of 'path' (a local folder) and 'hub_id'" in line

@@ -29,6 +29,8 @@ from pipeline.outcomes.steering import (
 )
 from pipeline.tasks.items import training_rows
 
+from conftest import resolve_pretrained
+
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 torch.set_num_threads(1)
 
@@ -199,12 +201,14 @@ def test_stage_writes_declared_outputs(tiny_adapter, benchmark_dir, tmp_path, mo
     write_parquet(masks, tmp_path / "masks.parquet")
     params = {
         "studied_models": ["tiny"],
+        "pretrained_models": ["tiny"],
         "tasks": tasks,
         "models": {"tiny": {"source": "pretrained", "path": str(model_dir), "dtype": "float32", "device": "cpu"}},
         "runtime": {"threads": 1, "batch_sequences": 16, "max_new_tokens": 2},
         "steer": {"epochs": 1, "grad_accum": 1, "train_batch_size": 4, "max_items": 2, "grid": [1.0, 2.0]},
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    resolve_pretrained(tmp_path / "params.yaml", "tiny", tmp_path, monkeypatch)
     out = tmp_path / "steer"
     monkeypatch.setattr(sys, "argv", ["steer", "--params", str(tmp_path / "params.yaml"), "--model", "tiny",
                                       "--benchmark", str(benchmark_dir), "--masks", str(tmp_path / "masks.parquet"),

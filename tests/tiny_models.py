@@ -11,6 +11,8 @@ Where a family's processor cannot be built in this environment the factory retur
 - SmolVLM's processor refuses to start without the ``num2words`` package.
 Their models are still built, so module discovery is tested on them.
 
+``add_words`` teaches a factory's tokenizer more words (the benchmark's, say).
+``llava_with_opt_text`` is a VLM whose decoder layout the adapter does not know.
 ``tiny_phi`` is a text-only decoder with a plain (fc1 -> act -> fc2) MLP, for the non-gated path.
 ``make_images``, ``PROMPTS`` and ``ANSWERS`` are shared test data.
 
@@ -388,6 +390,31 @@ def tiny_mistral3(seed: int = 0):
     )
     _seed(seed)
     return _finish(Mistral3ForConditionalGeneration(cfg)), None
+
+
+def add_words(model: torch.nn.Module, processor: Any, words: list[str]) -> None:
+    """Teach the word-level tokenizer of ``processor`` the ``words`` it lacks (as whole words)
+    and grow ``model``'s embeddings to match: a random model then reads every benchmark word."""
+    from tokenizers import AddedToken
+
+    tok = getattr(processor, "tokenizer", processor)
+    known = tok.get_vocab()
+    tok.add_tokens([AddedToken(w, single_word=True, normalized=False) for w in dict.fromkeys(words) if w not in known])
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+
+
+def llava_with_opt_text(seed: int = 0):
+    """A LLaVA whose language model is OPT (its layers under ``.decoder``, the FFN not in an
+    ``mlp`` module): transformers builds it, the adapter cannot find its decoder layers. No processor."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, OPTConfig
+
+    text = OPTConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, ffn_dim=32, word_embed_proj_dim=16,
+                     vocab_size=64, tie_word_embeddings=False)
+    cfg = LlavaConfig(text_config=text.to_dict(), tie_word_embeddings=False,
+                      vision_config=dict(model_type="clip_vision_model", hidden_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, intermediate_size=32, image_size=16, patch_size=8))
+    _seed(seed)
+    return LlavaForConditionalGeneration(cfg)
 
 
 FACTORIES: dict[str, Callable[..., tuple[torch.nn.Module, Any]]] = {

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline.model.batching import for_each_batch
 from pipeline.model.evaluation import answer_logprob
 from pipeline.model.hooks import ablate_neurons_per_row
 from pipeline.tasks.items import ImageTable, item_prompts, teacher_forced_answers
@@ -48,12 +49,13 @@ def neuron_ablation_effects(
     total = np.zeros(len(neurons))
     # Neuron-major rows within an item: one item's inputs are built once and repeated.
     for k in tqdm(range(len(items)), desc="ablation items", leave=False):
-        for s in range(0, len(neurons), batch_size):
-            chunk = neurons[s : s + batch_size]
-            n = len(chunk)
-            with ablate_neurons_per_row(adapter, chunk):
+        def run(sl: slice, k: int = k) -> None:
+            n = sl.stop - sl.start
+            with ablate_neurons_per_row(adapter, neurons[sl]):
                 lp = answer_logprob(adapter, [imgs[k]] * n, [prompts[k]] * n, [answers[k]] * n)
-            total[s : s + n] += base[k] - lp
+            total[sl] += base[k] - lp
+
+        for_each_batch(len(neurons), batch_size, run, what=f"ablation item {k}", progress=False)
     for (l, i), v in zip(neurons, total / len(items)):
         effect[l, i] = v
     return effect

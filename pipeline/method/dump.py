@@ -29,8 +29,9 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.tasks.items import ImageTable, item_prompts, reference_answer
+from pipeline.model.batching import for_each_batch
 from pipeline.model.hooks import capture_ffn, substitute_heads
-from pipeline.method.store import ActivationStore, StoreIndex, StoreLayout
+from pipeline.method.store import ActivationStore, StoreIndex, StoreLayout, check_free_space
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +110,9 @@ def capture_block(
     C, n = len(row_heads), len(prompts)
     z = np.zeros((C, n, adapter.num_layers, adapter.ffn_width), dtype=np.float32)
     rows = [(i, c) for i in range(n) for c in range(C)]
-    for s in range(0, len(rows), batch_size):
-        batch = rows[s : s + batch_size]
+
+    def run(sl: slice) -> None:
+        batch = rows[sl]
         inputs = adapter.build_inputs([images[i] for i, _ in batch], [prompts[i] for i, _ in batch])
         with substitute_heads(adapter, [row_heads[c] for _, c in batch]):
             with capture_ffn(adapter, None, inputs.last_prompt_index, stop_after_last=True) as captured:
@@ -118,6 +120,8 @@ def capture_block(
         stacked = torch.stack([captured[l] for l in range(adapter.num_layers)], dim=1).cpu().numpy()
         for (i, c), v in zip(batch, stacked):
             z[c, i] = v
+
+    for_each_batch(len(rows), batch_size, run, what="capture z", progress=False)
     return z
 
 
@@ -217,6 +221,8 @@ def dump_activations(
                               storage.target_chunk_bytes)
     index = StoreIndex(conditions, items["item_id"].tolist(), target_ids, target_weights)
     attrs = {**storage.attrs, "task": str(items["task"].iloc[0]), "caption_idf": request.caption_idf}
+    if rank == 0:
+        check_free_space(out, layout, storage.params_hash)
     store = _scratch_store(out, layout, index, attrs, storage.params_hash, execution)
 
     prompts = item_prompts(items)

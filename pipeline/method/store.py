@@ -131,6 +131,35 @@ class StoreLayout:
         return self.n_items * per * (self.n_conditions * np.dtype(self.dtype).itemsize + 4)
 
 
+def check_free_space(path: Path, layout: StoreLayout, params_hash: str) -> None:
+    """Log the bytes the store at ``path`` will take and the free space where it goes; StoreError
+    before anything is written when the disk cannot hold it. Blocks already in this params
+    hash's scratch store (a resumed dump) count as written."""
+    path = Path(path)
+    scratch = scratch_path(path, params_hash)
+    written = sum(p.stat().st_size for p in scratch.rglob("*") if p.is_file()) if scratch.is_dir() else 0
+    needed = max(0, layout.nbytes() - written)
+    where = path.parent
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    log.info("store %s: %s to write (%s of z and dvp, uncompressed, %s already written); %s free on %s",
+             path, _gib(needed), _gib(layout.nbytes()), _gib(written), _gib(free), where.resolve())
+    if needed > free:
+        raise StoreError(f"store {path}: needs {_gib(needed)} but only {_gib(free)} are free on {where.resolve()}; "
+                         "free space, point the DVC workspace elsewhere, or shrink it (dump.store_dtype: float16, "
+                         "dump.max_items)")
+
+
+def _gib(n: float) -> str:
+    """``n`` bytes for a person: "812.0 KiB", "3.21 GiB"."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
 @dataclass(frozen=True)
 class ItemBlock:
     """One block of items read back: ``z`` [condition, item, layer, neuron] (float32),

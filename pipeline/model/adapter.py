@@ -270,9 +270,11 @@ class ModelAdapter:
             layers = getattr(dec, "layers", None)
             if isinstance(layers, nn.ModuleList) and len(layers) > 0:
                 return dec, layers
+        found = ", ".join(dict.fromkeys(type(dec).__name__ for dec in candidates)) or "none"
         raise AdapterError(
             f"decoder layers not found in {type(self.model).__name__}: expected a language model with a "
-            f"`layers` ModuleList reachable via get_decoder() or one of {', '.join(_DECODER_PATHS)}"
+            f"`layers` ModuleList reachable via get_decoder() or one of {', '.join(_DECODER_PATHS)} "
+            f"(language models found there, without `layers`: {found})"
         )
 
     # ------------------------------------------------------------------ properties

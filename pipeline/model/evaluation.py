@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.model.batching import for_each_batch
 from pipeline.model.scoring import answer_logprobs, mean_answer_logprob
 from pipeline.tasks import metrics
 from pipeline.tasks.items import (
@@ -65,11 +66,6 @@ class TaskResult:
     predictions: list[str] | None = None
 
 
-def _chunks(n: int, size: int) -> Iterator[slice]:
-    for s in range(0, n, size):
-        yield slice(s, min(n, s + size))
-
-
 def answer_token_id(tokenizer, word: str) -> int:
     """The first token id of ``word`` as the model would write it after the prompt."""
     ids = tokenizer(word, add_special_tokens=False)["input_ids"]
@@ -91,14 +87,6 @@ def aggregate_utility(task: str, predictions: Sequence[str], items: pd.DataFrame
         per = np.array([metrics.sentence_bleu(p, r) for p, r in zip(predictions, refs)])
         return float(metrics.corpus_bleu(list(predictions), refs)), per
     raise PipelineError(f"task {task!r} has no generative metric; known: vqa, ocr, caption (retrieval is ranked)")
-
-
-def _row_plan(n_items: int, n_conditions: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Item-major (item, condition) rows in batches: the rows of one image stay together."""
-    items = np.repeat(np.arange(n_items), n_conditions)
-    conds = np.tile(np.arange(n_conditions), n_items)
-    for sl in _chunks(len(items), batch_size):
-        yield items[sl], conds[sl]
 
 
 def _hooks(condition_hooks: ConditionHooks | None, conds: np.ndarray) -> AbstractContextManager:
@@ -165,8 +153,6 @@ def evaluate_task(
     the mean log-probability of ``pipeline.tasks.items.reference_answer`` given ``item_prompt``
     (the first reference; retrieval: "Yes" on the positive pair).
     """
-    from tqdm import tqdm
-
     if utility not in UTILITY_KINDS:
         raise PipelineError(f"utility {utility!r} is not one of {UTILITY_KINDS}")
     items = items.reset_index(drop=True)
@@ -183,8 +169,11 @@ def evaluate_task(
     answers = teacher_forced_answers(items) if utility == "teacher_forced" else []
     preds: list[list[str]] = [[""] * n for _ in range(C)]
     scores = np.zeros((C, n))
-    plan = list(_row_plan(n, C, batch_size))
-    for it, cd in tqdm(plan, desc=progress or f"{task} ({utility})", leave=False, disable=progress is False):
+    # Item-major (item, condition) rows: the rows of one image stay together.
+    row_items, row_conds = np.repeat(np.arange(n), C), np.tile(np.arange(C), n)
+
+    def run(sl: slice) -> None:
+        it, cd = row_items[sl], row_conds[sl]
         imgs = [images[image_ids[i]] for i in it]
         ps = [prompts[i] for i in it]
         with _hooks(condition_hooks, cd):
@@ -193,8 +182,9 @@ def evaluate_task(
                 for i, c, text in zip(it, cd, out):
                     preds[c][i] = text
             else:
-                lp = answer_logprob(adapter, imgs, ps, [answers[i] for i in it])
-                scores[cd, it] = lp
+                scores[cd, it] = answer_logprob(adapter, imgs, ps, [answers[i] for i in it])
+
+    for_each_batch(n * C, batch_size, run, what=progress or f"{task} ({utility})", progress=progress is not False)
     results = []
     for c in range(C):
         if utility == "generative":
@@ -210,8 +200,6 @@ def _evaluate_retrieval(
     condition_hooks: ConditionHooks | None, progress: str | None,
 ) -> list[TaskResult]:
     """Generative retrieval: NDCG@5 of the Yes/No margins of every candidate; one result per condition."""
-    from tqdm import tqdm
-
     # Rows: (item, candidate, condition), item-major so that an image's rows share a batch.
     rows = [
         (i, k, c)
@@ -220,8 +208,8 @@ def _evaluate_retrieval(
         for c in range(C)
     ]
     margins: dict[tuple[int, int, int], float] = {}
-    for sl in tqdm(list(_chunks(len(rows), batch_size)), desc=progress or "retrieval", leave=False,
-                   disable=progress is False):
+
+    def run(sl: slice) -> None:
         batch = rows[sl]
         imgs = [images[items.at[i, "image_id"]] for i, _, _ in batch]
         prompts = [candidate_prompt(items.at[i, "prompt"], items.at[i, "candidates"][k]) for i, k, _ in batch]
@@ -229,6 +217,8 @@ def _evaluate_retrieval(
             m = yes_no_margin(adapter, imgs, prompts)
         for key, v in zip(batch, m):
             margins[key] = float(v)
+
+    for_each_batch(len(rows), batch_size, run, what=progress or "retrieval", progress=progress is not False)
     results = []
     for c in range(C):
         per = np.array(

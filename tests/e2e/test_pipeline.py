@@ -1,5 +1,8 @@
 """End to end: `dvc repro` of the whole default pipeline (both default families) at reduced size,
-in a temp copy of the repo that is its own git + DVC repository.
+plus a model the pipeline did not train (a random tiny VLM of another family, saved with
+``save_pretrained`` outside the repo and listed as ``source: pretrained``), in a temp copy of the
+repo that is its own git + DVC repository. ``HONES_E2E_FAMILY`` picks the family of that model
+(a ``tests/tiny_models.FACTORIES`` key; default paligemma).
 
 Checks the declared outputs exist and are well-formed; that every stage read exactly the params
 it declares; that a second `dvc repro` reruns nothing; and that each kind of change reruns
@@ -27,9 +30,49 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 from test_graph import import_closure  # noqa: E402
 
+from tiny_models import FACTORIES, add_words  # noqa: E402
+
 pytestmark = pytest.mark.slow
-MODELS = ("tiny-llava", "tiny-idefics3")
+TRAINED = ("tiny-llava", "tiny-idefics3")
+FAMILY = os.environ.get("HONES_E2E_FAMILY", "paligemma")
+BROUGHT = f"random-{FAMILY}"
+MODELS = (*TRAINED, BROUGHT)
 TASKS = ("vqa", "ocr", "caption", "retrieval")
+# The one stage DVC always runs: it looks at the brought model's files, outside the repo.
+ALWAYS_RUNS = {f"resolve_model@{BROUGHT}"}
+
+
+def benchmark_words(synthetic: dict, scratch: Path) -> list[str]:
+    """Every word of the prompts, references and candidates of the synthetic benchmark that the
+    params describe (built here once, as the benchmark stage will build it)."""
+    from tokenizers.pre_tokenizers import Whitespace
+
+    from pipeline.tasks.benchmark import BenchmarkSpec, build_benchmark
+    from pipeline.tasks.items import RETRIEVAL_NO, RETRIEVAL_YES, read_annotations
+    from stages.params import SyntheticBenchmarkConfig
+
+    build_benchmark(BenchmarkSpec(**SyntheticBenchmarkConfig(**synthetic).model_dump()), scratch)
+    texts = {RETRIEVAL_YES, RETRIEVAL_NO}
+    for rec in read_annotations(scratch / "annotations.parquet").itertuples():
+        texts.update([rec.prompt, *rec.references, *rec.candidates])
+    return sorted({w for t in texts for w, _ in Whitespace().pre_tokenize_str(t)})
+
+
+def save_brought_model(folder: Path, seed: int, words: list[str]) -> None:
+    """The random tiny model of FAMILY with its processor, its tokenizer taught ``words``, as
+    ``save_pretrained`` writes it."""
+    model, processor = FACTORIES[FAMILY](seed=seed)
+    add_words(model, processor, words)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def brought_model_params(folder: Path) -> dict:
+    """params_pretrained.yaml (the README's snippet) with the model renamed and its folder filled
+    in; float32 on this CPU."""
+    snippet = yaml.safe_load((Path(__file__).parent / "params_pretrained.yaml").read_text())
+    entry = {**snippet["models"]["my-vlm"], "path": str(folder), "dtype": "float32"}
+    return {"pretrained_models": [BROUGHT], "studied_models": [*TRAINED, BROUGHT], "models": {BROUGHT: entry}}
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -62,9 +105,10 @@ def ran_stages(proc: subprocess.CompletedProcess) -> set[str]:
 
 
 def changed_stages(repo: Path) -> set[str]:
-    """Stages whose own deps or params changed (``dvc status``; nothing is run)."""
+    """Stages whose own deps or params changed (``dvc status``; nothing is run); the resolve
+    stage, which DVC reports as "always changed", only when something else of it changed."""
     status = json.loads(dvc(repo, "status", "--json").stdout or "{}")
-    return {name for name in status if not name.endswith(".dvc")}
+    return {name for name, what in status.items() if not name.endswith(".dvc") and what != ["always changed"]}
 
 
 def all_stages(repo: Path) -> dict[str, dict]:
@@ -94,7 +138,13 @@ def repo(tmp_path_factory) -> Path:
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     small = yaml.safe_load((Path(__file__).parent / "params_small.yaml").read_text())
-    (repo / "params.yaml").write_text(yaml.safe_dump(deep_merge(params, small), sort_keys=False))
+    params = deep_merge(params, small)
+    brought = tmp_path_factory.mktemp("brought") / BROUGHT
+    words = benchmark_words(params["benchmark"]["synthetic"], tmp_path_factory.mktemp("words") / "bench")
+    save_brought_model(brought, seed=0, words=words)
+    (repo.parent / f"{repo.name}-words.json").write_text(json.dumps(words))
+    params = deep_merge(params, brought_model_params(brought))
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (repo / ".gitignore").write_text("__pycache__/\n")
     run(repo, "git", "init", "-q")
     run(repo, "git", "config", "user.email", "e2e@example.invalid")
@@ -119,16 +169,23 @@ def test_outputs_are_written(repo: Path) -> None:
         attribution = json.loads((repo / f"metrics/attribution/{model}.json").read_text())
         assert set(attribution["faithfulness"]) == set(TASKS)
         assert (repo / f"plots/attribution/{model}/overlap.png").is_file()
+    for model in TRAINED:
         training = json.loads((repo / f"data/models/{model}/training.json").read_text())
         assert not {"train_seconds", "seconds", "time", "host"} & set(training), training
+    source = json.loads((repo / f"data/models/{BROUGHT}/source.json").read_text())
+    assert source["kind"] == "folder" and source["model_type"] == FAMILY
+    assert "model.safetensors" in source["files"] and "config.json" in source["files"]
+    assert sorted(p.name for p in (repo / f"data/models/{BROUGHT}").iterdir()) == ["source.json"]
     assert not list(repo.glob("data/activations/**/*.partial-*")), "scratch stores left behind"
     suppression = json.loads((repo / "metrics/suppression.json").read_text())
     assert set(suppression) == set(MODELS)
-    assert set(suppression["tiny-llava"]["hones"]) == set(TASKS)
+    for model in MODELS:
+        assert set(suppression[model]["hones"]) == set(TASKS)
     steering = json.loads((repo / "metrics/steering.json").read_text())
-    assert "learned" in steering["tiny-idefics3"]["mean"]
+    assert "learned" in steering["tiny-idefics3"]["mean"] and "learned" in steering[BROUGHT]["mean"]
     report = (repo / "reports/hones_report.html").read_text()
     assert "data:image/png;base64," in report and "http" not in report.split("<body>")[1]
+    assert BROUGHT in report
 
 
 def test_every_stage_read_exactly_what_it_declares(repo: Path) -> None:
@@ -141,9 +198,12 @@ def test_every_stage_read_exactly_what_it_declares(repo: Path) -> None:
 
 
 def test_second_repro_reruns_nothing(repo: Path) -> None:
-    out = dvc(repo, "repro").stdout
-    assert "Running stage" not in out, out
+    proc = dvc(repo, "repro")
+    # The resolve stage looks at the brought model's files again (its hashes are remembered) and
+    # writes the same record, so nothing that depends on it reruns.
+    assert ran_stages(proc) == ALWAYS_RUNS, proc.stdout
     assert changed_stages(repo) == set()
+    assert json.loads(dvc(repo, "status", "--json").stdout) == {s: ["always changed"] for s in ALWAYS_RUNS}
 
 
 @pytest.mark.parametrize("path", ["stages/_common.py", "stages/_load.py", "stages/params.py", "pipeline/model/hooks.py",
@@ -179,7 +239,7 @@ def test_max_new_tokens_marks_only_generating_stages(repo: Path) -> None:
         (repo / "params.yaml").write_text(yaml.safe_dump(before, sort_keys=False))
     kinds = {name.split("@")[0] for name in changed}
     assert kinds == {"model_quality", "heads", "evaluate", "steer"}, changed
-    assert len(changed) == 2 * (1 + len(TASKS) + 1 + 1)
+    assert len(changed) == len(MODELS) * (1 + len(TASKS) + 1 + 1)
 
 
 def test_retrain_with_same_params_reruns_nothing_downstream(repo: Path) -> None:
@@ -189,22 +249,71 @@ def test_retrain_with_same_params_reruns_nothing_downstream(repo: Path) -> None:
     after = {p: p.read_bytes() for p in (repo / "data/models/tiny-llava").iterdir()}
     assert after == before, "retraining with the same params changed the model folder"
     assert changed_stages(repo) == set()
-    assert "Running stage" not in dvc(repo, "repro").stdout
+    assert ran_stages(dvc(repo, "repro")) == ALWAYS_RUNS
 
 
 def test_one_models_training_params_rerun_its_stages_only(repo: Path) -> None:
     edit_params(repo, lambda p: p["models"]["tiny-llava"].__setitem__("steps", 21))
     ran = ran_stages(dvc(repo, "repro"))
     assert "train_default_model@tiny-llava" in ran and "dump@tiny-llava-vqa" in ran
-    assert not any("tiny-idefics3" in s for s in ran), ran
-    assert ran - {"report"} == {s for s in all_stages(repo) if "tiny-llava" in s}, ran
+    assert not any("tiny-idefics3" in s or BROUGHT in s for s in ran - ALWAYS_RUNS), ran
+    assert ran - {"report"} - ALWAYS_RUNS == {s for s in all_stages(repo) if "tiny-llava" in s}, ran
     assert changed_stages(repo) == set()
+
+
+def test_new_weights_of_the_brought_model_rerun_its_stages_only(repo: Path) -> None:
+    folder = Path(yaml.safe_load((repo / "params.yaml").read_text())["models"][BROUGHT]["path"])
+    before = (repo / f"data/models/{BROUGHT}/source.json").read_text()
+    words = json.loads((repo.parent / f"{repo.name}-words.json").read_text())
+    model, processor = FACTORIES[FAMILY](seed=1)
+    add_words(model, processor, words)
+    model.save_pretrained(folder)  # overwrites model.safetensors in place: same path, same params
+    assert changed_stages(repo) == set(), "DVC cannot see the folder; only the resolve stage looks at it"
+    ran = ran_stages(dvc(repo, "repro"))
+    assert ran == {s for s in all_stages(repo) if BROUGHT in s} | {"report"}, ran
+    after = json.loads((repo / f"data/models/{BROUGHT}/source.json").read_text())
+    assert after["files"]["model.safetensors"] != json.loads(before)["files"]["model.safetensors"]
+    assert after["files"]["config.json"] == json.loads(before)["files"]["config.json"]
+    assert changed_stages(repo) == set()
+
+
+def test_the_same_model_by_hub_id_from_an_offline_cache(repo: Path, tmp_path: Path) -> None:
+    """The brought model published as a hub id, found in a local Hugging Face cache with
+    HF_HUB_OFFLINE=1: resolved to the cache's commit, and loaded from the snapshot by a model stage.
+    Runs in a copy of the repo, which it leaves as it found it."""
+    copy = tmp_path / "repo"
+    shutil.copytree(repo, copy, symlinks=True)
+    params = yaml.safe_load((copy / "params.yaml").read_text())
+    folder = Path(params["models"][BROUGHT]["path"])
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    cache = tmp_path / "hf-cache"
+    repo_dir = cache / f"models--hones-test--{BROUGHT}"
+    shutil.copytree(folder, repo_dir / "snapshots" / commit)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "v1").write_text(commit)
+    entry = params["models"][BROUGHT]
+    del entry["path"]
+    entry.update(hub_id=f"hones-test/{BROUGHT}", revision="v1")
+    (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**_env(copy), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    proc = subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro", "--single-item",
+                           f"resolve_model@{BROUGHT}", f"model_quality@{BROUGHT}"],
+                          cwd=copy, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert ran_stages(proc) == {f"resolve_model@{BROUGHT}", f"model_quality@{BROUGHT}"}, proc.stdout
+    source = json.loads((copy / f"data/models/{BROUGHT}/source.json").read_text())
+    assert (source["kind"], source["location"], source["revision"], source["commit"]) == \
+        ("hub", f"hones-test/{BROUGHT}", "v1", commit)
+    folder_source = json.loads((repo / f"data/models/{BROUGHT}/source.json").read_text())
+    assert source["files"] == folder_source["files"]
+    quality = json.loads((copy / f"metrics/model_quality/{BROUGHT}.json").read_text())
+    assert quality == json.loads((repo / f"metrics/model_quality/{BROUGHT}.json").read_text())
 
 
 def test_top_k_change_reruns_dump_not_training(repo: Path) -> None:
     edit_params(repo, lambda p: p["heads"].__setitem__("top_k", 3))
     ran = ran_stages(dvc(repo, "repro"))
-    assert "dump@tiny-llava-vqa" in ran and "dump@tiny-idefics3-ocr" in ran
+    assert "dump@tiny-llava-vqa" in ran and "dump@tiny-idefics3-ocr" in ran and f"dump@{BROUGHT}-caption" in ran
     assert not any(s.startswith(("benchmark", "train_default_model", "heads@", "ablation@", "model_quality"))
                    for s in ran), ran
 
@@ -215,7 +324,7 @@ def test_experiment_runs_masks_onwards_and_applies_back(repo: Path) -> None:
     proc = dvc(repo, "exp", "run", "-n", "rho10", "-S", "masks.rho=0.1")
     ran = ran_stages(proc)
     assert {"masks@tiny-llava", "masks@tiny-idefics3"} <= ran
-    assert {s.split("@")[0] for s in ran} <= {"masks", "evaluate", "steer", "report"}, ran
+    assert {s.split("@")[0] for s in ran} <= {"resolve_model", "masks", "evaluate", "steer", "report"}, ran
     shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
     text = json.dumps(shown)
     assert "rho10" in text and "metrics/model_quality/tiny-llava.json" in text and "suppression_summary" in text
