@@ -143,21 +143,22 @@ def check_free_space(path: Path, layout: StoreLayout, params_hash: str) -> None:
     while not where.exists():
         where = where.parent
     free = shutil.disk_usage(where).free
-    log.info("store %s: %s to write (%s of z and dvp, uncompressed, %s already written); %s free on %s",
-             path, _gib(needed), _gib(layout.nbytes()), _gib(written), _gib(free), where.resolve())
+    log.info("store %s: %s to write (%s of z and dvp, uncompressed, %s already written); %s free on %s", path,
+             human_bytes(needed), human_bytes(layout.nbytes()), human_bytes(written), human_bytes(free), where.resolve())
     if needed > free:
-        raise StoreError(f"store {path}: needs {_gib(needed)} but only {_gib(free)} are free on {where.resolve()}; "
+        raise StoreError(f"store {path}: needs {human_bytes(needed)} but only {human_bytes(free)} are free on "
+                         f"{where.resolve()}; "
                          "free space, point the DVC workspace elsewhere, or shrink it (dump.store_dtype: float16, "
                          "dump.max_items)")
 
 
-def _gib(n: float) -> str:
-    """``n`` bytes for a person: "812.0 KiB", "3.21 GiB"."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
+def human_bytes(n: float) -> str:
+    """``n`` bytes for a person: "512 B", "9.38 MiB", "3.21 GiB"."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
-    raise AssertionError("unreachable")
+    return f"{n:.2f} TiB"
 
 
 @dataclass(frozen=True)

@@ -25,13 +25,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.errors import PipelineError
-from pipeline.method.store import StoreLayout
+from pipeline.method.store import StoreLayout, human_bytes
+
+log = logging.getLogger(__name__)
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
 
@@ -317,12 +320,6 @@ def estimate(arch: ModelArch, w: Workload) -> dict:
 
 
 # ------------------------------------------------------------------------------ printing
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
 
 
 def human_count(n: float) -> str:
@@ -419,7 +416,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _report_errors_on_stderr() -> None:
+    """The command's errors go to the stderr of the moment as "error: ..." lines (pytest's
+    capture included); the library itself only logs."""
+    for handler in [h for h in log.handlers if getattr(h, "_hones_cli", False)]:
+        log.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("error: %(message)s"))
+    handler._hones_cli = True
+    log.addHandler(handler)
+    log.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command: the estimate as a table (or JSON) on stdout, exit 0; a bad model config as
+    one "error: ..." line on stderr, exit 2."""
+    _report_errors_on_stderr()
     args = build_parser().parse_args(argv)
     try:
         name, config = load_config(args.model_config)
@@ -434,9 +446,9 @@ def main(argv: list[str] | None = None) -> int:
                      effective_tflops=args.effective_tflops)
         est = estimate(arch, w)
     except (EstimateError, json.JSONDecodeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        log.error("%s", exc)
         return 2
-    print(json.dumps(est, indent=1) if args.json else format_table(est, arch))
+    sys.stdout.write((json.dumps(est, indent=1) if args.json else format_table(est, arch)) + "\n")
     return 0
 
 
