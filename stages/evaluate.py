@@ -1,18 +1,25 @@
-"""Stage `evaluate@<model>`: cross-task suppression matrices on the held-out split."""
+"""Stage `evaluate@<model>`: cross-task suppression on the held-out split, with intervals and deletion curves."""
 
 from pathlib import Path
 
 import pandas as pd
 
 from pipeline.io import write_json, write_parquet
-from pipeline.outcomes.suppression import suppression_matrices, suppression_summary, suppression_table
-from pipeline.report.plots import plot_square
+from pipeline.outcomes.suppression import (
+    conditions_table,
+    mask_conditions,
+    scores_table,
+    suppression_scores,
+    suppression_statistics,
+)
+from pipeline.report.plots import plot_deletion_curves, plot_square
 from stages._common import entry, parser
 from stages._load import load_images, load_items, load_model
 from stages.params import ConfigError, read_params
 
 READS = (
-    "evaluate.split", "evaluate.max_items", "evaluate.methods", "evaluate.utility",
+    "evaluate.split", "evaluate.max_items", "evaluate.methods",
+    "statistics.bootstrap_resamples", "statistics.seed", "statistics.confidence",
     "runtime.threads", "runtime.batch_sequences", "runtime.max_new_tokens",
     "tasks", "models.{model}",
 )
@@ -27,16 +34,9 @@ def selected_masks(masks: pd.DataFrame, methods: list[str] | None, tasks: list[s
     return masks[masks["method"].isin(methods) & masks["task"].isin(tasks)]
 
 
-def suppression_metrics(table: pd.DataFrame) -> dict:
-    """Baseline utilities, the relative-drop matrix (%) and its summary, per method."""
-    matrices = suppression_matrices(table)
-    baseline = table.drop_duplicates("eval_task").set_index("eval_task")["baseline"].to_dict()
-    return {
-        "baseline": {t: round(v, 6) for t, v in baseline.items()},
-        "relative_drop": {m: {t: {s: round(float(v), 4) for s, v in row.items()} for t, row in mat.iterrows()}
-                          for m, mat in matrices.items()},
-        "summary": {m: {k: round(v, 4) for k, v in suppression_summary(mat).items()} for m, mat in matrices.items()},
-    }
+def _matrix(cells: dict) -> pd.DataFrame:
+    """{target: {eval: interval}} -> [target x eval] values."""
+    return pd.DataFrame({t: {s: iv["value"] for s, iv in row.items()} for t, row in cells.items()}).T
 
 
 @entry
@@ -45,21 +45,28 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--benchmark", type=Path, required=True)
     p.add_argument("--masks", type=Path, required=True, help="masks Parquet of this model")
-    p.add_argument("--out", type=Path, required=True, help="folder: table, metrics JSON and heatmaps")
+    p.add_argument("--out", type=Path, required=True, help="folder: per-item scores, statistics JSON, figures")
     args = p.parse_args()
     params = read_params(args.params, READS, model=args.model)
-    cfg, rt, tasks = params.evaluate, params.runtime, params.tasks
+    cfg, rt, st, tasks = params.evaluate, params.runtime, params.statistics, params.tasks
     masks = selected_masks(pd.read_parquet(args.masks), cfg.methods, tasks, args.masks)
+    conditions = mask_conditions(masks)
     items = load_items(args.benchmark, (cfg.split,), tuple(tasks), cfg.max_items)
     adapter = load_model(params, args.model)
-    table = suppression_table(adapter, items, load_images(args.benchmark), masks,
-                              batch_size=rt.batch_sequences, max_new_tokens=rt.max_new_tokens, utility=cfg.utility)
-    write_parquet(table, args.out / "suppression.parquet")
-    write_json(suppression_metrics(table), args.out / "suppression.json")
-    for method, mat in suppression_matrices(table).items():
-        plot_square(mat, args.out / f"suppression_{method}.png",
-                    f"{args.model} / {method}: relative drop (%) when the row task's mask is zeroed",
-                    "relative drop (%)", cmap="RdBu_r", center=0.0, fmt="{:.1f}")
+    scores = suppression_scores(adapter, items, load_images(args.benchmark), conditions,
+                                batch_size=rt.batch_sequences, max_new_tokens=rt.max_new_tokens)
+    stats = suppression_statistics(scores, conditions, n_resamples=st.bootstrap_resamples, seed=st.seed,
+                                   confidence=st.confidence)
+    write_parquet(scores_table(scores, items), args.out / "scores.parquet")
+    write_parquet(conditions_table(conditions), args.out / "conditions.parquet")
+    write_json(stats, args.out / "suppression.json")
+    for utility in ("generative", "likelihood"):
+        for method, cells in stats[utility]["relative_drop"].items():
+            plot_square(_matrix(cells), args.out / f"suppression_{utility}_{method}.png",
+                        f"{args.model} / {method}: relative drop (%) of {utility} when the row task's mask is zeroed",
+                        "relative drop (%)", cmap="RdBu_r", center=0.0, fmt="{:.1f}")
+    plot_deletion_curves(stats["likelihood"]["curve"], args.out / "deletion_curves.png",
+                         f"{args.model}: deletion curves (likelihood, {st.confidence:.0%} intervals)")
 
 
 if __name__ == "__main__":

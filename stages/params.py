@@ -243,16 +243,38 @@ class AttributeConfig(_Strict):
 
 
 class MasksConfig(_Strict):
+    """``rho``: the headline mask size (fraction of all FFN neurons); ``rho_grid``: the sizes of the
+    deletion curve (``rho`` is always added); ``random_draws``: random masks at the headline size."""
+
     rho: float = Field(0.01, gt=0, le=1)
+    rho_grid: list[float] = Field(default_factory=lambda: [0.005, 0.01, 0.02, 0.05, 0.1], min_length=1)
+    random_draws: int = Field(20, ge=1)
+    seed: int = 0
+
+    @field_validator("rho_grid")
+    @classmethod
+    def _grid(cls, v: list[float]) -> list[float]:
+        bad = [r for r in v if not (0 < r <= 1)]
+        if bad:
+            raise ValueError(f"every rho must be in (0, 1], got {bad}")
+        return v
 
 
 class EvaluateConfig(_Strict):
-    """Held-out suppression check."""
+    """Held-out suppression check: the generative metric on the headline masks and the likelihood
+    on every mask, on the first ``max_items`` items of each task."""
 
     split: HeldOutSplit = "test"
     max_items: int | None = Field(None, ge=1)
     methods: list[str] | None = None  # default: every method in the masks table
-    utility: Literal["generative", "teacher_forced"] = "generative"
+
+
+class StatisticsConfig(_Strict):
+    """Paired bootstrap over test items: resamples, seed and interval level of every reported effect."""
+
+    bootstrap_resamples: int = Field(1000, ge=100)
+    seed: int = 0
+    confidence: float = Field(0.95, gt=0.5, lt=1)
 
 
 class SteerConfig(_Strict):
@@ -310,6 +332,7 @@ class ParamsFile(_Strict):
     attribute: AttributeConfig = Field(default_factory=AttributeConfig)
     masks: MasksConfig = Field(default_factory=MasksConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    statistics: StatisticsConfig = Field(default_factory=StatisticsConfig)
     steer: SteerConfig = Field(default_factory=SteerConfig)
 
     @field_validator("tasks")

@@ -1,4 +1,5 @@
-"""Stage `report`: gather every model's results into metrics JSON keyed by model, and one HTML report."""
+"""Stage `report`: gather every model's results into metrics JSON keyed by model, the verdict
+table, and one HTML report that opens with it."""
 
 import json
 from pathlib import Path
@@ -7,14 +8,25 @@ import pandas as pd
 
 from pipeline.io import write_json
 from pipeline.report.html import Section, build_report
+from pipeline.report.verdict import VERDICT_COLUMNS, sensitivity_message, verdict_rows
 from stages._common import entry, parser
 from stages.params import read_params
 
-READS = ("studied_models", "tasks")
+READS = ("studied_models", "tasks", "steer.utility")
 
 
 def _json(path: Path) -> dict:
     return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
+
+
+def _intervals(cells: dict) -> pd.DataFrame:
+    """{row: {column: interval}} -> a table of "value [low, high]" strings."""
+    def fmt(iv: dict) -> str:
+        if iv.get("value") is None:
+            return "-"
+        lo, hi = iv.get("ci_low"), iv.get("ci_high")
+        return f"{iv['value']:.3g} [{lo:.3g}, {hi:.3g}]" if lo is not None and hi is not None else f"{iv['value']:.3g}"
+    return pd.DataFrame({r: {c: fmt(iv) for c, iv in row.items()} for r, row in cells.items()}).T
 
 
 @entry
@@ -30,16 +42,62 @@ def main() -> None:
     quality = {m: _json(args.metrics / "model_quality" / f"{m}.json") for m in models}
     attribution = {m: _json(args.metrics / "attribution" / f"{m}.json") for m in models}
     suppression = {m: _json(args.data / "evaluate" / m / "suppression.json") for m in models}
-    steering = {m: _json(args.data / "steer" / m / "steering.json") for m in models}
-    write_json({m: s.get("relative_drop", {}) for m, s in suppression.items()}, args.metrics / "suppression.json")
-    write_json({m: {"summary": s.get("summary", {}), "baseline": s.get("baseline", {})} for m, s in suppression.items()},
+    steering = {m: _json(args.data / "steer" / m / "steering_intervals.json") for m in models}
+    verdicts = [r for m in models for r in verdict_rows(m, suppression[m], steering[m], attribution[m],
+                                                         params.steer.utility)]
+    utilities = ("likelihood", "generative")
+    write_json({m: {u: s.get(u, {}).get("relative_drop", {}) for u in utilities} for m, s in suppression.items()},
+               args.metrics / "suppression.json")
+    write_json({m: {u: {k: s.get(u, {}).get(k, {}) for k in ("baseline", "summary", "random_draws", "differences",
+                                                             "auc", "sensitivity") if k in s.get(u, {})}
+                    for u in utilities} for m, s in suppression.items()},
                args.metrics / "suppression_summary.json")
     write_json(steering, args.metrics / "steering.json")
+    write_json({m: [{k: r[k] for k in VERDICT_COLUMNS if k != "model"} for r in verdicts if r["model"] == m]
+                for m in models}, args.metrics / "verdict.json")
 
-    sections = [Section("Model quality", "Generative utility of each model on the held-out test split "
-                        "(VQA accuracy, OCR ANLS, caption BLEU-4, retrieval NDCG@5).",
-                        table=pd.DataFrame({m: q for m, q in quality.items() if q}).T if any(quality.values()) else None)]
+    table = pd.DataFrame(verdicts, columns=list(VERDICT_COLUMNS)) if verdicts else None
+    sections = [Section("Verdict", "One row per claim of the method and model: the measured difference (percentage "
+                        "points of relative drop, or utility for steering), its 95% paired-bootstrap interval over test "
+                        "items, and the verdict: holds when the interval lies above the threshold, fails when below, "
+                        "undecided when it contains it. Likelihood rows decide; generative rows are the paper's metric.",
+                        table=table)]
     for m in models:
+        sens = suppression[m].get("likelihood", {}).get("sensitivity")
+        if sens:
+            sections.append(Section(f"{m}: can the evaluation see an effect?", sensitivity_message(sens),
+                                    table=_intervals({"on-target drop (%)": {"all tasks": sens["ground_truth_on_target_drop"],
+                                                                             **sens["per_task"]}})))
+    for u, what in (("generative", "VQA accuracy, OCR ANLS, caption BLEU-4, retrieval NDCG@5"),
+                    ("likelihood", "per-token probability of the references; retrieval: the positive's softmax "
+                                   "probability over the candidates' Yes-minus-No margins")):
+        rows = {m: q[u] for m, q in quality.items() if u in q}
+        sections.append(Section(f"Model quality ({u})", f"Utility of each model on the held-out test split ({what}).",
+                                table=pd.DataFrame(rows).T if rows else None))
+    for m in models:
+        for u in utilities:
+            summ = suppression[m].get(u, {}).get("summary", {})
+            if summ:
+                sections.append(Section(f"{m}: suppression summary ({u})", "Mean relative drop (%) on the masked "
+                                        "task (diagonal), off it, and selectivity = on-target minus off-target, at the "
+                                        "headline mask size, with 95% intervals (random: the mean of its draws).",
+                                        table=_intervals(summ)))
+        auc = suppression[m].get("likelihood", {}).get("auc")
+        if auc:
+            sections.append(Section(f"{m}: deletion curves", "On-target and mean off-target relative drop "
+                                    "(likelihood) against mask size, with 95% bands; the table gives each curve's mean "
+                                    "height over log(rho) (area under the curve).", table=_intervals(auc),
+                                    images=[args.data / "evaluate" / m / "deletion_curves.png"]))
+        faith = attribution.get(m, {}).get("faithfulness", {})
+        if faith:
+            rows = {(t, meth): v for t, d in faith.items() for meth, v in d.items() if meth != "ground_truth_se"}
+            cols = [c for c in ("spearman", "spearman_significant", "n_significant", "precision_at_k", "captured_effect")
+                    if any(c in v for v in rows.values())]
+            sections.append(Section(f"{m}: faithfulness to ablation", "Spearman correlation of each method's "
+                                    "importance with the exact single-neuron ablation effect (all neurons, and the "
+                                    "neurons whose effect is more than 1.96 standard errors from zero), precision@k of "
+                                    "its top set against the ablation top set, and the share of the ablation top set's "
+                                    "total effect that its top set captures.", table=pd.DataFrame(rows).T[cols]))
         sections.append(Section(f"{m}: critical heads", "S_t(l, h) = utility drop when head h of layer l is "
                                 "mean-substituted, on the discovery split; one heatmap per task.",
                                 images=[args.data / "heads" / m / t / "heatmap.png" for t in tasks]))
@@ -48,27 +106,19 @@ def main() -> None:
                                 images=[args.plots / "attribution" / m / "layer_distribution.png"]))
         sections.append(Section(f"{m}: overlap of HONES masks", "Jaccard overlap of the tasks' HONES neuron sets.",
                                 images=[args.plots / "attribution" / m / "overlap.png"]))
-        faith = attribution.get(m, {}).get("faithfulness", {})
-        if faith:
-            rows = {(t, meth): v for t, d in faith.items() for meth, v in d.items()}
-            sections.append(Section(f"{m}: faithfulness to ablation", "Spearman correlation of each method's "
-                                    "importance with the exact single-neuron ablation effect, and precision@k of "
-                                    "its top set against the ablation top set.",
-                                    table=pd.DataFrame(rows).T[["spearman", "precision_at_k"]]))
-        summ = suppression[m].get("summary", {})
-        if summ:
-            sections.append(Section(f"{m}: suppression summary", "Mean relative drop (%) on the masked task "
-                                    "(diagonal), off it, and selectivity = on-target minus off-target.",
-                                    table=pd.DataFrame(summ).T))
-            sections.append(Section(f"{m}: suppression matrices", "Relative drop (%) of each evaluated task "
-                                    "(column) when the row task's mask is zeroed, test split, per method.",
-                                    images=sorted((args.data / "evaluate" / m).glob("suppression_*.png"))))
+        sections.append(Section(f"{m}: suppression matrices", "Relative drop (%) of each evaluated task (column) when "
+                                "the row task's mask is zeroed, test split, per utility and method.",
+                                images=sorted((args.data / "evaluate" / m).glob("suppression_*.png"))))
         steer = steering[m]
-        if steer:
-            sections.append(Section(f"{m}: steering", "Test utility per task under each steering variant "
-                                    "(learned HONES scales vs base, fixed amplification, grid search, no-KL, "
-                                    "learned scales on random neurons).",
-                                    table=pd.DataFrame({k: v for k, v in steer.items()}).T))
+        for u in (params.steer.utility, "likelihood"):
+            util = steer.get(u, {}).get("utility")
+            if util:
+                sections.append(Section(f"{m}: steering ({u})", "Test utility per task under each steering variant "
+                                        "(learned HONES scales vs base, fixed amplification, grid search, no-KL, learned "
+                                        "scales on random neurons), with 95% intervals.", table=_intervals(util)))
+        if steer.get("scale_movement"):
+            sections.append(Section(f"{m}: how far the learned scales moved", "Mean and largest |scale - 1| of the "
+                                    "learned HONES scales per task.", table=pd.DataFrame(steer["scale_movement"]).T))
     build_report("HONES report", f"Models: {', '.join(models)}; tasks: {', '.join(tasks)}.", sections, args.out)
 
 

@@ -5,7 +5,15 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.io import write_json, write_parquet
-from pipeline.outcomes.steering import SteeringSettings, scales_table, steer_task, steering_summary, steering_table
+from pipeline.method.masks import headline_mask
+from pipeline.outcomes.steering import (
+    SteeringSettings,
+    scales_table,
+    steer_task,
+    steering_statistics,
+    steering_summary,
+    steering_table,
+)
 from stages._common import entry, parser
 from stages._load import load_images, load_items, load_model
 from stages.params import ConfigError, read_params
@@ -14,6 +22,7 @@ READS = (
     "steer.beta", "steer.l2", "steer.lr", "steer.epochs", "steer.grad_accum", "steer.train_batch_size",
     "steer.clamp", "steer.train_split", "steer.eval_split", "steer.max_items", "steer.seed", "steer.grid",
     "steer.utility",
+    "statistics.bootstrap_resamples", "statistics.seed", "statistics.confidence",
     "runtime.threads", "runtime.batch_sequences", "runtime.max_new_tokens",
     "tasks", "models.{model}",
 )
@@ -22,25 +31,20 @@ MASK_METHOD = "hones"
 RANDOM_METHOD = "random"
 
 
-def _neurons(masks: pd.DataFrame, method: str, task: str) -> list[tuple[int, int]]:
-    sel = masks[(masks["method"] == method) & (masks["task"] == task)]
-    return [(int(l), int(n)) for l, n in zip(sel["layer"], sel["neuron"])]
-
-
 @entry
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--model", required=True)
     p.add_argument("--benchmark", type=Path, required=True)
     p.add_argument("--masks", type=Path, required=True, help="masks Parquet of this model")
-    p.add_argument("--out", type=Path, required=True, help="folder: scales.parquet, steering.parquet, steering.json")
+    p.add_argument("--out", type=Path, required=True, help="folder: scales.parquet, steering.parquet, steering.json, steering_intervals.json")
     args = p.parse_args()
     params = read_params(args.params, READS, model=args.model)
     cfg, rt, tasks = params.steer, params.runtime, params.tasks
     if not args.masks.is_file():
         raise ConfigError(f"masks table not found: {args.masks}")
     masks = pd.read_parquet(args.masks)
-    missing = [t for t in tasks if not _neurons(masks, MASK_METHOD, t)]
+    missing = [t for t in tasks if not headline_mask(masks, MASK_METHOD, t)]
     if missing:
         raise ConfigError(f"{args.masks} has no {MASK_METHOD!r} mask for task(s) {missing}")
     items = load_items(args.benchmark, (cfg.train_split, cfg.eval_split), tuple(tasks))
@@ -57,7 +61,7 @@ def main() -> None:
 
         runs.append(steer_task(
             adapter, task, split_items(cfg.train_split), split_items(cfg.eval_split), images,
-            _neurons(masks, MASK_METHOD, task), _neurons(masks, RANDOM_METHOD, task),
+            headline_mask(masks, MASK_METHOD, task), headline_mask(masks, RANDOM_METHOD, task),
             SteeringSettings(beta=cfg.beta, l2=cfg.l2, lr=cfg.lr, epochs=cfg.epochs, grad_accum=cfg.grad_accum,
                              train_batch_size=cfg.train_batch_size, clamp=cfg.clamp, seed=cfg.seed,
                              grid=tuple(cfg.grid), utility=cfg.utility, train_split=cfg.train_split,
@@ -68,6 +72,9 @@ def main() -> None:
     write_parquet(scales_table(runs), args.out / "scales.parquet")
     write_parquet(table, args.out / "steering.parquet")
     write_json(steering_summary(table), args.out / "steering.json")
+    st = params.statistics
+    write_json(steering_statistics(runs, cfg.utility, n_resamples=st.bootstrap_resamples, seed=st.seed,
+                                   confidence=st.confidence), args.out / "steering_intervals.json")
 
 
 if __name__ == "__main__":

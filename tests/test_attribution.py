@@ -18,7 +18,15 @@ from pipeline.method.attribution import (
     task_statistics,
 )
 from pipeline.method.dump import DumpExecution, DumpRequest, DumpStorage, dump_activations
-from pipeline.method.masks import build_masks, faithfulness, mask_layer_budget, mask_size, mask_topk, overlap
+from pipeline.method.masks import (
+    build_masks,
+    faithfulness,
+    headline_mask,
+    mask_layer_budget,
+    mask_size,
+    mask_topk,
+    overlap,
+)
 from pipeline.method.store import ActivationStore, StoreLayout
 
 from conftest import direct_dvp, direct_targets, direct_z, discovery_items
@@ -270,10 +278,25 @@ def test_build_masks_gives_random_the_budget_of_hones():
     scores = rng.random((3, 2, 4, 25))
     scores[0, 0, 3] += 1.0  # hones of task 0 prefers layer 3
     scores[0, 1, 1] += 0.5  # hones of task 1 prefers layer 1, less sharply
-    masks = build_masks(methods, ["vqa", "ocr"], scores, rho=0.1)
-    assert list(masks.columns) == ["method", "task", "rank", "layer", "neuron", "score"]
+    all_sizes = build_masks(methods, ["vqa", "ocr"], scores, [0.05, 0.2], 0.1, random_draws=3, seed=0)
+    assert list(all_sizes.columns) == ["method", "task", "rho", "draw", "headline", "rank", "layer", "neuron", "score"]
+    assert sorted(all_sizes["rho"].unique()) == [0.05, 0.1, 0.2]  # the headline size joins the grid
+    sizes = all_sizes.groupby(["rho", "method", "task", "draw"]).size()
+    for rho in (0.05, 0.1, 0.2):
+        assert (sizes.loc[rho] == mask_size(4, 25, rho)).all()
+    # three random draws at the headline size only, each with hones's budget, all different
+    draws = all_sizes[(all_sizes.method == "random") & (all_sizes.task == "vqa")].groupby("rho")["draw"].nunique()
+    assert draws.to_dict() == {0.05: 1, 0.1: 3, 0.2: 1}
+    head_random = all_sizes[(all_sizes.method == "random") & (all_sizes.task == "vqa") & all_sizes.headline]
+    sets = [frozenset(zip(g.layer, g.neuron)) for _, g in head_random.groupby("draw")]
+    assert len(set(sets)) == 3
+    assert all(g.groupby("layer").size().to_dict() == head_random[head_random.draw == 0].groupby("layer").size().to_dict()
+               for _, g in head_random.groupby("draw"))
+    masks = all_sizes[all_sizes.headline & (all_sizes.draw == 0)]
     k = mask_size(4, 25, 0.1)
     assert (masks.groupby(["method", "task"]).size() == k).all()
+    assert headline_mask(all_sizes, "hones", "vqa") == list(zip(masks[(masks.method == "hones") & (masks.task == "vqa")].layer,
+                                                                masks[(masks.method == "hones") & (masks.task == "vqa")].neuron))
     for task in ("vqa", "ocr"):
         per_layer = {m: masks[(masks.method == m) & (masks.task == task)].groupby("layer").size().to_dict()
                      for m in methods}
@@ -294,6 +317,20 @@ def test_faithfulness_and_overlap():
     y = x.copy()
     y[0, np.argmax(x[0])] = np.nan  # the non-finite entry is left out of both
     assert faithfulness(y, x, k=6)["spearman"] == pytest.approx(1.0)
+    # captured effect: the ground truth's own top k captures all of it; a top k of zeros none
+    truth = np.zeros((3, 20))
+    truth[0, :6] = 1.0
+    assert faithfulness(truth, truth, k=6)["captured_effect"] == 1.0
+    half = truth.copy()
+    half[0, 3:6], half[1, :3] = 0.0, 2.0
+    assert faithfulness(half, truth, k=6)["captured_effect"] == 0.5
+    # Spearman over the neurons whose effect is distinguishable from zero (|effect| > 1.96 se)
+    se = np.full((3, 20), 10.0)
+    se[0] = 0.01
+    noisy = x.copy()
+    noisy[1:] = -x[1:]  # agreement only on row 0, the significant one
+    h = faithfulness(noisy, x, k=6, ground_truth_se=se)
+    assert h["n_significant"] == 20 and h["spearman_significant"] == pytest.approx(1.0) and h["spearman"] < 0.9
 
     masks = pd.DataFrame(
         {
@@ -303,9 +340,13 @@ def test_faithfulness_and_overlap():
             "layer": [0, 0, 1, 0, 1, 2, 2, 5],
             "neuron": [1, 2, 3, 1, 3, 0, 1, 5],
             "score": 1.0,
+            "rho": 0.01,
+            "draw": 0,
+            "headline": True,
         }
     )
-    jac = overlap(masks, "hones")
+    other_size = masks.assign(rho=0.02, headline=False, neuron=masks["neuron"] + 7)
+    jac = overlap(pd.concat([masks, other_size]), "hones")  # the headline masks only
     assert list(jac.index) == ["vqa", "ocr"] == list(jac.columns)
     # vqa {(0,1),(0,2),(1,3)}, ocr {(0,1),(1,3),(2,0),(2,1)}: 2 shared of 5.
     assert jac.loc["vqa", "ocr"] == jac.loc["ocr", "vqa"] == pytest.approx(2 / 5)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
+
 import pytest
 import torch
 from torch import nn
@@ -338,3 +340,19 @@ def test_model_without_processor_mistral3():
     assert torch.equal(hooked[0], base[0]) and not torch.equal(hooked[1], base[1])
     assert z[1].shape == (2, a.ffn_width)
     assert no_hooks_left(a)
+
+
+def test_ablation_effects_carry_their_standard_error(annotations, images, tiny_adapter):
+    """effect and se of ``neuron_ablation_effects`` equal the mean and the standard error of
+    the per-item effects computed one item at a time."""
+    from pipeline.method.ablation import neuron_ablation_effects
+
+    items = annotations[(annotations["split"] == "discovery") & (annotations["task"] == "vqa")].head(3)
+    effect, se = neuron_ablation_effects(tiny_adapter, items, images, batch_size=16, layers=[1])
+    per_item = np.stack([neuron_ablation_effects(tiny_adapter, items.iloc[[k]], images, batch_size=16, layers=[1])[0][1]
+                         for k in range(3)])
+    np.testing.assert_allclose(effect[1], per_item.mean(0), atol=1e-6)
+    np.testing.assert_allclose(se[1], per_item.std(0, ddof=1) / np.sqrt(3), atol=1e-6)
+    assert np.isnan(effect[0]).all() and np.isnan(se[0]).all()
+    single = neuron_ablation_effects(tiny_adapter, items.head(1), images, batch_size=16, layers=[1])[1]
+    assert np.isnan(single[1]).all()  # one item: no standard error

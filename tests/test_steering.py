@@ -194,9 +194,9 @@ def test_stage_writes_declared_outputs(tiny_adapter, benchmark_dir, tmp_path, mo
     tiny_adapter.processor.save_pretrained(model_dir)
     tasks = ["vqa", "retrieval"]
     masks = pd.DataFrame(
-        [(m, t, r + 1, l, n, 1.0) for t in tasks for m, nrs in (("hones", NEURONS), ("random", RANDOM))
+        [(m, t, 0.01, 0, True, r + 1, l, n, 1.0) for t in tasks for m, nrs in (("hones", NEURONS), ("random", RANDOM))
          for r, (l, n) in enumerate(nrs)],
-        columns=["method", "task", "rank", "layer", "neuron", "score"],
+        columns=["method", "task", "rho", "draw", "headline", "rank", "layer", "neuron", "score"],
     )
     write_parquet(masks, tmp_path / "masks.parquet")
     params = {
@@ -206,6 +206,7 @@ def test_stage_writes_declared_outputs(tiny_adapter, benchmark_dir, tmp_path, mo
         "models": {"tiny": {"source": "pretrained", "path": str(model_dir), "dtype": "float32", "device": "cpu"}},
         "runtime": {"threads": 1, "batch_sequences": 16, "max_new_tokens": 2},
         "steer": {"epochs": 1, "grad_accum": 1, "train_batch_size": 4, "max_items": 2, "grid": [1.0, 2.0]},
+        "statistics": {"bootstrap_resamples": 200},
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     resolve_pretrained(tmp_path / "params.yaml", "tiny", tmp_path, monkeypatch)
@@ -226,3 +227,16 @@ def test_stage_writes_declared_outputs(tiny_adapter, benchmark_dir, tmp_path, mo
     for key in (*tasks, "mean"):
         assert list(summary[key]) == list(VARIANTS)
     assert summary["mean"]["base"] == pytest.approx(np.mean([summary[t]["base"] for t in tasks]), abs=1e-6)
+
+    intervals = json.loads((out / "steering_intervals.json").read_text())
+    assert intervals["resamples"] == 200 and set(intervals) >= {"generative", "likelihood", "scale_movement"}
+    for utility in ("generative", "likelihood"):
+        util = intervals[utility]["utility"]
+        assert set(util) == {*tasks, "mean"} and list(util["mean"]) == list(VARIANTS)
+        for iv in util["mean"].values():
+            assert iv["ci_low"] <= iv["value"] <= iv["ci_high"]
+        diff = intervals[utility]["differences"]["learned-minus-grid_search"]["mean"]
+        assert diff["verdict"] in ("holds", "fails", "undecided")
+    assert intervals["generative"]["utility"]["mean"]["base"]["value"] == pytest.approx(summary["mean"]["base"], abs=1e-5)
+    moved = intervals["scale_movement"]
+    assert set(moved) == set(tasks) and all(0 < m["mean_abs_change"] <= m["max_abs_change"] for m in moved.values())

@@ -1,55 +1,145 @@
-"""Held-out suppression: relative drops, summaries, and batched mask conditions vs separate runs."""
+"""Held-out suppression: batched mask conditions vs separate runs, the likelihood utility,
+intervals, deletion curves on a planted neuron, and the verdict table."""
 
 from __future__ import annotations
 
-import math
-
+import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.model.evaluation import evaluate_task
+from pipeline.method.masks import build_masks
+from pipeline.model.evaluation import TaskResult, answer_logprob, evaluate_conditions, evaluate_task, yes_no_margin
 from pipeline.model.hooks import scale_neurons
+from pipeline.outcomes.suppression import (
+    MaskCondition,
+    generative_conditions,
+    mask_conditions,
+    scores_table,
+    suppression_scores,
+    suppression_statistics,
+)
 from pipeline.report.html import Section, build_report
-from pipeline.outcomes.suppression import relative_drop, suppression_matrices, suppression_summary, suppression_table
+from pipeline.report.verdict import sensitivity_message, verdict_rows
+from pipeline.tasks.items import candidate_prompt
 
 
-def test_relative_drop() -> None:
-    assert relative_drop(0.5, 0.25) == 50.0
-    assert relative_drop(-2.0, -3.0) == 50.0  # |base| in the denominator (log-probabilities)
-    assert math.isnan(relative_drop(0.0, 0.1))
-
-
-def test_summary_diagonal_and_selectivity() -> None:
-    m = pd.DataFrame([[10.0, 2.0], [4.0, 20.0]], index=["a", "b"], columns=["a", "b"])
-    s = suppression_summary(m)
-    assert s["on_target_drop"] == 15.0 and s["off_target_drop"] == 3.0 and s["selectivity"] == 12.0
+def _masks(rows: list[tuple[str, str, int, int]], rho: float = 0.01, headline: bool = True) -> pd.DataFrame:
+    return pd.DataFrame({"method": [r[0] for r in rows], "task": [r[1] for r in rows], "rho": rho, "draw": 0,
+                         "headline": headline, "rank": 1, "layer": [r[2] for r in rows],
+                         "neuron": [r[3] for r in rows], "score": 1.0})
 
 
 def test_batched_masks_equal_separate_runs(tiny_adapter, annotations, images) -> None:
     items = annotations[(annotations["split"] == "discovery") & annotations["task"].isin(["vqa", "retrieval"])]
     items = items.groupby("task").head(3)
-    masks = pd.DataFrame({
-        "method": ["m1", "m1", "m2", "m1", "m2"],
-        "task": ["vqa", "vqa", "vqa", "retrieval", "retrieval"],
-        "layer": [0, 1, 1, 0, 1], "neuron": [3, 7, 7, 1, 2],
-    })
-    table = suppression_table(tiny_adapter, items, images, masks, batch_size=8, max_new_tokens=4,
-                              utility="teacher_forced")
-    assert len(table) == 4 * 2  # (method, target) pairs x evaluated tasks
-    for (method, target), g in masks.groupby(["method", "task"]):
+    masks = pd.concat([
+        _masks([("m1", "vqa", 0, 3), ("m1", "vqa", 1, 7), ("m2", "vqa", 1, 7), ("m1", "retrieval", 0, 1),
+                ("m2", "retrieval", 1, 2)]),
+        _masks([("m1", "vqa", 0, 5)], rho=0.02, headline=False),
+    ])
+    conditions = mask_conditions(masks)
+    assert [c.headline for c in conditions] == [True] * 4 + [False]
+    assert generative_conditions(conditions) == [1, 2, 3, 4]
+    scores = suppression_scores(tiny_adapter, items, images, conditions, batch_size=8, max_new_tokens=4)
+    assert set(scores) == {(u, t) for u in ("likelihood", "generative") for t in ("vqa", "retrieval")}
+    assert sorted(scores[("likelihood", "vqa")]) == [0, 1, 2, 3, 4, 5]
+    assert sorted(scores[("generative", "vqa")]) == [0, 1, 2, 3, 4]  # the curve-only mask: likelihood only
+    for k, cond in enumerate(conditions, start=1):
         by_layer: dict[int, list[int]] = {}
-        for l, n in zip(g["layer"], g["neuron"]):
-            by_layer.setdefault(int(l), []).append(int(n))
+        for l, n in cond.neurons:
+            by_layer.setdefault(l, []).append(n)
         for eval_task in ("vqa", "retrieval"):
             sub = items[items["task"] == eval_task]
             with scale_neurons(tiny_adapter, {l: (n, 0.0) for l, n in by_layer.items()}):
-                want = evaluate_task(tiny_adapter, eval_task, sub, images, batch_size=8, utility="teacher_forced",
-                                     progress=False)[0].utility
-            got = table[(table["method"] == method) & (table["target_task"] == target)
-                        & (table["eval_task"] == eval_task)]["masked"].item()
-            assert got == pytest.approx(want, abs=1e-5)
-    mats = suppression_matrices(table)
-    assert set(mats) == {"m1", "m2"} and list(mats["m1"].columns) == ["vqa", "retrieval"]
+                want = evaluate_task(tiny_adapter, eval_task, sub, images, batch_size=8, utility="likelihood",
+                                     progress=False)[0]
+            got = scores[("likelihood", eval_task)][k]
+            np.testing.assert_allclose(got.per_item, want.per_item, atol=1e-5)
+    table = scores_table(scores, items)
+    assert set(table.columns) >= {"utility", "condition", "eval_task", "item_id", "score"}
+    assert len(table) == (6 + 5) * 3 * 2
+
+
+def test_likelihood_is_reference_probability_and_positive_softmax(tiny_adapter, annotations, images) -> None:
+    items = annotations[annotations["split"] == "discovery"]
+    cap = items[items["task"] == "caption"].head(2).reset_index(drop=True)
+    got = evaluate_task(tiny_adapter, "caption", cap, images, batch_size=3, utility="likelihood", progress=False)[0]
+    for i, row in cap.iterrows():
+        refs = list(row.references)
+        lp = answer_logprob(tiny_adapter, [images[row.image_id]] * len(refs), [row.prompt] * len(refs), refs)
+        assert got.per_item[i] == pytest.approx(float(np.exp(lp).mean()), abs=1e-6)
+    ret = items[items["task"] == "retrieval"].head(2).reset_index(drop=True)
+    both = evaluate_conditions(tiny_adapter, "retrieval", ret, images, {"generative": [0], "likelihood": [0]},
+                               batch_size=5, progress=False)
+    for i, row in ret.iterrows():
+        m = yes_no_margin(tiny_adapter, [images[row.image_id]] * len(row.candidates),
+                          [candidate_prompt(row.prompt, c) for c in row.candidates])
+        p = np.exp(m - m.max()) / np.exp(m - m.max()).sum()
+        assert both["likelihood"][0].per_item[i] == pytest.approx(float(p[row.positive_index]), abs=1e-6)
+    assert both["generative"][0].metric == "ndcg@5" and both["likelihood"][0].metric == "positive_probability"
+
+
+PLANTED = (1, 5)  # the one neuron that carries vqa in the fake model
+TASKS = ["vqa", "ocr"]
+
+
+def _fake_model_scores(conditions: list[MaskCondition], n: int = 60) -> dict:
+    """A fake model: every item scores ~0.9 (item noise), vqa items score 0.1 when PLANTED is
+    zeroed, and any other zeroed neuron costs nothing. Same items under every condition."""
+    noise = np.random.default_rng(0).uniform(-0.05, 0.05, (len(TASKS), n))
+    specs = [(), *[c.neurons for c in conditions]]
+    out = {}
+    for j, task in enumerate(TASKS):
+        by_cond = {}
+        for k, neurons in enumerate(specs):
+            per = 0.9 + noise[j]
+            if task == "vqa" and PLANTED in neurons:
+                per = 0.1 + noise[j]
+            by_cond[k] = TaskResult(task, "fake", float(per.mean()), per)
+        out[("likelihood", task)] = by_cond
+    return out
+
+
+def test_deletion_curve_finds_the_planted_neuron() -> None:
+    L, I = 2, 50
+    methods = ["hones", "ma", "random", "ablation"]
+    scores = np.random.default_rng(1).random((4, 2, L, I))
+    scores[0, 0][PLANTED] = 10.0  # hones ranks the planted neuron first for vqa
+    scores[3, 0][PLANTED] = 10.0  # so does the ground truth
+    order = np.argsort(-scores[1, 0].ravel())
+    scores[1, 0][PLANTED] = scores[1, 0].ravel()[order[8]] - 1e-9  # ma: 10th, so it enters at rho = 0.1
+    for m in range(4):
+        scores[m, 1][PLANTED] = -1.0  # no method puts it in the ocr mask
+    rhos = [0.01, 0.05, 0.1, 0.2]
+    masks = build_masks(methods, TASKS, scores, rhos, 0.05, random_draws=5, seed=0)
+    conditions = mask_conditions(masks)
+    stats = suppression_statistics(_fake_model_scores(conditions), conditions, n_resamples=300, seed=0)["likelihood"]
+    drop = 100 * 0.8 / 0.9 / 2  # vqa loses 0.8 of 0.9; on-target averages the vqa and ocr masks
+    hones = stats["curve"]["hones"]
+    assert all(hones[f"{r:g}"]["on_target_drop"]["value"] == pytest.approx(drop, rel=0.05) for r in rhos)
+    ma = stats["curve"]["ma"]
+    assert [ma[f"{r:g}"]["on_target_drop"]["value"] > 1 for r in rhos] == [False, False, True, True]
+    # The planted neuron never enters an ocr mask, so nothing is lost off target.
+    assert all(abs(p["off_target_drop"]["value"]) < 1e-9 for p in hones.values())
+    assert stats["auc"]["hones"]["on_target_drop"]["value"] > stats["auc"]["ma"]["on_target_drop"]["value"] + 10
+    # At the headline size (5%), hones beats ma and random on target, decisively.
+    assert stats["differences"]["hones-minus-ma"]["on_target_drop"]["verdict"] == "holds"
+    assert stats["differences"]["hones-minus-random"]["on_target_drop"]["verdict"] == "holds"
+    assert stats["random_draws"]["on_target_drop"]["n"] == 5
+    sens = stats["sensitivity"]
+    assert sens["excludes_zero"] and sens["half_width_within_third"]
+    assert "can see effects" in sensitivity_message(sens)
+    rows = verdict_rows("fake", {"likelihood": stats}, {}, {})
+    assert {r["verdict"] for r in rows if "on-target" in r["claim"]} == {"holds"}
+    assert rows[-1]["claim"].startswith("sensitivity") and rows[-1]["verdict"] == "holds"
+
+
+def test_sensitivity_says_plainly_when_the_effect_is_invisible() -> None:
+    sens = {"ground_truth_on_target_drop": {"value": 0.5, "ci_low": -0.4, "ci_high": 1.4},
+            "excludes_zero": False, "half_width_within_third": False, "per_task": {}}
+    assert "cannot see effects of this size: raise rho or the number of test items" in sensitivity_message(sens)
+    rows = verdict_rows("m", {"likelihood": {"sensitivity": sens}}, {}, {})
+    assert rows[-1]["verdict"] == "undecided"
 
 
 def test_report_is_self_contained(tmp_path) -> None:

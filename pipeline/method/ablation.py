@@ -6,7 +6,8 @@ helps the task. Each batch row zeroes its own neuron (``hooks.ablate_neurons_per
 one forward pass ablates ``batch_size`` neurons. Cost: L * I * n_items rows, so it is meant
 for models small enough (the embedded default: 2,048 neurons).
 
-- ``neuron_ablation_effects``: effect [layer, neuron] in nats. Prompts and answers are
+- ``neuron_ablation_effects``: effect [layer, neuron] in nats, and its standard error over the
+  items (sample standard deviation of the per-item effects / sqrt(n_items)). Prompts and answers are
   ``pipeline.tasks.items.item_prompts`` / ``teacher_forced_answers``, scored by
   ``pipeline.model.evaluation.answer_logprob``: the same utility as the teacher-forced heads.
 """
@@ -30,8 +31,9 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def neuron_ablation_effects(
     adapter, items: pd.DataFrame, images: ImageTable, *, batch_size: int, layers: list[int] | None = None
-) -> np.ndarray:
-    """effect [layer, neuron] (nats): base utility minus utility with that neuron zeroed.
+) -> tuple[np.ndarray, np.ndarray]:
+    """(effect, se), both [layer, neuron] in nats: the mean over items of base utility minus
+    utility with that neuron zeroed, and its standard error (NaN with a single item).
 
     ``layers``: the layers to ablate (default all); the other layers' rows are NaN.
     """
@@ -45,17 +47,22 @@ def neuron_ablation_effects(
     layers = list(range(L)) if layers is None else adapter.check_layers(layers, "neuron_ablation_effects")
     neurons = [(l, i) for l in layers for i in range(I)]
     base = np.array([answer_logprob(adapter, [imgs[k]], [prompts[k]], [answers[k]])[0] for k in range(len(items))])
-    effect = np.full((L, I), np.nan)
-    total = np.zeros(len(neurons))
+    effect, se = np.full((L, I), np.nan), np.full((L, I), np.nan)
+    total, total_sq = np.zeros(len(neurons)), np.zeros(len(neurons))
     # Neuron-major rows within an item: one item's inputs are built once and repeated.
     for k in tqdm(range(len(items)), desc="ablation items", leave=False):
         def run(sl: slice, k: int = k) -> None:
             n = sl.stop - sl.start
             with ablate_neurons_per_row(adapter, neurons[sl]):
                 lp = answer_logprob(adapter, [imgs[k]] * n, [prompts[k]] * n, [answers[k]] * n)
-            total[sl] += base[k] - lp
+            d = base[k] - lp
+            total[sl] += d
+            total_sq[sl] += d * d
 
         for_each_batch(len(neurons), batch_size, run, what=f"ablation item {k}", progress=False)
-    for (l, i), v in zip(neurons, total / len(items)):
-        effect[l, i] = v
-    return effect
+    n = len(items)
+    mean = total / n
+    var = (total_sq - n * mean**2) / (n - 1) if n > 1 else np.full_like(mean, np.nan)
+    for (l, i), v, s in zip(neurons, mean, np.sqrt(np.maximum(var, 0.0) / n)):
+        effect[l, i], se[l, i] = v, s
+    return effect, se

@@ -2,18 +2,26 @@
 the teacher-forced log-probability surrogate, and their aggregation per task.
 
 Map of this module:
-- ``UTILITY_KINDS``: "generative" (the paper's metrics) and "teacher_forced" (mean answer
-  log-probability, a cheap surrogate that is always reported beside, never instead of, it).
+- ``UTILITY_KINDS``: "generative" (the paper's metrics), "teacher_forced" (mean log-probability
+  of the first reference, the heads' cheap surrogate) and "likelihood" (the continuous utility
+  that held-out effects are decided on, always reported beside, never instead of, the generative
+  metric): per item in [0, 1], the mean over ALL references of their per-token probability
+  exp(mean answer log-probability); for retrieval, the softmax over the candidates' Yes-minus-No
+  margins at the positive. Both are monotone in the teacher-forced log-probability and in the
+  positive's margin against the negatives, with 0 meaning "task lost", which a relative drop needs
+  (a log-probability's 0 is a perfect answer: OCR's -0.0008 nats made a 1% mask a 382% drop).
 - ``TaskResult``: one task's utility over a set of items under one condition.
 - ``generate`` / ``answer_logprob`` / ``yes_no_margin``: one batch's greedy answers, mean answer
   log-probabilities (via ``pipeline.model.scoring``) and retrieval Yes/No margins.
+- ``evaluate_conditions``: ``evaluate_task`` for several utilities at once, each on its own
+  subset of the conditions; retrieval's candidate margins are computed once for all of them.
 - ``evaluate_task``: runs a task over items, optionally under several *conditions* at once
   (e.g. one per substituted head). Each example is repeated once per condition inside the
   same batch and ``condition_hooks(conditions_of_rows)`` returns the context manager that
   applies the per-row interventions; this is what lets head localisation batch across heads.
   Prompts and teacher-forced answers come from ``pipeline.tasks.items``.
 - ``aggregate_utility``: per-item scores and the corpus-level utility for a task.
-- ``evaluate_model_quality``: the generative utility of each task on one split.
+- ``evaluate_model_quality``: the generative and likelihood utilities of each task on one split.
 """
 
 from __future__ import annotations
@@ -44,8 +52,9 @@ from pipeline.tasks.items import (
 
 log = logging.getLogger(__name__)
 
-UTILITY_KINDS = ("generative", "teacher_forced")
+UTILITY_KINDS = ("generative", "teacher_forced", "likelihood")
 METRIC_NAMES = {"vqa": "vqa_accuracy", "ocr": "anls", "caption": "bleu4", "retrieval": "ndcg@5"}
+LIKELIHOOD_NAMES = {"retrieval": "positive_probability"}  # every other task: "reference_probability"
 
 ConditionHooks = Callable[[list[int]], AbstractContextManager]
 
@@ -55,8 +64,10 @@ class TaskResult:
     """Utility of one task under one condition.
 
     ``per_item`` [item]: the per-example score (VQA accuracy, ANLS, sentence BLEU-4,
-    NDCG@5, or mean answer log-probability in nats); ``utility`` is the task's corpus-level
-    value (corpus BLEU-4 for captions, the mean otherwise).
+    NDCG@5, mean answer log-probability in nats, or the likelihood in [0, 1]); ``utility`` is
+    the task's corpus-level value (corpus BLEU-4 for captions, the mean otherwise).
+    ``statistics`` [item, 10]: for generated captions, ``metrics.bleu_statistics`` (what a
+    bootstrap of corpus BLEU resamples).
     """
 
     task: str
@@ -64,6 +75,7 @@ class TaskResult:
     utility: float
     per_item: np.ndarray
     predictions: list[str] | None = None
+    statistics: np.ndarray | None = None
 
 
 def answer_token_id(tokenizer, word: str) -> int:
@@ -147,65 +159,122 @@ def evaluate_task(
     """Evaluate ``task`` on ``items`` under ``n_conditions`` conditions; one result per condition.
 
     Rows are (item, condition) pairs, item-major, ``batch_size`` rows per forward pass (for
-    retrieval a row is one (item, candidate, condition) triple). ``condition_hooks`` receives the
-    condition index of every row of a batch and returns a context manager that applies the
-    interventions (``None``: no interventions). With ``utility="teacher_forced"`` the score is
-    the mean log-probability of ``pipeline.tasks.items.reference_answer`` given ``item_prompt``
-    (the first reference; retrieval: "Yes" on the positive pair).
+    retrieval a row is one (item, candidate, condition) triple; for the likelihood one (item,
+    reference, condition) triple). ``condition_hooks`` receives the condition index of every
+    row of a batch and returns a context manager that applies the interventions (``None``: no
+    interventions). With ``utility="teacher_forced"`` the score is the mean log-probability of
+    ``pipeline.tasks.items.reference_answer`` given ``item_prompt`` (the first reference;
+    retrieval: "Yes" on the positive pair); ``"likelihood"``: see the module docstring.
     """
-    if utility not in UTILITY_KINDS:
-        raise PipelineError(f"utility {utility!r} is not one of {UTILITY_KINDS}")
+    out = evaluate_conditions(adapter, task, items, images, {utility: range(n_conditions)}, batch_size=batch_size,
+                              max_new_tokens=max_new_tokens, condition_hooks=condition_hooks, progress=progress)
+    return [out[utility][c] for c in range(n_conditions)]
+
+
+def evaluate_conditions(
+    adapter,
+    task: str,
+    items: pd.DataFrame,
+    images: ImageTable,
+    conditions: dict[str, Sequence[int]],
+    *,
+    batch_size: int,
+    max_new_tokens: int = 24,
+    condition_hooks: ConditionHooks | None = None,
+    progress: str | None = None,
+) -> dict[str, dict[int, TaskResult]]:
+    """{utility: {condition: TaskResult}} for each utility of ``conditions`` ({utility: condition
+    indices}), every utility on the same ``items``. ``condition_hooks`` receives the condition
+    indices as given here. Retrieval's generative and likelihood utilities share one pass over
+    the union of their conditions (both are functions of the candidates' margins)."""
+    unknown = sorted(set(conditions) - set(UTILITY_KINDS))
+    if unknown:
+        raise PipelineError(f"utility {unknown[0]!r} is not one of {UTILITY_KINDS}")
     items = items.reset_index(drop=True)
-    n = len(items)
-    if n == 0:
+    if len(items) == 0:
         raise PipelineError(f"no items to evaluate for task {task!r}")
-    C = n_conditions
+    conds = {u: [int(c) for c in cs] for u, cs in conditions.items()}
+    out: dict[str, dict[int, TaskResult]] = {}
+    if task == "retrieval":
+        by_margin = [u for u in ("generative", "likelihood") if u in conds]
+        if by_margin:
+            union = sorted(set().union(*(conds[u] for u in by_margin)))
+            margins = _retrieval_margins(adapter, items, images, batch_size, union, condition_hooks, progress)
+            for u in by_margin:
+                out[u] = {c: _retrieval_result(items, margins[c], u) for c in conds[u]}
+    for u, cs in conds.items():
+        if u not in out:
+            out[u] = _evaluate_rows(adapter, task, items, images, u, cs, batch_size, max_new_tokens,
+                                    condition_hooks, progress)
+    return out
 
-    if task == "retrieval" and utility == "generative":
-        return _evaluate_retrieval(adapter, items, images, batch_size, C, condition_hooks, progress)
 
+def _evaluate_rows(
+    adapter, task: str, items: pd.DataFrame, images: ImageTable, utility: str, conds: list[int],
+    batch_size: int, max_new_tokens: int, condition_hooks: ConditionHooks | None, progress: str | None,
+) -> dict[int, TaskResult]:
+    """Generative, teacher-forced or likelihood results of a non-margin utility, per condition."""
+    n, C = len(items), len(conds)
     prompts = item_prompts(items)
     image_ids = items["image_id"].tolist()
-    answers = teacher_forced_answers(items) if utility == "teacher_forced" else []
+    if utility == "likelihood":
+        # One row per (item, reference): the item's score is the mean over its references.
+        refs = [[str(r) for r in rs] for rs in items["references"]]
+        for i, rs in enumerate(refs):
+            if not rs:
+                raise PipelineError(f"item {items.at[i, 'item_id']!r} ({task}) has no reference to score")
+        seq_item = np.concatenate([np.full(len(rs), i) for i, rs in enumerate(refs)])
+        seq_answer = [r for rs in refs for r in rs]
+    else:
+        seq_item = np.arange(n)
+        seq_answer = teacher_forced_answers(items) if utility == "teacher_forced" else []
+    S = len(seq_item)
     preds: list[list[str]] = [[""] * n for _ in range(C)]
-    scores = np.zeros((C, n))
-    # Item-major (item, condition) rows: the rows of one image stay together.
-    row_items, row_conds = np.repeat(np.arange(n), C), np.tile(np.arange(C), n)
+    scores = np.zeros((C, S))
+    # Item-major (sequence, condition) rows: the rows of one image stay together.
+    row_seqs, row_conds = np.repeat(np.arange(S), C), np.tile(np.arange(C), S)
+    cond_ids = np.asarray(conds)
 
     def run(sl: slice) -> None:
-        it, cd = row_items[sl], row_conds[sl]
+        sq, cd = row_seqs[sl], row_conds[sl]
+        it = seq_item[sq]
         imgs = [images[image_ids[i]] for i in it]
         ps = [prompts[i] for i in it]
-        with _hooks(condition_hooks, cd):
+        with _hooks(condition_hooks, cond_ids[cd]):
             if utility == "generative":
-                out = generate(adapter, imgs, ps, max_new_tokens)
-                for i, c, text in zip(it, cd, out):
+                for i, c, text in zip(it, cd, generate(adapter, imgs, ps, max_new_tokens)):
                     preds[c][i] = text
             else:
-                scores[cd, it] = answer_logprob(adapter, imgs, ps, [answers[i] for i in it])
+                scores[cd, sq] = answer_logprob(adapter, imgs, ps, [seq_answer[q] for q in sq])
 
-    for_each_batch(n * C, batch_size, run, what=progress or f"{task} ({utility})", progress=progress is not False)
-    results = []
-    for c in range(C):
+    what = progress or f"{task} ({utility})"
+    for_each_batch(S * C, batch_size, run, what=what, progress=progress is not False)
+    results: dict[int, TaskResult] = {}
+    for k, c in enumerate(conds):
         if utility == "generative":
-            u, per = aggregate_utility(task, preds[c], items)
-            results.append(TaskResult(task, METRIC_NAMES.get(task, task), u, per, preds[c]))
+            u, per = aggregate_utility(task, preds[k], items)
+            stats = (metrics.bleu_statistics(preds[k], [list(r) for r in items["references"]])
+                     if task == "caption" else None)
+            results[c] = TaskResult(task, METRIC_NAMES.get(task, task), u, per, preds[k], stats)
+        elif utility == "likelihood":
+            per = np.bincount(seq_item, weights=np.exp(scores[k]), minlength=n) / np.bincount(seq_item, minlength=n)
+            results[c] = TaskResult(task, LIKELIHOOD_NAMES.get(task, "reference_probability"), float(per.mean()), per)
         else:
-            results.append(TaskResult(task, "answer_logprob", float(scores[c].mean()), scores[c]))
+            results[c] = TaskResult(task, "answer_logprob", float(scores[k].mean()), scores[k])
     return results
 
 
-def _evaluate_retrieval(
-    adapter, items: pd.DataFrame, images: ImageTable, batch_size: int, C: int,
+def _retrieval_margins(
+    adapter, items: pd.DataFrame, images: ImageTable, batch_size: int, conds: list[int],
     condition_hooks: ConditionHooks | None, progress: str | None,
-) -> list[TaskResult]:
-    """Generative retrieval: NDCG@5 of the Yes/No margins of every candidate; one result per condition."""
+) -> dict[int, list[np.ndarray]]:
+    """{condition: [item] -> Yes-minus-No margin of each candidate} for retrieval ``items``."""
     # Rows: (item, candidate, condition), item-major so that an image's rows share a batch.
     rows = [
         (i, k, c)
         for i in range(len(items))
         for k in range(len(items.at[i, "candidates"]))
-        for c in range(C)
+        for c in conds
     ]
     margins: dict[tuple[int, int, int], float] = {}
 
@@ -219,20 +288,18 @@ def _evaluate_retrieval(
             margins[key] = float(v)
 
     for_each_batch(len(rows), batch_size, run, what=progress or "retrieval", progress=progress is not False)
-    results = []
-    for c in range(C):
-        per = np.array(
-            [
-                metrics.ndcg_at_k(
-                    [margins[(i, k, c)] for k in range(len(items.at[i, "candidates"]))],
-                    int(items.at[i, "positive_index"]),
-                    k=5,
-                )
-                for i in range(len(items))
-            ]
-        )
-        results.append(TaskResult("retrieval", METRIC_NAMES["retrieval"], float(per.mean()), per))
-    return results
+    return {c: [np.array([margins[(i, k, c)] for k in range(len(items.at[i, "candidates"]))])
+                for i in range(len(items))] for c in conds}
+
+
+def _retrieval_result(items: pd.DataFrame, margins: list[np.ndarray], utility: str) -> TaskResult:
+    """NDCG@5 (generative) or the positive's softmax probability (likelihood) from candidate margins."""
+    pos = [int(p) for p in items["positive_index"]]
+    if utility == "generative":
+        per = np.array([metrics.ndcg_at_k(m.tolist(), p, k=5) for m, p in zip(margins, pos)])
+        return TaskResult("retrieval", METRIC_NAMES["retrieval"], float(per.mean()), per)
+    per = np.array([float(np.exp(m[p] - m.max()) / np.exp(m - m.max()).sum()) for m, p in zip(margins, pos)])
+    return TaskResult("retrieval", LIKELIHOOD_NAMES["retrieval"], float(per.mean()), per)
 
 
 def evaluate_model_quality(
@@ -245,17 +312,19 @@ def evaluate_model_quality(
     batch_size: int,
     max_new_tokens: int,
     max_items: int | None = None,
-) -> dict[str, float]:
-    """Generative utility of each task on ``split`` (the first ``max_items`` items per task)."""
-    out: dict[str, float] = {}
+    utilities: Sequence[str] = ("generative", "likelihood"),
+) -> dict[str, dict[str, float]]:
+    """{utility: {task: value}} on ``split`` (the first ``max_items`` items per task)."""
+    out: dict[str, dict[str, float]] = {u: {} for u in utilities}
     for task in tasks:
         items = annotations[(annotations["split"] == split) & (annotations["task"] == task)]
         if max_items is not None:
             items = items.head(max_items)
         if items.empty:
             raise PipelineError(f"no {task!r} items in split {split!r} of the benchmark")
-        res = evaluate_task(adapter, task, items, images, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                            progress=f"quality {task}")[0]
-        out[task] = round(res.utility, 6)
-        log.info("%s %s on %s (%d items): %.4f", res.metric, task, split, len(items), res.utility)
+        res = evaluate_conditions(adapter, task, items, images, {u: [0] for u in utilities}, batch_size=batch_size,
+                                  max_new_tokens=max_new_tokens, progress=f"quality {task}")
+        for u in utilities:
+            out[u][task] = round(res[u][0].utility, 6)
+            log.info("%s %s on %s (%d items): %.4f", res[u][0].metric, task, split, len(items), res[u][0].utility)
     return out

@@ -46,8 +46,17 @@ from pipeline.model.adapter import ModelAdapter
 from pipeline.model.scoring import model_answer_logprobs, token_logprobs
 from pipeline.tasks.items import ImageTable, training_rows
 from pipeline.errors import PipelineError
-from pipeline.model.evaluation import TaskResult, evaluate_task
+from pipeline.model.evaluation import TaskResult, evaluate_conditions, evaluate_task
 from pipeline.model.hooks import condition_scales, scale_neurons
+from pipeline.outcomes.statistics import (
+    bootstrap_counts,
+    interval,
+    mean_over,
+    result_values,
+    task_seed,
+    utility_replicates,
+    verdict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +71,7 @@ __all__ = [
     "steer_task",
     "steering_table",
     "steering_summary",
+    "steering_statistics",
     "scales_table",
     "load_scales",
     "apply_steering",
@@ -278,7 +288,9 @@ class TaskSteering:
     """Everything ``steer_task`` learned and measured for one task.
 
     ``scales``: variant -> {(layer, neuron): scale} (``base``: empty); ``results``: variant ->
-    TaskResult on the evaluation split; ``grid``: scale -> TaskResult on the training split
+    TaskResult on the evaluation split (the settings' utility); ``likelihood``: the same variants
+    under the likelihood utility (``pipeline.model.evaluation``), the one their intervals decide on;
+    ``grid``: scale -> TaskResult on the training split
     (the grid search); ``grid_scale``: the uniform scale it picked.
     """
 
@@ -290,6 +302,7 @@ class TaskSteering:
     results: dict[str, TaskResult]
     grid: dict[float, TaskResult] = field(default_factory=dict)
     grid_scale: float = 1.0
+    likelihood: dict[str, TaskResult] = field(default_factory=dict)
 
 
 def _pick_grid(results: Mapping[float, TaskResult]) -> float:
@@ -315,6 +328,17 @@ class _TaskEvaluation:
                              max_new_tokens=self.max_new_tokens, utility=self.utility,
                              n_conditions=len(conditions), condition_hooks=condition_scales(self.adapter, conditions),
                              progress=progress)
+
+    def run_with_likelihood(self, items: pd.DataFrame, conditions: list[dict[Neuron, float]],
+                            progress: str) -> tuple[list[TaskResult], list[TaskResult]]:
+        """``run``'s results and the same scale sets under the likelihood utility (one pass for
+        retrieval, whose two utilities share the candidates' margins)."""
+        idx = range(len(conditions))
+        out = evaluate_conditions(self.adapter, self.task, items, self.images,
+                                  {self.utility: idx, "likelihood": idx}, batch_size=self.batch_size,
+                                  max_new_tokens=self.max_new_tokens,
+                                  condition_hooks=condition_scales(self.adapter, conditions), progress=progress)
+        return [out[self.utility][c] for c in idx], [out["likelihood"][c] for c in idx]
 
 
 def _learned_scales(adapter: ModelAdapter, items: pd.DataFrame, images: ImageTable, neurons: list[Neuron],
@@ -377,10 +401,11 @@ def steer_task(
         log.warning("%s: no random-method neurons; the random_learned variant is skipped", task)
 
     variants = [v for v in VARIANTS if v in scales]
-    results = dict(zip(variants, evaluation.run(eval_items, [scales[v] for v in variants], f"steer {task} eval")))
+    chosen, likely = evaluation.run_with_likelihood(eval_items, [scales[v] for v in variants], f"steer {task} eval")
+    results = dict(zip(variants, chosen))
     log.info("%s on %s: %s", task, settings.eval_split, ", ".join(f"{v} {r.utility:.4f}" for v, r in results.items()))
     return TaskSteering(task, settings.train_split, settings.eval_split, neurons, scales, results, grid_results,
-                        grid_scale)
+                        grid_scale, dict(zip(variants, likely)))
 
 
 def steering_table(runs: Sequence[TaskSteering]) -> pd.DataFrame:
@@ -462,3 +487,46 @@ def apply_steering(
     }
     with scale_neurons(adapter, spec):
         yield
+
+
+def steering_statistics(runs: Sequence[TaskSteering], utility: str, *, n_resamples: int, seed: int,
+                        confidence: float = 0.95) -> dict:
+    """Paired-bootstrap intervals of the steering results (JSON-ready), per utility.
+
+    For ``utility`` (the settings' utility, of ``TaskSteering.results``) and the likelihood: ``utility`` {task | "mean": {variant: interval}}
+    (``mean``: the mean over tasks, each task resampled over its own items), and ``differences``
+    {"learned-minus-<v>": {task | "mean": interval + verdict}}. ``scale_movement`` {task: mean and
+    max |scale - 1| of the learned scales}: how far training moved them from the identity.
+    """
+    out: dict = {"confidence": confidence, "resamples": n_resamples}
+    for name in dict.fromkeys((utility, "likelihood")):
+        per_task: dict[str, dict[str, tuple[float, np.ndarray]]] = {}
+        for run in runs:
+            results = run.results if name == utility else run.likelihood
+            if not results:
+                continue
+            variants = list(results)
+            values, kind = result_values([results[v] for v in variants])
+            counts = bootstrap_counts(values.shape[1], n_resamples, task_seed(seed, run.task))
+            point, reps = utility_replicates(values, counts, kind)
+            per_task[run.task] = {v: (float(point[k]), reps[k]) for k, v in enumerate(variants)}
+        if not per_task:
+            continue
+        shared = [v for v in VARIANTS if all(v in d for d in per_task.values())]
+        per_task["mean"] = {v: (float(np.mean([d[v][0] for d in per_task.values()])),
+                                mean_over([d[v][1] for d in per_task.values()])) for v in shared}
+        util = {t: {v: interval(p, r, confidence).as_dict(6) for v, (p, r) in d.items()} for t, d in per_task.items()}
+        diffs = {}
+        for other in [v for v in shared if v != "learned"]:
+            entry = {}
+            for t, d in per_task.items():
+                if "learned" in d and other in d:
+                    iv = interval(d["learned"][0] - d[other][0], d["learned"][1] - d[other][1], confidence)
+                    entry[t] = {**iv.as_dict(6), "verdict": verdict(iv)}
+            diffs[f"learned-minus-{other}"] = entry
+        out[name] = {"utility": util, "differences": diffs}
+    out["scale_movement"] = {
+        run.task: {"mean_abs_change": float(np.mean([abs(s - 1.0) for s in run.scales["learned"].values()])),
+                   "max_abs_change": float(np.max([abs(s - 1.0) for s in run.scales["learned"].values()]))}
+        for run in runs if run.scales.get("learned")}
+    return out

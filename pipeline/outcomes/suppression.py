@@ -1,92 +1,270 @@
 """Held-out causal check (HONES.md section 5): zero a task's mask, evaluate every task.
 
-For each method m and target task t, the neurons of mask (m, t) are zeroed at every position
-and every task s is evaluated on the test split: relative drop
-100 * (P_s(base) - P_s(masked)) / |P_s(base)|. All (method, target) masks of one evaluated
-task run as conditions of the same batches (``hooks.ablate_neurons_per_row``), so the model
-sees each test example once per batch row instead of once per pass.
+For each method m, mask size rho and target task t, the neurons of mask (m, rho, t) are
+zeroed at every position and every task s is evaluated on the test split: relative drop
+100 * (P_s(base) - P_s(masked)) / |P_s(base)|. All masks of one evaluated task run as
+conditions of the same batches (``hooks.ablate_neurons_per_row``), so the model sees each
+test example once per batch row instead of once per pass.
 
-- ``suppression_table``: long table (method, target_task, eval_task, baseline, masked, relative_drop).
-- ``suppression_summary``: per method, mean on-target drop (diagonal) and selectivity
-  (diagonal mean minus off-diagonal mean), in percentage points.
+Two utilities are evaluated (``pipeline.model.evaluation``): the paper's ``generative``
+metric on the headline masks (rho = the paper's 1%, one random draw), and the continuous
+``likelihood`` on every mask: every size of the deletion curve and every random draw.
+
+Map of this module:
+- ``MaskCondition`` / ``mask_conditions``: one zeroed mask (condition 0 is the unmasked base).
+- ``suppression_scores``: per-item results of every (utility, evaluated task, condition).
+- ``scores_table``: those per-item scores as a long table (what the statistics rest on).
+- ``suppression_statistics``: paired-bootstrap intervals for the relative-drop matrices, the
+  per-method summaries (on-target drop, off-target drop, selectivity = on minus off), the
+  random masks' distribution, HONES-minus-baseline differences, the deletion curves and their
+  area, and the sensitivity check (does the ground truth's own top set drop its task?).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from pipeline.tasks.items import ImageTable
-from pipeline.model.evaluation import evaluate_task
+from pipeline.errors import PipelineError
+from pipeline.model.evaluation import TaskResult, evaluate_conditions
 from pipeline.model.hooks import ablate_neurons_per_row
+from pipeline.outcomes.statistics import (
+    Interval,
+    bootstrap_counts,
+    distribution,
+    interval,
+    log_rho_auc,
+    mean_over,
+    relative_drop_replicates,
+    result_values,
+    task_seed,
+    utility_replicates,
+    verdict,
+)
+from pipeline.tasks.items import ImageTable
 
 log = logging.getLogger(__name__)
 
-SUPPRESSION_COLUMNS = ("method", "target_task", "eval_task", "baseline", "masked", "relative_drop")
+GROUND_TRUTH = "ablation"
+RANDOM = "random"
+FOCUS = "hones"
+SUMMARY_KEYS = ("on_target_drop", "off_target_drop", "selectivity")
+SCORE_COLUMNS = ("utility", "condition", "eval_task", "item_id", "score")
+CONDITION_COLUMNS = ("condition", "method", "target_task", "rho", "draw", "headline", "n_neurons")
 
 
-def relative_drop(base: float, masked: float) -> float:
-    """100 * (base - masked) / |base| in percent; NaN when the baseline is 0."""
-    return float("nan") if base == 0 else 100.0 * (base - masked) / abs(base)
+@dataclass(frozen=True)
+class MaskCondition:
+    """One zeroed mask: ``method``'s top ``rho`` neurons for ``target_task`` (``draw``: which random draw)."""
+
+    method: str
+    target_task: str
+    rho: float
+    draw: int
+    headline: bool
+    neurons: tuple[tuple[int, int], ...]
 
 
-def suppression_table(
-    adapter,
-    items: pd.DataFrame,
-    images: ImageTable,
-    masks: pd.DataFrame,
-    *,
-    batch_size: int,
-    max_new_tokens: int,
-    utility: str = "generative",
-) -> pd.DataFrame:
-    """The T x T relative-drop matrix of every method in ``masks`` (columns method, task, layer, neuron).
+def mask_conditions(masks: pd.DataFrame) -> list[MaskCondition]:
+    """Every (method, task, rho, draw) mask of a masks table (``pipeline.method.masks.build_masks``),
+    headline masks first."""
+    out = []
+    keys = ["headline", "rho", "method", "draw", "task"]
+    for (headline, rho, method, draw, task), g in masks.groupby(keys, sort=False):
+        out.append(MaskCondition(str(method), str(task), float(rho), int(draw), bool(headline),
+                                 tuple((int(l), int(i)) for l, i in zip(g["layer"], g["neuron"]))))
+    return sorted(out, key=lambda c: (not c.headline, c.rho, c.draw))
 
-    ``items``: the evaluation items of every task (test split).
-    """
-    keys = list(dict.fromkeys(zip(masks["method"], masks["task"])))
-    neuron_sets = [
-        [(int(l), int(i)) for l, i in zip(g["layer"], g["neuron"])]
-        for (_, _), g in ((k, masks[(masks["method"] == k[0]) & (masks["task"] == k[1])]) for k in keys)
-    ]
-    row_specs: list[list[tuple[int, int]] | None] = [None, *neuron_sets]
-    rows = []
+
+def generative_conditions(conditions: Sequence[MaskCondition]) -> list[int]:
+    """Indices (1-based: 0 is the base) of the conditions the generative metric is run on:
+    the headline masks, random draw 0."""
+    return [k + 1 for k, c in enumerate(conditions) if c.headline and c.draw == 0]
+
+
+def suppression_scores(
+    adapter, items: pd.DataFrame, images: ImageTable, conditions: Sequence[MaskCondition],
+    *, batch_size: int, max_new_tokens: int,
+) -> dict[tuple[str, str], dict[int, TaskResult]]:
+    """{(utility, eval_task): {condition: TaskResult}}; condition 0 is the base, k >= 1 is
+    ``conditions[k - 1]``. Likelihood on every condition; generative on ``generative_conditions``."""
+    specs: list[list[tuple[int, int]] | None] = [None, *[list(c.neurons) for c in conditions]]
+    wanted = {"likelihood": range(len(specs)), "generative": [0, *generative_conditions(conditions)]}
+    out: dict[tuple[str, str], dict[int, TaskResult]] = {}
     for eval_task in dict.fromkeys(items["task"]):
         task_items = items[items["task"] == eval_task]
-        results = evaluate_task(
-            adapter, eval_task, task_items, images, batch_size=batch_size, max_new_tokens=max_new_tokens,
-            utility=utility, n_conditions=len(row_specs),
-            condition_hooks=lambda conds: ablate_neurons_per_row(adapter, [row_specs[c] for c in conds]),
+        res = evaluate_conditions(
+            adapter, eval_task, task_items, images, wanted, batch_size=batch_size, max_new_tokens=max_new_tokens,
+            condition_hooks=lambda conds: ablate_neurons_per_row(adapter, [specs[c] for c in conds]),
             progress=f"suppression {eval_task}",
         )
-        base = results[0].utility
-        for (method, target), res in zip(keys, results[1:]):
-            rows.append((method, target, eval_task, base, res.utility, relative_drop(base, res.utility)))
-        log.info("%s baseline %.4f; %d masked conditions", eval_task, base, len(keys))
-    return pd.DataFrame(rows, columns=list(SUPPRESSION_COLUMNS))
-
-
-def suppression_matrices(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """method -> [target_task x eval_task] relative drops (%)."""
-    tasks = list(dict.fromkeys(table["eval_task"]))
-    out = {}
-    for method, g in table.groupby("method", sort=False):
-        m = g.pivot(index="target_task", columns="eval_task", values="relative_drop")
-        out[method] = m.reindex(index=[t for t in tasks if t in m.index], columns=tasks)
+        for utility, by_cond in res.items():
+            out[(utility, eval_task)] = by_cond
+            log.info("%s %s baseline %.4f; %d masked conditions", eval_task, utility, by_cond[0].utility,
+                     len(by_cond) - 1)
     return out
 
 
-def suppression_summary(matrix: pd.DataFrame) -> dict[str, float]:
-    """Mean on-target drop (diagonal) and selectivity (diagonal mean - off-diagonal mean)."""
-    values = matrix.to_numpy(dtype=float)
-    diag_mask = np.zeros_like(values, dtype=bool)
-    for r, t in enumerate(matrix.index):
-        if t in matrix.columns:
-            diag_mask[r, list(matrix.columns).index(t)] = True
-    diag = values[diag_mask]
-    off = values[~diag_mask]
-    on_target = float(np.nanmean(diag)) if diag.size else float("nan")
-    off_target = float(np.nanmean(off)) if off.size else float("nan")
-    return {"on_target_drop": on_target, "off_target_drop": off_target, "selectivity": on_target - off_target}
+def conditions_table(conditions: Sequence[MaskCondition]) -> pd.DataFrame:
+    """The conditions as rows (condition, method, target_task, rho, draw, headline, n_neurons); 0 = base."""
+    rows = [(0, "base", "", 0.0, 0, True, 0)]
+    rows += [(k + 1, c.method, c.target_task, c.rho, c.draw, c.headline, len(c.neurons)) for k, c in enumerate(conditions)]
+    return pd.DataFrame(rows, columns=list(CONDITION_COLUMNS))
+
+
+def scores_table(scores: dict[tuple[str, str], dict[int, TaskResult]], items: pd.DataFrame) -> pd.DataFrame:
+    """Per-item scores as rows (utility, condition, eval_task, item_id, score); generated
+    captions also carry their BLEU statistics (``bleu_*`` columns, NaN elsewhere)."""
+    frames = []
+    for (utility, task), by_cond in scores.items():
+        ids = items.loc[items["task"] == task, "item_id"].astype(str).tolist()
+        for c, r in by_cond.items():
+            f = pd.DataFrame({"utility": utility, "condition": np.int32(c), "eval_task": task, "item_id": ids,
+                              "score": np.asarray(r.per_item, dtype=np.float64)})
+            if r.statistics is not None:
+                for j in range(r.statistics.shape[1]):
+                    f[f"bleu_{j}"] = r.statistics[:, j]
+            frames.append(f)
+    return pd.concat(frames, ignore_index=True)
+
+
+@dataclass
+class _Drops:
+    """Relative drops (%) of one utility: (condition, eval_task) -> (point, replicates [B])."""
+
+    cells: dict[tuple[int, str], tuple[float, np.ndarray]]
+    baseline: dict[str, Interval]
+
+
+def _drops(by_task: dict[str, dict[int, TaskResult]], n_resamples: int, seed: int) -> _Drops:
+    cells, baseline = {}, {}
+    for task, by_cond in by_task.items():
+        ids = list(by_cond)
+        values, kind = result_values([by_cond[c] for c in ids])
+        counts = bootstrap_counts(values.shape[1], n_resamples, task_seed(seed, task))
+        point, reps = utility_replicates(values, counts, kind)
+        base = ids.index(0)
+        baseline[task] = interval(float(point[base]), reps[base])
+        dp, dr = relative_drop_replicates(point, reps, base_index=base)
+        for k, c in enumerate(ids):
+            cells[(c, task)] = (float(dp[k]), dr[k])
+    return _Drops(cells, baseline)
+
+
+def _summary(drops: _Drops, targets: dict[str, int], tasks: list[str]) -> dict[str, tuple[float, np.ndarray]]:
+    """On-target, off-target and selectivity (point, replicates) of one mask family ({target: condition})."""
+    on = [drops.cells[(c, t)] for t, c in targets.items() if (c, t) in drops.cells]
+    off = [drops.cells[(c, s)] for t, c in targets.items() for s in tasks if s != t and (c, s) in drops.cells]
+    if not on or not off:
+        raise PipelineError(f"suppression summary: conditions {sorted(targets.values())} were not evaluated on "
+                            f"every task of {tasks}")
+    on_p, on_r = float(np.mean([p for p, _ in on])), mean_over([r for _, r in on])
+    off_p, off_r = float(np.mean([p for p, _ in off])), mean_over([r for _, r in off])
+    return {"on_target_drop": (on_p, on_r), "off_target_drop": (off_p, off_r), "selectivity": (on_p - off_p, on_r - off_r)}
+
+
+def _iv(pair: tuple[float, np.ndarray], confidence: float) -> dict:
+    return interval(pair[0], pair[1], confidence).as_dict()
+
+
+def suppression_statistics(
+    scores: dict[tuple[str, str], dict[int, TaskResult]],
+    conditions: Sequence[MaskCondition],
+    *,
+    n_resamples: int,
+    seed: int,
+    confidence: float = 0.95,
+) -> dict:
+    """Intervals of every reported effect (module docstring), as a JSON-ready dict.
+
+    Per utility: ``baseline`` {task: interval}; ``relative_drop`` {method: {target: {eval: interval}}}
+    at the headline size (random: the mean over draws); ``summary`` {method: {on_target_drop,
+    off_target_drop, selectivity}}; ``random_draws``: the draws' distribution (mean, 2.5/97.5
+    percentiles); ``differences`` {"hones-minus-<m>": {on_target_drop, selectivity}} with a
+    ``verdict``. Random's replicates mix the draws: replicate b uses draw d_b (uniform), so its
+    intervals carry both item and draw variability. Likelihood also gets ``curve`` {method: {rho:
+    {on_target_drop, off_target_drop}}} (draw 0) and ``auc`` {method: {on_target_drop,
+    off_target_drop}}: the curve's mean height over log10(rho) (``statistics.log_rho_auc``).
+    """
+    tasks = list(dict.fromkeys(t for (_, t) in scores))
+    out: dict = {"confidence": confidence, "resamples": n_resamples,
+                 "items_per_task": {u: {t: len(next(iter(r.values())).per_item) for (uu, t), r in scores.items() if uu == u}
+                                    for u in dict.fromkeys(u for (u, _) in scores)}}
+    mix = np.random.default_rng([seed, 7]).integers
+    for utility in dict.fromkeys(u for (u, _) in scores):
+        drops = _drops({t: scores[(utility, t)] for t in tasks}, n_resamples, seed)
+        evaluated = {c for (c, _) in drops.cells}
+        families: dict[tuple[str, float, int], dict[str, int]] = {}
+        for k, c in enumerate(conditions, start=1):
+            if k in evaluated:
+                families.setdefault((c.method, c.rho, c.draw), {})[c.target_task] = k
+        headline_rho = next(c.rho for c in conditions if c.headline)
+        methods = list(dict.fromkeys(m for (m, r, _) in families if r == headline_rho))
+        summaries = {key: _summary(drops, fam, tasks) for key, fam in families.items()}
+        draws = sorted(d for (m, r, d) in families if m == RANDOM and r == headline_rho)
+        pick = mix(len(draws), size=n_resamples) if draws else None
+
+        def headline(method: str, key: str) -> tuple[float, np.ndarray]:
+            if method != RANDOM or len(draws) == 1:
+                return summaries[(method, headline_rho, 0)][key]
+            per = [summaries[(RANDOM, headline_rho, d)][key] for d in draws]
+            reps = np.stack([r for _, r in per])[pick, np.arange(n_resamples)]
+            return float(np.mean([p for p, _ in per])), reps
+
+        def cell(method: str, target: str, s: str) -> tuple[float, np.ndarray]:
+            ds = draws if method == RANDOM else [0]
+            per = [drops.cells[(families[(method, headline_rho, d)][target], s)] for d in ds]
+            if len(per) == 1:
+                return per[0]
+            return float(np.mean([p for p, _ in per])), np.stack([r for _, r in per])[pick, np.arange(n_resamples)]
+
+        u_out: dict = {
+            "baseline": {t: iv.as_dict(6) for t, iv in drops.baseline.items()},
+            "relative_drop": {m: {t: {s: _iv(cell(m, t, s), confidence) for s in tasks}
+                                  for t in families[(m, headline_rho, 0)]} for m in methods},
+            "summary": {m: {k: _iv(headline(m, k), confidence) for k in SUMMARY_KEYS} for m in methods},
+        }
+        if len(draws) > 1:
+            u_out["random_draws"] = {k: distribution([summaries[(RANDOM, headline_rho, d)][k][0] for d in draws])
+                                     for k in SUMMARY_KEYS}
+        if FOCUS in methods:
+            diffs = {}
+            for m in methods:
+                if m in (FOCUS, GROUND_TRUTH):
+                    continue
+                entry = {}
+                for k in ("on_target_drop", "selectivity"):
+                    (fp, fr), (mp, mr) = headline(FOCUS, k), headline(m, k)
+                    iv = interval(fp - mp, fr - mr, confidence)
+                    entry[k] = {**iv.as_dict(), "verdict": verdict(iv)}
+                diffs[f"{FOCUS}-minus-{m}"] = entry
+            u_out["differences"] = diffs
+        rhos = sorted({r for (_, r, _) in families})
+        if len(rhos) > 1:
+            curve, auc = {}, {}
+            for m in methods:
+                if not all((m, r, 0) in summaries for r in rhos):
+                    continue
+                curve[m] = {f"{r:g}": {k: _iv(summaries[(m, r, 0)][k], confidence)
+                                       for k in ("on_target_drop", "off_target_drop")} for r in rhos}
+                auc[m] = {}
+                for k in ("on_target_drop", "off_target_drop"):
+                    pts = np.array([summaries[(m, r, 0)][k][0] for r in rhos])
+                    reps = np.stack([summaries[(m, r, 0)][k][1] for r in rhos])
+                    auc[m][k] = interval(float(log_rho_auc(rhos, pts)), log_rho_auc(rhos, reps), confidence).as_dict()
+            u_out["curve"], u_out["auc"] = curve, auc
+        if GROUND_TRUTH in methods:
+            iv = interval(*headline(GROUND_TRUTH, "on_target_drop"), confidence)
+            u_out["sensitivity"] = {
+                "ground_truth_on_target_drop": iv.as_dict(),
+                "excludes_zero": bool(iv.ci_low > 0),
+                "half_width_within_third": bool(iv.ci_low > 0 and iv.half_width <= iv.value / 3),
+                "per_task": {t: _iv(drops.cells[(families[(GROUND_TRUTH, headline_rho, 0)][t], t)], confidence)
+                             for t in families[(GROUND_TRUTH, headline_rho, 0)]},
+            }
+        out[utility] = u_out
+    return out

@@ -4,6 +4,7 @@ Map of this module:
 - ``plot_head_scores``: layer x head heatmap of the head scores S_t (the heads stage).
 - ``plot_layer_distribution``: selected neurons per layer, per task and method (the masks stage).
 - ``plot_square``: a labelled heatmap of a small table (overlaps, suppression matrices).
+- ``plot_deletion_curves``: on- and off-target drop against mask size, with interval bands.
 
 Matplotlib is set up once (``_plt``: the non-interactive Agg backend) and every figure is
 written by ``_save`` (parent folders created, tight layout, 110 dpi).
@@ -91,4 +92,28 @@ def plot_square(matrix: pd.DataFrame, path: Path, title: str, label: str, cmap: 
         ax.text(c, r, fmt.format(v), ha="center", va="center", fontsize=8, color="white" if np.isfinite(v) else "k")
     fig.colorbar(im, ax=ax, label=label)
     ax.set_title(title)
+    _save(fig, path)
+
+
+def plot_deletion_curves(curve: dict, path: Path, title: str) -> None:
+    """Two panels (on-target, mean off-target drop in %) against mask size rho (log scale), one
+    line per method with its interval as a band. ``curve``: {method: {rho: {key: interval dict}}}
+    (``pipeline.outcomes.suppression.suppression_statistics``)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, key, label in zip(axes, ("on_target_drop", "off_target_drop"), ("on target", "mean off target")):
+        for method, points in curve.items():
+            rhos = np.array([float(r) for r in points]) * 100.0
+            val = np.array([points[r][key]["value"] for r in points], dtype=float)
+            lo = np.array([points[r][key]["ci_low"] for r in points], dtype=float)
+            hi = np.array([points[r][key]["ci_high"] for r in points], dtype=float)
+            (line,) = ax.plot(rhos, val, marker="o", ms=3, label=method)
+            ax.fill_between(rhos, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+        ax.set_xscale("log")
+        ax.axhline(0.0, color="grey", lw=0.6)
+        ax.set_xlabel("mask size rho (% of FFN neurons)")
+        ax.set_title(label)
+    axes[0].set_ylabel("relative drop (%)")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(title)
     _save(fig, path)

@@ -250,16 +250,38 @@ def corpus_bleu(
         MetricError: length mismatch, empty corpus, an item without references, or
             ``max_n`` < 1.
     """
+    return float(bleu_from_statistics(bleu_statistics(predictions, references, max_n).sum(axis=0)))
+
+
+def bleu_statistics(
+    predictions: Sequence[str], references: Sequence[Sequence[str]], max_n: int = 4
+) -> np.ndarray:
+    """Per-item BLEU statistics [n_items, 2 * max_n + 2]: clipped matches for n = 1..max_n,
+    hypothesis n-grams for n = 1..max_n, hypothesis length, closest reference length.
+
+    Summed over any subset of items they give that subset's corpus BLEU
+    (``bleu_from_statistics``): what lets a bootstrap resample items without re-tokenizing.
+    """
     _check_max_n(max_n)
     hyps, refs = _check_corpus(predictions, references)
-    matches, totals, hyp_len, ref_len = np.zeros(max_n), np.zeros(max_n), 0, 0
-    for hyp, rs in zip(hyps, refs):
+    out = np.zeros((len(hyps), 2 * max_n + 2))
+    for k, (hyp, rs) in enumerate(zip(hyps, refs)):
         m, t, c, r = _bleu_stats(hyp, rs, max_n)
-        matches, totals, hyp_len, ref_len = matches + m, totals + t, hyp_len + c, ref_len + r
-    if np.any(matches == 0):
-        log.debug("corpus BLEU is 0: zero clipped matches for some n (matches=%s)", matches)
-        return 0.0
-    return _bleu(matches / totals, hyp_len, ref_len)
+        out[k, :max_n], out[k, max_n : 2 * max_n], out[k, -2], out[k, -1] = m, t, c, r
+    return out
+
+
+def bleu_from_statistics(stats: np.ndarray) -> np.ndarray:
+    """Corpus BLEU [...] of summed ``bleu_statistics`` [..., 2 * max_n + 2] (the rules of ``corpus_bleu``)."""
+    stats = np.asarray(stats, dtype=np.float64)
+    max_n = (stats.shape[-1] - 2) // 2
+    matches, totals = stats[..., :max_n], stats[..., max_n : 2 * max_n]
+    hyp_len, ref_len = stats[..., -2], stats[..., -1]
+    zero = np.any(matches <= 0, axis=-1) | (hyp_len <= 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_p = np.log(np.where(matches > 0, matches, 1.0) / np.where(totals > 0, totals, 1.0)).mean(axis=-1)
+        bp = np.where(hyp_len > ref_len, 1.0, np.exp(1.0 - ref_len / np.where(hyp_len > 0, hyp_len, 1.0)))
+    return np.where(zero, 0.0, bp * np.exp(log_p))
 
 
 def sentence_bleu(prediction: str, references: Sequence[str], max_n: int = 4) -> float:

@@ -161,8 +161,8 @@ def repo(tmp_path_factory) -> Path:
 def test_outputs_are_written(repo: Path) -> None:
     for model in MODELS:
         quality = json.loads((repo / f"metrics/model_quality/{model}.json").read_text())
-        assert set(quality) == set(TASKS)
-        assert all(0.0 <= v <= 1.0 for v in quality.values())
+        assert set(quality) == {"generative", "likelihood"}
+        assert all(set(q) == set(TASKS) and all(0.0 <= v <= 1.0 for v in q.values()) for q in quality.values())
         for task in TASKS:
             assert (repo / f"data/activations/{model}/{task}.zarr/zarr.json").is_file()
             assert (repo / f"data/heads/{model}/{task}/heatmap.png").stat().st_size > 1000
@@ -180,11 +180,29 @@ def test_outputs_are_written(repo: Path) -> None:
     suppression = json.loads((repo / "metrics/suppression.json").read_text())
     assert set(suppression) == set(MODELS)
     for model in MODELS:
-        assert set(suppression[model]["hones"]) == set(TASKS)
+        for utility in ("likelihood", "generative"):
+            assert set(suppression[model][utility]["hones"]) == set(TASKS)
+            cell = suppression[model][utility]["hones"]["vqa"]["vqa"]
+            assert cell["ci_low"] <= cell["value"] <= cell["ci_high"]
+    summary = json.loads((repo / "metrics/suppression_summary.json").read_text())
+    for model in MODELS:
+        likelihood = summary[model]["likelihood"]
+        assert {"summary", "random_draws", "differences", "auc", "sensitivity"} <= set(likelihood)
+        assert likelihood["random_draws"]["on_target_drop"]["n"] == 3
     steering = json.loads((repo / "metrics/steering.json").read_text())
-    assert "learned" in steering["tiny-idefics3"]["mean"] and "learned" in steering[BROUGHT]["mean"]
+    for model in ("tiny-idefics3", BROUGHT):
+        assert "learned" in steering[model]["generative"]["utility"]["mean"]
+        assert "learned-minus-grid_search" in steering[model]["likelihood"]["differences"]
+    verdict = json.loads((repo / "metrics/verdict.json").read_text())
+    assert set(verdict) == set(MODELS)
+    for model in MODELS:
+        claims = {r["claim"] for r in verdict[model]}
+        assert "HONES on-target drop exceeds random's" in claims and any(c.startswith("sensitivity") for c in claims)
+        assert all(r["verdict"] in ("holds", "fails", "undecided") for r in verdict[model])
+    assert (repo / f"data/evaluate/{BROUGHT}/deletion_curves.png").stat().st_size > 1000
     report = (repo / "reports/hones_report.html").read_text()
     assert "data:image/png;base64," in report and "http" not in report.split("<body>")[1]
+    assert report.index("<h2>Verdict</h2>") < report.index("<h2>Model quality")
     assert BROUGHT in report
 
 
