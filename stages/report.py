@@ -8,7 +8,7 @@ import pandas as pd
 
 from pipeline.io import write_json
 from pipeline.report.html import Section, build_report
-from pipeline.report.verdict import VERDICT_COLUMNS, sensitivity_message, verdict_rows
+from pipeline.report.verdict import VERDICT_COLUMNS, sensitivity_message, verdict_metrics, verdict_rows
 from stages._common import entry, parser
 from stages.params import read_params
 
@@ -53,8 +53,7 @@ def main() -> None:
                     for u in utilities} for m, s in suppression.items()},
                args.metrics / "suppression_summary.json")
     write_json(steering, args.metrics / "steering.json")
-    write_json({m: [{k: r[k] for k in VERDICT_COLUMNS if k != "model"} for r in verdicts if r["model"] == m]
-                for m in models}, args.metrics / "verdict.json")
+    write_json(verdict_metrics(verdicts), args.metrics / "verdict.json")
 
     table = pd.DataFrame(verdicts, columns=list(VERDICT_COLUMNS)) if verdicts else None
     sections = [Section("Verdict", "One row per claim of the method and model: the measured difference (percentage "

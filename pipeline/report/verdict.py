@@ -7,7 +7,9 @@ evaluate, steer and masks stages write; nothing is recomputed here.
 
 - ``verdict_rows``: the rows of one model.
 - ``sensitivity_message``: the sentence the report opens each model with.
-- ``VERDICT_COLUMNS``: the table's columns.
+- ``VERDICT_COLUMNS``: the table's columns; ``verdict_metrics``: the rows as
+  {model: {claim: {utility: {value, ci_low, ci_high, threshold, verdict}}}} (what
+  ``dvc metrics show`` flattens into columns).
 """
 
 from __future__ import annotations
@@ -58,6 +60,15 @@ def verdict_rows(model: str, suppression: dict, steering: dict, attribution: dic
         rows.append(_row(model, "sensitivity: the ground truth's top set drops its task (half-width <= value/3)",
                          DECIDING_UTILITY, iv, 0.0, verdict))
     return [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in rows]
+
+
+def verdict_metrics(rows: list[dict]) -> dict:
+    """``verdict_rows`` output nested as {model: {claim: {utility: {value, ci_low, ci_high, threshold, verdict}}}}."""
+    out: dict = {}
+    for r in rows:
+        out.setdefault(r["model"], {}).setdefault(r["claim"], {})[r["utility"]] = {
+            k: r[k] for k in ("value", "ci_low", "ci_high", "threshold", "verdict")}
+    return out
 
 
 def sensitivity_message(sensitivity: dict) -> str:

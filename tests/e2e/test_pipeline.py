@@ -196,9 +196,11 @@ def test_outputs_are_written(repo: Path) -> None:
     verdict = json.loads((repo / "metrics/verdict.json").read_text())
     assert set(verdict) == set(MODELS)
     for model in MODELS:
-        claims = {r["claim"] for r in verdict[model]}
+        claims = verdict[model]
         assert "HONES on-target drop exceeds random's" in claims and any(c.startswith("sensitivity") for c in claims)
-        assert all(r["verdict"] in ("holds", "fails", "undecided") for r in verdict[model])
+        rows = [row for by_utility in claims.values() for row in by_utility.values()]
+        assert all(r["verdict"] in ("holds", "fails", "undecided") for r in rows)
+        assert set(claims["HONES on-target drop exceeds random's"]) == {"likelihood", "generative"}
     assert (repo / f"data/evaluate/{BROUGHT}/deletion_curves.png").stat().st_size > 1000
     report = (repo / "reports/hones_report.html").read_text()
     assert "data:image/png;base64," in report and "http" not in report.split("<body>")[1]
