@@ -5,9 +5,14 @@
 
 Rows are (item, condition) pairs: items x (top_k + 1). ``dump`` is ``pipeline.method.dump.dump_activations``
 into a temporary store (head substitution hooks, FFN capture that stops after the last layer,
-DVP projection, Zarr writes); ``bare forward`` runs ``model(**inputs)`` on the same batches
-without hooks (input building included in both). Skips politely when the folders are absent.
-Not run by CI.
+DVP projection, the gradient pass, Zarr writes); ``bare forward`` runs ``model(**inputs)`` on the
+same batches without hooks (input building included in both). The dump's two model parts are
+timed apart: ``capture_block`` (z under every condition) and ``item_arrays`` (one forward and
+backward per item: atp, the log-probability DVP, act(gate) statistics). The gradient pass's
+memory is the bytes autograd saves for the backward in one batch of ``--gradient-batch-size``
+items (``torch.autograd.graph.saved_tensors_hooks``, distinct storages), printed beside the
+estimate command's formula for the same model and sequence length. Skips politely when the
+folders are absent. Not run by CI.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ def main(argv=None) -> int:
     p.add_argument("--items", type=int, default=64)
     p.add_argument("--top-k", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--gradient-batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
@@ -41,8 +47,10 @@ def main(argv=None) -> int:
     import torch
 
     from pipeline.model.adapter import ModelAdapter
-    from pipeline.method.dump import DumpExecution, DumpRequest, DumpStorage, dump_activations
-    from pipeline.tasks.items import ImageTable, item_prompts, read_annotations
+    from pipeline.method.dump import (
+        DumpExecution, DumpRequest, DumpStorage, capture_block, dump_activations, item_arrays, item_targets,
+    )
+    from pipeline.tasks.items import ImageTable, item_prompts, read_annotations, teacher_forced_answers
 
     torch.set_num_threads(args.threads)
     adapter = ModelAdapter.load(str(args.model), dtype=args.dtype, device=args.device)
@@ -67,9 +75,43 @@ def main(argv=None) -> int:
         sync()
         t0 = time.perf_counter()
         dump_activations(adapter, DumpRequest(items, images, heads_df, caption_idf=True), Path(tmp) / "bench.zarr",
-                         DumpStorage(dtype="float32", params_hash="b", attrs={}), DumpExecution(args.batch_size))
+                         DumpStorage(dtype="float32", params_hash="b", attrs={}),
+                         DumpExecution(args.batch_size, args.gradient_batch_size))
         sync()
         t_dump = time.perf_counter() - t0
+
+    imgs = [images[i] for i in items["image_id"]]
+    prompts = item_prompts(items)
+    answers = teacher_forced_answers(items)
+    ids, weights = item_targets(adapter.tokenizer, items)
+    row_heads = [None] + [tuple(h) for h in heads]
+    t0 = time.perf_counter()
+    capture_block(adapter, imgs, prompts, row_heads, args.batch_size)
+    sync()
+    t_capture = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    item_arrays(adapter, imgs, prompts, answers, ids, weights, args.gradient_batch_size)
+    sync()
+    t_arrays = time.perf_counter() - t0
+
+    saved: dict[tuple, int] = {}
+
+    def pack(t):
+        try:
+            key = (t.untyped_storage().data_ptr(), t.device.type)
+            saved[key] = max(saved.get(key, 0), t.untyped_storage().nbytes())
+        except RuntimeError:  # tensors without storage (e.g. sparse or wrapper subclasses)
+            pass
+        return t
+
+    g = args.gradient_batch_size
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        item_arrays(adapter, imgs[:g], prompts[:g], answers[:g], ids[:g], weights[:g], g)
+    seq = adapter.build_inputs(imgs[:g], prompts[:g], answers=answers[:g]).input_ids.shape[1]
+    t = adapter.text_config
+    b = adapter.model.dtype.itemsize
+    formula = g * seq * L * ((12 * t.hidden_size + 7 * adapter.ffn_width) * b // 2 + 2 * t.hidden_size * 4)
+    formula += g * seq * t.vocab_size * (b + 4)
 
     prompts = item_prompts(items)
     pairs = [(i, c) for i in range(len(items)) for c in range(C)]
@@ -84,11 +126,17 @@ def main(argv=None) -> int:
     sync()
     t_bare = time.perf_counter() - t0
     results.append(("dump (dump_activations)", rows, t_dump, rows / t_dump, len(items) / t_dump))
+    results.append(("  z under every condition (capture_block)", rows, t_capture, rows / t_capture,
+                    len(items) / t_capture))
+    results.append(("  gradient pass (item_arrays)", len(items), t_arrays, len(items) / t_arrays,
+                    len(items) / t_arrays))
     results.append(("bare batched forward", rows, t_bare, rows / t_bare, len(items) / t_bare))
     print(f"{args.model} ({L} layers x {adapter.ffn_width} neurons), task {args.task}, {len(items)} items x {C} "
           f"conditions, batch {args.batch_size}, {args.device} {args.dtype}, {args.threads} thread(s)")
     print(table(("path", "rows", "seconds", "rows/s", "items/s"), results))
-    print(f"dump / bare time: {t_dump / t_bare:.2f}x")
+    print(f"dump / bare time: {t_dump / t_bare:.2f}x; gradient pass / z capture time: {t_arrays / t_capture:.2f}x")
+    print(f"gradient pass, one batch of {g} items x {seq} tokens: autograd saved {sum(saved.values()) / 2**20:.2f} MiB; "
+          f"the estimate command's formula gives {formula / 2**20:.2f} MiB")
     return 0
 
 

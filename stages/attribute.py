@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.method.attribution import attribute
+from pipeline.method.attribution import BaselineSettings, attribute
 from pipeline.method.store import ActivationStore, write_importance
 from pipeline.provenance import provenance
 from stages._common import entry, parser
@@ -13,7 +13,8 @@ from stages.params import params_hash, read_params
 
 READS = (
     "attribute.engine", "attribute.dask_scheduler", "attribute.dask_workers", "attribute.seed",
-    "attribute.ape_min_probability", "attribute.items_per_block",
+    "attribute.ape_min_probability", "attribute.lape_filter_quantile", "attribute.lape_bar_quantile",
+    "attribute.items_per_block",
     "tasks",
 )
 
@@ -62,12 +63,12 @@ def main() -> None:
     stores = {t: ActivationStore.open(args.activations / f"{t}.zarr") for t in params.tasks}
     lay = next(iter(stores.values())).layout
     truth = {t: ablation_matrix(args.ablation / f"{t}.parquet", (lay.n_layers, lay.n_neurons)) for t in stores}
+    baselines = BaselineSettings(cfg.ape_min_probability, cfg.lape_filter_quantile, cfg.lape_bar_quantile)
     if cfg.engine == "dask":
         methods, tasks, importance = run_dask(cfg.dask_scheduler, cfg.dask_workers, stores, truth, seed=cfg.seed,
-                                              ape_min_probability=cfg.ape_min_probability,
-                                              items_per_chunk=cfg.items_per_block)
+                                              baselines=baselines, items_per_chunk=cfg.items_per_block)
     else:
-        methods, tasks, importance = attribute(stores, truth, seed=cfg.seed, ape_min_probability=cfg.ape_min_probability,
+        methods, tasks, importance = attribute(stores, truth, seed=cfg.seed, baselines=baselines,
                                                items_per_block=cfg.items_per_block)
     first = next(iter(stores.values())).attrs
     prov = provenance(None, params_hash(settings, {t: s.attrs.get("params_hash") for t, s in stores.items()}),

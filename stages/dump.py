@@ -18,7 +18,8 @@ from stages._load import load_images, load_items, load_model, model_device, mode
 from stages.params import StageParams, params_hash, read_params
 
 READS = (
-    "dump.split", "dump.max_items", "dump.store_dtype", "dump.caption_idf", "dump.target_chunk_mib",
+    "dump.split", "dump.max_items", "dump.store_dtype", "dump.caption_idf", "dump.caption_target",
+    "dump.gradient_batch_items", "dump.target_chunk_mib",
     "heads.top_k",
     "runtime.threads", "runtime.batch_sequences",
     "models.{model}",
@@ -63,8 +64,9 @@ def main() -> None:
     device = init_process_group("auto", model_device(params, args.model)) if world > 1 else None
     adapter = load_model(params, args.model, device=device)
     store = dump_activations(
-        adapter, DumpRequest(items, load_images(args.benchmark), heads, params.dump.caption_idf), args.out, storage,
-        DumpExecution(params.runtime.batch_sequences, rank=rank, world_size=world, barrier=barrier),
+        adapter, DumpRequest(items, load_images(args.benchmark), heads, params.dump.caption_idf,
+                             params.dump.caption_target), args.out, storage,
+        DumpExecution(params.runtime.batch_sequences, params.dump.gradient_batch_items, rank=rank, world_size=world, barrier=barrier),
     )
     if store is not None:
         write_parquet(heads, args.critical_heads)

@@ -214,12 +214,17 @@ class HeadsConfig(_Strict):
 
 
 class DumpConfig(_Strict):
-    """``store_dtype``: the dtype of the stored activations z (the model runs in ``models.<m>.dtype``)."""
+    """``store_dtype``: the dtype of the stored activations z (the model runs in ``models.<m>.dtype``).
+    ``caption_target``: ``joined`` (the authors' code: first five references joined, every token
+    occurrence weighted, first 128 tokens) or ``distinct`` (each distinct token of all references
+    once). ``gradient_batch_items``: items per forward and backward pass of the gradient arrays."""
 
     split: HeldOutSplit = "discovery"
     max_items: int | None = Field(None, ge=1)
     store_dtype: Literal["float16", "float32"] = "float32"
     caption_idf: bool = True
+    caption_target: Literal["joined", "distinct"] = "joined"
+    gradient_batch_items: int = Field(16, ge=1)
     target_chunk_mib: float = Field(1.0, gt=0, le=1024)
 
 
@@ -232,13 +237,17 @@ class AblationConfig(_Strict):
 
 
 class AttributeConfig(_Strict):
-    """``engine: dask`` runs the store reductions on dask (a scheduler address, or a LocalCluster)."""
+    """``engine: dask`` runs the store reductions on dask (a scheduler address, or a LocalCluster).
+    ``ape_min_probability``: ``ape_last``'s floor; ``lape_filter_quantile`` / ``lape_bar_quantile``:
+    LAPE's filter_rate and activation_bar_ratio (identify.py: 0.95 and 0.95)."""
 
     engine: Literal["streaming", "dask"] = "streaming"
     dask_scheduler: str | None = None
     dask_workers: int = Field(2, ge=1)
     seed: int = 0
     ape_min_probability: float = Field(0.05, ge=0, le=1)
+    lape_filter_quantile: float = Field(0.95, gt=0, le=1)
+    lape_bar_quantile: float = Field(0.95, gt=0, le=1)
     items_per_block: int | None = Field(None, ge=1)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.io import write_json
+from pipeline.method.attribution import METHOD_DESCRIPTIONS
 from pipeline.report.html import Section, build_report
 from pipeline.report.verdict import VERDICT_COLUMNS, sensitivity_message, verdict_metrics, verdict_rows
 from stages._common import entry, parser
@@ -61,6 +62,11 @@ def main() -> None:
                         "items, and the verdict: holds when the interval lies above the threshold, fails when below, "
                         "undecided when it contains it. Likelihood rows decide; generative rows are the paper's metric.",
                         table=table)]
+    sections.append(Section("Methods compared", "What each method scores and where its formula comes from. The "
+                            "paper's methods compute exactly what the authors' code computes; the published baselines "
+                            "follow their authors' code; the others carry their own names.",
+                            table=pd.DataFrame({"what it scores": {k: v[0] for k, v in METHOD_DESCRIPTIONS.items()},
+                                                "source": {k: v[1] for k, v in METHOD_DESCRIPTIONS.items()}})))
     for m in models:
         sens = suppression[m].get("likelihood", {}).get("sensitivity")
         if sens:

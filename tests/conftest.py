@@ -106,17 +106,15 @@ def direct_z(adapter, images, items: pd.DataFrame, heads: pd.DataFrame) -> np.nd
 
 
 def direct_targets(tokenizer, items: pd.DataFrame) -> tuple[list[list[int]], list[list[float]]]:
-    """Target token ids and weights written out from HONES.md section 3 (independent of item_targets)."""
+    """Target token ids and weights written out from HONES.md section 3 (independent of
+    item_targets); captions as the authors' code: the first five references joined by spaces,
+    every token occurrence kept, the first 128 tokens."""
     special = set(tokenizer.all_special_ids)
     ids = []
     for task, refs in zip(items["task"], items["references"]):
-        texts = ["Yes"] if task == "retrieval" else (list(refs) if task == "caption" else [refs[0]])
-        toks: list[int] = []
-        for text in texts:
-            for t in tokenizer(str(text), add_special_tokens=False)["input_ids"]:
-                if t not in special and not (task == "caption" and t in toks):
-                    toks.append(t)
-        ids.append(toks)
+        text = "Yes" if task == "retrieval" else (" ".join(map(str, list(refs)[:5])) if task == "caption" else refs[0])
+        toks = [t for t in tokenizer(str(text), add_special_tokens=False)["input_ids"] if t not in special]
+        ids.append(toks[:128] if task == "caption" else toks[:1] if task == "retrieval" else toks)
     n = len(items)
     weights = []
     for task, toks in zip(items["task"], ids):
@@ -195,3 +193,38 @@ def images(benchmark_dir) -> ImageTable:
 @pytest.fixture(scope="session")
 def tiny_adapter(benchmark_dir):
     return build_tiny_adapter(benchmark_dir)
+
+
+def random_item_arrays(rng: np.random.Generator, n: int, n_layers: int, n_neurons: int,
+                       dvp: np.ndarray | None = None):
+    """``ItemArrays`` of n items with random values (``dvp`` given or random; counts consistent:
+    0 <= gate_positive <= prompt_tokens)."""
+    from pipeline.method.store import ItemArrays
+
+    shape = (n, n_layers, n_neurons)
+    tokens = rng.integers(5, 40, size=n).astype(np.int32)
+    return ItemArrays(
+        dvp=rng.normal(size=shape).astype(np.float32) if dvp is None else dvp,
+        dvp_logprob=rng.normal(size=shape).astype(np.float32),
+        atp=rng.normal(size=shape).astype(np.float32),
+        gate_sum=rng.normal(size=shape).astype(np.float32),
+        gate_positive=rng.integers(0, tokens[:, None, None] + 1, size=shape).astype(np.int32),
+        prompt_tokens=tokens,
+    )
+
+
+def item_arrays_like(dvp: np.ndarray):
+    """``ItemArrays`` whose arrays are fixed functions of ``dvp`` [n, layer, neuron], so that a
+    slice of the result equals the result of the slice (tests that only care about z and dvp)."""
+    from pipeline.method.store import ItemArrays
+
+    dvp = np.asarray(dvp, dtype=np.float32)
+    return ItemArrays(dvp=dvp, dvp_logprob=0.5 * dvp, atp=2.0 * dvp, gate_sum=dvp - 0.1,
+                      gate_positive=(3 * (dvp > 0)).astype(np.int32), prompt_tokens=np.full(dvp.shape[0], 3, np.int32))
+
+
+def slice_item_arrays(arrays, sl: slice):
+    """The items ``sl`` of an ``ItemArrays``."""
+    import dataclasses
+
+    return dataclasses.replace(arrays, **{f.name: getattr(arrays, f.name)[sl] for f in dataclasses.fields(arrays)})

@@ -250,3 +250,37 @@ def test_missing_pieces_are_named():
     model.lm_head = nn.Identity()
     with pytest.raises(AdapterError, match=r"lm_head.*LlavaForConditionalGeneration"):
         ModelAdapter.from_model(model).unembedding()
+
+
+@pytest.mark.parametrize("family", VLM_FAMILIES + ["phi"])
+def test_trace_ffn_on_every_family(family):
+    """The activation module is found in every family, its statistics equal act(gate_proj(x))
+    (act(fc1(x)) = z for plain MLPs) recomputed from the MLP input, and the probes get gradients."""
+    from pipeline.model.hooks import trace_ffn
+
+    model, _ = tiny_phi() if family == "phi" else built(family)
+    adapter = ModelAdapter.from_model(model)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(5, vocab, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, :3] = False
+    last = torch.tensor([6, 6])
+    seen = {}
+    handles = [adapter.mlp(l).register_forward_pre_hook(lambda m, args, l=l: seen.__setitem__(l, args[0].detach()))
+               for l in range(adapter.num_layers)]
+    try:
+        with torch.enable_grad(), trace_ffn(adapter, last, mask) as trace:
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            logp = torch.log_softmax(logits[:, -1].float(), dim=-1)[:, 3].sum()
+            grads = torch.autograd.grad(logp, [trace.scales[l] for l in range(adapter.num_layers)] + [trace.residual])
+    finally:
+        for h in handles:
+            h.remove()
+    for l in range(adapter.num_layers):
+        mlp = adapter.mlp(l)
+        x = seen[l]
+        pre = mlp.gate_proj(x) if hasattr(mlp, "gate_proj") else mlp.fc1(x)
+        gate = adapter.ffn_activation(l)(pre).float() * mask[..., None]
+        torch.testing.assert_close(trace.gate_sum[l], gate.sum(1), rtol=1e-4, atol=1e-4)
+        assert torch.equal(trace.gate_positive[l], (gate > 0).sum(1))
+    assert all(g.abs().sum() > 0 for g in grads)

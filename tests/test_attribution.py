@@ -29,7 +29,7 @@ from pipeline.method.masks import (
 )
 from pipeline.method.store import ActivationStore, StoreLayout
 
-from conftest import direct_dvp, direct_targets, direct_z, discovery_items
+from conftest import direct_dvp, direct_targets, direct_z, discovery_items, random_item_arrays, slice_item_arrays
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -41,13 +41,13 @@ def random_arrays(seed: int = 0):
     rng = np.random.default_rng(seed)
     z = rng.standard_normal((C, N, L, I)).astype(np.float32)
     z[:, rng.random(N) < 0.3, 0, :4] = 0.0  # exact zeros: not "active" for AP
-    dvp = rng.standard_normal((N, L, I)).astype(np.float32)
-    return z, dvp
+    arrays = random_item_arrays(rng, N, L, I)
+    return z, arrays
 
 
 @pytest.fixture
 def random_store(tmp_path):
-    z, dvp = random_arrays()
+    z, arrays = random_arrays()
     lay = StoreLayout.plan(C, N, L, I, "float32", target_chunk_bytes=4 * L * I * 4)  # blocks of 4 items
     conditions = [(-1, -1, math.nan)] + [(k, k, s) for k, s in enumerate(HEAD_SCORES)]
     store = ActivationStore.create_or_resume(
@@ -55,14 +55,32 @@ def random_store(tmp_path):
     )
     for k in store.pending_blocks():
         sl = lay.block(k)
-        store.write_block(k, z[:, sl], dvp[sl])
-    return store.finalize(), z, dvp
+        store.write_block(k, z[:, sl], slice_item_arrays(arrays, sl))
+    return store.finalize(), z, arrays
 
 
-def in_memory(z, dvp):
-    z64, d64 = z.astype(np.float64), dvp.astype(np.float64)
+def in_memory(z, arrays):
+    z64, d64 = z.astype(np.float64), arrays.dvp.astype(np.float64)
     cbar = (z64 * d64[None]).mean(axis=1)
     return cbar, z64[0].mean(axis=0), (z[0] > 0).mean(axis=0)
+
+
+def in_memory_new(z, arrays) -> dict[str, np.ndarray]:
+    """The statistics of the new methods, item by item with plain loops (MINER's per-item,
+    per-layer min-max; LAPE's token-level AP)."""
+    n_items, n_layers = z.shape[1], z.shape[2]
+    out = {"lp": (z.astype(np.float64) * arrays.dvp_logprob.astype(np.float64)[None]).mean(axis=1),
+           "atp": arrays.atp.astype(np.float64).mean(axis=0),
+           "gate_probability": arrays.gate_positive.sum(0) / arrays.prompt_tokens.sum()}
+    ma, ap = np.zeros((n_layers, I)), np.zeros((n_layers, I))
+    for n in range(n_items):
+        for l in range(n_layers):
+            for acc, x in ((ma, arrays.gate_sum[n, l] / arrays.prompt_tokens[n]),
+                           (ap, arrays.gate_positive[n, l] / arrays.prompt_tokens[n])):
+                x = x.astype(np.float64)
+                acc[l] += (x - x.min()) / (x.max() - x.min())
+    out["ma"], out["ap"] = ma / n_items, ap / n_items
+    return out
 
 
 def assert_same(stats: StreamingContributions, cbar, ma, ap, rtol=1e-12):
@@ -71,15 +89,24 @@ def assert_same(stats: StreamingContributions, cbar, ma, ap, rtol=1e-12):
     np.testing.assert_array_equal(stats.activation_probability(), ap)
 
 
+def assert_same_new(stats: StreamingContributions, want: dict[str, np.ndarray], rtol=1e-12):
+    np.testing.assert_allclose(stats.mean_logprob_contribution(), want["lp"], rtol=rtol, atol=1e-15)
+    np.testing.assert_allclose(stats.mean_atp(), want["atp"], rtol=rtol, atol=1e-15)
+    np.testing.assert_allclose(stats.gate_probability(), want["gate_probability"], rtol=rtol)
+    np.testing.assert_allclose(stats.gate_mean_normalised(), want["ma"], rtol=rtol, atol=1e-15)
+    np.testing.assert_allclose(stats.gate_probability_normalised(), want["ap"], rtol=rtol, atol=1e-15)
+
+
 # ------------------------------------------------------------------------------ streaming sums
 def test_streaming_equals_in_memory(random_store):
-    store, z, dvp = random_store
+    store, z, arrays = random_store
     assert store.layout.n_blocks == 6
     stats = accumulate(store)
     assert stats.n_items == N
-    assert stats.contribution_sum.dtype == np.float64 and stats.activation_sum.dtype == np.float64
-    cbar, ma, ap = in_memory(z, dvp)
+    assert stats.sums["contribution_sum"].dtype == np.float64 and stats.sums["activation_sum"].dtype == np.float64
+    cbar, ma, ap = in_memory(z, arrays)
     assert_same(stats, cbar, ma, ap)
+    assert_same_new(stats, in_memory_new(z, arrays))
     assert 0 < ap.min() < ap.max() < 1 and ap[0, :4].max() < ap[0, 4:].max()
 
     ts = task_statistics(store)
@@ -90,35 +117,37 @@ def test_streaming_equals_in_memory(random_store):
 
 @pytest.mark.parametrize("items_per_block", [1, 5, 7, N])
 def test_block_size_does_not_change_the_result(random_store, items_per_block):
-    store, z, dvp = random_store
+    store, z, arrays = random_store
     ref = accumulate(store)
     got = accumulate(store, items_per_block=items_per_block)
     assert_same(got, ref.mean_contribution(), ref.mean_activation(), ref.activation_probability())
+    assert_same_new(got, in_memory_new(z, arrays), rtol=1e-10)
 
 
 def test_state_dict_round_trip_and_merge(random_store):
-    store, z, dvp = random_store
+    store, z, arrays = random_store
     one = accumulate(store)
     state = one.state_dict()
     restored = StreamingContributions(C, L, I)
     restored.load_state_dict(state)
     state["contribution_sum"][:] = 0  # the state is a copy, not a view
     assert_same(restored, one.mean_contribution(), one.mean_activation(), one.activation_probability())
-    assert restored.positive_count.dtype == np.int64
+    assert restored.sums["positive_count"].dtype == np.int64
 
     # Two halves summed elsewhere, the second resumed from a state dict, then merged.
     first, second = StreamingContributions(C, L, I), StreamingContributions(C, L, I)
     blocks = list(store.iter_blocks(items_per_block=5))
     for b in blocks[:2]:
-        first.add(b.z, b.dvp)
-    second.add(blocks[2].z, blocks[2].dvp)
+        first.add(b.z, b.arrays)
+    second.add(blocks[2].z, blocks[2].arrays)
     resumed = StreamingContributions(C, L, I)
     resumed.load_state_dict(second.state_dict())
     for b in blocks[3:]:
-        resumed.add(b.z, b.dvp)
+        resumed.add(b.z, b.arrays)
     first.merge(resumed)
     assert first.n_items == N
     assert_same(first, one.mean_contribution(), one.mean_activation(), one.activation_probability())
+    assert_same_new(first, in_memory_new(z, arrays), rtol=1e-10)
 
 
 def test_empty_statistics_refuse():
@@ -182,27 +211,39 @@ def test_ape_scores_on_a_two_task_example():
 
 def test_importance_matrix_methods():
     rng = np.random.default_rng(2)
-    from pipeline.method.attribution import TaskStatistics
+    from pipeline.method.attribution import BaselineSettings, TaskStatistics, lape_scores
 
     stats = {
-        t: TaskStatistics(rng.standard_normal((3, 2, 6)), rng.random((2, 6)), rng.random((2, 6)),
-                          np.array([0.5, -1.0]), 10)
+        t: TaskStatistics(rng.standard_normal((3, 2, 6)), rng.standard_normal((3, 2, 6)), rng.random((2, 6)),
+                          rng.random((2, 6)), rng.standard_normal((2, 6)), rng.random((2, 6)), rng.random((2, 6)),
+                          rng.random((2, 6)), np.array([0.5, -1.0]), 10)
         for t in ("vqa", "ocr")
     }
-    methods, tasks, scores = importance_matrix(stats, seed=0, ape_min_probability=0.05)
+    settings = BaselineSettings(ape_min_probability=0.05, lape_filter_quantile=0.9, lape_bar_quantile=0.8)
+    methods, tasks, scores = importance_matrix(stats, seed=0, baselines=settings)
     assert methods == list(STORE_METHODS) and tasks == ["vqa", "ocr"] and scores.shape == (len(methods), 2, 2, 6)
     ape = ape_scores(np.stack([stats[t].activation_probability for t in tasks]), 0.05)
+    lape = lape_scores(np.stack([stats[t].gate_probability for t in tasks]), 0.9, 0.8)
     for j, t in enumerate(tasks):
         s = stats[t]
-        np.testing.assert_allclose(scores[methods.index("hones"), j],
-                                   hones_importance(s.mean_contribution, s.head_scores), rtol=1e-6)
-        np.testing.assert_allclose(scores[methods.index("hones_nohead"), j], s.mean_contribution[0], rtol=1e-6)
-        np.testing.assert_allclose(scores[methods.index("ma"), j], s.mean_activation, rtol=1e-6)
-        np.testing.assert_allclose(scores[methods.index("ap"), j], s.activation_probability, rtol=1e-6)
-        np.testing.assert_allclose(scores[methods.index("ape"), j], ape[j], rtol=1e-6)
+        want = {
+            "hones": hones_importance(s.mean_contribution, s.head_scores),
+            "hones_nohead": s.mean_contribution[0],
+            "hones_lp": hones_importance(s.mean_logprob_contribution, s.head_scores),
+            "hones_lp_nohead": s.mean_logprob_contribution[0],
+            "atp": s.mean_atp,
+            "ma": s.gate_mean_normalised,
+            "ap": s.gate_probability_normalised,
+            "lape": lape[j],
+            "ma_last": s.mean_activation,
+            "ap_last": s.activation_probability,
+            "ape_last": ape[j],
+        }
+        for m, w in want.items():
+            np.testing.assert_allclose(scores[methods.index(m), j], w, rtol=1e-6, err_msg=m)
     rand = scores[methods.index("random")]
     assert ((rand >= 0) & (rand < 1)).all() and not np.array_equal(rand[0], rand[1])
-    np.testing.assert_array_equal(importance_matrix(stats, seed=0, ape_min_probability=0.05)[2], scores)
+    np.testing.assert_array_equal(importance_matrix(stats, seed=0, baselines=settings)[2], scores)
 
 
 # ------------------------------------------------------------------------------ end to end

@@ -35,7 +35,7 @@ from stages.params import read_params
 from pipeline.method.dump import DumpExecution, DumpRequest, dump_activations
 from pipeline.method.store import DONE_DIR, ActivationStore, StoreLayout, read_importance, scratch_path
 
-from conftest import TESTS_DIR, resolve_pretrained
+from conftest import TESTS_DIR, random_item_arrays, resolve_pretrained
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 REPO = TESTS_DIR.parent
@@ -139,7 +139,7 @@ def _random_store(path: Path, task: str, *, n_items: int, dtype: str, max_files:
     for k in store.pending_blocks():
         sl = layout.block(k)
         n = sl.stop - sl.start
-        store.write_block(k, rng.normal(0.1, 1, (C, n, L, I)), rng.normal(0, 1, (n, L, I)))
+        store.write_block(k, rng.normal(0.1, 1, (C, n, L, I)), random_item_arrays(rng, n, L, I))
     return store.finalize()
 
 
@@ -211,8 +211,8 @@ def test_attribute_stage_dask_engine_equals_streaming(tmp_path, random_stores, d
 
     stores = {t: ActivationStore.open(act / f"{t}.zarr") for t in ("vqa", "ocr")}
     truth = {t: ablation_matrix(abl / f"{t}.parquet", (2, 16)) for t in stores}
-    want_m, want_t, want = attribute(stores, truth, seed=3, ape_min_probability=0.05)
+    want_m, want_t, want = attribute(stores, truth, seed=3)
     assert (methods, tasks) == (want_m, want_t)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7 * np.nanmax(np.abs(want)), equal_nan=True)
-    m2, t2, direct = importance_dask(stores, truth, seed=3, ape_min_probability=0.05)  # threaded scheduler
+    m2, t2, direct = importance_dask(stores, truth, seed=3)  # threaded scheduler
     np.testing.assert_allclose(direct, want, rtol=1e-6, atol=1e-7 * np.nanmax(np.abs(want)), equal_nan=True)

@@ -41,14 +41,22 @@ def test_llava_1_5_7b_by_hand():
     assert (st["chunk_items"], st["chunk_bytes"]) == (1, item)
     # 5 x 7000 chunks > 2000 files: shards of ceil(7000 / (2000 // 5)) = 18 chunks, ceil(7000 / 18) = 389 of them.
     assert (st["sharded"], st["block_items"], st["blocks"]) == (True, 18, 389)
-    assert (st["z_files"], st["dvp_files"]) == (5 * 389, 389)
+    assert (st["z_files"], st["item_array_files"]) == (5 * 389, 6 * 389)
     assert st["z_bytes"] == 5 * 7000 * item == 49_315_840_000
+    # dvp, dvp_logprob, atp, gate_sum, gate_positive [item, layer, neuron] x 4 bytes, prompt_tokens [item] int32.
     assert st["dvp_bytes"] == 7000 * item == 9_863_168_000
-    assert st["all_tasks_bytes"] == 4 * (49_315_840_000 + 9_863_168_000)
+    assert sum(st["item_array_bytes"].values()) == 5 * 9_863_168_000 + 7000 * 4
+    assert st["all_tasks_bytes"] == 4 * (49_315_840_000 + 5 * 9_863_168_000 + 28_000)
     stages = est["stages"]
     assert stages["heads"]["rows"] == 7000 * (32 * 32 + 1) == 7_175_000
     assert stages["dump"]["rows"] == 7000 * 5 and stages["dump"]["batches"] == 2188
     assert stages["ablation"]["rows"] == 16 * 32 * 11008 == 5_636_096
+    # The gradient pass: one row per item, batches of 4; saved activations per token and layer
+    # (6 hidden + 3.5 ffn) bf16 + 2 float32 norm inputs; the logits and their float32 log-softmax.
+    assert stages["dump_gradients"]["rows"] == 7000 and stages["dump_gradients"]["batches"] == 1750
+    gb = est["gradient_batch_bytes"]
+    assert gb["saved_activations"] == 4 * S * 32 * ((6 * 4096 + 3.5 * 11008) * 2 + 2 * 4096 * 4)
+    assert gb["logits_and_log_softmax"] == 4 * S * 32064 * (2 + 4)
 
 
 def test_qwen2_5_vl_7b_by_hand():

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import item_arrays_like
 from pipeline.method.store import ActivationStore, StoreLayout
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -33,6 +34,8 @@ from pathlib import Path
 sys.path.insert(0, {repo!r})
 import numpy as np
 from pipeline.method.store import ActivationStore, StoreLayout
+sys.path.insert(0, {repo!r} + "/tests")
+from conftest import item_arrays_like
 
 with open("ran.log", "a") as fh:  # untracked: shows whether the command ran in this checkout
     fh.write("ran\\n")
@@ -44,7 +47,8 @@ s = ActivationStore.create_or_resume(Path("store.zarr"), lay, conds, [f"i{{k}}" 
                                      [[1.0, 0.5]] * 23, {{"model": "tiny"}}, "stagehash")
 for k in s.pending_blocks():
     sl = lay.block(k)
-    s.write_block(k, rng.normal(size=(3, sl.stop - sl.start, 2, 16)), rng.normal(size=(sl.stop - sl.start, 2, 16)))
+    s.write_block(k, rng.normal(size=(3, sl.stop - sl.start, 2, 16)),
+                  item_arrays_like(rng.normal(size=(sl.stop - sl.start, 2, 16))))
 s.finalize()
 '''
 
@@ -89,7 +93,7 @@ def _added_store(path: Path) -> None:
     rng = np.random.default_rng(1)
     for k in s.pending_blocks():
         n = lay.block(k).stop - lay.block(k).start
-        s.write_block(k, rng.normal(size=(2, n, 2, 8)), rng.normal(size=(n, 2, 8)))
+        s.write_block(k, rng.normal(size=(2, n, 2, 8)), item_arrays_like(rng.normal(size=(n, 2, 8))))
     s.finalize()
 
 

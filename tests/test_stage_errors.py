@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from conftest import item_arrays_like
 import pytest
 import yaml
 
@@ -112,7 +113,7 @@ def _finished_store(path: Path) -> None:
     for k in store.pending_blocks():
         n = lay.block(k).stop - lay.block(k).start
         store.write_block(k, rng.normal(size=(2, n, 2, 8)).astype(np.float32),
-                          rng.normal(size=(n, 2, 8)).astype(np.float32))
+                          item_arrays_like(rng.normal(size=(n, 2, 8))))
     store.finalize()
 
 

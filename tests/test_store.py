@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import zarr
 
+from conftest import item_arrays_like
 from pipeline.method.store import DONE_DIR, ActivationStore, StoreError, StoreLayout, scratch_path
 
 C, N, L, I = 3, 11, 2, 8
@@ -40,7 +42,7 @@ def create(path, layout, params_hash="h1", **kw) -> ActivationStore:
 def write(store: ActivationStore, z, dvp, blocks=None) -> None:
     for k in store.pending_blocks() if blocks is None else blocks:
         sl = store.layout.block(k)
-        store.write_block(k, z[:, sl], dvp[sl])
+        store.write_block(k, z[:, sl], item_arrays_like(dvp[sl]))
 
 
 # ------------------------------------------------------------------------------ layout
@@ -56,7 +58,8 @@ def test_plan_chunks_are_about_target_bytes():
     assert lay.chunk_items == round(10_000 / 1200) == 8
     assert StoreLayout.plan(1, 50, 3, 100, "float32", target_chunk_bytes=1).chunk_items == 1
     assert StoreLayout.plan(1, 5, 3, 100, "float32", target_chunk_bytes=1 << 30).chunk_items == 5
-    assert lay.nbytes() == 50 * 300 * (4 + 4)
+    # z (1 condition) + dvp, dvp_logprob, atp, gate_sum, gate_positive (4 bytes each) + prompt_tokens.
+    assert lay.nbytes() == 50 * 300 * (4 + 5 * 4) + 50 * 4
 
 
 def test_plan_shards_when_files_would_exceed_max_files():
@@ -124,7 +127,7 @@ def test_write_finalize_open_round_trip(tmp_path, sharded):
     attrs = opened.attrs
     for key, value in ATTRS.items():
         assert attrs[key] == value
-    assert attrs["params_hash"] == "h1" and attrs["complete"] is True and attrs["format_version"] == 1
+    assert attrs["params_hash"] == "h1" and attrs["complete"] is True and attrs["format_version"] == 2
     assert attrs["dimensions"]["z"] == ["condition", "item", "layer", "neuron"]
 
     assert opened.item_ids == ITEM_IDS
@@ -195,7 +198,7 @@ def test_resume_skips_done_blocks_and_rewrites_unmarked_ones(tmp_path):
     write(store, z, dvp, blocks=[0, 2])
     # Block 3 written but "killed" before its marker: it must be pending again.
     sl = lay.block(3)
-    store.write_block(3, z[:, sl], dvp[sl])
+    store.write_block(3, z[:, sl], item_arrays_like(dvp[sl]))
     (store.root / DONE_DIR / "000003.done").unlink()
 
     resumed = create(path, lay)
@@ -284,14 +287,17 @@ def test_write_block_with_wrong_shapes(tmp_path):
     z, dvp = data()
     sl = lay.block(0)
     with pytest.raises(StoreError, match="block 0"):
-        store.write_block(0, z[:, : sl.stop + 1], dvp[sl])  # one item too many
+        store.write_block(0, z[:, : sl.stop + 1], item_arrays_like(dvp[sl]))  # one item too many
     with pytest.raises(StoreError, match="block 0"):
-        store.write_block(0, z[:2, sl], dvp[sl])  # a condition missing
-    with pytest.raises(StoreError, match="block 0"):
-        store.write_block(0, z[:, sl], dvp[sl][..., :-1])  # dvp of the wrong width
+        store.write_block(0, z[:2, sl], item_arrays_like(dvp[sl]))  # a condition missing
+    with pytest.raises(StoreError, match="block 0: dvp"):
+        store.write_block(0, z[:, sl], item_arrays_like(dvp[sl][..., :-1]))  # dvp of the wrong width
+    short = item_arrays_like(dvp[sl])
+    with pytest.raises(StoreError, match="block 0: prompt_tokens"):
+        store.write_block(0, z[:, sl], dataclasses.replace(short, prompt_tokens=short.prompt_tokens[:-1]))
     last = lay.n_blocks - 1
     sl = lay.block(last)
     with pytest.raises(StoreError, match=f"block {last}"):
         # The last block is short (11 items, blocks of 3): a full-size block does not fit it.
-        store.write_block(last, np.zeros((C, lay.block_items, L, I)), np.zeros((lay.block_items, L, I)))
+        store.write_block(last, np.zeros((C, lay.block_items, L, I)), item_arrays_like(np.zeros((lay.block_items, L, I))))
     assert store.done_blocks() == set()

@@ -21,12 +21,12 @@ single process writes, under the same params hash, so either resumes the other.
 ``init_process_group`` serves only that start barrier: ``gloo`` on CPU; on CUDA the group is
 ``nccl`` (each rank on ``cuda:LOCAL_RANK``) and the barrier runs on a gloo side group.
 
-Attribution (``attribute_dask``): the per-task sums of ``pipeline.method.attribution`` (sum over items of
-z * dvp per condition, of z and of 1[z > 0] in the base condition) as ``dask.array`` reductions
-over ``from_zarr`` views of ``z`` and ``dvp`` in float64, all tasks and all statistics in one
-``dask.compute`` (the stores are read once), on the given ``dask.distributed`` client or the
-current scheduler. Returns the same ``TaskStatistics`` as ``task_statistics`` (equal to ~1e-15
-relative: only the summation order differs). ``stages.attribute`` uses it with
+Attribution (``attribute_dask``): the per-task sums of ``pipeline.method.attribution``
+(``block_sums``, the same function the streaming pass calls) as one dask task per item chunk
+of each store, summed in a tree, all tasks in one ``dask.compute`` (the stores are read once),
+on the given ``dask.distributed`` client or the current scheduler. Returns the same
+``TaskStatistics`` as ``task_statistics`` (equal to ~1e-15 relative: only the summation order
+differs). ``stages.attribute`` uses it with
 ``attribute.engine: dask``.
 """
 
@@ -40,7 +40,9 @@ from collections.abc import Mapping
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.method.attribution import MethodScores, StreamingContributions, TaskStatistics, with_ground_truth
+from pipeline.method.attribution import (
+    BaselineSettings, MethodScores, StreamingContributions, TaskStatistics, block_sums, with_ground_truth,
+)
 from pipeline.method.store import ActivationStore
 
 log = logging.getLogger(__name__)
@@ -71,19 +73,28 @@ def barrier() -> None:
 
 
 # ============================================================================ attribution (dask)
-def _dask_sums(store: ActivationStore, items_per_chunk: int | None):
-    """Lazy (contribution_sum [C, L, I], activation_sum [L, I], positive_count [L, I]) of one store."""
-    import dask.array as da
+def _block_sums(path: str, sl: slice) -> dict[str, np.ndarray]:
+    """``block_sums`` of items ``sl`` of the finished store at ``path`` (runs on a worker)."""
+    block = ActivationStore.open(path).read_items(sl)
+    return block_sums(block.z, block.arrays)
 
-    lay = store.layout
-    step = items_per_chunk or lay.block_items
-    z = da.from_zarr(str(store.root), component="z", chunks=(lay.n_conditions, step, lay.n_layers, lay.n_neurons))
-    dvp = da.from_zarr(str(store.root), component="dvp", chunks=(step, lay.n_layers, lay.n_neurons))
-    z64 = z.astype(np.float64)
-    contribution = da.einsum("cnli,nli->cli", z64, dvp.astype(np.float64), dtype=np.float64)
-    activation = z64[0].sum(axis=0)
-    positive = (z[0] > 0).sum(axis=0, dtype=np.int64)
-    return contribution, activation, positive
+
+def _add(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    out = {k: np.array(v, copy=True) for k, v in parts[0].items()}
+    for p in parts[1:]:
+        for k, v in p.items():
+            out[k] = out[k] + v
+    return out
+
+
+def _dask_sums(store: ActivationStore, items_per_chunk: int | None):
+    """A lazy ``block_sums`` dict of the whole store: one task per item chunk, summed in a tree."""
+    import dask
+
+    parts = [dask.delayed(_block_sums)(str(store.root), sl) for sl in store.item_slices(items_per_chunk)]
+    while len(parts) > 1:
+        parts = [dask.delayed(_add)(parts[i:i + 8]) for i in range(0, len(parts), 8)]
+    return parts[0]
 
 
 def attribute_dask(
@@ -97,7 +108,7 @@ def attribute_dask(
     ``stores``: {task: store} (returns {task: TaskStatistics}) or one store (returns its
     TaskStatistics). ``client``: a ``dask.distributed.Client`` to run on (default: the current
     scheduler, i.e. a client created earlier, else dask's threads). ``items_per_chunk``: items
-    per dask chunk (default: the store's write block). One ``dask.compute`` for everything.
+    per dask task (default: the store's write block). One ``dask.compute`` for everything.
     """
     import dask
 
@@ -105,15 +116,12 @@ def attribute_dask(
     named = {"_": stores} if single else dict(stores)
     if not named:
         raise PipelineError("no stores to attribute")
-    lazy = {task: _dask_sums(store, items_per_chunk) for task, store in named.items()}
-    flat = [x for sums in lazy.values() for x in sums]
-    computed = dask.compute(*flat, scheduler=client) if client is not None else dask.compute(*flat)
+    lazy = [_dask_sums(store, items_per_chunk) for store in named.values()]
+    computed = dask.compute(*lazy, scheduler=client) if client is not None else dask.compute(*lazy)
     out = {}
-    for j, (task, store) in enumerate(named.items()):
-        contribution, activation, positive = computed[3 * j: 3 * j + 3]
+    for (task, store), sums in zip(named.items(), computed):
         stats = StreamingContributions(store.layout.n_conditions, store.layout.n_layers, store.layout.n_neurons)
-        stats.load_state_dict({"contribution_sum": contribution, "activation_sum": activation,
-                               "positive_count": positive, "n_items": store.layout.n_items})
+        stats.add_sums(sums)
         out[task] = TaskStatistics.from_sums(stats, store)
     return out["_"] if single else out
 
@@ -123,13 +131,13 @@ def importance_dask(
     ablation: Mapping[str, np.ndarray | None],
     *,
     seed: int,
-    ape_min_probability: float,
+    baselines: BaselineSettings = BaselineSettings(),
     client=None,
     items_per_chunk: int | None = None,
 ) -> MethodScores:
     """``pipeline.method.attribution.attribute`` with the store reductions done by ``attribute_dask``."""
     statistics = attribute_dask(stores, client=client, items_per_chunk=items_per_chunk)
-    return with_ground_truth(statistics, ablation, seed=seed, ape_min_probability=ape_min_probability)
+    return with_ground_truth(statistics, ablation, seed=seed, baselines=baselines)
 
 
 def init_process_group(backend: str, device: str) -> str:

@@ -3,7 +3,10 @@
 For each discovery item of a task: the target tokens and their weights (``item_targets``),
 the DVP direction's projection of every neuron's write vector (``dvp_projection``), and z at
 the last prompt token (prompts: ``pipeline.tasks.items.item_prompts``) under the base condition
-and with each critical head mean-substituted (``capture_block``, ``dump_activations``).
+and with each critical head mean-substituted (``capture_block``, ``dump_activations``); and,
+from one forward and backward pass of the unmodified model, the per-item arrays of the
+gradient and published baselines (``item_arrays``: atp, the log-probability DVP, act(gate)
+statistics over the prompt).
 Everything downstream (attribution, masks) reads only the store. ``dump_activations`` takes
 three small records: ``DumpRequest`` (what: items, images, heads, target weighting),
 ``DumpStorage`` (how it is stored) and ``DumpExecution`` (how this process runs: batch size,
@@ -28,34 +31,52 @@ import pandas as pd
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.tasks.items import ImageTable, item_prompts, reference_answer
+from pipeline.tasks.items import ImageTable, item_prompts, reference_answer, teacher_forced_answers
 from pipeline.model.batching import for_each_batch
-from pipeline.model.hooks import capture_ffn, substitute_heads
-from pipeline.method.store import ActivationStore, StoreIndex, StoreLayout, check_free_space
+from pipeline.model.hooks import capture_ffn, substitute_heads, trace_ffn
+from pipeline.model.scoring import answer_logprobs, mean_answer_logprob
+from pipeline.method.store import ActivationStore, ItemArrays, StoreIndex, StoreLayout, check_free_space
 
 log = logging.getLogger(__name__)
 
 
+CAPTION_TARGETS = ("joined", "distinct")
+# The authors' caption target: the first five references joined, its first 128 tokens.
+CAPTION_REFERENCES = 5
+CAPTION_MAX_TOKENS = 128
+
+
 def item_targets(
-    tokenizer, items: pd.DataFrame, *, caption_idf: bool = True
+    tokenizer, items: pd.DataFrame, *, caption_idf: bool = True, caption_target: str = "joined"
 ) -> tuple[list[list[int]], list[list[float]]]:
     """Target token ids and weights per item (HONES.md section 3).
 
-    vqa / ocr: the tokens of ``items.reference_answer`` (the first reference), weight 1. caption:
-    the distinct tokens of ALL reference captions, weighted by smoothed IDF over the items'
-    references, idf = log((n + 1) / (df + 1)) + 1 (or 1 without ``caption_idf``). retrieval: the
-    first token of its reference answer "Yes" (the token whose logit the margin reads).
-    Special tokens are dropped; an item left with no target token is an error naming it.
+    vqa / ocr: the tokens of ``items.reference_answer`` (the first reference), weight 1.
+    retrieval: the first token of its reference answer "Yes" (the token whose logit the margin
+    reads). caption, ``caption_target``:
+
+    - ``"joined"`` (the authors' code, used by ``hones``): the first ``CAPTION_REFERENCES``
+      references joined by spaces into one text, its first ``CAPTION_MAX_TOKENS`` tokens, one
+      entry per token *occurrence* (a token repeated k times weighs k x idf in the direction).
+    - ``"distinct"``: the distinct tokens of ALL references, each once.
+
+    IDF is smoothed over the task's items, idf = log((n + 1) / (df + 1)) + 1 with df the number
+    of items whose target holds the token (1 everywhere without ``caption_idf``). Special tokens
+    are dropped; an item left with no target token is an error naming it.
     """
+    if caption_target not in CAPTION_TARGETS:
+        raise PipelineError(f"caption_target must be one of {CAPTION_TARGETS}, got {caption_target!r}")
     special = set(tokenizer.all_special_ids)
 
     def ids_of(text: str) -> list[int]:
         return [t for t in tokenizer(text, add_special_tokens=False)["input_ids"] if t not in special]
 
-    token_sets: list[list[int]] = []
+    token_lists: list[list[int]] = []
     for rec in items.itertuples():
         if rec.task == "retrieval":
             ids = ids_of(reference_answer(rec))[:1]
+        elif rec.task == "caption" and caption_target == "joined":
+            ids = ids_of(" ".join(str(r) for r in list(rec.references)[:CAPTION_REFERENCES]))[:CAPTION_MAX_TOKENS]
         elif rec.task == "caption":
             seen: dict[int, None] = {}
             for ref in rec.references:
@@ -66,17 +87,17 @@ def item_targets(
             ids = ids_of(reference_answer(rec))
         if not ids:
             raise PipelineError(f"item {rec.item_id!r} ({rec.task}) has an empty target after tokenisation")
-        token_sets.append(ids)
+        token_lists.append(ids)
 
     weights: list[list[float]] = []
     n = len(items)
-    df = Counter(t for ids, task in zip(token_sets, items["task"]) if task == "caption" for t in set(ids))
-    for ids, task in zip(token_sets, items["task"]):
+    df = Counter(t for ids, task in zip(token_lists, items["task"]) if task == "caption" for t in set(ids))
+    for ids, task in zip(token_lists, items["task"]):
         if task == "caption" and caption_idf:
             weights.append([math.log((n + 1) / (df[t] + 1)) + 1.0 for t in ids])
         else:
             weights.append([1.0] * len(ids))
-    return token_sets, weights
+    return token_lists, weights
 
 
 @torch.no_grad()
@@ -93,6 +114,61 @@ def dvp_projection(adapter, target_ids: list[list[int]], target_weights: list[li
     u = u / u.norm(dim=1, keepdim=True).clamp(min=1e-12)
     out = torch.stack([u @ adapter.ffn_down_proj(l).weight.float() for l in range(adapter.num_layers)], dim=1)
     return out.cpu().numpy().astype(np.float32)
+
+
+def _target_logprob(logits: torch.Tensor, rows: torch.Tensor, last: torch.Tensor,
+                    target_ids: list[list[int]], target_weights: list[list[float]]) -> torch.Tensor:
+    """[B] sum_t w_t log p(y_t) / sum_t w_t at each row's last prompt token (nats)."""
+    logp = torch.log_softmax(logits[rows, last].float(), dim=-1)
+    out = []
+    for b, (ids, w) in enumerate(zip(target_ids, target_weights)):
+        wt = torch.tensor(w, dtype=torch.float32, device=logp.device)
+        out.append((logp[b, torch.tensor(ids, device=logp.device)] * wt).sum() / wt.sum())
+    return torch.stack(out)
+
+
+def item_arrays(adapter, images: list, prompts: list[str], answers: list[str], target_ids: list[list[int]],
+                target_weights: list[list[float]], batch_size: int) -> ItemArrays:
+    """The per-item store arrays of n items (``ItemArrays``, all [n, layer, neuron] but
+    ``prompt_tokens`` [n]) from one teacher-forced forward and backward pass per batch
+    (``hooks.trace_ffn``) of the unmodified model:
+
+    - ``atp``: d U / d scale of each neuron (z times the gradient, summed over every position),
+      U = the item's mean answer log-probability (nats), the ground truth's utility
+      (``pipeline.method.ablation``): the first-order estimate of its zeroing effect.
+    - ``dvp_logprob``: < W_down[l][:, i], g > with g = d T / d residual at the last prompt
+      token, T = sum_t w_t log p(y_t) / sum_t w_t over the item's targets: the direct path's
+      linearised change of the target's log-probability, through the final norm (for a
+      last-layer neuron, z * dvp_logprob is the first-order change of T when it is zeroed).
+    - ``dvp``: the published projection (``dvp_projection``).
+    - ``gate_sum`` / ``gate_positive`` / ``prompt_tokens``: act(gate) over the prompt tokens.
+    """
+    n, L, I = len(prompts), adapter.num_layers, adapter.ffn_width
+    out = {name: np.zeros((n, L, I), dtype=np.float32) for name in ("dvp_logprob", "atp", "gate_sum")}
+    out["gate_positive"] = np.zeros((n, L, I), dtype=np.int32)
+    out["prompt_tokens"] = np.zeros(n, dtype=np.int32)
+    W = torch.stack([adapter.ffn_down_proj(l).weight.detach().float() for l in range(L)])  # [L, hidden, I]
+
+    def run(sl: slice) -> None:
+        inputs = adapter.build_inputs(images[sl], prompts[sl], answers=answers[sl])
+        last = inputs.last_prompt_index
+        positions = torch.arange(inputs.input_ids.shape[1], device=last.device)
+        prompt_mask = inputs.attention_mask.bool() & (positions.unsqueeze(0) <= last.unsqueeze(1))
+        rows = torch.arange(inputs.batch_size, device=last.device)
+        with torch.enable_grad(), trace_ffn(adapter, last, prompt_mask) as trace:
+            logits = adapter.model(**inputs.tensors).logits
+            target = _target_logprob(logits, rows, last, target_ids[sl], target_weights[sl])
+            (g,) = torch.autograd.grad(target.sum(), trace.residual, retain_graph=True)
+            utility = mean_answer_logprob(*answer_logprobs(logits, inputs.input_ids, inputs.answer_mask))
+            scale_grads = torch.autograd.grad(utility.sum(), [trace.scales[l] for l in range(L)])
+        out["dvp_logprob"][sl] = torch.einsum("bh,lhi->bli", g.float(), W).cpu().numpy()
+        out["atp"][sl] = torch.stack(scale_grads, dim=1).cpu().numpy()
+        out["gate_sum"][sl] = torch.stack([trace.gate_sum[l] for l in range(L)], dim=1).cpu().numpy()
+        out["gate_positive"][sl] = torch.stack([trace.gate_positive[l] for l in range(L)], dim=1).cpu().numpy()
+        out["prompt_tokens"][sl] = prompt_mask.sum(1).cpu().numpy()
+
+    for_each_batch(n, batch_size, run, what="gradient attribution", progress=False)
+    return ItemArrays(dvp=dvp_projection(adapter, target_ids, target_weights), **out)
 
 
 @torch.no_grad()
@@ -129,12 +205,14 @@ def capture_block(
 class DumpRequest:
     """What to dump: one task's ``items`` (annotation rows) with their ``images``, under the
     base condition and under each critical head of ``heads`` (columns layer, head, score)
-    mean-substituted; caption targets IDF-weighted when ``caption_idf`` (``item_targets``)."""
+    mean-substituted; caption targets IDF-weighted when ``caption_idf``, built as
+    ``caption_target`` says (``item_targets``)."""
 
     items: pd.DataFrame
     images: ImageTable
     heads: pd.DataFrame
     caption_idf: bool
+    caption_target: str = "joined"
 
 
 @dataclass(frozen=True)
@@ -151,13 +229,16 @@ class DumpStorage:
 
 @dataclass(frozen=True)
 class DumpExecution:
-    """How this process runs: ``batch_size`` (item, condition) rows per forward pass; this
+    """How this process runs: ``batch_size`` (item, condition) rows per forward pass (and
+    ``gradient_batch_size`` items per forward and backward pass of ``item_arrays``; None: the
+    same); this
     process's ``rank`` of ``world_size`` (see ``pipeline.method.distributed``) and the
     ``barrier`` all ranks meet at once the scratch store exists (None: one process); rank 0
     polls every ``poll_seconds`` for the other ranks' blocks, giving up after
     ``timeout_seconds`` (None: never)."""
 
     batch_size: int
+    gradient_batch_size: int | None = None
     rank: int = 0
     world_size: int = 1
     barrier: Callable[[], None] | None = None
@@ -214,26 +295,30 @@ def dump_activations(
     items = request.items.reset_index(drop=True)
     if items.empty:
         raise PipelineError(f"no items to dump for {out}")
-    target_ids, target_weights = item_targets(adapter.tokenizer, items, caption_idf=request.caption_idf)
+    target_ids, target_weights = item_targets(adapter.tokenizer, items, caption_idf=request.caption_idf,
+                                              caption_target=request.caption_target)
     conditions = head_conditions(request.heads)
     row_heads: list[tuple[int, int] | None] = [None] + [(l, h) for l, h, _ in conditions[1:]]
     layout = StoreLayout.plan(len(conditions), len(items), adapter.num_layers, adapter.ffn_width, storage.dtype,
                               storage.target_chunk_bytes)
     index = StoreIndex(conditions, items["item_id"].tolist(), target_ids, target_weights)
-    attrs = {**storage.attrs, "task": str(items["task"].iloc[0]), "caption_idf": request.caption_idf}
+    attrs = {**storage.attrs, "task": str(items["task"].iloc[0]), "caption_idf": request.caption_idf,
+             "caption_target": request.caption_target}
     if rank == 0:
         check_free_space(out, layout, storage.params_hash)
     store = _scratch_store(out, layout, index, attrs, storage.params_hash, execution)
 
     prompts = item_prompts(items)
+    answers = teacher_forced_answers(items)
     pending = store.pending_blocks(rank, world_size)
     log.info("rank %d/%d: %d of %d blocks to write", rank, world_size, len(pending), layout.n_blocks)
     for k in tqdm(pending, desc=f"dump {out.name} (rank {rank})", leave=False):
         sl = layout.block(k)
         imgs = [request.images[i] for i in items["image_id"].iloc[sl]]
         z = capture_block(adapter, imgs, prompts[sl], row_heads, execution.batch_size)
-        dvp = dvp_projection(adapter, target_ids[sl], target_weights[sl])
-        store.write_block(k, z, dvp)
+        arrays = item_arrays(adapter, imgs, prompts[sl], answers[sl], target_ids[sl], target_weights[sl],
+                             execution.gradient_batch_size or execution.batch_size)
+        store.write_block(k, z, arrays)
     if rank != 0:
         return None
     store.wait_until_done(execution.poll_seconds, execution.timeout_seconds)

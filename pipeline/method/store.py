@@ -7,6 +7,11 @@ array                     shape                                        dtype    
 ========================  ==========================================  =========  ===============
 ``z``                     [condition, item, layer, neuron]             float16/32 [1, B, L, I]
 ``dvp``                   [item, layer, neuron]                        float32    [B, L, I]
+``dvp_logprob``           [item, layer, neuron]                        float32    [B, L, I]
+``atp``                   [item, layer, neuron]                        float32    [B, L, I]
+``gate_sum``              [item, layer, neuron]                        float32    [B, L, I]
+``gate_positive``         [item, layer, neuron]                        int32      [B, L, I]
+``prompt_tokens``         [item]                                       int32      [B]
 ``item_id``               [item]                                       str        all
 ``target_ids``            [item, target_token]  (-1 = padding)         int32      all
 ``target_weights``        [item, target_token]  (0 = padding)          float32    all
@@ -21,6 +26,16 @@ array                     shape                                        dtype    
 - ``dvp[n, l, i] = < W_down[l][:, i], u_y(n) >``: the direct vocabulary projection of the
   neuron's write direction onto the item's normalised target direction, so that the
   contribution ``c = z * dvp`` needs no model (HONES.md section 3).
+- ``dvp_logprob[n, l, i] = < W_down[l][:, i], g(n) >`` with g the gradient of the item's
+  weighted mean target log-probability at the last prompt token with respect to the residual
+  stream entering the final norm: the direct path's linearised change of the log-probability
+  (nats per unit of activation; ``hones_lp``).
+- ``atp[n, l, i]``: gradient x activation of the item's teacher-forced answer log-probability
+  (the ground truth's utility), summed over every position: the first-order estimate of
+  zeroing the neuron everywhere (nats).
+- ``gate_sum`` / ``gate_positive`` / ``prompt_tokens``: over the item's prompt tokens (image and
+  text), the sum of act(gate) (act(fc1) for plain MLPs), the number of tokens where it is > 0,
+  and the number of tokens: what the published MA / AP / LAPE baselines need, per item.
 - The item axis is chunked in blocks of B items so that one chunk of ``z`` is about
   ``target_chunk_bytes`` (1 MiB by default: fastest on our machines, see README). When that
   would make more than ``max_files`` chunk files, chunks are grouped into shards along the
@@ -62,7 +77,7 @@ from pipeline.io import atomic_directory, replace_directory
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 Z_DIMS = ("condition", "item", "layer", "neuron")
 DONE_DIR = "_done"
 
@@ -126,9 +141,10 @@ class StoreLayout:
         return slice(k * self.block_items, min(self.n_items, (k + 1) * self.block_items))
 
     def nbytes(self) -> int:
-        """Bytes of ``z`` plus ``dvp`` (the expected disk use, uncompressed)."""
+        """Bytes of ``z`` plus the per-item arrays (the expected disk use, uncompressed)."""
         per = self.n_layers * self.n_neurons
-        return self.n_items * per * (self.n_conditions * np.dtype(self.dtype).itemsize + 4)
+        item_bytes = sum(np.dtype(dtype).itemsize * (per if dims else 1) for dims, dtype, _ in ITEM_ARRAYS.values())
+        return self.n_items * (per * self.n_conditions * np.dtype(self.dtype).itemsize + item_bytes)
 
 
 def check_free_space(path: Path, layout: StoreLayout, params_hash: str) -> None:
@@ -143,7 +159,7 @@ def check_free_space(path: Path, layout: StoreLayout, params_hash: str) -> None:
     while not where.exists():
         where = where.parent
     free = shutil.disk_usage(where).free
-    log.info("store %s: %s to write (%s of z and dvp, uncompressed, %s already written); %s free on %s", path,
+    log.info("store %s: %s to write (%s of z and the per-item arrays, uncompressed, %s already written); %s free on %s", path,
              human_bytes(needed), human_bytes(layout.nbytes()), human_bytes(written), human_bytes(free), where.resolve())
     if needed > free:
         raise StoreError(f"store {path}: needs {human_bytes(needed)} but only {human_bytes(free)} are free on "
@@ -161,14 +177,56 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} TiB"
 
 
+# The per-item arrays beside z: name -> (dimensions after item, dtype, units).
+ITEM_ARRAYS: dict[str, tuple[tuple[str, ...], str, str]] = {
+    "dvp": (("layer", "neuron"), "float32", "<W_down[:, i], u_y>: logit-space write per unit of activation"),
+    "dvp_logprob": (("layer", "neuron"), "float32",
+                    "<W_down[:, i], d log p(target) / d residual> at the last prompt token: nats per unit of activation"),
+    "atp": (("layer", "neuron"), "float32",
+            "sum over positions of z * d(answer log-probability)/dz: first-order effect of zeroing (nats)"),
+    "gate_sum": (("layer", "neuron"), "float32", "sum over prompt tokens of act(gate) (act(fc1) for plain MLPs)"),
+    "gate_positive": (("layer", "neuron"), "int32", "prompt tokens with act(gate) > 0"),
+    "prompt_tokens": ((), "int32", "prompt tokens (image and text) of the item"),
+}
+
+
+@dataclass(frozen=True)
+class ItemArrays:
+    """The per-item arrays of a block of n items (``ITEM_ARRAYS``): ``dvp``, ``dvp_logprob``,
+    ``atp``, ``gate_sum`` (float32) and ``gate_positive`` (counts) [n, layer, neuron];
+    ``prompt_tokens`` [n]."""
+
+    dvp: np.ndarray
+    dvp_logprob: np.ndarray
+    atp: np.ndarray
+    gate_sum: np.ndarray
+    gate_positive: np.ndarray
+    prompt_tokens: np.ndarray
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in ITEM_ARRAYS}
+
+    def check(self, n: int, n_layers: int, n_neurons: int, what: str) -> None:
+        """StoreError naming ``what`` unless every array has n items and its declared shape."""
+        for name, (dims, _, _) in ITEM_ARRAYS.items():
+            want = (n, n_layers, n_neurons) if dims else (n,)
+            got = np.shape(getattr(self, name))
+            if got != want:
+                raise StoreError(f"{what}: {name} has shape {got}, expected {want}")
+
+
 @dataclass(frozen=True)
 class ItemBlock:
-    """One block of items read back: ``z`` [condition, item, layer, neuron] (float32),
-    ``dvp`` [item, layer, neuron], and the item slice they cover."""
+    """One block of items read back: ``z`` [condition, item, layer, neuron] (float32), the
+    per-item ``arrays`` (``ItemArrays``), and the item slice they cover."""
 
     items: slice
     z: np.ndarray
-    dvp: np.ndarray
+    arrays: ItemArrays
+
+    @property
+    def dvp(self) -> np.ndarray:
+        return self.arrays.dvp
 
 
 def scratch_path(path: Path, params_hash: str) -> Path:
@@ -237,8 +295,8 @@ class StoreIndex:
 
 
 def _create_activation_arrays(group: zarr.Group, layout: StoreLayout) -> None:
-    """Create the empty (fill 0, uncompressed) ``z`` [condition, item, layer, neuron] and ``dvp``
-    [item, layer, neuron] arrays, chunked (and sharded) along items as ``layout`` plans."""
+    """Create the empty (fill 0, uncompressed) ``z`` [condition, item, layer, neuron] and the
+    per-item arrays (``ITEM_ARRAYS``), chunked (and sharded) along items as ``layout`` plans."""
     C, n, L, I = layout.n_conditions, layout.n_items, layout.n_layers, layout.n_neurons
     group.create_array(
         "z", shape=(C, n, L, I), chunks=(1, layout.chunk_items, L, I),
@@ -246,12 +304,14 @@ def _create_activation_arrays(group: zarr.Group, layout: StoreLayout) -> None:
         dtype=layout.dtype, compressors=None, fill_value=0, dimension_names=Z_DIMS,
         attributes={"units": "FFN activation (input of down_proj) at the last prompt token"},
     )
-    group.create_array(
-        "dvp", shape=(n, L, I), chunks=(layout.chunk_items, L, I),
-        shards=(layout.block_items, L, I) if layout.sharded else None,
-        dtype="float32", compressors=None, fill_value=0, dimension_names=("item", "layer", "neuron"),
-        attributes={"units": "<W_down[:, i], u_y>: logit-space write per unit of activation"},
-    )
+    for name, (dims, dtype, units) in ITEM_ARRAYS.items():
+        tail = (L, I) if dims else ()
+        group.create_array(
+            name, shape=(n, *tail), chunks=(layout.chunk_items, *tail),
+            shards=(layout.block_items, *tail) if layout.sharded else None,
+            dtype=dtype, compressors=None, fill_value=0, dimension_names=("item", *dims),
+            attributes={"units": units},
+        )
 
 
 def _store_attrs(attrs: dict, layout: StoreLayout, params_hash: str) -> dict:
@@ -262,7 +322,7 @@ def _store_attrs(attrs: dict, layout: StoreLayout, params_hash: str) -> dict:
         "format_version": FORMAT_VERSION,
         "params_hash": params_hash,
         "layout": asdict(layout),
-        "dimensions": {"z": list(Z_DIMS), "dvp": ["item", "layer", "neuron"]},
+        "dimensions": {"z": list(Z_DIMS), **{name: ["item", *dims] for name, (dims, _, _) in ITEM_ARRAYS.items()}},
         "complete": False,
     }
 
@@ -271,7 +331,7 @@ class ActivationStore:
     """Read and write one task's activation store.
 
     >>> store = ActivationStore.create(path, layout, conditions, item_ids, target_ids, weights, attrs, params_hash)
-    >>> for k in store.pending_blocks(): store.write_block(k, z_block, dvp_block)
+    >>> for k in store.pending_blocks(): store.write_block(k, z_block, item_arrays)
     >>> store = store.finalize()               # renames <path>.partial-<hash> to <path>
     >>> for block in ActivationStore.open(path).iter_blocks(): ...
     """
@@ -390,16 +450,18 @@ class ActivationStore:
         done = self.done_blocks()
         return [k for k in range(self.layout.n_blocks) if k % world_size == rank and k not in done]
 
-    def write_block(self, k: int, z: np.ndarray, dvp: np.ndarray) -> None:
-        """Write block ``k``: ``z`` [condition, items, layer, neuron], ``dvp`` [items, layer, neuron]."""
+    def write_block(self, k: int, z: np.ndarray, arrays: ItemArrays) -> None:
+        """Write block ``k``: ``z`` [condition, items, layer, neuron] and the items' ``arrays``."""
         sl = self.layout.block(k)
         n = sl.stop - sl.start
         lay = self.layout
         want_z = (lay.n_conditions, n, lay.n_layers, lay.n_neurons)
-        if z.shape != want_z or dvp.shape != want_z[1:]:
-            raise StoreError(f"block {k}: got z {z.shape} and dvp {dvp.shape}, expected {want_z} and {want_z[1:]}")
+        if z.shape != want_z:
+            raise StoreError(f"block {k}: got z {z.shape}, expected {want_z}")
+        arrays.check(n, lay.n_layers, lay.n_neurons, f"block {k}")
         self.group["z"][:, sl] = z.astype(lay.dtype, copy=False)
-        self.group["dvp"][sl] = dvp.astype(np.float32, copy=False)
+        for name, (_, dtype, _) in ITEM_ARRAYS.items():
+            self.group[name][sl] = np.asarray(getattr(arrays, name)).astype(dtype, copy=False)
         # The marker goes last: a block without one is rewritten on resume.
         (self.root / DONE_DIR / f"{k:06d}.done").touch()
 
@@ -467,19 +529,26 @@ class ActivationStore:
         """(target_ids [item, token] with -1 padding, target_weights [item, token])."""
         return self.group["target_ids"][:], self.group["target_weights"][:]
 
+    def read_items(self, sl: slice) -> ItemBlock:
+        """Items ``sl`` of every array (z as float32); StoreError naming the items when a chunk
+        cannot be decoded."""
+        try:
+            arrays = ItemArrays(**{name: np.asarray(self.group[name][sl]) for name in ITEM_ARRAYS})
+            return ItemBlock(sl, np.asarray(self.group["z"][:, sl], dtype=np.float32), arrays)
+        except (ValueError, OSError) as exc:  # a truncated chunk cannot be decoded or reshaped
+            raise StoreError(f"activation store {self.root}: items {sl.start}-{sl.stop - 1} cannot be read "
+                             f"({' '.join(str(exc).split())[:200]}); restore it with "
+                             f"`dvc checkout {self.root}` or re-run the dump stage") from None
+
+    def item_slices(self, items_per_block: int | None = None) -> list[slice]:
+        """The item slices ``iter_blocks`` reads (default: the write blocks)."""
+        step = items_per_block or self.layout.block_items
+        return [slice(s, min(self.layout.n_items, s + step)) for s in range(0, self.layout.n_items, step)]
+
     def iter_blocks(self, items_per_block: int | None = None) -> Iterator[ItemBlock]:
         """Stream the store in item blocks (default: its write blocks); memory is O(block)."""
-        step = items_per_block or self.layout.block_items
-        z, dvp = self.group["z"], self.group["dvp"]
-        for s in range(0, self.layout.n_items, step):
-            sl = slice(s, min(self.layout.n_items, s + step))
-            try:
-                block = ItemBlock(sl, np.asarray(z[:, sl], dtype=np.float32), np.asarray(dvp[sl], dtype=np.float32))
-            except (ValueError, OSError) as exc:  # a truncated chunk cannot be decoded or reshaped
-                raise StoreError(f"activation store {self.root}: items {sl.start}-{sl.stop - 1} cannot be read "
-                                 f"({' '.join(str(exc).split())[:200]}); restore it with "
-                                 f"`dvc checkout {self.root}` or re-run the dump stage") from None
-            yield block
+        for sl in self.item_slices(items_per_block):
+            yield self.read_items(sl)
 
 
 # --- the attribution array --------------------------------------------------------------------

@@ -40,6 +40,7 @@ _ATTN_NAMES = ("self_attn", "self_attention", "attention", "attn")
 _OUT_PROJ_NAMES = ("o_proj", "out_proj", "dense")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn")
 _DOWN_PROJ_NAMES = ("down_proj", "fc2")
+_ACT_NAMES = ("act_fn", "activation_fn", "act", "activation")
 _FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f")
 # Where the language model lives when get_decoder() does not lead to it.
 _DECODER_PATHS = ("model.language_model", "language_model", "model.text_model", "text_model", "model")
@@ -403,6 +404,28 @@ class ModelAdapter:
             raise AdapterError(f"down_proj (one of {', '.join(_DOWN_PROJ_NAMES)}) not found in layer {layer} "
                                f"MLP ({type(mlp).__name__}) of {type(self.model).__name__}")
         return proj
+
+    def ffn_activation(self, layer: int) -> nn.Module:
+        """The FFN's activation module (act_fn / activation_fn): its output is act(gate_proj(x))
+        for gated MLPs, act(fc1(x)) = z for plain ones [.., ffn_width]."""
+        mlp = self.mlp(layer)
+        act = _child(mlp, _ACT_NAMES)
+        if act is None:
+            raise AdapterError(f"activation module (one of {', '.join(_ACT_NAMES)}) not found in layer {layer} "
+                               f"MLP ({type(mlp).__name__}) of {type(self.model).__name__}")
+        return act
+
+    def unembedding_input(self) -> nn.Module:
+        """The module whose input is the residual stream at the end of the decoder: the final norm,
+        or the lm_head when there is none."""
+        norm = self.final_norm()
+        if norm is not None:
+            return norm
+        get_out = getattr(self.model, "get_output_embeddings", None)
+        out = get_out() if callable(get_out) else _child(self.model, ("lm_head",))
+        if out is None:
+            raise AdapterError(f"neither a final norm nor an lm_head found in {type(self.model).__name__}")
+        return out
 
     def unembedding(self) -> torch.Tensor:
         """The unembedding matrix [vocab, hidden] (lm_head weight, or the tied input embedding)."""

@@ -10,6 +10,9 @@ Map of this module:
   row's own neurons, so many single-neuron ablations run as one batched forward.
 - ``condition_scales``: ``evaluate_task`` condition hooks for per-condition neuron scales
   (steering variants run as conditions of the same batches).
+- ``trace_ffn``: differentiable probes for gradient attribution (a per-row scale of every
+  neuron, an additive probe on the residual stream entering the unembedding) and per-row
+  statistics of act(gate) over chosen tokens (the published MA / AP / LAPE baselines).
 
 (layer, head) and (layer, neuron) arguments are range-checked by ``ModelAdapter.check_heads`` /
 ``check_neurons`` (an ``AdapterError``, a ``PipelineError``, naming the row or condition).
@@ -30,6 +33,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,6 +48,8 @@ __all__ = [
     "scale_neurons_per_row",
     "ablate_neurons_per_row",
     "RowSpec",
+    "FfnTrace",
+    "trace_ffn",
 ]
 
 # One batch row's intervention: None (untouched), one (layer, index) pair, or several pairs.
@@ -348,3 +354,96 @@ def condition_scales(
         return _pre_hooks([(adapter.ffn_down_proj(l), make_hook(f[rows])) for l, f in sorted(factors.items())])
 
     return hooks
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class FfnTrace:
+    """What ``trace_ffn`` records in one full forward pass of B rows (all float32 unless noted).
+
+    scales: layer -> ones [B, ffn_width] (requires grad): z of that row is multiplied by it at
+        every position, so d U / d scales[l][b, i] = sum over positions of z * dU/dz: the
+        first-order estimate of U(base) - U(neuron zeroed everywhere) (attribution patching).
+    residual: zeros [B, hidden] (requires grad), added to the residual stream entering the final
+        norm (the lm_head when there is none) at each row's ``positions``: d U / d residual is
+        the direct path's gradient there.
+    gate_sum: layer -> [B, ffn_width], the sum of act(gate) over the row's ``token_mask``.
+    gate_positive: layer -> [B, ffn_width] int64, tokens of ``token_mask`` with act(gate) > 0.
+    """
+
+    scales: dict[int, torch.Tensor] = field(default_factory=dict)
+    residual: torch.Tensor | None = None
+    gate_sum: dict[int, torch.Tensor] = field(default_factory=dict)
+    gate_positive: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@contextmanager
+def trace_ffn(adapter: ModelAdapter, positions: torch.Tensor, token_mask: torch.Tensor) -> Iterator[FfnTrace]:
+    """Probes and act(gate) statistics for the one full forward pass run in the body.
+
+    Args:
+        positions: LongTensor [B], the position of each row where the residual probe is added
+            (e.g. ``ModelInputs.last_prompt_index``).
+        token_mask: BoolTensor [B, S], the tokens whose act(gate) is counted (e.g. the prompt).
+
+    Run the forward under ``torch.enable_grad()`` and take ``torch.autograd.grad`` of a
+    per-row utility's sum with respect to ``trace.scales`` / ``trace.residual`` (rows are
+    independent, so each row's gradient is that of its own utility). The model's weights are
+    set not to require grad inside the context (and restored after), so that autograd saves
+    only what the probes' gradients need: nothing of the vision tower, no weight gradients.
+    Full forwards only (no KV-cached decoding).
+    """
+    B = int(positions.shape[0])
+    width = adapter.ffn_width
+    trace = FfnTrace()
+    for layer in range(adapter.num_layers):
+        trace.scales[layer] = torch.ones(B, width, device=adapter.device, requires_grad=True)
+    trace.residual = torch.zeros(B, adapter.hidden_size, device=adapter.device, requires_grad=True)
+    cache = _DeviceCache(positions.reshape(-1).long(), token_mask.bool())
+
+    def scale_hook(layer: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            z = _first_input(args, kwargs)
+            _check_batch(z, B, "trace_ffn")
+            s = trace.scales[layer].to(z.dtype)
+            return _replace_first_input(args, kwargs, z * s.reshape(B, *([1] * (z.dim() - 2)), width))
+
+        return hook
+
+    def gate_hook(layer: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            _check_batch(output, B, "trace_ffn")
+            _, mask = cache.on(output.device)
+            if output.shape[:2] != mask.shape:
+                raise ValueError(f"trace_ffn: token mask {tuple(mask.shape)} does not match the activation "
+                                 f"{tuple(output.shape[:2])} of layer {layer}")
+            a = output.detach().float() * mask.unsqueeze(-1)
+            trace.gate_sum[layer] = a.sum(1)
+            trace.gate_positive[layer] = (a > 0).sum(1)
+            return None
+
+        return hook
+
+    def residual_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        x = _first_input(args, kwargs)
+        _check_batch(x, B, "trace_ffn")
+        pos, _ = cache.on(x.device)
+        onehot = torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device)
+        onehot[torch.arange(B, device=x.device), pos] = 1
+        return _replace_first_input(args, kwargs, x + onehot.unsqueeze(-1) * trace.residual.to(x.dtype).unsqueeze(1))
+
+    handles = []
+    trainable = [p for p in adapter.model.parameters() if p.requires_grad]
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        for layer in range(adapter.num_layers):
+            handles.append(adapter.ffn_down_proj(layer).register_forward_pre_hook(scale_hook(layer), with_kwargs=True))
+            handles.append(adapter.ffn_activation(layer).register_forward_hook(gate_hook(layer)))
+        handles.append(adapter.unembedding_input().register_forward_pre_hook(residual_hook, with_kwargs=True))
+        yield trace
+    finally:
+        for h in handles:
+            h.remove()
+        for p in trainable:
+            p.requires_grad_(True)

@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 GROUND_TRUTH = "ablation"
 RANDOM = "random"
 FOCUS = "hones"
+# Comparisons beyond "hones minus each method": does the log-probability DVP beat the paper's?
+EXTRA_COMPARISONS = (("hones_lp", "hones"),)
 SUMMARY_KEYS = ("on_target_drop", "off_target_drop", "selectivity")
 SCORE_COLUMNS = ("utility", "condition", "eval_task", "item_id", "score")
 CONDITION_COLUMNS = ("condition", "method", "target_task", "rho", "draw", "headline", "n_neurons")
@@ -185,7 +187,7 @@ def suppression_statistics(
     at the headline size (random: the mean over draws); ``summary`` {method: {on_target_drop,
     off_target_drop, selectivity}}; ``random_draws``: the draws' distribution (mean, 2.5/97.5
     percentiles); ``differences`` {"hones-minus-<m>": {on_target_drop, selectivity}} with a
-    ``verdict``. Random's replicates mix the draws: replicate b uses draw d_b (uniform), so its
+    ``verdict``, for every other method, and for the pairs of ``EXTRA_COMPARISONS`` evaluated. Random's replicates mix the draws: replicate b uses draw d_b (uniform), so its
     intervals carry both item and draw variability. Likelihood also gets ``curve`` {method: {rho:
     {on_target_drop, off_target_drop}}} (draw 0) and ``auc`` {method: {on_target_drop,
     off_target_drop}}: the curve's mean height over log10(rho) (``statistics.log_rho_auc``).
@@ -231,17 +233,17 @@ def suppression_statistics(
         if len(draws) > 1:
             u_out["random_draws"] = {k: distribution([summaries[(RANDOM, headline_rho, d)][k][0] for d in draws])
                                      for k in SUMMARY_KEYS}
-        if FOCUS in methods:
+        pairs = [(FOCUS, m) for m in methods if FOCUS in methods and m not in (FOCUS, GROUND_TRUTH)]
+        pairs += [(a, b) for a, b in EXTRA_COMPARISONS if a in methods and b in methods]
+        if pairs:
             diffs = {}
-            for m in methods:
-                if m in (FOCUS, GROUND_TRUTH):
-                    continue
+            for a, b in pairs:
                 entry = {}
                 for k in ("on_target_drop", "selectivity"):
-                    (fp, fr), (mp, mr) = headline(FOCUS, k), headline(m, k)
+                    (fp, fr), (mp, mr) = headline(a, k), headline(b, k)
                     iv = interval(fp - mp, fr - mr, confidence)
                     entry[k] = {**iv.as_dict(), "verdict": verdict(iv)}
-                diffs[f"{FOCUS}-minus-{m}"] = entry
+                diffs[f"{a}-minus-{b}"] = entry
             u_out["differences"] = diffs
         rhos = sorted({r for (_, r, _) in families})
         if len(rhos) > 1:

@@ -31,7 +31,8 @@ def verdict_rows(model: str, suppression: dict, steering: dict, attribution: dic
     ``steering_intervals.json`` (steer stage) and attribution metrics (masks stage).
 
     Claims: HONES's on-target drop exceeds each baseline's; its selectivity exceeds each
-    baseline's; learned steering beats Grid-Search (mean utility over tasks); task neurons prefer
+    baseline's (and the same for the extra comparisons of ``suppression.EXTRA_COMPARISONS``,
+    e.g. hones_lp against hones); learned steering beats Grid-Search (mean utility over tasks); task neurons prefer
     different layers (Cramér's V above its permutation null); and the evaluation's sensitivity
     (the ground truth's own top set drops its task, interval half-width at most a third of it).
     Likelihood rows decide; generative rows are reported beside them.
@@ -41,8 +42,9 @@ def verdict_rows(model: str, suppression: dict, steering: dict, attribution: dic
         diffs = suppression.get(utility, {}).get("differences", {})
         for key, label in (("on_target_drop", "on-target drop"), ("selectivity", "selectivity")):
             for name, d in diffs.items():
-                baseline = name.split("-minus-", 1)[1]
-                rows.append(_row(model, f"HONES {label} exceeds {baseline}'s", utility, d[key], 0.0, d[key]["verdict"]))
+                method, baseline = name.split("-minus-", 1)
+                who = "HONES" if method == "hones" else method
+                rows.append(_row(model, f"{who} {label} exceeds {baseline}'s", utility, d[key], 0.0, d[key]["verdict"]))
     for utility in dict.fromkeys((DECIDING_UTILITY, steer_utility)):
         d = steering.get(utility, {}).get("differences", {}).get("learned-minus-grid_search", {}).get("mean")
         if d:

@@ -10,9 +10,18 @@ From a transformers config (``config.json`` of a local folder, a JSON file or st
 - parameters (language model, vision tower, projector) and weight memory per dtype;
 - memory of one batch: KV cache, the largest per-layer transients, all-position logits;
 - disk of one task's activation store (``z``: conditions x items x layers x ffn_width x bytes,
-  plus ``dvp`` in float32) and the number of chunk / shard files ``StoreLayout.plan`` chooses;
+  plus the per-item arrays ``dvp``, ``dvp_logprob``, ``atp``, ``gate_sum``, ``gate_positive``
+  of 4 bytes each) and the number of chunk / shard files ``StoreLayout.plan`` chooses;
+- memory of one batch of the dump's gradient pass (atp and the log-probability DVP: one
+  forward and backward per item with its answer): the activations autograd saves for the
+  backward, per token and layer (6 x hidden + 3.5 x ffn_width) x dtype bytes + 2 float32 norm
+  inputs, plus the float32 log-softmax over the vocabulary at every position (calibrated on
+  the default models with ``benchmarks/bench_dump.py``, which measures the saved bytes: the
+  formula is 10% above them);
 - forward passes (rows; ``ceil(rows / batch)`` model calls) and FLOPs of each model stage:
-  heads ``items * (L*H + 1)``, dump ``items * (K + 1)``, ablation ``items * L * I``.
+  heads ``items * (L*H + 1)``, dump ``items * (K + 1)``, the dump's gradient pass ``items``
+  rows of forward + backward (~3x a forward of the language model: the backward computes
+  gradients of activations, not of weights, ~2x), ablation ``items * L * I``.
 
 Parameter counts are exact for Llama/Qwen2-style decoders, CLIP vision towers with the LLaVA
 projector, and the Qwen2-VL / Qwen2.5-VL vision towers (checked in the tests against the
@@ -32,7 +41,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.errors import PipelineError
-from pipeline.method.store import StoreLayout, human_bytes
+from pipeline.method.store import ITEM_ARRAYS, StoreLayout, human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +257,7 @@ class Workload:
     dtype: str = "bfloat16"  # model weights and activations
     store_dtype: str = "float32"  # dump.dtype
     batch_size: int = 16
+    gradient_batch_size: int = 4  # dump.gradient_batch_items
     prompt_tokens: int = 48  # text tokens of a prompt with its chat template, without the image
     answer_tokens: int = 8
     heads_items: int | None = None  # heads.max_items (default: items)
@@ -283,19 +293,27 @@ def estimate(arch: ModelArch, w: Workload) -> dict:
                           "vision_transients": vision_act}
     out["batch_bytes"]["total"] = sum(out["batch_bytes"].values())
 
+    Bg = w.gradient_batch_size
+    saved = Bg * S * L * ((12 * t.hidden + 7 * I) * b // 2 + 2 * t.hidden * 4)
+    log_softmax = Bg * S * t.vocab * (b + 4)
+    out["gradient_batch_bytes"] = {"saved_activations": saved, "logits_and_log_softmax": log_softmax,
+                                   "total": saved + log_softmax}
+
     C = w.top_k + 1
     layout = StoreLayout.plan(C, w.items, L, I, w.store_dtype, int(w.target_chunk_mib * 2**20), w.max_files)
     z_bytes = C * w.items * L * I * DTYPE_BYTES[w.store_dtype]
-    dvp_bytes = w.items * L * I * 4
+    per_item = {name: w.items * (L * I if dims else 1) * 4 for name, (dims, _, _) in ITEM_ARRAYS.items()}
+    item_bytes = sum(per_item.values())
     n_blocks = layout.n_blocks
     out["store"] = {
         "conditions": C, "chunk_items": layout.chunk_items, "block_items": layout.block_items,
-        "sharded": layout.sharded, "blocks": n_blocks, "z_files": C * n_blocks, "dvp_files": n_blocks,
+        "sharded": layout.sharded, "blocks": n_blocks, "z_files": C * n_blocks,
+        "item_array_files": len(ITEM_ARRAYS) * n_blocks,
         "chunk_bytes": layout.chunk_items * L * I * DTYPE_BYTES[w.store_dtype],
-        "z_bytes": z_bytes, "dvp_bytes": dvp_bytes, "task_bytes": z_bytes + dvp_bytes,
-        "all_tasks_bytes": w.tasks * (z_bytes + dvp_bytes),
+        "z_bytes": z_bytes, "item_array_bytes": per_item, "dvp_bytes": per_item["dvp"],
+        "task_bytes": z_bytes + item_bytes, "all_tasks_bytes": w.tasks * (z_bytes + item_bytes),
     }
-    assert layout.nbytes() == z_bytes + dvp_bytes
+    assert layout.nbytes() == z_bytes + item_bytes
 
     # FLOPs of one row (one sequence) forward: matmuls 2 x params per token, attention 4*L*S^2*H*d, lm_head.
     text_matmul = t.layers * (t.layer_params() - 2 * t.hidden)
@@ -306,13 +324,17 @@ def estimate(arch: ModelArch, w: Workload) -> dict:
     rows = {
         "heads": heads_items * (L * t.heads + 1),
         "dump": w.items * (w.top_k + 1),
+        "dump_gradients": w.items,
         "ablation": w.ablation_items * L * I,
     }
+    # Forward + backward of activations: ~3x the language model's forward, 1x the vision tower's.
+    per_row = {name: row_flops for name in rows} | {"dump_gradients": 3 * flops_text + flops_vision}
+    batch = {name: B for name in rows} | {"dump_gradients": w.gradient_batch_size}
     out["row_flops"] = row_flops
     out["stages"] = {
-        name: {"rows": n, "batches": math.ceil(n / B), "flops": n * row_flops,
-               "all_tasks_flops": w.tasks * n * row_flops,
-               "gpu_hours": n * row_flops / (w.effective_tflops * 1e12) / 3600}
+        name: {"rows": n, "batches": math.ceil(n / batch[name]), "flops": n * per_row[name],
+               "all_tasks_flops": w.tasks * n * per_row[name],
+               "gpu_hours": n * per_row[name] / (w.effective_tflops * 1e12) / 3600}
         for name, n in rows.items()
     }
     out["workload"] = asdict(w)
@@ -358,23 +380,34 @@ def format_table(est: dict, arch: ModelArch) -> str:
         ("vision tower transients", human_bytes(bb["vision_transients"])),
         ("weights + batch", human_bytes(est["weights_bytes"][w["dtype"]] + bb["total"])),
     ]
+    gb = est["gradient_batch_bytes"]
+    sec(f"one batch of the dump's gradient pass: {w['gradient_batch_size']} items x {est['seq_len']} tokens, "
+        f"{w['dtype']} (forward + backward)")
+    rows += [
+        ("activations saved for the backward", human_bytes(gb["saved_activations"])),
+        ("logits + float32 log-softmax", human_bytes(gb["logits_and_log_softmax"])),
+        ("weights + gradient batch", human_bytes(est["weights_bytes"][w["dtype"]] + gb["total"])),
+    ]
     st = est["store"]
     sec(f"activation store per task: {w['items']:,} items x {st['conditions']} conditions "
         f"(top_k {w['top_k']}), z in {w['store_dtype']}")
     rows += [
         ("z", human_bytes(st["z_bytes"])),
-        ("dvp (float32)", human_bytes(st["dvp_bytes"])),
+        ("per-item arrays (dvp, dvp_logprob, atp, gate statistics)",
+         human_bytes(sum(st["item_array_bytes"].values()))),
         ("one task / all tasks", f"{human_bytes(st['task_bytes'])} / {human_bytes(st['all_tasks_bytes'])} "
                                  f"({w['tasks']} tasks)"),
         ("chunks", f"{st['chunk_items']} item(s) = {human_bytes(st['chunk_bytes'])} per chunk"),
         ("write blocks", f"{st['blocks']:,} {'shards' if st['sharded'] else 'chunks'} of {st['block_items']} items"),
-        ("files per task", f"{st['z_files'] + st['dvp_files']:,} (z {st['z_files']:,}, dvp {st['dvp_files']:,})"),
+        ("files per task", f"{st['z_files'] + st['item_array_files']:,} (z {st['z_files']:,}, "
+                           f"per-item arrays {st['item_array_files']:,})"),
     ]
     sec(f"forward passes per task (rows; model calls at batch {w['batch_size']}); "
         f"{human_count(est['row_flops'])}FLOP per row; GPU-h at {w['effective_tflops']:g} TFLOP/s")
-    formulas = {"heads": "items x (L*H + 1)", "dump": "items x (K + 1)", "ablation": "items x L x I"}
+    formulas = {"heads": "items x (L*H + 1)", "dump": "items x (K + 1)",
+                "dump_gradients": "items, forward + backward", "ablation": "items x L x I"}
     heads_items = w["heads_items"] if w["heads_items"] is not None else w["items"]
-    n_items = {"heads": heads_items, "dump": w["items"], "ablation": w["ablation_items"]}
+    n_items = {"heads": heads_items, "dump": w["items"], "dump_gradients": w["items"], "ablation": w["ablation_items"]}
     for name, s in est["stages"].items():
         rows.append((f"{name}: {formulas[name]}, items={n_items[name]:,}",
                      f"{s['rows']:,} rows, {s['batches']:,} calls, {human_count(s['flops'])}FLOP, "
@@ -403,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default=d.dtype, help="model dtype")
     p.add_argument("--store-dtype", choices=("float16", "float32"), default=d.store_dtype, help="dump.dtype")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--gradient-batch-size", type=int, default=d.gradient_batch_size,
+                   help="dump.gradient_batch_items: items per forward + backward of the gradient pass")
     p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens)
     p.add_argument("--answer-tokens", type=int, default=d.answer_tokens)
     p.add_argument("--image-tokens", type=int, default=None, help="override the image's token count")
@@ -440,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
         if top_k < 0 or args.items < 1:
             raise EstimateError("--items must be >= 1 and --conditions >= 1")
         w = Workload(items=args.items, top_k=top_k, tasks=args.tasks, dtype=args.dtype, store_dtype=args.store_dtype,
-                     batch_size=args.batch_size, prompt_tokens=args.prompt_tokens, answer_tokens=args.answer_tokens,
+                     batch_size=args.batch_size, gradient_batch_size=args.gradient_batch_size,
+                     prompt_tokens=args.prompt_tokens, answer_tokens=args.answer_tokens,
                      heads_items=args.heads_items, ablation_items=args.ablation_items,
                      target_chunk_mib=args.target_chunk_mib, eager_attention=args.eager_attention,
                      effective_tflops=args.effective_tflops)

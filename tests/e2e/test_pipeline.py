@@ -166,8 +166,12 @@ def test_outputs_are_written(repo: Path) -> None:
         for task in TASKS:
             assert (repo / f"data/activations/{model}/{task}.zarr/zarr.json").is_file()
             assert (repo / f"data/heads/{model}/{task}/heatmap.png").stat().st_size > 1000
+        for array in ("z", "dvp", "dvp_logprob", "atp", "gate_sum", "gate_positive", "prompt_tokens"):
+            assert (repo / f"data/activations/{model}/vqa.zarr/{array}/zarr.json").is_file(), array
         attribution = json.loads((repo / f"metrics/attribution/{model}.json").read_text())
         assert set(attribution["faithfulness"]) == set(TASKS)
+        assert {"hones", "hones_lp", "hones_lp_nohead", "atp", "ma", "ap", "lape", "ma_last", "ap_last",
+                "ape_last"} <= set(attribution["faithfulness"]["vqa"])
         assert (repo / f"plots/attribution/{model}/overlap.png").is_file()
     for model in TRAINED:
         training = json.loads((repo / f"data/models/{model}/training.json").read_text())
@@ -192,6 +196,9 @@ def test_outputs_are_written(repo: Path) -> None:
         likelihood = summary[model]["likelihood"]
         assert {"summary", "random_draws", "differences", "auc", "sensitivity"} <= set(likelihood)
         assert likelihood["random_draws"]["on_target_drop"]["n"] == 3
+        # Every evaluated method (params.yaml's evaluate.methods) is compared with HONES, and hones_lp with hones.
+        assert {"hones-minus-atp", "hones-minus-lape", "hones-minus-ma", "hones-minus-ap", "hones-minus-hones_lp",
+                "hones_lp-minus-hones"} <= set(likelihood["differences"])
     steering = json.loads((repo / "metrics/steering.json").read_text())
     for model in ("tiny-idefics3", BROUGHT):
         assert "learned" in steering[model]["generative"]["utility"]["mean"]
