@@ -147,7 +147,6 @@ def item_arrays(adapter, images: list, prompts: list[str], answers: list[str], t
     out = {name: np.zeros((n, L, I), dtype=np.float32) for name in ("dvp_logprob", "atp", "gate_sum")}
     out["gate_positive"] = np.zeros((n, L, I), dtype=np.int32)
     out["prompt_tokens"] = np.zeros(n, dtype=np.int32)
-    W = torch.stack([adapter.ffn_down_proj(l).weight.detach().float() for l in range(L)])  # [L, hidden, I]
 
     def run(sl: slice) -> None:
         inputs = adapter.build_inputs(images[sl], prompts[sl], answers=answers[sl])
@@ -161,7 +160,9 @@ def item_arrays(adapter, images: list, prompts: list[str], answers: list[str], t
             (g,) = torch.autograd.grad(target.sum(), trace.residual, retain_graph=True)
             utility = mean_answer_logprob(*answer_logprobs(logits, inputs.input_ids, inputs.answer_mask))
             scale_grads = torch.autograd.grad(utility.sum(), [trace.scales[l] for l in range(L)])
-        out["dvp_logprob"][sl] = torch.einsum("bh,lhi->bli", g.float(), W).cpu().numpy()
+        # One layer's W_down [hidden, I] in float32 at a time (all of them would be GBs on a 7B model).
+        out["dvp_logprob"][sl] = torch.stack(
+            [g.float() @ adapter.ffn_down_proj(l).weight.detach().float() for l in range(L)], dim=1).cpu().numpy()
         out["atp"][sl] = torch.stack(scale_grads, dim=1).cpu().numpy()
         out["gate_sum"][sl] = torch.stack([trace.gate_sum[l] for l in range(L)], dim=1).cpu().numpy()
         out["gate_positive"][sl] = torch.stack([trace.gate_positive[l] for l in range(L)], dim=1).cpu().numpy()
