@@ -1,20 +1,24 @@
-"""Stage `attribute@<model>`: importance [method, task, layer, neuron] from the activation stores."""
+"""Stage `attribute@<model>`: importance [method, task, layer, neuron] from the activation stores,
+and the same from only the items the ablation ground truth was measured on (when they are in
+the stores), so that faithfulness can be read on matched items."""
 
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pipeline.method.attribution import BaselineSettings, attribute
+from pipeline.method.attribution import BaselineSettings, attribute, attribute_on_items
 from pipeline.method.store import ActivationStore, write_importance
 from pipeline.provenance import provenance
 from stages._common import entry, parser
+from stages._load import load_items
 from stages.params import params_hash, read_params
 
 READS = (
     "attribute.engine", "attribute.dask_scheduler", "attribute.dask_workers", "attribute.seed",
     "attribute.ape_min_probability", "attribute.lape_filter_quantile", "attribute.lape_bar_quantile",
     "attribute.items_per_block",
+    "ablation.split", "ablation.max_items",
     "tasks",
 )
 
@@ -55,6 +59,7 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--activations", type=Path, required=True, help="folder of <task>.zarr stores")
     p.add_argument("--ablation", type=Path, required=True, help="folder of <task>.parquet ground truth")
+    p.add_argument("--benchmark", type=Path, required=True, help="the benchmark (which items the ablation used)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     params = read_params(args.params, READS, model=args.model)
@@ -70,11 +75,18 @@ def main() -> None:
     else:
         methods, tasks, importance = attribute(stores, truth, seed=cfg.seed, baselines=baselines,
                                                items_per_block=cfg.items_per_block)
+    on_items = None
+    if all(truth[t] is not None for t in stores):
+        ablation_ids = {t: load_items(args.benchmark, (params.ablation.split,), (t,),
+                                      params.ablation.max_items)["item_id"].tolist() for t in stores}
+        if all(set(ids) <= set(stores[t].item_ids) for t, ids in ablation_ids.items()):
+            on_items = attribute_on_items(stores, ablation_ids, seed=cfg.seed, baselines=baselines).scores
+            on_items = np.concatenate([on_items, importance[[methods.index("ablation")]]])
     first = next(iter(stores.values())).attrs
     prov = provenance(None, params_hash(settings, {t: s.attrs.get("params_hash") for t, s in stores.items()}),
                       entry=__spec__.name)
     prov.update({k: first.get(k) for k in ("model", "model_name", "model_revision", "model_weights_sha256")})
-    write_importance(args.out, methods, tasks, importance, {**prov, "params": settings})
+    write_importance(args.out, methods, tasks, importance, {**prov, "params": settings}, on_ablation_items=on_items)
 
 
 if __name__ == "__main__":

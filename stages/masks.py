@@ -1,5 +1,6 @@
 """Stage `masks@<model>`: steering masks per method and task over the deletion-curve sizes;
-faithfulness to the ablation ground truth; layer preference; plots."""
+faithfulness to the ablation ground truth (of the importance the masks use, from every
+discovery item, and of the importance from only the ground truth's items); layer preference; plots."""
 
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pandas as pd
 
 from pipeline.io import write_json, write_parquet
 from pipeline.method.masks import build_masks, faithfulness, mask_size, overlap
-from pipeline.method.store import read_importance
+from pipeline.method.store import read_importance, read_importance_on_ablation_items
 from pipeline.outcomes.statistics import layer_preference, verdict
 from pipeline.report.plots import plot_layer_distribution, plot_square
 from stages._common import entry, parser
@@ -53,15 +54,20 @@ def main() -> None:
     write_parquet(masks, args.out)
     k = mask_size(n_layers, n_neurons, cfg.rho)
     faith: dict = {}
+    matched: dict = {}
     if "ablation" in selectable:
         truth = importance[methods.index("ablation")]
         se = ablation_se(args.ablation, tasks, (n_layers, n_neurons))
+        on_items = read_importance_on_ablation_items(args.attribution)
         for j, task in enumerate(tasks):
             faith[task] = {m: faithfulness(importance[methods.index(m), j], truth[j], k, se.get(task))
                            for m in methods if m != "ablation"}
             if task in se:
                 faith[task]["ground_truth_se"] = {"median": float(np.nanmedian(se[task])),
                                                   "max": float(np.nanmax(se[task]))}
+            if on_items is not None:
+                matched[task] = {m: faithfulness(on_items[methods.index(m), j], truth[j], k, se.get(task))
+                                 for m in methods if m not in ("ablation", "random")}
     headline = masks[masks["headline"] & (masks["draw"] == 0)]
     pref = layer_preference(headline[headline["method"] == "hones"], n_layers,
                             np.random.default_rng(st.seed), st.bootstrap_resamples)
@@ -69,6 +75,8 @@ def main() -> None:
     write_json({
         "mask_size": k,
         "faithfulness": faith,
+        # The same, each method computed from only the ground truth's items (the masks use all items).
+        "faithfulness_on_ablation_items": matched,
         "overlap_jaccard_hones": {a: {b: round(float(jac.loc[a, b]), 4) for b in jac.columns} for a in jac.index},
         "layer_preference_hones": {"cramers_v": pref["interval"].as_dict(), "null_q95": round(pref["null_q95"], 4),
                                    "p_value": round(pref["p_value"], 4),

@@ -103,6 +103,14 @@ def main() -> None:
                                     "neurons whose effect is more than 1.96 standard errors from zero), precision@k of "
                                     "its top set against the ablation top set, and the share of the ablation top set's "
                                     "total effect that its top set captures.", table=pd.DataFrame(rows).T[cols]))
+        matched = attribution.get(m, {}).get("faithfulness_on_ablation_items", {})
+        if matched:
+            rows = {(t, meth): v for t, d in matched.items() for meth, v in d.items()}
+            sections.append(Section(f"{m}: faithfulness on the ground truth's items", "The same agreement, each "
+                                    "method computed from only the discovery items the ablation was measured on (the "
+                                    "masks use every discovery item): what the method can recover, without the "
+                                    "difference between the two item samples.",
+                                    table=pd.DataFrame(rows).T[["spearman", "precision_at_k", "captured_effect"]]))
         sections.append(Section(f"{m}: critical heads", "S_t(l, h) = utility drop when head h of layer l is "
                                 "mean-substituted, on the discovery split; one heatmap per task.",
                                 images=[args.data / "heads" / m / t / "heatmap.png" for t in tasks]))

@@ -392,3 +392,26 @@ def test_faithfulness_and_overlap():
     # vqa {(0,1),(0,2),(1,3)}, ocr {(0,1),(1,3),(2,0),(2,1)}: 2 shared of 5.
     assert jac.loc["vqa", "ocr"] == jac.loc["ocr", "vqa"] == pytest.approx(2 / 5)
     assert jac.loc["vqa", "vqa"] == jac.loc["ocr", "ocr"] == 1.0
+
+
+def test_statistics_of_chosen_items_equal_in_memory_on_those_items(random_store):
+    """The matched-items path (attribute_on_items: faithfulness on the ground truth's items)
+    equals the in-memory sums over exactly those items, whatever blocks they fall in."""
+    from pipeline.errors import PipelineError
+    from pipeline.method.attribution import attribute_on_items
+
+    store, z, arrays = random_store
+    chosen = [1, 5, 6, 20]
+    stats = accumulate(store, items=np.array(chosen))
+    assert stats.n_items == len(chosen)
+    sub_z, sub_arrays = z[:, chosen], arrays.take(np.array(chosen))
+    assert_same(stats, *in_memory(sub_z, sub_arrays))
+    assert_same_new(stats, in_memory_new(sub_z, sub_arrays), rtol=1e-10)
+
+    ids = [store.item_ids[k] for k in (20, 1, 6, 5)]  # any order
+    methods, tasks, scores = attribute_on_items({"vqa": store}, {"vqa": ids}, seed=0)
+    want = task_statistics(store, items=np.array(chosen))
+    np.testing.assert_allclose(scores[methods.index("atp"), 0], want.mean_atp, rtol=1e-6)
+    np.testing.assert_allclose(scores[methods.index("hones_nohead"), 0], want.mean_contribution[0], rtol=1e-6)
+    with pytest.raises(PipelineError, match="nope"):
+        attribute_on_items({"vqa": store}, {"vqa": ["nope"]}, seed=0)

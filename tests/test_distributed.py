@@ -205,7 +205,8 @@ def test_attribute_stage_dask_engine_equals_streaming(tmp_path, random_stores, d
     from stages.attribute import ablation_matrix
 
     monkeypatch.setattr(sys, "argv", ["attribute", "--params", str(tmp_path / "params.yaml"), "--model", "random",
-                                      "--activations", str(act), "--ablation", str(abl), "--out", str(out)])
+                                      "--activations", str(act), "--ablation", str(abl), "--benchmark", str(tmp_path),
+                                      "--out", str(out)])
     attribute_stage.main()
     methods, tasks, got, attrs = read_importance(out)
 

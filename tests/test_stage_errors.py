@@ -126,7 +126,7 @@ def test_truncated_store_metadata_names_the_store(tmp_path, damage) -> None:
     meta.write_bytes(meta.read_bytes()[:40])
     params = params_file(tmp_path)
     proc = run_stage("attribute", "--params", params, "--model", "m", "--activations", acts,
-                     "--ablation", tmp_path, "--out", tmp_path / "out.zarr")
+                     "--ablation", tmp_path, "--benchmark", tmp_path, "--out", tmp_path / "out.zarr")
     line = one_line_error(proc)
     assert f"activation store {acts / 'ocr.zarr'}" in line and "dvc checkout" in line
 

@@ -301,3 +301,23 @@ def test_write_block_with_wrong_shapes(tmp_path):
         # The last block is short (11 items, blocks of 3): a full-size block does not fit it.
         store.write_block(last, np.zeros((C, lay.block_items, L, I)), item_arrays_like(np.zeros((lay.block_items, L, I))))
     assert store.done_blocks() == set()
+
+
+def test_importance_round_trip_with_and_without_the_matched_items_array(tmp_path):
+    from pipeline.method.store import read_importance, read_importance_on_ablation_items, write_importance
+
+    rng = np.random.default_rng(0)
+    imp = rng.normal(size=(3, 2, 2, 5)).astype(np.float32)
+    matched = rng.normal(size=imp.shape).astype(np.float32)
+    write_importance(tmp_path / "a.zarr", ["hones", "atp", "ablation"], ["vqa", "ocr"], imp, {"model": "m"},
+                     on_ablation_items=matched)
+    methods, tasks, got, attrs = read_importance(tmp_path / "a.zarr")
+    assert methods == ["hones", "atp", "ablation"] and tasks == ["vqa", "ocr"] and attrs["model"] == "m"
+    np.testing.assert_array_equal(got, imp)
+    np.testing.assert_array_equal(read_importance_on_ablation_items(tmp_path / "a.zarr"), matched)
+    write_importance(tmp_path / "b.zarr", ["hones", "atp", "ablation"], ["vqa", "ocr"], imp, {})
+    assert read_importance_on_ablation_items(tmp_path / "b.zarr") is None
+    with pytest.raises(StoreError, match="ablation items"):
+        write_importance(tmp_path / "c.zarr", ["hones", "atp", "ablation"], ["vqa", "ocr"], imp, {},
+                         on_ablation_items=matched[:, :1])
+    assert not (tmp_path / "c.zarr").exists()

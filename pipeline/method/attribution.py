@@ -55,7 +55,7 @@ Map of this module:
 - ``accumulate`` / ``task_statistics``: one streaming pass over a store -> ``TaskStatistics``.
 - ``hones_importance`` / ``ape_scores`` / ``lape_scores`` / ``lape_selection``: the formulas above.
 - ``importance_matrix`` / ``with_ground_truth`` / ``attribute``: every method for every task,
-  [method, task, layer, neuron].
+  [method, task, layer, neuron]; ``attribute_on_items``: the same from chosen items only.
 """
 
 from __future__ import annotations
@@ -219,15 +219,20 @@ class StreamingContributions:
         return self._mean("gate_probability_normalised_sum")
 
 
-def accumulate(store: ActivationStore, items_per_block: int | None = None) -> StreamingContributions:
-    """One streaming pass over a store."""
+def accumulate(store: ActivationStore, items_per_block: int | None = None,
+               items: np.ndarray | None = None) -> StreamingContributions:
+    """One streaming pass over a store; ``items``: positions of the items to include (default all)."""
     from tqdm import tqdm
 
     lay = store.layout
     stats = StreamingContributions(lay.n_conditions, lay.n_layers, lay.n_neurons)
+    keep = None if items is None else np.isin(np.arange(lay.n_items), items)
     n_blocks = -(-lay.n_items // (items_per_block or lay.block_items))
     for block in tqdm(store.iter_blocks(items_per_block), total=n_blocks, desc="attribute", leave=False):
-        stats.add(block.z, block.arrays)
+        if keep is None:
+            stats.add(block.z, block.arrays)
+        elif (sel := np.flatnonzero(keep[block.items])).size:
+            stats.add(block.z[:, sel], block.arrays.take(sel))
     return stats
 
 
@@ -340,9 +345,10 @@ class TaskStatistics:
         )
 
 
-def task_statistics(store: ActivationStore, items_per_block: int | None = None) -> TaskStatistics:
-    """``TaskStatistics`` of one store, in one streaming pass (``accumulate``)."""
-    return TaskStatistics.from_sums(accumulate(store, items_per_block), store)
+def task_statistics(store: ActivationStore, items_per_block: int | None = None,
+                    items: np.ndarray | None = None) -> TaskStatistics:
+    """``TaskStatistics`` of one store (or of its ``items`` positions), in one streaming pass (``accumulate``)."""
+    return TaskStatistics.from_sums(accumulate(store, items_per_block, items), store)
 
 
 @dataclass(frozen=True)
@@ -425,3 +431,23 @@ def attribute(
         log.info("%s: %d items, %d head conditions", task, statistics[task].n_items,
                  len(statistics[task].head_scores))
     return with_ground_truth(statistics, ablation, seed=seed, baselines=baselines)
+
+
+def attribute_on_items(
+    stores: dict[str, ActivationStore],
+    item_ids: dict[str, list[str]],
+    *,
+    seed: int,
+    baselines: BaselineSettings = BaselineSettings(),
+) -> MethodScores:
+    """``importance_matrix`` from only the items ``item_ids[task]`` of each task's store (e.g.
+    the items the ablation ground truth was measured on, so that a method's faithfulness is
+    not diluted by the difference between item samples). A missing id is an error naming it."""
+    statistics = {}
+    for task, store in stores.items():
+        where = {iid: k for k, iid in enumerate(store.item_ids)}
+        missing = [iid for iid in item_ids[task] if iid not in where]
+        if missing:
+            raise PipelineError(f"{task}: items {missing[:5]} ({len(missing)} in all) are not in the store {store.root}")
+        statistics[task] = task_statistics(store, items=np.array(sorted(where[i] for i in item_ids[task])))
+    return importance_matrix(statistics, seed=seed, baselines=baselines)

@@ -54,8 +54,9 @@ Map of this module:
 - ``ActivationStore``: ``create_or_resume`` / ``open_scratch`` / ``write_block`` / ``finalize``
   (writing, resumable; a new scratch store is made by ``_create``) and ``open`` /
   ``iter_blocks`` / ``conditions`` / ``head_scores`` / ``targets`` (reading).
-- ``write_importance`` / ``read_importance`` (an ``ImportanceArray``): the attribution array
-  [method, task, layer, neuron].
+- ``write_importance`` / ``read_importance`` (an ``ImportanceArray``) /
+  ``read_importance_on_ablation_items``: the attribution array [method, task, layer, neuron],
+  and the same computed on the ground truth's items only.
 """
 
 from __future__ import annotations
@@ -205,6 +206,10 @@ class ItemArrays:
 
     def as_dict(self) -> dict[str, np.ndarray]:
         return {name: getattr(self, name) for name in ITEM_ARRAYS}
+
+    def take(self, index: np.ndarray | slice) -> "ItemArrays":
+        """The items ``index`` (positions or a slice) of every array."""
+        return ItemArrays(**{name: np.asarray(getattr(self, name))[index] for name in ITEM_ARRAYS})
 
     def check(self, n: int, n_layers: int, n_neurons: int, what: str) -> None:
         """StoreError naming ``what`` unless every array has n items and its declared shape."""
@@ -556,20 +561,32 @@ class ActivationStore:
 IMPORTANCE_DIMS = ("method", "task", "layer", "neuron")
 
 
-def write_importance(path: Path, methods: list[str], tasks: list[str], importance: np.ndarray, attrs: dict) -> None:
-    """Write ``importance`` [method, task, layer, neuron] (float32) with its coordinates, atomically."""
+ON_ABLATION_ITEMS = "importance_on_ablation_items"
+
+
+def write_importance(path: Path, methods: list[str], tasks: list[str], importance: np.ndarray, attrs: dict,
+                     on_ablation_items: np.ndarray | None = None) -> None:
+    """Write ``importance`` [method, task, layer, neuron] (float32) with its coordinates, atomically;
+    and ``on_ablation_items`` (same shape, NaN for tasks without ground truth: the methods
+    computed from only the items the ground truth was measured on), when given."""
     path = Path(path)
     if importance.shape[:2] != (len(methods), len(tasks)):
         raise StoreError(f"importance has shape {importance.shape}, expected ({len(methods)}, {len(tasks)}, L, I)")
+    if on_ablation_items is not None and on_ablation_items.shape != importance.shape:
+        raise StoreError(f"importance on the ablation items has shape {on_ablation_items.shape}, "
+                         f"expected {importance.shape}")
     with atomic_directory(path) as tmp:
         group = zarr.open_group(str(tmp), mode="w")
         M, T, L, I = importance.shape
-        arr = group.create_array(
-            "importance", shape=importance.shape, chunks=(1, 1, L, I), dtype="float32", compressors=None,
-            fill_value=np.nan, dimension_names=IMPORTANCE_DIMS,
-            attributes={"units": "method-specific; higher = more important to the task"},
-        )
-        arr[...] = importance.astype(np.float32)
+        arrays = {"importance": (importance, "method-specific; higher = more important to the task")}
+        if on_ablation_items is not None:
+            arrays[ON_ABLATION_ITEMS] = (on_ablation_items, "as importance, from the ground truth's items only")
+        for name, (values, units) in arrays.items():
+            arr = group.create_array(
+                name, shape=values.shape, chunks=(1, 1, L, I), dtype="float32", compressors=None,
+                fill_value=np.nan, dimension_names=IMPORTANCE_DIMS, attributes={"units": units},
+            )
+            arr[...] = values.astype(np.float32)
         for name, values in (("method", methods), ("task", tasks)):
             coord = group.create_array(name, shape=(len(values),), chunks=(len(values),), dtype=str,
                                        dimension_names=(name,))
@@ -597,3 +614,10 @@ def read_importance(path: Path) -> ImportanceArray:
     methods = [str(s) for s in group["method"][:]]
     tasks = [str(s) for s in group["task"][:]]
     return ImportanceArray(methods, tasks, np.asarray(group["importance"][...]), dict(group.attrs))
+
+
+def read_importance_on_ablation_items(path: Path) -> np.ndarray | None:
+    """The importance computed on the ground truth's items only [method, task, layer, neuron]
+    (same coordinates as ``read_importance``), or None when the array was not written."""
+    group = zarr.open_group(str(Path(path)), mode="r")
+    return np.asarray(group[ON_ABLATION_ITEMS][...]) if ON_ABLATION_ITEMS in group else None

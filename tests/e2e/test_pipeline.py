@@ -172,6 +172,8 @@ def test_outputs_are_written(repo: Path) -> None:
         assert set(attribution["faithfulness"]) == set(TASKS)
         assert {"hones", "hones_lp", "hones_lp_nohead", "atp", "ma", "ap", "lape", "ma_last", "ap_last",
                 "ape_last"} <= set(attribution["faithfulness"]["vqa"])
+        assert set(attribution["faithfulness_on_ablation_items"]) == set(TASKS)
+        assert "atp" in attribution["faithfulness_on_ablation_items"]["vqa"]
         assert (repo / f"plots/attribution/{model}/overlap.png").is_file()
     for model in TRAINED:
         training = json.loads((repo / f"data/models/{model}/training.json").read_text())
