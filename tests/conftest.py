@@ -222,9 +222,3 @@ def item_arrays_like(dvp: np.ndarray):
     return ItemArrays(dvp=dvp, dvp_logprob=0.5 * dvp, atp=2.0 * dvp, gate_sum=dvp - 0.1,
                       gate_positive=(3 * (dvp > 0)).astype(np.int32), prompt_tokens=np.full(dvp.shape[0], 3, np.int32))
 
-
-def slice_item_arrays(arrays, sl: slice):
-    """The items ``sl`` of an ``ItemArrays``."""
-    import dataclasses
-
-    return dataclasses.replace(arrays, **{f.name: getattr(arrays, f.name)[sl] for f in dataclasses.fields(arrays)})

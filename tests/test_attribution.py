@@ -29,7 +29,7 @@ from pipeline.method.masks import (
 )
 from pipeline.method.store import ActivationStore, StoreLayout
 
-from conftest import direct_dvp, direct_targets, direct_z, discovery_items, random_item_arrays, slice_item_arrays
+from conftest import direct_dvp, direct_targets, direct_z, discovery_items, random_item_arrays
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -55,7 +55,7 @@ def random_store(tmp_path):
     )
     for k in store.pending_blocks():
         sl = lay.block(k)
-        store.write_block(k, z[:, sl], slice_item_arrays(arrays, sl))
+        store.write_block(k, z[:, sl], arrays.take(sl))
     return store.finalize(), z, arrays
 
 

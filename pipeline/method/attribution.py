@@ -180,9 +180,12 @@ class StreamingContributions:
             raise PipelineError(f"attribution state lacks {missing}: it was saved by an older version; recompute it")
         self.sums = {k: np.array(state[k], dtype=v.dtype).reshape(v.shape) for k, v in self.sums.items()}
 
-    def _mean(self, key: str) -> np.ndarray:
+    def _check_items(self) -> None:
         if self.n_items == 0:
             raise PipelineError("no items were added: the store is empty")
+
+    def _mean(self, key: str) -> np.ndarray:
+        self._check_items()
         return self.sums[key] / self.n_items
 
     def mean_contribution(self) -> np.ndarray:
@@ -207,7 +210,7 @@ class StreamingContributions:
 
     def gate_probability(self) -> np.ndarray:
         """[layer, neuron]: prompt tokens with act(gate) > 0 over all prompt tokens (LAPE's AP)."""
-        self._mean("n_items")
+        self._check_items()
         return self.sums["gate_positive_count"] / max(1, int(self.sums["prompt_token_count"][0]))
 
     def gate_mean_normalised(self) -> np.ndarray:
@@ -226,12 +229,15 @@ def accumulate(store: ActivationStore, items_per_block: int | None = None,
 
     lay = store.layout
     stats = StreamingContributions(lay.n_conditions, lay.n_layers, lay.n_neurons)
-    keep = None if items is None else np.isin(np.arange(lay.n_items), items)
-    n_blocks = -(-lay.n_items // (items_per_block or lay.block_items))
-    for block in tqdm(store.iter_blocks(items_per_block), total=n_blocks, desc="attribute", leave=False):
-        if keep is None:
+    keep = np.ones(lay.n_items, dtype=bool) if items is None else np.isin(np.arange(lay.n_items), items)
+    # Blocks holding none of the chosen items are never read.
+    slices = [sl for sl in store.item_slices(items_per_block) if keep[sl].any()]
+    for sl in tqdm(slices, desc="attribute", leave=False):
+        block = store.read_items(sl)
+        if keep[sl].all():
             stats.add(block.z, block.arrays)
-        elif (sel := np.flatnonzero(keep[block.items])).size:
+        else:
+            sel = np.flatnonzero(keep[sl])
             stats.add(block.z[:, sel], block.arrays.take(sel))
     return stats
 
@@ -279,13 +285,17 @@ def lape_entropy(gate_probability: np.ndarray) -> np.ndarray:
     return -(p * logp).sum(0)
 
 
+def _lape_kept(ap: np.ndarray, filter_quantile: float) -> np.ndarray:
+    """bool [layer, neuron]: LAPE's filter, some task's AP above the ``filter_quantile`` value of all AP."""
+    return (ap > _kth_smallest(ap, filter_quantile)).any(axis=0)
+
+
 def lape_candidates(gate_probability: np.ndarray, filter_quantile: float = 0.95,
                     bar_quantile: float = 0.95) -> np.ndarray:
     """bool [task, layer, neuron]: the neuron passes LAPE's filter (some task's AP exceeds the
     ``filter_quantile`` value of all AP) and task t's AP exceeds the ``bar_quantile`` value."""
     ap = np.asarray(gate_probability, dtype=np.float64)
-    kept = (ap > _kth_smallest(ap, filter_quantile)).any(axis=0)
-    return kept[None] & (ap > _kth_smallest(ap, bar_quantile))
+    return _lape_kept(ap, filter_quantile)[None] & (ap > _kth_smallest(ap, bar_quantile))
 
 
 def lape_selection(gate_probability: np.ndarray, top_rate: float = 0.01, filter_quantile: float = 0.95,
@@ -295,8 +305,7 @@ def lape_selection(gate_probability: np.ndarray, top_rate: float = 0.01, filter_
     assigned to every task whose AP exceeds the bar."""
     ap = np.asarray(gate_probability, dtype=np.float64)
     entropy = lape_entropy(ap)
-    kept = (ap > _kth_smallest(ap, filter_quantile)).any(axis=0)
-    flat = np.where(kept, entropy, np.inf).ravel()
+    flat = np.where(_lape_kept(ap, filter_quantile), entropy, np.inf).ravel()
     n_top = round(flat.size * top_rate)
     chosen = np.zeros(flat.size, dtype=bool)
     chosen[np.argsort(flat, kind="stable")[:n_top]] = True

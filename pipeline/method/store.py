@@ -204,9 +204,6 @@ class ItemArrays:
     gate_positive: np.ndarray
     prompt_tokens: np.ndarray
 
-    def as_dict(self) -> dict[str, np.ndarray]:
-        return {name: getattr(self, name) for name in ITEM_ARRAYS}
-
     def take(self, index: np.ndarray | slice) -> "ItemArrays":
         """The items ``index`` (positions or a slice) of every array."""
         return ItemArrays(**{name: np.asarray(getattr(self, name))[index] for name in ITEM_ARRAYS})
