@@ -2,13 +2,15 @@
 
     python benchmarks/bench_store.py [--mib 256] [--layers 32] [--neurons 2048] [--dir /path/on/the/data/disk]
 
-For float16 and float32, an array z [1, items, layers, neurons] of --mib MiB is written block by
-block as ``ActivationStore.write_block`` does (``arr[:, block] = ...``) and read back block by
-block as ``iter_blocks`` does, for: the layout ``StoreLayout.plan`` picks (~1 MiB chunks), one
-item per chunk, ~16 MiB chunks, the plan forced into shards (``--max-files``), and the plan with
-zstd. numpy: ``np.save`` of the whole array and ``np.load``. MB = 1e6 bytes. The page cache is
-warm (reads follow writes); files are written under --dir (default: the system temp dir).
-Not run by CI.
+For float16 and float32, an array z [1, items, layers, neurons] of --mib MiB is created as the
+store creates its arrays (``store.create_checked_array``), written block by block as
+``ActivationStore.write_block`` does (``arr[:, block] = ...``) and read back block by block as
+``iter_blocks`` does, for: the layout ``StoreLayout.plan`` picks (~1 MiB chunks) without and
+with the crc32c checksum every store carries, and, checksummed, one item per chunk, ~16 MiB
+chunks and the plan forced into shards (``--max-files``). numpy: ``np.save`` of the whole
+array and ``np.load``. MB = 1e6 bytes. The page cache is warm (reads follow writes); files are
+written under --dir (default: the system temp dir). Each variant runs ``--repeats`` times and
+the median is printed. Not run by CI.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.method.store import StoreLayout  # noqa: E402
+from pipeline.method.store import StoreLayout, create_checked_array  # noqa: E402
 
 
 def _count_files(path: Path) -> int:
@@ -32,19 +34,18 @@ def _count_files(path: Path) -> int:
 
 
 def bench_zarr(data: np.ndarray, root: Path, chunk_items: int, block_items: int,
-               compress: bool) -> tuple[float, float, int]:
+               checksum: bool) -> tuple[float, float, int]:
     import zarr
 
     n, L, I = data.shape[1:]
     path = root / "z.zarr"
     if path.exists():
         shutil.rmtree(path)
-    compressors = [zarr.codecs.ZstdCodec(level=3)] if compress else None
     t0 = time.perf_counter()
     g = zarr.open_group(str(path), mode="w")
-    arr = g.create_array("z", shape=data.shape, chunks=(1, chunk_items, L, I),
-                         shards=(1, block_items, L, I) if block_items != chunk_items else None,
-                         dtype=data.dtype, compressors=compressors, fill_value=0)
+    arr = create_checked_array(g, "z", shape=data.shape, chunks=(1, chunk_items, L, I),
+                               shards=(1, block_items, L, I) if block_items != chunk_items else None,
+                               dtype=data.dtype, dims=("condition", "item", "layer", "neuron"), checksum=checksum)
     for s in range(0, n, block_items):
         arr[:, s: s + block_items] = data[:, s: s + block_items]
     t_write = time.perf_counter() - t0
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--neurons", type=int, default=2048)
     p.add_argument("--dtypes", nargs="+", default=["float16", "float32"])
     p.add_argument("--max-files", type=int, default=16, help="file budget that forces the sharded variant")
-    p.add_argument("--no-zstd", action="store_true")
+    p.add_argument("--repeats", type=int, default=3, help="runs per variant; the median is printed")
     p.add_argument("--dir", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -95,25 +96,23 @@ def main(argv=None) -> int:
             plan = StoreLayout.plan(1, n, args.layers, args.neurons, dtype)
             sharded = StoreLayout.plan(1, n, args.layers, args.neurons, dtype, max_files=args.max_files)
             big = max(1, min(n, round(16 * 2**20 / item_bytes)))
+            plan_name = f"{plan.chunk_items} items/chunk ({plan.chunk_items * item_bytes / 2**20:.2f} MiB)"
             variants = [
                 ("numpy .npy (whole array)", None),
-                (f"zarr plan: {plan.chunk_items} items/chunk ({plan.chunk_items * item_bytes / 2**20:.2f} MiB)",
-                 (plan.chunk_items, plan.block_items, False)),
-                (f"zarr 1 item/chunk ({item_bytes / 2**20:.2f} MiB)", (1, 1, False)),
-                (f"zarr {big} items/chunk ({big * item_bytes / 2**20:.1f} MiB)", (big, big, False)),
-                (f"zarr plan sharded: {sharded.block_items // sharded.chunk_items} chunks/shard",
-                 (sharded.chunk_items, sharded.block_items, False)),
+                (f"zarr plan, no checksum: {plan_name}", (plan.chunk_items, plan.block_items, False)),
+                (f"zarr plan + crc32c (the store): {plan_name}", (plan.chunk_items, plan.block_items, True)),
+                (f"zarr 1 item/chunk + crc32c ({item_bytes / 2**20:.2f} MiB)", (1, 1, True)),
+                (f"zarr {big} items/chunk + crc32c ({big * item_bytes / 2**20:.1f} MiB)", (big, big, True)),
+                (f"zarr plan sharded + crc32c: {sharded.block_items // sharded.chunk_items} chunks/shard",
+                 (sharded.chunk_items, sharded.block_items, True)),
             ]
             if not sharded.sharded:  # too few chunks for the file budget to force shards
                 variants = [v for v in variants if "sharded" not in v[0]]
-            if not args.no_zstd:
-                variants.append(("zarr plan + zstd(3)", (plan.chunk_items, plan.block_items, True)))
             for name, spec in variants:
-                if spec is None:
-                    tw, tr, files = bench_numpy(data, root)
-                else:
-                    tw, tr, files = bench_zarr(data, root, *spec)
-                rows.append((dtype, f"{nbytes / 2**20:.0f}", name, files, nbytes / tw / 1e6, nbytes / tr / 1e6))
+                runs = [bench_numpy(data, root) if spec is None else bench_zarr(data, root, *spec)
+                        for _ in range(args.repeats)]
+                tw, tr = float(np.median([r[0] for r in runs])), float(np.median([r[1] for r in runs]))
+                rows.append((dtype, f"{nbytes / 2**20:.0f}", name, runs[0][2], nbytes / tw / 1e6, nbytes / tr / 1e6))
             del data
 
     head = ("dtype", "MiB", "layout", "files", "write MB/s", "read MB/s")

@@ -90,19 +90,24 @@ def code_version(entry: str) -> str:
     return f"{version}+src.{h.hexdigest()[:12]}"
 
 
+def files_hash(*paths: str | Path) -> str:
+    """sha256 (first 16 hex) over the names and bytes of ``paths`` (files), in the order given."""
+    h = hashlib.sha256()
+    for f in map(Path, paths):
+        h.update(f.name.encode() + b"\0")
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
 def weights_hash(model_dir: str | Path) -> str | None:
     """sha256 (first 16 hex) over a local model folder's weight files; None for hub ids."""
     path = Path(model_dir)
     if not path.is_dir():
         return None
-    h = hashlib.sha256()
     files = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin"})
-    for f in files:
-        h.update(f.name.encode())
-        with f.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16] if files else None
+    return files_hash(*files) if files else None
 
 
 def provenance(model: str | None, params_hash: str | None, revision: str | None = None, *, entry: str) -> dict:

@@ -1,10 +1,17 @@
-"""Shared plumbing of every stage entry point: the error exit and output locks.
+"""Shared plumbing of every stage entry point: the error exit, output locks, stopping with the parent.
 
 A stage is thin: it declares the params keys it reads (``READS``, the same list as its
 ``dvc.yaml`` entry), parses its paths, calls library functions and writes its outputs.
-``@entry`` runs it: logging set up, an exclusive lock on its ``--out`` path, and every mistake a
-user can make (``PipelineError``) printed as one line with exit code 2; anything else is a bug
-and keeps its traceback. Loading models and benchmark data is in ``stages._load``, imported
+``@entry`` runs it:
+- logging set up;
+- an exclusive lock on its ``--out`` path (a second run on the same output stops at once with
+  one line naming the holder's PID), and a leftover ``<out>.tmp`` of a killed run removed;
+- a watch on the process that started it (DVC, through its shell, or whoever ran the command):
+  when it dies, the stage stops instead of writing an output nobody will record;
+- SIGTERM (and the parent's death) raise ``StageStopped`` in the main thread, so every atomic
+  write in progress is rolled back; exit code 143;
+- every mistake a user can make (``PipelineError``) printed as one line with exit code 2;
+  anything else is a bug and keeps its traceback. Loading models and benchmark data is in ``stages._load``, imported
 only by the stages that do it (so editing it reruns only them).
 """
 
@@ -16,13 +23,17 @@ import functools
 import hashlib
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.io import remove_path, temporary_sibling
 from stages.params import write_params_audit
 
 log = logging.getLogger("stages")
@@ -87,24 +98,102 @@ def output_lock(path: Path) -> Iterator[None]:
         fh.close()
 
 
+class StageStopped(BaseException):
+    """SIGTERM, or the process that started the stage died. A BaseException, as KeyboardInterrupt
+    is, so that no ``except Exception`` on the way swallows it and every atomic write unwinds."""
+
+
+SHELLS = frozenset({"sh", "bash", "dash", "zsh", "fish", "ksh", "mksh", "csh", "tcsh"})
+
+
+def _proc_stat(pid: int) -> tuple[str, str, int] | None:
+    """(command name, state, parent PID) of ``pid`` from /proc (Linux), None when unavailable."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    name, rest = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
+    return name, rest[0], int(rest[1])
+
+
+def watched_parent() -> int:
+    """The process whose death stops this stage: the parent, or, when DVC started the stage
+    (``DVC_STAGE`` is set) through a shell (``$SHELL -c cmd``), the shell's parent, DVC itself:
+    killing DVC leaves the shell waiting on us, so the shell's survival says nothing."""
+    pid = os.getppid()
+    stat = _proc_stat(pid)
+    if "DVC_STAGE" in os.environ and stat is not None and stat[0] in SHELLS and stat[2] > 1:
+        return stat[2]
+    return pid
+
+
+def _alive(pid: int) -> bool:
+    stat = _proc_stat(pid)
+    if stat is not None:
+        return stat[1] not in ("Z", "X")  # a zombie has exited
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stop_when_parent_dies(poll_seconds: float = 1.0) -> None:
+    """Start a daemon thread that sends SIGTERM to the main thread once the watched parent is
+    gone (this process re-parented, or the watched PID dead)."""
+    parent, first_ppid = watched_parent(), os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == first_ppid and _alive(parent):
+            time.sleep(poll_seconds)
+        _stop_reason.append(f"the process that started this stage (PID {parent}) is gone")
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+_stop_reason: list[str] = []
+
+
+def _raise_stopped(signum, frame) -> None:
+    raise StageStopped(_stop_reason[-1] if _stop_reason else "SIGTERM received")
+
+
+def _remove_leftover_tmp(out: Path) -> None:
+    tmp = temporary_sibling(out)
+    if tmp.exists():
+        log.info("removing %s left by a killed run", tmp)
+        remove_path(tmp)
+
+
 def entry(fn: Callable[[], None]) -> Callable[[], None]:
-    """Run a stage's main: logging, a lock on ``--out``, one-line errors with exit code 2."""
+    """Run a stage's main: logging, a lock on ``--out``, stopping with its parent, one-line errors
+    with exit code 2 (143 when stopped)."""
 
     @functools.wraps(fn)
     def wrapper() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        signal.signal(signal.SIGTERM, _raise_stopped)
+        _stop_when_parent_dies()
         out = _argv_value("--out")
         try:
             if out is None:
                 fn()
             else:
                 with output_lock(Path(out)):
+                    _remove_leftover_tmp(Path(out))
                     fn()
         except PipelineError as exc:
             # One line: the message names the file, key or item; a traceback would bury it.
             msg = " ".join(str(exc).split())
             log.error("%s", msg)
             sys.exit(2)
+        except StageStopped as exc:
+            log.error("stopped: %s; the output being written was rolled back (a resumable stage keeps its "
+                      "scratch and resumes on the next run)", exc)
+            sys.exit(128 + signal.SIGTERM)
         module = fn.__module__ if fn.__module__ != "__main__" else Path(sys.argv[0]).stem
         write_params_audit(stage_id(module))
 

@@ -75,6 +75,10 @@ def load_items(benchmark: Path, splits: tuple[str, ...], tasks: tuple[str, ...],
             if not ((items["split"] == split) & (items["task"] == task)).any():
                 raise ConfigError(f"{table} has no {task!r} items in split {split!r}")
     if max_items is not None:
+        sizes = items.groupby(["task", "split"], sort=False).size()
+        for (task, split), n in sizes[sizes < max_items].items():
+            # An upper bound, not a request: say so when it does not bind.
+            log.info("max_items = %d, but split %r has %d %r items: using all %d", max_items, split, n, task, n)
         items = items.groupby(["task", "split"], sort=False).head(max_items).reset_index(drop=True)
     return items
 

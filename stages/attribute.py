@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.errors import PipelineError
 from pipeline.method.attribution import BaselineSettings, attribute, attribute_on_items
 from pipeline.method.store import ActivationStore, write_importance
 from pipeline.provenance import provenance
@@ -25,6 +26,8 @@ READS = (
 
 def ablation_matrix(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
     """The [layer, neuron] ground truth of one task, or None when ablation was off (empty table)."""
+    if not Path(path).is_file():
+        raise PipelineError(f"no ablation table at {path}; run the ablation stage for this task")
     table = pd.read_parquet(path)
     if table.empty:
         return None

@@ -36,7 +36,7 @@ def dump_inputs(params: StageParams, args) -> tuple[pd.DataFrame, pd.DataFrame, 
     settings = cfg.as_dict()
     top_k = params.heads.top_k
     items = load_items(args.benchmark, (cfg.split,), (args.task,), cfg.max_items)
-    heads = top_heads(pd.read_parquet(args.heads), top_k)
+    heads = top_heads(pd.read_parquet(args.heads), top_k, name="heads.top_k")
     path, revision = model_identity(params, args.model)
     prov = provenance(path, None, revision, entry=__spec__.name)
     phash = params_hash(settings, {"top_k": top_k, "heads": heads[["layer", "head", "score"]].to_dict("list"),

@@ -182,6 +182,8 @@ ModelConfig = Annotated[
 class RuntimeConfig(_Strict):
     """How stages run a model.
 
+    ``checkpoint_every_steps``: optimiser steps between the training checkpoints a killed
+    ``train_default_model`` resumes from (0: none).
     ``batch_sequences``: sequences per forward pass, whatever a sequence stands for in the stage
     (an item under one head condition in ``heads`` and ``dump``, an item with one neuron zeroed in
     ``ablation``, an item under one mask in ``evaluate``, an item in ``model_quality``). It bounds
@@ -191,6 +193,7 @@ class RuntimeConfig(_Strict):
     threads: int = Field(2, ge=1)
     batch_sequences: int = Field(64, ge=1)
     max_new_tokens: int = Field(24, ge=1, le=512)
+    checkpoint_every_steps: int = Field(500, ge=0)
 
 
 class ModelQualityConfig(_Strict):

@@ -1,15 +1,21 @@
-"""Stage `train_default_model@<model>`: train an embedded default VLM on the benchmark."""
+"""Stage `train_default_model@<model>`: train an embedded default VLM on the benchmark.
 
+Resumable: it checkpoints every ``runtime.checkpoint_every_steps`` steps inside its output
+(``persist: true`` in dvc.yaml) and a killed run resumes, to bitwise the same weights.
+"""
+
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from pipeline.model.default_model import train_default_model
+from pipeline.provenance import code_version, files_hash
 from stages._common import entry, parser
 from stages._device import model_device
-from stages.params import ConfigError, PretrainedModelConfig, read_params
+from stages.params import ConfigError, PretrainedModelConfig, params_hash, read_params
 
-READS = ("models.{model}", "runtime.threads")
+READS = ("models.{model}", "runtime.threads", "runtime.checkpoint_every_steps")
 
 
 @entry
@@ -24,7 +30,14 @@ def main() -> None:
     if isinstance(cfg, PretrainedModelConfig):
         raise ConfigError(f"models.{args.model} has source 'pretrained': there is nothing to train")
     torch.set_num_threads(params.runtime.threads)
-    train_default_model(cfg.spec, args.benchmark, args.out, name=args.model, device=model_device(params, args.model))
+    device = model_device(params, args.model)
+    # What a checkpoint may be resumed under: the same spec, data, code, threads and device
+    # (the last two change floating-point reduction order, hence the weights' bits).
+    resume_key = params_hash(asdict(cfg.spec), files_hash(args.benchmark / "annotations.parquet",
+                                                          args.benchmark / "images.parquet"),
+                             code_version(__spec__.name), params.runtime.threads, device)
+    train_default_model(cfg.spec, args.benchmark, args.out, name=args.model, device=device, resume_key=resume_key,
+                        checkpoint_every=params.runtime.checkpoint_every_steps)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import tiny_model_spec
@@ -96,3 +99,84 @@ def test_training_is_byte_for_byte_reproducible(benchmark_dir, tmp_path) -> None
     assert folders[0].keys() == folders[1].keys() and "training.json" in folders[0]
     different = [name for name in folders[0] if folders[0][name] != folders[1][name]]
     assert not different, different
+
+
+_TRAIN_CHILD = """
+import logging, os, signal, sys
+logging.basicConfig(level=logging.INFO)
+sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads(1)
+from dataclasses import replace
+from pathlib import Path
+from conftest import tiny_model_spec
+from pipeline.model.default_model import train_default_model
+spec = replace(tiny_model_spec(), steps=6, batch_size=4, vision_warmup_steps=4, warmup_steps=1)
+kill_at = {kill_at!r}
+
+def on_checkpoint(phase, step):
+    print("checkpoint", phase, step, flush=True)
+    if (phase, step) == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup of any kind runs
+
+train_default_model(spec, Path({bench!r}), Path({out!r}), name="m", resume_key="k", checkpoint_every=2,
+                    on_checkpoint=on_checkpoint)
+print("finished", flush=True)
+"""
+
+
+def _train_child(tmp_path, benchmark_dir, out, kill_at):
+    import subprocess
+    import sys
+
+    from conftest import TESTS_DIR
+
+    script = _TRAIN_CHILD.format(tests=str(TESTS_DIR), bench=str(benchmark_dir), out=str(out), kill_at=kill_at)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR.parent), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.parametrize("kill_at", [("warmup", 2), ("language", 2)])
+def test_killed_training_resumes_to_bitwise_the_same_weights(benchmark_dir, tmp_path, kill_at) -> None:
+    """SIGKILL right after a checkpoint (in the vision warm-up, or in the language training), run
+    again: it resumes from that checkpoint, not from step 0, and every tensor of the saved model
+    equals that of an uninterrupted run bitwise; the scratch directory is gone afterwards."""
+    from safetensors.torch import load_file
+
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    ref = _train_child(tmp_path, benchmark_dir, reference, None)
+    assert ref.returncode == 0 and "finished" in ref.stdout, ref.stderr[-3000:]
+    assert ref.stdout.count("checkpoint") == 3  # warm-up step 2 (not 4: the last), language 2 and 4
+
+    first = _train_child(tmp_path, benchmark_dir, killed, kill_at)
+    assert first.returncode == -signal.SIGKILL and "finished" not in first.stdout
+    assert (killed / ".partial-k" / "checkpoint.pt").is_file() and not (killed / "model.safetensors").exists()
+    second = _train_child(tmp_path, benchmark_dir, killed, None)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resuming training from {killed / '.partial-k' / 'checkpoint.pt'}: {kill_at[0]} step 2" in second.stderr
+    # Only the checkpoints after the resumed one were written again.
+    assert second.stdout.count("checkpoint") == (2 if kill_at[0] == "warmup" else 1)
+
+    assert sorted(p.name for p in killed.iterdir()) == sorted(p.name for p in reference.iterdir())
+    assert not list(tmp_path.glob("**/.partial-*")) and not list(tmp_path.glob("*.tmp"))
+    want, got = load_file(reference / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert want.keys() == got.keys() and len(want) > 10
+    unequal = [k for k in want if not torch.equal(want[k], got[k])]
+    assert not unequal, unequal
+    assert (killed / "training.json").read_bytes() == (reference / "training.json").read_bytes()
+
+
+def test_checkpoint_of_other_training_is_not_resumed(benchmark_dir, tmp_path) -> None:
+    """A scratch directory made under another resume key (other spec, data, code or threads) and
+    any older output in the folder are removed before training starts."""
+    spec = replace(tiny_model_spec(), steps=2, batch_size=4, vision_warmup_steps=2, warmup_steps=1)
+    out = tmp_path / "m"
+    (out / ".partial-old").mkdir(parents=True)
+    (out / ".partial-old" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    (out / "stale.txt").write_text("from an older run")
+    (tmp_path / "m.tmp").mkdir()
+    train_default_model(spec, benchmark_dir, out, name="m", resume_key="new", checkpoint_every=1)
+    assert {"config.json", "model.safetensors", "training.json"} <= {p.name for p in out.iterdir()}
+    assert not (out / ".partial-old").exists() and not (out / ".partial-new").exists()
+    assert not (out / "stale.txt").exists() and not (tmp_path / "m.tmp").exists()

@@ -127,7 +127,7 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path, tiny_adapter, annotation
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
-            done = [p for d in killed.parent.glob(f"{killed.name}.partial-*") for p in (d / DONE_DIR).glob("*.done")]
+            done = [p for d in killed.glob(".partial-*") for p in (d / DONE_DIR).glob("*.done")]
             if done:
                 break
             time.sleep(0.01)
@@ -139,7 +139,7 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path, tiny_adapter, annotation
             proc.kill()
     assert alive, f"the dump finished or failed before it could be killed:\n{out}\n{err[-3000:]}"
     assert done and "finished" not in out
-    (scratch,) = killed.parent.glob(f"{killed.name}.partial-*")
+    (scratch,) = killed.glob(".partial-*")
     done_before = {int(p.stem) for p in (scratch / DONE_DIR).glob("*.done")}
     assert 1 <= len(done_before) < n_blocks
 

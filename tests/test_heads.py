@@ -77,8 +77,12 @@ def test_top_heads_order_and_ties():
     assert list(zip(top["layer"], top["head"])) == [(0, 1), (1, 0), (2, 1), (0, 0)]
     assert top["rank"].tolist() == [1, 2, 3, 4] and top["rank"].dtype == np.int32
     assert top.index.tolist() == [0, 1, 2, 3]
-    everything = top_heads(scores, 100)
+    everything = top_heads(scores, 6)
     assert len(everything) == 6 and everything["score"].iloc[:5].is_monotonic_decreasing
     assert np.isnan(everything["score"].iloc[-1])
     with pytest.raises(ValueError, match="top_k must be >= 1"):
         top_heads(scores, 0)
+    # More heads than the model has is an error naming the caller's key, never a silent cut.
+    with pytest.raises(ValueError, match=r"heads\.top_k = 100 but the model has 6 attention heads "
+                                         r"\(3 layers x 2 heads\); set heads\.top_k to at most 6"):
+        top_heads(scores, 100, name="heads.top_k")

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from conftest import item_arrays_like
 import pytest
 import yaml
@@ -129,6 +130,41 @@ def test_truncated_store_metadata_names_the_store(tmp_path, damage) -> None:
                      "--ablation", tmp_path, "--benchmark", tmp_path, "--out", tmp_path / "out.zarr")
     line = one_line_error(proc)
     assert f"activation store {acts / 'ocr.zarr'}" in line and "dvc checkout" in line
+
+
+def _flip_bytes(path: Path, at: int = 16, n: int = 8) -> None:
+    data = bytearray(path.read_bytes())
+    data[at : at + n] = bytes(b ^ 0xFF for b in data[at : at + n])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flipped", "deleted", "truncated"])
+def test_damaged_chunk_stops_attribute_naming_store_array_and_chunk(tmp_path, damage) -> None:
+    """Eight flipped bytes in one chunk (the checksum catches them), a deleted chunk file (never
+    read as zeros) or a chunk cut short: attribute stops with one line naming the store, the
+    array and the chunk, and how to restore it; it writes no output."""
+    acts = tmp_path / "activations"
+    for task in ("vqa", "ocr"):
+        _finished_store(acts / f"{task}.zarr")
+    chunk = acts / "ocr.zarr" / "z" / "c" / "0" / "1" / "0" / "0"
+    assert chunk.is_file()
+    if damage == "flipped":
+        _flip_bytes(chunk)
+    elif damage == "deleted":
+        chunk.unlink()
+    else:
+        chunk.write_bytes(chunk.read_bytes()[:-9])
+    for task in ("vqa", "ocr"):  # ablation off: the stage goes straight to the stores
+        pd.DataFrame({"layer": [], "neuron": [], "effect": []}).to_parquet(tmp_path / f"{task}.parquet")
+    params = params_file(tmp_path)
+    out = tmp_path / "out.zarr"
+    proc = run_stage("attribute", "--params", params, "--model", "m", "--activations", acts,
+                     "--ablation", tmp_path, "--benchmark", tmp_path, "--out", out)
+    line = one_line_error(proc)
+    what = "is missing" if damage == "deleted" else "is damaged"
+    assert f"activation store {acts / 'ocr.zarr'}: array 'z' chunk c/0/1/0/0 (condition 0-0, item 2-3, " in line
+    assert what in line and f"restore it with `dvc checkout {acts / 'ocr.zarr'}` or re-run the dump stage" in line
+    assert not out.exists() and not Path(f"{out}.tmp").exists()
 
 
 def test_second_run_on_the_same_output_is_refused(tmp_path, benchmark_dir) -> None:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 
 import numpy as np
 import pytest
 import zarr
 
 from conftest import item_arrays_like
-from pipeline.method.store import DONE_DIR, ActivationStore, StoreError, StoreLayout, scratch_path
+from pipeline.method.store import (
+    DONE_DIR, ActivationStore, StoreError, StoreLayout, create_checked_array, read_importance, scratch_path, verify,
+    write_importance,
+)
 
 C, N, L, I = 3, 11, 2, 8
 CONDITIONS = [(-1, -1, float("nan")), (0, 1, 0.5), (1, 3, -0.25)]
@@ -97,7 +101,7 @@ def test_write_finalize_open_round_trip(tmp_path, sharded):
     z, dvp = data()
     path = tmp_path / "vqa.zarr"
     store = create(path, lay)
-    assert store.root == scratch_path(path, "h1") and not path.exists()
+    assert store.root == scratch_path(path, "h1") and not (path / "zarr.json").exists()
     assert store.pending_blocks() == list(range(lay.n_blocks))
     write(store, z, dvp)
     assert store.pending_blocks() == []
@@ -321,3 +325,108 @@ def test_importance_round_trip_with_and_without_the_matched_items_array(tmp_path
         write_importance(tmp_path / "c.zarr", ["hones", "atp", "ablation"], ["vqa", "ocr"], imp, {},
                          on_ablation_items=matched[:, :1])
     assert not (tmp_path / "c.zarr").exists()
+
+
+# ------------------------------------------------------------------------------ checksums and verify
+def _finished(tmp_path, sharded=False):
+    lay = small_layout(3, max_files=4) if sharded else small_layout(3)
+    z, dvp = data()
+    store = create(tmp_path / "vqa.zarr", lay, attrs={**ATTRS, "params_hash": "h1"})
+    write(store, z, dvp)
+    return store.finalize(), z
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_every_chunk_is_checksummed_and_verify_reads_them_all(tmp_path, sharded):
+    store, z = _finished(tmp_path, sharded)
+    for name in ("z", "dvp", "item_id", "target_ids"):
+        codecs = store.group[name].metadata.to_dict()["codecs"]
+        flat = codecs if not sharded or name not in ("z", "dvp") else codecs[0]["configuration"]["codecs"]
+        assert flat[-1] == {"name": "crc32c"}, (name, codecs)
+    check = verify(store.root)
+    assert check.ok and check.kind == "activation store", check.line()
+    n_files = sum(1 for p in store.root.rglob("c/**/*") if p.is_file())
+    assert check.chunks == n_files and check.nbytes >= z.nbytes
+    assert check.line().startswith(f"OK         {store.root}: activation store, 13 arrays, {n_files} chunks")
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_flipped_byte_is_caught_on_read_and_by_verify(tmp_path, sharded):
+    store, _ = _finished(tmp_path, sharded)
+    chunks = sorted(p for p in (store.root / "dvp").rglob("c/**/*") if p.is_file())
+    chunk = chunks[-1]  # the last chunk (shard, when sharded) file
+    key = chunk.relative_to(store.root / "dvp").as_posix()
+    raw = bytearray(chunk.read_bytes())
+    raw[8] ^= 0x01  # one bit
+    chunk.write_bytes(bytes(raw))
+    reopened = ActivationStore.open(store.root)  # the files are all there: opening is cheap and passes
+    with pytest.raises(StoreError, match=rf"array 'dvp' chunk {key} \(item \d+-\d+, layer 0-{L - 1}, neuron "
+                                         rf"0-{I - 1}\) is damaged .*restore it with `dvc checkout"):
+        list(reopened.iter_blocks())
+    check = verify(store.root)
+    assert check.status == "damaged" and f"array 'dvp' chunk {key}" in check.line()
+
+
+def test_missing_chunk_and_array_are_named_at_open(tmp_path):
+    store, _ = _finished(tmp_path)
+    (store.root / "atp" / "c" / "2" / "0" / "0").unlink()
+    with pytest.raises(StoreError, match=rf"array 'atp' chunk c/2/0/0 \(item 6-8, layer 0-{L - 1}, neuron 0-{I - 1}\) is missing"):
+        ActivationStore.open(store.root)
+    assert verify(store.root).status == "damaged"
+    shutil.rmtree(store.root / "atp")
+    with pytest.raises(StoreError, match="has no array 'atp'"):
+        ActivationStore.open(store.root)
+
+
+def test_verify_reports_unfinished_builds_and_missing_provenance(tmp_path):
+    lay = small_layout(3)
+    z, dvp = data()
+    store = create(tmp_path / "vqa.zarr", lay, attrs={"model": "tiny"})  # no code_version
+    write(store, z, dvp, blocks=[0, 1])
+    check = verify(tmp_path / "vqa.zarr")
+    assert check.status == "incomplete" and f"2 of {lay.n_blocks} blocks done" in check.line()
+    write(store, z, dvp)
+    final = store.finalize()
+    check = verify(final.root)
+    assert check.status == "damaged" and "provenance attributes ['code_version'] are missing" in check.line()
+    assert verify(tmp_path / "nothing.zarr").status == "missing"
+
+
+def test_verify_command_prints_one_line_per_store_and_fails_on_damage(tmp_path, capsys):
+    from pipeline.tools.verify import main
+
+    _finished(tmp_path / "a")
+    _finished(tmp_path / "b")
+    assert main([str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[:2]] == ["OK", "OK"] and lines[-1] == "2 of 2 stores verified"
+    chunk = tmp_path / "b" / "vqa.zarr" / "z" / "c" / "0" / "0" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:-3])
+    assert main([str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "DAMAGED" in out and "array 'z' chunk c/0/0/0/0" in out and out.endswith("1 of 2 stores verified; 1 failed\n")
+
+
+def test_verify_flags_a_store_written_without_checksums(tmp_path):
+    import zarr
+
+    store, _ = _finished(tmp_path)
+    g = zarr.open_group(str(tmp_path / "old.zarr"), mode="w")
+    create_checked_array(g, "x", shape=(4,), chunks=(2,), dtype="float32", dims=("item",), checksum=False)[...] = 1
+    g.attrs.update({"code_version": "c", "params_hash": "p"})
+    check = verify(tmp_path / "old.zarr")
+    assert check.status == "unchecked" and "none of its 1 arrays carries a checksum" in check.line()
+    assert verify(store.root).ok
+
+
+def test_importance_array_is_checksummed(tmp_path):
+    path = tmp_path / "attr.zarr"
+    imp = np.random.default_rng(0).standard_normal((2, 2, L, I)).astype(np.float32)
+    write_importance(path, ["a", "b"], ["vqa", "ocr"], imp, {"code_version": "c", "params_hash": "p"})
+    assert verify(path).ok
+    chunk = path / "importance" / "c" / "1" / "0" / "0" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[0] ^= 0x80
+    chunk.write_bytes(bytes(raw))
+    with pytest.raises(StoreError, match=r"attribution array .*: array 'importance' chunk c/1/0/0/0 .* is damaged"):
+        read_importance(path)

@@ -97,9 +97,18 @@ def score_heads_naive(
     return _table(heads, base.utility, intervened, base.metric, utility)
 
 
-def top_heads(scores: pd.DataFrame, k: int) -> pd.DataFrame:
-    """The ``k`` highest-scoring heads (ties broken by layer, then head), with their rank."""
+def top_heads(scores: pd.DataFrame, k: int, name: str = "top_k") -> pd.DataFrame:
+    """The ``k`` highest-scoring heads (ties broken by layer, then head), with their rank.
+
+    ``scores`` holds every head of the model (a ``head_scores`` table), so ``k`` above its
+    length is an error naming ``name`` (the caller's key) and the model's head count, never a
+    silent cut to fewer heads than asked for."""
     if k < 1:
-        raise PipelineError(f"top_k must be >= 1, got {k}")
+        raise PipelineError(f"{name} must be >= 1, got {k}")
+    if k > len(scores):
+        shape = (f" ({scores['layer'].nunique()} layers x {scores['head'].nunique()} heads)"
+                 if {"layer", "head"} <= set(scores.columns) and len(scores) else "")
+        raise PipelineError(f"{name} = {k} but the model has {len(scores)} attention heads{shape}; "
+                            f"set {name} to at most {len(scores)}")
     top = scores.sort_values(["score", "layer", "head"], ascending=[False, True, True], kind="stable").head(k)
     return top.assign(rank=np.arange(1, len(top) + 1, dtype=np.int32)).reset_index(drop=True)

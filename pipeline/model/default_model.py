@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -35,7 +36,7 @@ import pandas as pd
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_directory
+from pipeline.io import atomic_directory, atomic_file, resumable_scratch
 from pipeline.model.default_spec import FAMILIES, DefaultModelSpec
 from pipeline.model.scoring import answer_cross_entropy
 from pipeline.tasks.items import CANDIDATE_SLOT, ImageTable, read_annotations, training_examples
@@ -261,8 +262,77 @@ def image_word_targets(annotations: pd.DataFrame, tokenizer) -> tuple[dict[str, 
     return {k: sorted(v) for k, v in words.items()}, {k: ocr.get(k, -1) for k in words}
 
 
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """Where and how often training saves everything a bitwise resume needs.
+
+    ``directory``: the scratch directory (inside the output, ``pipeline.io.resumable_scratch``);
+    one file, ``checkpoint.pt``, replaced atomically at each save. ``every``: optimiser steps
+    between saves, counted separately in each phase ("warmup" and "language"); 0 never saves.
+    ``on_save(phase, step)`` runs after each save (progress reporting; the tests kill there).
+    """
+
+    directory: Path
+    every: int
+    on_save: Callable[[str, int], None] | None = None
+
+    def due(self, done: int, total: int) -> bool:
+        """True after ``done`` of ``total`` steps when a save is due (never after the last step:
+        the finished model is saved instead)."""
+        return self.every > 0 and done % self.every == 0 and done < total
+
+    def save(self, state: dict) -> None:
+        """Write ``state`` (with "phase" and "step") with torch's and CUDA's RNG states added."""
+        state = {**state, "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with atomic_file(self.directory / CHECKPOINT_FILE) as tmp:
+            torch.save(state, tmp)
+        log.info("checkpoint: %s step %d", state["phase"], state["step"])
+        if self.on_save is not None:
+            self.on_save(state["phase"], state["step"])
+
+    def load(self) -> dict | None:
+        """The last saved state, or None when there is none (a file that cannot be read, as a
+        kill inside ``torch.save`` cannot leave one, is reported and ignored)."""
+        path = self.directory / CHECKPOINT_FILE
+        if not path.is_file():
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)  # our own file, in our own scratch
+        except (RuntimeError, EOFError, OSError, ValueError) as exc:
+            log.warning("ignoring unreadable checkpoint %s (%s); training starts afresh", path, exc)
+            return None
+        log.info("resuming training from %s: %s step %d", path, state["phase"], state["step"])
+        return state
+
+
+def _gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's ``.grad`` that is set. Part of the training state: the frozen tower keeps
+    its last warm-up gradient, and ``clip_grad_norm_`` over all parameters counts it."""
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _restore_model(model: torch.nn.Module, state: dict) -> None:
+    """Weights and gradients of ``model`` as saved in a checkpoint ``state``."""
+    model.load_state_dict(state["model"])
+    for name, param in model.named_parameters():
+        grad = state["gradients"].get(name)
+        param.grad = None if grad is None else grad.to(param.device)
+
+
+def _restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
 def warm_up_vision(model, processor, decoded: dict, targets: tuple[dict[str, list[int]], dict[str, int]], *,
-                   steps: int, batch_size: int, lr: float, seed: int) -> list[float]:
+                   steps: int, batch_size: int, lr: float, seed: int, checkpoints: Checkpoints | None = None,
+                   resume: dict | None = None) -> list[float]:
     """Train the vision tower alone to predict which answer words describe each image.
 
     Multi-label logistic regression on the patch features (the ones LLaVA feeds the language
@@ -296,9 +366,17 @@ def warm_up_vision(model, processor, decoded: dict, targets: tuple[dict[str, lis
     params = list(tower.parameters()) + list(head.parameters()) + list(word_head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
-    losses = []
+    losses: list[float] = []
+    start = 0
+    if resume is not None:  # the model's weights and gradients were restored by the caller
+        head.load_state_dict(resume["head"])
+        word_head.load_state_dict(resume["word_head"])
+        opt.load_state_dict(resume["optimizer"])
+        gen.set_state(resume["generator"])
+        losses, start = list(resume["losses"]), resume["step"]
+        _restore_rng(resume)
     tower.train()
-    for _ in tqdm(range(steps), desc="vision warm-up", leave=False):
+    for step in tqdm(range(start, steps), desc="vision warm-up", leave=False, initial=start, total=steps):
         pick = torch.randint(0, len(ids), (batch_size,), generator=gen).to(device)
         patches = patch_features(tower, pixels[pick])
         # Multiple-instance pooling (max over patches, smoothed): each word must be predictable
@@ -315,6 +393,11 @@ def warm_up_vision(model, processor, decoded: dict, targets: tuple[dict[str, lis
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        if checkpoints is not None and checkpoints.due(step + 1, steps):
+            checkpoints.save({"phase": "warmup", "step": step + 1, "model": model.state_dict(),
+                              "gradients": _gradients(model),
+                              "head": head.state_dict(), "word_head": word_head.state_dict(),
+                              "optimizer": opt.state_dict(), "generator": gen.get_state(), "losses": losses})
     return losses
 
 
@@ -428,16 +511,28 @@ def _training_step(adapter, optimizer: torch.optim.Optimizer, batch: list[tuple[
 
 
 def _train_language_model(adapter, optimizer: torch.optim.Optimizer, spec: DefaultModelSpec, train: pd.DataFrame,
-                          decoded: dict, rng: np.random.Generator, *, name: str) -> TrainingCurves:
+                          decoded: dict, rng: np.random.Generator, *, name: str, checkpoints: Checkpoints | None = None,
+                          resume: dict | None = None, warmup_losses: list[float] | None = None) -> TrainingCurves:
     """``spec.steps`` steps of ``spec.batch_size`` rows drawn in order from a pool that
-    ``_refill_pool`` tops up from ``rng``; the vision tower stays in eval mode (frozen)."""
+    ``_refill_pool`` tops up from ``rng``; the vision tower stays in eval mode (frozen).
+
+    With ``checkpoints``, the state is saved every ``checkpoints.every`` steps (with
+    ``warmup_losses``, for the summary); ``resume`` (a "language" checkpoint; the model's weights
+    and gradients already restored by the caller) continues from its step, bitwise as if never stopped."""
     from tqdm import tqdm
 
     pool: list[tuple[str, str, str, str]] = []
     curves = TrainingCurves()
+    start = 0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        rng.bit_generator.state = resume["numpy_rng"]
+        pool, start = list(resume["pool"]), resume["step"]
+        curves = TrainingCurves(list(resume["losses"]), {t: list(v) for t, v in resume["task_losses"].items()})
+        _restore_rng(resume)
     adapter.model.train()
     vision_tower(adapter.model).eval()
-    bar = tqdm(range(spec.steps), desc=f"train {name}")
+    bar = tqdm(range(start, spec.steps), desc=f"train {name}", initial=start, total=spec.steps)
     for step in bar:
         _refill_pool(pool, train, spec, rng)
         batch = pool[: spec.batch_size]
@@ -448,6 +543,12 @@ def _train_language_model(adapter, optimizer: torch.optim.Optimizer, spec: Defau
         curves.losses.append(loss)
         if step % 20 == 0:
             bar.set_postfix({t: f"{np.mean(v[-100:]):.3f}" for t, v in sorted(curves.task_losses.items())})
+        if checkpoints is not None and checkpoints.due(step + 1, spec.steps):
+            checkpoints.save({"phase": "language", "step": step + 1, "model": adapter.model.state_dict(),
+                              "gradients": _gradients(adapter.model),
+                              "optimizer": optimizer.state_dict(), "numpy_rng": rng.bit_generator.state,
+                              "pool": pool, "losses": curves.losses, "task_losses": curves.task_losses,
+                              "warmup_losses": warmup_losses})
     return curves
 
 
@@ -503,7 +604,8 @@ def _image_size(data: TrainSplit) -> int:
 
 
 def train_default_model(spec: DefaultModelSpec, benchmark_dir: Path, out_dir: Path, *, name: str,
-                        device: str = "cpu") -> dict:
+                        device: str = "cpu", resume_key: str | None = None, checkpoint_every: int = 0,
+                        on_checkpoint: Callable[[str, int], None] | None = None) -> dict:
     """Train the default model ``name`` on the benchmark's train split and save it to ``out_dir``.
 
     Returns a summary (parameters, sizes, final loss, loss curves) that is also written to
@@ -513,9 +615,19 @@ def train_default_model(spec: DefaultModelSpec, benchmark_dir: Path, out_dir: Pa
     language model, save. The seeds are set first and every random draw follows in that order,
     so a spec trains bitwise the same model on the same machine and thread count (the caller
     sets torch's threads).
+
+    Resumable: with ``resume_key`` (what identifies this training: spec, data, code, threads),
+    the state is saved every ``checkpoint_every`` steps into ``out_dir/.partial-<resume_key>/``
+    and a run killed after a save resumes from it, to bitwise the weights of an uninterrupted
+    run; anything else in ``out_dir`` is removed at the start (``pipeline.io.resumable_scratch``),
+    and the scratch goes with the finished model's rename. ``on_checkpoint(phase, step)`` runs
+    after each save.
     """
     from pipeline.model.adapter import ModelAdapter
 
+    checkpoints = None
+    if resume_key is not None:
+        checkpoints = Checkpoints(resumable_scratch(out_dir, resume_key), checkpoint_every, on_checkpoint)
     torch.manual_seed(spec.seed)
     rng = np.random.default_rng(spec.seed)
     data = _read_train_split(benchmark_dir)
@@ -524,14 +636,23 @@ def train_default_model(spec: DefaultModelSpec, benchmark_dir: Path, out_dir: Pa
     adapter = ModelAdapter.from_model(model, processor)
     log.info("default model %s: %s parameters", name, f"{count_parameters(model)['total']:,}")
     decoded = _decode_images(data.images, data.train["image_id"])
+    resume = checkpoints.load() if checkpoints is not None else None
+    if resume is not None:
+        _restore_model(model, resume)
 
     t0 = time.perf_counter()
-    warmup_losses = warm_up_vision(
-        model, processor, decoded, image_word_targets(data.train, processor.tokenizer),
-        steps=spec.vision_warmup_steps, batch_size=spec.batch_size * 2, lr=spec.lr, seed=spec.seed,
-    )
+    if resume is None or resume["phase"] == "warmup":
+        warmup_losses = warm_up_vision(
+            model, processor, decoded, image_word_targets(data.train, processor.tokenizer),
+            steps=spec.vision_warmup_steps, batch_size=spec.batch_size * 2, lr=spec.lr, seed=spec.seed,
+            checkpoints=checkpoints, resume=resume,
+        )
+        resume = None
+    else:
+        warmup_losses = list(resume["warmup_losses"])
     optimizer = _language_optimizer(model, spec)
-    curves = _train_language_model(adapter, optimizer, spec, data.train, decoded, rng, name=name)
+    curves = _train_language_model(adapter, optimizer, spec, data.train, decoded, rng, name=name,
+                                   checkpoints=checkpoints, resume=resume, warmup_losses=warmup_losses)
     model.eval()
     model.to("cpu")
 

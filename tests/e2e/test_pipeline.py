@@ -182,7 +182,7 @@ def test_outputs_are_written(repo: Path) -> None:
     assert source["kind"] == "folder" and source["model_type"] == FAMILY
     assert "model.safetensors" in source["files"] and "config.json" in source["files"]
     assert sorted(p.name for p in (repo / f"data/models/{BROUGHT}").iterdir()) == ["source.json"]
-    assert not list(repo.glob("data/activations/**/*.partial-*")), "scratch stores left behind"
+    assert not list(repo.glob("data/**/.partial-*")) and not list(repo.glob("data/**/*.tmp")), "scratch left behind"
     suppression = json.loads((repo / "metrics/suppression.json").read_text())
     assert set(suppression) == set(MODELS)
     for model in MODELS:
