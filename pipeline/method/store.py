@@ -73,9 +73,9 @@ from __future__ import annotations
 
 import logging
 import math
+import itertools
 import shutil
 import time
-import itertools
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -187,13 +187,20 @@ def read_checked(group: zarr.Group, name: str, selection, path: Path, what: str,
         return np.asarray(arr[selection])
     except (ValueError, OSError) as exc:  # a checksum mismatch, or a truncated chunk that cannot be reshaped
         for key, region in _storage_chunks(arr, items):
-            try:
-                arr[region]
-            except (ValueError, OSError) as chunk_exc:
-                raise StoreError(f"{what} {path}: array {name!r} chunk {key} ({_region_text(arr, region)}) is "
-                                 f"damaged ({_one_line(chunk_exc)}); {_restore_hint(path, stage)}") from None
+            _read_chunk(arr, name, key, region, path, what, stage)
         raise StoreError(f"{what} {path}: array {name!r} cannot be read ({_one_line(exc)}); "
                          f"{_restore_hint(path, stage)}") from None
+
+
+def _read_chunk(arr: zarr.Array, name: str, key: str, region: tuple[slice, ...], path: Path, what: str,
+                stage: str) -> np.ndarray:
+    """The chunk file ``key`` of ``arr`` (its ``region``), checksum checked; StoreError naming
+    the store, the array and the chunk when it fails."""
+    try:
+        return np.asarray(arr[region])
+    except (ValueError, OSError) as exc:
+        raise StoreError(f"{what} {path}: array {name!r} chunk {key} ({_region_text(arr, region)}) is "
+                         f"damaged ({_one_line(exc)}); {_restore_hint(path, stage)}") from None
 
 
 @dataclass(frozen=True)
@@ -802,11 +809,7 @@ def verify(path: Path, progress: bool = False) -> StoreCheck:
         arrays = sorted(group.array_keys())
         todo = [(name, key, region) for name in arrays for key, region in _storage_chunks(group[name])]
         for name, key, region in tqdm(todo, desc=f"verify {path.name}", disable=not progress, leave=False):
-            try:
-                nbytes += np.asarray(group[name][region]).nbytes
-            except (ValueError, OSError) as exc:
-                raise StoreError(f"array {name!r} chunk {key} ({_region_text(group[name], region)}) is damaged "
-                                 f"({_one_line(exc)}); {_restore_hint(path, stage)}") from None
+            nbytes += _read_chunk(group[name], name, key, region, path, kind, stage).nbytes
             chunks += 1
     except StoreError as exc:
         return StoreCheck(path, "damaged", kind, " ".join(str(exc).split()))

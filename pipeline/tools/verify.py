@@ -35,25 +35,39 @@ def find_stores(path: Path) -> list[Path]:
     return found
 
 
+log = logging.getLogger(__name__)
+
+
+def _verdicts_to_stdout() -> None:
+    """The verdict lines are the command's output: this module's records go to stdout as bare
+    lines (set afresh at each call, so a second ``main`` in one process does not double them);
+    other loggers keep the root's stderr handler."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers, log.propagate = [handler], False
+    log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("paths", nargs="+", type=Path, help="stores, or folders holding them")
-    p.add_argument("--quiet", action="store_true", help="print only the stores that fail")
+    p.add_argument("--quiet", action="store_true", help="report only the stores that fail")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _verdicts_to_stdout()
     checks: list[StoreCheck] = []
     for root in args.paths:
         stores = find_stores(root)
         if not stores:
-            print(f"{'MISSING':<10} {root}: no Zarr store at or under it")
+            log.error("%-10s %s: no Zarr store at or under it", "MISSING", root)
             return 1
         for store in stores:
             check = verify(store, progress=sys.stderr.isatty())
             checks.append(check)
             if not (args.quiet and check.ok):
-                print(check.line(), flush=True)
+                log.log(logging.INFO if check.ok else logging.ERROR, "%s", check.line())
     bad = [c for c in checks if not c.ok]
-    print(f"{len(checks) - len(bad)} of {len(checks)} stores verified" + (f"; {len(bad)} failed" if bad else ""))
+    log.info("%d of %d stores verified%s", len(checks) - len(bad), len(checks), f"; {len(bad)} failed" if bad else "")
     return 1 if bad else 0
 
 
