@@ -10,6 +10,9 @@ A stage is thin: it declares the params keys it reads (``READS``, the same list 
   when it dies, the stage stops instead of writing an output nobody will record;
 - SIGTERM (and the parent's death) raise ``StageStopped`` in the main thread, so every atomic
   write in progress is rolled back; exit code 143;
+- under DVC (``DVC_STAGE`` set) or with ``$HONES_TIMINGS`` set, a timing record of the run in
+  ``timings/`` (or ``$HONES_TIMINGS``): wall time, and the work the stage reported through
+  ``report_rows``. No stage declares that folder, so timings never invalidate a cached result;
 - every mistake a user can make (``PipelineError``) printed as one line with exit code 2;
   anything else is a bug and keeps its traceback. Loading models and benchmark data is in ``stages._load``, imported
 only by the stages that do it (so editing it reruns only them).
@@ -34,10 +37,12 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 from pipeline.io import remove_path, temporary_sibling
+from pipeline.timings import StageTiming, write_timing
 from stages.params import write_params_audit
 
 log = logging.getLogger("stages")
 PARAMS_FILE = Path("params.yaml")
+TIMINGS_FOLDER = Path("timings")
 
 
 def parser(description: str | None) -> argparse.ArgumentParser:
@@ -168,6 +173,53 @@ def _remove_leftover_tmp(out: Path) -> None:
         remove_path(tmp)
 
 
+_work: dict[str, tuple[int, str]] = {}
+
+
+def report_rows(rows: int, unit: str) -> None:
+    """The work this stage run did, for its timing record: ``rows`` units of ``unit`` (model
+    sequences forwarded, items, optimiser examples...). A later call replaces an earlier one."""
+    _work["rows"] = (int(rows), unit)
+
+
+def _seconds_since_process_start() -> float | None:
+    """Seconds since this process started (Linux /proc), so that a stage's time includes the
+    interpreter's start-up and its imports (torch alone takes seconds); None elsewhere."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def _timings_folder() -> Path | None:
+    """Where this run's timing goes: ``$HONES_TIMINGS``, else ``timings/`` when DVC runs the
+    stage, else nowhere (a stage run by hand, or by a test, leaves the committed table alone)."""
+    if os.environ.get("HONES_TIMINGS"):
+        return Path(os.environ["HONES_TIMINGS"])
+    return TIMINGS_FOLDER if "DVC_STAGE" in os.environ else None
+
+
+def _model_rows() -> tuple[int | None, str | None]:
+    """The sequences this process ran through a model (``pipeline.model.batching``), when the
+    stage reported no other measure of its work."""
+    batching = sys.modules.get("pipeline.model.batching")
+    done = batching.rows_completed() if batching is not None else 0
+    return (done, "sequences") if done else (None, None)
+
+
+def _record_timing(stage: str, started_utc: str, wall_s: float, load_1m: float) -> None:
+    folder = _timings_folder()
+    if folder is None:
+        return
+    rows, unit = _work.get("rows") or _model_rows()
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    write_timing(folder, StageTiming.measured(stage, started_utc, wall_s, rows, unit, threads=threads,
+                                              cpus=os.cpu_count() or 1, load_1m=load_1m))
+
+
 def entry(fn: Callable[[], None]) -> Callable[[], None]:
     """Run a stage's main: logging, a lock on ``--out``, stopping with its parent, one-line errors
     with exit code 2 (143 when stopped)."""
@@ -178,6 +230,10 @@ def entry(fn: Callable[[], None]) -> Callable[[], None]:
         signal.signal(signal.SIGTERM, _raise_stopped)
         _stop_when_parent_dies()
         out = _argv_value("--out")
+        module = fn.__module__ if fn.__module__ != "__main__" else Path(sys.argv[0]).stem
+        age = _seconds_since_process_start() or 0.0
+        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - age))
+        load_1m, t0 = os.getloadavg()[0], time.perf_counter() - age
         try:
             if out is None:
                 fn()
@@ -194,7 +250,8 @@ def entry(fn: Callable[[], None]) -> Callable[[], None]:
             log.error("stopped: %s; the output being written was rolled back (a resumable stage keeps its "
                       "scratch and resumes on the next run)", exc)
             sys.exit(128 + signal.SIGTERM)
-        module = fn.__module__ if fn.__module__ != "__main__" else Path(sys.argv[0]).stem
+        wall_s = time.perf_counter() - t0
         write_params_audit(stage_id(module))
+        _record_timing(os.environ.get("DVC_STAGE") or stage_id(module), started, wall_s, load_1m)
 
     return wrapper

@@ -11,7 +11,7 @@ from pipeline.errors import PipelineError
 from pipeline.method.attribution import BaselineSettings, attribute, attribute_on_items
 from pipeline.method.store import ActivationStore, write_importance
 from pipeline.provenance import provenance
-from stages._common import entry, parser
+from stages._common import entry, parser, report_rows
 from stages._load import load_items
 from stages.params import params_hash, read_params
 
@@ -90,6 +90,7 @@ def main() -> None:
                       entry=__spec__.name)
     prov.update({k: first.get(k) for k in ("model", "model_name", "model_revision", "model_weights_sha256")})
     write_importance(args.out, methods, tasks, importance, {**prov, "params": settings}, on_ablation_items=on_items)
+    report_rows(sum(len(s.item_ids) for s in stores.values()), "items")
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ by ``source``, and dvc.yaml declares only that one.
 
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from pipeline.tasks.benchmark import BenchmarkSpec, build_benchmark
 from pipeline.tasks.coco_import import import_hones_coco
-from stages._common import entry, parser
+from stages._common import entry, parser, report_rows
 from stages.params import read_params
 
 READS = ("benchmark.source", "benchmark.{benchmark.source}")
@@ -28,8 +30,9 @@ def main() -> None:
             Path(coco.json_path), Path(coco.image_root), args.out, seed=coco.seed, n_discovery=coco.n_discovery,
             n_dev=coco.n_dev, n_test=coco.n_test, n_negatives=coco.n_negatives, max_images=coco.max_images,
         )
-        return
-    build_benchmark(BenchmarkSpec(**params.benchmark.synthetic.model_dump()), args.out)
+    else:
+        build_benchmark(BenchmarkSpec(**params.benchmark.synthetic.model_dump()), args.out)
+    report_rows(pq.ParquetFile(args.out / "images.parquet").metadata.num_rows, "images")
 
 
 if __name__ == "__main__":

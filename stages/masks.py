@@ -12,7 +12,7 @@ from pipeline.method.masks import build_masks, faithfulness, mask_size, overlap
 from pipeline.method.store import read_importance, read_importance_on_ablation_items
 from pipeline.outcomes.statistics import layer_preference, verdict
 from pipeline.report.plots import plot_layer_distribution, plot_square
-from stages._common import entry, parser
+from stages._common import entry, parser, report_rows
 from stages.params import read_params
 
 READS = ("masks.rho", "masks.rho_grid", "masks.random_draws", "masks.seed",
@@ -52,6 +52,7 @@ def main() -> None:
     masks = build_masks(selectable, tasks, importance[[methods.index(m) for m in selectable]], cfg.rho_grid, cfg.rho,
                         random_draws=cfg.random_draws, seed=cfg.seed)
     write_parquet(masks, args.out)
+    report_rows(len(masks.groupby(["method", "task", "rho", "draw"])), "masks")
     k = mask_size(n_layers, n_neurons, cfg.rho)
     faith: dict = {}
     matched: dict = {}

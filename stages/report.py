@@ -9,6 +9,7 @@ import pandas as pd
 from pipeline.io import write_json
 from pipeline.method.attribution import METHOD_DESCRIPTIONS
 from pipeline.report.html import Section, build_report
+from pipeline.report.plots import plot_training_curves
 from pipeline.report.verdict import VERDICT_COLUMNS, sensitivity_message, verdict_metrics, verdict_rows
 from stages._common import entry, parser
 from stages.params import read_params
@@ -79,6 +80,16 @@ def main() -> None:
         rows = {m: q[u] for m, q in quality.items() if u in q}
         sections.append(Section(f"Model quality ({u})", f"Utility of each model on the held-out test split ({what}).",
                                 table=pd.DataFrame(rows).T if rows else None))
+    (args.plots / "training").mkdir(parents=True, exist_ok=True)
+    for m in models:
+        record = _json(args.data / "models" / m / "training.json")
+        if record:  # a default model the pipeline trained (a brought model has no record)
+            figure = args.plots / "training" / f"{m}.png"
+            plot_training_curves(record, figure, f"{m}: learning curves")
+            sections.append(Section(f"{m}: learning curves", "The vision tower's warm-up loss, then each task's "
+                                    "answer cross-entropy on the training rows while the language model learns "
+                                    "(means over windows of 50 steps); held-out quality is in the tables above.",
+                                    images=[figure]))
     for m in models:
         for u in utilities:
             summ = suppression[m].get(u, {}).get("summary", {})

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.model.default_model import train_default_model
 from pipeline.provenance import code_version, files_hash
-from stages._common import entry, parser
+from stages._common import entry, parser, report_rows
 from stages._device import model_device
 from stages.params import ConfigError, PretrainedModelConfig, params_hash, read_params
 
@@ -38,6 +38,7 @@ def main() -> None:
                              code_version(__spec__.name), params.runtime.threads, device)
     train_default_model(cfg.spec, args.benchmark, args.out, name=args.model, device=device, resume_key=resume_key,
                         checkpoint_every=params.runtime.checkpoint_every_steps)
+    report_rows(cfg.spec.steps * cfg.spec.batch_size, "training examples")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import tiny_model_spec
+from pipeline.errors import PipelineError
 from pipeline.model.adapter import ModelAdapter
 from pipeline.tasks.items import read_annotations
 from pipeline.model.default_model import (
@@ -40,12 +41,17 @@ def test_answer_cross_entropy_counts_only_answer_tokens() -> None:
     assert answer_cross_entropy(logits, ids, mask_all) > loss
 
 
-def test_warm_up_targets_name_image_words(annotations) -> None:
+def test_warm_up_targets_name_image_words_and_bound_pairs(annotations) -> None:
     tok = build_tokenizer(benchmark_vocabulary(annotations))
-    words, ocr = image_word_targets(annotations, tok)
+    targets = image_word_targets(annotations, tok)
     rec = annotations[annotations["task"] == "ocr"].iloc[0]
-    assert ocr[rec.image_id] == tok.convert_tokens_to_ids(rec.references[0])
-    assert tok.convert_tokens_to_ids(rec.references[0]) in words[rec.image_id]
+    assert targets.ocr[rec.image_id] == tok.convert_tokens_to_ids(rec.references[0])
+    assert tok.convert_tokens_to_ids(rec.references[0]) in targets.words[rec.image_id]
+    cap = annotations[annotations["task"] == "caption"].iloc[0]
+    first = tok(cap.references[0], add_special_tokens=False)["input_ids"]
+    # "a red circle ...": the colour bound to its shape is one pair of the image.
+    assert (first[1], first[2]) in targets.pairs[cap.image_id]
+    assert set(targets.pairs) == set(targets.words)
 
 
 def test_train_save_and_load_back(benchmark_dir, tmp_path) -> None:
@@ -180,3 +186,43 @@ def test_checkpoint_of_other_training_is_not_resumed(benchmark_dir, tmp_path) ->
     assert {"config.json", "model.safetensors", "training.json"} <= {p.name for p in out.iterdir()}
     assert not (out / ".partial-old").exists() and not (out / ".partial-new").exists()
     assert not (out / "stale.txt").exists() and not (tmp_path / "m.tmp").exists()
+
+
+@pytest.mark.parametrize("family", ["llava", "idefics3"])
+def test_frozen_tower_cache_gives_the_real_towers_inputs_and_logits(benchmark_dir, family) -> None:
+    """The language phase's cache (each image processed once, the frozen tower's outputs computed
+    once) feeds the model exactly what the real image processor and tower would, and leaves
+    the real ones in place when uninstalled."""
+    from pipeline.model import default_model as dm
+    from pipeline.tasks.items import ImageTable
+
+    spec = replace(tiny_model_spec(), family=family, text_kv_heads=2, image_size=32,
+                   patch_size=4 if family == "idefics3" else 8)
+    annotations = read_annotations(benchmark_dir / "annotations.parquet")
+    model, processor = dm._build_untrained(spec, annotations, "cpu")
+    model.eval()
+    adapter = ModelAdapter.from_model(model, processor)
+    rows = annotations[annotations["split"] == "train"].head(6)
+    table = ImageTable(benchmark_dir / "images.parquet")
+    decoded = {i: table[i] for i in sorted(rows["image_id"].unique())}
+    args = ([decoded[i] for i in rows["image_id"]], rows["prompt"].str.replace("{candidate}", "x").tolist(),
+            [refs[0] for refs in rows["references"]])
+    real = adapter.build_inputs(*args)
+    with torch.no_grad():
+        want = model(**real.tensors).logits
+    cache = dm.FrozenVisionCache(model, processor, decoded, chunk=2)
+    tower, image_processor = dm.vision_tower(model), processor.image_processor
+    with cache.installed():
+        for _ in range(2):  # the second call reads only stored image outputs
+            cached = adapter.build_inputs(*args)
+            assert cached.tensors.keys() == real.tensors.keys()
+            for key, value in real.tensors.items():
+                assert torch.equal(cached.tensors[key], value), key
+            with torch.no_grad():
+                got = model(**cached.tensors).logits
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        with pytest.raises(PipelineError, match="were not cached"):
+            adapter.build_inputs([table[annotations["image_id"].iloc[-1]]], ["what ?"])
+    assert processor.image_processor is image_processor and "forward" not in vars(tower)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**real.tensors).logits, want, rtol=0, atol=0)

@@ -196,7 +196,7 @@ if __name__ == "__main__":
 
 
 # Layers of the library, lowest first: a module imports only from its own layer or lower ones.
-LAYERS = {"errors": 0, "io": 0, "provenance": 0, "tasks": 1, "model": 2, "method": 3, "outcomes": 4,
+LAYERS = {"errors": 0, "io": 0, "provenance": 0, "timings": 0, "tasks": 1, "model": 2, "method": 3, "outcomes": 4,
           "report": 5, "tools": 6}
 
 

@@ -21,11 +21,18 @@ import torch
 
 from pipeline.errors import PipelineError
 
-__all__ = ["BatchTooLarge", "for_each_batch", "largest_fitting_batch", "reset_batch_limit"]
+__all__ = ["BatchTooLarge", "for_each_batch", "largest_fitting_batch", "reset_batch_limit", "rows_completed"]
 
 log = logging.getLogger(__name__)
 
 _limit: int | None = None
+_rows_completed = 0
+
+
+def rows_completed() -> int:
+    """Rows that ``for_each_batch`` has run to completion in this process (a stage's work, in
+    model sequences, for its timing record)."""
+    return _rows_completed
 
 
 class BatchTooLarge(PipelineError):
@@ -53,7 +60,7 @@ def for_each_batch(n_rows: int, batch_size: int, run: Callable[[slice], None], *
     """Call ``run`` on slices of ``range(n_rows)`` of at most ``batch_size`` rows (fewer after an
     out-of-memory error, see the module docstring); ``what`` names the work in logs, errors and
     the progress bar (``progress=False``: none)."""
-    global _limit
+    global _limit, _rows_completed
     from tqdm import tqdm
 
     if batch_size < 1:
@@ -76,4 +83,5 @@ def for_each_batch(n_rows: int, batch_size: int, run: Callable[[slice], None], *
                             "(and at most %d for the rest of this run)", what, sl.stop - sl.start, start, size, size)
                 continue
             bar.update(sl.stop - sl.start)
+            _rows_completed += sl.stop - sl.start
             start = sl.stop

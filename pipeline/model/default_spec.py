@@ -32,7 +32,7 @@ class DefaultModelSpec:
     family: Literal["llava", "idefics3"] = "llava"
     patch_size: Annotated[int, Field(ge=1)] = 16
     vision_hidden: Annotated[int, Field(ge=8)] = 128
-    vision_layers: Annotated[int, Field(ge=1)] = 3
+    vision_layers: Annotated[int, Field(ge=1)] = 6
     vision_heads: Annotated[int, Field(ge=1)] = 4
     vision_ffn: Annotated[int, Field(ge=8)] = 256
     text_hidden: Annotated[int, Field(ge=8)] = 128
@@ -40,7 +40,7 @@ class DefaultModelSpec:
     text_heads: Annotated[int, Field(ge=1)] = 4
     text_kv_heads: Annotated[int, Field(ge=1)] = 4
     text_ffn: Annotated[int, Field(ge=8)] = 512
-    vision_warmup_steps: Annotated[int, Field(ge=0)] = 600
+    vision_warmup_steps: Annotated[int, Field(ge=0)] = 1500
     steps: Annotated[int, Field(ge=1)] = 3000
     batch_size: Annotated[int, Field(ge=1)] = 32
     lr: Annotated[float, Field(gt=0, le=1)] = 1e-3

@@ -5,6 +5,7 @@ Map of this module:
 - ``plot_layer_distribution``: selected neurons per layer, per task and method (the masks stage).
 - ``plot_square``: a labelled heatmap of a small table (overlaps, suppression matrices).
 - ``plot_deletion_curves``: on- and off-target drop against mask size, with interval bands.
+- ``plot_training_curves``: a default model's warm-up and per-task training losses (the report).
 
 Matplotlib is set up once (``_plt``: the non-interactive Agg backend) and every figure is
 written by ``_save`` (parent folders created, tight layout, 110 dpi).
@@ -115,5 +116,28 @@ def plot_deletion_curves(curve: dict, path: Path, title: str) -> None:
         ax.set_title(label)
     axes[0].set_ylabel("relative drop (%)")
     axes[1].legend(fontsize=7)
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def plot_training_curves(summary: dict, path: Path, title: str) -> None:
+    """Learning curves of a default model from its ``training.json`` record: the vision warm-up's
+    loss (left) and each task's answer cross-entropy (nats, log scale) in the language phase
+    (right), both as means over windows of 50 steps."""
+    plt = _plt()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    warm = summary.get("vision_warmup_loss") or []
+    left.plot(np.arange(len(warm)) * 50, warm, color="tab:gray")
+    left.set_xlabel("vision warm-up step")
+    left.set_ylabel("loss")
+    left.set_title("vision tower warm-up")
+    for task, values in sorted((summary.get("task_loss_curve") or {}).items()):
+        y = np.array([np.nan if v is None else v for v in values], dtype=float)
+        right.plot(np.arange(len(y)) * 50, y, label=task)
+    right.set_yscale("log")
+    right.set_xlabel("language step")
+    right.set_ylabel("answer cross-entropy (nats)")
+    right.set_title("language phase, per task")
+    right.legend(fontsize=8)
     fig.suptitle(title)
     _save(fig, path)

@@ -229,6 +229,25 @@ def test_every_stage_read_exactly_what_it_declares(repo: Path) -> None:
             f"{sorted(set(rec['declared']) - set(rec['accessed']))}"
 
 
+def test_every_stage_run_left_its_timing_and_timings_invalidate_nothing(repo: Path) -> None:
+    from pipeline.timings import TABLE_FILE, read_timings
+
+    records = {r.stage: r for r in read_timings(repo / "timings")}
+    assert set(records) == set(all_stages(repo))
+    for name, rec in records.items():
+        assert rec.wall_s > 0, name
+    # Every stage that runs a model counts its sequences; the others their own unit.
+    assert records["heads@tiny-llava-vqa"].unit == "sequences" and records["heads@tiny-llava-vqa"].rows > 0
+    assert records["train_default_model@tiny-llava"].unit == "training examples"
+    assert records["masks@tiny-llava"].unit == "masks"
+    table = (repo / "timings" / TABLE_FILE).read_text()
+    assert all(f"| {name} |" in table for name in records) and "**total**" in table
+    (repo / "timings" / TABLE_FILE).write_text("edited\n")
+    (repo / "timings" / "heads@tiny-llava-vqa.json").unlink()
+    assert changed_stages(repo) == set()
+    run(repo, "git", "checkout", "--", "timings")
+
+
 def test_second_repro_reruns_nothing(repo: Path) -> None:
     proc = dvc(repo, "repro")
     # The resolve stage looks at the brought model's files again (its hashes are remembered) and
