@@ -131,3 +131,29 @@ def test_cli(capsys):
 def test_incomplete_config_is_an_error(bad, capsys):
     assert main(["--model-config", bad]) == 2
     assert "lacks 'num_hidden_layers'" in capsys.readouterr().err
+
+
+def test_shared_prefix_flops_by_hand():
+    """2 layers, 2 heads, 2 neurons, batch 4, one item: a vision tower of 10, a layer of 1, no lm_head."""
+    from types import SimpleNamespace
+
+    from pipeline.tools.estimate import Workload, shared_prefix_flops
+
+    arch = SimpleNamespace(text=SimpleNamespace(layers=2, heads=2, ffn=2))
+    w = Workload(items=1, top_k=2, batch_size=4, heads_items=1, ablation_items=1)
+    got = shared_prefix_flops(arch, w, f_vision=10.0, f_layer=1.0, f_head=0.0)
+    # Per layer l: 2 rows x (2 - l) layers + one prefix (10 + l) + one stand-in image (10) per call.
+    groups = (2 * 2 + 10 + 10) + (2 * 1 + 11 + 10)
+    assert got["heads"] == groups + 12  # + the base row, a full pass
+    assert got["ablation"] == groups
+    # The dump: the base row in full (12), 2 head rows from their layer (mean 1.5 layers), one call's image.
+    assert got["dump"] == 12 + 2 * 1.5 + 10
+
+
+def test_estimate_prints_the_shared_prefix_saving_for_llava_7b(capsys):
+    assert main(["--model-config", "llava-1.5-7b", "--items", "7000", "--top-k", "30"]) == 0
+    out = capsys.readouterr().out
+    for stage in ("heads", "dump", "ablation"):
+        line = next(l for l in out.splitlines() if l.strip().startswith(f"{stage} with the shared prefix"))
+        saving = float(line.split("FLOP, ")[1].split("x fewer")[0])
+        assert 1.5 < saving < 2.5, line  # about half the layers skipped on average, the tower once

@@ -86,3 +86,14 @@ def test_top_heads_order_and_ties():
     with pytest.raises(ValueError, match=r"heads\.top_k = 100 but the model has 6 attention heads "
                                          r"\(3 layers x 2 heads\); set heads\.top_k to at most 6"):
         top_heads(scores, 100, name="heads.top_k")
+
+
+def test_retrieval_margins_batched_equals_naive(tiny_adapter, annotations, images):
+    """Retrieval's NDCG@5 from the candidates' margins: the batched heads share the tower and the
+    layers below each batch's lowest head (``condition_layers``); the naive loop does not."""
+    a = tiny_adapter
+    items = discovery_items(annotations, "retrieval", 2)
+    heads = [(0, 2), (1, 0), (1, 3)]
+    batched = score_heads(a, "retrieval", items, images, batch_size=5, heads=heads)
+    naive = score_heads_naive(a, "retrieval", items, images, batch_size=5, heads=heads)
+    check_equal(batched, naive, len(heads))

@@ -3,7 +3,8 @@
 effect[l, i] = U(base) - U(neuron (l, i) zeroed at every position), with U the teacher-forced
 utility (mean answer log-probability, nats) over a discovery subset; positive = the neuron
 helps the task. Each batch row zeroes its own neuron (``hooks.ablate_neurons_per_row``), so
-one forward pass ablates ``batch_size`` neurons. Cost: L * I * n_items rows, so it is meant
+one forward pass ablates ``batch_size`` neurons; a batch holds one item, whose vision tower and
+layers below the batch's lowest ablated layer are computed once (``hooks.forward_sharing_prefix``). Cost: L * I * n_items rows, so it is meant
 for models small enough (the embedded default: 2,048 neurons).
 
 - ``neuron_ablation_effects``: effect [layer, neuron] in nats, and its standard error over the
@@ -21,8 +22,10 @@ import pandas as pd
 import torch
 
 from pipeline.model.batching import for_each_batch
+from pipeline.model.adapter import ModelInputs
 from pipeline.model.evaluation import answer_logprob
-from pipeline.model.hooks import ablate_neurons_per_row
+from pipeline.model.hooks import ablate_neurons_per_row, forward_sharing_prefix, lowest_layer
+from pipeline.model.scoring import answer_logprobs, mean_answer_logprob
 from pipeline.tasks.items import ImageTable, item_prompts, teacher_forced_answers
 
 log = logging.getLogger(__name__)
@@ -30,12 +33,14 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def neuron_ablation_effects(
-    adapter, items: pd.DataFrame, images: ImageTable, *, batch_size: int, layers: list[int] | None = None
+    adapter, items: pd.DataFrame, images: ImageTable, *, batch_size: int, layers: list[int] | None = None,
+    share_prefix: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(effect, se), both [layer, neuron] in nats: the mean over items of base utility minus
     utility with that neuron zeroed, and its standard error (NaN with a single item).
 
     ``layers``: the layers to ablate (default all); the other layers' rows are NaN.
+    ``share_prefix`` False: every row computes the whole model (benchmarks).
     """
     from tqdm import tqdm
 
@@ -49,12 +54,26 @@ def neuron_ablation_effects(
     base = np.array([answer_logprob(adapter, [imgs[k]], [prompts[k]], [answers[k]])[0] for k in range(len(items))])
     effect, se = np.full((L, I), np.nan), np.full((L, I), np.nan)
     total, total_sq = np.zeros(len(neurons)), np.zeros(len(neurons))
-    # Neuron-major rows within an item: one item's inputs are built once and repeated.
+    # Neuron-major rows within an item: one item's inputs are built once per batch size and
+    # repeated (the processor's image work is a third of a tiny model's forward).
     for k in tqdm(range(len(items)), desc="ablation items", leave=False):
-        def run(sl: slice, k: int = k) -> None:
+        unique = adapter.build_inputs([imgs[k]], [prompts[k]], answers=[answers[k]])
+        built: dict[int, ModelInputs] = {}
+
+        def run(sl: slice, k: int = k, unique: ModelInputs = unique, built: dict = built) -> None:
             n = sl.stop - sl.start
-            with ablate_neurons_per_row(adapter, neurons[sl]):
-                lp = answer_logprob(adapter, [imgs[k]] * n, [prompts[k]] * n, [answers[k]] * n)
+            if n not in built:
+                built[n] = adapter.build_inputs([imgs[k]] * n, [prompts[k]] * n, answers=[answers[k]] * n)
+            inputs = built[n]
+            hooks = lambda: ablate_neurons_per_row(adapter, neurons[sl])  # noqa: E731
+            if share_prefix:
+                # One item per batch: its tower and the layers below the batch's lowest neuron run once.
+                logits = forward_sharing_prefix(adapter, unique.tensors, inputs.tensors, torch.zeros(n, dtype=torch.long),
+                                                lowest_layer(neurons[sl]), hooks).logits
+            else:
+                with hooks():
+                    logits = adapter.model(**inputs.tensors).logits
+            lp = mean_answer_logprob(*answer_logprobs(logits, inputs.input_ids, inputs.answer_mask)).cpu().numpy()
             d = base[k] - lp
             total[sl] += d
             total_sq[sl] += d * d

@@ -33,7 +33,14 @@ import torch
 from pipeline.errors import PipelineError
 from pipeline.tasks.items import ImageTable, item_prompts, reference_answer, teacher_forced_answers
 from pipeline.model.batching import for_each_batch
-from pipeline.model.hooks import capture_ffn, substitute_heads, trace_ffn
+from pipeline.model.hooks import (
+    capture_ffn,
+    capture_layer_inputs,
+    forward_sharing_prefix,
+    lowest_layer,
+    substitute_heads,
+    trace_ffn,
+)
 from pipeline.model.scoring import answer_logprobs, mean_answer_logprob
 from pipeline.method.store import ActivationStore, ItemArrays, StoreIndex, StoreLayout, check_free_space
 
@@ -179,24 +186,61 @@ def capture_block(
     prompts: list[str],
     row_heads: list[tuple[int, int] | None],
     batch_size: int,
+    share_prefix: bool = True,
 ) -> np.ndarray:
     """z at the last prompt token for every (item, condition): [condition, item, layer, neuron].
 
-    Rows are item-major; a batch holds whole items' conditions where ``batch_size`` allows.
+    With an untouched condition among ``row_heads`` (None; the dump's base), its rows run
+    first, item-major, keeping the residual stream entering each layer a head condition starts
+    at (``hooks.capture_layer_inputs``; real tokens only, on the CPU). Then the head
+    conditions' rows, ordered by their head's layer and item-major within it: a head at layer
+    l changes nothing below l, so each batch computes only from its lowest head's layer up,
+    starting from its items' base residual stream there (``hooks.forward_sharing_prefix``; the
+    vision tower runs for one image), and takes z below it from the base rows. Without an
+    untouched condition (or with ``share_prefix`` False), every row is a plain forward pass,
+    item-major.
     """
-    C, n = len(row_heads), len(prompts)
-    z = np.zeros((C, n, adapter.num_layers, adapter.ffn_width), dtype=np.float32)
+    C, n, L = len(row_heads), len(prompts), adapter.num_layers
+    z = np.zeros((C, n, L, adapter.ffn_width), dtype=np.float32)
+    base = next((c for c, h in enumerate(row_heads) if h is None), None) if share_prefix else None
+    first_of = [-1 if h is None else lowest_layer([h]) for h in row_heads]
     rows = [(i, c) for i in range(n) for c in range(C)]
+    needed: list[int] = []
+    if base is not None:
+        rows.sort(key=lambda row: first_of[row[1]])  # stable: item-major within a layer
+        needed = sorted({f for f in first_of if f >= 0})
+    # layer -> item -> the base row's residual stream entering that layer, real tokens only [n_real, hidden]
+    prefixes: dict[int, dict[int, torch.Tensor]] = {layer: {} for layer in needed}
 
     def run(sl: slice) -> None:
         batch = rows[sl]
+        first = min(first_of[c] for _, c in batch) if base is not None else -1
         inputs = adapter.build_inputs([images[i] for i, _ in batch], [prompts[i] for i, _ in batch])
-        with substitute_heads(adapter, [row_heads[c] for _, c in batch]):
-            with capture_ffn(adapter, None, inputs.last_prompt_index, stop_after_last=True) as captured:
-                adapter.model(**inputs.tensors)
-        stacked = torch.stack([captured[l] for l in range(adapter.num_layers)], dim=1).cpu().numpy()
+        heads = [row_heads[c] for _, c in batch]
+        if first < 0:
+            with substitute_heads(adapter, heads), capture_layer_inputs(adapter, needed) as entering:
+                with capture_ffn(adapter, None, inputs.last_prompt_index, stop_after_last=True) as captured:
+                    adapter.model(**inputs.tensors)
+            real = inputs.attention_mask.bool()
+            for b, (i, c) in enumerate(batch):
+                if c == base:
+                    for layer in needed:
+                        prefixes[layer][i] = entering[layer][b][real[b]].cpu()
+        else:
+            # Each row starts from its item's base residual stream at ``first``, left-padded to this batch.
+            S = inputs.input_ids.shape[1]
+            prefix = torch.zeros(len(batch), S, adapter.hidden_size, dtype=adapter.dtype)
+            for b, (i, _) in enumerate(batch):
+                kept = prefixes[first][i]
+                prefix[b, S - kept.shape[0]:] = kept
+            with capture_ffn(adapter, range(first, L), inputs.last_prompt_index, stop_after_last=True) as captured:
+                forward_sharing_prefix(adapter, None, inputs.tensors, torch.arange(len(batch)), first,
+                                       lambda: substitute_heads(adapter, heads), prefix=prefix)
+        stacked = torch.stack([captured[l] for l in range(max(first, 0), L)], dim=1).cpu().numpy()
         for (i, c), v in zip(batch, stacked):
-            z[c, i] = v
+            if first > 0:
+                z[c, i, :first] = z[base, i, :first]
+            z[c, i, max(first, 0):] = v
 
     for_each_batch(len(rows), batch_size, run, what="capture z", progress=False)
     return z

@@ -23,7 +23,7 @@ import pandas as pd
 
 from pipeline.errors import PipelineError
 from pipeline.model.evaluation import evaluate_task
-from pipeline.model.hooks import substitute_heads
+from pipeline.model.hooks import lowest_layer, substitute_heads
 from pipeline.tasks.items import ImageTable
 
 log = logging.getLogger(__name__)
@@ -60,11 +60,15 @@ def score_heads(
     max_new_tokens: int = 24,
     utility: str = "generative",
     heads: list[tuple[int, int]] | None = None,
+    share_prefix: bool = True,
 ) -> pd.DataFrame:
     """S_t(l, h) for every head (or the given ``heads``), batched across heads.
 
     Returns one row per head: ``score`` = ``baseline`` - ``intervened`` in the task's metric
     units (``metric`` column; "answer_logprob" in nats for ``utility="teacher_forced"``).
+    ``share_prefix``: single-forward utilities compute the vision tower and the layers below
+    each batch's lowest head once per item (``evaluate_task``'s ``condition_layers``); False
+    runs every row in full (benchmarks).
     """
     heads = heads if heads is not None else all_heads(adapter.num_layers, adapter.num_heads)
     row_heads: list[tuple[int, int] | None] = [None, *heads]
@@ -72,6 +76,7 @@ def score_heads(
         adapter, task, items, images, batch_size=batch_size, max_new_tokens=max_new_tokens, utility=utility,
         n_conditions=len(row_heads),
         condition_hooks=lambda conds: substitute_heads(adapter, [row_heads[c] for c in conds]),
+        condition_layers=[lowest_layer([h]) for h in row_heads] if share_prefix else None,
         progress=f"heads {task} ({utility})",
     )
     base = results[0].utility

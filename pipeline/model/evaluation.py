@@ -38,7 +38,9 @@ import pandas as pd
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.model.adapter import ModelInputs
 from pipeline.model.batching import for_each_batch
+from pipeline.model.hooks import forward_sharing_prefix
 from pipeline.model.scoring import answer_logprobs, mean_answer_logprob
 from pipeline.tasks import metrics
 from pipeline.tasks.items import (
@@ -120,24 +122,80 @@ def generate(adapter, images: list, prompts: list[str], max_new_tokens: int) -> 
     return [t.strip() for t in adapter.processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
+@dataclass(frozen=True)
+class RowSharing:
+    """How the rows of one batch share their prefix (``hooks.forward_sharing_prefix``):
+    ``sources`` [B], the distinct sequence each row copies (any hashable keys), and
+    ``first_layer``, the lowest decoder layer any row's intervention touches."""
+
+    sources: Sequence
+    first_layer: int
+
+
+def _logits(adapter, images: list, prompts: list[str], answers: list[str] | None, hooks: Callable[[], AbstractContextManager],
+            sharing: RowSharing | None):
+    """(logits [B, S, V], inputs) of one batch under ``hooks``, its shared prefix computed once
+    per distinct sequence when ``sharing`` is given."""
+    if sharing is None:
+        inputs = adapter.build_inputs(images, prompts, answers=answers)
+        with hooks():
+            return adapter.model(**inputs.tensors).logits, inputs
+    index: dict = {}
+    reps: list[int] = []  # the first row of each distinct sequence
+    for b, key in enumerate(sharing.sources):
+        if key not in index:
+            index[key] = len(reps)
+            reps.append(b)
+    source = torch.tensor([index[key] for key in sharing.sources])
+    unique = adapter.build_inputs([images[b] for b in reps], [prompts[b] for b in reps],
+                                  answers=None if answers is None else [answers[b] for b in reps])
+    inputs = _repeated_rows(adapter, unique, source)
+    if inputs is None:
+        inputs = adapter.build_inputs(images, prompts, answers=answers)
+    out = forward_sharing_prefix(adapter, unique.tensors, inputs.tensors, source, sharing.first_layer, hooks)
+    return out.logits, inputs
+
+
+# Families whose processors give every tensor one entry per row (one image per row: pixel_values
+# [rows, ...]), so a batch of repeated rows is the distinct rows' tensors indexed. Qwen2-VL's
+# flattened patches and InternVL's tiles ([tiles, ...]) are not indexed by row.
+_ROW_INDEXED_FAMILIES = frozenset({"llava", "idefics3", "smolvlm", "paligemma", "gemma3"})
+
+
+def _repeated_rows(adapter, unique: ModelInputs, source: torch.Tensor) -> ModelInputs | None:
+    """``unique``'s rows repeated as ``source`` [B] says, without running the processor again
+    (its image work costs a third of a tiny model's forward), or None where the family's tensors
+    are not indexed by row."""
+    if adapter.family not in _ROW_INDEXED_FAMILIES:
+        return None
+    n = unique.batch_size
+    if any(t.dim() == 0 or t.shape[0] != n for t in unique.tensors.values()):
+        return None
+    return ModelInputs({k: t[source] for k, t in unique.tensors.items()}, unique.last_prompt_index[source],
+                       None if unique.answer_mask is None else unique.answer_mask[source])
+
+
 @torch.no_grad()
-def answer_logprob(adapter, images: list, prompts: list[str], answers: list[str]) -> np.ndarray:
+def answer_logprob(adapter, images: list, prompts: list[str], answers: list[str],
+                   hooks: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+                   sharing: RowSharing | None = None) -> np.ndarray:
     """Mean log-probability (nats per token) of each answer (+ eos) given image and prompt; [batch].
 
-    One full forward pass (logits at every position), then ``scoring.mean_answer_logprob``.
+    One full forward pass (logits at every position) under ``hooks``, then
+    ``scoring.mean_answer_logprob``; ``sharing``: see ``RowSharing``.
     """
-    inputs = adapter.build_inputs(images, prompts, answers=answers)
-    logits = adapter.model(**inputs.tensors).logits
+    logits, inputs = _logits(adapter, images, prompts, answers, hooks, sharing)
     return mean_answer_logprob(*answer_logprobs(logits, inputs.input_ids, inputs.answer_mask)).cpu().numpy()
 
 
 @torch.no_grad()
-def yes_no_margin(adapter, images: list, prompts: list[str]) -> np.ndarray:
+def yes_no_margin(adapter, images: list, prompts: list[str],
+                  hooks: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+                  sharing: RowSharing | None = None) -> np.ndarray:
     """logit("Yes") - logit("No") at the last prompt token; [batch]."""
     tok = adapter.processor.tokenizer
     yes, no = answer_token_id(tok, RETRIEVAL_YES), answer_token_id(tok, RETRIEVAL_NO)
-    inputs = adapter.build_inputs(images, prompts)
-    logits = adapter.model(**inputs.tensors).logits
+    logits, inputs = _logits(adapter, images, prompts, None, hooks, sharing)
     rows = torch.arange(logits.shape[0])
     last = logits[rows, inputs.last_prompt_index].float()
     return (last[:, yes] - last[:, no]).cpu().numpy()
@@ -154,6 +212,7 @@ def evaluate_task(
     utility: str = "generative",
     n_conditions: int = 1,
     condition_hooks: ConditionHooks | None = None,
+    condition_layers: Sequence[int | None] | None = None,
     progress: str | None = None,
 ) -> list[TaskResult]:
     """Evaluate ``task`` on ``items`` under ``n_conditions`` conditions; one result per condition.
@@ -165,9 +224,17 @@ def evaluate_task(
     interventions). With ``utility="teacher_forced"`` the score is the mean log-probability of
     ``pipeline.tasks.items.reference_answer`` given ``item_prompt`` (the first reference;
     retrieval: "Yes" on the positive pair); ``"likelihood"``: see the module docstring.
+
+    ``condition_layers``: per condition, the lowest decoder layer its hooks touch (None: it
+    intervenes nowhere). Given, the single-forward utilities (teacher-forced, likelihood and
+    retrieval's margins) order rows by that layer, then item-major, and compute the vision
+    tower and the layers below each batch's lowest layer once per distinct sequence
+    (``hooks.forward_sharing_prefix``); results equal the plain rows' to float rounding.
+    Generation never shares (its KV cache covers every layer).
     """
     out = evaluate_conditions(adapter, task, items, images, {utility: range(n_conditions)}, batch_size=batch_size,
-                              max_new_tokens=max_new_tokens, condition_hooks=condition_hooks, progress=progress)
+                              max_new_tokens=max_new_tokens, condition_hooks=condition_hooks,
+                              condition_layers=condition_layers, progress=progress)
     return [out[utility][c] for c in range(n_conditions)]
 
 
@@ -181,12 +248,14 @@ def evaluate_conditions(
     batch_size: int,
     max_new_tokens: int = 24,
     condition_hooks: ConditionHooks | None = None,
+    condition_layers: Sequence[int | None] | None = None,
     progress: str | None = None,
 ) -> dict[str, dict[int, TaskResult]]:
     """{utility: {condition: TaskResult}} for each utility of ``conditions`` ({utility: condition
     indices}), every utility on the same ``items``. ``condition_hooks`` receives the condition
-    indices as given here. Retrieval's generative and likelihood utilities share one pass over
-    the union of their conditions (both are functions of the candidates' margins)."""
+    indices as given here, ``condition_layers`` (see ``evaluate_task``) is indexed by them.
+    Retrieval's generative and likelihood utilities share one pass over the union of their
+    conditions (both are functions of the candidates' margins)."""
     unknown = sorted(set(conditions) - set(UTILITY_KINDS))
     if unknown:
         raise PipelineError(f"utility {unknown[0]!r} is not one of {UTILITY_KINDS}")
@@ -194,24 +263,27 @@ def evaluate_conditions(
     if len(items) == 0:
         raise PipelineError(f"no items to evaluate for task {task!r}")
     conds = {u: [int(c) for c in cs] for u, cs in conditions.items()}
+    layers = _sharing_layers(adapter, condition_layers, conds, condition_hooks)
     out: dict[str, dict[int, TaskResult]] = {}
     if task == "retrieval":
         by_margin = [u for u in ("generative", "likelihood") if u in conds]
         if by_margin:
             union = sorted(set().union(*(conds[u] for u in by_margin)))
-            margins = _retrieval_margins(adapter, items, images, batch_size, union, condition_hooks, progress)
+            margins = _retrieval_margins(adapter, items, images, batch_size, union, condition_hooks,
+                                         layers, progress)
             for u in by_margin:
                 out[u] = {c: _retrieval_result(items, margins[c], u) for c in conds[u]}
     for u, cs in conds.items():
         if u not in out:
             out[u] = _evaluate_rows(adapter, task, items, images, u, cs, batch_size, max_new_tokens,
-                                    condition_hooks, progress)
+                                    condition_hooks, layers if u != "generative" else None, progress)
     return out
 
 
 def _evaluate_rows(
     adapter, task: str, items: pd.DataFrame, images: ImageTable, utility: str, conds: list[int],
-    batch_size: int, max_new_tokens: int, condition_hooks: ConditionHooks | None, progress: str | None,
+    batch_size: int, max_new_tokens: int, condition_hooks: ConditionHooks | None,
+    layers: dict[int, int] | None, progress: str | None,
 ) -> dict[int, TaskResult]:
     """Generative, teacher-forced or likelihood results of a non-margin utility, per condition."""
     n, C = len(items), len(conds)
@@ -234,18 +306,23 @@ def _evaluate_rows(
     # Item-major (sequence, condition) rows: the rows of one image stay together.
     row_seqs, row_conds = np.repeat(np.arange(S), C), np.tile(np.arange(C), S)
     cond_ids = np.asarray(conds)
+    if layers is not None:
+        order = _layer_major(row_conds, cond_ids, layers)
+        row_seqs, row_conds = row_seqs[order], row_conds[order]
 
     def run(sl: slice) -> None:
         sq, cd = row_seqs[sl], row_conds[sl]
         it = seq_item[sq]
         imgs = [images[image_ids[i]] for i in it]
         ps = [prompts[i] for i in it]
-        with _hooks(condition_hooks, cond_ids[cd]):
-            if utility == "generative":
+        if utility == "generative":
+            with _hooks(condition_hooks, cond_ids[cd]):
                 for i, c, text in zip(it, cd, generate(adapter, imgs, ps, max_new_tokens)):
                     preds[c][i] = text
-            else:
-                scores[cd, sq] = answer_logprob(adapter, imgs, ps, [seq_answer[q] for q in sq])
+        else:
+            scores[cd, sq] = answer_logprob(adapter, imgs, ps, [seq_answer[q] for q in sq],
+                                            lambda: _hooks(condition_hooks, cond_ids[cd]),
+                                            _batch_sharing(sq.tolist(), cond_ids[cd], layers))
 
     what = progress or f"{task} ({utility})"
     for_each_batch(S * C, batch_size, run, what=what, progress=progress is not False)
@@ -266,7 +343,7 @@ def _evaluate_rows(
 
 def _retrieval_margins(
     adapter, items: pd.DataFrame, images: ImageTable, batch_size: int, conds: list[int],
-    condition_hooks: ConditionHooks | None, progress: str | None,
+    condition_hooks: ConditionHooks | None, layers: dict[int, int] | None, progress: str | None,
 ) -> dict[int, list[np.ndarray]]:
     """{condition: [item] -> Yes-minus-No margin of each candidate} for retrieval ``items``."""
     # Rows: (item, candidate, condition), item-major so that an image's rows share a batch.
@@ -276,20 +353,54 @@ def _retrieval_margins(
         for k in range(len(items.at[i, "candidates"]))
         for c in conds
     ]
+    if layers is not None:
+        rows = [rows[r] for r in _layer_major(np.array([c for _, _, c in rows]), None, layers)]
     margins: dict[tuple[int, int, int], float] = {}
 
     def run(sl: slice) -> None:
         batch = rows[sl]
         imgs = [images[items.at[i, "image_id"]] for i, _, _ in batch]
         prompts = [candidate_prompt(items.at[i, "prompt"], items.at[i, "candidates"][k]) for i, k, _ in batch]
-        with _hooks(condition_hooks, np.array([c for _, _, c in batch])):
-            m = yes_no_margin(adapter, imgs, prompts)
+        row_conds = np.array([c for _, _, c in batch])
+        m = yes_no_margin(adapter, imgs, prompts, lambda: _hooks(condition_hooks, row_conds),
+                          _batch_sharing([(i, k) for i, k, _ in batch], row_conds, layers))
         for key, v in zip(batch, m):
             margins[key] = float(v)
 
     for_each_batch(len(rows), batch_size, run, what=progress or "retrieval", progress=progress is not False)
     return {c: [np.array([margins[(i, k, c)] for k in range(len(items.at[i, "candidates"]))])
                 for i in range(len(items))] for c in conds}
+
+
+def _sharing_layers(adapter, condition_layers: Sequence[int | None] | None, conds: dict[str, list[int]],
+                    condition_hooks: ConditionHooks | None) -> dict[int, int] | None:
+    """{condition: first decoder layer its rows must compute} (an untouched condition: the last
+    layer), or None when ``condition_layers`` is not given (no sharing)."""
+    if condition_layers is None:
+        return None
+    if condition_hooks is None:
+        raise PipelineError("condition_layers were given without condition_hooks")
+    top = adapter.num_layers - 1
+    out = {}
+    for c in sorted(set().union(*conds.values())):
+        if not 0 <= c < len(condition_layers):
+            raise PipelineError(f"condition {c} has no entry in condition_layers ({len(condition_layers)} given)")
+        layer = condition_layers[c]
+        out[c] = top if layer is None else adapter.check_layers([layer], f"condition_layers[{c}]")[0]
+    return out
+
+
+def _layer_major(row_conds: np.ndarray, cond_ids: np.ndarray | None, layers: dict[int, int]) -> np.ndarray:
+    """A stable order of rows by their condition's first layer (rows of conditions that start
+    at the same layer fill the same batches; within a layer the old order, item-major, stays)."""
+    ids = row_conds if cond_ids is None else cond_ids[row_conds]
+    return np.argsort(np.array([layers[int(c)] for c in ids]), kind="stable")
+
+
+def _batch_sharing(sources: list, row_conds: np.ndarray, layers: dict[int, int] | None) -> RowSharing | None:
+    if layers is None:
+        return None
+    return RowSharing(sources, min(layers[int(c)] for c in row_conds))
 
 
 def _retrieval_result(items: pd.DataFrame, margins: list[np.ndarray], utility: str) -> TaskResult:

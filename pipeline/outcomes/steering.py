@@ -47,7 +47,7 @@ from pipeline.model.scoring import model_answer_logprobs, token_logprobs
 from pipeline.tasks.items import ImageTable, training_rows
 from pipeline.errors import PipelineError
 from pipeline.model.evaluation import TaskResult, evaluate_conditions, evaluate_task
-from pipeline.model.hooks import condition_scales, scale_neurons
+from pipeline.model.hooks import condition_scales, lowest_scaled_layer, scale_neurons
 from pipeline.outcomes.statistics import (
     bootstrap_counts,
     interval,
@@ -327,7 +327,7 @@ class _TaskEvaluation:
         return evaluate_task(self.adapter, self.task, items, self.images, batch_size=self.batch_size,
                              max_new_tokens=self.max_new_tokens, utility=self.utility,
                              n_conditions=len(conditions), condition_hooks=condition_scales(self.adapter, conditions),
-                             progress=progress)
+                             condition_layers=[lowest_scaled_layer(c) for c in conditions], progress=progress)
 
     def run_with_likelihood(self, items: pd.DataFrame, conditions: list[dict[Neuron, float]],
                             progress: str) -> tuple[list[TaskResult], list[TaskResult]]:
@@ -337,7 +337,8 @@ class _TaskEvaluation:
         out = evaluate_conditions(self.adapter, self.task, items, self.images,
                                   {self.utility: idx, "likelihood": idx}, batch_size=self.batch_size,
                                   max_new_tokens=self.max_new_tokens,
-                                  condition_hooks=condition_scales(self.adapter, conditions), progress=progress)
+                                  condition_hooks=condition_scales(self.adapter, conditions),
+                                  condition_layers=[lowest_scaled_layer(c) for c in conditions], progress=progress)
         return [out[self.utility][c] for c in idx], [out["likelihood"][c] for c in idx]
 
 

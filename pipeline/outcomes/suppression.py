@@ -31,7 +31,7 @@ import pandas as pd
 
 from pipeline.errors import PipelineError
 from pipeline.model.evaluation import TaskResult, evaluate_conditions
-from pipeline.model.hooks import ablate_neurons_per_row
+from pipeline.model.hooks import ablate_neurons_per_row, lowest_layer
 from pipeline.outcomes.statistics import (
     Interval,
     bootstrap_counts,
@@ -102,6 +102,7 @@ def suppression_scores(
         res = evaluate_conditions(
             adapter, eval_task, task_items, images, wanted, batch_size=batch_size, max_new_tokens=max_new_tokens,
             condition_hooks=lambda conds: ablate_neurons_per_row(adapter, [specs[c] for c in conds]),
+            condition_layers=[lowest_layer([spec]) for spec in specs],
             progress=f"suppression {eval_task}",
         )
         for utility, by_cond in res.items():

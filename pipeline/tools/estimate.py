@@ -21,7 +21,9 @@ From a transformers config (``config.json`` of a local folder, a JSON file or st
 - forward passes (rows; ``ceil(rows / batch)`` model calls) and FLOPs of each model stage:
   heads ``items * (L*H + 1)``, dump ``items * (K + 1)``, the dump's gradient pass ``items``
   rows of forward + backward (~3x a forward of the language model: the backward computes
-  gradients of activations, not of weights, ~2x), ablation ``items * L * I``.
+  gradients of activations, not of weights, ~2x), ablation ``items * L * I``; and the FLOPs of
+  heads, dump and ablation with the shared prefix (``shared_prefix_flops``: rows computed only
+  from their intervention's layer up, the vision tower once per distinct item).
 
 Parameter counts are exact for Llama/Qwen2-style decoders, CLIP vision towers with the LLaVA
 projector, and the Qwen2-VL / Qwen2.5-VL vision towers (checked in the tests against the
@@ -331,14 +333,58 @@ def estimate(arch: ModelArch, w: Workload) -> dict:
     per_row = {name: row_flops for name in rows} | {"dump_gradients": 3 * flops_text + flops_vision}
     batch = {name: B for name in rows} | {"dump_gradients": w.gradient_batch_size}
     out["row_flops"] = row_flops
+    shared = shared_prefix_flops(arch, w, flops_vision, (flops_text - 2 * t.vocab * t.hidden * S) / L,
+                                 2 * t.vocab * t.hidden * S)
     out["stages"] = {
         name: {"rows": n, "batches": math.ceil(n / batch[name]), "flops": n * per_row[name],
                "all_tasks_flops": w.tasks * n * per_row[name],
                "gpu_hours": n * per_row[name] / (w.effective_tflops * 1e12) / 3600}
         for name, n in rows.items()
     }
+    for name, flops in shared.items():
+        out["stages"][name]["shared_prefix_flops"] = flops
+        out["stages"][name]["shared_prefix_saving"] = out["stages"][name]["flops"] / flops
     out["workload"] = asdict(w)
     return out
+
+
+def shared_prefix_flops(arch: ModelArch, w: Workload, f_vision: float, f_layer: float, f_head: float) -> dict[str, float]:
+    """FLOPs per task of the single-forward stages with the shared prefix
+    (``hooks.forward_sharing_prefix``): a row that intervenes from layer l up computes layers
+    l..L-1 and the lm_head; each batch's distinct items compute the vision tower and the layers
+    below l once (one more image stands in for the batch's tower). Rows run layer by layer,
+    item-major, ``batch_size`` per call, so a batch of a layer holds max(1, B / rows per item
+    and layer) items.
+
+    - heads: H rows per layer and item (teacher-forced or retrieval-margin utilities; greedy
+      generation does not share), plus the base row (all layers shared but the last);
+    - dump: the base row in full, keeping the residual stream entering the head rows' layers;
+      then K head rows from there; where the critical heads sit is known only after the heads
+      stage, so they are assumed spread evenly over the layers;
+    - ablation: I rows per layer and item, one item per batch.
+    """
+    t = arch.text
+    L, H, I, B, K = t.layers, t.heads, t.ffn, w.batch_size, w.top_k
+    heads_items = w.heads_items if w.heads_items is not None else w.items
+
+    def layer_groups(items: int, per_item: float) -> float:
+        """FLOPs of ``per_item`` rows per item at every layer l, for ``items`` items."""
+        total = 0.0
+        for l in range(L):
+            rows = items * per_item
+            prefix_rows = max(items, math.ceil(rows / B)) if per_item >= 1 else rows
+            calls = math.ceil(rows / B)
+            total += rows * ((L - l) * f_layer + f_head) + prefix_rows * (f_vision + l * f_layer) + calls * f_vision
+        return total
+
+    full_row = f_vision + L * f_layer + f_head
+    # The dump's head rows start from the residual stream its base rows left at their layer.
+    dump_heads = w.items * K * sum((L - l) * f_layer + f_head for l in range(L)) / L
+    return {
+        "heads": layer_groups(heads_items, H) + heads_items * full_row,  # + the base rows, each a full pass
+        "dump": w.items * full_row + dump_heads + math.ceil(w.items * K / B) * f_vision,
+        "ablation": layer_groups(w.ablation_items, I),
+    }
 
 
 # ------------------------------------------------------------------------------ printing
@@ -414,6 +460,11 @@ def format_table(est: dict, arch: ModelArch) -> str:
                      f"{s['gpu_hours']:,.1f} GPU-h"
                      + (f" (+ up to {w['max_new_tokens']} decode steps per row, generative utility)"
                         if name == "heads" else "")))
+        if "shared_prefix_flops" in s:
+            rows.append((f"  {name} with the shared prefix",
+                         f"{human_count(s['shared_prefix_flops'])}FLOP, {s['shared_prefix_saving']:.2f}x fewer"
+                         + (" (single-forward utilities)" if name == "heads" else "")
+                         + (" (heads assumed spread evenly over the layers)" if name == "dump" else "")))
     width = max(len(k) for k, v in rows if v is not None)
     lines = [f"{arch.name}: estimate"]
     for k, v in rows:
