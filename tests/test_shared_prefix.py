@@ -209,3 +209,46 @@ def test_repeated_rows_equal_the_processors_rows(family):
         assert torch.equal(got.tensors[key], t), key
     assert torch.equal(got.last_prompt_index, want.last_prompt_index)
     assert torch.equal(got.answer_mask, want.answer_mask)
+
+
+def _inputs_without_processor(family: str):
+    """(adapter, unique, rows) for the families whose processors cannot load here: SmolVLM runs
+    on the Idefics3 processor's tensors (the same tokenizer, image tokens and pixel layout);
+    Mistral 3 on hand-built ones (4 image tokens for a 16x16 image: 4x4 patches merged 2x2),
+    the second sequence left-padded."""
+    if family == "smolvlm":
+        model, _ = FACTORIES["smolvlm"]()
+        _, processor = FACTORIES["idefics3"]()
+        a = ModelAdapter.from_model(model, processor)
+        unique, rows = _inputs(a)
+        return a, unique, rows
+    model, _ = FACTORIES["mistral3"]()
+    a = ModelAdapter.from_model(model, None)
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(11, 128, (2, 7), generator=g)
+    ids = torch.cat([text[:, :2], torch.full((2, 4), 10), text[:, 2:]], dim=1)  # [2, 11]
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0  # left padding: the second sequence is 3 tokens shorter
+    ids[1, 3:7] = 10
+    ids[1, 7:] = text[1, 3:]
+    pixels = torch.randn(2, 3, 16, 16, generator=g)
+    unique = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels,
+              "image_sizes": torch.tensor([[16, 16]] * 2)}
+    src = torch.tensor(SOURCES)
+    rows = {k: v[src] for k, v in unique.items()}
+    return a, unique, rows
+
+
+@pytest.mark.parametrize("family", ["smolvlm", "mistral3"])
+@pytest.mark.parametrize("first", [0, 1])
+def test_shared_prefix_on_families_without_a_processor_here(family, first):
+    a, unique, rows = _inputs_without_processor(family)
+    assert int((rows["input_ids"] == a.model.config.image_token_id).sum()) > 0  # the tower runs
+    heads = _row_heads(a, first)
+    with torch.no_grad(), substitute_heads(a, heads):
+        expected = a.model(**rows).logits
+    got = forward_sharing_prefix(a, unique, rows, torch.tensor(SOURCES), first,
+                                 lambda: substitute_heads(a, heads)).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        assert (a.model(**rows).logits - expected).abs().max() > 1e-4

@@ -495,13 +495,19 @@ def _repeat_first(value: Any, n: int) -> Any:
     return value
 
 
+# Families whose vision tower maps pixel_values [images (or tiles), ...] to outputs with the same
+# leading dimension, one entry per image: CLIP (LLaVA), SigLIP (PaliGemma, Gemma 3, Idefics3,
+# SmolVLM), InternViT. Qwen2-VL's flattened patches and Pixtral's (Mistral 3) images concatenated
+# into one sequence are not; their towers, and any family not listed, run in full.
+_PER_IMAGE_TOWER_FAMILIES = frozenset({"llava", "idefics3", "smolvlm", "paligemma", "gemma3", "internvl"})
+
+
 def _one_image_tower(forward: Callable) -> Callable:
     """The tower's forward, computed for the first image only and repeated to every image.
 
     Only used where the tower's output is overwritten anyway (``forward_sharing_prefix``'s second
     pass replaces the decoder's input): the images' shape must be right, their values need not.
-    Towers that take one tensor per image ([images, ...], 4 or more dims) qualify; Qwen2-VL's
-    flattened patches do not and are computed in full.
+    Only for ``_PER_IMAGE_TOWER_FAMILIES``.
     """
     def stub(*args: Any, **kwargs: Any) -> Any:
         pixels = args[0] if args else kwargs.get("pixel_values")
@@ -625,7 +631,8 @@ def forward_sharing_prefix(
     First pass: the U sequences up to the input of ``first_layer`` (``prefix_input``). Second
     pass: the B rows, with the layers below ``first_layer`` passing their input through, the
     vision tower computed for one image and repeated (its output only feeds skipped layers,
-    see ``_one_image_tower``) and the input of ``first_layer`` replaced by the first pass's,
+    see ``_one_image_tower``; in full for Qwen2-VL, Mistral 3 and unlisted families) and the
+    input of ``first_layer`` replaced by the first pass's,
     row by row. The embedding, masks and position ids are still computed for B rows by the
     model's own code, so every family's conventions (M-RoPE, token types, per-layer masks)
     hold. Full forwards only (no KV cache, no generation), no gradients.
@@ -634,7 +641,7 @@ def forward_sharing_prefix(
     (first_layer,) = adapter.check_layers([first_layer], "forward_sharing_prefix")
     row_source = torch.as_tensor(row_source, dtype=torch.long).reshape(-1)
     pixels = rows.get("pixel_values")
-    tower = _vision_tower(adapter.model)
+    tower = _vision_tower(adapter.model) if adapter.family in _PER_IMAGE_TOWER_FAMILIES else None
     can_share_tower = tower is not None and (pixels is None or pixels.dim() >= 4)
     if prefix is None:
         if unique is None:
