@@ -29,3 +29,38 @@ def table(head: tuple[str, ...], rows: list[tuple]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def model_task_parser(doc: str, *, items: int, threads: int, repeats: int, repeats_help: str):
+    """The arguments every model benchmark takes: --model, --benchmark, --task, --split, --items,
+    --batch-size, --threads, --device, --dtype, --repeats (add the benchmark's own after)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=Path("data/models/tiny-llava"))
+    p.add_argument("--benchmark", type=Path, default=Path("data/benchmark"))
+    p.add_argument("--task", default="vqa")
+    p.add_argument("--split", default="discovery")
+    p.add_argument("--items", type=int, default=items)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=threads)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--repeats", type=int, default=repeats, help=repeats_help)
+    return p
+
+
+def load_model_and_items(args):
+    """(adapter, images, items): the model in ``args.dtype`` on ``args.device`` with
+    ``args.threads`` torch threads, and the first ``args.items`` items of ``args.task`` in
+    ``args.split``."""
+    import torch
+
+    from pipeline.model.adapter import ModelAdapter
+    from pipeline.tasks.items import ImageTable, read_annotations
+
+    torch.set_num_threads(args.threads)
+    adapter = ModelAdapter.load(str(args.model), dtype=args.dtype, device=args.device)
+    images = ImageTable(args.benchmark / "images.parquet")
+    items = read_annotations(args.benchmark / "annotations.parquet", splits=(args.split,), tasks=(args.task,))
+    return adapter, images, items.head(args.items).reset_index(drop=True)

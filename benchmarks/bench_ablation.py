@@ -13,26 +13,15 @@ Not run by CI.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from pathlib import Path
 
-from _common import require, table
+from _common import load_model_and_items, model_task_parser, require, table
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, default=Path("data/models/tiny-llava"))
-    p.add_argument("--benchmark", type=Path, default=Path("data/benchmark"))
-    p.add_argument("--task", default="vqa")
-    p.add_argument("--split", default="discovery")
-    p.add_argument("--items", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--repeats", type=int, default=2, help="time each path this many times, keep the fastest")
+    p = model_task_parser(__doc__, items=2, threads=2, repeats=2,
+                          repeats_help="time each path this many times, keep the fastest")
     args = p.parse_args(argv)
     if not require(args.model, args.benchmark):
         return 0
@@ -41,14 +30,8 @@ def main(argv=None) -> int:
     import torch
 
     from pipeline.method.ablation import neuron_ablation_effects
-    from pipeline.model.adapter import ModelAdapter
-    from pipeline.tasks.items import ImageTable, read_annotations
 
-    torch.set_num_threads(args.threads)
-    adapter = ModelAdapter.load(str(args.model), dtype=args.dtype, device=args.device)
-    images = ImageTable(args.benchmark / "images.parquet")
-    items = read_annotations(args.benchmark / "annotations.parquet", splits=(args.split,), tasks=(args.task,))
-    items = items.head(args.items).reset_index(drop=True)
+    adapter, images, items = load_model_and_items(args)
     neuron_ablation_effects(adapter, items.head(1), images, batch_size=args.batch_size, layers=[0])  # warm-up
     rows = len(items) * adapter.num_layers * adapter.ffn_width
     timings, effects = {}, {}

@@ -17,31 +17,21 @@ folders are absent. Not run by CI.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import require, table
+from _common import load_model_and_items, model_task_parser, require, table
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, default=Path("data/models/tiny-llava"))
-    p.add_argument("--benchmark", type=Path, default=Path("data/benchmark"))
-    p.add_argument("--task", default="vqa")
-    p.add_argument("--split", default="discovery")
-    p.add_argument("--items", type=int, default=64)
+    p = model_task_parser(__doc__, items=64, threads=1, repeats=3,
+                          repeats_help="z capture and bare forward: the fastest of this many runs")
     p.add_argument("--top-k", type=int, default=4)
     p.add_argument("--heads-from", type=Path, default=None,
                    help="a heads scores.parquet (data/heads/<model>/<task>/): its top-k heads instead of spread ones")
-    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--gradient-batch-size", type=int, default=16)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--repeats", type=int, default=3, help="z capture and bare forward: the fastest of this many runs")
     args = p.parse_args(argv)
     if not require(args.model, args.benchmark):
         return 0
@@ -49,17 +39,12 @@ def main(argv=None) -> int:
     import pandas as pd
     import torch
 
-    from pipeline.model.adapter import ModelAdapter
     from pipeline.method.dump import (
         DumpExecution, DumpRequest, DumpStorage, capture_block, dump_activations, item_arrays, item_targets,
     )
-    from pipeline.tasks.items import ImageTable, item_prompts, read_annotations, teacher_forced_answers
+    from pipeline.tasks.items import item_prompts, teacher_forced_answers
 
-    torch.set_num_threads(args.threads)
-    adapter = ModelAdapter.load(str(args.model), dtype=args.dtype, device=args.device)
-    images = ImageTable(args.benchmark / "images.parquet")
-    items = read_annotations(args.benchmark / "annotations.parquet", splits=(args.split,), tasks=(args.task,))
-    items = items.head(args.items).reset_index(drop=True)
+    adapter, images, items = load_model_and_items(args)
     L, H = adapter.num_layers, adapter.num_heads
     heads = [(l, h) for l in range(L) for h in range(H)][:: max(1, (L * H) // args.top_k)][: args.top_k]
     if args.heads_from is not None:

@@ -13,44 +13,27 @@ Not run by CI.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from pathlib import Path
 
-from _common import require, table
+from _common import load_model_and_items, model_task_parser, require, table
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, default=Path("data/models/tiny-llava"))
-    p.add_argument("--benchmark", type=Path, default=Path("data/benchmark"))
-    p.add_argument("--task", default="vqa")
-    p.add_argument("--split", default="discovery")
-    p.add_argument("--items", type=int, default=16)
+    p = model_task_parser(__doc__, items=16, threads=1, repeats=3,
+                          repeats_help="time each path this many times, keep the fastest")
     p.add_argument("--utility", choices=("generative", "teacher_forced"), default="teacher_forced")
     p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-heads", type=int, default=None, help="score only the first N heads (both paths)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3, help="time each path this many times, keep the fastest")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--max-heads", type=int, default=None, help="score only the first N heads (all paths)")
     args = p.parse_args(argv)
     if not require(args.model, args.benchmark):
         return 0
 
     import torch
 
-    from pipeline.model.adapter import ModelAdapter
-    from pipeline.tasks.items import ImageTable, read_annotations
     from pipeline.method.heads import all_heads, score_heads, score_heads_naive
 
-    torch.set_num_threads(args.threads)
-    adapter = ModelAdapter.load(str(args.model), dtype=args.dtype, device=args.device)
-    images = ImageTable(args.benchmark / "images.parquet")
-    items = read_annotations(args.benchmark / "annotations.parquet", splits=(args.split,), tasks=(args.task,))
-    items = items.head(args.items).reset_index(drop=True)
+    adapter, images, items = load_model_and_items(args)
     heads = all_heads(adapter.num_layers, adapter.num_heads)[: args.max_heads]
     kw = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, utility=args.utility, heads=heads)
     score_heads(adapter, args.task, items.head(1), images, **{**kw, "heads": heads[:1]})  # warm-up
