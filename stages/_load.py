@@ -87,3 +87,24 @@ def load_images(benchmark: Path):
     from pipeline.tasks.items import ImageTable
 
     return ImageTable(Path(benchmark) / "images.parquet")
+
+
+def load_model_and_images(params: StageParams, name: str, benchmark: Path):
+    """(adapter, images): the state a worker of ``pipeline.model.workers.map_jobs`` loads once."""
+    return load_model(params, name), load_images(benchmark)
+
+
+def worker_plan(params: StageParams, name: str) -> tuple[int, int]:
+    """(worker processes, torch threads each) for model ``name``: ``runtime.workers`` sharing
+    ``runtime.threads`` on the CPU; a model on an accelerator runs in one process (a second
+    would hold a second copy of it in the device's memory)."""
+    from pipeline.model.workers import split_threads
+
+    workers = params.runtime.workers
+    if workers > 1:
+        device = model_device(params, name)
+        if device != "cpu":
+            log.info("runtime.workers = %d applies to models on the CPU; %s runs on %s in one process",
+                     workers, name, device)
+            return 1, params.runtime.threads
+    return workers, split_threads(params.runtime.threads, workers)

@@ -1,19 +1,21 @@
 """Stage `ablation@<model>-<task>`: ground-truth effect of zeroing each FFN neuron -> Parquet."""
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from pipeline.io import write_parquet
-from pipeline.method.ablation import neuron_ablation_effects
+from pipeline.method.ablation import ablation_shard_job, merge_ablation_shards
+from pipeline.model.workers import map_jobs
 from stages._common import entry, parser
-from stages._load import load_images, load_items, load_model
+from stages._load import load_items, load_model_and_images, worker_plan
 from stages.params import read_params
 
 READS = (
     "ablation.enabled", "ablation.split", "ablation.max_items",
-    "runtime.threads", "runtime.batch_sequences",
+    "runtime.threads", "runtime.workers", "runtime.batch_sequences",
     "models.{model}",
 )
 
@@ -40,9 +42,15 @@ def main() -> None:
         write_parquet(effect_table(np.zeros((0, 0)), np.zeros((0, 0))), args.out)
         return
     items = load_items(args.benchmark, (cfg.split,), (args.task,), cfg.max_items)
-    adapter = load_model(params, args.model)
-    effect, se = neuron_ablation_effects(adapter, items, load_images(args.benchmark),
-                                         batch_size=params.runtime.batch_sequences)
+    workers, threads = worker_plan(params, args.model)
+    # Shard k of n holds layers k, k + n, ...; a layer's rows compute every layer from it up,
+    # so the lowest are the heaviest and go first. One worker: one shard, all layers.
+    n = 1 if workers == 1 else 2 * workers
+    parts = map_jobs(partial(ablation_shard_job, items=items, batch_size=params.runtime.batch_sequences),
+                     [(k, n) for k in range(n)], partial(load_model_and_images, params, args.model, args.benchmark),
+                     workers=workers, threads=threads, describe=lambda sh: f"layers {sh[0]}::{sh[1]}",
+                     what=f"ablation {args.task}")
+    effect, se = merge_ablation_shards(parts)
     write_parquet(effect_table(effect, se), args.out)
 
 

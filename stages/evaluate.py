@@ -1,5 +1,6 @@
 """Stage `evaluate@<model>`: cross-task suppression on the held-out split, with intervals and deletion curves."""
 
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -8,19 +9,22 @@ from pipeline.io import write_json, write_parquet
 from pipeline.outcomes.suppression import (
     conditions_table,
     mask_conditions,
+    merge_suppression_scores,
+    run_suppression_job,
     scores_table,
-    suppression_scores,
+    suppression_jobs,
     suppression_statistics,
 )
+from pipeline.model.workers import map_jobs
 from pipeline.report.plots import plot_deletion_curves, plot_square
 from stages._common import entry, parser
-from stages._load import load_images, load_items, load_model
+from stages._load import load_items, load_model_and_images, worker_plan
 from stages.params import ConfigError, read_params
 
 READS = (
     "evaluate.split", "evaluate.max_items", "evaluate.methods",
     "statistics.bootstrap_resamples", "statistics.seed", "statistics.confidence",
-    "runtime.threads", "runtime.batch_sequences", "runtime.max_new_tokens",
+    "runtime.threads", "runtime.workers", "runtime.batch_sequences", "runtime.max_new_tokens",
     "tasks", "models.{model}",
 )
 
@@ -52,9 +56,14 @@ def main() -> None:
     masks = selected_masks(pd.read_parquet(args.masks), cfg.methods, tasks, args.masks)
     conditions = mask_conditions(masks)
     items = load_items(args.benchmark, (cfg.split,), tuple(tasks), cfg.max_items)
-    adapter = load_model(params, args.model)
-    scores = suppression_scores(adapter, items, load_images(args.benchmark), conditions,
-                                batch_size=rt.batch_sequences, max_new_tokens=rt.max_new_tokens)
+    workers, threads = worker_plan(params, args.model)
+    # Several shards per task and worker: the pool stays busy while the last jobs finish.
+    jobs = suppression_jobs(items, conditions, shards_per_task=1 if workers == 1 else 2 * workers)
+    parts = map_jobs(partial(run_suppression_job, items=items, conditions=conditions, batch_size=rt.batch_sequences,
+                             max_new_tokens=rt.max_new_tokens),
+                     jobs, partial(load_model_and_images, params, args.model, args.benchmark),
+                     workers=workers, threads=threads, what="suppression")
+    scores = merge_suppression_scores(parts, items)
     stats = suppression_statistics(scores, conditions, n_resamples=st.bootstrap_resamples, seed=st.seed,
                                    confidence=st.confidence)
     write_parquet(scores_table(scores, items), args.out / "scores.parquet")

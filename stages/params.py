@@ -188,9 +188,14 @@ class RuntimeConfig(_Strict):
     (an item under one head condition in ``heads`` and ``dump``, an item with one neuron zeroed in
     ``ablation``, an item under one mask in ``evaluate``, an item in ``model_quality``). It bounds
     memory; results do not depend on it.
+    ``workers``: processes that share ``threads`` in the stages whose work splits into
+    independent jobs (``evaluate``, ``steer``, ``ablation``), for models on the CPU only (a tiny
+    model uses a second core poorly from one process). Results equal one process's up to float
+    rounding.
     """
 
     threads: int = Field(2, ge=1)
+    workers: int = Field(1, ge=1)
     batch_sequences: int = Field(64, ge=1)
     max_new_tokens: int = Field(24, ge=1, le=512)
     checkpoint_every_steps: int = Field(500, ge=0)

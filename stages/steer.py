@@ -1,21 +1,24 @@
 """Stage `steer@<model>`: learned task steering scales on dev, compared with baselines on test."""
 
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
 
 from pipeline.io import write_json, write_parquet
 from pipeline.method.masks import headline_mask
+from pipeline.model.workers import map_jobs
 from pipeline.outcomes.steering import (
+    SteeringJob,
     SteeringSettings,
+    run_steering_job,
     scales_table,
-    steer_task,
     steering_statistics,
     steering_summary,
     steering_table,
 )
 from stages._common import entry, parser
-from stages._load import load_images, load_items, load_model
+from stages._load import load_items, load_model_and_images, worker_plan
 from stages.params import ConfigError, read_params
 
 READS = (
@@ -23,7 +26,7 @@ READS = (
     "steer.clamp", "steer.train_split", "steer.eval_split", "steer.max_items", "steer.seed", "steer.grid",
     "steer.utility",
     "statistics.bootstrap_resamples", "statistics.seed", "statistics.confidence",
-    "runtime.threads", "runtime.batch_sequences", "runtime.max_new_tokens",
+    "runtime.threads", "runtime.workers", "runtime.batch_sequences", "runtime.max_new_tokens",
     "tasks", "models.{model}",
 )
 
@@ -48,26 +51,28 @@ def main() -> None:
     if missing:
         raise ConfigError(f"{args.masks} has no {MASK_METHOD!r} mask for task(s) {missing}")
     items = load_items(args.benchmark, (cfg.train_split, cfg.eval_split), tuple(tasks))
-    images = load_images(args.benchmark)
-    adapter = load_model(params, args.model)
+    settings = SteeringSettings(beta=cfg.beta, l2=cfg.l2, lr=cfg.lr, epochs=cfg.epochs, grad_accum=cfg.grad_accum,
+                                train_batch_size=cfg.train_batch_size, clamp=cfg.clamp, seed=cfg.seed,
+                                grid=tuple(cfg.grid), utility=cfg.utility, train_split=cfg.train_split,
+                                eval_split=cfg.eval_split)
 
-    runs = []
-    for task in tasks:
-        def split_items(split: str) -> pd.DataFrame:
-            sel = items[(items["task"] == task) & (items["split"] == split)]
-            if sel.empty:
-                raise ConfigError(f"no {task!r} items in split {split!r} of {args.benchmark}")
-            return sel.head(cfg.max_items) if cfg.max_items is not None else sel
+    def split_items(task: str, split: str) -> pd.DataFrame:
+        sel = items[(items["task"] == task) & (items["split"] == split)]
+        if sel.empty:
+            raise ConfigError(f"no {task!r} items in split {split!r} of {args.benchmark}")
+        return sel.head(cfg.max_items) if cfg.max_items is not None else sel
 
-        runs.append(steer_task(
-            adapter, task, split_items(cfg.train_split), split_items(cfg.eval_split), images,
-            headline_mask(masks, MASK_METHOD, task), headline_mask(masks, RANDOM_METHOD, task),
-            SteeringSettings(beta=cfg.beta, l2=cfg.l2, lr=cfg.lr, epochs=cfg.epochs, grad_accum=cfg.grad_accum,
-                             train_batch_size=cfg.train_batch_size, clamp=cfg.clamp, seed=cfg.seed,
-                             grid=tuple(cfg.grid), utility=cfg.utility, train_split=cfg.train_split,
-                             eval_split=cfg.eval_split),
-            batch_size=rt.batch_sequences, max_new_tokens=rt.max_new_tokens,
-        ))
+    jobs = [SteeringJob(task, split_items(task, cfg.train_split), split_items(task, cfg.eval_split),
+                        tuple(headline_mask(masks, MASK_METHOD, task)), tuple(headline_mask(masks, RANDOM_METHOD, task)),
+                        settings, rt.batch_sequences, rt.max_new_tokens)
+            for task in tasks]
+    # Heaviest first (retrieval scores every candidate, caption every reference); results in task order.
+    order = sorted(range(len(jobs)), key=lambda k: -{"retrieval": 10, "caption": 5}.get(jobs[k].task, 1))
+    workers, threads = worker_plan(params, args.model)
+    done = map_jobs(run_steering_job, [jobs[k] for k in order],
+                    partial(load_model_and_images, params, args.model, args.benchmark),
+                    workers=workers, threads=threads, what="steer")
+    runs = [run for _, run in sorted(zip(order, done))]
     table = steering_table(runs)
     write_parquet(scales_table(runs), args.out / "scales.parquet")
     write_parquet(table, args.out / "steering.parquet")

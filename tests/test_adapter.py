@@ -8,7 +8,8 @@ from torch import nn
 
 from pipeline.model.adapter import AdapterError, ModelAdapter, ModelInputs
 from pipeline.errors import PipelineError
-from tiny_models import ANSWERS, FACTORIES, PROMPTS, WITH_PROCESSOR, make_images, tiny_llava, tiny_phi
+from tiny_models import ANSWERS, FACTORIES, PROMPTS, WITH_PROCESSOR, built, make_images, tiny_llava, tiny_phi
+from tiny_models import cached_adapter as adapter_for
 
 # PaliGemma's processor builds its (unused) labels with a numpy call that numpy 2 deprecates.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -26,20 +27,6 @@ EXPECTED_SHAPES = {
     "internvl": (4, 2, 8, 48, 32),
     "mistral3": (4, 2, 8, 48, 32),
 }
-_BUILT: dict[str, tuple[nn.Module, object]] = {}
-
-
-def built(family: str) -> tuple[nn.Module, object]:
-    if family not in _BUILT:
-        _BUILT[family] = FACTORIES[family]()
-    return _BUILT[family]
-
-
-def adapter_for(family: str) -> ModelAdapter:
-    model, processor = built(family)
-    return ModelAdapter.from_model(model, processor)
-
-
 def _vision_module_ids(model: nn.Module) -> set[int]:
     ids: set[int] = set()
     for name, module in model.named_modules():

@@ -9,27 +9,17 @@ import pytest
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.model.adapter import ModelAdapter
+from pipeline.model.adapter import ModelAdapter, find_vision_tower
 from pipeline.model.hooks import (
-    _vision_tower,
     ablate_neurons_per_row,
     forward_sharing_prefix,
     lowest_layer,
     substitute_heads,
 )
 from tiny_models import FACTORIES, PROMPTS, WITH_PROCESSOR, make_images
+from tiny_models import cached_adapter as adapter_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-_ADAPTERS: dict[str, ModelAdapter] = {}
-
-
-def adapter_for(family: str) -> ModelAdapter:
-    if family not in _ADAPTERS:
-        model, processor = FACTORIES[family]()
-        _ADAPTERS[family] = ModelAdapter.from_model(model, processor)
-    return _ADAPTERS[family]
-
 
 SOURCES = [0, 0, 0, 1, 1, 1, 0]  # two distinct sequences, rows interleaved out of order at the end
 
@@ -85,7 +75,7 @@ def test_shared_prefix_equals_plain_forward_with_neurons_ablated(family):
 def test_shared_prefix_computes_the_tower_for_distinct_images_and_one_more(family):
     a = adapter_for(family)
     unique, rows = _inputs(a)
-    tower = _vision_tower(a.model)
+    tower = find_vision_tower(a.model)
     seen: set[int] = set()  # batch sizes the tower's linear layers computed
     handles = [m.register_forward_pre_hook(lambda m, args: seen.add(int(args[0].shape[0])))
                for m in tower.modules() if isinstance(m, torch.nn.Linear)]

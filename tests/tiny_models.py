@@ -429,6 +429,23 @@ FACTORIES: dict[str, Callable[..., tuple[torch.nn.Module, Any]]] = {
     "mistral3": tiny_mistral3,
 }
 
+_BUILT: dict[str, tuple[torch.nn.Module, Any]] = {}
+
+
+def built(family: str) -> tuple[torch.nn.Module, Any]:
+    """(model, processor) of ``FACTORIES[family]``, built once per test process (seed 0)."""
+    if family not in _BUILT:
+        _BUILT[family] = FACTORIES[family]()
+    return _BUILT[family]
+
+
+def cached_adapter(family: str):
+    """An adapter over ``built(family)``'s model (adapters are cheap; the model is shared)."""
+    from pipeline.model.adapter import ModelAdapter
+
+    return ModelAdapter.from_model(*built(family))
+
+
 def tiny_phi(seed: int = 0):
     """A text-only decoder with a plain MLP (fc1 -> act -> fc2) and ``dense`` output projection."""
     from transformers import PhiConfig, PhiForCausalLM

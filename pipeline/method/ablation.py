@@ -8,7 +8,9 @@ layers below the batch's lowest ablated layer are computed once (``hooks.forward
 for models small enough (the embedded default: 2,048 neurons).
 
 - ``neuron_ablation_effects``: effect [layer, neuron] in nats, and its standard error over the
-  items (sample standard deviation of the per-item effects / sqrt(n_items)). Prompts and answers are
+  items (sample standard deviation of the per-item effects / sqrt(n_items)).
+- ``ablation_shard_job`` / ``merge_ablation_shards``: the same over shards of the layers
+  (jobs of ``pipeline.model.workers.map_jobs``), merged. Prompts and answers are
   ``pipeline.tasks.items.item_prompts`` / ``teacher_forced_answers``, scored by
   ``pipeline.model.evaluation.answer_logprob``: the same utility as the teacher-forced heads.
 """
@@ -84,4 +86,27 @@ def neuron_ablation_effects(
     var = (total_sq - n * mean**2) / (n - 1) if n > 1 else np.full_like(mean, np.nan)
     for (l, i), v, s in zip(neurons, mean, np.sqrt(np.maximum(var, 0.0) / n)):
         effect[l, i], se[l, i] = v, s
+    return effect, se
+
+
+
+def ablation_shard_job(state: tuple, shard: tuple[int, int], *, items: pd.DataFrame,
+                       batch_size: int) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """(layers, effect, se) of ``neuron_ablation_effects`` on the layers s, s + n, s + 2n, ...
+    of ``shard`` = (s, n) (none when s >= the model's layers; other rows NaN); ``state`` is
+    (adapter, images). Shards are independent: each computes the items' base utility itself."""
+    adapter, images = state
+    start, step = shard
+    layers = list(range(start, adapter.num_layers, step))
+    if not layers:
+        empty = np.full((adapter.num_layers, adapter.ffn_width), np.nan)
+        return [], empty, empty.copy()
+    return (layers, *neuron_ablation_effects(adapter, items, images, batch_size=batch_size, layers=layers))
+
+
+def merge_ablation_shards(parts: list[tuple[list[int], np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """One (effect, se) from ``ablation_shard_job``'s results, each layer from the shard that has it."""
+    effect, se = np.full_like(parts[0][1], np.nan), np.full_like(parts[0][2], np.nan)
+    for layers, e, s in parts:
+        effect[layers], se[layers] = e[layers], s[layers]
     return effect, se

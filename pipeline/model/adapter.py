@@ -132,6 +132,21 @@ def _child(module: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
     return None
 
 
+_VISION_TOWER_NAMES = ("vision_tower", "vision_model", "visual")
+
+
+def find_vision_tower(model: nn.Module) -> nn.Module | None:
+    """The vision encoder of a VLM: ``model.model.<name>`` or ``model.<name>`` for the first of
+    vision_tower (LLaVA, PaliGemma, Gemma 3, InternVL, Mistral 3), vision_model (Idefics3,
+    SmolVLM) and visual (Qwen2-VL) that exists; None when there is none."""
+    for owner in (getattr(model, "model", None), model):
+        if owner is not None:
+            tower = _child(owner, _VISION_TOWER_NAMES)
+            if tower is not None:
+                return tower
+    return None
+
+
 def _width_in(module: nn.Module) -> int | None:
     width = getattr(module, "in_features", None)
     if width is None and isinstance(getattr(module, "weight", None), torch.Tensor):

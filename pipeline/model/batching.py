@@ -67,7 +67,9 @@ def for_each_batch(n_rows: int, batch_size: int, run: Callable[[slice], None], *
         raise PipelineError(f"{what}: batch size must be >= 1, got {batch_size}")
     size = largest_fitting_batch(batch_size)
     start = 0
-    with tqdm(total=n_rows, desc=what, leave=False, disable=not progress, unit="row") as bar:
+    # disable only when asked: a worker process turns every bar off (pipeline.model.workers).
+    quiet = {} if progress else {"disable": True}
+    with tqdm(total=n_rows, desc=what, leave=False, unit="row", **quiet) as bar:
         while start < n_rows:
             sl = slice(start, min(start + size, n_rows))
             try:

@@ -225,8 +225,12 @@ def _build_idefics3(tokenizer, spec: DefaultModelSpec) -> torch.nn.Module:
 
 def vision_tower(model) -> torch.nn.Module:
     """The vision encoder module of a default model (frozen after the warm-up)."""
-    inner = model.model
-    return inner.vision_tower if hasattr(inner, "vision_tower") else inner.vision_model
+    from pipeline.model.adapter import find_vision_tower
+
+    tower = find_vision_tower(model)
+    if tower is None:
+        raise PipelineError(f"{type(model).__name__} has no vision tower (vision_tower, vision_model or visual)")
+    return tower
 
 
 def image_pixels(processor, images: list) -> torch.Tensor:

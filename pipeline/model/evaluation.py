@@ -20,6 +20,10 @@ Map of this module:
   same batch and ``condition_hooks(conditions_of_rows)`` returns the context manager that
   applies the per-row interventions; this is what lets head localisation batch across heads.
   Prompts and teacher-forced answers come from ``pipeline.tasks.items``.
+  ``condition_layers`` (the lowest decoder layer each condition intervenes on) lets the
+  single-forward utilities compute the vision tower and the layers below each batch's lowest
+  intervened layer once per distinct sequence (``RowSharing``, ``hooks.forward_sharing_prefix``);
+  generation always runs every row in full.
 - ``aggregate_utility``: per-item scores and the corpus-level utility for a task.
 - ``evaluate_model_quality``: the generative and likelihood utilities of each task on one split.
 """

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.model.adapter import AdapterError, ModelAdapter
+from pipeline.model.adapter import AdapterError, ModelAdapter, find_vision_tower
 
 __all__ = [
     "capture_ffn",
@@ -466,21 +466,6 @@ def trace_ffn(adapter: ModelAdapter, positions: torch.Tensor, token_mask: torch.
 # ---------------------------------------------------------------------------------------------
 # Shared prefixes: rows that repeat a few distinct sequences, intervened on only from some layer up.
 
-# Attribute names of the vision tower on the model or its inner ``model`` (LLaVA, PaliGemma,
-# Gemma 3, InternVL, Mistral 3: vision_tower; Idefics3 and SmolVLM: vision_model; Qwen2-VL and
-# Qwen2.5-VL: visual).
-_VISION_TOWER_NAMES = ("vision_tower", "vision_model", "visual")
-
-
-def _vision_tower(model: nn.Module) -> nn.Module | None:
-    for owner in (getattr(model, "model", None), model):
-        for name in _VISION_TOWER_NAMES:
-            tower = getattr(owner, name, None) if owner is not None else None
-            if isinstance(tower, nn.Module):
-                return tower
-    return None
-
-
 def _repeat_first(value: Any, n: int) -> Any:
     """``value`` with every tensor of batch 1 repeated to batch n (tuples, lists and ModelOutputs
     rebuilt)."""
@@ -641,7 +626,7 @@ def forward_sharing_prefix(
     (first_layer,) = adapter.check_layers([first_layer], "forward_sharing_prefix")
     row_source = torch.as_tensor(row_source, dtype=torch.long).reshape(-1)
     pixels = rows.get("pixel_values")
-    tower = _vision_tower(adapter.model) if adapter.family in _PER_IMAGE_TOWER_FAMILIES else None
+    tower = find_vision_tower(adapter.model) if adapter.family in _PER_IMAGE_TOWER_FAMILIES else None
     can_share_tower = tower is not None and (pixels is None or pixels.dim() >= 4)
     if prefix is None:
         if unique is None:

@@ -271,7 +271,7 @@ def train_scales(
 
     with _frozen(adapter.model):
         bar = tqdm(total=s.epochs * n_micro, desc=progress or f"steer ({len(neurons)} neurons, beta={s.beta:g})",
-                   leave=False, disable=progress is False)
+                   leave=False, **({"disable": True} if progress is False else {}))
         for epoch in range(s.epochs):
             sums = _train_epoch(problem, opt, sched, rng.permutation(n_rows), bar)
             log.info("steer epoch %d/%d: %d steps, mean ce %.4f, mean kl %.3g, |lambda| mean %.5f max %.5f",
@@ -407,6 +407,31 @@ def steer_task(
     log.info("%s on %s: %s", task, settings.eval_split, ", ".join(f"{v} {r.utility:.4f}" for v, r in results.items()))
     return TaskSteering(task, settings.train_split, settings.eval_split, neurons, scales, results, grid_results,
                         grid_scale, dict(zip(variants, likely)))
+
+
+@dataclass(frozen=True)
+class SteeringJob:
+    """The arguments of one ``steer_task`` call but the model and images: a job for
+    ``pipeline.model.workers.map_jobs`` (``run_steering_job``)."""
+
+    task: str
+    train_items: pd.DataFrame
+    eval_items: pd.DataFrame
+    neurons: tuple[Neuron, ...]
+    random_neurons: tuple[Neuron, ...] | None
+    settings: SteeringSettings
+    batch_size: int
+    max_new_tokens: int
+
+    def __str__(self) -> str:
+        return f"steer {self.task}"
+
+
+def run_steering_job(state: tuple, job: SteeringJob) -> TaskSteering:
+    """``steer_task`` of ``job``; ``state`` is (adapter, images)."""
+    adapter, images = state
+    return steer_task(adapter, job.task, job.train_items, job.eval_items, images, job.neurons, job.random_neurons,
+                      job.settings, batch_size=job.batch_size, max_new_tokens=job.max_new_tokens)
 
 
 def steering_table(runs: Sequence[TaskSteering]) -> pd.DataFrame:

@@ -13,6 +13,9 @@ metric on the headline masks (rho = the paper's 1%, one random draw), and the co
 Map of this module:
 - ``MaskCondition`` / ``mask_conditions``: one zeroed mask (condition 0 is the unmasked base).
 - ``suppression_scores``: per-item results of every (utility, evaluated task, condition).
+- ``suppression_jobs`` / ``run_suppression_job`` / ``merge_suppression_scores``: the same work
+  as jobs (an evaluated task's conditions, in shards) for ``pipeline.model.workers.map_jobs``,
+  and their results merged in a fixed order.
 - ``scores_table``: those per-item scores as a long table (what the statistics rest on).
 - ``suppression_statistics``: paired-bootstrap intervals for the relative-drop matrices, the
   per-method summaries (on-target drop, off-target drop, selectivity = on minus off), the
@@ -88,28 +91,98 @@ def generative_conditions(conditions: Sequence[MaskCondition]) -> list[int]:
     return [k + 1 for k, c in enumerate(conditions) if c.headline and c.draw == 0]
 
 
+@dataclass(frozen=True)
+class SuppressionJob:
+    """The conditions of one evaluated task that one job scores: {utility: condition indices}
+    (1-based: 0 is the base), a shard of ``suppression_jobs``."""
+
+    eval_task: str
+    conditions: tuple[tuple[str, tuple[int, ...]], ...]
+    cost: float
+
+    def __str__(self) -> str:
+        n = sum(len(cs) for _, cs in self.conditions)
+        return f"{self.eval_task} ({n} condition-utilities)"
+
+
+def _rows_per_item(task_items: pd.DataFrame, task: str) -> float:
+    """Mean sequences per item of a likelihood evaluation (candidates, references, or 1)."""
+    column = {"retrieval": "candidates", "caption": "references"}.get(task)
+    return float(task_items[column].map(len).mean()) if column else 1.0
+
+
+def suppression_jobs(items: pd.DataFrame, conditions: Sequence[MaskCondition], shards_per_task: int = 1) -> list[SuppressionJob]:
+    """The work of ``suppression_scores`` as jobs, heaviest first: every evaluated task's
+    conditions dealt round-robin into ``shards_per_task`` shards (likelihood on every
+    condition, generative on ``generative_conditions``). A condition's items stay together, so
+    each job's results are complete per condition (a caption's BLEU is a corpus statistic)."""
+    if shards_per_task < 1:
+        raise PipelineError(f"suppression_jobs: shards_per_task ({shards_per_task}) must be at least 1")
+    wanted = {"likelihood": range(len(conditions) + 1), "generative": [0, *generative_conditions(conditions)]}
+    jobs = []
+    for task in dict.fromkeys(items["task"]):
+        task_items = items[items["task"] == task]
+        per_item = _rows_per_item(task_items, task)
+        for s in range(shards_per_task):
+            conds = tuple((u, tuple(c for k, c in enumerate(cs) if k % shards_per_task == s)) for u, cs in wanted.items())
+            conds = tuple((u, cs) for u, cs in conds if cs)
+            if conds:
+                # Generation costs about max_new_tokens cached steps per row: weigh it as 3 rows.
+                cost = len(task_items) * sum(len(cs) * (per_item if u == "likelihood" else 3.0) for u, cs in conds)
+                jobs.append(SuppressionJob(str(task), conds, cost))
+    return sorted(jobs, key=lambda j: -j.cost)
+
+
+def run_suppression_job(
+    state: tuple, job: SuppressionJob, *, items: pd.DataFrame, conditions: Sequence[MaskCondition],
+    batch_size: int, max_new_tokens: int,
+) -> dict[tuple[str, str], dict[int, TaskResult]]:
+    """{(utility, eval_task): {condition: TaskResult}} of one job; ``state`` is (adapter, images)."""
+    adapter, images = state
+    specs: list[list[tuple[int, int]] | None] = [None, *[list(c.neurons) for c in conditions]]
+    res = evaluate_conditions(
+        adapter, job.eval_task, items[items["task"] == job.eval_task], images, dict(job.conditions),
+        batch_size=batch_size, max_new_tokens=max_new_tokens,
+        condition_hooks=lambda conds: ablate_neurons_per_row(adapter, [specs[c] for c in conds]),
+        condition_layers=[lowest_layer([spec]) for spec in specs],
+        progress=f"suppression {job.eval_task}",
+    )
+    return {(utility, job.eval_task): by_cond for utility, by_cond in res.items()}
+
+
+def merge_suppression_scores(
+    parts: Sequence[dict[tuple[str, str], dict[int, TaskResult]]], items: pd.DataFrame,
+) -> dict[tuple[str, str], dict[int, TaskResult]]:
+    """The jobs' results as one {(utility, eval_task): {condition: TaskResult}}, in a fixed order
+    (evaluated tasks as in ``items``, likelihood then generative, conditions ascending) whatever
+    order the jobs ran in."""
+    merged: dict[tuple[str, str], dict[int, TaskResult]] = {}
+    for part in parts:
+        for key, by_cond in part.items():
+            overlap = set(merged.get(key, {})) & set(by_cond)
+            if overlap:
+                raise PipelineError(f"suppression: conditions {sorted(overlap)} of {key} were scored by two jobs")
+            merged.setdefault(key, {}).update(by_cond)
+    task_order = list(dict.fromkeys(items["task"]))
+    keys = sorted(merged, key=lambda k: (task_order.index(k[1]), ("likelihood", "generative").index(k[0])))
+    out = {k: dict(sorted(merged[k].items())) for k in keys}
+    for (utility, task), by_cond in out.items():
+        log.info("%s %s baseline %.4f; %d masked conditions", task, utility, by_cond[0].utility, len(by_cond) - 1)
+    return out
+
+
 def suppression_scores(
     adapter, items: pd.DataFrame, images: ImageTable, conditions: Sequence[MaskCondition],
     *, batch_size: int, max_new_tokens: int,
 ) -> dict[tuple[str, str], dict[int, TaskResult]]:
     """{(utility, eval_task): {condition: TaskResult}}; condition 0 is the base, k >= 1 is
-    ``conditions[k - 1]``. Likelihood on every condition; generative on ``generative_conditions``."""
-    specs: list[list[tuple[int, int]] | None] = [None, *[list(c.neurons) for c in conditions]]
-    wanted = {"likelihood": range(len(specs)), "generative": [0, *generative_conditions(conditions)]}
-    out: dict[tuple[str, str], dict[int, TaskResult]] = {}
-    for eval_task in dict.fromkeys(items["task"]):
-        task_items = items[items["task"] == eval_task]
-        res = evaluate_conditions(
-            adapter, eval_task, task_items, images, wanted, batch_size=batch_size, max_new_tokens=max_new_tokens,
-            condition_hooks=lambda conds: ablate_neurons_per_row(adapter, [specs[c] for c in conds]),
-            condition_layers=[lowest_layer([spec]) for spec in specs],
-            progress=f"suppression {eval_task}",
-        )
-        for utility, by_cond in res.items():
-            out[(utility, eval_task)] = by_cond
-            log.info("%s %s baseline %.4f; %d masked conditions", eval_task, utility, by_cond[0].utility,
-                     len(by_cond) - 1)
-    return out
+    ``conditions[k - 1]``. Likelihood on every condition; generative on ``generative_conditions``.
+    In this process; ``suppression_jobs`` + ``workers.map_jobs`` + ``merge_suppression_scores``
+    spread the same work over processes."""
+    parts = [run_suppression_job((adapter, images), job, items=items, conditions=conditions, batch_size=batch_size,
+                                 max_new_tokens=max_new_tokens)
+             for job in suppression_jobs(items, conditions)]
+    return merge_suppression_scores(parts, items)
 
 
 def conditions_table(conditions: Sequence[MaskCondition]) -> pd.DataFrame:
