@@ -11,6 +11,7 @@ import pytest
 
 from conftest import build_tiny_adapter, discovery_items
 from pipeline.errors import PipelineError
+from pipeline.model import batching
 from pipeline.method.ablation import ablation_shard_job, merge_ablation_shards, neuron_ablation_effects
 from pipeline.model.workers import map_jobs, split_threads
 from pipeline.outcomes.suppression import (
@@ -79,13 +80,17 @@ def _conditions(adapter) -> list[MaskCondition]:
 def test_suppression_over_workers_equals_one_process(benchmark_dir, tiny_adapter, annotations, images) -> None:
     items = annotations[annotations["split"] == "discovery"].groupby("task", sort=False).head(3).reset_index(drop=True)
     conditions = _conditions(tiny_adapter)
+    before = batching.rows_completed()
     serial = suppression_scores(tiny_adapter, items, images, conditions, batch_size=7, max_new_tokens=4)
+    serial_rows = batching.rows_completed() - before
     jobs = suppression_jobs(items, conditions, shards_per_task=3)
     assert {j.eval_task for j in jobs} == set(items["task"])
     assert [j.cost for j in jobs] == sorted((j.cost for j in jobs), reverse=True)
     parts = map_jobs(partial(run_suppression_job, items=items, conditions=conditions, batch_size=7, max_new_tokens=4),
                      jobs, partial(tiny_state, benchmark_dir), workers=2)
     parallel = merge_suppression_scores(parts, items)
+    # The workers' rows reach this process's count (the stage's timing record).
+    assert batching.rows_completed() - before - serial_rows == serial_rows > 0
     assert list(parallel) == list(serial)
     moved = 0.0
     for key, by_cond in serial.items():

@@ -35,6 +35,13 @@ def rows_completed() -> int:
     return _rows_completed
 
 
+def count_rows(n: int) -> None:
+    """Add ``n`` rows that ``for_each_batch`` ran in another process (a worker of
+    ``pipeline.model.workers``) to this process's ``rows_completed``."""
+    global _rows_completed
+    _rows_completed += n
+
+
 class BatchTooLarge(PipelineError):
     """Out of memory at one row per batch: no batch size fits."""
 

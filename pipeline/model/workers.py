@@ -23,6 +23,7 @@ from functools import partialmethod
 from typing import Any, TypeVar
 
 from pipeline.errors import PipelineError
+from pipeline.model import batching
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,11 @@ def _init_worker(load: Callable[[], Any], threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _run_job(work: Callable[[Any, Any], Any], job: Any) -> Any:
-    return work(_STATE, job)
+def _run_job(work: Callable[[Any, Any], Any], job: Any) -> tuple[Any, int]:
+    """(the job's result, the rows ``for_each_batch`` ran for it), for the parent's count."""
+    before = batching.rows_completed()
+    result = work(_STATE, job)
+    return result, batching.rows_completed() - before
 
 
 def map_jobs(
@@ -68,6 +72,8 @@ def map_jobs(
     ``functools.partial`` of them), as must jobs and results. In a worker, a job that raises
     stops the rest and is re-raised here as a ``PipelineError`` naming it (``describe(job)``),
     with the worker's exception as its cause; with one worker its exception propagates as is.
+    The rows the workers' batches ran are added to this process's
+    ``batching.rows_completed`` (a stage's timing record counts them).
     """
     from tqdm import tqdm
 
@@ -101,7 +107,8 @@ def map_jobs(
                             raise PipelineError(f"{what}: job {describe(jobs[k])}: {exc}") from exc
                         raise PipelineError(f"{what}: job {describe(jobs[k])} failed in a worker: "
                                             f"{type(exc).__name__}: {exc}") from exc
-                    results[k] = f.result()
+                    results[k], rows = f.result()
+                    batching.count_rows(rows)
                     bar.update(1)
     return results
 
