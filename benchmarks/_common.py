@@ -54,13 +54,20 @@ def load_model_and_items(args):
     """(adapter, images, items): the model in ``args.dtype`` on ``args.device`` with
     ``args.threads`` torch threads, and the first ``args.items`` items of ``args.task`` in
     ``args.split``."""
+    from pipeline.tasks.items import read_annotations
+
+    adapter, images = load_model_and_images(args.model, args.benchmark, args.threads, args.dtype, args.device)
+    items = read_annotations(args.benchmark / "annotations.parquet", splits=(args.split,), tasks=(args.task,))
+    return adapter, images, items.head(args.items).reset_index(drop=True)
+
+
+def load_model_and_images(model: Path, benchmark: Path, threads: int, dtype: str = "float32", device: str = "cpu"):
+    """(adapter, images): the model with ``threads`` torch threads, and the benchmark's images
+    (module-level, so a ``functools.partial`` of it can load a worker's state)."""
     import torch
 
     from pipeline.model.adapter import ModelAdapter
-    from pipeline.tasks.items import ImageTable, read_annotations
+    from pipeline.tasks.items import ImageTable
 
-    torch.set_num_threads(args.threads)
-    adapter = ModelAdapter.load(str(args.model), dtype=args.dtype, device=args.device)
-    images = ImageTable(args.benchmark / "images.parquet")
-    items = read_annotations(args.benchmark / "annotations.parquet", splits=(args.split,), tasks=(args.task,))
-    return adapter, images, items.head(args.items).reset_index(drop=True)
+    torch.set_num_threads(threads)
+    return ModelAdapter.load(str(model), dtype=dtype, device=device), ImageTable(Path(benchmark) / "images.parquet")

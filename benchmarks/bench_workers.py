@@ -21,21 +21,10 @@ import time
 from functools import partial
 from pathlib import Path
 
-from _common import REPO, require, table
+from _common import REPO, load_model_and_images, require, table
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-
-
-def load_state(model: Path, benchmark: Path, threads: int):
-    """(adapter, images), as a stage's worker loads them."""
-    import torch
-
-    from pipeline.model.adapter import ModelAdapter
-    from pipeline.tasks.items import ImageTable
-
-    torch.set_num_threads(threads)
-    return ModelAdapter.load(str(model), dtype="float32", device="cpu"), ImageTable(benchmark / "images.parquet")
 
 
 def main() -> None:
@@ -72,7 +61,7 @@ def main() -> None:
         out = {}
         for workers in (1, args.workers):
             threads = args.threads if workers == 1 else split_threads(args.threads, workers)
-            load = partial(load_state, args.model, args.benchmark, threads)
+            load = partial(load_model_and_images, args.model, args.benchmark, threads)
             start = time.perf_counter()
             if what == "evaluate":
                 jobs = suppression_jobs(test, conditions, shards_per_task=1 if workers == 1 else 2 * workers)
