@@ -1,0 +1,74 @@
+"""The quick profile: checked before it runs, and applied by DVC exactly as merged."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.params import ConfigError
+from stages.profile import main, merged, set_param_arguments
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ROOT / "profiles" / "quick.yaml"
+
+
+def _apply_with_dvc(params: Path, arguments: list[str]) -> dict:
+    """What ``dvc exp run`` does with ``--set-param`` arguments: DVC's own override parser."""
+    from dvc.utils.hydra import apply_overrides
+
+    apply_overrides(params, [a.removeprefix("--set-param=") for a in arguments])
+    return yaml.safe_load(params.read_text())
+
+
+def test_dvc_applies_the_quick_profile_as_merged(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    arguments = set_param_arguments(QUICK, params)
+    assert arguments and all(a.startswith("--set-param=") and " " not in a for a in arguments)
+    want = merged(yaml.safe_load((ROOT / "params.yaml").read_text()), yaml.safe_load(QUICK.read_text()))
+    assert _apply_with_dvc(params, arguments) == want
+    assert "# Parameters of every stage" in params.read_text()  # comments kept
+
+
+def _numbers(over: dict, base: dict, prefix: str = ""):
+    for key, value in over.items():
+        if isinstance(value, dict):
+            yield from _numbers(value, base[key], f"{prefix}{key}.")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield f"{prefix}{key}", value, base[key]
+        elif isinstance(value, list):
+            yield f"{prefix}{key} (length)", len(value), len(base[key])
+
+
+def test_quick_profile_only_shrinks_the_work() -> None:
+    """Every count the profile sets (steps, items, draws, grid sizes) is at most the default's."""
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    shrunk = [(key, value, default) for key, value, default in _numbers(yaml.safe_load(QUICK.read_text()), base)
+              if default is not None]
+    assert shrunk
+    grown = [(key, value, default) for key, value, default in shrunk if value > default]
+    assert not grown, f"the quick profile makes these larger than the default: {grown}"
+
+
+@pytest.mark.parametrize(("text", "named"), [
+    ("heads:\n  max_itms: 4\n", "heads.max_itms"),
+    ("models:\n  tiny-llava:\n    steps: 0\n", "steps"),
+    ("evaluate:\n  split: nowhere\n", "split"),
+    ("nosection:\n  x: 1\n", "nosection"),
+])
+def test_a_bad_profile_is_refused_naming_the_key(tmp_path: Path, text: str, named: str) -> None:
+    profile = tmp_path / "bad.yaml"
+    profile.write_text(text)
+    with pytest.raises(ConfigError, match=named) as caught:
+        set_param_arguments(profile, ROOT / "params.yaml")
+    assert str(profile) in str(caught.value)
+
+
+def test_command_line_exits_2_with_the_reason(capsys, monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    assert main(["missing"]) == 2
+    assert "profile not found: profiles/missing.yaml" in capsys.readouterr().err
