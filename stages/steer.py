@@ -67,7 +67,7 @@ def main() -> None:
                         settings, rt.batch_sequences, rt.max_new_tokens)
             for task in tasks]
     # Heaviest first (retrieval scores every candidate, caption every reference); results in task order.
-    order = sorted(range(len(jobs)), key=lambda k: -{"retrieval": 10, "caption": 5}.get(jobs[k].task, 1))
+    order = sorted(range(len(jobs)), key=lambda k: -jobs[k].cost)
     workers, threads = worker_plan(params, args.model)
     done = map_jobs(run_steering_job, [jobs[k] for k in order],
                     partial(load_model_and_images, params, args.model, args.benchmark),

@@ -18,6 +18,7 @@ from pipeline.io import write_parquet
 from pipeline.model.scoring import model_answer_logprobs
 from pipeline.outcomes.steering import (
     FIXED_AMP_SCALE,
+    SteeringJob,
     SteeringSettings,
     VARIANTS,
     apply_steering,
@@ -27,7 +28,7 @@ from pipeline.outcomes.steering import (
     steer_task,
     train_scales,
 )
-from pipeline.tasks.items import training_rows
+from pipeline.tasks.items import likelihood_sequences_per_item, training_rows
 
 from conftest import resolve_pretrained
 
@@ -68,6 +69,20 @@ def test_training_rows_retrieval_positive_and_negative(annotations):
     for k, rec in enumerate(items.itertuples()):
         assert prompts[2 * k] == rec.prompt.format(candidate=rec.candidates[rec.positive_index])
         assert prompts[2 * k + 1] != prompts[2 * k]
+
+
+def test_steering_jobs_are_weighed_by_the_sequences_they_run(annotations):
+    """Retrieval scores every candidate and caption every reference: those jobs go out first."""
+    jobs = [SteeringJob(task, split_items(annotations, task, "dev", 2), split_items(annotations, task, "test", 3),
+                        (), None, SteeringSettings(beta=0.5, l2=0.0, train_batch_size=4, seed=0), 8, 4)
+            for task in ("vqa", "ocr", "caption", "retrieval")]
+    for job in jobs:
+        column = {"retrieval": "candidates", "caption": "references"}.get(job.task)
+        per_item = job.eval_items[column].map(len).mean() if column else 1.0
+        assert likelihood_sequences_per_item(job.eval_items, job.task) == per_item
+        assert job.cost == per_item * (len(job.train_items) + len(job.eval_items)) > 0
+    assert {j.task for j in sorted(jobs, key=lambda j: -j.cost)[:2]} == {"retrieval", "caption"}
+    assert likelihood_sequences_per_item(jobs[3].eval_items.head(0), "retrieval") == 1.0
 
 
 def test_answer_positions_match_evaluation_logprob(tiny_adapter, images, annotations):

@@ -1,10 +1,12 @@
 """Independent jobs over one model, spread over worker processes.
 
-On a CPU, a small model's forward pass uses a second core poorly: the tiny default models
-evaluate 1.1x faster with 2 torch threads than with 1, so two processes of one thread each do
-nearly twice the work of one process of two threads. ``map_jobs`` hands jobs (a shard of the
-conditions of one task, a layer of neurons, a task to steer) to ``workers`` processes, each of
-which loads the model once; with ``workers=1`` the jobs run here, in order, and nothing is
+On a CPU, a small model's forward pass uses a second core poorly (the tiny default models'
+retrieval rows: 5.2 s with 2 torch threads, 5.8 s with 1), so two processes of one thread each
+get more done than one process of two: measured on this project's 2-core machine, 1.36x on
+evaluate's jobs (``benchmarks/bench_workers.py``), not 2x, because the two processes slow each
+other down. ``map_jobs`` hands jobs (a shard of the conditions of one task, a shard of the
+layers whose neurons are ablated, a task to steer) to ``workers`` processes, each of which
+loads the model once; with ``workers=1`` the jobs run here, in order, and nothing is
 spawned. Jobs must not depend on each other, and a job's result must not depend on which
 process ran it: then the results equal the serial ones up to float rounding of the batches
 (a job computes the same rows, in batches of a different composition).
@@ -100,8 +102,6 @@ def map_jobs(
                     k = futures[f]
                     exc = f.exception()
                     if exc is not None:
-                        for p in pending:
-                            p.cancel()
                         pool.shutdown(wait=True, cancel_futures=True)
                         if isinstance(exc, PipelineError):
                             raise PipelineError(f"{what}: job {describe(jobs[k])}: {exc}") from exc

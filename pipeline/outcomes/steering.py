@@ -44,7 +44,7 @@ from torch import nn
 
 from pipeline.model.adapter import ModelAdapter
 from pipeline.model.scoring import model_answer_logprobs, token_logprobs
-from pipeline.tasks.items import ImageTable, training_rows
+from pipeline.tasks.items import ImageTable, likelihood_sequences_per_item, training_rows
 from pipeline.errors import PipelineError
 from pipeline.model.evaluation import TaskResult, evaluate_conditions, evaluate_task
 from pipeline.model.hooks import condition_scales, lowest_scaled_layer, scale_neurons
@@ -425,6 +425,12 @@ class SteeringJob:
 
     def __str__(self) -> str:
         return f"steer {self.task}"
+
+    @property
+    def cost(self) -> float:
+        """Sequences per pass over its items (train and eval), to hand out the heaviest job first."""
+        per_item = likelihood_sequences_per_item(self.eval_items, self.task)
+        return per_item * (len(self.train_items) + len(self.eval_items))
 
 
 def run_steering_job(state: tuple, job: SteeringJob) -> TaskSteering:

@@ -48,7 +48,7 @@ from pipeline.outcomes.statistics import (
     utility_replicates,
     verdict,
 )
-from pipeline.tasks.items import ImageTable
+from pipeline.tasks.items import ImageTable, likelihood_sequences_per_item
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +105,6 @@ class SuppressionJob:
         return f"{self.eval_task} ({n} condition-utilities)"
 
 
-def _rows_per_item(task_items: pd.DataFrame, task: str) -> float:
-    """Mean sequences per item of a likelihood evaluation (candidates, references, or 1)."""
-    column = {"retrieval": "candidates", "caption": "references"}.get(task)
-    return float(task_items[column].map(len).mean()) if column else 1.0
-
-
 def suppression_jobs(items: pd.DataFrame, conditions: Sequence[MaskCondition], shards_per_task: int = 1) -> list[SuppressionJob]:
     """The work of ``suppression_scores`` as jobs, heaviest first: every evaluated task's
     conditions dealt round-robin into ``shards_per_task`` shards (likelihood on every
@@ -122,7 +116,7 @@ def suppression_jobs(items: pd.DataFrame, conditions: Sequence[MaskCondition], s
     jobs = []
     for task in dict.fromkeys(items["task"]):
         task_items = items[items["task"] == task]
-        per_item = _rows_per_item(task_items, task)
+        per_item = likelihood_sequences_per_item(task_items, task)
         for s in range(shards_per_task):
             conds = tuple((u, tuple(c for k, c in enumerate(cs) if k % shards_per_task == s)) for u, cs in wanted.items())
             conds = tuple((u, cs) for u, cs in conds if cs)

@@ -173,6 +173,14 @@ def item_prompts(items: pd.DataFrame) -> list[str]:
     return [item_prompt(rec) for rec in items.itertuples()]
 
 
+def likelihood_sequences_per_item(task_items: pd.DataFrame, task: str) -> float:
+    """Mean sequences per item that the likelihood utility runs for ``task`` (its items, one
+    task): retrieval every candidate, caption every reference, any other task 1. What jobs over
+    tasks are weighed by, to hand out the heaviest first."""
+    column = {"retrieval": "candidates", "caption": "references"}.get(task)
+    return float(task_items[column].map(len).mean()) if column and len(task_items) else 1.0
+
+
 # --- what the model answers -------------------------------------------------------------------
 
 
