@@ -2,8 +2,9 @@
 # Set-up and entry points. Idempotent: the venv is (re)installed only when pyproject.toml or
 # constraints.txt changed since the last install.
 #   ./run.sh repro [dvc repro args]   install, then run the whole default pipeline
-#   ./run.sh quick [dvc exp run args] install, then the quick tour: the pipeline under
-#                                     profiles/quick.yaml, as a DVC experiment (~20 min on 2 cores)
+#   ./run.sh profile NAME [dvc exp run args]
+#                                     install, then the pipeline under profiles/NAME.yaml merged
+#                                     over params.yaml, as a DVC experiment (full: the full study)
 #   ./run.sh test  [pytest args]      install, then run the test suite
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -32,15 +33,18 @@ case "$cmd" in
     export PATH="$PWD/$VENV/bin:$PATH"
     dvc repro "$@"
     ;;
-  quick)
+  profile)
+    name=${1:?usage: ./run.sh profile NAME [dvc exp run args] (profiles/NAME.yaml)}
+    shift
     install
     export PATH="$PWD/$VENV/bin:$PATH"
     # The profile is checked (keys, schema) before anything runs; one --set-param per line.
-    overrides=$(python -m stages.profile quick)
+    overrides=$(python -m stages.profile "$name")
     mapfile -t args <<< "$overrides"
-    dvc exp run -n "quick-$(date -u +%Y%m%d-%H%M%S)" "${args[@]}" "$@"
-    echo "quick tour done: reports/hones_report.html; timings/timings.md. params.yaml now holds the"
-    echo "profile (dvc exp show lists the run); back to the default: git checkout params.yaml"
+    dvc exp run -n "$name-$(date -u +%Y%m%d-%H%M%S)" "${args[@]}" "$@"
+    echo "profile $name done: reports/hones_report.html, timings/timings.md; dvc exp show lists the run."
+    echo "back to the default: git checkout -- params.yaml dvc.lock metrics plots reports timings,"
+    echo "then dvc checkout (outputs in your cache) or ./run.sh repro (the rest)"
     ;;
   test)
     install
@@ -51,7 +55,7 @@ case "$cmd" in
     install
     ;;
   *)
-    echo "usage: ./run.sh {repro|quick|test|install} [args...]" >&2
+    echo "usage: ./run.sh {repro|profile NAME|test|install} [args...]" >&2
     exit 2
     ;;
 esac

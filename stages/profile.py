@@ -1,7 +1,7 @@
 """A params profile as the ``dvc exp run -S`` arguments that apply it (not a DVC stage).
 
-``python -m stages.profile quick`` prints one ``--set-param=<dotted.key>=<value>`` per line
-for ``profiles/quick.yaml``; ``./run.sh quick`` passes them to ``dvc exp run``, which rewrites
+``python -m stages.profile full`` prints one ``--set-param=<dotted.key>=<value>`` per line
+for ``profiles/full.yaml``; ``./run.sh profile full`` passes them to ``dvc exp run``, which rewrites
 those keys of params.yaml in place (comments kept) and runs what they invalidate. Before
 printing, the profile is checked: every key it sets must exist in params.yaml (a typo would
 otherwise add a key no stage reads) and the merged params must pass the schema, so a bad
@@ -71,7 +71,7 @@ def set_param_arguments(profile: Path, params: Path = Path("params.yaml")) -> li
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("name", help="profile name: profiles/<name>.yaml")
+    parser.add_argument("name", help="profile name: profiles/<name>.yaml (full: the full study)")
     args = parser.parse_args(argv)
     try:
         lines = set_param_arguments(PROFILES / f"{args.name}.yaml")

@@ -1,4 +1,4 @@
-"""The quick profile: checked before it runs, and applied by DVC exactly as merged."""
+"""Params profiles (profiles/*.yaml): checked before they run, and applied by DVC exactly as merged."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from stages.params import ConfigError
 from stages.profile import main, merged, set_param_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ROOT / "profiles" / "quick.yaml"
+PROFILES = sorted((ROOT / "profiles").glob("*.yaml"))
+FULL = ROOT / "profiles" / "full.yaml"
 
 
 def _apply_with_dvc(params: Path, arguments: list[str]) -> dict:
@@ -23,12 +24,13 @@ def _apply_with_dvc(params: Path, arguments: list[str]) -> dict:
     return yaml.safe_load(params.read_text())
 
 
-def test_dvc_applies_the_quick_profile_as_merged(tmp_path: Path) -> None:
+@pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.stem)
+def test_dvc_applies_each_profile_as_merged(tmp_path: Path, profile: Path) -> None:
     params = tmp_path / "params.yaml"
     shutil.copy(ROOT / "params.yaml", params)
-    arguments = set_param_arguments(QUICK, params)
+    arguments = set_param_arguments(profile, params)
     assert arguments and all(a.startswith("--set-param=") and " " not in a for a in arguments)
-    want = merged(yaml.safe_load((ROOT / "params.yaml").read_text()), yaml.safe_load(QUICK.read_text()))
+    want = merged(yaml.safe_load((ROOT / "params.yaml").read_text()), yaml.safe_load(profile.read_text()))
     assert _apply_with_dvc(params, arguments) == want
     assert "# Parameters of every stage" in params.read_text()  # comments kept
 
@@ -43,14 +45,14 @@ def _numbers(over: dict, base: dict, prefix: str = ""):
             yield f"{prefix}{key} (length)", len(value), len(base[key])
 
 
-def test_quick_profile_only_shrinks_the_work() -> None:
-    """Every count the profile sets (steps, items, draws, grid sizes) is at most the default's."""
+def test_full_profile_only_adds_work() -> None:
+    """Every count the full study sets (steps, batch, items, draws, grid sizes) is at least the
+    default's (a ``null`` item limit, every item, is more than any)."""
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
-    shrunk = [(key, value, default) for key, value, default in _numbers(yaml.safe_load(QUICK.read_text()), base)
-              if default is not None]
-    assert shrunk
-    grown = [(key, value, default) for key, value, default in shrunk if value > default]
-    assert not grown, f"the quick profile makes these larger than the default: {grown}"
+    counts = list(_numbers(yaml.safe_load(FULL.read_text()), base))
+    assert len(counts) >= 10
+    less = [(key, value, default) for key, value, default in counts if default is not None and value < default]
+    assert not less, f"the full profile makes these smaller than the default: {less}"
 
 
 @pytest.mark.parametrize(("text", "named"), [
