@@ -62,6 +62,9 @@ def set_param_arguments(profile: Path, params: Path = Path("params.yaml")) -> li
         leaves = _leaves(over, base)
     except ConfigError as exc:
         raise ConfigError(f"{profile}: {exc}") from None
+    if not leaves:
+        # run.sh would pass dvc exp run one empty argument: refuse instead.
+        raise ConfigError(f"{profile}: the profile sets no key")
     try:
         ParamsFile.model_validate(merged(base, over))
     except ValidationError as exc:

@@ -60,6 +60,7 @@ def test_full_profile_only_adds_work() -> None:
     ("models:\n  tiny-llava:\n    steps: 0\n", "steps"),
     ("evaluate:\n  split: nowhere\n", "split"),
     ("nosection:\n  x: 1\n", "nosection"),
+    ("heads: {}\n", "sets no key"),
 ])
 def test_a_bad_profile_is_refused_naming_the_key(tmp_path: Path, text: str, named: str) -> None:
     profile = tmp_path / "bad.yaml"

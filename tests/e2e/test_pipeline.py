@@ -28,6 +28,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
+from stages.profile import merged  # noqa: E402
 from test_graph import import_closure  # noqa: E402
 
 from tiny_models import FACTORIES, add_words  # noqa: E402
@@ -73,13 +74,6 @@ def brought_model_params(folder: Path) -> dict:
     snippet = yaml.safe_load((Path(__file__).parent / "params_pretrained.yaml").read_text())
     entry = {**snippet["models"]["my-vlm"], "path": str(folder), "dtype": "float32"}
     return {"pretrained_models": [BROUGHT], "studied_models": [*TRAINED, BROUGHT], "models": {BROUGHT: entry}}
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def _env(repo: Path) -> dict[str, str]:
@@ -138,12 +132,12 @@ def repo(tmp_path_factory) -> Path:
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     small = yaml.safe_load((Path(__file__).parent / "params_small.yaml").read_text())
-    params = deep_merge(params, small)
+    params = merged(params, small)
     brought = tmp_path_factory.mktemp("brought") / BROUGHT
     words = benchmark_words(params["benchmark"]["synthetic"], tmp_path_factory.mktemp("words") / "bench")
     save_brought_model(brought, seed=0, words=words)
     (repo.parent / f"{repo.name}-words.json").write_text(json.dumps(words))
-    params = deep_merge(params, brought_model_params(brought))
+    params = merged(params, brought_model_params(brought))
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (repo / ".gitignore").write_text("__pycache__/\n")
     run(repo, "git", "init", "-q")
