@@ -5,7 +5,8 @@
 #   ./run.sh profile NAME [dvc exp run args]
 #                                     install, then the pipeline under profiles/NAME.yaml merged
 #                                     over params.yaml, as a DVC experiment (full: the full study)
-#   ./run.sh test  [pytest args]      install, then run the test suite
+#   ./run.sh test  [pytest args]      install, then run the test suite (2 processes, one test file
+#                                     each at a time: HONES_TEST_PROCESSES=0 runs it in this one)
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${HONES_VENV:-.venv}
@@ -20,7 +21,9 @@ install() {
   fi
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  # torch is pinned exactly (torch==2.13.0, a CPU wheel); constraints.txt pins the rest as tested.
+  # torch and torchvision are pinned exactly (torch==2.14.1 + torchvision==0.29.1: the CUDA build,
+  # which runs on a CPU too, and a pair whose operators import together); constraints.txt pins
+  # the rest as tested.
   "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[test]"
   echo "$want" > "$stamp"
 }
@@ -49,7 +52,9 @@ case "$cmd" in
   test)
     install
     export PATH="$PWD/$VENV/bin:$PATH"
-    python -m pytest "$@"
+    # Most of the end-to-end tests' time is stage processes starting (imports) one after another:
+    # two test files at a time use both cores of a CI machine.
+    python -m pytest -n "${HONES_TEST_PROCESSES:-2}" --dist loadfile "$@"
     ;;
   install)
     install

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 from pipeline.io import remove_path, temporary_sibling
-from pipeline.timings import StageTiming, write_timing
+from pipeline.timings import StageTiming, peak_rss_mib, write_timing
 from stages.params import write_params_audit
 
 log = logging.getLogger("stages")
@@ -216,8 +216,11 @@ def _record_timing(stage: str, started_utc: str, wall_s: float, load_1m: float) 
     rows, unit = _work.get("rows") or _model_rows()
     torch = sys.modules.get("torch")
     threads = torch.get_num_threads() if torch is not None else None
+    gpu = (torch.cuda.max_memory_allocated() / 2**20
+           if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized() else None)
     write_timing(folder, StageTiming.measured(stage, started_utc, wall_s, rows, unit, threads=threads,
-                                              cpus=os.cpu_count() or 1, load_1m=load_1m))
+                                              cpus=os.cpu_count() or 1, load_1m=load_1m,
+                                              peak_host_mib=peak_rss_mib(), peak_gpu_mib=gpu))
 
 
 def entry(fn: Callable[[], None]) -> Callable[[], None]:
@@ -227,6 +230,9 @@ def entry(fn: Callable[[], None]) -> Callable[[], None]:
     @functools.wraps(fn)
     def wrapper() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        # zarr reads metadata in asyncio tasks; when a damaged store stops the stage, the tasks
+        # still pending are "destroyed" at exit, which asyncio logs as a second ERROR line.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         signal.signal(signal.SIGTERM, _raise_stopped)
         _stop_when_parent_dies()
         out = _argv_value("--out")

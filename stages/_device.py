@@ -14,12 +14,17 @@ log = logging.getLogger("stages")
 
 
 def resolve_device(device: str, key: str) -> str:
-    """``auto`` -> cuda when present (logged), else cpu; ``cuda[:N]`` without CUDA is a ConfigError
-    naming ``key``."""
+    """``auto`` -> cuda when one GPU is visible, ``auto`` (the model spread over all of them,
+    ``ModelAdapter.load``) when several are, else cpu (logged); ``cuda[:N]`` without CUDA is a
+    ConfigError naming ``key``."""
     import torch
 
     if device == "auto":
         if torch.cuda.is_available():
+            count = torch.cuda.device_count()
+            if count > 1:
+                log.info("%s: auto -> spread over %d GPUs (%s, ...)", key, count, torch.cuda.get_device_name(0))
+                return "auto"
             log.info("%s: auto -> cuda (%s)", key, torch.cuda.get_device_name(0))
             return "cuda"
         log.info("%s: auto -> cpu (torch sees no CUDA device)", key)

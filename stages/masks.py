@@ -70,19 +70,23 @@ def main() -> None:
                 matched[task] = {m: faithfulness(on_items[methods.index(m), j], truth[j], k, se.get(task))
                                  for m in methods if m not in ("ablation", "random")}
     headline = masks[masks["headline"] & (masks["draw"] == 0)]
-    pref = layer_preference(headline[headline["method"] == "hones"], n_layers,
-                            np.random.default_rng(st.seed), st.bootstrap_resamples)
     jac = overlap(masks, "hones")
-    write_json({
+    metrics = {
         "mask_size": k,
         "faithfulness": faith,
         # The same, each method computed from only the ground truth's items (the masks use all items).
         "faithfulness_on_ablation_items": matched,
         "overlap_jaccard_hones": {a: {b: round(float(jac.loc[a, b]), 4) for b in jac.columns} for a in jac.index},
-        "layer_preference_hones": {"cramers_v": pref["interval"].as_dict(), "null_q95": round(pref["null_q95"], 4),
-                                   "p_value": round(pref["p_value"], 4),
-                                   "verdict": verdict(pref["interval"], pref["null_q95"])},
-    }, args.metrics)
+    }
+    # Layer preference compares tasks: a study of one task has none (and no verdict row for it).
+    if len(tasks) > 1:
+        pref = layer_preference(headline[headline["method"] == "hones"], n_layers,
+                                np.random.default_rng(st.seed), st.bootstrap_resamples)
+        metrics["layer_preference_hones"] = {"cramers_v": pref["interval"].as_dict(),
+                                             "null_q95": round(pref["null_q95"], 4),
+                                             "p_value": round(pref["p_value"], 4),
+                                             "verdict": verdict(pref["interval"], pref["null_q95"])}
+    write_json(metrics, args.metrics)
     plot_layer_distribution(headline, n_layers, args.plots / "layer_distribution.png",
                             f"{args.model}: layers of the top {cfg.rho:.1%} neurons")
     plot_square(jac, args.plots / "overlap.png", f"{args.model}: overlap of HONES masks", "Jaccard")

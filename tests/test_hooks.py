@@ -329,10 +329,13 @@ def test_per_row_ablation_equals_separate_single_neuron_runs():
     assert (tripled - expected).abs().max() <= 1e-5
 
 
-def test_model_without_processor_mistral3():
-    """Mistral3 (processor needs torchvision): hooks act on its language model, not its Pixtral tower."""
+def test_text_only_rows_of_mistral3():
+    """Mistral3 on text rows: hooks act on its language model, not its Pixtral tower (whose
+    blocks have the same projection names)."""
     a = adapter("mistral3")
-    ids = torch.randint(11, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    vocab = a.model.config.get_text_config().vocab_size
+    # Past the tokenizer's specials, so that no id is the image token.
+    ids = torch.randint(len(a.tokenizer.all_special_ids) + 1, vocab, (2, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         base = a.model(input_ids=ids).logits
         with substitute_heads(a, [None, (1, 0)]), capture_ffn(a, [0, 1], -1) as z:

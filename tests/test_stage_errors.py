@@ -163,7 +163,7 @@ def test_damaged_chunk_stops_attribute_naming_store_array_and_chunk(tmp_path, da
     line = one_line_error(proc)
     what = "is missing" if damage == "deleted" else "is damaged"
     assert f"activation store {acts / 'ocr.zarr'}: array 'z' chunk c/0/1/0/0 (condition 0-0, item 2-3, " in line
-    assert what in line and f"restore it with `dvc checkout {acts / 'ocr.zarr'}` or re-run the dump stage" in line
+    assert what in line and f"restore it with `dvc checkout --force {acts / 'ocr.zarr'}` or re-run the dump stage" in line
     assert not out.exists() and not Path(f"{out}.tmp").exists()
 
 

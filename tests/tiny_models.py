@@ -5,19 +5,14 @@ family, with a 2-layer language model, 4 query heads, hidden size 32-64, a 1-2 l
 tower on 16-32 pixel images, and a processor built from the family's own processor and PIL
 image-processor classes around a tiny word-level tokenizer (no download anywhere).
 
-Where a family's processor cannot be built in this environment the factory returns
-``processor=None`` and says why in ``PROCESSOR_UNAVAILABLE``:
-- Mistral3 uses ``PixtralProcessor``, whose module imports torchvision at import time.
-- SmolVLM's processor refuses to start without the ``num2words`` package.
-Their models are still built, so module discovery is tested on them.
+Every family's processor is its real class with its real image (and, where it has one, video)
+processor, so ``save_pretrained`` + ``AutoProcessor.from_pretrained`` round-trips it as a real
+checkpoint does.
 
 ``add_words`` teaches a factory's tokenizer more words (the benchmark's, say).
 ``llava_with_opt_text`` is a VLM whose decoder layout the adapter does not know.
 ``tiny_phi`` is a text-only decoder with a plain (fc1 -> act -> fc2) MLP, for the non-gated path.
 ``make_images``, ``PROMPTS`` and ``ANSWERS`` are shared test data.
-
-Video processors of the Qwen2-VL / Qwen2.5-VL / InternVL processors need torchvision; these
-factories pass a plain ``BaseVideoProcessor`` instead, which is never used for images.
 """
 
 from __future__ import annotations
@@ -27,7 +22,6 @@ from typing import Any, Callable
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
-from transformers.video_processing_utils import BaseVideoProcessor
 
 # Words the prompts and answers of the tests use; anything else maps to <unk>.
 WORDS = (
@@ -37,11 +31,6 @@ WORDS = (
     "cat dog sun map key cup hat pen car there are two three shapes and on it user assistant "
     "question : . , ? ! ' - \" 0 1 2 3 4 5 6 7 8 9"
 ).split()
-
-PROCESSOR_UNAVAILABLE: dict[str, str] = {
-    "mistral3": "PixtralProcessor's module imports torchvision, which is not installed",
-    "smolvlm": "SmolVLMProcessor requires the num2words package, which is not installed",
-}
 
 
 def _tokenizer(
@@ -90,21 +79,6 @@ def _template(user_start: str, image: str, user_end: str, assistant_start: str, 
         "{% endfor %}"
         "{% if add_generation_prompt %}" + assistant_start + "{% endif %}"
     )
-
-
-def _skip_video_check(processor_cls):
-    """The processor class, minus its isinstance check on the video processor.
-
-    The check looks the expected class up in a registry that is a torchvision placeholder
-    here; the image path never touches the video processor.
-    """
-
-    def check(self, name, arg):
-        if name == "video_processor":
-            return type(arg)
-        return processor_cls.check_argument_for_proper_class(self, name, arg)
-
-    return type(processor_cls.__name__, (processor_cls,), {"check_argument_for_proper_class": check})
 
 
 def _seed(seed: int) -> None:
@@ -186,12 +160,13 @@ def _qwen_text(vocab: int, tok: PreTrainedTokenizerFast) -> dict[str, Any]:
 
 def _qwen_processor(processor_cls, tok):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     # patch 4, merge 2: a 16x16 image is 4x4 patches -> 4 image tokens.
-    ip = Qwen2VLImageProcessorPil(size={"shortest_edge": 8 * 8, "longest_edge": 32 * 32}, patch_size=4,
-                                  temporal_patch_size=2, merge_size=2)
-    return _skip_video_check(processor_cls)(image_processor=ip, tokenizer=tok, video_processor=BaseVideoProcessor(),
-                         chat_template=tok.chat_template)
+    size = {"shortest_edge": 8 * 8, "longest_edge": 32 * 32}
+    ip = Qwen2VLImageProcessorPil(size=size, patch_size=4, temporal_patch_size=2, merge_size=2)
+    vp = Qwen2VLVideoProcessor(size=size, patch_size=4, temporal_patch_size=2, merge_size=2)
+    return processor_cls(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=tok.chat_template)
 
 
 def tiny_qwen2_vl(seed: int = 0):
@@ -272,12 +247,20 @@ def tiny_idefics3(seed: int = 0):
 
 
 def tiny_smolvlm(seed: int = 0):
-    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMProcessor
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+    from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
 
     tok = _idefics_tokenizer()
     cfg = _idefics_config(SmolVLMConfig, tok)
     _seed(seed)
-    return _finish(SmolVLMForConditionalGeneration(cfg)), None
+    model = SmolVLMForConditionalGeneration(cfg)
+    size = {"longest_edge": 16}
+    ip = SmolVLMImageProcessorPil(do_image_splitting=False, size=size, max_image_size=size)
+    vp = SmolVLMVideoProcessor(size=size, max_image_size=size)
+    proc = SmolVLMProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, image_seq_len=4,
+                            chat_template=tok.chat_template)
+    return _finish(model), proc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,28 +351,46 @@ def tiny_internvl(seed: int = 0):
     )
     _seed(seed)
     model = InternVLForConditionalGeneration(cfg)
+    from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
+
     ip = GotOcr2ImageProcessorPil(size={"height": 16, "width": 16}, crop_to_patches=False, max_patches=1)
-    proc = _skip_video_check(InternVLProcessor)(image_processor=ip, tokenizer=tok, video_processor=BaseVideoProcessor(),
-                             image_seq_length=4, chat_template=tok.chat_template)
+    vp = InternVLVideoProcessor(size={"height": 16, "width": 16})
+    proc = InternVLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, image_seq_length=4,
+                             chat_template=tok.chat_template)
     return _finish(model), proc
 
 
 # ---------------------------------------------------------------------------------------------
-# Mistral3: Pixtral vision + Mistral text (processor unavailable here, see PROCESSOR_UNAVAILABLE)
+# Mistral3: Pixtral vision + Mistral text; PixtralProcessor lays out [IMG] rows with [IMG_BREAK]
 # ---------------------------------------------------------------------------------------------
 def tiny_mistral3(seed: int = 0):
-    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralProcessor
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
+    specials = ["<pad>", "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+    tok = _tokenizer(
+        specials,
+        chat_template=_template("[INST]", "[IMG]", "[/INST]", "", bos="<s>"),
+        named=dict(pad_token="<pad>", bos_token="<s>", eos_token="</s>"),
+    )
+    ids = tok.convert_tokens_to_ids
     cfg = Mistral3Config(
         vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                            num_attention_heads=2, head_dim=16, image_size=16, patch_size=4),
-        text_config=dict(model_type="mistral", vocab_size=128, hidden_size=32, intermediate_size=48,
+        text_config=dict(model_type="mistral", vocab_size=len(tok), hidden_size=32, intermediate_size=48,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                         max_position_embeddings=512),
-        image_token_index=10, spatial_merge_size=2,
+                         max_position_embeddings=512, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id),
+        image_token_index=ids("[IMG]"), spatial_merge_size=2,
     )
     _seed(seed)
-    return _finish(Mistral3ForConditionalGeneration(cfg)), None
+    model = Mistral3ForConditionalGeneration(cfg)
+    # patch 4, merge 2: a 16x16 image is 4x4 patches -> 2 rows of 2 image tokens (+ a break / end each).
+    ip = PixtralImageProcessorPil(size={"longest_edge": 16}, patch_size={"height": 4, "width": 4})
+    proc = PixtralProcessor(image_processor=ip, tokenizer=tok, patch_size=4, spatial_merge_size=2,
+                            chat_template=tok.chat_template, image_token="[IMG]", image_break_token="[IMG_BREAK]",
+                            image_end_token="[IMG_END]")
+    return _finish(model), proc
 
 
 def add_words(model: torch.nn.Module, processor: Any, words: list[str]) -> None:
@@ -476,5 +477,5 @@ PROMPTS = ["what is the colour of the shape in the image ?", "what is written ?"
 ANSWERS = ["red circle", "cat", "a blue square and a red circle", "triangle"]
 
 
-# Families whose processor can be built here (build_inputs is tested on these).
-WITH_PROCESSOR = tuple(f for f in FACTORIES if f not in PROCESSOR_UNAVAILABLE)
+# Families whose processor can be built here (build_inputs is tested on these): all of them.
+WITH_PROCESSOR = tuple(FACTORIES)

@@ -148,8 +148,8 @@ def init_process_group(backend: str, device: str) -> str:
     global _BARRIER_GROUP
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device.startswith("cuda"):
-        # One rank per GPU; more ranks than GPUs share them round-robin (gloo only: NCCL refuses).
+    if device == "auto" or device.startswith("cuda"):
+        # One rank per GPU (a model spread over several GPUs runs without torchrun); more ranks than GPUs share them round-robin (gloo only: NCCL refuses).
         index = local_rank % max(1, torch.cuda.device_count())
         device = f"cuda:{index}"
         torch.cuda.set_device(index)

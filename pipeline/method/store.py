@@ -116,7 +116,8 @@ def create_checked_array(group: zarr.Group, name: str, *, shape: tuple[int, ...]
 
 
 def _restore_hint(path: Path, stage: str) -> str:
-    return f"restore it with `dvc checkout {path}` or re-run the {stage} stage"
+    # --force: DVC refuses to overwrite an output that differs from its cache (a damaged one) without it.
+    return f"restore it with `dvc checkout --force {path}` or re-run the {stage} stage"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -796,7 +797,7 @@ def verify(path: Path, progress: bool = False) -> StoreCheck:
         attrs = dict(zarr.open_group(str(path), mode="r").attrs)
     except (ValueError, KeyError, TypeError, OSError) as exc:
         return StoreCheck(path, "damaged", "?", f"unreadable group metadata ({_one_line(exc)}); "
-                          f"restore it with `dvc checkout {path}`")
+                          f"restore it with `dvc checkout --force {path}`")
     if "layout" in attrs:
         kind, stage, required = STORE_KIND, "dump", ("z", *ITEM_ARRAYS, *StoreIndex.ARRAYS)
     elif attrs.get("dimensions") == list(IMPORTANCE_DIMS):

@@ -19,16 +19,22 @@ Layers are looked up only under the language model, never in the vision tower, w
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
+from pipeline.timings import peak_rss_mib
 
 __all__ = ["AdapterError", "ModelAdapter", "ModelInputs", "SUPPORTED_FAMILIES"]
+
+log = logging.getLogger(__name__)
 
 # Families tested with tiny models of their real transformers classes; others that follow the
 # same layout (decoder.layers[i].self_attn.o_proj / .mlp.down_proj) work too.
@@ -247,20 +253,36 @@ class ModelAdapter:
         """Load processor + model with AutoProcessor / AutoModelForImageTextToText, in eval mode.
 
         dtype: a torch dtype name ("float32", "bfloat16", "float16") or "auto" (the checkpoint's);
-        device: "cpu", "cuda", "cuda:1", ...
+        device: "cpu", "cuda", "cuda:1", ... or "auto": spread over every visible GPU
+        (accelerate's ``device_map="auto"``, for a model larger than one GPU). Each weight is
+        read straight onto its device: the host never holds a full copy of a GPU model. A
+        damaged weights file is an ``AdapterError`` naming it. Logs the load time and the
+        process's peak host memory after it.
         """
         from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from pipeline.model.weights import WeightsError, check_weight_files, load_errors
 
         torch_dtype: Any = "auto" if dtype == "auto" else getattr(torch, dtype, None)
         if not (torch_dtype == "auto" or isinstance(torch_dtype, torch.dtype)):
             raise AdapterError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16', 'float16' or 'auto'")
+        started = time.perf_counter()
         try:
             processor = AutoProcessor.from_pretrained(name_or_path, revision=revision)
-            model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=torch_dtype, revision=revision)
-        except (OSError, ValueError, KeyError) as exc:
-            raise AdapterError(f"cannot load model {name_or_path!r} (revision {revision}): {exc}") from exc
-        model.to(device)
+            model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=torch_dtype, revision=revision,
+                                                                device_map=device)
+        except load_errors() as exc:
+            folder = Path(name_or_path)
+            if folder.is_dir():
+                try:  # name the damaged file when there is one; the loader's message rarely does
+                    check_weight_files(folder)
+                except WeightsError as damaged:
+                    raise AdapterError(f"cannot load model {name_or_path!r}: {damaged}") from exc
+            raise AdapterError(f"cannot load model {name_or_path!r} (revision {revision}): "
+                               f"{' '.join(str(exc).split())}") from exc
         model.eval()
+        log.info("loaded %s (%s, %s) in %.1f s; peak host memory of this process so far %s",
+                 name_or_path, dtype, device, time.perf_counter() - started, f"{peak_rss_mib():.0f} MiB")
         return cls(model=model, processor=processor)
 
     @classmethod

@@ -1,7 +1,8 @@
 """Where a pretrained model comes from, pinned: a local folder or a Hugging Face hub id.
 
 ``resolve_folder`` / ``resolve_hub`` check, before any weight is read, that the named model
-exists, is a vision-language model and has the decoder layout ``ModelAdapter`` needs, and return
+exists, is a vision-language model, has the decoder layout ``ModelAdapter`` needs and intact
+weights files (headers and shard indexes, ``pipeline.model.weights``), and return
 a ``ModelSource``: the sha256 of every weight, config, tokenizer and processor file, and for a
 hub id the commit the requested revision resolves to. Its JSON is the small, machine-independent
 record that the model's downstream stages depend on. ``ModelSource.folder`` is where those exact
@@ -113,7 +114,8 @@ class ModelSource:
     the hub id; ``revision`` as requested, ``commit`` what it resolved to).
     files: {relative path: sha256} of the model's files (``MODEL_FILE_SUFFIXES``).
     model_type / architecture: from config.json; layout: the decoder as ``ModelAdapter`` sees it
-    (layers, heads, kv_heads, head_dim, ffn_width, hidden_size).
+    (layers, heads, kv_heads, head_dim, ffn_width, hidden_size); processor: the class
+    AutoProcessor builds from the folder.
     """
 
     kind: str
@@ -122,6 +124,7 @@ class ModelSource:
     architecture: str
     files: dict[str, str]
     layout: dict[str, int] = field(default_factory=dict)
+    processor: str = ""
     revision: str | None = None
     commit: str | None = None
 
@@ -262,7 +265,8 @@ def _check_layout(folder: Path, name: str) -> dict[str, int]:
             "head_dim": adapter.head_dim, "ffn_width": adapter.ffn_width, "hidden_size": adapter.hidden_size}
 
 
-def _check_processor(folder: Path, name: str) -> None:
+def _check_processor(folder: Path, name: str) -> str:
+    """The class name of the processor AutoProcessor builds from ``folder``."""
     from transformers import AutoProcessor
 
     try:
@@ -272,13 +276,24 @@ def _check_processor(folder: Path, name: str) -> None:
     if getattr(processor, "image_processor", None) is None:
         raise ModelSourceError(f"model {name!r}: the processor in {folder.resolve()} ({type(processor).__name__}) "
                                "has no image processor")
+    return type(processor).__name__
+
+
+def _check_weights(folder: Path, name: str) -> None:
+    from pipeline.model.weights import WeightsError, check_weight_files
+
+    try:
+        check_weight_files(folder)
+    except WeightsError as exc:
+        raise ModelSourceError(f"model {name!r}: {exc}") from None
 
 
 def _inspect(folder: Path, name: str, hashes: FileHashes) -> dict[str, Any]:
     model_type, architecture = _check_vision_language(_config(folder, name), folder, name)
     layout = _check_layout(folder, name)
-    _check_processor(folder, name)
-    return {"model_type": model_type, "architecture": architecture, "layout": layout,
+    processor = _check_processor(folder, name)
+    _check_weights(folder, name)
+    return {"model_type": model_type, "architecture": architecture, "layout": layout, "processor": processor,
             "files": hash_files(folder, hashes)}
 
 

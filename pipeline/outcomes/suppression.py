@@ -26,6 +26,7 @@ Map of this module:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -229,11 +230,14 @@ def _summary(drops: _Drops, targets: dict[str, int], tasks: list[str]) -> dict[s
     """On-target, off-target and selectivity (point, replicates) of one mask family ({target: condition})."""
     on = [drops.cells[(c, t)] for t, c in targets.items() if (c, t) in drops.cells]
     off = [drops.cells[(c, s)] for t, c in targets.items() for s in tasks if s != t and (c, s) in drops.cells]
-    if not on or not off:
+    if not on or (not off and len(tasks) > 1):
         raise PipelineError(f"suppression summary: conditions {sorted(targets.values())} were not evaluated on "
                             f"every task of {tasks}")
     on_p, on_r = float(np.mean([p for p, _ in on])), mean_over([r for _, r in on])
-    off_p, off_r = float(np.mean([p for p, _ in off])), mean_over([r for _, r in off])
+    if off:
+        off_p, off_r = float(np.mean([p for p, _ in off])), mean_over([r for _, r in off])
+    else:  # one task studied: there is no other task, so no off-target drop (an undefined interval)
+        off_p, off_r = math.nan, np.full_like(on_r, math.nan)
     return {"on_target_drop": (on_p, on_r), "off_target_drop": (off_p, off_r), "selectivity": (on_p - off_p, on_r - off_r)}
 
 

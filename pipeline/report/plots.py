@@ -103,6 +103,11 @@ def plot_deletion_curves(curve: dict, path: Path, title: str) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for ax, key, label in zip(axes, ("on_target_drop", "off_target_drop"), ("on target", "mean off target")):
+        if all(p[key]["value"] is None for points in curve.values() for p in points.values()):
+            # One task studied: nothing is off target.
+            ax.text(0.5, 0.5, "no other task", ha="center", va="center", transform=ax.transAxes)
+            ax.set_title(label)
+            continue
         for method, points in curve.items():
             rhos = np.array([float(r) for r in points]) * 100.0
             val = np.array([points[r][key]["value"] for r in points], dtype=float)

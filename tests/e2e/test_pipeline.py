@@ -2,7 +2,7 @@
 plus a model the pipeline did not train (a random tiny VLM of another family, saved with
 ``save_pretrained`` outside the repo and listed as ``source: pretrained``), in a temp copy of the
 repo that is its own git + DVC repository. ``HONES_E2E_FAMILY`` picks the family of that model
-(a ``tests/tiny_models.FACTORIES`` key; default paligemma).
+(a ``tests/tiny_models.FACTORIES`` key; default qwen2_5_vl, the paper's second model).
 
 Checks the declared outputs exist and are well-formed; that every stage read exactly the params
 it declares; that a second `dvc repro` reruns nothing; and that each kind of change reruns
@@ -25,17 +25,25 @@ from pathlib import Path
 
 import pytest
 import yaml
+from e2e_support import (
+    ROOT,
+    _env,
+    benchmark_words,
+    brought_entry,
+    dvc,
+    new_repo,
+    ran_stages,
+    run,
+    save_model,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
-from stages.profile import merged  # noqa: E402
-from test_graph import import_closure  # noqa: E402
-
-from tiny_models import FACTORIES, add_words  # noqa: E402
+from stages.profile import merged
+from test_graph import import_closure
+from tiny_models import FACTORIES, add_words
 
 pytestmark = pytest.mark.slow
 TRAINED = ("tiny-llava", "tiny-idefics3")
-FAMILY = os.environ.get("HONES_E2E_FAMILY", "paligemma")
+FAMILY = os.environ.get("HONES_E2E_FAMILY", "qwen2_5_vl")
 BROUGHT = f"random-{FAMILY}"
 MODELS = (*TRAINED, BROUGHT)
 TASKS = ("vqa", "ocr", "caption", "retrieval")
@@ -43,59 +51,15 @@ TASKS = ("vqa", "ocr", "caption", "retrieval")
 ALWAYS_RUNS = {f"resolve_model@{BROUGHT}"}
 
 
-def benchmark_words(synthetic: dict, scratch: Path) -> list[str]:
-    """Every word of the prompts, references and candidates of the synthetic benchmark that the
-    params describe (built here once, as the benchmark stage will build it)."""
-    from tokenizers.pre_tokenizers import Whitespace
-
-    from pipeline.tasks.benchmark import BenchmarkSpec, build_benchmark
-    from pipeline.tasks.items import RETRIEVAL_NO, RETRIEVAL_YES, read_annotations
-    from stages.params import SyntheticBenchmarkConfig
-
-    build_benchmark(BenchmarkSpec(**SyntheticBenchmarkConfig(**synthetic).model_dump()), scratch)
-    texts = {RETRIEVAL_YES, RETRIEVAL_NO}
-    for rec in read_annotations(scratch / "annotations.parquet").itertuples():
-        texts.update([rec.prompt, *rec.references, *rec.candidates])
-    return sorted({w for t in texts for w, _ in Whitespace().pre_tokenize_str(t)})
-
-
 def save_brought_model(folder: Path, seed: int, words: list[str]) -> None:
-    """The random tiny model of FAMILY with its processor, its tokenizer taught ``words``, as
-    ``save_pretrained`` writes it."""
-    model, processor = FACTORIES[FAMILY](seed=seed)
-    add_words(model, processor, words)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    save_model(folder, FAMILY, seed, words)
 
 
 def brought_model_params(folder: Path) -> dict:
     """params_pretrained.yaml (the README's snippet) with the model renamed and its folder filled
     in; float32 on this CPU."""
-    snippet = yaml.safe_load((Path(__file__).parent / "params_pretrained.yaml").read_text())
-    entry = {**snippet["models"]["my-vlm"], "path": str(folder), "dtype": "float32"}
-    return {"pretrained_models": [BROUGHT], "studied_models": [*TRAINED, BROUGHT], "models": {BROUGHT: entry}}
-
-
-def _env(repo: Path) -> dict[str, str]:
-    bindir = str(Path(sys.executable).parent)
-    return {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1",
-            "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
-            "HONES_PARAMS_AUDIT": str(repo.parent / f"{repo.name}-audit")}
-
-
-def run(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(args), cwd=repo, env=_env(repo), capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    return run(repo, str(Path(sys.executable).parent / "dvc"), *args)
-
-
-def ran_stages(proc: subprocess.CompletedProcess) -> set[str]:
-    return {line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage")}
+    return {"pretrained_models": [BROUGHT], "studied_models": [*TRAINED, BROUGHT],
+            "models": {BROUGHT: brought_entry(folder, "float32")}}
 
 
 def changed_stages(repo: Path) -> set[str]:
@@ -125,27 +89,13 @@ def edit_params(repo: Path, change) -> dict:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    repo = tmp_path_factory.mktemp("repo")
-    for name in ("pipeline", "stages"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ROOT / "data" / "inputs", repo / "data" / "inputs")
-    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    small = yaml.safe_load((Path(__file__).parent / "params_small.yaml").read_text())
-    params = merged(params, small)
+    params = merged(yaml.safe_load((ROOT / "params.yaml").read_text()),
+                    yaml.safe_load((Path(__file__).parent / "params_small.yaml").read_text()))
     brought = tmp_path_factory.mktemp("brought") / BROUGHT
     words = benchmark_words(params["benchmark"]["synthetic"], tmp_path_factory.mktemp("words") / "bench")
     save_brought_model(brought, seed=0, words=words)
+    repo = new_repo(tmp_path_factory.mktemp("repo"), merged(params, brought_model_params(brought)))
     (repo.parent / f"{repo.name}-words.json").write_text(json.dumps(words))
-    params = merged(params, brought_model_params(brought))
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (repo / ".gitignore").write_text("__pycache__/\n")
-    run(repo, "git", "init", "-q")
-    run(repo, "git", "config", "user.email", "e2e@example.invalid")
-    run(repo, "git", "config", "user.name", "e2e")
-    dvc(repo, "init", "-q")
-    dvc(repo, "config", "core.analytics", "false")
-    dvc(repo, "config", "core.check_update", "false")
     dvc(repo, "repro")
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "reduced default run")
@@ -249,6 +199,33 @@ def test_second_repro_reruns_nothing(repo: Path) -> None:
     assert ran_stages(proc) == ALWAYS_RUNS, proc.stdout
     assert changed_stages(repo) == set()
     assert json.loads(dvc(repo, "status", "--json").stdout) == {s: ["always changed"] for s in ALWAYS_RUNS}
+
+
+def _flip_first_chunk(array: Path) -> Path:
+    chunk = next(p for p in sorted((array / "c").rglob("*")) if p.is_file())
+    data = bytearray(chunk.read_bytes())
+    data[16:24] = bytes(b ^ 0xFF for b in data[16:24])
+    chunk.write_bytes(bytes(data))
+    return chunk
+
+
+@pytest.mark.parametrize("damaged, stage", [("data/activations/tiny-llava/vqa.zarr/z", "attribute@tiny-llava"),
+                                            ("data/attribution/tiny-llava.zarr/importance", "masks@tiny-llava")])
+def test_the_restore_hint_of_a_damaged_chunk_restores_it(repo: Path, damaged: str, stage: str) -> None:
+    """A flipped chunk stops the stage that reads it with one line whose hint is a command; run
+    as printed, it restores the output from the DVC cache and the repo is up to date again."""
+    import re
+
+    chunk = _flip_first_chunk(repo / damaged)
+    proc = subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro", "--single-item", stage], cwd=repo,
+                          env=_env(repo), capture_output=True, text=True)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    hint = re.search(r"restore it with `(dvc checkout --force [^`]+)`", proc.stdout + proc.stderr)
+    assert hint, (proc.stdout + proc.stderr)[-3000:]
+    assert str(Path(damaged).parent) in hint.group(1)
+    dvc(repo, *hint.group(1).split()[1:])
+    run(repo, sys.executable, "-m", "pipeline.tools.verify", str(Path(damaged).parent))  # exit 1 if damaged
+    assert chunk.is_file() and changed_stages(repo) == set()
 
 
 @pytest.mark.parametrize("path", ["stages/_common.py", "stages/_load.py", "stages/params.py", "pipeline/model/hooks.py",
