@@ -3,9 +3,10 @@
     python benchmarks/bench_shared_cpu.py [--busy 2] [--steps 30] [--threads 2] [--model tiny-llava]
 
 Each measurement runs in a fresh process (the OpenMP runtime reads its settings when torch is
-imported), with ``--busy`` pure-Python busy loops started beside it or not, and with the
-OpenMP wait policy the stages use (``stages/__init__.py``: passive) or OpenMP's own default
-(threads spin before they sleep). Measured: language-phase training steps/s of the untrained
+imported), with ``--busy`` pure-Python busy loops started beside it or not, under each of
+``--settings``: OpenMP's own default (threads spin before they sleep) or the given
+``OMP_WAIT_POLICY`` / ``GOMP_SPINCOUNT`` (torch is imported before ``stages``, so the choice
+``stages/__init__.py`` makes does not apply here). Measured: language-phase training steps/s of the untrained
 default model (``bench_train``'s cached + bucketed path) and likelihood rows/s of
 ``evaluate_task`` over test items. The ratio "alone / loaded" is the slowdown; with ``--busy``
 processes on ``nproc`` cores, a fair share of the CPU predicts about (busy + threads) / nproc.

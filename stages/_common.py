@@ -233,6 +233,9 @@ def entry(fn: Callable[[], None]) -> Callable[[], None]:
         # zarr reads metadata in asyncio tasks; when a damaged store stops the stage, the tasks
         # still pending are "destroyed" at exit, which asyncio logs as a second ERROR line.
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        if os.environ.get("HONES_CPU_SHARED") == "1":
+            log.info("other processes were running when this stage started: OpenMP threads spin briefly "
+                     "(GOMP_SPINCOUNT=%s; stages/__init__.py)", os.environ.get("GOMP_SPINCOUNT"))
         signal.signal(signal.SIGTERM, _raise_stopped)
         _stop_when_parent_dies()
         out = _argv_value("--out")

@@ -16,7 +16,7 @@ from pipeline.model.hooks import (
     lowest_layer,
     substitute_heads,
 )
-from tiny_models import FACTORIES, PROMPTS, WITH_PROCESSOR, make_images
+from tiny_models import PROMPTS, WITH_PROCESSOR, make_images
 from tiny_models import cached_adapter as adapter_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
