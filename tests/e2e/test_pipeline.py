@@ -225,7 +225,11 @@ def test_the_restore_hint_of_a_damaged_chunk_restores_it(repo: Path, damaged: st
     assert str(Path(damaged).parent) in hint.group(1)
     dvc(repo, *hint.group(1).split()[1:])
     run(repo, sys.executable, "-m", "pipeline.tools.verify", str(Path(damaged).parent))  # exit 1 if damaged
-    assert chunk.is_file() and changed_stages(repo) == set()
+    assert chunk.is_file()
+    # DVC removed the failed stage's own outputs before running it; they are in the cache.
+    assert stage in changed_stages(repo)
+    dvc(repo, "checkout")
+    assert changed_stages(repo) == set()
 
 
 @pytest.mark.parametrize("path", ["stages/_common.py", "stages/_load.py", "stages/params.py", "pipeline/model/hooks.py",
