@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -111,8 +112,12 @@ def weights_hash(model_dir: str | Path) -> str | None:
 
 
 def provenance(model: str | None, params_hash: str | None, revision: str | None = None, *, entry: str) -> dict:
-    """The attribute block every output carries; ``entry`` is the module that made it (``stages.dump``)."""
-    out = {"code_version": code_version(entry), "params_hash": params_hash}
+    """The attribute block every output carries; ``entry`` is the module that made it (``stages.dump``).
+    ``cpu_kernels``: the instruction set of torch's CPU kernels (``AVX2``, ``AVX512``), which the
+    floating-point results follow; None where torch is not loaded."""
+    torch = sys.modules.get("torch")
+    out = {"code_version": code_version(entry), "params_hash": params_hash,
+           "cpu_kernels": torch.backends.cpu.get_cpu_capability() if torch is not None else None}
     if model is not None:
         out["model"] = str(model)
         out["model_revision"] = revision

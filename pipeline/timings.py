@@ -6,8 +6,9 @@ whose ``started_utc`` says when it was measured.
 
 - ``StageTiming``: one run of one stage: wall time (s), the work it did (``rows`` of ``unit``),
   rows/s, its peak host memory (and GPU memory, where it used a GPU), and what the machine
-  was like (torch threads, None when the stage loads no torch; CPUs; 1-minute load average at
-  the start: on a shared machine the same stage can take twice as long under load).
+  was like (torch threads and the instruction set of torch's CPU kernels, None when the stage
+  loads no torch; CPUs; 1-minute load average at the start: on a shared machine the same stage
+  can take twice as long under load).
 - ``peak_rss_mib()``: this process's peak resident memory.
 - ``write_timing(folder, record)``: ``<folder>/<stage>.json``, then the table is rewritten.
 - ``read_timings(folder)``: every record, in the order the stages started.
@@ -47,7 +48,7 @@ class StageTiming:
     start-up and imports included, where the OS tells) to its outputs written; ``rows``: units of work done
     (``None`` when the stage reports none); ``rows_per_s``: rows / wall_s; ``peak_host_mib``:
     the process's peak resident memory; ``peak_gpu_mib``: torch's peak GPU allocation (None
-    when the stage used no GPU)."""
+    when the stage used no GPU); ``cpu_kernels``: torch's CPU capability (``AVX2``, ``AVX512``)."""
 
     stage: str
     started_utc: str
@@ -60,15 +61,16 @@ class StageTiming:
     load_1m: float
     peak_host_mib: float | None = None
     peak_gpu_mib: float | None = None
+    cpu_kernels: str | None = None
 
     @classmethod
     def measured(cls, stage: str, started_utc: str, wall_s: float, rows: int | None, unit: str | None, *,
                  threads: int | None, cpus: int, load_1m: float, peak_host_mib: float | None = None,
-                 peak_gpu_mib: float | None = None) -> StageTiming:
+                 peak_gpu_mib: float | None = None, cpu_kernels: str | None = None) -> StageTiming:
         rate = round(rows / wall_s, 2) if rows is not None and wall_s > 0 else None
         return cls(stage, started_utc, round(wall_s, 2), rows, unit, rate, threads, cpus, round(load_1m, 2),
                    None if peak_host_mib is None else round(peak_host_mib, 1),
-                   None if peak_gpu_mib is None else round(peak_gpu_mib, 1))
+                   None if peak_gpu_mib is None else round(peak_gpu_mib, 1), cpu_kernels)
 
 
 def _record_path(folder: Path, stage: str) -> Path:
@@ -102,9 +104,9 @@ def read_timings(folder: Path) -> list[StageTiming]:
 
 def timings_markdown(records: list[StageTiming]) -> str:
     """A Markdown table of ``records`` (one row each, in the given order) and a total row."""
-    lines = ["| stage | wall (s) | rows | unit | rows/s | started (UTC) | threads | load (1 min) | peak MiB "
-             "(host / GPU) |",
-             "| --- | ---: | ---: | --- | ---: | --- | ---: | ---: | ---: |"]
+    lines = ["| stage | wall (s) | rows | unit | rows/s | started (UTC) | threads | kernels | load (1 min) "
+             "| peak MiB (host / GPU) |",
+             "| --- | ---: | ---: | --- | ---: | --- | ---: | --- | ---: | ---: |"]
     for r in records:
         rows = f"{r.rows:,}" if r.rows is not None else ""
         rate = f"{r.rows_per_s:,.1f}" if r.rows_per_s is not None else ""
@@ -112,7 +114,7 @@ def timings_markdown(records: list[StageTiming]) -> str:
         if r.peak_gpu_mib is not None:
             peak += f" / {r.peak_gpu_mib:,.0f}"
         lines.append(f"| {r.stage} | {r.wall_s:,.1f} | {rows} | {r.unit or ''} | {rate} | {r.started_utc} "
-                     f"| {r.threads if r.threads is not None else ''} | {r.load_1m:.2f} | {peak} |")
+                     f"| {r.threads if r.threads is not None else ''} | {r.cpu_kernels or ''} | {r.load_1m:.2f} | {peak} |")
     total = sum(r.wall_s for r in records)
-    lines.append(f"| **total** | **{total:,.1f}** ({total / 60:.1f} min) | | | | | | | |")
+    lines.append(f"| **total** | **{total:,.1f}** ({total / 60:.1f} min) | | | | | | | | |")
     return "\n".join(lines) + "\n"

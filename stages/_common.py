@@ -220,7 +220,9 @@ def _record_timing(stage: str, started_utc: str, wall_s: float, load_1m: float) 
            if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized() else None)
     write_timing(folder, StageTiming.measured(stage, started_utc, wall_s, rows, unit, threads=threads,
                                               cpus=os.cpu_count() or 1, load_1m=load_1m,
-                                              peak_host_mib=peak_rss_mib(), peak_gpu_mib=gpu))
+                                              peak_host_mib=peak_rss_mib(), peak_gpu_mib=gpu,
+                                              cpu_kernels=torch.backends.cpu.get_cpu_capability()
+                                              if torch is not None else None))
 
 
 def entry(fn: Callable[[], None]) -> Callable[[], None]:
@@ -236,6 +238,8 @@ def entry(fn: Callable[[], None]) -> Callable[[], None]:
         if os.environ.get("HONES_CPU_SHARED") == "1":
             log.info("other processes were running when this stage started: OpenMP threads spin briefly "
                      "(GOMP_SPINCOUNT=%s; stages/__init__.py)", os.environ.get("GOMP_SPINCOUNT"))
+        if os.environ.get("HONES_CPU_ISA") == "avx2":
+            log.debug("CPU kernels pinned to AVX2 (stages/__init__.py; HONES_CPU_ISA=native to let them follow the CPU)")
         signal.signal(signal.SIGTERM, _raise_stopped)
         _stop_when_parent_dies()
         out = _argv_value("--out")

@@ -23,7 +23,7 @@ from stages.params import ConfigError, read_params
 
 READS = (
     "evaluate.split", "evaluate.max_items", "evaluate.methods",
-    "statistics.bootstrap_resamples", "statistics.seed", "statistics.confidence",
+    "statistics.bootstrap_resamples", "statistics.seed", "statistics.confidence", "statistics.equivalence_margin",
     "runtime.threads", "runtime.workers", "runtime.batch_sequences", "runtime.max_new_tokens",
     "tasks", "models.{model}",
 )
@@ -65,7 +65,7 @@ def main() -> None:
                      workers=workers, threads=threads, what="suppression")
     scores = merge_suppression_scores(parts, items)
     stats = suppression_statistics(scores, conditions, n_resamples=st.bootstrap_resamples, seed=st.seed,
-                                   confidence=st.confidence)
+                                   confidence=st.confidence, equivalence_margin=st.equivalence_margin)
     write_parquet(scores_table(scores, items), args.out / "scores.parquet")
     write_parquet(conditions_table(conditions), args.out / "conditions.parquet")
     write_json(stats, args.out / "suppression.json")

@@ -1,9 +1,10 @@
-"""Stage `heads@<model>-<task>`: S_t(l, h) for every head -> scores.parquet + heatmap.png."""
+"""Stage `heads@<model>-<task>`: S_t(l, h) for every head -> scores.parquet + heatmap.png, and the
+per-item utilities behind the scores -> per_item.parquet (what the report's stability check resamples)."""
 
 from pathlib import Path
 
 from pipeline.io import write_parquet
-from pipeline.method.heads import score_heads
+from pipeline.method.heads import per_item_table, score_heads_per_item
 from pipeline.report.plots import plot_head_scores
 from stages._common import entry, parser
 from stages._load import load_images, load_items, load_model
@@ -29,10 +30,11 @@ def main() -> None:
     items = load_items(args.benchmark, (cfg.split,), (args.task,), cfg.max_items)
     images = load_images(args.benchmark)
     adapter = load_model(params, args.model)
-    scores = score_heads(adapter, args.task, items, images, batch_size=rt.batch_sequences,
-                         max_new_tokens=rt.max_new_tokens, utility=cfg.utility)
+    scores, values, kind = score_heads_per_item(adapter, args.task, items, images, batch_size=rt.batch_sequences,
+                                                max_new_tokens=rt.max_new_tokens, utility=cfg.utility)
     args.out.mkdir(parents=True, exist_ok=True)
     write_parquet(scores, args.out / "scores.parquet")
+    write_parquet(per_item_table(values, kind), args.out / "per_item.parquet")
     plot_head_scores(scores, args.out / "heatmap.png", f"{args.model} / {args.task}: head scores ({cfg.utility})")
 
 

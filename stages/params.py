@@ -292,6 +292,9 @@ class StatisticsConfig(_Strict):
     bootstrap_resamples: int = Field(1000, ge=100)
     seed: int = 0
     confidence: float = Field(0.95, gt=0.5, lt=1)
+    # Percentage points of relative drop: a method difference whose whole interval lies within
+    # +- this is "equivalent" rather than "undecided" (0: no equivalence verdicts).
+    equivalence_margin: float = Field(0.5, ge=0)
 
 
 class SteerConfig(_Strict):
@@ -339,6 +342,9 @@ class ParamsFile(_Strict):
     pretrained_models: list[str] = Field(default_factory=list)
     studied_models: list[str] = Field(min_length=1)
     tasks: list[str] = Field(min_length=1)
+    # {recipe: [studied models]}: instances of one recipe (other training seeds) whose claims
+    # the report also decides together (suppression.replicated_differences).
+    replicates: dict[str, list[str]] = Field(default_factory=dict)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
@@ -375,6 +381,13 @@ class ParamsFile(_Strict):
         if orphans:
             raise ValueError(f"studied_models: {orphans} are in neither trained_models nor pretrained_models, "
                              "so no stage provides them")
+        for recipe, instances in self.replicates.items():
+            if recipe in self.models:
+                raise ValueError(f"replicates.{recipe}: a recipe needs a name of its own, not a model's")
+            unstudied = [m for m in instances if m not in self.studied_models]
+            if unstudied or len(set(instances)) != len(instances) or not instances:
+                raise ValueError(f"replicates.{recipe}: {instances} must be distinct studied models "
+                                 f"(not studied: {unstudied})")
         return self
 
 

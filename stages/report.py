@@ -2,19 +2,34 @@
 table, and one HTML report that opens with it."""
 
 import json
+import logging
 from pathlib import Path
 
 import pandas as pd
 
-from pipeline.io import write_json
+from pipeline.io import atomic_file, write_json
 from pipeline.method.attribution import METHOD_DESCRIPTIONS
+from pipeline.method.heads import per_item_values
+from pipeline.outcomes.head_stability import head_stability
+from pipeline.outcomes.suppression import conditions_from_table, replicated_differences, scores_from_table
 from pipeline.report.html import Section, build_report
+from pipeline.report.markdown import markdown_document
 from pipeline.report.plots import plot_training_curves
-from pipeline.report.verdict import VERDICT_COLUMNS, sensitivity_message, verdict_metrics, verdict_rows
+from pipeline.report.verdict import (
+    VERDICT_COLUMNS,
+    replicated_rows,
+    sensitivity_message,
+    verdict_metrics,
+    verdict_rows,
+    verdict_summary,
+)
 from stages._common import entry, parser
 from stages.params import read_params
 
-READS = ("studied_models", "tasks", "steer.utility")
+log = logging.getLogger(__name__)
+
+READS = ("studied_models", "tasks", "replicates", "heads.top_k", "steer.utility", "statistics.bootstrap_resamples", "statistics.seed",
+         "statistics.confidence", "statistics.equivalence_margin")
 
 
 def _json(path: Path) -> dict:
@@ -31,6 +46,20 @@ def _intervals(cells: dict) -> pd.DataFrame:
     return pd.DataFrame({r: {c: fmt(iv) for c, iv in row.items()} for r, row in cells.items()}).T
 
 
+def _interval_text(row: dict) -> str:
+    if row.get("value") is None:
+        return ""
+    if row.get("ci_low") is None or row.get("ci_high") is None:
+        return f"{row['value']:.3g}"
+    return f"{row['value']:.3g} [{row['ci_low']:.3g}, {row['ci_high']:.3g}]"
+
+
+def _head_stability(folder: Path, top_k: int, st) -> dict:
+    scores = pd.read_parquet(folder / "scores.parquet")
+    values, kind = per_item_values(pd.read_parquet(folder / "per_item.parquet"))
+    return head_stability(scores, values, kind, top_k, n_resamples=st.bootstrap_resamples, seed=st.seed)
+
+
 @entry
 def main() -> None:
     p = parser(__doc__)
@@ -38,6 +67,7 @@ def main() -> None:
     p.add_argument("--metrics", type=Path, default=Path("metrics"))
     p.add_argument("--plots", type=Path, default=Path("plots"))
     p.add_argument("--out", type=Path, required=True, help="the HTML report")
+    p.add_argument("--summary", type=Path, required=True, help="the report's tables as Markdown")
     args = p.parse_args()
     params = read_params(args.params, READS)
     models, tasks = params.studied_models, params.tasks
@@ -47,6 +77,22 @@ def main() -> None:
     steering = {m: _json(args.data / "steer" / m / "steering_intervals.json") for m in models}
     verdicts = [r for m in models for r in verdict_rows(m, suppression[m], steering[m], attribution[m],
                                                          params.steer.utility)]
+    st = params.statistics
+    replicated = {}
+    for recipe, instances in params.replicates.items():
+        evaluated = {m: (scores_from_table(pd.read_parquet(args.data / "evaluate" / m / "scores.parquet")),
+                         conditions_from_table(pd.read_parquet(args.data / "evaluate" / m / "conditions.parquet")))
+                     for m in instances}
+        replicated[recipe] = replicated_differences(evaluated, n_resamples=st.bootstrap_resamples, seed=st.seed,
+                                                    confidence=st.confidence,
+                                                    equivalence_margin=st.equivalence_margin)
+        verdicts += replicated_rows(recipe, replicated[recipe])
+    heads = {m: {t: _head_stability(args.data / "heads" / m / t, params.heads.top_k, st) for t in tasks}
+             for m in models}
+    write_json(heads, args.metrics / "head_stability.json")
+    for m, t in [(m, t) for m, by_task in heads.items() for t, h in by_task.items() if h["degenerate"]]:
+        log.warning("%s %s: no head's substitution lowers the utility; its top %d heads are arbitrary and HONES "
+                    "reduces to hones_nohead", m, t, params.heads.top_k)
     utilities = ("likelihood", "generative")
     write_json({m: {u: s.get(u, {}).get("relative_drop", {}) for u in utilities} for m, s in suppression.items()},
                args.metrics / "suppression.json")
@@ -56,13 +102,42 @@ def main() -> None:
                args.metrics / "suppression_summary.json")
     write_json(steering, args.metrics / "steering.json")
     write_json(verdict_metrics(verdicts), args.metrics / "verdict.json")
+    across = list(params.replicates) or models
+    summary = verdict_summary(verdicts, across)
+    write_json(summary, args.metrics / "verdict_summary.json")
 
     table = pd.DataFrame(verdicts, columns=list(VERDICT_COLUMNS)) if verdicts else None
+    replicated_note = (
+        f" Rows of a recipe ({', '.join(f'{r}: {len(i)} instances' for r, i in params.replicates.items())}) decide "
+        "the method comparisons across its trained instances: the value is the mean over instances, the interval a "
+        "two-stage bootstrap over instances and then test items, so it carries the variance between trainings; "
+        "per_instance gives each instance's own value." if params.replicates else
+        " Each model is one trained instance: the intervals carry the test items' variance, not the variance "
+        "between trainings of the same recipe (profiles/seeds.yaml decides the claims across seeds).")
     sections = [Section("Verdict", "One row per claim of the method and model: the measured difference (percentage "
                         "points of relative drop, or utility for steering), its 95% paired-bootstrap interval over test "
                         "items, and the verdict: holds when the interval lies above the threshold, fails when below, "
-                        "undecided when it contains it. Likelihood rows decide; generative rows are the paper's metric.",
-                        table=table)]
+                        f"equivalent when it lies within +-{st.equivalence_margin:g} percentage points of it (a "
+                        "difference shown too small to matter), undecided otherwise. Likelihood rows decide; "
+                        "generative rows are the paper's metric." + replicated_note, table=table)]
+    counts = pd.DataFrame(summary["counts"]).T
+    sections.append(Section("How many claims are decided", "Likelihood (deciding) rows of each model and recipe, "
+                            "by verdict.", table=counts if len(counts) else None))
+    if summary["across"]:
+        sections.append(Section("Each claim across " + ("recipes" if params.replicates else "models"),
+                                "The deciding verdict of each claim side by side; the last column holds when every "
+                                "one agrees, mixed when some hold and others fail.",
+                                table=pd.DataFrame({c: {**v["verdicts"], "all": v["verdict"]}
+                                                    for c, v in summary["across"].items()}).T))
+    stability = {(m, t): {"top heads": " ".join(h.get("top_heads", [])), "recall (bootstrap mean)": h["recall"]["mean"],
+                          "recall (2.5%)": h["recall"]["p2.5"], "heads with positive score": h["positive_heads"],
+                          "degenerate": h["degenerate"]}
+                 for m, by_task in heads.items() for t, h in by_task.items() if h}
+    if stability:
+        sections.append(Section("Are the critical heads stable?", "The top K_h heads of each model and task, and how "
+                                "many of them a bootstrap resample of the head-scoring items finds again (recall). "
+                                "Degenerate: no head's substitution lowers the utility, so the top K_h are arbitrary and "
+                                "HONES reduces to hones_nohead there.", table=pd.DataFrame(stability).T))
     sections.append(Section("Methods compared", "What each method scores and where its formula comes from. The "
                             "paper's methods compute exactly what the authors' code computes; the published baselines "
                             "follow their authors' code; the others carry their own names.",
@@ -143,7 +218,17 @@ def main() -> None:
         if steer.get("scale_movement"):
             sections.append(Section(f"{m}: how far the learned scales moved", "Mean and largest |scale - 1| of the "
                                     "learned HONES scales per task.", table=pd.DataFrame(steer["scale_movement"]).T))
-    build_report("HONES report", f"Models: {', '.join(models)}; tasks: {', '.join(tasks)}.", sections, args.out)
+    intro = f"Models: {', '.join(models)}; tasks: {', '.join(tasks)}."
+    build_report("HONES report", intro, sections, args.out)
+    # The tables again as Markdown; the verdict with its interval in one column.
+    verdict_md = None
+    if table is not None:
+        verdict_md = table.assign(**{"value [95% interval]": [_interval_text(r) for r in verdicts]})[
+            ["model", "instances", "claim", "utility", "value [95% interval]", "verdict"]].set_index("model")
+    tables = [(sec.title, sec.what, verdict_md if sec.title == "Verdict" else sec.table) for sec in sections
+              if sec.table is not None]
+    with atomic_file(args.summary) as tmp:
+        tmp.write_text(markdown_document("HONES summary", intro + " Figures: the HTML report.", tables))
 
 
 if __name__ == "__main__":

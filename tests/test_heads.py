@@ -97,3 +97,61 @@ def test_retrieval_margins_batched_equals_naive(tiny_adapter, annotations, image
     batched = score_heads(a, "retrieval", items, images, batch_size=5, heads=heads)
     naive = score_heads_naive(a, "retrieval", items, images, batch_size=5, heads=heads)
     check_equal(batched, naive, len(heads))
+
+
+def _head_table(n_layers: int, n_heads: int, values: np.ndarray) -> pd.DataFrame:
+    from pipeline.method.heads import _table, all_heads
+
+    point = values.mean(axis=1)
+    return _table(all_heads(n_layers, n_heads), float(point[0]), list(point[1:]), "vqa_accuracy", "generative")
+
+
+def test_head_stability_of_a_clear_winner_and_of_noise() -> None:
+    from pipeline.outcomes.head_stability import head_stability
+
+    rng = np.random.default_rng(0)
+    n = 60
+    base = np.ones(n)
+    # head 1.0 drops every item's score by 0.5; every other head by noise around 0
+    heads = rng.normal(0.0, 0.05, size=(4, n)) + base
+    heads[2] = base - 0.5
+    values = np.vstack([base, heads])
+    table = _head_table(2, 2, values)
+    st = head_stability(table, values, "mean", 1, n_resamples=200, seed=0)
+    assert st["top_heads"] == ["1.0"] and st["recall"]["mean"] == 1.0 and st["selection_frequency"] == {"1.0": 1.0}
+    assert not st["degenerate"] and st["hones_reduces_to"] is None
+    # with k = 2, the second head is a coin toss among three noisy ones: recall well below 1
+    st2 = head_stability(table, values, "mean", 2, n_resamples=200, seed=0)
+    assert st2["top_heads"][0] == "1.0" and 0.5 <= st2["recall"]["mean"] < 0.95
+    assert st2["selection_frequency"]["1.0"] == 1.0 and len(st2["selection_frequency"]) >= 3
+
+
+def test_head_stability_names_degenerate_scores() -> None:
+    from pipeline.outcomes.head_stability import head_stability
+
+    values = np.ones((5, 10))  # no substitution changes any item: every score is 0
+    st = head_stability(_head_table(2, 2, values), values, "mean", 2, n_resamples=50, seed=0)
+    assert st["positive_heads"] == 0 and st["degenerate"] and st["hones_reduces_to"] == "hones_nohead"
+    assert st["top_heads"] == ["0.0", "0.1"]  # the tie-break of top_heads, as the dump would take them
+
+
+def test_head_stability_follows_the_per_item_scores_of_score_heads(tiny_adapter, annotations, images) -> None:
+    from pipeline.method.heads import score_heads_per_item, top_heads
+    from pipeline.outcomes.head_stability import head_stability
+
+    items = discovery_items(annotations, "vqa", 6)
+    table, values, kind = score_heads_per_item(tiny_adapter, "vqa", items, images, batch_size=8, max_new_tokens=3,
+                                               utility="likelihood")
+    assert kind == "mean" and values.shape == (1 + len(table), len(items))
+    np.testing.assert_allclose(values[0].mean() - values[1:].mean(axis=1), table["score"], rtol=1e-9, atol=1e-12)
+    from pipeline.method.heads import per_item_table, per_item_values
+
+    back, back_kind = per_item_values(per_item_table(values, kind).sample(frac=1.0, random_state=0))
+    assert back_kind == kind and np.array_equal(back, values)
+    bleu = np.random.default_rng(0).integers(0, 9, size=(3, 4, 10)).astype(np.float64)
+    back, back_kind = per_item_values(per_item_table(bleu, "corpus_bleu"))
+    assert back_kind == "corpus_bleu" and np.array_equal(back, bleu)
+    st = head_stability(table, values, kind, 3, n_resamples=100, seed=0)
+    top = top_heads(table, 3)
+    assert st["top_heads"] == [f"{l}.{h}" for l, h in zip(top["layer"], top["head"])]
+    assert 0.0 <= st["recall"]["p2.5"] <= st["recall"]["mean"] <= 1.0

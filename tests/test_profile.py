@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from stages.params import ConfigError
-from stages.profile import main, merged, set_param_arguments
+from stages.profile import _expand_same_as, main, merged, set_param_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = sorted((ROOT / "profiles").glob("*.yaml"))
@@ -30,7 +30,8 @@ def test_dvc_applies_each_profile_as_merged(tmp_path: Path, profile: Path) -> No
     shutil.copy(ROOT / "params.yaml", params)
     arguments = set_param_arguments(profile, params)
     assert arguments and all(a.startswith("--set-param=") and " " not in a for a in arguments)
-    want = merged(yaml.safe_load((ROOT / "params.yaml").read_text()), yaml.safe_load(profile.read_text()))
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    want = merged(base, _expand_same_as(yaml.safe_load(profile.read_text()), base))
     assert _apply_with_dvc(params, arguments) == want
     assert "# Parameters of every stage" in params.read_text()  # comments kept
 
@@ -75,3 +76,22 @@ def test_command_line_exits_2_with_the_reason(capsys, monkeypatch, tmp_path: Pat
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     assert main(["missing"]) == 2
     assert "profile not found: profiles/missing.yaml" in capsys.readouterr().err
+
+
+def test_a_profile_adds_seeds_of_a_recipe_as_the_profile_leaves_it(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    profile = tmp_path / "p.yaml"
+    profile.write_text("models:\n  tiny-llava: {steps: 7}\n  tiny-llava-s9: {same_as: tiny-llava, seed: 9}\n"
+                       "replicates: {r: [tiny-llava]}\n")
+    arguments = set_param_arguments(profile, params)
+    assert "--set-param=+models.tiny-llava-s9.seed=9" in arguments and "--set-param=+replicates.r=[tiny-llava]" in arguments
+    got = _apply_with_dvc(params, arguments)
+    assert got["models"]["tiny-llava-s9"] == {**got["models"]["tiny-llava"], "seed": 9}
+    assert got["models"]["tiny-llava-s9"]["steps"] == 7 and got["replicates"] == {"r": ["tiny-llava"]}
+    profile.write_text("models:\n  x: {same_as: no-such-model}\n")
+    with pytest.raises(ConfigError, match="models.x.same_as: 'no-such-model' is not a model"):
+        set_param_arguments(profile, params)
+    profile.write_text("heads:\n  new_key: 1\n")
+    with pytest.raises(ConfigError, match="profile key 'heads.new_key' is not in params.yaml"):
+        set_param_arguments(profile, params)

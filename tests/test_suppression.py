@@ -156,3 +156,85 @@ def test_report_is_self_contained(tmp_path) -> None:
     html = (tmp_path / "r.html").read_text()
     assert "data:image/png;base64," in html and "what it shows" in html and "missing figure" in html
     assert "src=\"http" not in html and "<script" not in html
+
+
+def _planted_study(vqa_masked: float = 0.1, noise_seed: int = 0) -> tuple[dict, list[MaskCondition]]:
+    """The planted-neuron study of ``test_deletion_curve_finds_the_planted_neuron`` at one size,
+    with the masked vqa score and the item noise as arguments (another "seed" of the model)."""
+    L, I = 2, 50
+    scores = np.random.default_rng(1).random((3, 2, L, I))
+    scores[0, 0][PLANTED] = 10.0
+    masks = build_masks(["hones", "ma", "ablation"], TASKS, scores, [0.05], 0.05, random_draws=1, seed=0)
+    conditions = mask_conditions(masks)
+    noise = np.random.default_rng(noise_seed).uniform(-0.05, 0.05, (len(TASKS), 40))
+    out = {}
+    for j, task in enumerate(TASKS):
+        by_cond = {}
+        for k, neurons in enumerate([(), *[c.neurons for c in conditions]]):
+            per = (vqa_masked if task == "vqa" and PLANTED in neurons else 0.9) + noise[j]
+            by_cond[k] = TaskResult(task, "fake", float(per.mean()), per)
+        out[("likelihood", task)] = by_cond
+    return out, conditions
+
+
+def test_evaluate_tables_read_back_to_the_same_statistics() -> None:
+    from pipeline.outcomes.suppression import conditions_from_table, conditions_table, scores_from_table
+
+    scores, conditions = _planted_study()
+    items = pd.DataFrame({"task": np.repeat(TASKS, 40), "item_id": [f"{t}-{i}" for t in TASKS for i in range(40)]})
+    back = scores_from_table(scores_table(scores, items))
+    conds = conditions_from_table(conditions_table(conditions))
+    assert [(c.method, c.target_task, c.rho, c.draw, c.headline) for c in conds] == \
+        [(c.method, c.target_task, c.rho, c.draw, c.headline) for c in conditions]
+    a = suppression_statistics(scores, conditions, n_resamples=200, seed=0)
+    b = suppression_statistics(back, conds, n_resamples=200, seed=0)
+    assert a == b
+
+
+def test_replicated_differences_carry_the_instances_variance() -> None:
+    from pipeline.outcomes.suppression import replicated_differences
+
+    one = _planted_study()
+    alone = suppression_statistics(*one, n_resamples=300, seed=0)["likelihood"]["differences"]
+    # Three copies of one instance: the same point and interval as the instance alone.
+    same = replicated_differences({"s0": one, "s1": one, "s2": one}, n_resamples=300, seed=0)["likelihood"]
+    for k in ("on_target_drop", "selectivity"):
+        got, want = same["differences"]["hones-minus-ma"][k], alone["hones-minus-ma"][k]
+        assert [got[x] for x in ("value", "ci_low", "ci_high", "verdict")] == \
+            [want[x] for x in ("value", "ci_low", "ci_high", "verdict")]
+    # Seeds that disagree (the planted neuron matters in one instance, barely in the others):
+    # the point is their mean, and the interval is wider than any instance's item interval.
+    studies = {"s0": _planted_study(0.1, 0), "s1": _planted_study(0.85, 1), "s2": _planted_study(0.88, 2)}
+    rep = replicated_differences(studies, n_resamples=300, seed=0)["likelihood"]["differences"]["hones-minus-ma"]
+    per = rep["on_target_drop"]["per_instance"]
+    assert rep["on_target_drop"]["value"] == pytest.approx(np.mean(list(per.values())), abs=1e-3)
+    widths = [np.subtract(*[suppression_statistics(*s, n_resamples=300, seed=0)["likelihood"]["differences"]
+                            ["hones-minus-ma"]["on_target_drop"][x] for x in ("ci_high", "ci_low")])
+              for s in studies.values()]
+    assert rep["on_target_drop"]["ci_high"] - rep["on_target_drop"]["ci_low"] > 3 * max(widths)
+    with pytest.raises(Exception, match="same items"):
+        short = _planted_study()
+        short[0][("likelihood", "vqa")] = {k: TaskResult("vqa", "fake", r.utility, r.per_item[:10])
+                                           for k, r in short[0][("likelihood", "vqa")].items()}
+        replicated_differences({"s0": one, "s1": short}, n_resamples=100, seed=0)
+
+
+def test_equivalence_needs_the_whole_interval_inside_the_margin() -> None:
+    from pipeline.outcomes.statistics import Interval, verdict
+
+    assert verdict(Interval(0.1, -0.3, 0.4), 0.0, 0.5) == "equivalent"
+    assert verdict(Interval(0.1, -0.3, 0.6), 0.0, 0.5) == "undecided"
+    assert verdict(Interval(0.1, -0.3, 0.4), 0.0, 0.0) == "undecided"
+    assert verdict(Interval(0.3, 0.1, 0.4), 0.0, 0.5) == "holds"  # significant, however small
+    assert verdict(Interval(-0.3, -0.4, -0.1), 0.0, 0.5) == "fails"
+
+
+def test_markdown_summary_tables() -> None:
+    from pipeline.report.markdown import markdown_document, markdown_table
+
+    frame = pd.DataFrame({"value": [1.23456, float("nan")], "verdict": ["holds", "a|b"]},
+                         index=pd.Index(["x", "y"], name="model"))
+    assert markdown_table(frame).splitlines() == ["| model | value | verdict |", "|---|---|---|",
+                                                  "| x | 1.23 | holds |", "| y |  | a\\|b |"]
+    doc = markdown_document("T", "intro", [("Verdict", "text", frame), ("Empty", "only text", None)])
+    assert doc.startswith("# T\n\nintro\n\n## Verdict\n\ntext\n\n| model |") and "## Empty\n\nonly text\n" in doc

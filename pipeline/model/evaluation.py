@@ -84,6 +84,15 @@ class TaskResult:
     statistics: np.ndarray | None = None
 
 
+def result_values(results: list) -> tuple[np.ndarray, str]:
+    """Per-item values of one task's ``TaskResult``s (one per condition, same items) for
+    ``utility_replicates``: ([C, n, S] BLEU statistics, "corpus_bleu") for generated captions,
+    else ([C, n] scores, "mean")."""
+    if all(r.statistics is not None for r in results):
+        return np.stack([r.statistics for r in results]), "corpus_bleu"
+    return np.stack([np.asarray(r.per_item, dtype=np.float64) for r in results]), "mean"
+
+
 def answer_token_id(tokenizer, word: str) -> int:
     """The first token id of ``word`` as the model would write it after the prompt."""
     ids = tokenizer(word, add_special_tokens=False)["input_ids"]

@@ -12,7 +12,7 @@ Map of this module:
   statistics [C, n, 2 * max_n + 2] (corpus BLEU).
 - ``relative_drop_replicates``: 100 * (base - masked) / |base| with the same resamples.
 - ``Interval`` / ``interval``: a value with its percentile interval; ``verdict``: holds / fails /
-  undecided from an interval and a threshold.
+  equivalent / undecided from an interval, a threshold and an equivalence margin.
 - ``layer_preference``: Cramér's V of the task x layer table of the masks' neurons, with a
   bootstrap interval and a permutation null (does each task's mask prefer its own layers?).
 """
@@ -30,7 +30,7 @@ from pipeline.errors import PipelineError
 from pipeline.tasks.metrics import bleu_from_statistics
 
 CONFIDENCE = 0.95
-Verdict = Literal["holds", "fails", "undecided"]
+Verdict = Literal["holds", "fails", "equivalent", "undecided"]
 
 
 def bootstrap_counts(n_items: int, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
@@ -107,15 +107,18 @@ def interval(value: float, replicates: np.ndarray, confidence: float = CONFIDENC
     return Interval(float(value), float(lo), float(hi))
 
 
-def verdict(iv: Interval, threshold: float = 0.0) -> Verdict:
-    """"holds" when the whole interval lies above ``threshold``, "fails" when it lies below,
-    "undecided" when it contains it (or is undefined)."""
+def verdict(iv: Interval, threshold: float = 0.0, margin: float = 0.0) -> Verdict:
+    """"holds" when the whole interval lies above ``threshold``, "fails" when it lies below;
+    otherwise "equivalent" when the whole interval lies within ``threshold`` +- ``margin`` (a
+    difference too small to matter, shown to be so), else "undecided" (or when undefined)."""
     if not (math.isfinite(iv.ci_low) and math.isfinite(iv.ci_high)):
         return "undecided"
     if iv.ci_low > threshold:
         return "holds"
     if iv.ci_high < threshold:
         return "fails"
+    if margin > 0 and threshold - margin <= iv.ci_low and iv.ci_high <= threshold + margin:
+        return "equivalent"
     return "undecided"
 
 
@@ -166,15 +169,6 @@ def layer_preference(masks: pd.DataFrame, n_layers: int, rng: np.random.Generato
     null = np.array([cramers_v(table(np.split(rng.permutation(pooled), sizes))) for _ in range(n_resamples)])
     return {"interval": interval(value, boot), "null_q95": float(np.percentile(null, 95)),
             "p_value": float((1 + (null >= value).sum()) / (1 + n_resamples))}
-
-
-def result_values(results: list) -> tuple[np.ndarray, str]:
-    """Per-item values of one task's ``TaskResult``s (one per condition, same items) for
-    ``utility_replicates``: ([C, n, S] BLEU statistics, "corpus_bleu") for generated captions,
-    else ([C, n] scores, "mean")."""
-    if all(r.statistics is not None for r in results):
-        return np.stack([r.statistics for r in results]), "corpus_bleu"
-    return np.stack([np.asarray(r.per_item, dtype=np.float64) for r in results]), "mean"
 
 
 def task_seed(seed: int, task: str) -> np.random.Generator:

@@ -46,13 +46,12 @@ from pipeline.model.adapter import ModelAdapter
 from pipeline.model.scoring import model_answer_logprobs, token_logprobs
 from pipeline.tasks.items import ImageTable, likelihood_sequences_per_item, training_rows
 from pipeline.errors import PipelineError
-from pipeline.model.evaluation import TaskResult, evaluate_conditions, evaluate_task
+from pipeline.model.evaluation import TaskResult, evaluate_conditions, evaluate_task, result_values
 from pipeline.model.hooks import condition_scales, lowest_scaled_layer, scale_neurons
 from pipeline.outcomes.statistics import (
     bootstrap_counts,
     interval,
     mean_over,
-    result_values,
     task_seed,
     utility_replicates,
     verdict,

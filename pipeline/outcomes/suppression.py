@@ -21,6 +21,10 @@ Map of this module:
   per-method summaries (on-target drop, off-target drop, selectivity = on minus off), the
   random masks' distribution, HONES-minus-baseline differences, the deletion curves and their
   area, and the sensitivity check (does the ground truth's own top set drop its task?).
+- ``scores_from_table`` / ``conditions_from_table``: the evaluate stage's Parquet tables back
+  into what the statistics take.
+- ``replicated_differences``: the differences decided across instances of one recipe (seeds),
+  with a two-stage bootstrap over instances and test items.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import PipelineError
-from pipeline.model.evaluation import TaskResult, evaluate_conditions
+from pipeline.model.evaluation import TaskResult, evaluate_conditions, result_values
 from pipeline.model.hooks import ablate_neurons_per_row, lowest_layer
 from pipeline.outcomes.statistics import (
     Interval,
@@ -44,12 +48,12 @@ from pipeline.outcomes.statistics import (
     log_rho_auc,
     mean_over,
     relative_drop_replicates,
-    result_values,
     task_seed,
     utility_replicates,
     verdict,
 )
 from pipeline.tasks.items import ImageTable, likelihood_sequences_per_item
+from pipeline.tasks.metrics import bleu_from_statistics
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +249,59 @@ def _iv(pair: tuple[float, np.ndarray], confidence: float) -> dict:
     return interval(pair[0], pair[1], confidence).as_dict()
 
 
+class _Headline:
+    """One utility's relative drops grouped into mask families, with the headline summaries:
+    ``summary(method, key)`` and ``cell(method, target, evaluated)`` as (point, replicates [B]).
+    Random's replicates mix the draws: replicate b uses draw d_b (uniform over the draws, from a
+    seeded stream), so its intervals carry both item and draw variability."""
+
+    def __init__(self, by_task: dict[str, dict[int, TaskResult]], conditions: Sequence[MaskCondition],
+                 n_resamples: int, seed: int):
+        self.tasks = list(by_task)
+        self.drops = _drops(by_task, n_resamples, seed)
+        evaluated = {c for (c, _) in self.drops.cells}
+        self.families: dict[tuple[str, float, int], dict[str, int]] = {}
+        for k, c in enumerate(conditions, start=1):
+            if k in evaluated:
+                self.families.setdefault((c.method, c.rho, c.draw), {})[c.target_task] = k
+        self.rho = next(c.rho for c in conditions if c.headline)
+        self.methods = list(dict.fromkeys(m for (m, r, _) in self.families if r == self.rho))
+        self.summaries = {key: _summary(self.drops, fam, self.tasks) for key, fam in self.families.items()}
+        self.draws = sorted(d for (m, r, d) in self.families if m == RANDOM and r == self.rho)
+        self.n_resamples = n_resamples
+        mix = np.random.default_rng([seed, 7]).integers
+        self._pick = mix(len(self.draws), size=n_resamples) if self.draws else None
+
+    def _mixed(self, per: list[tuple[float, np.ndarray]]) -> tuple[float, np.ndarray]:
+        if len(per) == 1:
+            return per[0]
+        return float(np.mean([p for p, _ in per])), np.stack([r for _, r in per])[self._pick, np.arange(self.n_resamples)]
+
+    def summary(self, method: str, key: str) -> tuple[float, np.ndarray]:
+        if method != RANDOM:
+            return self.summaries[(method, self.rho, 0)][key]
+        return self._mixed([self.summaries[(RANDOM, self.rho, d)][key] for d in self.draws])
+
+    def cell(self, method: str, target: str, evaluated: str) -> tuple[float, np.ndarray]:
+        ds = self.draws if method == RANDOM else [0]
+        return self._mixed([self.drops.cells[(self.families[(method, self.rho, d)][target], evaluated)] for d in ds])
+
+    def comparisons(self) -> list[tuple[str, str]]:
+        """(method, baseline) pairs compared: hones against every other method but the ground
+        truth, and the pairs of ``EXTRA_COMPARISONS`` evaluated."""
+        pairs = [(FOCUS, m) for m in self.methods if FOCUS in self.methods and m not in (FOCUS, GROUND_TRUTH)]
+        return pairs + [(a, b) for a, b in EXTRA_COMPARISONS if a in self.methods and b in self.methods]
+
+    def difference(self, a: str, b: str, key: str) -> tuple[float, np.ndarray]:
+        (ap, ar), (bp, br) = self.summary(a, key), self.summary(b, key)
+        return ap - bp, ar - br
+
+
+def _difference_entry(point: float, reps: np.ndarray, confidence: float, margin: float) -> dict:
+    iv = interval(point, reps, confidence)
+    return {**iv.as_dict(), "verdict": verdict(iv, 0.0, margin)}
+
+
 def suppression_statistics(
     scores: dict[tuple[str, str], dict[int, TaskResult]],
     conditions: Sequence[MaskCondition],
@@ -252,6 +309,7 @@ def suppression_statistics(
     n_resamples: int,
     seed: int,
     confidence: float = 0.95,
+    equivalence_margin: float = 0.0,
 ) -> dict:
     """Intervals of every reported effect (module docstring), as a JSON-ready dict.
 
@@ -259,86 +317,130 @@ def suppression_statistics(
     at the headline size (random: the mean over draws); ``summary`` {method: {on_target_drop,
     off_target_drop, selectivity}}; ``random_draws``: the draws' distribution (mean, 2.5/97.5
     percentiles); ``differences`` {"hones-minus-<m>": {on_target_drop, selectivity}} with a
-    ``verdict``, for every other method, and for the pairs of ``EXTRA_COMPARISONS`` evaluated. Random's replicates mix the draws: replicate b uses draw d_b (uniform), so its
-    intervals carry both item and draw variability. Likelihood also gets ``curve`` {method: {rho:
-    {on_target_drop, off_target_drop}}} (draw 0) and ``auc`` {method: {on_target_drop,
-    off_target_drop}}: the curve's mean height over log10(rho) (``statistics.log_rho_auc``).
+    ``verdict`` (``statistics.verdict`` with ``equivalence_margin`` in percentage points), for
+    every other method, and for the pairs of ``EXTRA_COMPARISONS`` evaluated (``_Headline``).
+    Likelihood also gets ``curve`` {method: {rho: {on_target_drop, off_target_drop}}} (draw 0)
+    and ``auc`` {method: {on_target_drop, off_target_drop}}: the curve's mean height over
+    log10(rho) (``statistics.log_rho_auc``).
     """
     tasks = list(dict.fromkeys(t for (_, t) in scores))
-    out: dict = {"confidence": confidence, "resamples": n_resamples,
+    out: dict = {"confidence": confidence, "resamples": n_resamples, "equivalence_margin": equivalence_margin,
                  "items_per_task": {u: {t: len(next(iter(r.values())).per_item) for (uu, t), r in scores.items() if uu == u}
                                     for u in dict.fromkeys(u for (u, _) in scores)}}
-    mix = np.random.default_rng([seed, 7]).integers
     for utility in dict.fromkeys(u for (u, _) in scores):
-        drops = _drops({t: scores[(utility, t)] for t in tasks}, n_resamples, seed)
-        evaluated = {c for (c, _) in drops.cells}
-        families: dict[tuple[str, float, int], dict[str, int]] = {}
-        for k, c in enumerate(conditions, start=1):
-            if k in evaluated:
-                families.setdefault((c.method, c.rho, c.draw), {})[c.target_task] = k
-        headline_rho = next(c.rho for c in conditions if c.headline)
-        methods = list(dict.fromkeys(m for (m, r, _) in families if r == headline_rho))
-        summaries = {key: _summary(drops, fam, tasks) for key, fam in families.items()}
-        draws = sorted(d for (m, r, d) in families if m == RANDOM and r == headline_rho)
-        pick = mix(len(draws), size=n_resamples) if draws else None
-
-        def headline(method: str, key: str) -> tuple[float, np.ndarray]:
-            if method != RANDOM or len(draws) == 1:
-                return summaries[(method, headline_rho, 0)][key]
-            per = [summaries[(RANDOM, headline_rho, d)][key] for d in draws]
-            reps = np.stack([r for _, r in per])[pick, np.arange(n_resamples)]
-            return float(np.mean([p for p, _ in per])), reps
-
-        def cell(method: str, target: str, s: str) -> tuple[float, np.ndarray]:
-            ds = draws if method == RANDOM else [0]
-            per = [drops.cells[(families[(method, headline_rho, d)][target], s)] for d in ds]
-            if len(per) == 1:
-                return per[0]
-            return float(np.mean([p for p, _ in per])), np.stack([r for _, r in per])[pick, np.arange(n_resamples)]
-
+        h = _Headline({t: scores[(utility, t)] for t in tasks}, conditions, n_resamples, seed)
         u_out: dict = {
-            "baseline": {t: iv.as_dict(6) for t, iv in drops.baseline.items()},
-            "relative_drop": {m: {t: {s: _iv(cell(m, t, s), confidence) for s in tasks}
-                                  for t in families[(m, headline_rho, 0)]} for m in methods},
-            "summary": {m: {k: _iv(headline(m, k), confidence) for k in SUMMARY_KEYS} for m in methods},
+            "baseline": {t: iv.as_dict(6) for t, iv in h.drops.baseline.items()},
+            "relative_drop": {m: {t: {s: _iv(h.cell(m, t, s), confidence) for s in tasks}
+                                  for t in h.families[(m, h.rho, 0)]} for m in h.methods},
+            "summary": {m: {k: _iv(h.summary(m, k), confidence) for k in SUMMARY_KEYS} for m in h.methods},
         }
-        if len(draws) > 1:
-            u_out["random_draws"] = {k: distribution([summaries[(RANDOM, headline_rho, d)][k][0] for d in draws])
+        if len(h.draws) > 1:
+            u_out["random_draws"] = {k: distribution([h.summaries[(RANDOM, h.rho, d)][k][0] for d in h.draws])
                                      for k in SUMMARY_KEYS}
-        pairs = [(FOCUS, m) for m in methods if FOCUS in methods and m not in (FOCUS, GROUND_TRUTH)]
-        pairs += [(a, b) for a, b in EXTRA_COMPARISONS if a in methods and b in methods]
-        if pairs:
-            diffs = {}
-            for a, b in pairs:
-                entry = {}
-                for k in ("on_target_drop", "selectivity"):
-                    (fp, fr), (mp, mr) = headline(a, k), headline(b, k)
-                    iv = interval(fp - mp, fr - mr, confidence)
-                    entry[k] = {**iv.as_dict(), "verdict": verdict(iv)}
-                diffs[f"{a}-minus-{b}"] = entry
-            u_out["differences"] = diffs
-        rhos = sorted({r for (_, r, _) in families})
+        if h.comparisons():
+            u_out["differences"] = {f"{a}-minus-{b}": {k: _difference_entry(*h.difference(a, b, k), confidence,
+                                                                            equivalence_margin)
+                                                       for k in ("on_target_drop", "selectivity")}
+                                    for a, b in h.comparisons()}
+        rhos = sorted({r for (_, r, _) in h.families})
         if len(rhos) > 1:
             curve, auc = {}, {}
-            for m in methods:
-                if not all((m, r, 0) in summaries for r in rhos):
+            for m in h.methods:
+                if not all((m, r, 0) in h.summaries for r in rhos):
                     continue
-                curve[m] = {f"{r:g}": {k: _iv(summaries[(m, r, 0)][k], confidence)
+                curve[m] = {f"{r:g}": {k: _iv(h.summaries[(m, r, 0)][k], confidence)
                                        for k in ("on_target_drop", "off_target_drop")} for r in rhos}
                 auc[m] = {}
                 for k in ("on_target_drop", "off_target_drop"):
-                    pts = np.array([summaries[(m, r, 0)][k][0] for r in rhos])
-                    reps = np.stack([summaries[(m, r, 0)][k][1] for r in rhos])
+                    pts = np.array([h.summaries[(m, r, 0)][k][0] for r in rhos])
+                    reps = np.stack([h.summaries[(m, r, 0)][k][1] for r in rhos])
                     auc[m][k] = interval(float(log_rho_auc(rhos, pts)), log_rho_auc(rhos, reps), confidence).as_dict()
             u_out["curve"], u_out["auc"] = curve, auc
-        if GROUND_TRUTH in methods:
-            iv = interval(*headline(GROUND_TRUTH, "on_target_drop"), confidence)
+        if GROUND_TRUTH in h.methods:
+            iv = interval(*h.summary(GROUND_TRUTH, "on_target_drop"), confidence)
             u_out["sensitivity"] = {
                 "ground_truth_on_target_drop": iv.as_dict(),
                 "excludes_zero": bool(iv.ci_low > 0),
                 "half_width_within_third": bool(iv.ci_low > 0 and iv.half_width <= iv.value / 3),
-                "per_task": {t: _iv(drops.cells[(families[(GROUND_TRUTH, headline_rho, 0)][t], t)], confidence)
-                             for t in families[(GROUND_TRUTH, headline_rho, 0)]},
+                "per_task": {t: _iv(h.cell(GROUND_TRUTH, t, t), confidence) for t in h.families[(GROUND_TRUTH, h.rho, 0)]},
             }
         out[utility] = u_out
+    return out
+
+
+def scores_from_table(table: pd.DataFrame) -> dict[tuple[str, str], dict[int, TaskResult]]:
+    """The inverse of ``scores_table``: {(utility, eval_task): {condition: TaskResult}} with the
+    per-item scores (and BLEU statistics) the statistics rest on; ``metric`` is not stored, so it
+    is empty, and ``utility`` is recomputed (corpus BLEU where statistics are present)."""
+    out: dict[tuple[str, str], dict[int, TaskResult]] = {}
+    bleu = sorted((c for c in table.columns if c.startswith("bleu_")), key=lambda c: int(c.split("_")[1]))
+    for (utility, task, cond), g in table.groupby(["utility", "eval_task", "condition"], sort=False):
+        stats = g[bleu].to_numpy(dtype=np.float64) if bleu and g[bleu].notna().all().all() else None
+        per_item = g["score"].to_numpy(dtype=np.float64)
+        value = float(bleu_from_statistics(stats.sum(axis=0))) if stats is not None else float(per_item.mean())
+        out.setdefault((str(utility), str(task)), {})[int(cond)] = TaskResult(str(task), "", value, per_item,
+                                                                                statistics=stats)
+    return out
+
+
+def conditions_from_table(table: pd.DataFrame) -> list[MaskCondition]:
+    """The ``MaskCondition``s of a ``conditions_table`` (condition 0, the base, left out), in
+    condition order; neurons are not stored there, so they are empty."""
+    rows = table[table["condition"] > 0].sort_values("condition")
+    return [MaskCondition(str(r.method), str(r.target_task), float(r.rho), int(r.draw), bool(r.headline), ())
+            for r in rows.itertuples()]
+
+
+def replicated_differences(
+    instances: dict[str, tuple[dict[tuple[str, str], dict[int, TaskResult]], Sequence[MaskCondition]]],
+    *,
+    n_resamples: int,
+    seed: int,
+    confidence: float = 0.95,
+    equivalence_margin: float = 0.0,
+) -> dict:
+    """The ``differences`` of ``suppression_statistics`` decided across model instances of one
+    recipe (the same architecture and schedule trained with other seeds).
+
+    ``instances``: {name: (scores, conditions)} as ``suppression_scores`` / ``mask_conditions``
+    give them. Point: the mean over instances of each instance's difference. Interval: a
+    two-stage bootstrap; replicate b draws as many instances as there are, with replacement, and
+    resamples test items within them. The instances are scored on the same test items, so
+    replicate b resamples the same items in every instance (the crossed design: an item's
+    difficulty is shared by all instances, and resampling it independently per instance would
+    average that variance away). Returns {utility: {"a-minus-b": {on_target_drop, selectivity:
+    {value, ci_low, ci_high, verdict, per_instance: {name: value}}}}, "instances": [names]}.
+    """
+    names = list(instances)
+    if not names:
+        raise PipelineError("replicated_differences: no instances")
+    items = {n: {k: len(next(iter(v.values())).per_item) for k, v in sc.items()} for n, (sc, _) in instances.items()}
+    if any(items[n] != items[names[0]] for n in names):
+        raise PipelineError(f"replicated instances {names} were not evaluated on the same items per task and utility: "
+                            + "; ".join(f"{n}: {items[n]}" for n in names))
+    pick = np.random.default_rng([seed, 13]).integers(len(names), size=(n_resamples, len(names)))
+    out: dict = {"instances": names, "confidence": confidence, "resamples": n_resamples,
+                 "equivalence_margin": equivalence_margin}
+    utilities = list(dict.fromkeys(u for sc, _ in instances.values() for (u, _) in sc))
+    for utility in utilities:
+        heads = {}
+        for n, (sc, conds) in instances.items():
+            tasks = list(dict.fromkeys(t for (u, t) in sc if u == utility))
+            heads[n] = _Headline({t: sc[(utility, t)] for t in tasks}, conds, n_resamples, seed)
+        pairs = [p for p in heads[names[0]].comparisons() if all(p in h.comparisons() for h in heads.values())]
+        diffs = {}
+        for a, b in pairs:
+            entry = {}
+            for k in ("on_target_drop", "selectivity"):
+                per = [heads[n].difference(a, b, k) for n in names]
+                reps = np.stack([r for _, r in per])                     # [instances, B]
+                with np.errstate(invalid="ignore"):
+                    replicates = np.nanmean(reps[pick.T, np.arange(n_resamples)], axis=0)
+                point = float(np.mean([p for p, _ in per]))
+                entry[k] = {**_difference_entry(point, replicates, confidence, equivalence_margin),
+                            "per_instance": {n: (round(p, 4) if math.isfinite(p) else None)
+                                             for n, (p, _) in zip(names, per)}}
+            diffs[f"{a}-minus-{b}"] = entry
+        out[utility] = {"differences": diffs}
     return out

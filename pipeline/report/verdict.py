@@ -2,10 +2,14 @@
 
 Each row holds the measured value, its interval and a verdict computed from the interval
 (``pipeline.outcomes.statistics.verdict``: holds when the interval lies above the claim's
-threshold, fails when it lies below, undecided when it contains it). Inputs are the JSON the
-evaluate, steer and masks stages write; nothing is recomputed here.
+threshold, fails when it lies below, equivalent when it lies within the equivalence margin
+around it, undecided otherwise). Inputs are the JSON the evaluate, steer and masks stages write
+and, for a recipe replicated over seeds, ``suppression.replicated_differences``.
 
-- ``verdict_rows``: the rows of one model.
+- ``verdict_rows``: the rows of one model (one trained instance; ``instances`` = 1).
+- ``replicated_rows``: the method comparisons of one recipe decided across its instances.
+- ``verdict_summary``: how many claims of each model or recipe hold, fail, are equivalent or
+  undecided (deciding utility), and each claim's verdicts side by side across them.
 - ``sensitivity_message``: the sentence the report opens each model with.
 - ``VERDICT_COLUMNS``: the table's columns; ``verdict_metrics``: the rows as
   {model: {claim: {utility: {value, ci_low, ci_high, threshold, verdict}}}} (what
@@ -16,13 +20,28 @@ from __future__ import annotations
 
 import math
 
-VERDICT_COLUMNS = ("model", "claim", "utility", "value", "ci_low", "ci_high", "threshold", "verdict")
+VERDICT_COLUMNS = ("model", "instances", "claim", "utility", "value", "ci_low", "ci_high", "threshold", "verdict",
+                   "per_instance")
+VERDICTS = ("holds", "fails", "equivalent", "undecided")
 DECIDING_UTILITY = "likelihood"
+_LABELS = (("on_target_drop", "on-target drop"), ("selectivity", "selectivity"))
 
 
-def _row(model: str, claim: str, utility: str, iv: dict, threshold: float, verdict: str) -> dict:
-    return {"model": model, "claim": claim, "utility": utility, "value": iv.get("value"),
-            "ci_low": iv.get("ci_low"), "ci_high": iv.get("ci_high"), "threshold": threshold, "verdict": verdict}
+def _row(model: str, claim: str, utility: str, iv: dict, threshold: float, verdict: str, instances: int = 1,
+         per_instance: dict | None = None) -> dict:
+    return {"model": model, "instances": instances, "claim": claim, "utility": utility, "value": iv.get("value"),
+            "ci_low": iv.get("ci_low"), "ci_high": iv.get("ci_high"), "threshold": threshold, "verdict": verdict,
+            "per_instance": per_instance}
+
+
+def _comparison_claim(name: str, label: str) -> str:
+    method, baseline = name.split("-minus-", 1)
+    who = "HONES" if method == "hones" else method
+    return f"{who} {label} exceeds {baseline}'s"
+
+
+def _finite(rows: list[dict]) -> list[dict]:
+    return [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in rows]
 
 
 def verdict_rows(model: str, suppression: dict, steering: dict, attribution: dict,
@@ -40,11 +59,9 @@ def verdict_rows(model: str, suppression: dict, steering: dict, attribution: dic
     rows: list[dict] = []
     for utility in (DECIDING_UTILITY, "generative"):
         diffs = suppression.get(utility, {}).get("differences", {})
-        for key, label in (("on_target_drop", "on-target drop"), ("selectivity", "selectivity")):
+        for key, label in _LABELS:
             for name, d in diffs.items():
-                method, baseline = name.split("-minus-", 1)
-                who = "HONES" if method == "hones" else method
-                rows.append(_row(model, f"{who} {label} exceeds {baseline}'s", utility, d[key], 0.0, d[key]["verdict"]))
+                rows.append(_row(model, _comparison_claim(name, label), utility, d[key], 0.0, d[key]["verdict"]))
     for utility in dict.fromkeys((DECIDING_UTILITY, steer_utility)):
         d = steering.get(utility, {}).get("differences", {}).get("learned-minus-grid_search", {}).get("mean")
         if d:
@@ -61,16 +78,58 @@ def verdict_rows(model: str, suppression: dict, steering: dict, attribution: dic
         verdict = "holds" if ok else ("fails" if iv.get("ci_high") is not None and iv["ci_high"] < 0 else "undecided")
         rows.append(_row(model, "sensitivity: the ground truth's top set drops its task (half-width <= value/3)",
                          DECIDING_UTILITY, iv, 0.0, verdict))
-    return [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in rows]
+    return _finite(rows)
+
+
+def replicated_rows(recipe: str, replicated: dict) -> list[dict]:
+    """Rows (``VERDICT_COLUMNS``) of one recipe from ``suppression.replicated_differences``: each
+    method comparison decided across its instances (``instances`` of them; ``per_instance``
+    holds each instance's own value)."""
+    rows = []
+    n = len(replicated.get("instances", []))
+    for utility in (DECIDING_UTILITY, "generative"):
+        diffs = replicated.get(utility, {}).get("differences", {})
+        for key, label in _LABELS:
+            for name, d in diffs.items():
+                rows.append(_row(recipe, _comparison_claim(name, label), utility, d[key], 0.0, d[key]["verdict"],
+                                 instances=n, per_instance=d[key]["per_instance"]))
+    return _finite(rows)
 
 
 def verdict_metrics(rows: list[dict]) -> dict:
-    """``verdict_rows`` output nested as {model: {claim: {utility: {value, ci_low, ci_high, threshold, verdict}}}}."""
+    """Rows nested as {model: {claim: {utility: {value, ci_low, ci_high, threshold, verdict, instances}}}}
+    (and ``per_instance`` where the row has it)."""
     out: dict = {}
     for r in rows:
-        out.setdefault(r["model"], {}).setdefault(r["claim"], {})[r["utility"]] = {
-            k: r[k] for k in ("value", "ci_low", "ci_high", "threshold", "verdict")}
+        cell = {k: r[k] for k in ("value", "ci_low", "ci_high", "threshold", "verdict", "instances")}
+        if r.get("per_instance"):
+            cell["per_instance"] = r["per_instance"]
+        out.setdefault(r["model"], {}).setdefault(r["claim"], {})[r["utility"]] = cell
     return out
+
+
+def combined_verdict(verdicts: list[str]) -> str:
+    """One claim's verdict over several models or recipes: the shared verdict when all agree,
+    "mixed" when some hold and others fail, else "undecided"."""
+    if verdicts and len(set(verdicts)) == 1:
+        return verdicts[0]
+    return "mixed" if {"holds", "fails"} <= set(verdicts) else "undecided"
+
+
+def verdict_summary(rows: list[dict], across: list[str]) -> dict:
+    """{"counts": {model: {verdict: n}}, "across": {claim: {"verdicts": {model: verdict}, "verdict":
+    combined}}} over the deciding utility's rows; ``across`` names the models (or recipes) whose
+    verdicts are set side by side (claims that all of them have)."""
+    deciding = [r for r in rows if r["utility"] in (DECIDING_UTILITY, "-")]
+    counts = {m: {v: sum(1 for r in deciding if r["model"] == m and r["verdict"] == v) for v in VERDICTS}
+              for m in dict.fromkeys(r["model"] for r in deciding)}
+    by_claim: dict[str, dict[str, str]] = {}
+    for r in deciding:
+        if r["model"] in across:
+            by_claim.setdefault(r["claim"], {})[r["model"]] = r["verdict"]
+    return {"counts": counts,
+            "across": {c: {"verdicts": v, "verdict": combined_verdict(list(v.values()))}
+                       for c, v in by_claim.items() if set(v) == set(across)}}
 
 
 def sensitivity_message(sensitivity: dict) -> str:

@@ -150,13 +150,28 @@ def test_outputs_are_written(repo: Path) -> None:
         assert "learned" in steering[model]["generative"]["utility"]["mean"]
         assert "learned-minus-grid_search" in steering[model]["likelihood"]["differences"]
     verdict = json.loads((repo / "metrics/verdict.json").read_text())
-    assert set(verdict) == set(MODELS)
+    assert set(verdict) == {*MODELS, "pooled-families"}
     for model in MODELS:
         claims = verdict[model]
         assert "HONES on-target drop exceeds random's" in claims and any(c.startswith("sensitivity") for c in claims)
         rows = [row for by_utility in claims.values() for row in by_utility.values()]
-        assert all(r["verdict"] in ("holds", "fails", "undecided") for r in rows)
+        assert all(r["verdict"] in ("holds", "fails", "equivalent", "undecided") and r["instances"] == 1 for r in rows)
         assert set(claims["HONES on-target drop exceeds random's"]) == {"likelihood", "generative"}
+    pooled = verdict["pooled-families"]["HONES on-target drop exceeds random's"]["likelihood"]
+    assert pooled["instances"] == 2 and set(pooled["per_instance"]) == set(TRAINED)
+    assert pooled["value"] == pytest.approx(sum(verdict[m]["HONES on-target drop exceeds random's"]["likelihood"]
+                                                ["value"] for m in TRAINED) / 2, abs=2e-4)
+    decided = json.loads((repo / "metrics/verdict_summary.json").read_text())
+    assert set(decided["counts"]) == {*MODELS, "pooled-families"}
+    assert set(decided["across"]["HONES on-target drop exceeds random's"]["verdicts"]) == {"pooled-families"}
+    summary_md = (repo / "reports/summary.md").read_text()
+    assert summary_md.startswith("# HONES summary") and "## Verdict" in summary_md and "| pooled-families | 2 |" in summary_md
+    stability = json.loads((repo / "metrics/head_stability.json").read_text())
+    for model in MODELS:
+        for task in TASKS:
+            heads = stability[model][task]
+            assert len(heads["top_heads"]) == 2 and 0 <= heads["recall"]["mean"] <= 1
+            assert heads["degenerate"] == (heads["positive_heads"] == 0)
     assert (repo / f"data/evaluate/{BROUGHT}/deletion_curves.png").stat().st_size > 1000
     report = (repo / "reports/hones_report.html").read_text()
     assert "data:image/png;base64," in report and "http" not in report.split("<body>")[1]
