@@ -28,30 +28,25 @@ from stages.params import read_params
 
 log = logging.getLogger(__name__)
 
-READS = ("studied_models", "tasks", "replicates", "heads.top_k", "steer.utility", "statistics.bootstrap_resamples", "statistics.seed",
-         "statistics.confidence", "statistics.equivalence_margin")
+READS = ("studied_models", "tasks", "replicates", "heads.top_k", "steer.utility", "statistics.bootstrap_resamples",
+         "statistics.seed", "statistics.confidence", "statistics.equivalence_margin")
 
 
 def _json(path: Path) -> dict:
     return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
 
 
+def _interval_text(iv: dict) -> str:
+    """An interval (or a verdict row) as "value [low, high]"; "-" without a value."""
+    if iv.get("value") is None:
+        return "-"
+    lo, hi = iv.get("ci_low"), iv.get("ci_high")
+    return f"{iv['value']:.3g} [{lo:.3g}, {hi:.3g}]" if lo is not None and hi is not None else f"{iv['value']:.3g}"
+
+
 def _intervals(cells: dict) -> pd.DataFrame:
     """{row: {column: interval}} -> a table of "value [low, high]" strings."""
-    def fmt(iv: dict) -> str:
-        if iv.get("value") is None:
-            return "-"
-        lo, hi = iv.get("ci_low"), iv.get("ci_high")
-        return f"{iv['value']:.3g} [{lo:.3g}, {hi:.3g}]" if lo is not None and hi is not None else f"{iv['value']:.3g}"
-    return pd.DataFrame({r: {c: fmt(iv) for c, iv in row.items()} for r, row in cells.items()}).T
-
-
-def _interval_text(row: dict) -> str:
-    if row.get("value") is None:
-        return ""
-    if row.get("ci_low") is None or row.get("ci_high") is None:
-        return f"{row['value']:.3g}"
-    return f"{row['value']:.3g} [{row['ci_low']:.3g}, {row['ci_high']:.3g}]"
+    return pd.DataFrame({r: {c: _interval_text(iv) for c, iv in row.items()} for r, row in cells.items()}).T
 
 
 def _head_stability(folder: Path, top_k: int, st) -> dict:
@@ -78,15 +73,13 @@ def main() -> None:
     verdicts = [r for m in models for r in verdict_rows(m, suppression[m], steering[m], attribution[m],
                                                          params.steer.utility)]
     st = params.statistics
-    replicated = {}
     for recipe, instances in params.replicates.items():
         evaluated = {m: (scores_from_table(pd.read_parquet(args.data / "evaluate" / m / "scores.parquet")),
                          conditions_from_table(pd.read_parquet(args.data / "evaluate" / m / "conditions.parquet")))
                      for m in instances}
-        replicated[recipe] = replicated_differences(evaluated, n_resamples=st.bootstrap_resamples, seed=st.seed,
-                                                    confidence=st.confidence,
-                                                    equivalence_margin=st.equivalence_margin)
-        verdicts += replicated_rows(recipe, replicated[recipe])
+        verdicts += replicated_rows(recipe, replicated_differences(
+            evaluated, n_resamples=st.bootstrap_resamples, seed=st.seed, confidence=st.confidence,
+            equivalence_margin=st.equivalence_margin))
     heads = {m: {t: _head_stability(args.data / "heads" / m / t, params.heads.top_k, st) for t in tasks}
              for m in models}
     write_json(heads, args.metrics / "head_stability.json")
