@@ -15,6 +15,8 @@ from stages.params import ConfigError, PretrainedModelConfig, StageParams
 
 log = logging.getLogger("stages")
 MODELS_DIR = Path("data/models")
+# The weights the repository ships for a training recipe (``shipped_models``), one folder each.
+SHIPPED_DIR = Path("data/shipped")
 
 
 def file_hashes():
@@ -26,12 +28,21 @@ def file_hashes():
     return FileHashes(cache_home / "hones" / "file-hashes.json")
 
 
+def _pinned(params: StageParams, name: str) -> bool:
+    """Whether data/models/<name> is a record of pinned files (a pretrained model's, or shipped
+    weights') rather than the training output itself. The training stage empties its folder
+    first, so a record there is never stale."""
+    from pipeline.model.source import RECORD_NAME
+
+    return isinstance(params.models[name], PretrainedModelConfig) or (MODELS_DIR / name / RECORD_NAME).is_file()
+
+
 def _model_folder(params: StageParams, name: str) -> Path:
-    """Where model ``name`` is loaded from: its training output, or for a pretrained model the
-    folder (or hub snapshot) its ``resolve_model`` record pins, checked unchanged."""
+    """Where model ``name`` is loaded from: its training output, or the folder (or hub snapshot)
+    its ``resolve_model`` / ``ship_model`` record pins, checked unchanged."""
     from pipeline.model.source import read_source
 
-    if isinstance(params.models[name], PretrainedModelConfig):
+    if _pinned(params, name):
         return read_source(MODELS_DIR / name, name).folder(file_hashes(), name)
     return MODELS_DIR / name
 
@@ -53,10 +64,10 @@ def load_model(params: StageParams, name: str, device: str | None = None):
 
 def model_identity(params: StageParams, name: str) -> tuple[str, str | None]:
     """(model, revision) of model ``name`` for provenance: the training output folder, or the
-    pretrained model's hub id and commit / folder and sha256 of its files."""
+    pinned model's hub id and commit / folder and sha256 of its files."""
     from pipeline.model.source import read_source
 
-    if isinstance(params.models[name], PretrainedModelConfig):
+    if _pinned(params, name):
         return read_source(MODELS_DIR / name, name).identity
     return str(MODELS_DIR / name), None
 

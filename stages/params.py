@@ -6,7 +6,7 @@ Map of this module:
   (``heads.top_k: Input should be greater than or equal to 1``);
 - ``ParamsFile``: the whole file, validated at every stage start (so a typo anywhere stops the
   stage before any model loads); study lists (``tasks``, ``studied_models``,
-  ``trained_models``) are checked against the known tasks and the ``models`` entries;
+  ``trained_models``, ``shipped_models``) are checked against the known tasks and the ``models`` entries;
 - ``read_params(path, reads, **names)``: the file as one stage sees it. ``reads`` is the
   stage's declaration (``"heads.split"``, ``"runtime.threads"``, ``"models.{model}"``), the
   same list that ``dvc.yaml`` declares for the stage (``tests/test_graph.py`` keeps both
@@ -339,6 +339,9 @@ class ParamsFile(_Strict):
     """Every key of params.yaml. Sections left out take their defaults."""
 
     trained_models: list[str] = Field(default_factory=list)
+    # Trained models whose weights the repository ships (data/shipped/<model>/, what the recipe
+    # trained): their ship_model stage pins those files instead of training.
+    shipped_models: list[str] = Field(default_factory=list)
     pretrained_models: list[str] = Field(default_factory=list)
     studied_models: list[str] = Field(min_length=1)
     tasks: list[str] = Field(min_length=1)
@@ -365,7 +368,7 @@ class ParamsFile(_Strict):
 
     @model_validator(mode="after")
     def _models_defined(self) -> "ParamsFile":
-        for key in ("trained_models", "pretrained_models", "studied_models"):
+        for key in ("trained_models", "shipped_models", "pretrained_models", "studied_models"):
             missing = [m for m in getattr(self, key) if m not in self.models]
             if missing:
                 raise ValueError(f"{key}: {missing} not defined under 'models'; defined: {sorted(self.models)}")
@@ -376,11 +379,20 @@ class ParamsFile(_Strict):
         trained = [m for m in self.pretrained_models if not isinstance(self.models[m], PretrainedModelConfig)]
         if trained:
             raise ValueError(f"pretrained_models: {trained} have source 'train'; list them in trained_models")
-        # data/models/<m> must have a producer: the training stage or the resolve stage.
-        orphans = [m for m in self.studied_models if m not in self.trained_models + self.pretrained_models]
+        not_trained = [m for m in self.shipped_models if isinstance(self.models[m], PretrainedModelConfig)]
+        if not_trained:
+            raise ValueError(f"shipped_models: {not_trained} have source 'pretrained'; shipped weights are a "
+                             "training recipe's (source 'train'): list them in pretrained_models")
+        both = [m for m in self.shipped_models if m in self.trained_models]
+        if both:
+            raise ValueError(f"{both} are in both trained_models and shipped_models: a model is either trained "
+                             "here or loaded from the weights the repository ships, not both")
+        # data/models/<m> must have a producer: the training, ship or resolve stage.
+        producers = self.trained_models + self.shipped_models + self.pretrained_models
+        orphans = [m for m in self.studied_models if m not in producers]
         if orphans:
-            raise ValueError(f"studied_models: {orphans} are in neither trained_models nor pretrained_models, "
-                             "so no stage provides them")
+            raise ValueError(f"studied_models: {orphans} are in none of trained_models, shipped_models and "
+                             "pretrained_models, so no stage provides them")
         for recipe, instances in self.replicates.items():
             if recipe in self.models:
                 raise ValueError(f"replicates.{recipe}: a recipe needs a name of its own, not a model's")

@@ -98,9 +98,22 @@ def test_pretrained_entry_names_one_location(entry, message) -> None:
 
 def test_every_studied_model_has_a_producer() -> None:
     data = {"studied_models": ["m"], "tasks": ["vqa"], "models": {"m": {"source": "pretrained", "path": "a"}}}
-    with pytest.raises(ConfigError, match=r"studied_models: \['m'\] are in neither trained_models nor "
-                                          r"pretrained_models, so no stage provides them"):
+    with pytest.raises(ConfigError, match=r"studied_models: \['m'\] are in none of trained_models, "
+                                          r"shipped_models and pretrained_models, so no stage provides them"):
         validate_section(ParamsFile, data, "")
     with pytest.raises(ConfigError, match=r"pretrained_models: \['t'\] have source 'train'"):
         validate_section(ParamsFile, {**data, "pretrained_models": ["t"],
                                       "models": {**data["models"], "t": {"source": "train"}}}, "")
+
+
+def test_shipped_models_are_recipes_that_are_not_also_trained() -> None:
+    models = {"t": {"source": "train"}, "p": {"source": "pretrained", "path": "a"}}
+    ok = validate_section(ParamsFile, {"studied_models": ["t"], "tasks": ["vqa"], "shipped_models": ["t"],
+                                       "models": models}, "")
+    assert ok.shipped_models == ["t"] and ok.trained_models == []
+    with pytest.raises(ConfigError, match=r"\['t'\] are in both trained_models and shipped_models"):
+        validate_section(ParamsFile, {"studied_models": ["t"], "tasks": ["vqa"], "shipped_models": ["t"],
+                                      "trained_models": ["t"], "models": models}, "")
+    with pytest.raises(ConfigError, match=r"shipped_models: \['p'\] have source 'pretrained'"):
+        validate_section(ParamsFile, {"studied_models": ["p"], "tasks": ["vqa"], "shipped_models": ["p"],
+                                      "models": models}, "")

@@ -117,7 +117,8 @@ from dataclasses import replace
 from pathlib import Path
 from conftest import tiny_model_spec
 from pipeline.model.default_model import train_default_model
-spec = replace(tiny_model_spec(), steps=6, batch_size=4, vision_warmup_steps=4, warmup_steps=1)
+spec = replace(tiny_model_spec(), steps=6, batch_size=4, vision_warmup_steps=4, warmup_steps=1,
+               retrieval_negatives={negatives!r})
 kill_at = {kill_at!r}
 
 def on_checkpoint(phase, step):
@@ -131,34 +132,36 @@ print("finished", flush=True)
 """
 
 
-def _train_child(tmp_path, benchmark_dir, out, kill_at):
+def _train_child(tmp_path, benchmark_dir, out, kill_at, negatives=0):
     import subprocess
     import sys
 
     from conftest import TESTS_DIR
 
-    script = _TRAIN_CHILD.format(tests=str(TESTS_DIR), bench=str(benchmark_dir), out=str(out), kill_at=kill_at)
+    script = _TRAIN_CHILD.format(tests=str(TESTS_DIR), bench=str(benchmark_dir), out=str(out), kill_at=kill_at,
+                                  negatives=negatives)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR.parent), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
                           timeout=600)
 
 
-@pytest.mark.parametrize("kill_at", [("warmup", 2), ("language", 2)])
-def test_killed_training_resumes_to_bitwise_the_same_weights(benchmark_dir, tmp_path, kill_at) -> None:
-    """SIGKILL right after a checkpoint (in the vision warm-up, or in the language training), run
-    again: it resumes from that checkpoint, not from step 0, and every tensor of the saved model
-    equals that of an uninterrupted run bitwise; the scratch directory is gone afterwards."""
+@pytest.mark.parametrize(("kill_at", "negatives"), [(("warmup", 2), 0), (("language", 2), 0), (("language", 2), 2)])
+def test_killed_training_resumes_to_bitwise_the_same_weights(benchmark_dir, tmp_path, kill_at, negatives) -> None:
+    """SIGKILL right after a checkpoint (in the vision warm-up, or in the language training, with
+    pointwise or ranking retrieval examples in the pool), run again: it resumes from that
+    checkpoint, not from step 0, and every tensor of the saved model equals that of an
+    uninterrupted run bitwise; the scratch directory is gone afterwards."""
     from safetensors.torch import load_file
 
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    ref = _train_child(tmp_path, benchmark_dir, reference, None)
+    ref = _train_child(tmp_path, benchmark_dir, reference, None, negatives)
     assert ref.returncode == 0 and "finished" in ref.stdout, ref.stderr[-3000:]
     assert ref.stdout.count("checkpoint") == 3  # warm-up step 2 (not 4: the last), language 2 and 4
 
-    first = _train_child(tmp_path, benchmark_dir, killed, kill_at)
+    first = _train_child(tmp_path, benchmark_dir, killed, kill_at, negatives)
     assert first.returncode == -signal.SIGKILL and "finished" not in first.stdout
     assert (killed / ".partial-k" / "checkpoint.pt").is_file() and not (killed / "model.safetensors").exists()
-    second = _train_child(tmp_path, benchmark_dir, killed, None)
+    second = _train_child(tmp_path, benchmark_dir, killed, None, negatives)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"resuming training from {killed / '.partial-k' / 'checkpoint.pt'}: {kill_at[0]} step 2" in second.stderr
     # Only the checkpoints after the resumed one were written again.
@@ -226,3 +229,56 @@ def test_frozen_tower_cache_gives_the_real_towers_inputs_and_logits(benchmark_di
     assert processor.image_processor is image_processor and "forward" not in vars(tower)
     with torch.no_grad():
         torch.testing.assert_close(model(**real.tensors).logits, want, rtol=0, atol=0)
+
+
+def test_ranking_examples_hold_the_positive_first_and_distinct_negatives(annotations) -> None:
+    from pipeline.tasks.items import RankingExample, candidate_prompt, item_prompt, training_examples
+
+    items = annotations[annotations["task"] == "retrieval"].head(5).reset_index(drop=True)
+    groups = training_examples(items, np.random.default_rng(0), retrieval_negatives=2)
+    assert len(groups) == len(items) and all(isinstance(g, RankingExample) for g in groups)
+    for g, rec in zip(groups, items.itertuples()):
+        assert g.prompts[0] == item_prompt(rec) and g.answers == ("Yes", "No", "No")
+        negatives = {candidate_prompt(rec.prompt, c) for k, c in enumerate(rec.candidates) if k != rec.positive_index}
+        assert len(set(g.prompts[1:])) == 2 and set(g.prompts[1:]) <= negatives
+    # More negatives asked for than an item has (3 in the fixture): all of them, once each.
+    every = training_examples(items, np.random.default_rng(0), retrieval_negatives=50)
+    assert all(len(set(g.prompts)) == len(rec.candidates) for g, rec in zip(every, items.itertuples()))
+    pointwise = training_examples(items, np.random.default_rng(0))
+    assert len(pointwise) == 2 * len(items) and [e.answer for e in pointwise[:2]] == ["Yes", "No"]
+
+
+def test_ranking_step_adds_softmax_over_the_evaluations_margins(benchmark_dir, annotations, images) -> None:
+    """A ranking group's loss is its rows' mean answer cross-entropy plus the softmax
+    cross-entropy of the margins ``yes_no_margin`` (the retrieval evaluation) computes."""
+    from conftest import build_tiny_adapter
+    from pipeline.model.default_model import _training_step, ranking_loss
+    from pipeline.model.evaluation import yes_no_margin
+    from pipeline.tasks.items import RankingExample, TrainingExample, training_examples
+
+    adapter = build_tiny_adapter(benchmark_dir)
+    items = annotations[annotations["task"] == "retrieval"].head(2).reset_index(drop=True)
+    vqa = annotations[annotations["task"] == "vqa"].iloc[0]
+    batch = training_examples(items, np.random.default_rng(1), retrieval_negatives=3)
+    batch.insert(1, TrainingExample("vqa", vqa.image_id, vqa.prompt, vqa.references[0]))
+    decoded = {e.image_id: images[e.image_id] for e in batch}
+
+    want = []
+    for e in batch:
+        prompts, answers = (e.prompts, e.answers) if isinstance(e, RankingExample) else ([e.prompt], [e.answer])
+        inputs = adapter.build_inputs([decoded[e.image_id]] * len(prompts), list(prompts), list(answers))
+        with torch.no_grad():
+            ce = answer_cross_entropy(adapter.model(**inputs.tensors).logits, inputs.input_ids,
+                                      inputs.answer_mask, per_row=True).mean()
+        if isinstance(e, RankingExample):
+            margins = yes_no_margin(adapter, [decoded[e.image_id]] * len(prompts), list(prompts))
+            ce = ce + ranking_loss(torch.tensor(margins))
+        want.append(float(ce))
+
+    for p in adapter.model.parameters():
+        p.requires_grad_(True)
+    optimizer = torch.optim.SGD(adapter.model.parameters(), lr=0.0)
+    loss, per_example = _training_step(adapter, optimizer, batch, decoded, lr=0.0)
+    np.testing.assert_allclose(per_example, want, rtol=1e-4, atol=1e-5)
+    assert loss == pytest.approx(np.mean(want), rel=1e-4)
+    assert ranking_loss(torch.tensor([2.0, 0.0])) == pytest.approx(float(np.log1p(np.exp(-2.0))))

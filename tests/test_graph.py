@@ -100,18 +100,33 @@ def resolved_stages(root: Path) -> dict[str, dict]:
                     keys.extend(dep.params)
                 else:
                     deps.append(dep.def_path)
-            out[stage.addressing] = {"cmd": stage.cmd, "deps": deps, "params": keys}
+            out[stage.name] = {"cmd": stage.cmd, "deps": deps, "params": keys}
         return out
 
 
 @pytest.fixture(scope="module")
-def stages() -> dict[str, dict]:
-    return resolved_stages(ROOT)
+def params() -> dict:
+    """params.yaml with one model of each producer: tiny-llava trained here (profiles/train.yaml),
+    tiny-idefics3 from its shipped weights, and a brought model resolved (not studied)."""
+    values = yaml.safe_load((ROOT / "params.yaml").read_text())
+    values["trained_models"], values["shipped_models"] = ["tiny-llava"], ["tiny-idefics3"]
+    values["pretrained_models"] = ["brought"]
+    values["models"]["brought"] = {"source": "pretrained", "path": "elsewhere/brought"}
+    return values
 
 
 @pytest.fixture(scope="module")
-def params() -> dict:
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
+def stages(params, tmp_path_factory) -> dict[str, dict]:
+    """The stages DVC resolves from dvc.yaml under ``params``, in a scratch DVC repository."""
+    from dvc.repo import Repo
+
+    root = tmp_path_factory.mktemp("graph")
+    (root / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    Repo.init(str(root), no_scm=True).close()
+    out = resolved_stages(root)
+    assert {"train_default_model@tiny-llava", "ship_model@tiny-idefics3", "resolve_model@brought"} <= set(out)
+    return out
 
 
 def test_graph_is_exact(stages, params) -> None:

@@ -228,3 +228,47 @@ def test_cuda_without_cuda_is_named_before_the_model_is_read(tmp_path) -> None:
 def test_path_and_hub_id_together_are_refused(tmp_path) -> None:
     line = one_line_error(resolve(tmp_path, {"path": "a", "hub_id": "org/a"}))
     assert "models.m: give exactly one of 'path' (a local folder) and 'hub_id'" in line
+
+
+def test_shipped_weights_are_checked_against_the_recipe_and_pinned(benchmark_dir, tmp_path) -> None:
+    """ship_model pins data/shipped/<model> when its training record is the params' recipe, and
+    names each differing field (or the missing record) otherwise, writing nothing."""
+    from dataclasses import asdict, replace
+
+    from conftest import tiny_model_spec
+    from pipeline.model.default_model import train_default_model
+    from pipeline.model.source import read_source
+
+    spec = replace(tiny_model_spec(), steps=2, batch_size=2, warmup_steps=1)
+    shipped = tmp_path / "data" / "shipped" / "m"
+    train_default_model(spec, benchmark_dir, shipped, name="m")
+    recipe = {k: v for k, v in asdict(spec).items() if k != "image_size"}
+    params = params_file(tmp_path, pretrained_models=[], shipped_models=["m"],
+                         models={"m": {"source": "train", "device": "cpu", **recipe}})
+    out = tmp_path / "data" / "models" / "m"
+    proc = run_stage("ship_model", "--params", params, "--model", "m", "--out", out, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    source = read_source(out, "m")
+    assert source.location == "data/shipped/m" and "model.safetensors" in source.files
+    # The analysis stages load the pinned folder, not data/models/m (which holds only the record).
+    from stages import _load
+    from stages.params import read_params
+
+    cwd = Path.cwd()
+    os.chdir(tmp_path)
+    try:
+        view = read_params(params, ("models.{model}",), model="m")
+        assert _load._model_folder(view, "m").resolve() == shipped.resolve()
+        assert _load.model_identity(view, "m") == source.identity
+    finally:
+        os.chdir(cwd)
+
+    other = params_file(tmp_path, pretrained_models=[], shipped_models=["m"],
+                        models={"m": {"source": "train", "device": "cpu", **recipe, "steps": 3}})
+    bad_out = tmp_path / "data" / "models" / "bad"
+    line = one_line_error(run_stage("ship_model", "--params", other, "--model", "m", "--out", bad_out, cwd=tmp_path))
+    assert "holds weights of another recipe" in line and "steps: trained 2, params 3" in line
+    (shipped / "training.json").unlink()
+    line = one_line_error(run_stage("ship_model", "--params", params, "--model", "m", "--out", bad_out, cwd=tmp_path))
+    assert "training.json is missing" in line
+    assert not bad_out.exists()

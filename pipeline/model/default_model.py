@@ -39,8 +39,17 @@ import torch
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_directory, atomic_file, resumable_scratch
 from pipeline.model.default_spec import FAMILIES, DefaultModelSpec
-from pipeline.model.scoring import answer_cross_entropy
-from pipeline.tasks.items import CANDIDATE_SLOT, ImageTable, read_annotations, training_examples
+from pipeline.model.scoring import answer_cross_entropy, answer_token_id
+from pipeline.tasks.items import (
+    CANDIDATE_SLOT,
+    RETRIEVAL_NO,
+    RETRIEVAL_YES,
+    ImageTable,
+    RankingExample,
+    TrainingExample,
+    read_annotations,
+    training_examples,
+)
 
 log = logging.getLogger(__name__)
 
@@ -627,9 +636,15 @@ def _language_optimizer(model: torch.nn.Module, spec: DefaultModelSpec) -> torch
 BUCKET_BATCHES = 16
 
 
-def _example_words(example: tuple[str, str, str, str]) -> int:
-    """Words of prompt + answer: the sorting key standing in for the token count."""
-    return len(example[2].split()) + len(example[3].split())
+Example = TrainingExample | RankingExample
+
+
+def _example_words(example: Example) -> int:
+    """Words of prompt + answer (a ranking group: of its longest row): the sorting key standing
+    in for the token count."""
+    if isinstance(example, RankingExample):
+        return max(len(p.split()) for p in example.prompts) + 1
+    return len(example.prompt.split()) + len(example.answer.split())
 
 
 def _length_bucketed(examples: list, batch_size: int, rng: np.random.Generator) -> list:
@@ -649,7 +664,7 @@ def _length_bucketed(examples: list, batch_size: int, rng: np.random.Generator) 
     return out
 
 
-def _refill_pool(pool: list[tuple[str, str, str, str]], train: pd.DataFrame, spec: DefaultModelSpec,
+def _refill_pool(pool: list[Example], train: pd.DataFrame, spec: DefaultModelSpec,
                  rng: np.random.Generator) -> None:
     """When ``pool`` holds fewer than ``spec.batch_size`` examples, add one pass over the train
     split (``training_examples``) resampled with replacement in proportion to
@@ -657,33 +672,73 @@ def _refill_pool(pool: list[tuple[str, str, str, str]], train: pd.DataFrame, spe
     batches of similar length (``_length_bucketed``). Draws from ``rng``: the pass's draws, the
     resampling, then the bucketing's permutations."""
     if len(pool) < spec.batch_size:
-        fresh = training_examples(train, rng, caption_reference="sampled")
-        p = np.array([spec.task_weights.get(e[0], 1.0) for e in fresh], dtype=float)
+        fresh = training_examples(train, rng, caption_reference="sampled",
+                                  retrieval_negatives=spec.retrieval_negatives)
+        p = np.array([spec.task_weights.get(e.task, 1.0) for e in fresh], dtype=float)
         take = rng.choice(len(fresh), size=len(fresh), replace=True, p=p / p.sum())
         merged = pool + [fresh[i] for i in take]
         pool[:] = _length_bucketed(merged, spec.batch_size, rng)
 
 
-def _training_step(adapter, optimizer: torch.optim.Optimizer, batch: list[tuple[str, str, str, str]],
-                   decoded: dict, lr: float) -> tuple[float, list[float]]:
-    """One optimiser step at learning rate ``lr`` on ``batch`` ((task, image_id, prompt, answer)
-    rows; images from ``decoded``): the mean answer cross-entropy, gradients clipped to norm 1.
+def _batch_rows(batch: list[Example]) -> tuple[list[str], list[str], list[str], list[int]]:
+    """(image ids, prompts, answers, example index) of every row of ``batch``: one row per
+    ``TrainingExample``, one per candidate of a ``RankingExample``."""
+    images, prompts, answers, owner = [], [], [], []
+    for k, e in enumerate(batch):
+        rows = zip(e.prompts, e.answers) if isinstance(e, RankingExample) else [(e.prompt, e.answer)]
+        for prompt, answer in rows:
+            images.append(e.image_id)
+            prompts.append(prompt)
+            answers.append(answer)
+            owner.append(k)
+    return images, prompts, answers, owner
 
-    Returns (the batch's mean loss, each row's loss), in nats, measured before the step.
+
+def ranking_loss(margins: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy (nats) of a ranking group whose positive is row 0: ``margins`` [K]
+    are the candidates' Yes-minus-No logit margins, the score evaluation ranks them by."""
+    return -torch.log_softmax(margins, dim=0)[0]
+
+
+def _training_step(adapter, optimizer: torch.optim.Optimizer, batch: list[Example],
+                   decoded: dict, lr: float) -> tuple[float, list[float]]:
+    """One optimiser step at learning rate ``lr`` on ``batch`` (examples; images from
+    ``decoded``), gradients clipped to norm 1.
+
+    An example's loss is its answer cross-entropy; a ranking group's is the mean answer
+    cross-entropy of its rows plus ``ranking_loss`` of their margins. The step minimises the
+    mean over examples. Returns (that mean, each example's loss), in nats, measured before the step.
     """
     model = adapter.model
-    inputs = adapter.build_inputs([decoded[b[1]] for b in batch], [b[2] for b in batch], [b[3] for b in batch])
+    image_ids, prompts, answers, owner = _batch_rows(batch)
+    inputs = adapter.build_inputs([decoded[i] for i in image_ids], prompts, answers)
     for g in optimizer.param_groups:
         g["lr"] = lr
     logits = model(**inputs.tensors).logits
     row_loss = answer_cross_entropy(logits, inputs.tensors["input_ids"], inputs.answer_mask, per_row=True)
-    loss = row_loss.mean()
-    row_values = row_loss.detach().tolist()
+    if len(owner) == len(batch):
+        example_loss = row_loss  # no ranking group: rows are the examples (bitwise the pointwise step)
+    else:
+        tok = adapter.processor.tokenizer
+        yes, no = answer_token_id(tok, RETRIEVAL_YES), answer_token_id(tok, RETRIEVAL_NO)
+        first = logits[torch.arange(len(owner)), inputs.last_prompt_index].float()
+        margins = first[:, yes] - first[:, no]
+        owner_t = torch.tensor(owner)
+        losses = []
+        for k, e in enumerate(batch):
+            rows = (owner_t == k).nonzero().squeeze(1)
+            loss_k = row_loss[rows].mean()
+            if isinstance(e, RankingExample):
+                loss_k = loss_k + ranking_loss(margins[rows])
+            losses.append(loss_k)
+        example_loss = torch.stack(losses)
+    loss = example_loss.mean()
+    values = example_loss.detach().tolist()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
-    return loss.item(), row_values
+    return loss.item(), values
 
 
 def _train_language_model(adapter, optimizer: torch.optim.Optimizer, spec: DefaultModelSpec, train: pd.DataFrame,
@@ -697,7 +752,7 @@ def _train_language_model(adapter, optimizer: torch.optim.Optimizer, spec: Defau
     and gradients already restored by the caller) continues from its step, bitwise as if never stopped."""
     from tqdm import tqdm
 
-    pool: list[tuple[str, str, str, str]] = []
+    pool: list[Example] = []
     curves = TrainingCurves()
     start = 0
     if resume is not None:
@@ -715,7 +770,7 @@ def _train_language_model(adapter, optimizer: torch.optim.Optimizer, spec: Defau
         batch = pool[: spec.batch_size]
         del pool[: spec.batch_size]
         loss, row_losses = _training_step(adapter, optimizer, batch, decoded, _learning_rate(spec, step))
-        for task_name, v in zip((b[0] for b in batch), row_losses):
+        for task_name, v in zip((b.task for b in batch), row_losses):
             curves.task_losses.setdefault(task_name, []).append(v)
             curves.task_steps.setdefault(task_name, []).append(step)
         curves.losses.append(loss)

@@ -8,14 +8,20 @@ making every stage depend on the training code.
 - ``DEFAULT_MODEL_FIELDS``: the fields a params entry sets (all but ``image_size``, which the
   trainer takes from the benchmark's images).
 - ``architecture_problems``: the cross-field checks (divisibility of heads), as messages.
+- ``check_trained_with``: that a trained folder (``training.json``) came from a given spec, as
+  shipped weights must.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field
+
+from pipeline.errors import PipelineError
 
 FAMILIES = ("llava", "idefics3")
 _TASKS = ("vqa", "ocr", "caption", "retrieval")
@@ -47,6 +53,10 @@ class DefaultModelSpec:
     warmup_steps: Annotated[int, Field(ge=0)] = 100
     weight_decay: Annotated[float, Field(ge=0)] = 0.01
     task_weights: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in _TASKS})
+    # Negatives ranked against each retrieval item's positive in one group: the loss adds a
+    # softmax cross-entropy over the group's Yes-minus-No margins, the score the evaluation
+    # ranks candidates by. 0: one negative answered "No", a pointwise loss only.
+    retrieval_negatives: Annotated[int, Field(ge=0)] = 0
     seed: int = 0
     # Pixels of the square input image; None until the trainer reads it from the benchmark.
     image_size: int | None = None
@@ -68,3 +78,25 @@ def architecture_problems(values: dict) -> list[str]:
         except (TypeError, ValueError, ZeroDivisionError):
             pass  # the field validators name a non-integer or zero value
     return problems
+
+
+def check_trained_with(folder: Path, spec: DefaultModelSpec, name: str) -> None:
+    """Raise PipelineError unless ``folder`` holds a model trained with ``spec``: its
+    ``training.json`` (written by ``train_default_model``) records every field of ``spec`` but
+    ``image_size`` with the same value (a field the record lacks counts at its default). The
+    message names model ``name``, the folder and each differing field."""
+    record_path = Path(folder) / "training.json"
+    try:
+        trained = json.loads(record_path.read_text())["spec"]
+    except FileNotFoundError:
+        raise PipelineError(f"model {name!r}: {record_path} is missing; {folder} is not a folder that "
+                            "train_default_model wrote") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise PipelineError(f"model {name!r}: {record_path} is not a training record ({exc})") from None
+    defaults, wanted = asdict(DefaultModelSpec()), asdict(spec)
+    differ = [f"{k}: trained {trained.get(k, defaults[k])!r}, params {wanted[k]!r}"
+              for k in DEFAULT_MODEL_FIELDS if trained.get(k, defaults[k]) != wanted[k]]
+    if differ:
+        raise PipelineError(f"model {name!r}: {folder} holds weights of another recipe than the params give "
+                            f"({'; '.join(differ)}); train the recipe (its train_default_model stage) and ship "
+                            "that folder, or set the params back")

@@ -45,7 +45,7 @@ from pipeline.errors import PipelineError
 from pipeline.model.adapter import ModelInputs
 from pipeline.model.batching import for_each_batch
 from pipeline.model.hooks import forward_sharing_prefix
-from pipeline.model.scoring import answer_logprobs, mean_answer_logprob
+from pipeline.model.scoring import answer_logprobs, answer_token_id, mean_answer_logprob
 from pipeline.tasks import metrics
 from pipeline.tasks.items import (
     RETRIEVAL_NO,
@@ -91,14 +91,6 @@ def result_values(results: list) -> tuple[np.ndarray, str]:
     if all(r.statistics is not None for r in results):
         return np.stack([r.statistics for r in results]), "corpus_bleu"
     return np.stack([np.asarray(r.per_item, dtype=np.float64) for r in results]), "mean"
-
-
-def answer_token_id(tokenizer, word: str) -> int:
-    """The first token id of ``word`` as the model would write it after the prompt."""
-    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise PipelineError(f"the tokenizer maps {word!r} to no tokens; cannot score retrieval")
-    return int(ids[0])
 
 
 def aggregate_utility(task: str, predictions: Sequence[str], items: pd.DataFrame) -> tuple[float, np.ndarray]:

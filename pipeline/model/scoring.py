@@ -10,6 +10,7 @@ Map of this module:
 - ``token_logprobs`` / ``mean_answer_logprob``: the targets' log-probabilities [B, K] and their
   mean over each row's answer tokens [B] (nats per token: the teacher-forced utility).
 - ``answer_cross_entropy``: minus that mean, per row or over the batch (the training loss).
+- ``answer_token_id``: the first token id of a one-word answer ("Yes" / "No" of retrieval).
 - ``model_answer_logprobs``: one forward pass of the adapter's model that computes logits only
   at the answer positions (``logits_to_keep`` where the model accepts it), then ``answer_logprobs``.
 """
@@ -21,7 +22,7 @@ import inspect
 import torch
 from torch import nn
 
-from pipeline.model.adapter import ModelAdapter, ModelInputs
+from pipeline.model.adapter import AdapterError, ModelAdapter, ModelInputs
 
 __all__ = [
     "answer_logprobs",
@@ -29,7 +30,16 @@ __all__ = [
     "mean_answer_logprob",
     "answer_cross_entropy",
     "model_answer_logprobs",
+    "answer_token_id",
 ]
+
+
+def answer_token_id(tokenizer, word: str) -> int:
+    """The first token id of ``word`` as the model would write it after the prompt."""
+    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise AdapterError(f"the tokenizer maps {word!r} to no tokens; cannot score retrieval")
+    return int(ids[0])
 
 
 def answer_logprobs(

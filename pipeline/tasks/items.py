@@ -17,8 +17,9 @@ Map of this module:
 - ``reference_answer`` / ``teacher_forced_answers``: the one answer an item is scored and trained
   against (its first reference; "Yes" for retrieval, on the positive candidate).
 - ``sampled_reference``: one reference drawn at random (the default model's caption training).
-- ``TrainingExample`` / ``training_examples`` / ``training_rows``: supervised examples of items:
-  one per item, plus a (negative candidate, "No") example per retrieval item.
+- ``TrainingExample`` / ``RankingExample`` / ``training_examples`` / ``training_rows``:
+  supervised examples of items: one per item, plus a (negative candidate, "No") example per
+  retrieval item; or, with ``retrieval_negatives``, one ranking group per retrieval item.
 
 An *item* below is one row of the annotation table as ``DataFrame.itertuples()`` yields it (a
 ``pd.Series`` row works too): fields item_id, image_id, split, task, question_type, prompt,
@@ -224,6 +225,18 @@ def sampled_negative(item: Any, rng: np.random.Generator) -> str:
     return cands[negatives[int(rng.integers(len(negatives)))]]
 
 
+def sampled_negatives(item: Any, rng: np.random.Generator, k: int) -> list[str]:
+    """``k`` of a retrieval item's candidates other than the positive one, drawn without
+    replacement with ``rng`` (one draw); fewer when the item has fewer negatives."""
+    cands = list(item.candidates)
+    pos = int(item.positive_index)
+    negatives = [cands[j] for j in range(len(cands)) if j != pos]
+    if not negatives:
+        raise BenchmarkError(f"retrieval item {item.item_id!r} has no negative candidate to train on")
+    picked = rng.choice(len(negatives), size=min(k, len(negatives)), replace=False)
+    return [negatives[int(j)] for j in picked]
+
+
 class TrainingExample(NamedTuple):
     """One supervised (image, prompt, answer) example of an item."""
 
@@ -233,23 +246,45 @@ class TrainingExample(NamedTuple):
     answer: str
 
 
+class RankingExample(NamedTuple):
+    """One retrieval item as a ranking group: its candidates' prompts on one image, the positive
+    first (answered "Yes"), then the sampled negatives (answered "No")."""
+
+    task: str
+    image_id: str
+    prompts: tuple[str, ...]
+
+    @property
+    def answers(self) -> tuple[str, ...]:
+        return (RETRIEVAL_YES,) + (RETRIEVAL_NO,) * (len(self.prompts) - 1)
+
+
 def training_examples(
-    items: pd.DataFrame, rng: np.random.Generator, *, caption_reference: CaptionReference = "first"
-) -> list[TrainingExample]:
+    items: pd.DataFrame, rng: np.random.Generator, *, caption_reference: CaptionReference = "first",
+    retrieval_negatives: int = 0,
+) -> list[TrainingExample | RankingExample]:
     """The training examples of ``items``, in row order.
 
     Every task: (``item_prompt``, ``reference_answer``). A retrieval item adds a second example:
-    a negative candidate (``sampled_negative``) answered "No". ``caption_reference="sampled"``
-    answers a caption with one of its references drawn at random (``sampled_reference``) instead
-    of the first; the default model trains so, steering trains on the first. ``rng`` is drawn
-    from once per retrieval item (and per caption when sampled), in row order.
+    a negative candidate (``sampled_negative``) answered "No"; with ``retrieval_negatives`` k > 0
+    it is instead one ``RankingExample`` of its positive and k negatives (``sampled_negatives``).
+    ``caption_reference="sampled"`` answers a caption with one of its references drawn at random
+    (``sampled_reference``) instead of the first; the default model trains so, steering trains
+    on the first. ``rng`` is drawn from once per retrieval item (and per caption when sampled),
+    in row order.
     """
     if caption_reference not in ("first", "sampled"):
         raise PipelineError(f"caption_reference must be 'first' or 'sampled', got {caption_reference!r}")
-    out: list[TrainingExample] = []
+    if retrieval_negatives < 0:
+        raise PipelineError(f"retrieval_negatives must be >= 0, got {retrieval_negatives}")
+    out: list[TrainingExample | RankingExample] = []
     for rec in items.itertuples():
         if rec.task == "caption" and caption_reference == "sampled":
             out.append(TrainingExample(rec.task, rec.image_id, rec.prompt, sampled_reference(rec, rng)))
+        elif rec.task == "retrieval" and retrieval_negatives > 0:
+            negatives = sampled_negatives(rec, rng, retrieval_negatives)
+            prompts = (item_prompt(rec),) + tuple(candidate_prompt(rec.prompt, n) for n in negatives)
+            out.append(RankingExample(rec.task, rec.image_id, prompts))
         elif rec.task == "retrieval":
             negative = sampled_negative(rec, rng)
             out.append(TrainingExample(rec.task, rec.image_id, item_prompt(rec), reference_answer(rec)))
