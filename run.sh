@@ -9,7 +9,7 @@
 #                                     each at a time: HONES_TEST_PROCESSES=0 runs it in this one)
 set -euo pipefail
 cd "$(dirname "$0")"
-VENV=${HONES_VENV:-.venv}
+VENV=$(realpath -m "${HONES_VENV:-.venv}")  # absolute: PATH below must not depend on the cwd
 PY=${PYTHON:-python3}
 
 install() {
@@ -33,14 +33,14 @@ shift || true
 case "$cmd" in
   repro)
     install
-    export PATH="$PWD/$VENV/bin:$PATH"
+    export PATH="$VENV/bin:$PATH"
     dvc repro "$@"
     ;;
   profile)
     name=${1:?usage: ./run.sh profile NAME [dvc exp run args] (profiles/NAME.yaml)}
     shift
     install
-    export PATH="$PWD/$VENV/bin:$PATH"
+    export PATH="$VENV/bin:$PATH"
     # The profile is checked (keys, schema) before anything runs; one --set-param per line.
     overrides=$(python -m stages.profile "$name")
     mapfile -t args <<< "$overrides"
@@ -51,7 +51,7 @@ case "$cmd" in
     ;;
   test)
     install
-    export PATH="$PWD/$VENV/bin:$PATH"
+    export PATH="$VENV/bin:$PATH"
     # Most of the end-to-end tests' time is stage processes starting (imports) one after another:
     # two test files at a time use both cores of a CI machine.
     python -m pytest -n "${HONES_TEST_PROCESSES:-2}" --dist loadfile "$@"

@@ -36,6 +36,17 @@ def _json(path: Path) -> dict:
     return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
 
 
+def _training_record(model_dir: Path, name: str) -> dict:
+    """The ``training.json`` of model ``name`` ({} when it has none): in its training output, or
+    for a pinned folder (shipped weights) in that folder, whose record's file hashes include it."""
+    from pipeline.model.source import RECORD_NAME, read_source
+
+    if (model_dir / RECORD_NAME).is_file():
+        source = read_source(model_dir, name)
+        return _json(Path(source.location) / "training.json") if source.kind == "folder" else {}
+    return _json(model_dir / "training.json")
+
+
 def _interval_text(iv: dict) -> str:
     """An interval (or a verdict row) as "value [low, high]"; "-" without a value."""
     if iv.get("value") is None:
@@ -150,8 +161,8 @@ def main() -> None:
                                 table=pd.DataFrame(rows).T if rows else None))
     (args.plots / "training").mkdir(parents=True, exist_ok=True)
     for m in models:
-        record = _json(args.data / "models" / m / "training.json")
-        if record:  # a default model the pipeline trained (a brought model has no record)
+        record = _training_record(args.data / "models" / m, m)
+        if record:  # a default model the pipeline trained or ships (a brought model has no record)
             figure = args.plots / "training" / f"{m}.png"
             plot_training_curves(record, figure, f"{m}: learning curves")
             sections.append(Section(f"{m}: learning curves", "The vision tower's warm-up loss, then each task's "
