@@ -17,6 +17,8 @@ from pipeline.report.markdown import markdown_document
 from pipeline.report.plots import plot_training_curves
 from pipeline.report.verdict import (
     VERDICT_COLUMNS,
+    check_recipe_instances,
+    quality_against_targets,
     replicated_rows,
     sensitivity_message,
     verdict_metrics,
@@ -85,6 +87,8 @@ def main() -> None:
                                                          params.steer.utility)]
     st = params.statistics
     for recipe, instances in params.replicates.items():
+        check_recipe_instances(recipe, {m: _training_record(args.data / "models" / m, m).get("spec")
+                                        for m in instances})
         evaluated = {m: (scores_from_table(pd.read_parquet(args.data / "evaluate" / m / "scores.parquet")),
                          conditions_from_table(pd.read_parquet(args.data / "evaluate" / m / "conditions.parquet")))
                      for m in instances}
@@ -107,7 +111,10 @@ def main() -> None:
     write_json(steering, args.metrics / "steering.json")
     write_json(verdict_metrics(verdicts), args.metrics / "verdict.json")
     across = list(params.replicates) or models
-    summary = verdict_summary(verdicts, across)
+    summary = verdict_summary(verdicts, across, params.replicates)
+    targets = quality_against_targets({m: q for m, q in quality.items() if _training_record(args.data / "models" / m, m)})
+    if targets:
+        summary["quality_targets"] = targets
     write_json(summary, args.metrics / "verdict_summary.json")
 
     table = pd.DataFrame(verdicts, columns=list(VERDICT_COLUMNS)) if verdicts else None
@@ -115,23 +122,31 @@ def main() -> None:
         f" Rows of a recipe ({', '.join(f'{r}: {len(i)} instances' for r, i in params.replicates.items())}) decide "
         "the method comparisons across its trained instances: the value is the mean over instances, the interval a "
         "two-stage bootstrap over instances and then test items, so it carries the variance between trainings; "
-        "per_instance gives each instance's own value." if params.replicates else
+        "per_instance gives each instance's own value. A claim decided per instance (steering, layer preference, "
+        "sensitivity) holds for a recipe when it holds on every instance (the tables below count both kinds)."
+        if params.replicates else
         " Each model is one trained instance: the intervals carry the test items' variance, not the variance "
-        "between trainings of the same recipe (profiles/seeds.yaml decides the claims across seeds).")
+        "between trainings of the same recipe (list a recipe's instances under replicates to decide the claims "
+        "across seeds).")
     sections = [Section("Verdict", "One row per claim of the method and model: the measured difference (percentage "
                         "points of relative drop, or utility for steering), its 95% paired-bootstrap interval over test "
                         "items, and the verdict: holds when the interval lies above the threshold, fails when below, "
                         f"equivalent when it lies within +-{st.equivalence_margin:g} percentage points of it (a "
                         "difference shown too small to matter), undecided otherwise. Likelihood rows decide; "
                         "generative rows are the paper's metric." + replicated_note, table=table)]
-    counts = pd.DataFrame(summary["counts"]).T
+    counts = pd.DataFrame(summary["counts"]).T.fillna(0).astype(int)
     sections.append(Section("How many claims are decided", "Likelihood (deciding) rows of each model and recipe, "
                             "by verdict.", table=counts if len(counts) else None))
     if summary["across"]:
         sections.append(Section("Each claim across " + ("recipes" if params.replicates else "models"),
                                 "The deciding verdict of each claim side by side; the last column holds when every "
-                                "one agrees, mixed when some hold and others fail.",
-                                table=pd.DataFrame({c: {**v["verdicts"], "all": v["verdict"]}
+                                "one agrees, mixed when some hold and others fail."
+                                + (" Decided by: the bootstrap across a recipe's instances, or its verdict on every "
+                                   "instance." if params.replicates else ""),
+                                table=pd.DataFrame({c: {**v["verdicts"], "all": v["verdict"],
+                                                        **({"decided by": " / ".join(sorted({
+                                                            d[c] for d in summary["decided_by"].values() if c in d}))}
+                                                           if params.replicates else {})}
                                                     for c, v in summary["across"].items()}).T))
     stability = {(m, t): {"top heads": " ".join(h.get("top_heads", [])), "recall (bootstrap mean)": h["recall"]["mean"],
                           "recall (2.5%)": h["recall"]["p2.5"], "heads with positive score": h["positive_heads"],
@@ -159,6 +174,13 @@ def main() -> None:
         rows = {m: q[u] for m, q in quality.items() if u in q}
         sections.append(Section(f"Model quality ({u})", f"Utility of each model on the held-out test split ({what}).",
                                 table=pd.DataFrame(rows).T if rows else None))
+    if targets:
+        met = {m: {**{t: f"{c['value']:.3f} {'met' if c['met'] else 'below'} ({c['target']:g})"
+                      for t, c in cells.items() if t != "all_met"}, "all met": cells["all_met"]}
+               for m, cells in targets.items()}
+        sections.append(Section("Do the default models do their tasks?", "Each default model's generative test quality "
+                                "against its target (in brackets): a verdict about suppressing a task's neurons needs a "
+                                "model that does the task.", table=pd.DataFrame(met).T))
     (args.plots / "training").mkdir(parents=True, exist_ok=True)
     for m in models:
         record = _training_record(args.data / "models" / m, m)

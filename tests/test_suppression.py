@@ -238,3 +238,55 @@ def test_markdown_summary_tables() -> None:
                                                   "| x | 1.23 | holds |", "| y |  | a\\|b |"]
     doc = markdown_document("T", "intro", [("Verdict", "text", frame), ("Empty", "only text", None)])
     assert doc.startswith("# T\n\nintro\n\n## Verdict\n\ntext\n\n| model |") and "## Empty\n\nonly text\n" in doc
+
+
+def test_a_recipe_refuses_instances_trained_with_another_recipe() -> None:
+    from pipeline.errors import PipelineError
+    from pipeline.report.verdict import check_recipe_instances
+
+    spec = {"family": "llava", "steps": 3000, "retrieval_negatives": 4, "seed": 0}
+    check_recipe_instances("r", {"a": spec, "b": {**spec, "seed": 1}, "brought": None})  # only the seed differs
+    check_recipe_instances("r", {"x": None, "y": None})  # brought models: nothing recorded to compare
+    with pytest.raises(PipelineError, match=r"replicates.r: b was trained with another recipe than a "
+                                            r"\(differing: steps 2000 vs 3000\)"):
+        check_recipe_instances("r", {"a": spec, "b": {**spec, "steps": 2000, "seed": 1}})
+    with pytest.raises(PipelineError, match="retrieval_negatives None vs 4"):
+        check_recipe_instances("r", {"a": spec, "c": {k: v for k, v in spec.items() if k != "retrieval_negatives"}})
+
+
+def test_quality_against_targets_names_the_task_below_its_target() -> None:
+    from pipeline.report.verdict import QUALITY_TARGETS, quality_against_targets
+
+    good = {t: target for t, target in QUALITY_TARGETS.items()}  # exactly at the target: met
+    got = quality_against_targets({"m": {"generative": good},
+                                   "n": {"generative": {**good, "retrieval": 0.706}},
+                                   "brought": {"likelihood": {"vqa": 0.9}}})
+    assert got["m"]["all_met"] and all(got["m"][t]["met"] for t in QUALITY_TARGETS)
+    assert not got["n"]["all_met"] and not got["n"]["retrieval"]["met"] and got["n"]["vqa"]["met"]
+    assert got["n"]["retrieval"] == {"value": 0.706, "target": 0.80, "met": False}
+    assert "brought" not in got
+
+
+def test_a_recipe_decides_per_instance_claims_on_every_instance() -> None:
+    from pipeline.report.verdict import verdict_summary
+
+    def row(model: str, claim: str, verdict: str, utility: str = "likelihood") -> dict:
+        return {"model": model, "claim": claim, "utility": utility, "verdict": verdict}
+
+    rows = [row("r", "HONES on-target drop exceeds random's", "holds"),        # the bootstrap across seeds
+            row("r", "HONES on-target drop exceeds random's", "fails", "generative"),  # not deciding
+            *[row(m, "HONES on-target drop exceeds random's", "undecided") for m in ("a", "b")],
+            row("a", "steering", "holds"), row("b", "steering", "holds"),
+            row("a", "layers", "holds", "-"), row("b", "layers", "fails", "-"),
+            row("a", "sensitivity", "holds"), row("b", "sensitivity", "undecided"),
+            row("a", "only a", "holds")]
+    got = verdict_summary(rows, ["r"], {"r": ["a", "b"]})
+    assert {c: v["verdicts"]["r"] for c, v in got["across"].items()} == {
+        "HONES on-target drop exceeds random's": "holds", "steering": "holds", "layers": "mixed",
+        "sensitivity": "undecided"}  # "only a": not every instance has it
+    assert got["decided_by"]["r"] == {"HONES on-target drop exceeds random's": "bootstrap across instances",
+                                      "layers": "every instance", "sensitivity": "every instance",
+                                      "steering": "every instance"}
+    assert got["counts"]["r"] == {"holds": 2, "fails": 0, "equivalent": 0, "undecided": 1, "mixed": 1}
+    assert got["counts"]["a"] == {"holds": 4, "fails": 0, "equivalent": 0, "undecided": 1}
+    assert "decided_by" not in verdict_summary(rows, ["a", "b"])

@@ -11,6 +11,10 @@ and, for a recipe replicated over seeds, ``suppression.replicated_differences``.
 - ``verdict_summary``: how many claims of each model or recipe hold, fail, are equivalent or
   undecided (deciding utility), and each claim's verdicts side by side across them.
 - ``sensitivity_message``: the sentence the report opens each model with.
+- ``check_recipe_instances``: refuses a recipe whose instances were trained with different
+  recipes (anything but the seed).
+- ``quality_against_targets``: each default model's held-out quality against the targets it must
+  reach for its verdicts to be about a model that does its tasks (``QUALITY_TARGETS``).
 - ``VERDICT_COLUMNS``: the table's columns; ``verdict_metrics``: the rows as
   {model: {claim: {utility: {value, ci_low, ci_high, threshold, verdict}}}} (what
   ``dvc metrics show`` flattens into columns).
@@ -20,11 +24,51 @@ from __future__ import annotations
 
 import math
 
+from pipeline.errors import PipelineError
+
 VERDICT_COLUMNS = ("model", "instances", "claim", "utility", "value", "ci_low", "ci_high", "threshold", "verdict",
                    "per_instance")
 VERDICTS = ("holds", "fails", "equivalent", "undecided")
 DECIDING_UTILITY = "likelihood"
 _LABELS = (("on_target_drop", "on-target drop"), ("selectivity", "selectivity"))
+# Generative test quality (VQA accuracy, OCR ANLS, caption BLEU-4, retrieval NDCG@5) a default model
+# must reach: well above chance (retrieval NDCG@5 about 0.30 by chance), so that suppressing a task's
+# neurons has an answer to break.
+QUALITY_TARGETS = {"vqa": 0.85, "ocr": 0.80, "caption": 0.40, "retrieval": 0.80}
+
+
+def check_recipe_instances(recipe: str, specs: dict[str, dict | None]) -> None:
+    """Raise PipelineError unless the instances of ``recipe`` were trained with one recipe.
+
+    ``specs``: {instance: the ``spec`` of its training record, or None for a model without one
+    (a brought model, which is taken as given)}. The recorded specs must agree in every field but
+    ``seed``; the error names the instances and the fields that differ.
+    """
+    recorded = {name: {k: v for k, v in spec.items() if k != "seed"} for name, spec in specs.items() if spec}
+    if not recorded:
+        return
+    first, want = next(iter(recorded.items()))
+    for name, spec in recorded.items():
+        fields = sorted(k for k in want.keys() | spec.keys() if want.get(k) != spec.get(k))
+        if fields:
+            raise PipelineError(
+                f"replicates.{recipe}: {name} was trained with another recipe than {first} "
+                f"(differing: {', '.join(f'{k} {spec.get(k)!r} vs {want.get(k)!r}' for k in fields)}); "
+                "a recipe's instances may differ only in the seed")
+
+
+def quality_against_targets(quality: dict[str, dict]) -> dict[str, dict]:
+    """{model: {task: {value, target, met}}, "all_met": bool} from each model's
+    ``metrics/model_quality`` JSON (its ``generative`` utilities); tasks without a target or a
+    value are left out."""
+    out: dict[str, dict] = {}
+    for model, q in quality.items():
+        gen = q.get("generative", {})
+        cells = {t: {"value": gen[t], "target": target, "met": bool(gen[t] >= target)}
+                 for t, target in QUALITY_TARGETS.items() if gen.get(t) is not None}
+        if cells:
+            out[model] = {**cells, "all_met": all(c["met"] for c in cells.values())}
+    return out
 
 
 def _row(model: str, claim: str, utility: str, iv: dict, threshold: float, verdict: str, instances: int = 1,
@@ -116,20 +160,41 @@ def combined_verdict(verdicts: list[str]) -> str:
     return "mixed" if {"holds", "fails"} <= set(verdicts) else "undecided"
 
 
-def verdict_summary(rows: list[dict], across: list[str]) -> dict:
-    """{"counts": {model: {verdict: n}}, "across": {claim: {"verdicts": {model: verdict}, "verdict":
-    combined}}} over the deciding utility's rows; ``across`` names the models (or recipes) whose
-    verdicts are set side by side (claims that all of them have)."""
-    deciding = [r for r in rows if r["utility"] in (DECIDING_UTILITY, "-")]
-    counts = {m: {v: sum(1 for r in deciding if r["model"] == m and r["verdict"] == v) for v in VERDICTS}
-              for m in dict.fromkeys(r["model"] for r in deciding)}
+def verdict_summary(rows: list[dict], across: list[str], recipes: dict[str, list[str]] | None = None) -> dict:
+    """{"counts": {model or recipe: {verdict: n}}, "across": {claim: {"verdicts": {model: verdict},
+    "verdict": combined}}} over the deciding utility's rows; ``across`` names the models (or recipes) whose
+    verdicts are set side by side (claims that all of them have).
+
+    ``recipes`` ({recipe: instances}): a claim a recipe has no row of (one decided per instance:
+    steering, layer preference, sensitivity) takes the ``combined_verdict`` of its instances' rows,
+    so it holds for the recipe only when it holds on every seed; "decided_by" says which claims
+    were decided that way ("every instance") and which by the bootstrap across instances.
+    """
+    by_model: dict[str, dict[str, str]] = {}
+    for r in rows:
+        if r["utility"] in (DECIDING_UTILITY, "-"):
+            by_model.setdefault(r["model"], {})[r["claim"]] = r["verdict"]
+    decided_by: dict[str, dict[str, str]] = {}
+    for recipe, instances in (recipes or {}).items():
+        own = by_model.setdefault(recipe, {})
+        decided_by[recipe] = {c: "bootstrap across instances" for c in own}
+        claims = set.intersection(*(set(by_model.get(m, {})) for m in instances)) if instances else set()
+        for claim in sorted(claims - set(own)):
+            own[claim] = combined_verdict([by_model[m][claim] for m in instances])
+            decided_by[recipe][claim] = "every instance"
+    counts = {m: {v: sum(1 for got in claims.values() if got == v)
+                  for v in (*VERDICTS, *(["mixed"] if "mixed" in claims.values() else []))}
+              for m, claims in by_model.items()}
     by_claim: dict[str, dict[str, str]] = {}
-    for r in deciding:
-        if r["model"] in across:
-            by_claim.setdefault(r["claim"], {})[r["model"]] = r["verdict"]
-    return {"counts": counts,
-            "across": {c: {"verdicts": v, "verdict": combined_verdict(list(v.values()))}
-                       for c, v in by_claim.items() if set(v) == set(across)}}
+    for model in across:
+        for claim, v in by_model.get(model, {}).items():
+            by_claim.setdefault(claim, {})[model] = v
+    out = {"counts": counts,
+           "across": {c: {"verdicts": v, "verdict": combined_verdict(list(v.values()))}
+                      for c, v in by_claim.items() if set(v) == set(across)}}
+    if decided_by:
+        out["decided_by"] = decided_by
+    return out
 
 
 def sensitivity_message(sensitivity: dict) -> str:

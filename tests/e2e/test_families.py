@@ -50,7 +50,7 @@ def repo(tmp_path_factory) -> Path:
     params = merged(params, {"trained_models": [], "pretrained_models": names, "studied_models": names,
                              "tasks": [TASK], "models": entries, "runtime": {"workers": 1},
                              "ablation": {"max_items": 1}})
-    params["replicates"] = {}  # params_small's pools the default models, which this repo does not study
+    params["replicates"] = {}  # no recipe is replicated here
     for name in list(params["models"]):
         if name not in names:
             del params["models"][name]

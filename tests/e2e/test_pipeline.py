@@ -47,6 +47,11 @@ FAMILY = os.environ.get("HONES_E2E_FAMILY", "qwen2_5_vl")
 BROUGHT = f"random-{FAMILY}"
 MODELS = (*TRAINED, BROUGHT)
 TASKS = ("vqa", "ocr", "caption", "retrieval")
+# Runs the report's decision across instances (replicated_differences) on what the run has: a
+# trained and a brought model pooled as if they were two seeds of one recipe (the mechanism, not a
+# claim; the brought model has no training record for the recipe check to compare).
+POOLED = "pooled"
+POOLED_INSTANCES = ("tiny-llava", BROUGHT)
 # The one stage DVC always runs: it looks at the brought model's files, outside the repo.
 ALWAYS_RUNS = {f"resolve_model@{BROUGHT}"}
 
@@ -59,7 +64,7 @@ def brought_model_params(folder: Path) -> dict:
     """params_pretrained.yaml (the README's snippet) with the model renamed and its folder filled
     in; float32 on this CPU."""
     return {"pretrained_models": [BROUGHT], "studied_models": [*TRAINED, BROUGHT],
-            "models": {BROUGHT: brought_entry(folder, "float32")}}
+            "models": {BROUGHT: brought_entry(folder, "float32")}, "replicates": {POOLED: list(POOLED_INSTANCES)}}
 
 
 def changed_stages(repo: Path) -> set[str]:
@@ -150,22 +155,24 @@ def test_outputs_are_written(repo: Path) -> None:
         assert "learned" in steering[model]["generative"]["utility"]["mean"]
         assert "learned-minus-grid_search" in steering[model]["likelihood"]["differences"]
     verdict = json.loads((repo / "metrics/verdict.json").read_text())
-    assert set(verdict) == {*MODELS, "pooled-families"}
+    assert set(verdict) == {*MODELS, POOLED}
     for model in MODELS:
         claims = verdict[model]
         assert "HONES on-target drop exceeds random's" in claims and any(c.startswith("sensitivity") for c in claims)
         rows = [row for by_utility in claims.values() for row in by_utility.values()]
         assert all(r["verdict"] in ("holds", "fails", "equivalent", "undecided") and r["instances"] == 1 for r in rows)
         assert set(claims["HONES on-target drop exceeds random's"]) == {"likelihood", "generative"}
-    pooled = verdict["pooled-families"]["HONES on-target drop exceeds random's"]["likelihood"]
-    assert pooled["instances"] == 2 and set(pooled["per_instance"]) == set(TRAINED)
+    pooled = verdict[POOLED]["HONES on-target drop exceeds random's"]["likelihood"]
+    assert pooled["instances"] == 2 and set(pooled["per_instance"]) == set(POOLED_INSTANCES)
     assert pooled["value"] == pytest.approx(sum(verdict[m]["HONES on-target drop exceeds random's"]["likelihood"]
-                                                ["value"] for m in TRAINED) / 2, abs=2e-4)
+                                                ["value"] for m in POOLED_INSTANCES) / 2, abs=2e-4)
     decided = json.loads((repo / "metrics/verdict_summary.json").read_text())
-    assert set(decided["counts"]) == {*MODELS, "pooled-families"}
-    assert set(decided["across"]["HONES on-target drop exceeds random's"]["verdicts"]) == {"pooled-families"}
+    assert set(decided["counts"]) == {*MODELS, POOLED}
+    assert set(decided["across"]["HONES on-target drop exceeds random's"]["verdicts"]) == {POOLED}
+    # The trained models' quality against the default's targets (20 steps: far below them).
+    assert set(decided["quality_targets"]) == set(TRAINED) and not decided["quality_targets"]["tiny-llava"]["all_met"]
     summary_md = (repo / "reports/summary.md").read_text()
-    assert summary_md.startswith("# HONES summary") and "## Verdict" in summary_md and "| pooled-families | 2 |" in summary_md
+    assert summary_md.startswith("# HONES summary") and "## Verdict" in summary_md and f"| {POOLED} | 2 |" in summary_md
     stability = json.loads((repo / "metrics/head_stability.json").read_text())
     for model in MODELS:
         for task in TASKS:
@@ -177,6 +184,19 @@ def test_outputs_are_written(repo: Path) -> None:
     assert "data:image/png;base64," in report and "http" not in report.split("<body>")[1]
     assert report.index("<h2>Verdict</h2>") < report.index("<h2>Model quality")
     assert BROUGHT in report
+
+
+def test_a_recipe_pooling_two_families_is_refused(repo: Path) -> None:
+    """Instances of one recipe must differ only in the seed: the report names what differs."""
+    before = edit_params(repo, lambda p: p.__setitem__("replicates", {POOLED: list(TRAINED)}))
+    proc = subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro", "report"], cwd=repo, env=_env(repo),
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "replicates.pooled: tiny-idefics3 was trained with another recipe than tiny-llava (differing: family " \
+        in proc.stdout + proc.stderr, proc.stderr[-2000:]
+    (repo / "params.yaml").write_text(yaml.safe_dump(before, sort_keys=False))
+    assert ran_stages(dvc(repo, "repro")) == {"report"} | ALWAYS_RUNS
+    run(repo, "git", "diff", "--exit-code", "--", "metrics", "reports/summary.md")  # the same verdicts as before
 
 
 def test_every_stage_read_exactly_what_it_declares(repo: Path) -> None:
