@@ -28,13 +28,17 @@ from stages.params import ConfigError, ParamsFile, _error_lines
 PROFILES = Path("profiles")
 # Sections whose entries a profile may add (a new model, a new recipe), not only change.
 EXTENDABLE = ("models", "replicates")
+_DELETE = object()  # the value of a ``~key`` override (DVC deletes the key)
 
 
 def merged(base: dict, over: dict) -> dict:
-    """``base`` with ``over`` merged in: mappings key by key, any other value replaced."""
+    """``base`` with ``over`` merged in: mappings key by key, any other value replaced; an empty
+    mapping for an ``EXTENDABLE`` section empties it (``replicates: {}``)."""
     out = dict(base)
     for key, value in over.items():
-        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        emptied = value == {} and key in EXTENDABLE
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            and not emptied else value
     return out
 
 
@@ -56,7 +60,11 @@ def _leaves(over: dict, base: dict, prefix: str = "") -> list[tuple[str, Any]]:
                 out.extend(_new_leaves(value, dotted))
                 continue
             raise ConfigError(f"profile key {dotted!r} is not in params.yaml")
-        if isinstance(value, dict) and isinstance(base[key], dict):
+        if value == {} and dotted in EXTENDABLE:
+            if base[key]:
+                # DVC (Hydra) merges a mapping into a mapping: delete the section, then add it empty.
+                out.extend([(f"~{dotted}", _DELETE), (f"+{dotted}", {})])
+        elif isinstance(value, dict) and isinstance(base[key], dict):
             out.extend(_leaves(value, base[key], dotted + "."))
         else:
             out.append((dotted, value))
@@ -105,7 +113,7 @@ def set_param_arguments(profile: Path, params: Path = Path("params.yaml")) -> li
         ParamsFile.model_validate(merged(base, over))
     except ValidationError as exc:
         raise ConfigError(f"{profile}: invalid params once merged: " + "; ".join(_error_lines(exc))) from None
-    return [f"--set-param={key}={_value(value)}" for key, value in leaves]
+    return [f"--set-param={key}" if value is _DELETE else f"--set-param={key}={_value(value)}" for key, value in leaves]
 
 
 def _value(value: Any) -> str:

@@ -78,6 +78,21 @@ def test_command_line_exits_2_with_the_reason(capsys, monkeypatch, tmp_path: Pat
     assert "profile not found: profiles/missing.yaml" in capsys.readouterr().err
 
 
+def test_an_empty_mapping_empties_an_extendable_section(tmp_path: Path) -> None:
+    """DVC merges a mapping override into a mapping: ``replicates: {}`` must still empty it."""
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    assert yaml.safe_load(params.read_text())["replicates"]  # the default replicates its recipes
+    profile = tmp_path / "p.yaml"
+    profile.write_text("studied_models: [tiny-llava]\nshipped_models: [tiny-llava]\nreplicates: {}\n")
+    arguments = set_param_arguments(profile, params)
+    assert arguments[-2:] == ["--set-param=~replicates", "--set-param=+replicates={}"]
+    assert _apply_with_dvc(params, arguments)["replicates"] == {}
+    profile.write_text("heads: {}\n")  # not an extendable section: an empty mapping sets nothing
+    with pytest.raises(ConfigError, match="sets no key"):
+        set_param_arguments(profile, params)
+
+
 def test_a_profile_adds_seeds_of_a_recipe_as_the_profile_leaves_it(tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
     shutil.copy(ROOT / "params.yaml", params)
@@ -88,7 +103,7 @@ def test_a_profile_adds_seeds_of_a_recipe_as_the_profile_leaves_it(tmp_path: Pat
     assert "--set-param=+models.tiny-llava-s9.seed=9" in arguments and "--set-param=+replicates.r=[tiny-llava]" in arguments
     got = _apply_with_dvc(params, arguments)
     assert got["models"]["tiny-llava-s9"] == {**got["models"]["tiny-llava"], "seed": 9}
-    assert got["models"]["tiny-llava-s9"]["steps"] == 7 and got["replicates"] == {"r": ["tiny-llava"]}
+    assert got["models"]["tiny-llava-s9"]["steps"] == 7 and got["replicates"]["r"] == ["tiny-llava"]
     profile.write_text("models:\n  x: {same_as: no-such-model}\n")
     with pytest.raises(ConfigError, match="models.x.same_as: 'no-such-model' is not a model"):
         set_param_arguments(profile, params)
