@@ -298,7 +298,8 @@ class StatisticsConfig(_Strict):
 
 
 class SteerConfig(_Strict):
-    """Task steering (HONES.md section 6): learned per-neuron scales vs. baselines on the same neurons."""
+    """Task steering (docs/method.md section 6): learned per-neuron scales vs. baselines on the
+    same neurons."""
 
     beta: float = Field(0.5, ge=0)  # weight of KL(p_original || p_scaled) on answer positions
     l2: float = Field(1e-4, ge=0)  # weight of ||lambda||^2

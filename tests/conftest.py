@@ -10,7 +10,7 @@
   embedded default model, so every benchmark word tokenises exactly.
 - ``discovery_items(annotations, task, n)``: the first ``n`` discovery items of a task.
 - ``direct_z`` / ``direct_targets`` / ``direct_dvp``: golden references for the dump (one unpadded
-  row per forward pass; targets, IDF weights and DVP written out from HONES.md section 3).
+  row per forward pass; targets, IDF weights and DVP written out from docs/method.md section 3).
 
 ``build_tiny_adapter(benchmark_dir)`` is importable from a subprocess (``sys.path`` = tests/)
 and builds bitwise the same model as the fixture.
@@ -88,7 +88,7 @@ def discovery_items(annotations: pd.DataFrame, task: str, n: int | None = None) 
     return (items if n is None else items.head(n)).reset_index(drop=True)
 
 
-# --- golden references, written from HONES.md section 3 without the store or pipeline.method.dump's math ---
+# --- golden references, from docs/method.md section 3 without the store or pipeline.method.dump ---
 @torch.no_grad()
 def direct_z(adapter, images, items: pd.DataFrame, heads: pd.DataFrame) -> np.ndarray:
     """z [condition, item, layer, neuron] at the last prompt token, one unpadded row at a time."""
@@ -106,7 +106,7 @@ def direct_z(adapter, images, items: pd.DataFrame, heads: pd.DataFrame) -> np.nd
 
 
 def direct_targets(tokenizer, items: pd.DataFrame) -> tuple[list[list[int]], list[list[float]]]:
-    """Target token ids and weights written out from HONES.md section 3 (independent of
+    """Target token ids and weights written out from docs/method.md section 3 (independent of
     item_targets); captions as the authors' code: the first five references joined by spaces,
     every token occurrence kept, the first 128 tokens."""
     special = set(tokenizer.all_special_ids)

@@ -1,4 +1,4 @@
-"""Hand-computed cases for pipeline.tasks.metrics (task utilities of HONES.md section 1)."""
+"""Hand-computed cases for pipeline.tasks.metrics (task utilities of docs/method.md section 1)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""Neuron-task attribution from the activation stores, in streaming passes (HONES.md sections 3-4).
+"""Neuron-task attribution from the activation stores in streaming passes (docs/method.md 3-4).
 
 Every method yields a [layer, neuron] importance matrix per task (higher = more important).
 
-The paper's method (HONES.md section 3, exactly as the authors' code):
+The paper's method (docs/method.md section 3, exactly as the authors' code):
 
 - ``hones``: I = sum_h w_h * max(cbar_0 - cbar_h, 0) / sum_h w_h with w_h = max(S_t(h), 0),
   where cbar_c[l, i] = mean over items of z_c * dvp (the DVP contribution under condition c;
@@ -10,7 +10,7 @@ The paper's method (HONES.md section 3, exactly as the authors' code):
 - ``hones_nohead``: cbar_0, the plain DVP contribution (ablation of the head conditioning;
   also the score of Pan et al., ``opanhw/MM_Neurons``: act x (W_down^T W_U)[i, y] at the last token).
 
-Beyond the paper (HONES.md section 8), named apart:
+Beyond the paper (docs/method.md section 8), named apart:
 
 - ``hones_lp`` / ``hones_lp_nohead``: the same formulas on the log-probability DVP
   (``dvp_logprob``: the direct path's gradient of the target's log-probability, through the
@@ -76,11 +76,11 @@ STORE_METHODS = ("hones", "hones_nohead", "hones_lp", "hones_lp_nohead", "atp", 
 # What each method is and where its formula comes from (the report's table of methods).
 METHOD_DESCRIPTIONS: dict[str, tuple[str, str]] = {
     "hones": ("head-conditioned drop of the DVP contribution z * <W_down[:, i], u_y> (a logit)",
-              "the paper (HONES.md section 3), exactly as the authors' code"),
+              "the paper (docs/method.md section 3), exactly as the authors' code"),
     "hones_nohead": ("the DVP contribution itself, without head conditioning",
                      "the paper's ablation; Pan et al. (opanhw/MM_Neurons)"),
     "hones_lp": ("HONES on the log-probability DVP: the direct path's gradient of the target's log-probability",
-                 "this project (HONES.md section 8)"),
+                 "this project (docs/method.md section 8)"),
     "hones_lp_nohead": ("the log-probability DVP contribution, without head conditioning", "this project"),
     "atp": ("gradient x activation of the answer log-probability, summed over positions",
             "attribution patching (Kramar et al. 2024, AtP*)"),

@@ -1,4 +1,4 @@
-"""Dumping FFN activations into the activation store (HONES.md section 3, the model-side half).
+"""Dumping FFN activations into the activation store (docs/method.md section 3, model side).
 
 For each discovery item of a task: the target tokens and their weights (``item_targets``),
 the DVP direction's projection of every neuron's write vector (``dvp_projection``), and z at
@@ -56,7 +56,7 @@ CAPTION_MAX_TOKENS = 128
 def item_targets(
     tokenizer, items: pd.DataFrame, *, caption_idf: bool = True, caption_target: str = "joined"
 ) -> tuple[list[list[int]], list[list[float]]]:
-    """Target token ids and weights per item (HONES.md section 3).
+    """Target token ids and weights per item (docs/method.md section 3).
 
     vqa / ocr: the tokens of ``items.reference_answer`` (the first reference), weight 1.
     retrieval: the first token of its reference answer "Yes" (the token whose logit the margin

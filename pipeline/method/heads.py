@@ -1,4 +1,4 @@
-"""Critical-head localisation (HONES.md section 2).
+"""Critical-head localisation (docs/method.md section 2).
 
 For every attention head (l, h) of the language model, S_t(l, h) = P_t(base) - P_t(head h of
 layer l mean-substituted) on the discovery split. All L*H + 1 conditions of an example run

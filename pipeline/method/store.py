@@ -25,7 +25,7 @@ array                     shape                                        dtype    
   c-th critical head mean-substituted.
 - ``dvp[n, l, i] = < W_down[l][:, i], u_y(n) >``: the direct vocabulary projection of the
   neuron's write direction onto the item's normalised target direction, so that the
-  contribution ``c = z * dvp`` needs no model (HONES.md section 3).
+  contribution ``c = z * dvp`` needs no model (docs/method.md section 3).
 - ``dvp_logprob[n, l, i] = < W_down[l][:, i], g(n) >`` with g the gradient of the item's
   weighted mean target log-probability at the last prompt token with respect to the residual
   stream entering the final norm: the direct path's linearised change of the log-probability

@@ -1,4 +1,4 @@
-"""Task utilities P_t (HONES.md section 1): batched greedy generation, retrieval scoring,
+"""Task utilities P_t (docs/method.md section 1): batched greedy generation, retrieval scoring,
 the teacher-forced log-probability surrogate, and their aggregation per task.
 
 Map of this module:

@@ -3,7 +3,7 @@
 Map of this module:
 - ``capture_ffn``: copies the FFN neuron vector z (input of down_proj) at one position per row.
 - ``substitute_heads``: per batch row, mean-substitutes attention heads at the input of o_proj
-  (HONES section 2), so many head conditions of one example run as one batched forward.
+  (docs/method.md section 2), so many head conditions of one example run as one batched forward.
 - ``scale_neurons``: multiplies chosen neurons of z by scales (0 = masking; a Parameter =
   learnable steering scales, differentiable).
 - ``scale_neurons_per_row`` / ``ablate_neurons_per_row``: per batch row, scales (zeroes) that
@@ -206,7 +206,9 @@ def capture_ffn(
 # ---------------------------------------------------------------------------------------------
 @contextmanager
 def substitute_heads(adapter: ModelAdapter, row_heads: Sequence[RowSpec]) -> Iterator[None]:
-    """Mean-substitute attention heads, per batch row, at the input of o_proj (HONES section 2).
+    """Mean-substitute attention heads, per batch row, at the input of o_proj.
+
+    docs/method.md section 2 defines the substitution.
 
     Args:
         row_heads: one entry per batch row: None (row untouched), (layer, head), or a sequence

@@ -1,4 +1,4 @@
-"""Task steering with learned per-neuron scales (HONES.md section 6).
+"""Task steering with learned per-neuron scales (docs/method.md section 6).
 
 The model is frozen; each neuron of a task's steering mask gets a learnable scale
 (1 + lambda_i), lambda initialised at 0 and clamped to [-clamp, clamp], trained on the dev
@@ -118,7 +118,7 @@ def _frozen(model: nn.Module) -> Iterator[None]:
 
 @dataclass(frozen=True, kw_only=True)
 class SteeringSettings:
-    """How steering learns and judges scales (HONES.md section 6); defaults are the paper's.
+    """How steering learns and judges scales (docs/method.md section 6); defaults are the paper's.
 
     ``train_scales`` reads the training fields: ``beta`` (weight of KL(p_original ||
     p_scaled) on the answer positions; 0 drops the term), ``l2`` (weight of ||lambda||^2),

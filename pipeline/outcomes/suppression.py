@@ -1,4 +1,4 @@
-"""Held-out causal check (HONES.md section 5): zero a task's mask, evaluate every task.
+"""Held-out causal check (docs/method.md section 5): zero a task's mask, evaluate every task.
 
 For each method m, mask size rho and target task t, the neurons of mask (m, rho, t) are
 zeroed at every position and every task s is evaluated on the test split: relative drop

@@ -1,4 +1,4 @@
-"""The verdict table: one row per claim of the method (HONES.md sections 5-7), per model.
+"""The verdict table: one row per claim of the method (docs/method.md sections 5-7), per model.
 
 Each row holds the measured value, its interval and a verdict computed from the interval
 (``pipeline.outcomes.statistics.verdict``: holds when the interval lies above the claim's

@@ -10,7 +10,7 @@ Map of this module:
   ``images.parquet`` (one row per image, encoded bytes in the ``png`` column).
 - ``BenchmarkError``: a malformed table, image or item; the message names the item or file.
 - ``read_annotations`` / ``ImageTable``: read the two tables back, validated.
-- ``PROMPTS``: the stored prompt wording of the ocr, caption and retrieval tasks (HONES.md
+- ``PROMPTS``: the stored prompt wording of the ocr, caption and retrieval tasks (docs/method.md
   section 1 fixes the retrieval one; a vqa item's prompt is its question).
 - ``candidate_prompt`` / ``item_prompt`` / ``item_prompts``: the prompt as the model sees it (a
   retrieval item's template filled with a candidate; by default its positive candidate).
@@ -64,7 +64,8 @@ IMAGE_SCHEMA = pa.schema(
     [pa.field("image_id", pa.string(), nullable=False), pa.field("png", pa.binary(), nullable=False)]
 )
 
-# HONES.md section 1 fixes the retrieval prompt; the others are short, model-agnostic instructions.
+# docs/method.md section 1 fixes the retrieval prompt; the others are short, model-agnostic
+# instructions.
 CANDIDATE_SLOT = "{candidate}"
 PROMPTS: dict[str, str] = {
     "ocr": "What is the word written in the box?",

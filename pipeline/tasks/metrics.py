@@ -1,4 +1,4 @@
-"""Task-utility metrics P_t of the HONES benchmark (HONES.md section 1).
+"""Task-utility metrics P_t of the HONES benchmark (docs/method.md section 1).
 
 Every metric is "higher is better" and dimensionless; the per-item metrics return a
 score in [0, 1], CIDEr-D is on its usual 0..10 scale.
