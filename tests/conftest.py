@@ -1,6 +1,7 @@
 """Shared fixtures: seeding, a tiny synthetic benchmark and a tiny LLaVA built over its vocabulary.
 
 - ``_seed`` (autouse): seeds python, numpy and torch before every test.
+- ``_fast_lane_starts_no_process`` (autouse): a test not marked ``slow`` may start no process.
 - ``_private_hash_cache`` (session, autouse): ``XDG_CACHE_HOME`` in a temp dir.
 - ``resolve_pretrained(params, name, root, monkeypatch)``: the resolve stage of a pretrained model.
 - ``benchmark_dir`` (session): ``build_benchmark`` at image_size 32, a handful of images per split.
@@ -170,6 +171,28 @@ def _seed():
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _fast_lane_starts_no_process(request, monkeypatch):
+    """Keeps ``-m "not slow"`` fast: a test that starts a process must be marked ``slow``.
+
+    A process start (stage, DVC, torchrun, a worker pool) costs seconds of imports, so an
+    unmarked one fails here with its test's name instead of quietly slowing the lane.
+    """
+    if request.node.get_closest_marker("slow") is not None:
+        yield
+        return
+    import multiprocessing.process
+    import subprocess
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} starts a process: mark it @pytest.mark.slow "
+                             "(the fast lane, -m 'not slow', starts none)")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
     yield
 
 

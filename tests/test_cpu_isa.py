@@ -80,6 +80,7 @@ def test_an_unknown_setting_stops_with_its_name() -> None:
         stages.pin_cpu_isa({"HONES_CPU_ISA": "avx512"}, flags={"avx2"})
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_AVX2, reason="the pin applies to x86-64 CPUs with AVX2")
 def test_a_stage_process_runs_the_avx2_kernels() -> None:
     probe = "import stages, torch, os; print(torch.backends.cpu.get_cpu_capability(), os.environ['HONES_CPU_ISA'])"
@@ -89,6 +90,7 @@ def test_a_stage_process_runs_the_avx2_kernels() -> None:
     assert run(HONES_CPU_ISA="native") == ["AVX512" if HAS_AVX512 else "AVX2", "native"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_AVX2, reason="the pin applies to x86-64 CPUs with AVX2")
 def test_pinned_training_gives_the_recorded_weights(benchmark_dir, tmp_path) -> None:
     capability, digest = _train(benchmark_dir, tmp_path / "pinned", pinned=True)

@@ -145,6 +145,7 @@ def _train_child(tmp_path, benchmark_dir, out, kill_at, negatives=0):
                           timeout=600)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("kill_at", "negatives"), [(("warmup", 2), 0), (("language", 2), 0), (("language", 2), 2)])
 def test_killed_training_resumes_to_bitwise_the_same_weights(benchmark_dir, tmp_path, kill_at, negatives) -> None:
     """SIGKILL right after a checkpoint (in the vision warm-up, or in the language training, with

@@ -70,6 +70,7 @@ def model_dir(tmp_path_factory, tiny_adapter) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_equal_single_process(tmp_path, model_dir, benchmark_dir, monkeypatch):
     import torch
 
@@ -167,6 +168,7 @@ def _rel_close(got, want):
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * scale)
 
 
+@pytest.mark.slow
 def test_attribute_dask_equals_streaming(random_stores, dask_cluster):
     from dask.distributed import Client
 
@@ -184,6 +186,7 @@ def test_attribute_dask_equals_streaming(random_stores, dask_cluster):
     _rel_close(single.mean_contribution, task_statistics(random_stores["ocr"]).mean_contribution)
 
 
+@pytest.mark.slow
 def test_attribute_stage_dask_engine_equals_streaming(tmp_path, random_stores, dask_cluster, monkeypatch):
     act = tmp_path / "activations"
     act.mkdir()

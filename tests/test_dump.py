@@ -110,6 +110,7 @@ print("finished", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_bitwise_identical(tmp_path, tiny_adapter, annotations, images, benchmark_dir, monkeypatch):
     task, n_items = "vqa", 6
     items = discovery_items(annotations, task, n_items)

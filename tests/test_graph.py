@@ -129,12 +129,14 @@ def stages(params, tmp_path_factory) -> dict[str, dict]:
     return out
 
 
+@pytest.mark.slow
 def test_graph_is_exact(stages, params) -> None:
     assert len(stages) > 10
     problems = check_graph(ROOT, stages, params)
     assert not problems, "dvc.yaml does not match the code:\n" + "\n".join(problems)
 
 
+@pytest.mark.slow
 def test_graph_check_names_each_broken_entry(stages, params) -> None:
     """The check is not vacuous: a dep lost, a dep gained, a param lost and one gained are each named."""
     broken = {k: {"cmd": v["cmd"], "deps": list(v["deps"]), "params": list(v["params"])} for k, v in stages.items()}
@@ -215,6 +217,7 @@ LAYERS = {"errors": 0, "io": 0, "provenance": 0, "timings": 0, "tasks": 1, "mode
           "report": 5, "tools": 6}
 
 
+@pytest.mark.slow
 def test_library_imports_flow_one_way() -> None:
     problems = []
     for path in sorted((ROOT / "pipeline").rglob("*.py")):

@@ -125,6 +125,7 @@ def s3_remote(monkeypatch):
         server.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["local", "s3"])
 def test_push_clone_pull_and_run_cache(kind, tmp_path, monkeypatch, request):
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")

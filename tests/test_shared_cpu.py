@@ -33,10 +33,12 @@ def busy_cores():
             h.wait()
 
 
+@pytest.mark.slow
 def test_other_running_processes_shorten_the_spin(busy_cores):
     assert probe() == ["1", "1000"]
 
 
+@pytest.mark.slow
 def test_a_users_setting_and_a_parents_choice_are_kept(busy_cores):
     assert probe(GOMP_SPINCOUNT="5") == ["None", "5"]
     assert probe(OMP_WAIT_POLICY="PASSIVE") == ["None", "None"]

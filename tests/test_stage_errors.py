@@ -59,6 +59,7 @@ def heads(params: Path, benchmark: Path, out: Path, task: str = "vqa", model: st
                      "--out", out)
 
 
+@pytest.mark.slow
 def test_unknown_task_is_named_before_any_model_loads(tmp_path, benchmark_dir) -> None:
     params = params_file(tmp_path, tasks=["vqa", "ocrr"])
     line = one_line_error(heads(params, benchmark_dir, tmp_path / "out"))
@@ -66,6 +67,7 @@ def test_unknown_task_is_named_before_any_model_loads(tmp_path, benchmark_dir) -
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_empty_split_is_named(tmp_path) -> None:
     from pipeline.tasks.benchmark import BenchmarkSpec, build_benchmark
 
@@ -77,12 +79,14 @@ def test_empty_split_is_named(tmp_path) -> None:
     assert "annotations.parquet has no 'vqa' items in split 'test'" in line
 
 
+@pytest.mark.slow
 def test_bad_device_name_is_named(tmp_path, benchmark_dir) -> None:
     params = params_file(tmp_path, models={"m": {"source": "pretrained", "path": "x", "device": "gpu"}})
     line = one_line_error(heads(params, benchmark_dir, tmp_path / "out"))
     assert "models.m.device" in line and "'gpu'" in line
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_is_named(tmp_path, benchmark_dir) -> None:
     params = params_file(tmp_path, models={"m": {"source": "pretrained", "path": "x", "device": "cuda"}})
@@ -90,6 +94,7 @@ def test_cuda_without_cuda_is_named(tmp_path, benchmark_dir) -> None:
     assert "models.m.device: 'cuda' but torch sees no CUDA device" in line
 
 
+@pytest.mark.slow
 def test_yaml_syntax_error_names_file_and_line(tmp_path, benchmark_dir) -> None:
     params = tmp_path / "params.yaml"
     params.write_text("tasks: [vqa, ocr]\nheads:\n  split: discovery\n   top_k: 3\n")
@@ -97,6 +102,7 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path, benchmark_dir) -> None:
     assert f"{params}: line 4" in line and "YAML syntax error" in line
 
 
+@pytest.mark.slow
 def test_unknown_key_is_one_line(tmp_path, benchmark_dir) -> None:
     params = params_file(tmp_path, heads__topk=3)
     line = one_line_error(heads(params, benchmark_dir, tmp_path / "out"))
@@ -118,6 +124,7 @@ def _finished_store(path: Path) -> None:
     store.finalize()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["group", "array"])
 def test_truncated_store_metadata_names_the_store(tmp_path, damage) -> None:
     acts = tmp_path / "activations"
@@ -138,6 +145,7 @@ def _flip_bytes(path: Path, at: int = 16, n: int = 8) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["flipped", "deleted", "truncated"])
 def test_damaged_chunk_stops_attribute_naming_store_array_and_chunk(tmp_path, damage) -> None:
     """Eight flipped bytes in one chunk (the checksum catches them), a deleted chunk file (never
@@ -167,6 +175,7 @@ def test_damaged_chunk_stops_attribute_naming_store_array_and_chunk(tmp_path, da
     assert not out.exists() and not Path(f"{out}.tmp").exists()
 
 
+@pytest.mark.slow
 def test_second_run_on_the_same_output_is_refused(tmp_path, benchmark_dir) -> None:
     from stages._common import output_lock
 
@@ -187,12 +196,14 @@ def resolve(tmp_path: Path, entry: dict, env: dict[str, str] | None = None) -> s
     return proc
 
 
+@pytest.mark.slow
 def test_missing_relative_folder_names_its_absolute_path(tmp_path) -> None:
     line = one_line_error(resolve(tmp_path, {"path": "models/llava-local"}))
     assert f"model 'm': folder {tmp_path}/models/llava-local not found (models.m.path; " \
            "a Hugging Face hub id goes in models.m.hub_id)" in line
 
 
+@pytest.mark.slow
 def test_hub_id_missing_from_the_offline_cache_is_named_at_once(tmp_path) -> None:
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty-cache")}
     proc = resolve(tmp_path, {"hub_id": "llava-hf/llava-1.5-7b-hf", "revision": "main"}, env)
@@ -201,6 +212,7 @@ def test_hub_id_missing_from_the_offline_cache_is_named_at_once(tmp_path) -> Non
            f"({tmp_path}/empty-cache)" in line and "HF_HUB_OFFLINE=1" in line
 
 
+@pytest.mark.slow
 def test_text_only_model_is_named_with_the_supported_families(tmp_path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -211,6 +223,7 @@ def test_text_only_model_is_named_with_the_supported_families(tmp_path) -> None:
            "(LlamaForCausalLM); supported families: llava, qwen2_vl, qwen2_5_vl, idefics3" in line
 
 
+@pytest.mark.slow
 def test_decoder_the_adapter_cannot_find_is_named(tmp_path) -> None:
     from tiny_models import llava_with_opt_text
 
@@ -219,17 +232,20 @@ def test_decoder_the_adapter_cannot_find_is_named(tmp_path) -> None:
     assert "decoder layers not found in LlavaForConditionalGeneration" in line and "OPTModel" in line
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_is_named_before_the_model_is_read(tmp_path) -> None:
     line = one_line_error(resolve(tmp_path, {"path": str(tmp_path / "not-even-there"), "device": "cuda:1"}))
     assert "models.m.device: 'cuda:1' but torch sees no CUDA device on this machine; use 'cpu' or 'auto'" in line
 
 
+@pytest.mark.slow
 def test_path_and_hub_id_together_are_refused(tmp_path) -> None:
     line = one_line_error(resolve(tmp_path, {"path": "a", "hub_id": "org/a"}))
     assert "models.m: give exactly one of 'path' (a local folder) and 'hub_id'" in line
 
 
+@pytest.mark.slow
 def test_shipped_weights_are_checked_against_the_recipe_and_pinned(benchmark_dir, tmp_path) -> None:
     """ship_model pins data/shipped/<model> when its training record is the params' recipe, and
     names each differing field (or the missing record) otherwise, writing nothing."""

@@ -68,6 +68,7 @@ def slow_stage(tmp_path) -> tuple[Path, Path, Path]:
     return script, pid_file, out
 
 
+@pytest.mark.slow
 def test_stage_stops_when_the_process_that_started_it_dies(tmp_path, slow_stage) -> None:
     """Kill DVC (here: a parent that started the stage through a shell, as DVC does): the stage
     notices within seconds, rolls back its half-written output and exits, instead of finishing
@@ -89,6 +90,7 @@ def test_stage_stops_when_the_process_that_started_it_dies(tmp_path, slow_stage)
     assert not out.exists() and not Path(f"{out}.tmp").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_rolls_back_the_output_being_written(tmp_path, slow_stage) -> None:
     script, pid_file, out = slow_stage
     proc = subprocess.Popen([sys.executable, str(script), "--out", str(out)], cwd=tmp_path,
@@ -104,6 +106,7 @@ def test_sigterm_rolls_back_the_output_being_written(tmp_path, slow_stage) -> No
     assert not out.exists() and not Path(f"{out}.tmp").exists()
 
 
+@pytest.mark.slow
 def test_leftover_tmp_of_a_killed_run_is_removed_at_start(tmp_path, slow_stage) -> None:
     """A kill between the two renames of an atomic write leaves ``<out>.tmp``; the next run of
     the stage on that output removes it before doing anything else."""
@@ -184,6 +187,7 @@ def _kill_dvc_mid_run(repo: Path, p: int) -> None:
     assert not (repo / "out" / f".partial-p{p}" / "result").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("persist", [True, False])
 def test_dvc_repro_after_a_killed_run_resumes_or_cleans_and_leaves_no_scratch(tmp_path, persist) -> None:
     """The issue's sequence: finish a run (p=1), change params (p=2), kill DVC mid-run, go back to

@@ -392,6 +392,7 @@ def test_verify_reports_unfinished_builds_and_missing_provenance(tmp_path):
     assert verify(tmp_path / "nothing.zarr").status == "missing"
 
 
+@pytest.mark.slow
 def test_verify_command_prints_one_line_per_store_and_fails_on_damage(tmp_path, capsys):
     from pipeline.tools.verify import main
 

@@ -142,6 +142,7 @@ def test_sensitivity_says_plainly_when_the_effect_is_invisible() -> None:
     assert rows[-1]["verdict"] == "undecided"
 
 
+@pytest.mark.slow
 def test_report_is_self_contained(tmp_path) -> None:
     import matplotlib
 

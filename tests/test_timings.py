@@ -72,6 +72,7 @@ def _run_stage(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedPr
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("own", [False, True])
 def test_a_stage_run_by_dvc_records_its_time_and_rows(tmp_path, own) -> None:
     proc = _run_stage(tmp_path, *(["--own"] if own else []), DVC_STAGE="dump@m-vqa")
@@ -86,6 +87,7 @@ def test_a_stage_run_by_dvc_records_its_time_and_rows(tmp_path, own) -> None:
     assert "dump@m-vqa" in (tmp_path / "timings" / TABLE_FILE).read_text()
 
 
+@pytest.mark.slow
 def test_a_stage_run_by_hand_writes_no_timing_unless_asked(tmp_path) -> None:
     assert _run_stage(tmp_path).returncode == 0
     assert not (tmp_path / "timings").exists()

@@ -108,6 +108,7 @@ def test_a_truncated_zip_bin_is_named(tmp_path):
         check_weight_files(tmp_path)
 
 
+@pytest.mark.slow
 def test_resolve_stage_stops_with_one_line_and_pins_nothing(saved, tmp_path):
     folder = _copy(saved, tmp_path)
     _truncate(folder / "model.safetensors")

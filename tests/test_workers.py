@@ -41,6 +41,7 @@ def _fail_on_three(state, job: int) -> int:
     return job
 
 
+@pytest.mark.slow
 def test_results_come_back_in_job_order_from_other_processes() -> None:
     import os
 
@@ -51,6 +52,7 @@ def test_results_come_back_in_job_order_from_other_processes() -> None:
     assert [v for v, _ in map_jobs(_square, [5, 1], dict, workers=1)] == [25, 1]
 
 
+@pytest.mark.slow
 def test_a_failing_job_is_named_with_its_cause() -> None:
     with pytest.raises(PipelineError, match=r"demo: job number 3 failed in a worker: ValueError: three is not allowed") as err:
         map_jobs(_fail_on_three, [1, 2, 3, 4], dict, workers=2, describe=lambda j: f"number {j}", what="demo")
@@ -77,6 +79,7 @@ def _conditions(adapter) -> list[MaskCondition]:
     return out
 
 
+@pytest.mark.slow
 def test_suppression_over_workers_equals_one_process(benchmark_dir, tiny_adapter, annotations, images) -> None:
     items = annotations[annotations["split"] == "discovery"].groupby("task", sort=False).head(3).reset_index(drop=True)
     conditions = _conditions(tiny_adapter)
@@ -111,6 +114,7 @@ def test_a_condition_scored_twice_is_an_error(tiny_adapter, annotations, images)
         merge_suppression_scores([part, part], items)
 
 
+@pytest.mark.slow
 def test_ablation_shards_over_workers_equal_one_pass(benchmark_dir, tiny_adapter, annotations, images) -> None:
     items = discovery_items(annotations, "vqa", 2)
     effect, se = neuron_ablation_effects(tiny_adapter, items, images, batch_size=16)
