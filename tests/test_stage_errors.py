@@ -277,9 +277,9 @@ def test_shipped_weights_are_checked_against_the_recipe_and_pinned(benchmark_dir
         assert _load._model_folder(view, "m").resolve() == shipped.resolve()
         assert _load.model_identity(view, "m") == source.identity
         # The report draws the shipped model's learning curves from the pinned folder's record.
-        from stages.report import _training_record
+        from pipeline.report.study import training_record
 
-        assert _training_record(Path("data/models/m"), "m")["steps"] == 2
+        assert training_record(Path("data/models/m"), "m")["steps"] == 2
     finally:
         os.chdir(cwd)
 

@@ -1,1 +1,3 @@
-"""Presentation: ``plots`` (PNG figures) and ``html`` (the self-contained report)."""
+"""The report: ``study`` (gathers the stages' results, the verdict rows and the metrics files),
+``verdict`` (the verdict table's claims and counts), ``document`` (the report's sections),
+``plots`` (PNG figures), ``html`` (the self-contained report) and ``markdown`` (its tables)."""

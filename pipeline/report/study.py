@@ -1,0 +1,139 @@
+"""What the report reads and the metrics it writes: every studied model's results, gathered from
+the stages' output folders, and the verdict table built from them.
+
+Map of this module:
+- ``StudyResults``: per model, the results the stages wrote (model quality, attribution,
+  suppression, steering: the JSON documents as written) and the default models' training records;
+  ``read_study_results(data, metrics, models)`` gathers them.
+- ``training_record(model_dir, name)``: a model's ``training.json`` ({} for a brought model).
+- ``head_stability_of(folder, top_k, ...)``: the stability of one task's critical heads.
+- ``study_verdicts(results, replicates, data, ...)``: the verdict rows of every model, then of
+  every recipe across its instances (after checking the instances share their recipe).
+- ``report_metrics(results, verdicts, heads, replicates)``: the metrics files' contents, by name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.method.heads import per_item_values
+from pipeline.outcomes.head_stability import head_stability
+from pipeline.outcomes.suppression import conditions_from_table, replicated_differences, scores_from_table
+from pipeline.report.verdict import (
+    check_recipe_instances,
+    quality_against_targets,
+    replicated_rows,
+    verdict_metrics,
+    verdict_rows,
+    verdict_summary,
+)
+
+UTILITIES = ("likelihood", "generative")
+# The parts of a model's suppression.json that metrics/suppression_summary.json carries.
+_SUMMARY_KEYS = ("baseline", "summary", "random_draws", "differences", "auc", "sensitivity")
+
+
+def _json(path: Path) -> dict:
+    """A JSON document, or {} when the file is absent (a stage that wrote nothing for a model)."""
+    return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
+
+
+def training_record(model_dir: Path, name: str) -> dict:
+    """The ``training.json`` of model ``name`` ({} when it has none): in its training output, or
+    for a pinned folder (shipped weights) in that folder, whose record's file hashes include it."""
+    from pipeline.model.source import RECORD_NAME, read_source
+
+    model_dir = Path(model_dir)
+    if (model_dir / RECORD_NAME).is_file():
+        source = read_source(model_dir, name)
+        return _json(Path(source.location) / "training.json") if source.kind == "folder" else {}
+    return _json(model_dir / "training.json")
+
+
+@dataclass(frozen=True)
+class StudyResults:
+    """Every studied model's results, keyed by model name (the documents as the stages wrote them).
+
+    quality: ``metrics/model_quality/<m>.json``; attribution: ``metrics/attribution/<m>.json``;
+    suppression: ``<data>/evaluate/<m>/suppression.json``; steering:
+    ``<data>/steer/<m>/steering_intervals.json``; training: the default models' training records
+    ({} for a brought model).
+    """
+
+    models: list[str]
+    quality: dict[str, dict]
+    attribution: dict[str, dict]
+    suppression: dict[str, dict]
+    steering: dict[str, dict]
+    training: dict[str, dict]
+
+
+def read_study_results(data: Path, metrics: Path, models: list[str]) -> StudyResults:
+    """Gather the results of ``models`` from the stages' output folders ``data`` and ``metrics``."""
+    data, metrics = Path(data), Path(metrics)
+    return StudyResults(
+        models=list(models),
+        quality={m: _json(metrics / "model_quality" / f"{m}.json") for m in models},
+        attribution={m: _json(metrics / "attribution" / f"{m}.json") for m in models},
+        suppression={m: _json(data / "evaluate" / m / "suppression.json") for m in models},
+        steering={m: _json(data / "steer" / m / "steering_intervals.json") for m in models},
+        training={m: training_record(data / "models" / m, m) for m in models},
+    )
+
+
+def head_stability_of(folder: Path, top_k: int, *, n_resamples: int, seed: int) -> dict:
+    """The stability of the top ``top_k`` heads stored in one heads-stage folder (``scores.parquet``,
+    ``per_item.parquet``): see ``pipeline.outcomes.head_stability.head_stability``."""
+    scores = pd.read_parquet(Path(folder) / "scores.parquet")
+    values, kind = per_item_values(pd.read_parquet(Path(folder) / "per_item.parquet"))
+    return head_stability(scores, values, kind, top_k, n_resamples=n_resamples, seed=seed)
+
+
+def study_verdicts(results: StudyResults, replicates: dict[str, list[str]], data: Path, *, steer_utility: str,
+                   n_resamples: int, seed: int, confidence: float, equivalence_margin: float) -> list[dict]:
+    """The verdict rows of every model, then of every recipe across its instances.
+
+    A recipe's rows come from a bootstrap over its instances and then test items
+    (``replicated_differences`` on each instance's per-item evaluation in ``<data>/evaluate/<m>/``);
+    its instances must have been trained with the same recipe (``check_recipe_instances``).
+    """
+    rows = [r for m in results.models for r in verdict_rows(m, results.suppression[m], results.steering[m],
+                                                             results.attribution[m], steer_utility)]
+    for recipe, instances in replicates.items():
+        check_recipe_instances(recipe, {m: training_record(Path(data) / "models" / m, m).get("spec")
+                                        for m in instances})
+        evaluated = {m: (scores_from_table(pd.read_parquet(Path(data) / "evaluate" / m / "scores.parquet")),
+                         conditions_from_table(pd.read_parquet(Path(data) / "evaluate" / m / "conditions.parquet")))
+                     for m in instances}
+        rows += replicated_rows(recipe, replicated_differences(
+            evaluated, n_resamples=n_resamples, seed=seed, confidence=confidence,
+            equivalence_margin=equivalence_margin))
+    return rows
+
+
+def report_metrics(results: StudyResults, verdicts: list[dict], heads: dict[str, dict],
+                   replicates: dict[str, list[str]]) -> dict[str, dict]:
+    """The report's metrics files, {file name under metrics/: document}.
+
+    verdict_summary.json counts the deciding verdicts per model (or, with ``replicates``, per
+    recipe) and, for the default models, their test quality against the targets.
+    """
+    suppression = results.suppression
+    summary = verdict_summary(verdicts, list(replicates) or results.models, replicates)
+    targets = quality_against_targets({m: q for m, q in results.quality.items() if results.training[m]})
+    if targets:
+        summary["quality_targets"] = targets
+    return {
+        "head_stability.json": heads,
+        "suppression.json": {m: {u: s.get(u, {}).get("relative_drop", {}) for u in UTILITIES}
+                             for m, s in suppression.items()},
+        "suppression_summary.json": {m: {u: {k: s.get(u, {}).get(k, {}) for k in _SUMMARY_KEYS if k in s.get(u, {})}
+                                         for u in UTILITIES} for m, s in suppression.items()},
+        "steering.json": results.steering,
+        "verdict.json": verdict_metrics(verdicts),
+        "verdict_summary.json": summary,
+    }
