@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from pipeline.tasks.items import ANNOTATION_SCHEMA, PROMPTS, BenchmarkError, ImageTable, read_annotations
-from pipeline.tasks.coco_import import caption_words, import_hones_coco, rank_hard_negatives
+from pipeline.tasks.coco_import import MAX_TEXT_CHARS, caption_words, import_hones_coco, rank_hard_negatives
 from stages.params import CocoImportConfig, ConfigError, validate_section
 
 # Image 0's caption overlaps most with 2, then 1, then 3 (Jaccard 4/7 > 4/8 > 2/10), none with the rest.
@@ -163,6 +163,34 @@ def test_rank_hard_negatives_ties_and_duplicates():
         rank_hard_negatives(caps, 5, np.random.default_rng(0))
 
 
+def test_the_majority_answer_is_the_first_reference(tmp_path):
+    """The first reference is the target (heads, dump, training): the authors' majority answer,
+    not the first annotator's; the annotators' answers stay, each once, for the accuracy."""
+    _, _, doc = make_dataset(tmp_path)
+    doc["data"][2]["vqa"] = {"question": "q?", "answer": "sneakers", "all_answers": ["loafer", "sneakers", "sneakers"]}
+    doc["data"][3]["vqa"] = {"question": "q?", "answer": "four", "all_answers": ["4", "0"]}
+    refs = {r.image_id: list(r.references) for r in run(tmp_path, doc).query("task == 'vqa'").itertuples()}
+    assert refs["img_02"] == ["sneakers", "loafer", "sneakers"]
+    assert refs["img_03"] == ["four", "4", "0"]  # no annotator gave it: prepended
+
+
+def test_no_caption_of_the_positives_image_is_a_negative(tmp_path):
+    """COCO repeats captions across images: image 0's second caption is image 2's first, its
+    hardest negative before; it is excluded, the next hardest move up."""
+    _, _, doc = make_dataset(tmp_path)
+    doc["data"][0]["captions"] = [{"caption": CAPTIONS[0]}, {"caption": CAPTIONS[2]}]
+    df = run(tmp_path, doc, n_discovery=0, n_dev=0, n_test=0, n_negatives=3)
+    r0 = df[(df.task == "retrieval") & (df.image_id == "img_00")].iloc[0]
+    negs0 = [c for i, c in enumerate(r0.candidates) if i != r0.positive_index]
+    assert CAPTIONS[2] not in negs0 and negs0[:2] == [CAPTIONS[1], CAPTIONS[3]]
+
+    caps = ["a dog", "a cat", "one bird"]
+    out = rank_hard_negatives(caps, 1, np.random.default_rng(0), excluded=[["A cat."], [], []])
+    assert out[0] == ["one bird"] and out[1] == ["a dog"]
+    with pytest.raises(BenchmarkError, match=r"caption 'a dog' has only 1 distinct captions left"):
+        rank_hard_negatives(caps, 2, np.random.default_rng(0), excluded=[["a cat"], [], []])
+
+
 def test_deterministic_for_a_seed(tmp_path):
     a = run(tmp_path, out="a", n_negatives=1)
     b = run(tmp_path, out="b", n_negatives=1)
@@ -203,13 +231,37 @@ def _broken(tmp_path: Path, edit) -> dict:
         (lambda d, im: d["data"][0]["vqa"].update(answer=3, all_answers=[]),
          r"data\[0\].*'vqa.answer' must be a string"),
         (lambda d, im: d["data"][9]["ocr"].update(bbox=[1, 2, 3]), r"data\[9\].*'ocr.bbox'"),
+        (lambda d, im: d["data"][2].update(caption=d["data"][2].pop("captions")),
+         r"data\[2\] \(file_name 'img_02.png'\): field 'caption' is not a field.*did you mean 'captions'"),
+        (lambda d, im: d["data"][5].update(VQA={"question": "q?", "answer": "a"}),
+         r"data\[5\].*field 'VQA' is not a field.*did you mean 'vqa'"),
+        (lambda d, im: d["data"][4]["vqa"].update(question="why " * 10**6),
+         rf"data\[4\].*field 'vqa.question' is 4,000,000 characters long \(at most {MAX_TEXT_CHARS:,}\)"),
+        (lambda d, im: d["data"][6]["captions"].append({"caption": "x" * (MAX_TEXT_CHARS + 1)}),
+         r"data\[6\].*field 'captions\[2\].caption' is 1,001 characters long"),
+        (lambda d, im: ((im / "img_07.png").rename(im / "real_07.png"), (im / "img_07.png").symlink_to("real_07.png")),
+         r"data\[7\] \(file_name 'img_07.png'\).*is a symbolic link"),
     ],
-    ids=["missing-file", "corrupt-image", "empty-question", "duplicate-id", "empty-caption", "answer-type", "bbox"],
+    ids=["missing-file", "corrupt-image", "empty-question", "duplicate-id", "empty-caption", "answer-type", "bbox",
+         "misspelt-captions", "misspelt-vqa", "huge-question", "long-caption", "linked-image"],
 )
 def test_errors_name_the_item_and_leave_nothing(tmp_path, edit, pattern):
     doc = _broken(tmp_path, edit)
     with pytest.raises(BenchmarkError, match=pattern):
         run(tmp_path, doc)
+    assert not (tmp_path / "bench").exists() and not (tmp_path / "bench.tmp").exists()
+
+
+def test_deep_nesting_and_a_linked_image_root_are_named(tmp_path):
+    make_dataset(tmp_path)
+    (tmp_path / "deep.json").write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(BenchmarkError, match=r"deep.json: nested too deeply"):
+        import_hones_coco(tmp_path / "deep.json", tmp_path / "images", tmp_path / "bench", seed=0, n_discovery=0,
+                          n_dev=0, n_test=0)
+    (tmp_path / "linked").symlink_to(tmp_path / "images")
+    with pytest.raises(BenchmarkError, match=r"image root .*linked is a symbolic link: DVC does not follow"):
+        import_hones_coco(tmp_path / "hones.json", tmp_path / "linked", tmp_path / "bench", seed=0, n_discovery=0,
+                          n_dev=0, n_test=0)
     assert not (tmp_path / "bench").exists() and not (tmp_path / "bench.tmp").exists()
 
 
@@ -234,7 +286,7 @@ def test_failed_import_keeps_previous_output(tmp_path):
 # ------------------------------------------------------------------ config and stage
 
 
-def test_config_and_stage(tmp_path, monkeypatch):
+def test_config_and_stage(tmp_path, monkeypatch, caplog):
     # Paths are relative to the repository root, under data/inputs (the stage's data dependency).
     monkeypatch.chdir(tmp_path)
     json_path, images, _ = make_dataset(Path("data/inputs"))
@@ -266,3 +318,31 @@ def test_config_and_stage(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exc:
         benchmark_stage.main()
     assert exc.value.code == 2
+    assert ("exceed the 10 images (params: benchmark.hones_coco.n_discovery, benchmark.hones_coco.n_dev, "
+            "benchmark.hones_coco.n_test)") in caplog.text
+
+
+@pytest.mark.slow
+def test_dvc_add_of_an_input_folder_can_be_committed(tmp_path):
+    """data/inputs/README.md's `dvc add data/inputs/coco_images`: git tracks the .dvc file it writes
+    (data/inputs/.gitignore keeps the data out of git but not that file)."""
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    inputs = tmp_path / "data" / "inputs"
+    inputs.mkdir(parents=True)
+    shutil.copy(root / "data/inputs/.gitignore", inputs / ".gitignore")
+    make_dataset(inputs)
+    (inputs / "images").rename(inputs / "coco_images")
+
+    def sh(*cmd):
+        return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+    assert sh("git", "init", "-q").returncode == 0
+    assert sh(sys.executable, "-m", "dvc", "init", "-q").returncode == 0
+    added = sh(sys.executable, "-m", "dvc", "add", "-q", "data/inputs/coco_images")
+    assert added.returncode == 0, added.stderr
+    staged = sh("git", "add", "data/inputs/coco_images.dvc", "data/inputs/.gitignore")
+    assert staged.returncode == 0, staged.stderr
+    assert sh("git", "check-ignore", "-q", "data/inputs/coco_images/img_00.png").returncode == 0  # data: not git's

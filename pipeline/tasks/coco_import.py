@@ -8,11 +8,15 @@ synthetic benchmark writes (``annotations.parquet`` with ``ANNOTATION_SCHEMA``,
 Map of this module:
 - ``load_items``: parse and validate the JSON into ``CocoItem`` records (one per image). A
   missing task block skips that task for the image (counted, logged at INFO); a present but
-  malformed field raises ``BenchmarkError`` naming ``data[i]``, the file name and the field
-  (``_parse_item``: ``_parse_file_name``, ``_parse_vqa``, ``_parse_ocr``, ``_parse_captions``).
+  malformed field, a text longer than ``MAX_TEXT_CHARS``, or a key that looks like a misspelt
+  task block (``caption``, ``VQA``) raises ``BenchmarkError`` naming ``data[i]``, the file name
+  and the field (``_parse_item``: ``_parse_file_name``, ``_parse_vqa``, ``_parse_ocr``,
+  ``_parse_captions``).
+- ``CocoSizeError``: split sizes or negatives the data cannot supply; names the arguments.
 - ``assign_splits``: seeded, image-disjoint train/discovery/dev/test assignment.
 - ``caption_words`` / ``rank_hard_negatives``: word-overlap (Jaccard) hard negatives for
-  retrieval via an inverted index, ties broken by a seeded RNG.
+  retrieval via an inverted index, ties broken by a seeded RNG; no caption of the positive's
+  own image is ever a negative.
 - ``annotation_rows``: the annotation rows of all splits (``_split_rows``, ``_image_rows``).
 - ``import_hones_coco``: the whole import, written atomically (temporary sibling directory,
   renamed when complete; removed on any error).
@@ -20,13 +24,18 @@ Map of this module:
 Input format (top level ``{"data": [item, ...]}``), per item::
 
     {"image_info": {"file_name": "COCO_val2014_000000000042.jpg", ...},
-     "vqa": {"question": "...", "answer": "...", "all_answers": ["...", ...]},
+     "vqa": {"question": "...", "answer": "...", "all_answers": ["...", ...]},   # answer: the majority
      "ocr": {"text": "...", "bbox": [x, y, w, h]},
      "captions": [{"caption": "..."}, ...]}
+
+A vqa item's references are ``all_answers`` (every annotator's answer, for the VQA accuracy) with
+the majority ``answer`` first: the first reference is the target that head scoring, the dump and
+training use, and the authors' code targets the majority answer, not one annotator's.
 """
 
 from __future__ import annotations
 
+import difflib
 import io
 import json
 import logging
@@ -47,6 +56,14 @@ from pipeline.tasks.items import ANNOTATION_SCHEMA, IMAGE_SCHEMA, PROMPTS, SPLIT
 log = logging.getLogger(__name__)
 
 MAX_CAPTION_REFERENCES = 5
+# Longer than any question, answer, caption or scene text of the paper's data by far: a longer
+# field is a broken record (a file pasted into a field), not a text a model should be fed.
+MAX_TEXT_CHARS = 1000
+_FIELDS = ("image_info", "vqa", "ocr", "captions")
+_TASK_BLOCKS = ("vqa", "ocr", "captions")
+# Keys that are a task block under another spelling (``caption``, ``VQA``): refused, since the
+# task would silently go missing. Other unknown keys (ids, metadata) are ignored.
+_TASK_SPELLINGS = {"vqa", "ocr", "caption", "captions", "retrieval"}
 _IMAGE_BATCH = 256  # images per Parquet write: bounds memory for 12K full-size COCO images
 _WORD = re.compile(r"\w+")
 
@@ -61,6 +78,15 @@ class CocoItem:
     vqa: tuple[str, list[str]] | None  # (question, reference answers)
     ocr: str | None  # the text in the image
     captions: list[str] | None  # all captions, stripped, non-empty
+
+
+class CocoSizeError(BenchmarkError):
+    """The data cannot supply the split sizes or negatives asked for; ``arguments`` names the
+    arguments of ``import_hones_coco`` to change."""
+
+    def __init__(self, message: str, arguments: tuple[str, ...]):
+        super().__init__(message)
+        self.arguments = arguments
 
 
 def _err(json_path: Path, index: int, file_name: object, field: str, problem: str) -> BenchmarkError:
@@ -90,11 +116,18 @@ def _parse_file_name(json_path: Path, index: int, raw: object) -> str:
 _Bad = Callable[[str, str], BenchmarkError]
 
 
+def _check_length(text: str, field: str, bad: _Bad) -> str:
+    if len(text) > MAX_TEXT_CHARS:
+        raise bad(field, f"is {len(text):,} characters long (at most {MAX_TEXT_CHARS:,}): a broken record")
+    return text
+
+
 def _parse_vqa(block: object, bad: _Bad) -> tuple[str, list[str]] | None:
     """(question, reference answers) of a ``vqa`` block; None when the block is absent.
 
     A present block needs a question and at least one answer: the references are
-    ``all_answers`` (stripped), else ``[answer]``.
+    ``all_answers`` (stripped) with the majority ``answer`` moved first (prepended when no
+    annotator's answer equals it), else ``[answer]``.
     """
     if block is None:
         return None
@@ -114,11 +147,15 @@ def _parse_vqa(block: object, bad: _Bad) -> tuple[str, list[str]] | None:
     for j, a in enumerate(all_answers):
         if not isinstance(a, str) or not a.strip():
             raise bad(f"vqa.all_answers[{j}]", f"must be a non-empty string, got {a!r}")
-    refs = [a.strip() for a in all_answers]
-    if not refs:
-        if answer is None or not answer.strip():
-            raise bad("vqa.answer", "is empty and vqa.all_answers is empty: no reference answer")
-        refs = [answer.strip()]
+    _check_length(q, "vqa.question", bad)
+    refs = [_check_length(a.strip(), f"vqa.all_answers[{j}]", bad) for j, a in enumerate(all_answers)]
+    majority = _check_length(answer.strip(), "vqa.answer", bad) if answer is not None else ""
+    if not refs and not majority:
+        raise bad("vqa.answer", "is empty and vqa.all_answers is empty: no reference answer")
+    if majority:
+        if majority in refs:
+            refs.remove(majority)  # one occurrence: the annotators' counts stay as they were
+        refs.insert(0, majority)
     return q.strip(), refs
 
 
@@ -138,7 +175,7 @@ def _parse_ocr(block: object, bad: _Bad) -> str | None:
     if text is not None and not isinstance(text, str):
         raise bad("ocr.text", f"must be a string, got {type(text).__name__}")
     if text is not None and text.strip():
-        return text.strip()
+        return _check_length(text.strip(), "ocr.text", bad)
     return None
 
 
@@ -154,7 +191,7 @@ def _parse_captions(block: object, bad: _Bad) -> list[str] | None:
         text = c.get("caption") if isinstance(c, dict) else None
         if not isinstance(text, str) or not text.strip():
             raise bad(f"captions[{j}].caption", f"must be a non-empty string, got {c!r}")
-        captions.append(text.strip())
+        captions.append(_check_length(text.strip(), f"captions[{j}].caption", bad))
     return captions
 
 
@@ -165,6 +202,14 @@ def _parse_item(json_path: Path, index: int, raw: object) -> tuple[CocoItem, lis
     def bad(field: str, problem: str) -> BenchmarkError:
         return _err(json_path, index, fn, field, problem)
 
+    for key in raw:
+        if key in _FIELDS or not isinstance(key, str):
+            continue
+        near = difflib.get_close_matches(key.lower(), _TASK_BLOCKS, n=1, cutoff=0.8)
+        if key.lower() in _TASK_SPELLINGS or near:
+            guess = near[0] if near else {"caption": "captions", "retrieval": "captions"}.get(key.lower(), key.lower())
+            raise bad(key, f"is not a field of the format: did you mean {guess!r}? (fields: {', '.join(_FIELDS)}; "
+                      "a misspelt task block would drop the task)")
     vqa = _parse_vqa(raw.get("vqa"), bad)
     ocr = _parse_ocr(raw.get("ocr"), bad)
     captions = _parse_captions(raw.get("captions"), bad)
@@ -187,6 +232,8 @@ def load_items(json_path: Path, max_images: int | None = None) -> list[CocoItem]
         doc = json.loads(json_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BenchmarkError(f"{json_path}: not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise BenchmarkError(f"{json_path}: nested too deeply to parse (not the HONES format)") from None
     data = doc.get("data") if isinstance(doc, dict) else None
     if not isinstance(data, list):
         raise BenchmarkError(f"{json_path}: top level must be an object with a list under 'data'")
@@ -221,11 +268,12 @@ def assign_splits(n_images: int, *, seed: int, n_discovery: int, n_dev: int, n_t
     to dev, the next ``n_discovery`` to discovery and the rest to train.
     """
     sizes = {"test": n_test, "dev": n_dev, "discovery": n_discovery}
+    names = ("n_discovery", "n_dev", "n_test")
     if any(v < 0 for v in sizes.values()):
-        raise BenchmarkError(f"coco import: split sizes must be >= 0, got {sizes}")
+        raise CocoSizeError(f"coco import: split sizes must be >= 0, got {sizes}", names)
     if sum(sizes.values()) > n_images:
-        raise BenchmarkError(
-            f"coco import: split sizes {sizes} (total {sum(sizes.values())}) exceed the {n_images} images"
+        raise CocoSizeError(
+            f"coco import: split sizes {sizes} (total {sum(sizes.values())}) exceed the {n_images} images", names
         )
     perm = np.random.default_rng(np.random.SeedSequence([seed, 0])).permutation(n_images)
     out = np.full(n_images, "train", dtype=object)
@@ -241,21 +289,25 @@ def caption_words(text: str) -> tuple[str, ...]:
     return tuple(_WORD.findall(text.lower()))
 
 
-def rank_hard_negatives(positives: list[str], n_negatives: int, rng: np.random.Generator) -> list[list[str]]:
+def rank_hard_negatives(positives: list[str], n_negatives: int, rng: np.random.Generator,
+                        excluded: Sequence[Sequence[str]] | None = None) -> list[list[str]]:
     """For each caption, the ``n_negatives`` most word-overlapping OTHER captions of the list.
 
     ``positives``: one caption per image of a split (length N). Overlap is the Jaccard index of
     lower-cased word sets, highest first; ties (including zero overlap, the fallback to random
     captions) are broken by ``rng``. Captions with the same word sequence as the positive (the
     image's own, or a duplicate) are never negatives, and negatives are distinct texts: the
-    candidate pool is the U <= N distinct captions of the split.
+    candidate pool is the U <= N distinct captions of the split. ``excluded[i]`` (optional) are
+    further texts that caption ``i`` must not get as a negative (its image's other captions:
+    COCO repeats captions across images, so another image's positive can be one of them).
 
     Complexity: an inverted index word -> distinct captions; per query, ``np.bincount`` over the
     postings of its words gives the intersection sizes, then an O(U) partition selects the top
     ``n_negatives`` (plus ties). Total O(sum of posting lengths touched + N * U) time, vectorised
     (about a second for a 7000-image split), and O(total words + U) memory; no U x U matrix.
     Returns a list (length N) of lists of ``n_negatives`` caption strings. Raises
-    ``BenchmarkError`` when fewer than ``n_negatives`` distinct other captions exist.
+    ``CocoSizeError`` when fewer than ``n_negatives`` distinct other captions exist (for any
+    caption, after its exclusions).
     """
     keys = [caption_words(p) for p in positives]
     uid: dict[tuple[str, ...], int] = {}
@@ -266,9 +318,9 @@ def rank_hard_negatives(positives: list[str], n_negatives: int, rng: np.random.G
             texts.append(text)
     n_unique = len(texts)
     if n_unique - 1 < n_negatives and positives:
-        raise BenchmarkError(
+        raise CocoSizeError(
             f"retrieval needs {n_negatives} negatives per image but the split has only {n_unique} "
-            f"distinct captions; lower coco_import.n_negatives or enlarge the split"
+            f"distinct captions; lower n_negatives or enlarge the split", ("n_negatives",)
         )
     vocab: dict[str, int] = {}
     word_ids: list[np.ndarray] = []
@@ -282,7 +334,7 @@ def rank_hard_negatives(positives: list[str], n_negatives: int, rng: np.random.G
     postings_np = [np.array(p, dtype=np.int64) for p in postings]
 
     out: list[list[str]] = []
-    for key in keys:
+    for i, key in enumerate(keys):
         u = uid[key]
         ws = word_ids[u]
         if len(ws):
@@ -292,6 +344,14 @@ def rank_hard_negatives(positives: list[str], n_negatives: int, rng: np.random.G
         union = sizes[u] + sizes - inter
         jac = np.divide(inter, union, out=np.zeros(n_unique), where=union > 0)
         jac[u] = -np.inf  # the positive itself (and any caption with the same words)
+        for text in excluded[i] if excluded is not None else ():
+            jac[uid.get(caption_words(text), u)] = -np.inf
+        if np.count_nonzero(jac > -np.inf) < n_negatives:
+            raise CocoSizeError(
+                f"caption {positives[i]!r} has only {np.count_nonzero(jac > -np.inf)} distinct captions left as "
+                f"negatives once its image's own captions are excluded, fewer than {n_negatives}; lower "
+                "n_negatives or enlarge the split", ("n_negatives",)
+            )
         kth = np.partition(jac, n_unique - n_negatives)[n_unique - n_negatives]
         sel = np.flatnonzero(jac >= kth)  # top n_negatives plus everything tied with the last
         order = np.lexsort((rng.random(sel.size), -jac[sel]))
@@ -355,13 +415,14 @@ def _split_rows(members: list[CocoItem], split: str, n_negatives: int, rng: np.r
     """The rows of one split's images (``members``, in input order).
 
     Draws from ``rng`` first for the hard negatives of the images with captions
-    (``rank_hard_negatives``), then for each retrieval row's positive position, image by image.
+    (``rank_hard_negatives``, none of them a caption of the positive's image), then for each retrieval row's positive position, image by image.
     """
     with_captions = [it for it in members if it.captions]
     try:
-        negatives = rank_hard_negatives([it.captions[0] for it in with_captions], n_negatives, rng)
-    except BenchmarkError as exc:
-        raise BenchmarkError(f"coco import, split {split!r} ({len(members)} images): {exc}") from None
+        negatives = rank_hard_negatives([it.captions[0] for it in with_captions], n_negatives, rng,
+                                        excluded=[it.captions[1:] for it in with_captions])
+    except CocoSizeError as exc:
+        raise CocoSizeError(f"coco import, split {split!r} ({len(members)} images): {exc}", exc.arguments) from None
     neg_of = {it.image_id: negs for it, negs in zip(with_captions, negatives)}
     rows: list[dict] = []
     for it in members:
@@ -384,13 +445,26 @@ def annotation_rows(items: list[CocoItem], splits: np.ndarray, *, seed: int, n_n
 
 
 def _check_image_files(json_path: Path, image_root: Path, items: list[CocoItem]) -> None:
-    """Every item's image file exists (a cheap check before any output; decoding is checked while writing)."""
+    """Every item's image file exists and is no symbolic link (a cheap check before any output;
+    decoding is checked while writing)."""
     for it in items:
-        if not (image_root / it.file_name).is_file():
-            raise _err(
-                json_path, it.index, it.file_name, "image_info.file_name",
-                f"image file not found: {image_root / it.file_name}",
-            )
+        path = image_root / it.file_name
+        if not path.is_file():
+            raise _err(json_path, it.index, it.file_name, "image_info.file_name", f"image file not found: {path}")
+        if path.is_symlink():
+            raise _err(json_path, it.index, it.file_name, "image_info.file_name",
+                       f"image {path} is a symbolic link: {_SYMLINK_WHY}")
+
+
+# DVC hashes a link, not what it points to: a dependency behind a link can change unseen.
+_SYMLINK_WHY = ("DVC does not follow links, so an edit behind it would not rerun the import; copy the data "
+                "under data/inputs (and `dvc add` it)")
+
+
+def _refuse_links(json_path: Path, image_root: Path) -> None:
+    for what, path in (("JSON", json_path), ("image root", image_root)):
+        if path.is_symlink():
+            raise BenchmarkError(f"coco import: the {what} {path} is a symbolic link: {_SYMLINK_WHY}")
 
 
 def _write_images(path: Path, json_path: Path, image_root: Path, items: list[CocoItem]) -> None:
@@ -422,7 +496,7 @@ def import_hones_coco(
     """Import the HONES unified COCO JSON into ``out_dir`` (annotations.parquet, images.parquet).
 
     One annotation row per (image, task) present: vqa (prompt = the question, references =
-    ``all_answers`` or ``[answer]``), ocr (references = ``[text]``), caption (references = up to
+    the majority ``answer`` then the other ``all_answers``), ocr (references = ``[text]``), caption (references = up to
     5 captions), retrieval (candidates = the first caption + ``n_negatives`` hard negatives from
     the same split, positive at a seeded position). ``images.parquet`` holds the original file
     bytes (JPEG/PNG as they are) in its ``png`` column. Rows are ordered by split, then input
@@ -436,9 +510,10 @@ def import_hones_coco(
     """
     json_path, image_root, out_dir = Path(json_path), Path(image_root), Path(out_dir)
     if n_negatives < 1:
-        raise BenchmarkError(f"coco import: n_negatives must be >= 1, got {n_negatives}")
+        raise CocoSizeError(f"coco import: n_negatives must be >= 1, got {n_negatives}", ("n_negatives",))
     if not image_root.is_dir():
         raise BenchmarkError(f"coco import: image root is not a directory: {image_root}")
+    _refuse_links(json_path, image_root)
     items = load_items(json_path, max_images)
     splits = assign_splits(len(items), seed=seed, n_discovery=n_discovery, n_dev=n_dev, n_test=n_test)
     rows = annotation_rows(items, splits, seed=seed, n_negatives=n_negatives)
