@@ -1,0 +1,147 @@
+"""The cost model: ``Workload`` (what one run of the pipeline does) and ``estimate`` /
+``shared_prefix_flops`` (memory, disk, forward passes and FLOPs of that workload on a
+``ModelArch``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from pipeline.method.store import ITEM_ARRAYS, StoreLayout
+from pipeline.tools.estimate.model_arch import DTYPE_BYTES, EstimateError, ModelArch
+
+
+@dataclass(frozen=True)
+class Workload:
+    items: int = 7000  # discovery items per task (the paper's COCO import: 7000)
+    top_k: int = 4  # critical heads -> top_k + 1 conditions
+    tasks: int = 4
+    dtype: str = "bfloat16"  # model weights and activations
+    store_dtype: str = "float32"  # dump.dtype
+    batch_size: int = 16
+    gradient_batch_size: int = 4  # dump.gradient_batch_items
+    prompt_tokens: int = 48  # text tokens of a prompt with its chat template, without the image
+    answer_tokens: int = 8
+    heads_items: int | None = None  # heads.max_items (default: items)
+    ablation_items: int = 16  # ablation.max_items
+    max_new_tokens: int = 24  # generative head scoring decodes up to this many tokens
+    target_chunk_mib: float = 1.0
+    max_files: int = 2000
+    eager_attention: bool = False
+    effective_tflops: float = 400.0  # sustained model FLOP/s per GPU (assumed: ~40% of an H100's bf16 peak)
+
+
+def estimate(arch: ModelArch, w: Workload) -> dict:
+    """Every number the table prints, as a dict (bytes, counts, FLOPs)."""
+    t, v = arch.text, arch.vision
+    if w.dtype not in DTYPE_BYTES or w.store_dtype not in ("float16", "float32"):
+        raise EstimateError(f"unknown dtype {w.dtype!r} / store dtype {w.store_dtype!r}")
+    b = DTYPE_BYTES[w.dtype]
+    B, L, I = w.batch_size, t.layers, t.ffn
+    S = arch.image_tokens + w.prompt_tokens + w.answer_tokens
+    vision_params = (v.params + v.projector_params) if v else 0
+    out: dict = {"name": arch.name, "notes": list(arch.notes), "seq_len": S, "image_tokens": arch.image_tokens}
+    out["params"] = {"text": t.params(), "vision": v.params if v else 0, "projector": v.projector_params if v else 0,
+                     "total": arch.params}
+    out["weights_bytes"] = {d: arch.params * n for d, n in DTYPE_BYTES.items()}
+
+    kv = 2 * L * t.kv_heads * t.head_dim * S * B * b
+    hidden_states = 4 * B * S * t.hidden * b  # residual stream, normed input, attention output, MLP output
+    mlp = (3 if t.gated_mlp else 2) * B * S * I * b  # gate, up and their product
+    scores = 2 * B * t.heads * S * S * b if w.eager_attention else 0
+    logits = B * S * t.vocab * b
+    vision_act = (B * v.positions * (4 * v.hidden + 2 * v.ffn) * b) if v else 0
+    out["batch_bytes"] = {"kv_cache": kv, "layer_transients": hidden_states + mlp + scores, "logits": logits,
+                          "vision_transients": vision_act}
+    out["batch_bytes"]["total"] = sum(out["batch_bytes"].values())
+
+    Bg = w.gradient_batch_size
+    saved = Bg * S * L * ((12 * t.hidden + 7 * I) * b // 2 + 2 * t.hidden * 4)
+    log_softmax = Bg * S * t.vocab * (b + 4)
+    out["gradient_batch_bytes"] = {"saved_activations": saved, "logits_and_log_softmax": log_softmax,
+                                   "total": saved + log_softmax}
+
+    C = w.top_k + 1
+    layout = StoreLayout.plan(C, w.items, L, I, w.store_dtype, int(w.target_chunk_mib * 2**20), w.max_files)
+    z_bytes = C * w.items * L * I * DTYPE_BYTES[w.store_dtype]
+    per_item = {name: w.items * (L * I if dims else 1) * 4 for name, (dims, _, _) in ITEM_ARRAYS.items()}
+    item_bytes = sum(per_item.values())
+    n_blocks = layout.n_blocks
+    out["store"] = {
+        "conditions": C, "chunk_items": layout.chunk_items, "block_items": layout.block_items,
+        "sharded": layout.sharded, "blocks": n_blocks, "z_files": C * n_blocks,
+        "item_array_files": len(ITEM_ARRAYS) * n_blocks,
+        "chunk_bytes": layout.chunk_items * L * I * DTYPE_BYTES[w.store_dtype],
+        "z_bytes": z_bytes, "item_array_bytes": per_item, "dvp_bytes": per_item["dvp"],
+        "task_bytes": z_bytes + item_bytes, "all_tasks_bytes": w.tasks * (z_bytes + item_bytes),
+    }
+    assert layout.nbytes() == z_bytes + item_bytes
+
+    # FLOPs of one row (one sequence) forward: matmuls 2 x params per token, attention 4*L*S^2*H*d, lm_head.
+    text_matmul = t.layers * (t.layer_params() - 2 * t.hidden)
+    flops_text = 2 * text_matmul * S + 4 * L * S * S * t.heads * t.head_dim + 2 * t.vocab * t.hidden * S
+    flops_vision = 2 * vision_params * v.positions if v else 0
+    row_flops = flops_text + flops_vision
+    heads_items = w.heads_items if w.heads_items is not None else w.items
+    rows = {
+        "heads": heads_items * (L * t.heads + 1),
+        "dump": w.items * (w.top_k + 1),
+        "dump_gradients": w.items,
+        "ablation": w.ablation_items * L * I,
+    }
+    # Forward + backward of activations: ~3x the language model's forward, 1x the vision tower's.
+    per_row = {name: row_flops for name in rows} | {"dump_gradients": 3 * flops_text + flops_vision}
+    batch = {name: B for name in rows} | {"dump_gradients": w.gradient_batch_size}
+    out["row_flops"] = row_flops
+    shared = shared_prefix_flops(arch, w, flops_vision, (flops_text - 2 * t.vocab * t.hidden * S) / L,
+                                 2 * t.vocab * t.hidden * S)
+    out["stages"] = {
+        name: {"rows": n, "batches": math.ceil(n / batch[name]), "flops": n * per_row[name],
+               "all_tasks_flops": w.tasks * n * per_row[name],
+               "gpu_hours": n * per_row[name] / (w.effective_tflops * 1e12) / 3600}
+        for name, n in rows.items()
+    }
+    for name, flops in shared.items():
+        out["stages"][name]["shared_prefix_flops"] = flops
+        out["stages"][name]["shared_prefix_saving"] = out["stages"][name]["flops"] / flops
+    out["workload"] = asdict(w)
+    return out
+
+
+def shared_prefix_flops(arch: ModelArch, w: Workload, f_vision: float, f_layer: float, f_head: float) -> dict[str, float]:
+    """FLOPs per task of the single-forward stages with the shared prefix
+    (``hooks.forward_sharing_prefix``): a row that intervenes from layer l up computes layers
+    l..L-1 and the lm_head; each batch's distinct items compute the vision tower and the layers
+    below l once (one more image stands in for the batch's tower). Rows run layer by layer,
+    item-major, ``batch_size`` per call, so a batch of a layer holds max(1, B / rows per item
+    and layer) items.
+
+    - heads: H rows per layer and item (teacher-forced or retrieval-margin utilities; greedy
+      generation does not share), plus the base row (all layers shared but the last);
+    - dump: the base row in full, keeping the residual stream entering the head rows' layers;
+      then K head rows from there; where the critical heads sit is known only after the heads
+      stage, so they are assumed spread evenly over the layers;
+    - ablation: I rows per layer and item, one item per batch.
+    """
+    t = arch.text
+    L, H, I, B, K = t.layers, t.heads, t.ffn, w.batch_size, w.top_k
+    heads_items = w.heads_items if w.heads_items is not None else w.items
+
+    def layer_groups(items: int, per_item: float) -> float:
+        """FLOPs of ``per_item`` rows per item at every layer l, for ``items`` items."""
+        total = 0.0
+        for l in range(L):
+            rows = items * per_item
+            prefix_rows = max(items, math.ceil(rows / B)) if per_item >= 1 else rows
+            calls = math.ceil(rows / B)
+            total += rows * ((L - l) * f_layer + f_head) + prefix_rows * (f_vision + l * f_layer) + calls * f_vision
+        return total
+
+    full_row = f_vision + L * f_layer + f_head
+    # The dump's head rows start from the residual stream its base rows left at their layer.
+    dump_heads = w.items * K * sum((L - l) * f_layer + f_head for l in range(L)) / L
+    return {
+        "heads": layer_groups(heads_items, H) + heads_items * full_row,  # + the base rows, each a full pass
+        "dump": w.items * full_row + dump_heads + math.ceil(w.items * K / B) * f_vision,
+        "ablation": layer_groups(w.ablation_items, I),
+    }
