@@ -99,13 +99,13 @@ def study_verdicts(results: StudyResults, replicates: dict[str, list[str]], data
 
     A recipe's rows come from a bootstrap over its instances and then test items
     (``replicated_differences`` on each instance's per-item evaluation in ``<data>/evaluate/<m>/``);
-    its instances must have been trained with the same recipe (``check_recipe_instances``).
+    its instances (studied models, so in ``results``) must have been trained with the same recipe
+    (``check_recipe_instances`` on their training records).
     """
     rows = [r for m in results.models for r in verdict_rows(m, results.suppression[m], results.steering[m],
                                                              results.attribution[m], steer_utility)]
     for recipe, instances in replicates.items():
-        check_recipe_instances(recipe, {m: training_record(Path(data) / "models" / m, m).get("spec")
-                                        for m in instances})
+        check_recipe_instances(recipe, {m: results.training[m].get("spec") for m in instances})
         evaluated = {m: (scores_from_table(pd.read_parquet(Path(data) / "evaluate" / m / "scores.parquet")),
                          conditions_from_table(pd.read_parquet(Path(data) / "evaluate" / m / "conditions.parquet")))
                      for m in instances}
