@@ -1,17 +1,22 @@
-"""Stage `heads@<model>-<task>`: S_t(l, h) for every head -> scores.parquet + heatmap.png, and the
-per-item utilities behind the scores -> per_item.parquet (what the report's stability check resamples)."""
+"""Stage `heads@<model>-<task>`: S_t(l, h) for every head (``heads.localisation`` exhaustive) or for
+the gradient estimate's top candidates (guided), with every head's estimate -> scores.parquet +
+heatmap.png, and the per-item utilities behind the exact scores -> per_item.parquet (what the
+report's stability check resamples)."""
 
 from pathlib import Path
 
 from pipeline.io import write_parquet
-from pipeline.method.heads import per_item_table, score_heads_per_item
+from pipeline.method.heads import (
+    estimate_head_scores, per_item_table, score_heads_guided, score_heads_per_item, with_estimate,
+)
 from pipeline.report.plots import plot_head_scores
 from stages._common import entry, parser
 from stages._load import load_images, load_items, load_model
 from stages.params import read_params
 
 READS = (
-    "heads.split", "heads.max_items", "heads.utility",
+    "heads.split", "heads.max_items", "heads.utility", "heads.localisation", "heads.{heads.localisation}",
+    "heads.gradient_batch_items",
     "runtime.threads", "runtime.batch_sequences", "runtime.max_new_tokens",
     "models.{model}",
 )
@@ -30,8 +35,16 @@ def main() -> None:
     items = load_items(args.benchmark, (cfg.split,), (args.task,), cfg.max_items)
     images = load_images(args.benchmark)
     adapter = load_model(params, args.model)
-    scores, values, kind = score_heads_per_item(adapter, args.task, items, images, batch_size=rt.batch_sequences,
-                                                max_new_tokens=rt.max_new_tokens, utility=cfg.utility)
+    scoring = dict(batch_size=rt.batch_sequences, max_new_tokens=rt.max_new_tokens, utility=cfg.utility)
+    mode = getattr(cfg, cfg.localisation)  # the settings of the chosen localisation
+    if cfg.localisation == "guided":
+        scores, values, kind = score_heads_guided(adapter, args.task, items, images, candidates=mode.candidates,
+                                                  gradient_batch_items=cfg.gradient_batch_items,
+                                                  name="heads.guided.candidates", **scoring)
+    else:
+        scores, values, kind = score_heads_per_item(adapter, args.task, items, images, **scoring)
+        estimate = estimate_head_scores(adapter, items, images, batch_size=cfg.gradient_batch_items)
+        scores = with_estimate(scores, estimate)
     args.out.mkdir(parents=True, exist_ok=True)
     write_parquet(scores, args.out / "scores.parquet")
     write_parquet(per_item_table(values, kind), args.out / "per_item.parquet")

@@ -212,13 +212,38 @@ class ModelQualityConfig(_Strict):
         return _known_tasks(v)
 
 
+class ExhaustiveHeadsConfig(_Strict):
+    """``heads.exhaustive``: every head substituted on every item (no settings of its own)."""
+
+
+class GuidedHeadsConfig(_Strict):
+    """``heads.guided``: exact scores only for the ``candidates`` heads whose gradient estimate is
+    highest (also what the report measures guided localisation with)."""
+
+    candidates: int = Field(8, ge=1)
+
+
 class HeadsConfig(_Strict):
-    """Critical-head localisation. ``top_k`` is read by ``dump`` (selection is cheap; scoring is not)."""
+    """Critical-head localisation. ``top_k`` is read by ``dump`` (selection is cheap; scoring is not).
+    ``localisation``: ``exhaustive`` (the paper: every head substituted on every item) or
+    ``guided``; the heads stage reads the section of that name. Both write every head's gradient
+    estimate, ``gradient_batch_items`` items per forward and backward pass."""
 
     split: HeldOutSplit = "discovery"
     max_items: int | None = Field(None, ge=1)
     utility: Literal["generative", "teacher_forced"] = "generative"
     top_k: int = Field(4, ge=1)
+    localisation: Literal["exhaustive", "guided"] = "exhaustive"
+    gradient_batch_items: int = Field(16, ge=1)
+    exhaustive: ExhaustiveHeadsConfig = Field(default_factory=ExhaustiveHeadsConfig)
+    guided: GuidedHeadsConfig = Field(default_factory=GuidedHeadsConfig)
+
+    @model_validator(mode="after")
+    def _enough_candidates(self) -> "HeadsConfig":
+        if self.guided.candidates < self.top_k:
+            raise ValueError(f"heads.guided.candidates = {self.guided.candidates} is below heads.top_k = "
+                             f"{self.top_k}: guided localisation keeps the top_k of its candidates")
+        return self
 
 
 class DumpConfig(_Strict):

@@ -14,7 +14,7 @@ from stages.params import read_params
 
 log = logging.getLogger(__name__)
 
-READS = ("studied_models", "tasks", "replicates", "heads.top_k", "steer.utility", "statistics.bootstrap_resamples",
+READS = ("studied_models", "tasks", "replicates", "heads.top_k", "heads.guided.candidates", "steer.utility", "statistics.bootstrap_resamples",
          "statistics.seed", "statistics.confidence", "statistics.equivalence_margin")
 
 
@@ -34,7 +34,8 @@ def main() -> None:
                               n_resamples=st.bootstrap_resamples, seed=st.seed, confidence=st.confidence,
                               equivalence_margin=st.equivalence_margin)
     heads = {m: {t: head_stability_of(args.data / "heads" / m / t, params.heads.top_k,
-                                      n_resamples=st.bootstrap_resamples, seed=st.seed) for t in tasks}
+                                      n_resamples=st.bootstrap_resamples, seed=st.seed,
+                                      candidates=params.heads.guided.candidates) for t in tasks}
              for m in models}
     for m, t in [(m, t) for m, by_task in heads.items() for t, h in by_task.items() if h["degenerate"]]:
         log.warning("%s %s: no head's substitution lowers the utility; its top %d heads are arbitrary and HONES "

@@ -196,6 +196,28 @@ def _fast_lane_starts_no_process(request, monkeypatch):
     yield
 
 
+@pytest.fixture(scope="module")
+def adapter64(benchmark_dir):
+    """The tiny LLaVA in float64, so that finite differences are exact to ~1e-9. Llama's
+    RMSNorm computes in float32 whatever its input; here it keeps float64 (same formula)."""
+    a = build_tiny_adapter(benchmark_dir)
+    a.model.double()
+    for module in a.model.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            module.forward = lambda x, m=module: m.weight * (
+                x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon))
+    return a
+
+
+def utility64(a, imgs, prompts, answers) -> np.ndarray:
+    """[item] mean answer log-probability in float64 (answer_logprob's utility; it rounds to float32)."""
+    inputs = a.build_inputs(imgs, prompts, answers=answers)
+    logp = torch.log_softmax(a.model(**inputs.tensors).logits.double()[:, :-1], dim=-1)
+    tok = logp.gather(-1, inputs.input_ids[:, 1:, None])[..., 0]
+    mask = inputs.answer_mask[:, 1:].double()
+    return ((tok * mask).sum(1) / mask.sum(1)).numpy()
+
+
 @pytest.fixture(scope="session")
 def benchmark_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("benchmark") / "bench"

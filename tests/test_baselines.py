@@ -24,7 +24,7 @@ from pipeline.method.store import ItemArrays
 from pipeline.model.hooks import capture_ffn, scale_neurons, trace_ffn
 from pipeline.tasks.items import item_prompts, teacher_forced_answers
 
-from conftest import build_tiny_adapter, discovery_items
+from conftest import discovery_items, utility64
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -145,28 +145,6 @@ def test_miner_statistics_from_a_hand_made_activation_tensor():
 
 
 # ------------------------------------------------------------------------------ model-side arrays
-@pytest.fixture(scope="module")
-def adapter64(benchmark_dir):
-    """The tiny LLaVA in float64, so that finite differences are exact to ~1e-9. Llama's
-    RMSNorm computes in float32 whatever its input; here it keeps float64 (same formula)."""
-    a = build_tiny_adapter(benchmark_dir)
-    a.model.double()
-    for module in a.model.modules():
-        if type(module).__name__.endswith("RMSNorm"):
-            module.forward = lambda x, m=module: m.weight * (
-                x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon))
-    return a
-
-
-def utility64(a, imgs, prompts, answers) -> np.ndarray:
-    """[item] mean answer log-probability in float64 (answer_logprob's utility; it rounds to float32)."""
-    inputs = a.build_inputs(imgs, prompts, answers=answers)
-    logp = torch.log_softmax(a.model(**inputs.tensors).logits.double()[:, :-1], dim=-1)
-    tok = logp.gather(-1, inputs.input_ids[:, 1:, None])[..., 0]
-    mask = inputs.answer_mask[:, 1:].double()
-    return ((tok * mask).sum(1) / mask.sum(1)).numpy()
-
-
 def target64(logits: torch.Tensor, last: torch.Tensor, ids: list[list[int]], w: list[list[float]]) -> np.ndarray:
     """[item] sum_t w_t log p(y_t) / sum_t w_t at the last prompt token, float64."""
     logp = torch.log_softmax(logits.double()[torch.arange(len(ids)), last], dim=-1)

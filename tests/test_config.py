@@ -35,6 +35,10 @@ def test_out_of_range_is_named() -> None:
         validate_section(SyntheticBenchmarkConfig, {"n_images": {"validation": 3}}, "benchmark")
     with pytest.raises(ConfigError, match="divisible"):
         validate_section(TrainedModelConfig, {"text_hidden": 130, "text_heads": 4}, "models.m")
+    with pytest.raises(ConfigError, match=r"heads.guided.candidates = 3 is below heads.top_k = 4"):
+        validate_section(HeadsConfig, {"top_k": 4, "guided": {"candidates": 3}}, "heads")
+    with pytest.raises(ConfigError, match=r"heads\.localisation"):
+        validate_section(HeadsConfig, {"localisation": "gradient"}, "heads")
 
 
 def test_section_must_be_a_mapping() -> None:

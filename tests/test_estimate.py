@@ -157,3 +157,28 @@ def test_estimate_prints_the_shared_prefix_saving_for_llava_7b(capsys):
         line = next(l for l in out.splitlines() if l.strip().startswith(f"{stage} with the shared prefix"))
         saving = float(line.split("FLOP, ")[1].split("x fewer")[0])
         assert 1.5 < saving < 2.5, line  # about half the layers skipped on average, the tower once
+
+
+def test_guided_localisation_prices_candidates_and_one_gradient_pass_per_item(capsys):
+    arch = architecture(PRESETS["llava-1.5-7b"], "llava-1.5-7b")
+    base = dict(items=5000, top_k=30, dtype="bfloat16", store_dtype="float16")
+    exhaustive = estimate(arch, Workload(**base))["stages"]
+    guided = estimate(arch, Workload(**base, localisation="guided"))["stages"]
+    assert exhaustive["heads"]["rows"] == 5000 * (32 * 32 + 1) and "heads_gradients" not in exhaustive
+    assert guided["heads"]["rows"] == 5000 * (4 * 30 + 1)  # default M = 4 x top_k
+    assert guided["heads_gradients"]["rows"] == 5000
+    assert guided["heads_gradients"]["flops"] == guided["dump_gradients"]["flops"]  # the same forward + backward
+    assert estimate(arch, Workload(**base, localisation="guided", guided_candidates=1024))["stages"]["heads"]["rows"] \
+        == exhaustive["heads"]["rows"]
+    with pytest.raises(ValueError, match=r"--guided-candidates 10 must lie in \[top_k = 30, 1024 heads\]"):
+        estimate(arch, Workload(**base, localisation="guided", guided_candidates=10))
+    assert main(["--model-config", "llava-1.5-7b", "--top-k", "30", "--localisation", "guided"]) == 0
+    assert "heads: items x (M + 1), M guided candidates" in capsys.readouterr().out
+
+
+def test_float16_store_halves_the_per_item_float_arrays():
+    arch = architecture(PRESETS["llava-1.5-7b"], "llava-1.5-7b")
+    st = {d: estimate(arch, Workload(items=7000, store_dtype=d))["store"] for d in ("float32", "float16")}
+    for name in ("dvp", "dvp_logprob", "atp", "gate_sum"):
+        assert st["float16"]["item_array_bytes"][name] * 2 == st["float32"]["item_array_bytes"][name]
+    assert st["float16"]["item_array_bytes"]["gate_positive"] == st["float32"]["item_array_bytes"]["gate_positive"]

@@ -359,3 +359,26 @@ def test_ablation_effects_carry_their_standard_error(annotations, images, tiny_a
     assert np.isnan(effect[0]).all() and np.isnan(se[0]).all()
     single = neuron_ablation_effects(tiny_adapter, items.head(1), images, batch_size=16, layers=[1])[1]
     assert np.isnan(single[1]).all()  # one item: no standard error
+
+
+def test_ablating_a_sample_of_neurons_equals_the_exhaustive_sweep_there(annotations, images, tiny_adapter):
+    """A sampled ground truth is the exhaustive one at the sampled neurons (NaN elsewhere), and
+    the sample of every neuron is the exhaustive sweep."""
+    from pipeline.errors import PipelineError
+    from pipeline.method.ablation import neuron_ablation_effects
+
+    a = tiny_adapter
+    items = annotations[(annotations["split"] == "discovery") & (annotations["task"] == "caption")].head(2)
+    effect, se = neuron_ablation_effects(a, items, images, batch_size=16)
+    sample = [(1, 5), (0, 3), (1, 0), (0, a.ffn_width - 1)]  # any order; batches mix layers
+    got, got_se = neuron_ablation_effects(a, items, images, batch_size=3, neurons=sample)
+    picked = np.zeros(effect.shape, dtype=bool)
+    picked[tuple(np.array(sample).T)] = True
+    np.testing.assert_allclose(got[picked], effect[picked], atol=1e-6)
+    np.testing.assert_allclose(got_se[picked], se[picked], atol=1e-6)
+    assert np.isnan(got[~picked]).all()
+    every = [(l, i) for l in range(a.num_layers) for i in range(a.ffn_width)]
+    np.testing.assert_allclose(neuron_ablation_effects(a, items, images, batch_size=16, neurons=every[::-1])[0],
+                               effect, atol=1e-6)
+    with pytest.raises(PipelineError, match=r"neuron_ablation_effects: neuron \(0, 3\) given twice"):
+        neuron_ablation_effects(a, items, images, batch_size=3, neurons=[(0, 3), (0, 3)])

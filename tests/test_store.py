@@ -151,10 +151,24 @@ def test_float16_store_reads_back_as_float32(tmp_path):
     z, dvp = data()
     store = create(tmp_path / "s.zarr", lay)
     write(store, z, dvp)
-    block = next(store.finalize().iter_blocks(items_per_block=N))
+    opened = store.finalize()
+    block = next(opened.iter_blocks(items_per_block=N))
     assert block.z.dtype == np.float32
     np.testing.assert_array_equal(block.z, z.astype(np.float16).astype(np.float32))
-    np.testing.assert_array_equal(block.dvp, dvp)  # dvp stays float32
+    # The per-item float arrays follow the store's dtype; the counts stay integers.
+    assert opened.group["dvp"].dtype == np.float16 and opened.group["gate_positive"].dtype == np.int32
+    assert block.dvp.dtype == np.float32 and block.arrays.gate_positive.dtype == np.int32
+    np.testing.assert_array_equal(block.dvp, dvp.astype(np.float16).astype(np.float32))
+    assert lay.nbytes() == N * L * I * (C * 2 + 4 * 2 + 4) + N * 4
+
+
+def test_float16_overflow_is_refused_naming_the_array(tmp_path):
+    lay = StoreLayout.plan(C, N, L, I, "float16")
+    z, dvp = data()
+    dvp[0, 0, 0] = 1e6
+    store = create(tmp_path / "s.zarr", lay)
+    with pytest.raises(StoreError, match=r"block 0: dvp: values up to 1e\+06 overflow float16; set dump.store_dtype: float32"):
+        write(store, z, dvp)
 
 
 # ------------------------------------------------------------------------------ open errors

@@ -36,13 +36,15 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def neuron_ablation_effects(
     adapter, items: pd.DataFrame, images: ImageTable, *, batch_size: int, layers: list[int] | None = None,
-    share_prefix: bool = True,
+    neurons: list[tuple[int, int]] | None = None, share_prefix: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(effect, se), both [layer, neuron] in nats: the mean over items of base utility minus
     utility with that neuron zeroed, and its standard error (NaN with a single item).
 
-    ``layers``: the layers to ablate (default all); the other layers' rows are NaN.
-    ``share_prefix`` False: every row computes the whole model (benchmarks).
+    ``layers``: the layers to ablate (default all); ``neurons``: instead, the (layer, neuron)
+    pairs to ablate (a sampled ground truth: ``pipeline.outcomes.sampled_faithfulness``). The
+    entries not ablated are NaN. ``share_prefix`` False: every row computes the whole model
+    (benchmarks).
     """
     from tqdm import tqdm
 
@@ -51,8 +53,14 @@ def neuron_ablation_effects(
     answers = teacher_forced_answers(items)
     imgs = [images[i] for i in items["image_id"]]
     L, I = adapter.num_layers, adapter.ffn_width
-    layers = list(range(L)) if layers is None else adapter.check_layers(layers, "neuron_ablation_effects")
-    neurons = [(l, i) for l in layers for i in range(I)]
+    if neurons is not None:
+        if layers is not None:
+            raise ValueError("neuron_ablation_effects: give layers or neurons, not both")
+        # Layer-major, so that a batch's shared prefix reaches as high as its rows allow.
+        neurons = sorted(adapter.check_neurons(neurons, "neuron_ablation_effects", distinct=True))
+    else:
+        layers = list(range(L)) if layers is None else adapter.check_layers(layers, "neuron_ablation_effects")
+        neurons = [(l, i) for l in layers for i in range(I)]
     base = np.array([answer_logprob(adapter, [imgs[k]], [prompts[k]], [answers[k]])[0] for k in range(len(items))])
     effect, se = np.full((L, I), np.nan), np.full((L, I), np.nan)
     total, total_sq = np.zeros(len(neurons)), np.zeros(len(neurons))

@@ -10,6 +10,11 @@ forwards instead of L*H+1 passes over the split.
   intervened, metric, utility).
 - ``score_heads_naive``: one head at a time, the reference the tests compare against.
 - ``top_heads``: the K_h heads with the highest score.
+- ``estimate_head_scores``: the first-order (gradient) estimate of every head's teacher-forced
+  score, per item, from one forward and one backward pass (``hooks.trace_head_substitution``).
+- ``score_heads_guided``: gradient-guided localisation (an addition to the paper, which
+  substitutes every head): exact scores only for the ``candidates`` heads the estimate ranks
+  highest; ``guided_candidates`` is that choice.
 - ``score_heads_per_item``: ``score_heads`` and the per-item utilities behind it;
   ``per_item_table`` / ``per_item_values``: those utilities as a long table and back.
 
@@ -26,14 +31,21 @@ import logging
 import numpy as np
 import pandas as pd
 
+import torch
+
 from pipeline.errors import PipelineError
+from pipeline.model.batching import for_each_batch
 from pipeline.model.evaluation import evaluate_task, result_values
-from pipeline.model.hooks import lowest_layer, substitute_heads
-from pipeline.tasks.items import ImageTable
+from pipeline.model.hooks import lowest_layer, substitute_heads, trace_head_substitution
+from pipeline.model.scoring import mean_answer_logprob, model_answer_logprobs
+from pipeline.tasks.items import ImageTable, item_prompts, teacher_forced_answers
 
 log = logging.getLogger(__name__)
 
 HEAD_COLUMNS = ("layer", "head", "score", "baseline", "intervened", "metric", "utility")
+# What the heads stage adds to the table: the gradient estimate of each head's score (nats), and
+# whether the exact score was computed (guided localisation leaves the others NaN).
+ESTIMATE_COLUMNS = ("estimate", "exact")
 
 
 def all_heads(n_layers: int, n_heads: int) -> list[tuple[int, int]]:
@@ -116,14 +128,96 @@ def score_heads_naive(
     return _table(heads, base.utility, intervened, base.metric, utility)
 
 
+def estimate_head_scores(adapter, items: pd.DataFrame, images: ImageTable, *, batch_size: int,
+                         progress: bool = True) -> np.ndarray:
+    """The first-order estimate of every head's teacher-forced score, per item: float64
+    [items, layers, heads], nats.
+
+    estimate[n, l, h] = -d U_n / d alpha[l, h] at alpha = 0 (``hooks.trace_head_substitution``),
+    U_n the mean log-probability of item n's ``reference_answer`` given its prompt (the
+    utility of ``score_heads(..., utility="teacher_forced")`` and of the neuron ground truth):
+    linear in the substitution, so it approximates U_n(base) - U_n(head substituted), the
+    per-item score, from one forward and one backward pass per batch of ``batch_size`` items,
+    whatever the number of heads. Where attention saturates or effects cancel it can miss a
+    head; ``score_heads_guided`` therefore scores its top candidates exactly.
+    """
+    items = items.reset_index(drop=True)
+    prompts, answers = item_prompts(items), teacher_forced_answers(items)
+    imgs = [images[i] for i in items["image_id"]]
+    L = adapter.num_layers
+    out = np.zeros((len(items), L, adapter.num_heads), dtype=np.float64)
+
+    def run(sl: slice) -> None:
+        inputs = adapter.build_inputs(imgs[sl], prompts[sl], answers=answers[sl])
+        with torch.enable_grad(), trace_head_substitution(adapter, inputs.batch_size) as alphas:
+            utility = mean_answer_logprob(*model_answer_logprobs(adapter, inputs))
+            grads = torch.autograd.grad(utility.sum(), [alphas[l] for l in range(L)])
+        out[sl] = -torch.stack(grads, dim=1).double().cpu().numpy()
+
+    for_each_batch(len(items), batch_size, run, what="head score estimate", progress=progress)
+    return out
+
+
+def with_estimate(scores: pd.DataFrame, estimate: np.ndarray) -> pd.DataFrame:
+    """``scores`` (one row per head, any order) with the ``estimate`` column: the mean over items
+    of ``estimate_head_scores``' [items, layers, heads] at each row's (layer, head), and ``exact``
+    (the ``score`` column was computed: not NaN)."""
+    mean = estimate.mean(axis=0)
+    return scores.assign(estimate=mean[scores["layer"].to_numpy(), scores["head"].to_numpy()],
+                         exact=scores["score"].notna().to_numpy())
+
+
+def guided_candidates(estimate: pd.DataFrame, candidates: int, name: str = "candidates") -> list[tuple[int, int]]:
+    """The ``candidates`` heads with the highest ``estimate`` (a table with layer, head, estimate;
+    ties broken by layer, then head), layer-major: the heads guided localisation scores exactly."""
+    if candidates < 1:
+        raise PipelineError(f"{name} must be >= 1, got {candidates}")
+    if candidates > len(estimate):
+        raise PipelineError(f"{name} = {candidates} but the model has {len(estimate)} attention heads; "
+                            f"set {name} to at most {len(estimate)}")
+    top = estimate.sort_values(["estimate", "layer", "head"], ascending=[False, True, True], kind="stable").head(candidates)
+    return sorted((int(l), int(h)) for l, h in zip(top["layer"], top["head"]))
+
+
+def score_heads_guided(
+    adapter, task: str, items: pd.DataFrame, images: ImageTable, *, candidates: int, gradient_batch_items: int,
+    name: str = "candidates", **kwargs,
+) -> tuple[pd.DataFrame, np.ndarray, str]:
+    """Gradient-guided localisation: ``estimate_head_scores`` ranks every head, then
+    ``score_heads_per_item`` (``kwargs``: its batching and utility) scores exactly the
+    ``candidates`` with the highest estimate (``guided_candidates``). Cost: one forward and one
+    backward per item plus ``candidates`` of the L*H substitutions.
+
+    Returns ``score_heads_per_item``'s (table, values, kind) with the table holding every head:
+    ``score`` / ``intervened`` NaN where not computed, ``estimate`` and ``exact`` columns
+    (``with_estimate``); ``values`` rows are the base and the candidates, in the order of the
+    table's exact rows. With ``candidates`` = every head it ranks as ``score_heads`` does.
+    """
+    estimate = estimate_head_scores(adapter, items, images, batch_size=gradient_batch_items)
+    every = pd.DataFrame(all_heads(adapter.num_layers, adapter.num_heads), columns=["layer", "head"])
+    chosen = guided_candidates(with_estimate(every.assign(score=np.nan), estimate), candidates, name)
+    exact, values, kind = score_heads_per_item(adapter, task, items, images, heads=chosen, **kwargs)
+    table = every.merge(exact, on=["layer", "head"], how="left")
+    table["baseline"] = exact["baseline"].iloc[0]
+    table["metric"], table["utility"] = exact["metric"].iloc[0], exact["utility"].iloc[0]
+    table = table.astype({"layer": np.int32, "head": np.int32})
+    return with_estimate(table, estimate), values, kind
+
+
 def top_heads(scores: pd.DataFrame, k: int, name: str = "top_k") -> pd.DataFrame:
     """The ``k`` highest-scoring heads (ties broken by layer, then head), with their rank.
 
     ``scores`` holds every head of the model (a ``head_scores`` table), so ``k`` above its
     length is an error naming ``name`` (the caller's key) and the model's head count, never a
-    silent cut to fewer heads than asked for."""
+    silent cut to fewer heads than asked for; so is ``k`` above the heads with exact scores of a
+    guided table (``exact`` column)."""
     if k < 1:
         raise PipelineError(f"{name} must be >= 1, got {k}")
+    # A guided table scores only its candidates: the others must never fill the top k.
+    scored = int(scores["exact"].sum()) if "exact" in scores.columns else len(scores)
+    if len(scores) >= k > scored:
+        raise PipelineError(f"{name} = {k} but only {scored} of the model's {len(scores)} heads have exact scores "
+                            f"(guided localisation's candidates); set {name} to at most {scored}")
     if k > len(scores):
         shape = (f" ({scores['layer'].nunique()} layers x {scores['head'].nunique()} heads)"
                  if {"layer", "head"} <= set(scores.columns) and len(scores) else "")

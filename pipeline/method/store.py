@@ -6,10 +6,10 @@ Layout of ``<task>.zarr`` (dimension names are stored in each array's ``dimensio
 array                     shape                                        dtype      chunks
 ========================  ==========================================  =========  ===============
 ``z``                     [condition, item, layer, neuron]             float16/32 [1, B, L, I]
-``dvp``                   [item, layer, neuron]                        float32    [B, L, I]
-``dvp_logprob``           [item, layer, neuron]                        float32    [B, L, I]
-``atp``                   [item, layer, neuron]                        float32    [B, L, I]
-``gate_sum``              [item, layer, neuron]                        float32    [B, L, I]
+``dvp``                   [item, layer, neuron]                        float16/32   [B, L, I]
+``dvp_logprob``           [item, layer, neuron]                        float16/32   [B, L, I]
+``atp``                   [item, layer, neuron]                        float16/32   [B, L, I]
+``gate_sum``              [item, layer, neuron]                        float16/32   [B, L, I]
 ``gate_positive``         [item, layer, neuron]                        int32      [B, L, I]
 ``prompt_tokens``         [item]                                       int32      [B]
 ``item_id``               [item]                                       str        all
@@ -261,7 +261,8 @@ class StoreLayout:
     def nbytes(self) -> int:
         """Bytes of ``z`` plus the per-item arrays (the expected disk use, uncompressed)."""
         per = self.n_layers * self.n_neurons
-        item_bytes = sum(np.dtype(dtype).itemsize * (per if dims else 1) for dims, dtype, _ in ITEM_ARRAYS.values())
+        item_bytes = sum(np.dtype(item_array_dtype(name, self.dtype)).itemsize * (per if dims else 1)
+                         for name, (dims, _, _) in ITEM_ARRAYS.items())
         return self.n_items * (per * self.n_conditions * np.dtype(self.dtype).itemsize + item_bytes)
 
 
@@ -295,17 +296,41 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} TiB"
 
 
-# The per-item arrays beside z: name -> (dimensions after item, dtype, units).
+# The per-item arrays beside z: name -> (dimensions after item, dtype, units). dtype "float" is
+# the store's dtype (``StoreLayout.dtype``, as z): rounding them to float16 changes no method's
+# top-1% set on the default models (docs/benchmarks.md, bench_store_dtype.py); reads give float32.
 ITEM_ARRAYS: dict[str, tuple[tuple[str, ...], str, str]] = {
-    "dvp": (("layer", "neuron"), "float32", "<W_down[:, i], u_y>: logit-space write per unit of activation"),
-    "dvp_logprob": (("layer", "neuron"), "float32",
+    "dvp": (("layer", "neuron"), "float", "<W_down[:, i], u_y>: logit-space write per unit of activation"),
+    "dvp_logprob": (("layer", "neuron"), "float",
                     "<W_down[:, i], d log p(target) / d residual> at the last prompt token: nats per unit of activation"),
-    "atp": (("layer", "neuron"), "float32",
+    "atp": (("layer", "neuron"), "float",
             "sum over positions of z * d(answer log-probability)/dz: first-order effect of zeroing (nats)"),
-    "gate_sum": (("layer", "neuron"), "float32", "sum over prompt tokens of act(gate) (act(fc1) for plain MLPs)"),
+    "gate_sum": (("layer", "neuron"), "float", "sum over prompt tokens of act(gate) (act(fc1) for plain MLPs)"),
     "gate_positive": (("layer", "neuron"), "int32", "prompt tokens with act(gate) > 0"),
     "prompt_tokens": ((), "int32", "prompt tokens (image and text) of the item"),
 }
+
+
+def _as_float32(values: np.ndarray) -> np.ndarray:
+    """Float arrays as float32 (what the attribution computes in); integer arrays unchanged."""
+    return values.astype(np.float32, copy=False) if values.dtype.kind == "f" else values
+
+
+def item_array_dtype(name: str, store_dtype: str) -> str:
+    """The stored dtype of per-item array ``name`` in a store of ``store_dtype``."""
+    dtype = ITEM_ARRAYS[name][1]
+    return store_dtype if dtype == "float" else dtype
+
+
+def _to_stored(values: np.ndarray, dtype: str, what: str) -> np.ndarray:
+    """``values`` cast to the stored ``dtype``; StoreError naming ``what`` where a finite value
+    would overflow float16 (it would be stored as inf and poison every sum after it)."""
+    with np.errstate(over="ignore"):
+        out = np.asarray(values).astype(dtype, copy=False)
+    if dtype == "float16" and np.isinf(out).any() and not np.isinf(np.asarray(values)).any():
+        raise StoreError(f"{what}: values up to {float(np.nanmax(np.abs(values))):.4g} overflow float16; "
+                         "set dump.store_dtype: float32")
+    return out
 
 
 @dataclass(frozen=True)
@@ -426,11 +451,12 @@ def _create_activation_arrays(group: zarr.Group, layout: StoreLayout) -> None:
         shards=(1, layout.block_items, L, I) if layout.sharded else None, dtype=layout.dtype, dims=Z_DIMS,
         attributes={"units": "FFN activation (input of down_proj) at the last prompt token"},
     )
-    for name, (dims, dtype, units) in ITEM_ARRAYS.items():
+    for name, (dims, _, units) in ITEM_ARRAYS.items():
         tail = (L, I) if dims else ()
         create_checked_array(
             group, name, shape=(n, *tail), chunks=(layout.chunk_items, *tail),
-            shards=(layout.block_items, *tail) if layout.sharded else None, dtype=dtype, dims=("item", *dims),
+            shards=(layout.block_items, *tail) if layout.sharded else None, dtype=item_array_dtype(name, layout.dtype),
+            dims=("item", *dims),
             attributes={"units": units},
         )
 
@@ -577,9 +603,9 @@ class ActivationStore:
         if z.shape != want_z:
             raise StoreError(f"block {k}: got z {z.shape}, expected {want_z}")
         arrays.check(n, lay.n_layers, lay.n_neurons, f"block {k}")
-        self.group["z"][:, sl] = z.astype(lay.dtype, copy=False)
-        for name, (_, dtype, _) in ITEM_ARRAYS.items():
-            self.group[name][sl] = np.asarray(getattr(arrays, name)).astype(dtype, copy=False)
+        self.group["z"][:, sl] = _to_stored(z, lay.dtype, f"block {k}: z")
+        for name in ITEM_ARRAYS:
+            self.group[name][sl] = _to_stored(getattr(arrays, name), item_array_dtype(name, lay.dtype), f"block {k}: {name}")
         # The marker goes last: a block without one is rewritten on resume.
         (self.root / DONE_DIR / f"{k:06d}.done").touch()
 
@@ -647,7 +673,7 @@ class ActivationStore:
     def read_items(self, sl: slice) -> ItemBlock:
         """Items ``sl`` of every array (z as float32); StoreError naming the array and the chunk
         when one fails its checksum or cannot be decoded."""
-        arrays = ItemArrays(**{name: self._read(name, sl, sl) for name in ITEM_ARRAYS})
+        arrays = ItemArrays(**{name: _as_float32(self._read(name, sl, sl)) for name in ITEM_ARRAYS})
         return ItemBlock(sl, self._read("z", (slice(None), sl), sl).astype(np.float32, copy=False), arrays)
 
     def item_slices(self, items_per_block: int | None = None) -> list[slice]:

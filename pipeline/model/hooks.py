@@ -16,6 +16,9 @@ Map of this module:
 - ``trace_ffn``: differentiable probes for gradient attribution (a per-row scale of every
   neuron, an additive probe on the residual stream entering the unembedding) and per-row
   statistics of act(gate) over chosen tokens (the published MA / AP / LAPE baselines).
+- ``trace_head_substitution``: a differentiable probe per (row, layer, head) that moves the
+  head's output toward its mean substitution (0: untouched, 1: ``substitute_heads``), whose
+  gradient is the first-order estimate of every head's substitution effect at once.
 
 (layer, head) and (layer, neuron) arguments are range-checked by ``ModelAdapter.check_heads`` /
 ``check_neurons`` (an ``AdapterError``, a ``PipelineError``, naming the row or condition).
@@ -54,6 +57,7 @@ __all__ = [
     "RowSpec",
     "FfnTrace",
     "trace_ffn",
+    "trace_head_substitution",
     "forward_sharing_prefix",
     "lowest_layer",
     "lowest_scaled_layer",
@@ -449,20 +453,74 @@ def trace_ffn(adapter: ModelAdapter, positions: torch.Tensor, token_mask: torch.
         return _replace_first_input(args, kwargs, x + onehot.unsqueeze(-1) * trace.residual.to(x.dtype).unsqueeze(1))
 
     handles = []
+    try:
+        with _weights_frozen(adapter):
+            for layer in range(adapter.num_layers):
+                handles.append(adapter.ffn_down_proj(layer).register_forward_pre_hook(scale_hook(layer), with_kwargs=True))
+                handles.append(adapter.ffn_activation(layer).register_forward_hook(gate_hook(layer)))
+            handles.append(adapter.unembedding_input().register_forward_pre_hook(residual_hook, with_kwargs=True))
+            yield trace
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def _weights_frozen(adapter: ModelAdapter) -> Iterator[None]:
+    """The model's trainable weights set not to require grad, restored on exit: a probe's
+    backward then saves nothing of the vision tower and computes no weight gradients."""
     trainable = [p for p in adapter.model.parameters() if p.requires_grad]
     try:
         for p in trainable:
             p.requires_grad_(False)
-        for layer in range(adapter.num_layers):
-            handles.append(adapter.ffn_down_proj(layer).register_forward_pre_hook(scale_hook(layer), with_kwargs=True))
-            handles.append(adapter.ffn_activation(layer).register_forward_hook(gate_hook(layer)))
-        handles.append(adapter.unembedding_input().register_forward_pre_hook(residual_hook, with_kwargs=True))
-        yield trace
+        yield
     finally:
-        for h in handles:
-            h.remove()
         for p in trainable:
             p.requires_grad_(True)
+
+
+@contextmanager
+def trace_head_substitution(adapter: ModelAdapter, batch_size: int) -> Iterator[dict[int, torch.Tensor]]:
+    """Differentiable probes of the mean substitution of every head, for one full forward of
+    ``batch_size`` rows.
+
+    Yields {layer: alpha}, alpha zeros float32 [batch_size, num_heads] requiring grad. In row b,
+    at every position, head h's slice x_h of the input of that layer's o_proj becomes
+    x_h + alpha[b, h] * (m_h - x_h), with m_h the mean of the other heads' slices as
+    ``substitute_heads`` computes it (from the unmodified input). alpha = 1 is that
+    substitution; 0 leaves the model untouched, so d U / d alpha[b, h] at 0 is
+    sum over positions of <dU/dx_h, m_h - x_h>, the first-order estimate of
+    U(head h substituted) - U(base) for row b's utility U (attribution patching of the
+    substitution; docs/method.md section 2). Values written into alpha (under
+    ``torch.no_grad()``) before the forward act as given: exact or partial substitutions.
+
+    Run the forward under ``torch.enable_grad()`` and take ``torch.autograd.grad`` of the rows'
+    utilities' sum with respect to the alphas (rows are independent). Weights are frozen as in
+    ``trace_ffn``. Full forwards only (no KV-cached decoding).
+    """
+    n_heads, head_dim = adapter.num_heads, adapter.head_dim
+    if n_heads < 2:
+        raise AdapterError(f"trace_head_substitution needs at least 2 heads (the mean of the others); "
+                           f"{type(adapter.model).__name__} has {n_heads}")
+    alphas = {layer: torch.zeros(batch_size, n_heads, device=adapter.device, requires_grad=True)
+              for layer in range(adapter.num_layers)}
+
+    def make_hook(layer: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            x = _first_input(args, kwargs)
+            _check_batch(x, batch_size, "trace_head_substitution")
+            x4 = x.reshape(*x.shape[:-1], n_heads, head_dim)  # [B, S, H, dh]
+            # At least float32, as substitute_heads: a bf16 sum over the heads loses the mean's bits.
+            xf = x4.to(torch.promote_types(x4.dtype, torch.float32))
+            mean_others = (xf.sum(dim=2, keepdim=True) - xf) / (n_heads - 1)  # [B, S, H, dh]
+            a = alphas[layer].to(x.device, xf.dtype).reshape(batch_size, *([1] * (x.dim() - 2)), n_heads, 1)
+            new = xf + a * (mean_others - xf)
+            return _replace_first_input(args, kwargs, new.to(x.dtype).reshape(x.shape))
+
+        return hook
+
+    with _weights_frozen(adapter), _pre_hooks([(adapter.attn_out_proj(l), make_hook(l)) for l in alphas]):
+        yield alphas
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,10 @@
 items, each head's selection frequency, and whether the scores are degenerate (no head whose
 substitution lowers the utility: the top K_h is then arbitrary and HONES reduces to
 ``hones_nohead``, ``pipeline.method.attribution.hones_importance``).
+
+``guided_localisation``: how well gradient-guided localisation (``pipeline.method.heads.
+score_heads_guided``) would have found the exhaustive sweep's top K_h, from an exhaustive
+heads table that carries every head's gradient estimate.
 """
 
 from __future__ import annotations
@@ -11,7 +15,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.method.heads import top_heads
+from scipy.stats import spearmanr
+
+from pipeline.errors import PipelineError
+from pipeline.method.heads import guided_candidates, top_heads
 from pipeline.outcomes.statistics import bootstrap_counts, distribution, utility_replicates
 
 
@@ -28,6 +35,8 @@ def head_stability(scores: pd.DataFrame, values: np.ndarray, kind: str, k: int, 
     (heads whose substitution lowers the utility), and ``degenerate`` (no such head: the top k
     is arbitrary, and HONES reduces to ``hones_nohead``).
     """
+    # Guided localisation scores only its candidates; ``values`` holds those rows, in table order.
+    scores = scores[scores["score"].notna()].reset_index(drop=True)
     top = top_heads(scores, k, name="heads.top_k")
     index = {(int(l), int(h)): i for i, (l, h) in enumerate(zip(scores["layer"], scores["head"]))}
     chosen = np.array([index[(int(l), int(h))] for l, h in zip(top["layer"], top["head"])])
@@ -50,4 +59,43 @@ def head_stability(scores: pd.DataFrame, values: np.ndarray, kind: str, k: int, 
         "positive_heads": positive,
         "degenerate": positive == 0,
         "hones_reduces_to": "hones_nohead" if positive == 0 else None,
+    }
+
+
+def _labels(table: pd.DataFrame) -> list[str]:
+    return [f"{int(l)}.{int(h)}" for l, h in zip(table["layer"], table["head"])]
+
+
+def guided_localisation(scores: pd.DataFrame, k: int, candidates: int) -> dict:
+    """Gradient-guided localisation measured against the exhaustive sweep it would replace.
+
+    ``scores``: an exhaustive heads table (every head's exact ``score``) with the ``estimate``
+    column (``pipeline.method.heads.with_estimate``). Guided localisation keeps the top ``k`` by
+    exact score among the ``candidates`` heads with the highest estimate; the exact scores of
+    those candidates are the ones in ``scores``. Returns JSON-ready: ``spearman`` of estimate and
+    exact score over every head, ``recall`` (share of the exhaustive top ``k`` that guided
+    localisation finds), ``recall_estimate_only`` (the same for the estimate's own top ``k``,
+    ``candidates`` = ``k``), ``candidate_recall`` (share of the exhaustive top ``k`` among the
+    candidates), the top heads of each, and ``same_heads`` (guided keeps the same set, so the
+    dump, masks and everything after are unchanged).
+    """
+    if "estimate" not in scores.columns or scores["score"].isna().any():
+        raise PipelineError("guided_localisation needs an exhaustive heads table with the estimate column "
+                            "(heads.localisation: exhaustive)")
+    exhaustive = top_heads(scores, k, name="heads.top_k")
+    chosen = set(guided_candidates(scores, candidates, name="heads.guided.candidates"))
+    in_candidates = [(int(l), int(h)) in chosen for l, h in zip(scores["layer"], scores["head"])]
+    guided = top_heads(scores[in_candidates], k, name="heads.top_k")
+    estimate_only = set(guided_candidates(scores, k, name="heads.top_k"))
+    truth = set(_labels(exhaustive))
+    recall = len(truth & set(_labels(guided))) / k
+    return {
+        "top_k": k, "candidates": candidates, "heads": len(scores),
+        "spearman": float(spearmanr(scores["estimate"], scores["score"]).statistic),
+        "recall": recall,
+        "recall_estimate_only": len(truth & {f"{l}.{h}" for l, h in estimate_only}) / k,
+        "candidate_recall": len(truth & {f"{l}.{h}" for l, h in chosen}) / k,
+        "exhaustive_top_heads": _labels(exhaustive),
+        "guided_top_heads": _labels(guided),
+        "same_heads": recall == 1.0,
     }

@@ -89,6 +89,23 @@ def _stability_section(heads: dict[str, dict]) -> list[Section]:
                     "HONES reduces to hones_nohead there.", table=pd.DataFrame(stability).T)]
 
 
+def _localisation_section(heads: dict[str, dict]) -> list[Section]:
+    rows = {(m, t): {"spearman (estimate, exact)": g["spearman"], "recall": g["recall"],
+                     "recall, estimate alone": g["recall_estimate_only"], "exhaustive top heads": " ".join(g["exhaustive_top_heads"]),
+                     "guided top heads": " ".join(g["guided_top_heads"])}
+            for m, by_task in heads.items() for t, h in by_task.items() if (g := h.get("localisation"))}
+    if not rows:
+        return []
+    g = next(h["localisation"] for by_task in heads.values() for h in by_task.values() if "localisation" in h)
+    return [Section("Would gradient-guided head localisation find the same heads?",
+                    f"Guided localisation (heads.localisation: guided) ranks every head by the gradient estimate of "
+                    f"its substitution effect on the answer's log-probability and scores only the top "
+                    f"{g['candidates']} of {g['heads']} exactly. Recall: the share of the exhaustive sweep's top "
+                    f"{g['top_k']} heads it keeps; where it is 1, the dump, masks and every result after are "
+                    "unchanged. Compare with the bootstrap recall of the exhaustive sweep itself (above).",
+                    table=pd.DataFrame(rows).T)]
+
+
 def _quality_sections(results: StudyResults, targets: dict[str, dict]) -> list[Section]:
     sections = []
     for u in ("generative", "likelihood"):
@@ -179,6 +196,7 @@ def report_sections(results: StudyResults, verdicts: list[dict], summary: dict, 
     data, plots = Path(data), Path(plots)
     sections = _verdict_sections(verdicts, summary, replicates, equivalence_margin)
     sections += _stability_section(heads)
+    sections += _localisation_section(heads)
     sections.append(Section("Methods compared", "What each method scores and where its formula comes from. The "
                             "paper's methods compute exactly what the authors' code computes; the published baselines "
                             "follow their authors' code; the others carry their own names.",

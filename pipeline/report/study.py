@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.method.heads import per_item_values
-from pipeline.outcomes.head_stability import head_stability
+from pipeline.outcomes.head_stability import guided_localisation, head_stability
 from pipeline.outcomes.suppression import conditions_from_table, replicated_differences, scores_from_table
 from pipeline.report.verdict import (
     check_recipe_instances,
@@ -85,12 +85,16 @@ def read_study_results(data: Path, metrics: Path, models: list[str]) -> StudyRes
     )
 
 
-def head_stability_of(folder: Path, top_k: int, *, n_resamples: int, seed: int) -> dict:
+def head_stability_of(folder: Path, top_k: int, *, n_resamples: int, seed: int, candidates: int) -> dict:
     """The stability of the top ``top_k`` heads stored in one heads-stage folder (``scores.parquet``,
-    ``per_item.parquet``): see ``pipeline.outcomes.head_stability.head_stability``."""
+    ``per_item.parquet``): see ``pipeline.outcomes.head_stability.head_stability``; where the
+    sweep was exhaustive, ``localisation`` holds ``guided_localisation`` with ``candidates``."""
     scores = pd.read_parquet(Path(folder) / "scores.parquet")
     values, kind = per_item_values(pd.read_parquet(Path(folder) / "per_item.parquet"))
-    return head_stability(scores, values, kind, top_k, n_resamples=n_resamples, seed=seed)
+    out = head_stability(scores, values, kind, top_k, n_resamples=n_resamples, seed=seed)
+    if "estimate" in scores.columns and scores["score"].notna().all():
+        out["localisation"] = guided_localisation(scores, top_k, candidates)
+    return out
 
 
 def study_verdicts(results: StudyResults, replicates: dict[str, list[str]], data: Path, *, steer_utility: str,
@@ -128,7 +132,10 @@ def report_metrics(results: StudyResults, verdicts: list[dict], heads: dict[str,
     if targets:
         summary["quality_targets"] = targets
     return {
-        "head_stability.json": heads,
+        "head_stability.json": {m: {t: {k: v for k, v in h.items() if k != "localisation"} for t, h in by_task.items()}
+                                for m, by_task in heads.items()},
+        "head_localisation.json": {m: {t: h["localisation"] for t, h in by_task.items() if "localisation" in h}
+                                   for m, by_task in heads.items()},
         "suppression.json": {m: {u: s.get(u, {}).get("relative_drop", {}) for u in UTILITIES}
                              for m, s in suppression.items()},
         "suppression_summary.json": {m: {u: {k: s.get(u, {}).get(k, {}) for k in _SUMMARY_KEYS if k in s.get(u, {})}

@@ -179,6 +179,13 @@ def test_outputs_are_written(repo: Path) -> None:
             heads = stability[model][task]
             assert len(heads["top_heads"]) == 2 and 0 <= heads["recall"]["mean"] <= 1
             assert heads["degenerate"] == (heads["positive_heads"] == 0)
+    # Every heads stage also wrote the gradient estimate; the report compares guided localisation.
+    localisation = json.loads((repo / "metrics/head_localisation.json").read_text())
+    for model in MODELS:
+        for task in TASKS:
+            guided = localisation[model][task]
+            assert guided["top_k"] == 2 and guided["heads"] == 8 and 0 <= guided["recall"] <= 1
+            assert guided["exhaustive_top_heads"] == stability[model][task]["top_heads"]
     assert (repo / f"data/evaluate/{BROUGHT}/deletion_curves.png").stat().st_size > 1000
     report = (repo / "reports/hones_report.html").read_text()
     assert "data:image/png;base64," in report and "http" not in report.split("<body>")[1]

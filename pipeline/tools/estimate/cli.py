@@ -76,10 +76,13 @@ def format_table(est: dict, arch: ModelArch) -> str:
     ]
     sec(f"forward passes per task (rows; model calls at batch {w['batch_size']}); "
         f"{human_count(est['row_flops'])}FLOP per row; GPU-h at {w['effective_tflops']:g} TFLOP/s")
-    formulas = {"heads": "items x (L*H + 1)", "dump": "items x (K + 1)",
-                "dump_gradients": "items, forward + backward", "ablation": "items x L x I"}
+    guided = w["localisation"] == "guided"
+    formulas = {"heads": "items x (M + 1), M guided candidates" if guided else "items x (L*H + 1)",
+                "dump": "items x (K + 1)", "dump_gradients": "items, forward + backward",
+                "heads_gradients": "items, forward + backward (guided estimate)", "ablation": "items x L x I"}
     heads_items = w["heads_items"] if w["heads_items"] is not None else w["items"]
-    n_items = {"heads": heads_items, "dump": w["items"], "dump_gradients": w["items"], "ablation": w["ablation_items"]}
+    n_items = {"heads": heads_items, "heads_gradients": heads_items, "dump": w["items"], "dump_gradients": w["items"],
+               "ablation": w["ablation_items"]}
     for name, s in est["stages"].items():
         rows.append((f"{name}: {formulas[name]}, items={n_items[name]:,}",
                      f"{s['rows']:,} rows, {s['batches']:,} calls, {human_count(s['flops'])}FLOP, "
@@ -121,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--answer-tokens", type=int, default=d.answer_tokens)
     p.add_argument("--image-tokens", type=int, default=None, help="override the image's token count")
     p.add_argument("--heads-items", type=int, default=None, help="heads.max_items (default: --items)")
+    p.add_argument("--localisation", choices=("exhaustive", "guided"), default=d.localisation,
+                   help="heads.localisation: substitute every head, or only the gradient estimate's top candidates")
+    p.add_argument("--guided-candidates", type=int, default=None,
+                   help="heads.guided.candidates, the heads guided localisation scores exactly (default 4 x top_k)")
     p.add_argument("--ablation-items", type=int, default=d.ablation_items)
     p.add_argument("--target-chunk-mib", type=float, default=d.target_chunk_mib)
     p.add_argument("--eager-attention", action="store_true", help="count S x S attention scores")
@@ -156,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         w = Workload(items=args.items, top_k=top_k, tasks=args.tasks, dtype=args.dtype, store_dtype=args.store_dtype,
                      batch_size=args.batch_size, gradient_batch_size=args.gradient_batch_size,
                      prompt_tokens=args.prompt_tokens, answer_tokens=args.answer_tokens,
-                     heads_items=args.heads_items, ablation_items=args.ablation_items,
+                     heads_items=args.heads_items, localisation=args.localisation,
+                     guided_candidates=args.guided_candidates, ablation_items=args.ablation_items,
                      target_chunk_mib=args.target_chunk_mib, eager_attention=args.eager_attention,
                      effective_tflops=args.effective_tflops)
         est = estimate(arch, w)

@@ -7,7 +7,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from pipeline.method.store import ITEM_ARRAYS, StoreLayout
+import numpy as np
+
+from pipeline.method.store import ITEM_ARRAYS, StoreLayout, item_array_dtype
 from pipeline.tools.estimate.model_arch import DTYPE_BYTES, EstimateError, ModelArch
 
 
@@ -23,6 +25,8 @@ class Workload:
     prompt_tokens: int = 48  # text tokens of a prompt with its chat template, without the image
     answer_tokens: int = 8
     heads_items: int | None = None  # heads.max_items (default: items)
+    localisation: str = "exhaustive"  # heads.localisation: exhaustive | guided
+    guided_candidates: int | None = None  # heads.guided.candidates (default: 4 x top_k)
     ablation_items: int = 16  # ablation.max_items
     max_new_tokens: int = 24  # generative head scoring decodes up to this many tokens
     target_chunk_mib: float = 1.0
@@ -64,7 +68,8 @@ def estimate(arch: ModelArch, w: Workload) -> dict:
     C = w.top_k + 1
     layout = StoreLayout.plan(C, w.items, L, I, w.store_dtype, int(w.target_chunk_mib * 2**20), w.max_files)
     z_bytes = C * w.items * L * I * DTYPE_BYTES[w.store_dtype]
-    per_item = {name: w.items * (L * I if dims else 1) * 4 for name, (dims, _, _) in ITEM_ARRAYS.items()}
+    per_item = {name: w.items * (L * I if dims else 1) * np.dtype(item_array_dtype(name, w.store_dtype)).itemsize
+                for name, (dims, _, _) in ITEM_ARRAYS.items()}
     item_bytes = sum(per_item.values())
     n_blocks = layout.n_blocks
     out["store"] = {
@@ -83,15 +88,18 @@ def estimate(arch: ModelArch, w: Workload) -> dict:
     flops_vision = 2 * vision_params * v.positions if v else 0
     row_flops = flops_text + flops_vision
     heads_items = w.heads_items if w.heads_items is not None else w.items
+    guided = w.localisation == "guided"
     rows = {
-        "heads": heads_items * (L * t.heads + 1),
+        "heads": heads_items * (scored_heads(arch, w) + 1),
+        **({"heads_gradients": heads_items} if guided else {}),
         "dump": w.items * (w.top_k + 1),
         "dump_gradients": w.items,
         "ablation": w.ablation_items * L * I,
     }
+    gradient_rows = {"dump_gradients", "heads_gradients"}
     # Forward + backward of activations: ~3x the language model's forward, 1x the vision tower's.
-    per_row = {name: row_flops for name in rows} | {"dump_gradients": 3 * flops_text + flops_vision}
-    batch = {name: B for name in rows} | {"dump_gradients": w.gradient_batch_size}
+    per_row = {name: 3 * flops_text + flops_vision if name in gradient_rows else row_flops for name in rows}
+    batch = {name: w.gradient_batch_size if name in gradient_rows else B for name in rows}
     out["row_flops"] = row_flops
     shared = shared_prefix_flops(arch, w, flops_vision, (flops_text - 2 * t.vocab * t.hidden * S) / L,
                                  2 * t.vocab * t.hidden * S)
@@ -108,6 +116,21 @@ def estimate(arch: ModelArch, w: Workload) -> dict:
     return out
 
 
+def scored_heads(arch: ModelArch, w: Workload) -> int:
+    """Heads whose substitution the heads stage runs exactly per item: every one (exhaustive) or
+    the guided candidates (default 4 x top_k); EstimateError for an unknown localisation or a
+    candidate count outside [top_k, L x H]."""
+    every = arch.text.layers * arch.text.heads
+    if w.localisation == "exhaustive":
+        return every
+    if w.localisation != "guided":
+        raise EstimateError(f"unknown localisation {w.localisation!r}; use exhaustive or guided")
+    m = w.guided_candidates if w.guided_candidates is not None else 4 * w.top_k
+    if not w.top_k <= m <= every:
+        raise EstimateError(f"--guided-candidates {m} must lie in [top_k = {w.top_k}, {every} heads]")
+    return m
+
+
 def shared_prefix_flops(arch: ModelArch, w: Workload, f_vision: float, f_layer: float, f_head: float) -> dict[str, float]:
     """FLOPs per task of the single-forward stages with the shared prefix
     (``hooks.forward_sharing_prefix``): a row that intervenes from layer l up computes layers
@@ -117,7 +140,8 @@ def shared_prefix_flops(arch: ModelArch, w: Workload, f_vision: float, f_layer: 
     and layer) items.
 
     - heads: H rows per layer and item (teacher-forced or retrieval-margin utilities; greedy
-      generation does not share), plus the base row (all layers shared but the last);
+      generation does not share), plus the base row (all layers shared but the last); guided
+      localisation's candidates are assumed spread evenly over the layers;
     - dump: the base row in full, keeping the residual stream entering the head rows' layers;
       then K head rows from there; where the critical heads sit is known only after the heads
       stage, so they are assumed spread evenly over the layers;
@@ -141,7 +165,8 @@ def shared_prefix_flops(arch: ModelArch, w: Workload, f_vision: float, f_layer: 
     # The dump's head rows start from the residual stream its base rows left at their layer.
     dump_heads = w.items * K * sum((L - l) * f_layer + f_head for l in range(L)) / L
     return {
-        "heads": layer_groups(heads_items, H) + heads_items * full_row,  # + the base rows, each a full pass
+        # + the base rows, each a full pass
+        "heads": layer_groups(heads_items, scored_heads(arch, w) / L) + heads_items * full_row,
         "dump": w.items * full_row + dump_heads + math.ceil(w.items * K / B) * f_vision,
         "ablation": layer_groups(w.ablation_items, I),
     }

@@ -1,0 +1,132 @@
+"""Gradient-guided head localisation: the substitution probe, its gradient against finite
+differences, guided scoring against the exhaustive sweep, and the comparison the report shows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.method.heads import (
+    all_heads, estimate_head_scores, guided_candidates, per_item_table, per_item_values, score_heads,
+    score_heads_guided, score_heads_per_item, top_heads, with_estimate,
+)
+from pipeline.model.hooks import substitute_heads, trace_head_substitution
+from pipeline.outcomes.head_stability import guided_localisation, head_stability
+from pipeline.tasks.items import item_prompts, teacher_forced_answers
+
+from conftest import discovery_items, utility64
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _batch(annotations, images, task: str, n: int):
+    items = discovery_items(annotations, task, n)
+    return items, [images[i] for i in items["image_id"]], item_prompts(items), teacher_forced_answers(items)
+
+
+def test_probe_at_one_is_the_mean_substitution(tiny_adapter, annotations, images):
+    a = tiny_adapter
+    _, imgs, prompts, answers = _batch(annotations, images, "vqa", 3)
+    inputs = a.build_inputs(imgs, prompts, answers=answers)
+    rows = [(0, 1), None, (1, 3)]
+    with torch.no_grad(), substitute_heads(a, rows):
+        expected = a.model(**inputs.tensors).logits
+    with torch.no_grad(), trace_head_substitution(a, 3) as alphas:
+        alphas[0][0, 1] = 1.0
+        alphas[1][2, 3] = 1.0
+        got = a.model(**inputs.tensors).logits
+    with torch.no_grad():
+        base = a.model(**inputs.tensors).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert (got[0] - base[0]).abs().max() > 1e-3  # the probe did act
+    torch.testing.assert_close(got[1], base[1], atol=1e-6, rtol=1e-6)  # and only on its rows
+
+
+def test_estimate_equals_central_finite_differences(adapter64, annotations, images):
+    """The estimate is -dU/dalpha at 0; U(alpha = +-eps) in float64 gives the same slope."""
+    a = adapter64
+    items, imgs, prompts, answers = _batch(annotations, images, "caption", 2)
+    estimate = estimate_head_scores(a, items, images, batch_size=2, progress=False)
+    assert estimate.shape == (2, a.num_layers, a.num_heads)
+    eps = 1e-4
+    fd = np.zeros_like(estimate)
+    for l, h in all_heads(a.num_layers, a.num_heads):
+        u = {}
+        for sign in (1.0, -1.0):
+            with torch.no_grad(), trace_head_substitution(a, 2) as alphas:
+                alphas[l][:, h] = sign * eps
+                u[sign] = utility64(a, imgs, prompts, answers)
+        fd[:, l, h] = -(u[1.0] - u[-1.0]) / (2 * eps)
+    assert np.abs(fd).max() > 1e-3  # the heads do move the utility
+    np.testing.assert_allclose(estimate, fd, rtol=1e-4, atol=1e-6)
+
+
+def test_guided_with_every_head_as_candidate_is_the_exhaustive_sweep(tiny_adapter, annotations, images):
+    a = tiny_adapter
+    items = discovery_items(annotations, "caption", 3)
+    n_heads = a.num_layers * a.num_heads
+    kw = dict(batch_size=7, utility="teacher_forced")
+    exhaustive, ex_values, _ = score_heads_per_item(a, "caption", items, images, **kw)
+    guided, values, kind = score_heads_guided(a, "caption", items, images, candidates=n_heads, gradient_batch_items=2, **kw)
+    assert guided["exact"].all() and len(guided) == n_heads
+    assert (guided[["layer", "head"]].to_numpy() == exhaustive[["layer", "head"]].to_numpy()).all()
+    np.testing.assert_allclose(guided["score"], exhaustive["score"], atol=1e-5)
+    np.testing.assert_allclose(values, ex_values, atol=1e-5)
+    assert kind == "mean"
+    for k in (1, 4, n_heads):
+        pd.testing.assert_frame_equal(top_heads(guided, k)[["layer", "head", "rank"]],
+                                      top_heads(exhaustive, k)[["layer", "head", "rank"]])
+
+
+def test_guided_scores_exactly_only_the_top_estimates(tiny_adapter, annotations, images):
+    a = tiny_adapter
+    items = discovery_items(annotations, "vqa", 3)
+    guided, values, kind = score_heads_guided(a, "vqa", items, images, candidates=3, gradient_batch_items=2,
+                                              batch_size=8, utility="teacher_forced")
+    estimate = estimate_head_scores(a, items, images, batch_size=3, progress=False).mean(axis=0)
+    np.testing.assert_allclose(guided["estimate"], estimate[guided["layer"], guided["head"]], atol=1e-6)
+    expected = set(guided_candidates(guided, 3))
+    exact = guided[guided["exact"]]
+    assert {(int(l), int(h)) for l, h in zip(exact["layer"], exact["head"])} == expected
+    assert guided.loc[~guided["exact"], ["score", "intervened"]].isna().all().all()
+    assert values.shape == (4, 3)  # the base, then the three candidates
+    reference = score_heads(a, "vqa", items, images, batch_size=8, utility="teacher_forced", heads=sorted(expected))
+    np.testing.assert_allclose(exact["score"], reference["score"], atol=1e-5)
+    assert len(top_heads(guided, 3)) == 3
+    with pytest.raises(PipelineError, match="only 3 of the model's 8 heads have exact scores"):
+        top_heads(guided, 4, name="heads.top_k")
+    # The stability check resamples the candidates alone; the per-item table round-trips.
+    stability = head_stability(guided, *per_item_values(per_item_table(values, kind)), 2, n_resamples=20, seed=0)
+    assert set(stability["top_heads"]) <= {f"{l}.{h}" for l, h in expected}
+    with pytest.raises(PipelineError, match="exhaustive heads table"):
+        guided_localisation(guided, 2, 3)
+
+
+def _table(score, estimate) -> pd.DataFrame:
+    return pd.DataFrame({"layer": np.zeros(len(score), dtype=np.int32), "head": np.arange(len(score), dtype=np.int32),
+                         "score": np.asarray(score, dtype=np.float64), "estimate": np.asarray(estimate, dtype=np.float64)})
+
+
+def test_guided_localisation_recall():
+    # The estimate ranks head 0, the best by exact score, last.
+    scores = _table([6, 5, 4, 3, 2, 1], [1, 6, 5, 4, 3, 2])
+    out = guided_localisation(scores, 2, 3)
+    assert out["exhaustive_top_heads"] == ["0.0", "0.1"]
+    assert out["guided_top_heads"] == ["0.1", "0.2"]
+    assert out["recall"] == out["recall_estimate_only"] == out["candidate_recall"] == 0.5
+    assert not out["same_heads"]
+    assert out["spearman"] == pytest.approx(1 - 6 * (25 + 5 * 1) / (6 * 35))
+    everything = guided_localisation(scores, 2, 6)
+    assert everything["recall"] == 1.0 and everything["same_heads"] and everything["recall_estimate_only"] == 0.5
+    with pytest.raises(PipelineError, match="heads.guided.candidates = 7 but the model has 6"):
+        guided_localisation(scores, 2, 7)
+
+
+def test_with_estimate_marks_exact_rows():
+    scores = _table([1.0, np.nan], [0, 0]).drop(columns="estimate")
+    out = with_estimate(scores, np.array([[[0.5, -1.0]], [[1.5, 1.0]]]))
+    np.testing.assert_allclose(out["estimate"], [1.0, 0.0])
+    assert out["exact"].tolist() == [True, False]
