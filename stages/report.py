@@ -8,7 +8,9 @@ from pipeline.io import atomic_file, write_json
 from pipeline.report.document import markdown_sections, report_sections
 from pipeline.report.html import build_report
 from pipeline.report.markdown import markdown_document
-from pipeline.report.study import head_stability_of, read_study_results, report_metrics, study_verdicts
+from pipeline.report.study import (
+    head_stability_of, read_study_results, report_metrics, sampled_ground_truth_of, study_verdicts,
+)
 from stages._common import entry, parser
 from stages.params import read_params
 
@@ -40,11 +42,15 @@ def main() -> None:
     for m, t in [(m, t) for m, by_task in heads.items() for t, h in by_task.items() if h["degenerate"]]:
         log.warning("%s %s: no head's substitution lowers the utility; its top %d heads are arbitrary and HONES "
                     "reduces to hones_nohead", m, t, params.heads.top_k)
-    documents = report_metrics(results, verdicts, heads, params.replicates)
+    sampled = {m: checked for m in models
+               if (checked := sampled_ground_truth_of(args.data / "attribution" / f"{m}.zarr",
+                                                      results.attribution[m]["mask_size"],
+                                                      n_resamples=st.bootstrap_resamples, seed=st.seed))}
+    documents = report_metrics(results, verdicts, heads, params.replicates, sampled)
     for name, document in documents.items():
         write_json(document, args.metrics / name)
 
-    sections = report_sections(results, verdicts, documents["verdict_summary.json"], heads, tasks=tasks,
+    sections = report_sections(results, verdicts, documents["verdict_summary.json"], heads, sampled, tasks=tasks,
                                replicates=params.replicates, equivalence_margin=st.equivalence_margin,
                                steer_utility=params.steer.utility, data=args.data, plots=args.plots)
     intro = f"Models: {', '.join(models)}; tasks: {', '.join(tasks)}."

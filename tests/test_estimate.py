@@ -182,3 +182,13 @@ def test_float16_store_halves_the_per_item_float_arrays():
     for name in ("dvp", "dvp_logprob", "atp", "gate_sum"):
         assert st["float16"]["item_array_bytes"][name] * 2 == st["float32"]["item_array_bytes"][name]
     assert st["float16"]["item_array_bytes"]["gate_positive"] == st["float32"]["item_array_bytes"]["gate_positive"]
+
+
+def test_a_sampled_ground_truth_prices_its_neurons():
+    arch = architecture(PRESETS["llava-1.5-7b"], "llava-1.5-7b")
+    every = estimate(arch, Workload(ablation_items=16))["stages"]["ablation"]
+    sampled = estimate(arch, Workload(ablation_items=16, ablation_neurons=32 * 11008 // 4))["stages"]["ablation"]
+    assert every["rows"] == 4 * sampled["rows"] == 16 * 32 * 11008
+    assert sampled["shared_prefix_flops"] * 4 == pytest.approx(every["shared_prefix_flops"], rel=1e-3)
+    with pytest.raises(ValueError, match=r"--ablation-neurons 0 must lie in \[1, 352256 neurons\]"):
+        estimate(arch, Workload(ablation_neurons=0))

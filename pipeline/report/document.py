@@ -106,6 +106,29 @@ def _localisation_section(heads: dict[str, dict]) -> list[Section]:
                     table=pd.DataFrame(rows).T)]
 
 
+def _sampled_ground_truth_section(sampled: dict[str, dict]) -> list[Section]:
+    if not sampled:
+        return []
+    rows = {}
+    for m, checked in sampled.items():
+        for task, by_method in checked["by_task"].items():
+            size = by_method["sample"]
+            zeroed = size["census"] + size["near"] + size["far"]
+            for method in ("hones", "atp"):
+                if method in by_method:
+                    rows[(m, task, method)] = {
+                        "neurons zeroed": f"{zeroed} of {size['population']}",
+                        **{f"{f} exhaustive / sampled": f"{v['exhaustive']:.3g} / {interval_text(v)}"
+                           for f, v in by_method[method].items()}}
+    within = ", ".join(f"{m} {c['within']} of {c['figures']}" for m, c in sampled.items())
+    return [Section("Would a sampled ground truth do?",
+                    "The exhaustive ground truth zeroes every neuron. A sample zeroes every method's top-k neurons, "
+                    "as many of the neurons some method ranks in its top 4k, and half as many of the rest, and "
+                    "estimates each method's faithfulness from those effects alone, with a bootstrap interval "
+                    f"(docs/methods.md). Exhaustive values inside their sampled interval, all methods and figures: "
+                    f"{within}. Rows: HONES and AtP.", table=pd.DataFrame(rows).T)]
+
+
 def _quality_sections(results: StudyResults, targets: dict[str, dict]) -> list[Section]:
     sections = []
     for u in ("generative", "likelihood"):
@@ -182,14 +205,17 @@ def _model_sections(m: str, results: StudyResults, data: Path, plots: Path, task
     return sections
 
 
-def report_sections(results: StudyResults, verdicts: list[dict], summary: dict, heads: dict[str, dict], *,
+def report_sections(results: StudyResults, verdicts: list[dict], summary: dict, heads: dict[str, dict],
+                    sampled_ground_truth: dict[str, dict], *,
                     tasks: list[str], replicates: dict[str, list[str]], equivalence_margin: float,
                     steer_utility: str, data: Path, plots: Path) -> list[Section]:
     """Every section of the report, in order: the verdict and its counts, head stability, the
     methods, sensitivity, model quality (and the default models' targets), learning curves, then
     each model's suppression, faithfulness, figures and steering.
 
-    ``summary`` is metrics/verdict_summary.json's document; ``heads`` metrics/head_stability.json's.
+    ``summary`` is metrics/verdict_summary.json's document; ``heads`` metrics/head_stability.json's
+    (with each task's guided ``localisation``); ``sampled_ground_truth``
+    metrics/sampled_ground_truth.json's.
     Figures are read from ``data`` and ``plots``; the learning curves of the default models are
     written into ``plots/training/<model>.png``.
     """
@@ -208,6 +234,7 @@ def report_sections(results: StudyResults, verdicts: list[dict], summary: dict, 
             sections.append(Section(f"{m}: can the evaluation see an effect?", sensitivity_message(sens),
                                     table=intervals_table({"on-target drop (%)": {
                                         "all tasks": sens["ground_truth_on_target_drop"], **sens["per_task"]}})))
+    sections += _sampled_ground_truth_section(sampled_ground_truth)
     sections += _quality_sections(results, summary.get("quality_targets", {}))
     (plots / "training").mkdir(parents=True, exist_ok=True)
     for m in results.models:

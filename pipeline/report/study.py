@@ -9,7 +9,10 @@ Map of this module:
 - ``head_stability_of(folder, top_k, ...)``: the stability of one task's critical heads.
 - ``study_verdicts(results, replicates, data, ...)``: the verdict rows of every model, then of
   every recipe across its instances (after checking the instances share their recipe).
-- ``report_metrics(results, verdicts, heads, replicates)``: the metrics files' contents, by name.
+- ``sampled_ground_truth_of(attribution, mask_size, ...)``: a sampled ground truth checked against
+  the exhaustive one of one model.
+- ``report_metrics(results, verdicts, heads, replicates, sampled_ground_truth)``: the metrics files'
+  contents, by name.
 """
 
 from __future__ import annotations
@@ -18,10 +21,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from pipeline.method.heads import per_item_values
+from pipeline.method.store import read_importance
 from pipeline.outcomes.head_stability import guided_localisation, head_stability
+from pipeline.outcomes.sampled_faithfulness import check_against_exhaustive
 from pipeline.outcomes.suppression import conditions_from_table, replicated_differences, scores_from_table
 from pipeline.report.verdict import (
     check_recipe_instances,
@@ -97,6 +103,17 @@ def head_stability_of(folder: Path, top_k: int, *, n_resamples: int, seed: int, 
     return out
 
 
+def sampled_ground_truth_of(attribution: Path, mask_size: int, *, n_resamples: int, seed: int) -> dict | None:
+    """A sampled ground truth checked against the exhaustive one in one model's importance array
+    (``<data>/attribution/<m>.zarr``), at the masks' size: see
+    ``pipeline.outcomes.sampled_faithfulness.check_against_exhaustive``; None when the model has
+    no exhaustive ground truth (ablation off)."""
+    methods, tasks, importance, _ = read_importance(attribution)
+    if "ablation" not in methods or not np.isfinite(importance[methods.index("ablation")]).any():
+        return None
+    return check_against_exhaustive(methods, tasks, importance, mask_size, n_resamples=n_resamples, seed=seed)
+
+
 def study_verdicts(results: StudyResults, replicates: dict[str, list[str]], data: Path, *, steer_utility: str,
                    n_resamples: int, seed: int, confidence: float, equivalence_margin: float) -> list[dict]:
     """The verdict rows of every model, then of every recipe across its instances.
@@ -120,7 +137,7 @@ def study_verdicts(results: StudyResults, replicates: dict[str, list[str]], data
 
 
 def report_metrics(results: StudyResults, verdicts: list[dict], heads: dict[str, dict],
-                   replicates: dict[str, list[str]]) -> dict[str, dict]:
+                   replicates: dict[str, list[str]], sampled_ground_truth: dict[str, dict]) -> dict[str, dict]:
     """The report's metrics files, {file name under metrics/: document}.
 
     verdict_summary.json counts the deciding verdicts per model (or, with ``replicates``, per
@@ -134,6 +151,7 @@ def report_metrics(results: StudyResults, verdicts: list[dict], heads: dict[str,
     return {
         "head_stability.json": {m: {t: {k: v for k, v in h.items() if k != "localisation"} for t, h in by_task.items()}
                                 for m, by_task in heads.items()},
+        "sampled_ground_truth.json": sampled_ground_truth,
         "head_localisation.json": {m: {t: h["localisation"] for t, h in by_task.items() if "localisation" in h}
                                    for m, by_task in heads.items()},
         "suppression.json": {m: {u: s.get(u, {}).get("relative_drop", {}) for u in UTILITIES}

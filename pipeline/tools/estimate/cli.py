@@ -79,7 +79,8 @@ def format_table(est: dict, arch: ModelArch) -> str:
     guided = w["localisation"] == "guided"
     formulas = {"heads": "items x (M + 1), M guided candidates" if guided else "items x (L*H + 1)",
                 "dump": "items x (K + 1)", "dump_gradients": "items, forward + backward",
-                "heads_gradients": "items, forward + backward (guided estimate)", "ablation": "items x L x I"}
+                "heads_gradients": "items, forward + backward (guided estimate)",
+                "ablation": "items x sampled neurons" if w["ablation_neurons"] else "items x L x I"}
     heads_items = w["heads_items"] if w["heads_items"] is not None else w["items"]
     n_items = {"heads": heads_items, "heads_gradients": heads_items, "dump": w["items"], "dump_gradients": w["items"],
                "ablation": w["ablation_items"]}
@@ -129,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guided-candidates", type=int, default=None,
                    help="heads.guided.candidates, the heads guided localisation scores exactly (default 4 x top_k)")
     p.add_argument("--ablation-items", type=int, default=d.ablation_items)
+    p.add_argument("--ablation-neurons", type=int, default=None,
+                   help="neurons the ground truth zeroes per item: a sampled ground truth (default every one)")
     p.add_argument("--target-chunk-mib", type=float, default=d.target_chunk_mib)
     p.add_argument("--eager-attention", action="store_true", help="count S x S attention scores")
     p.add_argument("--effective-tflops", type=float, default=d.effective_tflops,
@@ -165,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                      prompt_tokens=args.prompt_tokens, answer_tokens=args.answer_tokens,
                      heads_items=args.heads_items, localisation=args.localisation,
                      guided_candidates=args.guided_candidates, ablation_items=args.ablation_items,
+                     ablation_neurons=args.ablation_neurons,
                      target_chunk_mib=args.target_chunk_mib, eager_attention=args.eager_attention,
                      effective_tflops=args.effective_tflops)
         est = estimate(arch, w)

@@ -28,6 +28,7 @@ class Workload:
     localisation: str = "exhaustive"  # heads.localisation: exhaustive | guided
     guided_candidates: int | None = None  # heads.guided.candidates (default: 4 x top_k)
     ablation_items: int = 16  # ablation.max_items
+    ablation_neurons: int | None = None  # neurons zeroed per item (a sampled ground truth; default all L x I)
     max_new_tokens: int = 24  # generative head scoring decodes up to this many tokens
     target_chunk_mib: float = 1.0
     max_files: int = 2000
@@ -94,7 +95,7 @@ def estimate(arch: ModelArch, w: Workload) -> dict:
         **({"heads_gradients": heads_items} if guided else {}),
         "dump": w.items * (w.top_k + 1),
         "dump_gradients": w.items,
-        "ablation": w.ablation_items * L * I,
+        "ablation": w.ablation_items * ablated_neurons(arch, w),
     }
     gradient_rows = {"dump_gradients", "heads_gradients"}
     # Forward + backward of activations: ~3x the language model's forward, 1x the vision tower's.
@@ -131,6 +132,16 @@ def scored_heads(arch: ModelArch, w: Workload) -> int:
     return m
 
 
+def ablated_neurons(arch: ModelArch, w: Workload) -> int:
+    """Neurons the ground truth zeroes on every ablation item: all L x I, or the sample's size."""
+    every = arch.text.layers * arch.text.ffn
+    if w.ablation_neurons is None:
+        return every
+    if not 1 <= w.ablation_neurons <= every:
+        raise EstimateError(f"--ablation-neurons {w.ablation_neurons} must lie in [1, {every} neurons]")
+    return w.ablation_neurons
+
+
 def shared_prefix_flops(arch: ModelArch, w: Workload, f_vision: float, f_layer: float, f_head: float) -> dict[str, float]:
     """FLOPs per task of the single-forward stages with the shared prefix
     (``hooks.forward_sharing_prefix``): a row that intervenes from layer l up computes layers
@@ -145,7 +156,8 @@ def shared_prefix_flops(arch: ModelArch, w: Workload, f_vision: float, f_layer: 
     - dump: the base row in full, keeping the residual stream entering the head rows' layers;
       then K head rows from there; where the critical heads sit is known only after the heads
       stage, so they are assumed spread evenly over the layers;
-    - ablation: I rows per layer and item, one item per batch.
+    - ablation: I rows per layer and item (a sample's neurons assumed spread evenly over the
+      layers), one item per batch.
     """
     t = arch.text
     L, H, I, B, K = t.layers, t.heads, t.ffn, w.batch_size, w.top_k
@@ -168,5 +180,5 @@ def shared_prefix_flops(arch: ModelArch, w: Workload, f_vision: float, f_layer: 
         # + the base rows, each a full pass
         "heads": layer_groups(heads_items, scored_heads(arch, w) / L) + heads_items * full_row,
         "dump": w.items * full_row + dump_heads + math.ceil(w.items * K / B) * f_vision,
-        "ablation": layer_groups(w.ablation_items, I),
+        "ablation": layer_groups(w.ablation_items, ablated_neurons(arch, w) / L),
     }
