@@ -123,6 +123,9 @@ def test_guided_localisation_recall():
     assert everything["recall"] == 1.0 and everything["same_heads"] and everything["recall_estimate_only"] == 0.5
     with pytest.raises(PipelineError, match="heads.guided.candidates = 7 but the model has 6"):
         guided_localisation(scores, 2, 7)
+    # A degenerate task (no head changes the utility): recall is defined, the correlation is not.
+    flat = guided_localisation(_table([0, 0, 0, 0], [1, 2, 3, 4]), 2, 2)
+    assert np.isnan(flat["spearman"]) and flat["exhaustive_top_heads"] == ["0.0", "0.1"]
 
 
 def test_with_estimate_marks_exact_rows():

@@ -91,7 +91,9 @@ def guided_localisation(scores: pd.DataFrame, k: int, candidates: int) -> dict:
     recall = len(truth & set(_labels(guided))) / k
     return {
         "top_k": k, "candidates": candidates, "heads": len(scores),
-        "spearman": float(spearmanr(scores["estimate"], scores["score"]).statistic),
+        # Undefined (NaN) where every exact score is equal, e.g. a degenerate task's zeros.
+        "spearman": (float(spearmanr(scores["estimate"], scores["score"]).statistic)
+                     if np.ptp(scores["estimate"]) > 0 and np.ptp(scores["score"]) > 0 else float("nan")),
         "recall": recall,
         "recall_estimate_only": len(truth & {f"{l}.{h}" for l, h in estimate_only}) / k,
         "candidate_recall": len(truth & {f"{l}.{h}" for l, h in chosen}) / k,
