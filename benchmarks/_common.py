@@ -14,8 +14,10 @@ def require(model: Path, benchmark: Path) -> bool:
     """True if both folders exist; otherwise say how to make them and return False."""
     missing = [str(p) for p, f in ((model, "config.json"), (benchmark, "annotations.parquet")) if not (p / f).is_file()]
     if missing:
-        print(f"skipped: {', '.join(missing)} not found. Build them with `dvc repro train_default_model` "
-              "(or pass --model / --benchmark).")
+        print(
+            f"skipped: {', '.join(missing)} not found. Build them with `dvc repro train_default_model` "
+            "(or pass --model / --benchmark)."
+        )
         return False
     return True
 

@@ -20,8 +20,9 @@ from _common import load_model_and_items, model_task_parser, require, table
 
 
 def main(argv=None) -> int:
-    p = model_task_parser(__doc__, items=2, threads=2, repeats=2,
-                          repeats_help="time each path this many times, keep the fastest")
+    p = model_task_parser(
+        __doc__, items=2, threads=2, repeats=2, repeats_help="time each path this many times, keep the fastest"
+    )
     args = p.parse_args(argv)
     if not require(args.model, args.benchmark):
         return 0
@@ -38,18 +39,25 @@ def main(argv=None) -> int:
     for _ in range(args.repeats):
         for name, share in (("shared prefix", True), ("every row in full", False)):
             t0 = time.perf_counter()
-            effects[name], _ = neuron_ablation_effects(adapter, items, images, batch_size=args.batch_size,
-                                                       share_prefix=share)
+            effects[name], _ = neuron_ablation_effects(
+                adapter, items, images, batch_size=args.batch_size, share_prefix=share
+            )
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             timings[name] = min(timings.get(name, float("inf")), time.perf_counter() - t0)
     full = timings["every row in full"]
     diff = float(np.abs(effects["shared prefix"] - effects["every row in full"]).max())
-    print(f"{args.model} ({adapter.num_layers} layers x {adapter.ffn_width} neurons), task {args.task}, "
-          f"{len(items)} items, batch {args.batch_size}, {args.device}, {args.threads} thread(s), "
-          f"fastest of {args.repeats}")
-    print(table(("path", "rows", "seconds", "rows/s", "speed-up"),
-                [(k, rows, t, rows / t, full / t) for k, t in timings.items()]))
+    print(
+        f"{args.model} ({adapter.num_layers} layers x {adapter.ffn_width} neurons), task {args.task}, "
+        f"{len(items)} items, batch {args.batch_size}, {args.device}, {args.threads} thread(s), "
+        f"fastest of {args.repeats}"
+    )
+    print(
+        table(
+            ("path", "rows", "seconds", "rows/s", "speed-up"),
+            [(k, rows, t, rows / t, full / t) for k, t in timings.items()],
+        )
+    )
     print(f"max |effect difference|: {diff:.3g} nats")
     return 0
 

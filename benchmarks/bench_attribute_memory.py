@@ -53,15 +53,25 @@ def build_store(path: Path, n_items: int, C: int, L: int, I: int) -> int:
     from pipeline.method.store import ActivationStore, ItemArrays, StoreLayout
 
     lay = StoreLayout.plan(C, n_items, L, I, "float32")
-    s = ActivationStore.create_or_resume(path, lay, [(-1, -1, float("nan"))] + [(0, h, 0.1) for h in range(C - 1)],
-                                         [f"i{k}" for k in range(n_items)], [[1]] * n_items, [[1.0]] * n_items,
-                                         {"model": "bench"}, "bench")
+    s = ActivationStore.create_or_resume(
+        path,
+        lay,
+        [(-1, -1, float("nan"))] + [(0, h, 0.1) for h in range(C - 1)],
+        [f"i{k}" for k in range(n_items)],
+        [[1]] * n_items,
+        [[1.0]] * n_items,
+        {"model": "bench"},
+        "bench",
+    )
     rng = np.random.default_rng(0)
     for k in s.pending_blocks():
         n = lay.block(k).stop - lay.block(k).start
         dvp = rng.standard_normal((n, L, I), dtype=np.float32)
-        s.write_block(k, rng.standard_normal((C, n, L, I), dtype=np.float32),
-                      ItemArrays(dvp, dvp, dvp, dvp, (dvp > 0).astype(np.int32), np.full(n, 8, dtype=np.int32)))
+        s.write_block(
+            k,
+            rng.standard_normal((C, n, L, I), dtype=np.float32),
+            ItemArrays(dvp, dvp, dvp, dvp, (dvp > 0).astype(np.int32), np.full(n, 8, dtype=np.int32)),
+        )
     s.finalize()
     return lay.nbytes()
 

@@ -46,8 +46,11 @@ print(json.dumps({{"s": time.perf_counter() - t, "kernels": torch.backends.cpu.g
 
 
 def _env(setting: str, timings: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in {"ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "NPY_DISABLE_CPU_FEATURES"}}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "NPY_DISABLE_CPU_FEATURES"}
+    }
     return {**env, "HONES_CPU_ISA": setting, "HONES_TIMINGS": str(timings)}
 
 
@@ -55,18 +58,44 @@ def quality_run(setting: str, model: str, benchmark: Path, work: Path) -> tuple[
     """(seconds, torch's capability, sha of the metrics JSON) of one model_quality stage run."""
     out = work / f"quality-{setting}.json"
     timings = work / f"timings-{setting}"
-    subprocess.run([sys.executable, "-m", "stages.model_quality", "--model", model, "--benchmark", str(benchmark),
-                    "--out", str(out)], cwd=REPO, env={**_env(setting, timings), "DVC_STAGE": "bench"},
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stages.model_quality",
+            "--model",
+            model,
+            "--benchmark",
+            str(benchmark),
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        env={**_env(setting, timings), "DVC_STAGE": "bench"},
+        check=True,
+        capture_output=True,
+    )
     record = json.loads(next(timings.glob("*.json")).read_text())
     return record["wall_s"], record["cpu_kernels"], hashlib.sha256(out.read_bytes()).hexdigest()[:16]
 
 
 def train_run(setting: str, model: str, benchmark: Path, work: Path, steps: int, threads: int) -> dict:
-    script = _TRAIN.format(repo=str(REPO), threads=threads, model=model, steps=steps, benchmark=str(benchmark),
-                           out=str(work / f"train-{setting}-{time.time_ns()}"))
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_env(setting, work / "t"), check=True,
-                          capture_output=True, text=True)
+    script = _TRAIN.format(
+        repo=str(REPO),
+        threads=threads,
+        model=model,
+        steps=steps,
+        benchmark=str(benchmark),
+        out=str(work / f"train-{setting}-{time.time_ns()}"),
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env=_env(setting, work / "t"),
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

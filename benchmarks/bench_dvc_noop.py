@@ -57,7 +57,8 @@ def main(argv=None) -> int:
             run([dvc, "config", "core.analytics", "false"], repo, env)
             (repo / "make.py").write_text(MAKE)
             (repo / "dvc.yaml").write_text(
-                f"stages:\n  make:\n    cmd: {sys.executable} make.py {n}\n    deps: [make.py]\n    outs: [out]\n")
+                f"stages:\n  make:\n    cmd: {sys.executable} make.py {n}\n    deps: [make.py]\n    outs: [out]\n"
+            )
             first = run([dvc, "repro"], repo, env)
             subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
             subprocess.run([*git, "commit", "-qm", "x"], cwd=repo, check=True)

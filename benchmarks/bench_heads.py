@@ -20,8 +20,9 @@ from _common import load_model_and_items, model_task_parser, require, table
 
 
 def main(argv=None) -> int:
-    p = model_task_parser(__doc__, items=16, threads=1, repeats=3,
-                          repeats_help="time each path this many times, keep the fastest")
+    p = model_task_parser(
+        __doc__, items=16, threads=1, repeats=3, repeats_help="time each path this many times, keep the fastest"
+    )
     p.add_argument("--utility", choices=("generative", "teacher_forced"), default="teacher_forced")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--max-heads", type=int, default=None, help="score only the first N heads (all paths)")
@@ -39,9 +40,11 @@ def main(argv=None) -> int:
     score_heads(adapter, args.task, items.head(1), images, **{**kw, "heads": heads[:1]})  # warm-up
     timings = {}
     scores = {}
-    paths = (("batched, shared prefix", lambda *a, **k: score_heads(*a, **k)),
-             ("batched, no shared prefix", lambda *a, **k: score_heads(*a, **k, share_prefix=False)),
-             ("naive (score_heads_naive)", score_heads_naive))
+    paths = (
+        ("batched, shared prefix", lambda *a, **k: score_heads(*a, **k)),
+        ("batched, no shared prefix", lambda *a, **k: score_heads(*a, **k, share_prefix=False)),
+        ("naive (score_heads_naive)", score_heads_naive),
+    )
     for _ in range(args.repeats):  # interleaved, so that a busy spell on a shared machine hits every path
         for name, fn in paths:
             t0 = time.perf_counter()
@@ -52,10 +55,14 @@ def main(argv=None) -> int:
     naive_name = "naive (score_heads_naive)"
     naive = timings[naive_name]
     ref = scores[naive_name]["score"].to_numpy()
-    rows = [(k, len(items), len(heads), t, naive / t, float(abs(scores[k]["score"].to_numpy() - ref).max()))
-            for k, t in timings.items()]
-    print(f"{args.model}, task {args.task}, {len(items)} items, {len(heads)} heads, utility {args.utility}, "
-          f"batch {args.batch_size}, {args.device}, {args.threads} thread(s), fastest of {args.repeats}")
+    rows = [
+        (k, len(items), len(heads), t, naive / t, float(abs(scores[k]["score"].to_numpy() - ref).max()))
+        for k, t in timings.items()
+    ]
+    print(
+        f"{args.model}, task {args.task}, {len(items)} items, {len(heads)} heads, utility {args.utility}, "
+        f"batch {args.batch_size}, {args.device}, {args.threads} thread(s), fastest of {args.repeats}"
+    )
     print(table(("path", "items", "heads", "seconds", "speed-up vs naive", "max |score - naive|"), rows))
     return 0
 

@@ -44,10 +44,24 @@ def random_llava(folder: Path, hidden: int, layers: int) -> None:
     sys.path.insert(0, str(REPO / "tests"))
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    text = dict(model_type="llama", vocab_size=32000, hidden_size=hidden, intermediate_size=4 * hidden,
-                num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=16)
-    vision = CLIPVisionConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=64, patch_size=16, projection_dim=256)
+    text = dict(
+        model_type="llama",
+        vocab_size=32000,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=64,
+        patch_size=16,
+        projection_dim=256,
+    )
     from tiny_models import tiny_llava
 
     _, processor = tiny_llava()
@@ -71,14 +85,27 @@ def main() -> None:
         size = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors")) / 2**20
         rows = []
         for way in ("to_device", "adapter"):
-            out = subprocess.run([sys.executable, "-c", _CHILD.format(repo=str(REPO)), str(folder), args.dtype,
-                                  args.device, way], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, "-c", _CHILD.format(repo=str(REPO)), str(folder), args.dtype, args.device, way],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            rows.append((way, r["seconds"], r["after_imports_mib"], r["peak_mib"],
-                         r["peak_mib"] - r["after_imports_mib"], r["gpu_mib"]))
+            rows.append(
+                (
+                    way,
+                    r["seconds"],
+                    r["after_imports_mib"],
+                    r["peak_mib"],
+                    r["peak_mib"] - r["after_imports_mib"],
+                    r["gpu_mib"],
+                )
+            )
     print(f"{folder}: {size:,.0f} MiB of safetensors, {args.dtype} on {args.device}")
-    print(table(("way", "seconds", "RSS after imports MiB", "peak RSS MiB", "peak - imports MiB", "GPU peak MiB"),
-                rows))
+    print(
+        table(("way", "seconds", "RSS after imports MiB", "peak RSS MiB", "peak - imports MiB", "GPU peak MiB"), rows)
+    )
 
 
 if __name__ == "__main__":

@@ -75,8 +75,15 @@ def measure(args, setting: str, busy: int) -> dict:
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
     try:
         time.sleep(0.5 if busy else 0)
-        code = _CHILD.format(repo=str(REPO), bench=str(REPO / "benchmarks"), threads=args.threads,
-                             benchmark=str(args.benchmark), model=args.model, steps=args.steps, items=args.items)
+        code = _CHILD.format(
+            repo=str(REPO),
+            bench=str(REPO / "benchmarks"),
+            threads=args.threads,
+            benchmark=str(args.benchmark),
+            model=args.model,
+            steps=args.steps,
+            items=args.items,
+        )
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     finally:
         for h in hogs:
@@ -93,8 +100,12 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--items", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--settings", nargs="+", default=["default", "OMP_WAIT_POLICY=PASSIVE"],
-                   help='"default" or NAME=VALUE[,NAME=VALUE] of OMP_WAIT_POLICY, GOMP_SPINCOUNT')
+    p.add_argument(
+        "--settings",
+        nargs="+",
+        default=["default", "OMP_WAIT_POLICY=PASSIVE"],
+        help='"default" or NAME=VALUE[,NAME=VALUE] of OMP_WAIT_POLICY, GOMP_SPINCOUNT',
+    )
     args = p.parse_args()
     if not os.path.isfile(os.path.join(args.benchmark, "annotations.parquet")):
         print(f"skipped: {args.benchmark}/annotations.parquet not found; build it with `dvc repro benchmark`")
@@ -103,13 +114,27 @@ def main() -> int:
     for setting in args.settings:
         alone = measure(args, setting, 0)
         loaded = measure(args, setting, args.busy)
-        rows.append((setting, alone["train_steps_per_s"], loaded["train_steps_per_s"],
-                     alone["train_steps_per_s"] / loaded["train_steps_per_s"], alone["eval_items_per_s"],
-                     loaded["eval_items_per_s"], alone["eval_items_per_s"] / loaded["eval_items_per_s"]))
-    print(f"{args.model}, {args.threads} torch threads, {os.cpu_count()} CPUs, {args.busy} busy processes beside "
-          f"it when loaded; fair-share slowdown about {(args.busy + args.threads) / (os.cpu_count() or 1):.1f}x")
-    print(table(("OpenMP setting", "train steps/s alone", "loaded", "slowdown", "eval items/s alone", "loaded",
-                 "slowdown"), rows))
+        rows.append(
+            (
+                setting,
+                alone["train_steps_per_s"],
+                loaded["train_steps_per_s"],
+                alone["train_steps_per_s"] / loaded["train_steps_per_s"],
+                alone["eval_items_per_s"],
+                loaded["eval_items_per_s"],
+                alone["eval_items_per_s"] / loaded["eval_items_per_s"],
+            )
+        )
+    print(
+        f"{args.model}, {args.threads} torch threads, {os.cpu_count()} CPUs, {args.busy} busy processes beside "
+        f"it when loaded; fair-share slowdown about {(args.busy + args.threads) / (os.cpu_count() or 1):.1f}x"
+    )
+    print(
+        table(
+            ("OpenMP setting", "train steps/s alone", "loaded", "slowdown", "eval items/s alone", "loaded", "slowdown"),
+            rows,
+        )
+    )
     return 0
 
 

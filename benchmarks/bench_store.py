@@ -33,8 +33,9 @@ def _count_files(path: Path) -> int:
     return sum(1 for p in path.rglob("*") if p.is_file())
 
 
-def bench_zarr(data: np.ndarray, root: Path, chunk_items: int, block_items: int,
-               checksum: bool) -> tuple[float, float, int]:
+def bench_zarr(
+    data: np.ndarray, root: Path, chunk_items: int, block_items: int, checksum: bool
+) -> tuple[float, float, int]:
     import zarr
 
     n, L, I = data.shape[1:]
@@ -43,18 +44,25 @@ def bench_zarr(data: np.ndarray, root: Path, chunk_items: int, block_items: int,
         shutil.rmtree(path)
     t0 = time.perf_counter()
     g = zarr.open_group(str(path), mode="w")
-    arr = create_checked_array(g, "z", shape=data.shape, chunks=(1, chunk_items, L, I),
-                               shards=(1, block_items, L, I) if block_items != chunk_items else None,
-                               dtype=data.dtype, dims=("condition", "item", "layer", "neuron"), checksum=checksum)
+    arr = create_checked_array(
+        g,
+        "z",
+        shape=data.shape,
+        chunks=(1, chunk_items, L, I),
+        shards=(1, block_items, L, I) if block_items != chunk_items else None,
+        dtype=data.dtype,
+        dims=("condition", "item", "layer", "neuron"),
+        checksum=checksum,
+    )
     for s in range(0, n, block_items):
-        arr[:, s: s + block_items] = data[:, s: s + block_items]
+        arr[:, s : s + block_items] = data[:, s : s + block_items]
     t_write = time.perf_counter() - t0
     files = _count_files(path)
     t0 = time.perf_counter()
     arr = zarr.open_group(str(path), mode="r")["z"]
     total = 0.0
     for s in range(0, n, block_items):
-        total += float(np.asarray(arr[:, s: s + block_items])[0, 0, 0, 0])
+        total += float(np.asarray(arr[:, s : s + block_items])[0, 0, 0, 0])
     t_read = time.perf_counter() - t0
     shutil.rmtree(path)
     return t_write, t_read, files
@@ -103,21 +111,27 @@ def main(argv=None) -> int:
                 (f"zarr plan + crc32c (the store): {plan_name}", (plan.chunk_items, plan.block_items, True)),
                 (f"zarr 1 item/chunk + crc32c ({item_bytes / 2**20:.2f} MiB)", (1, 1, True)),
                 (f"zarr {big} items/chunk + crc32c ({big * item_bytes / 2**20:.1f} MiB)", (big, big, True)),
-                (f"zarr plan sharded + crc32c: {sharded.block_items // sharded.chunk_items} chunks/shard",
-                 (sharded.chunk_items, sharded.block_items, True)),
+                (
+                    f"zarr plan sharded + crc32c: {sharded.block_items // sharded.chunk_items} chunks/shard",
+                    (sharded.chunk_items, sharded.block_items, True),
+                ),
             ]
             if not sharded.sharded:  # too few chunks for the file budget to force shards
                 variants = [v for v in variants if "sharded" not in v[0]]
             for name, spec in variants:
-                runs = [bench_numpy(data, root) if spec is None else bench_zarr(data, root, *spec)
-                        for _ in range(args.repeats)]
+                runs = [
+                    bench_numpy(data, root) if spec is None else bench_zarr(data, root, *spec)
+                    for _ in range(args.repeats)
+                ]
                 tw, tr = float(np.median([r[0] for r in runs])), float(np.median([r[1] for r in runs]))
                 rows.append((dtype, f"{nbytes / 2**20:.0f}", name, runs[0][2], nbytes / tw / 1e6, nbytes / tr / 1e6))
             del data
 
     head = ("dtype", "MiB", "layout", "files", "write MB/s", "read MB/s")
-    widths = [max(len(str(h)), *(len(f"{r[i]:.0f}" if isinstance(r[i], float) else str(r[i])) for r in rows))
-              for i, h in enumerate(head)]
+    widths = [
+        max(len(str(h)), *(len(f"{r[i]:.0f}" if isinstance(r[i], float) else str(r[i])) for r in rows))
+        for i, h in enumerate(head)
+    ]
 
     def fmt(r):
         cells = ((f"{v:.0f}" if isinstance(v, float) else str(v)).ljust(w) for v, w in zip(r, widths))

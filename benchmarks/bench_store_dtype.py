@@ -73,8 +73,10 @@ def main() -> None:
         lay = next(iter(stores.values())).layout
         first = stores[args.tasks[0]]
         item_bytes = {name: first.group[name].dtype.itemsize for name in ("z", *ROUNDED_ARRAYS)}
-        print(f"\n## {model}: {lay.n_layers} layers x {lay.n_neurons} neurons, {lay.n_conditions} conditions; "
-              f"stored bytes per value: {item_bytes}\n")
+        print(
+            f"\n## {model}: {lay.n_layers} layers x {lay.n_neurons} neurons, {lay.n_conditions} conditions; "
+            f"stored bytes per value: {item_bytes}\n"
+        )
         reference = importance_matrix({t: statistics(s, None, False) for t, s in stores.items()}, seed=0)
         variants = [(name, dtype, items_too) for name, dtype in DTYPES.items() for items_too in (False, True)]
         cells: dict[str, list[str]] = {m: [] for m in reference.methods if m != "random"}
@@ -82,16 +84,21 @@ def main() -> None:
             rounded = importance_matrix({t: statistics(s, dtype, items_too) for t, s in stores.items()}, seed=0)
             for method in cells:
                 m = reference.methods.index(method)
-                pairs = [(reference.scores[m, j].ravel(), rounded.scores[m, j].ravel()) for j in range(len(reference.tasks))]
+                pairs = [
+                    (reference.scores[m, j].ravel(), rounded.scores[m, j].ravel()) for j in range(len(reference.tasks))
+                ]
                 gap = max((1 - spearmanr(a, b).statistic) if np.ptp(a) > 0 else 0.0 for a, b in pairs)
                 share = min(top_share(a, b, args.top) for a, b in pairs)
                 cells[method].append(f"{gap:.1e} / {share:.3f}")
-        print(f"Worst task of {', '.join(reference.tasks)}: 1 - Spearman of the importance with float32's, and the "
-              f"share of float32's top {args.top:.0%} that the rounded ranking keeps in its top {args.top:.0%}.\n")
+        print(
+            f"Worst task of {', '.join(reference.tasks)}: 1 - Spearman of the importance with float32's, and the "
+            f"share of float32's top {args.top:.0%} that the rounded ranking keeps in its top {args.top:.0%}.\n"
+        )
         print("| method | " + " | ".join(f"{n} {'z+items' if i else 'z'}" for n, _, i in variants) + " |")
         print("|---|" + "---|" * len(variants))
         for method, row in cells.items():
             print(f"| {method} | " + " | ".join(row) + " |")
+
 
 if __name__ == "__main__":
     main()

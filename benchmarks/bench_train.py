@@ -27,10 +27,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from _common import REPO, table
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _common import REPO, table
 
 from pipeline.model import default_model as dm  # noqa: E402
 from pipeline.model.adapter import ModelAdapter  # noqa: E402
@@ -75,8 +74,16 @@ def measure(name: str, spec, benchmark: Path, steps: int, n_images: int) -> tupl
         build_s = time.perf_counter() - t0
         with cache.installed():
             rates.append(_steps_per_second(adapter, spec, as_batches(order), decoded))
-    return (name, spec.batch_size, rates[0], rates[1], rates[2], rates[1] / rates[0], rates[2] / rates[0],
-            1000 * build_s / len(decoded))
+    return (
+        name,
+        spec.batch_size,
+        rates[0],
+        rates[1],
+        rates[2],
+        rates[1] / rates[0],
+        rates[2] / rates[0],
+        1000 * build_s / len(decoded),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,8 +102,21 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params_file(REPO / "params.yaml")
     rows = [measure(m, params.models[m].spec, args.benchmark, args.steps, args.images) for m in args.models]
     print(f"language steps, {args.steps} timed per run, {args.threads} threads, {args.images} images")
-    print(table(("model", "batch", "steps/s before", "steps/s cached", "steps/s cached + bucketed",
-                 "speed-up cached", "speed-up cached + bucketed", "cache build (s per 1,000 images)"), rows))
+    print(
+        table(
+            (
+                "model",
+                "batch",
+                "steps/s before",
+                "steps/s cached",
+                "steps/s cached + bucketed",
+                "speed-up cached",
+                "speed-up cached + bucketed",
+                "cache build (s per 1,000 images)",
+            ),
+            rows,
+        )
+    )
     return 0
 
 

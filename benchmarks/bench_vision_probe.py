@@ -25,10 +25,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from _common import REPO, table
-
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from _common import REPO, table
 
 from pipeline.model import default_model as dm  # noqa: E402
 from pipeline.tasks.items import ImageTable, read_annotations  # noqa: E402
@@ -53,8 +52,12 @@ def slot_labels(captions: pd.DataFrame, shapes: list[str], colours: list[str]) -
 def tower_features(model, processor, images: list) -> torch.Tensor:
     tower = dm.vision_tower(model).eval()
     with torch.no_grad():
-        return torch.cat([dm.patch_features(tower, dm.image_pixels(processor, images[s : s + 256])).flatten(1)
-                          for s in range(0, len(images), 256)])
+        return torch.cat(
+            [
+                dm.patch_features(tower, dm.image_pixels(processor, images[s : s + 256])).flatten(1)
+                for s in range(0, len(images), 256)
+            ]
+        )
 
 
 def probe_accuracy(x_train, y_train, x_test, y_test, classes: int) -> float:
@@ -86,8 +89,10 @@ def probe(model, processor, benchmark: Path) -> tuple[float, float]:
     parts = {}
     for split, n in (("train", 4000), ("test", 200)):
         rows = captions[captions["split"] == split].head(n)
-        parts[split] = (tower_features(model, processor, [images[i] for i in rows["image_id"]]),
-                        *slot_labels(rows, shapes, colours))
+        parts[split] = (
+            tower_features(model, processor, [images[i] for i in rows["image_id"]]),
+            *slot_labels(rows, shapes, colours),
+        )
     (xtr, str_, ctr), (xte, ste, cte) = parts["train"], parts["test"]
     return (probe_accuracy(xtr, str_, xte, ste, len(shapes) + 1), probe_accuracy(xtr, ctr, xte, cte, len(colours) + 1))
 
@@ -118,11 +123,25 @@ def main(argv: list[str] | None = None) -> int:
         model, processor = dm._build_untrained(spec, data.annotations, "cpu")
         decoded = dm._decode_images(data.images, data.train["image_id"])
         t0 = time.perf_counter()
-        dm.warm_up_vision(model, processor, decoded, dm.image_word_targets(data.train, processor.tokenizer),
-                          steps=steps, batch_size=spec.batch_size * 2, lr=spec.lr, seed=spec.seed)
+        dm.warm_up_vision(
+            model,
+            processor,
+            decoded,
+            dm.image_word_targets(data.train, processor.tokenizer),
+            steps=steps,
+            batch_size=spec.batch_size * 2,
+            lr=spec.lr,
+            seed=spec.seed,
+        )
         label = f"{args.warm_up} {' '.join(args.set)}".strip()
-        rows.append((label, f"warm-up only, {steps} steps", f"{time.perf_counter() - t0:.0f}",
-                     *probe(model, processor, args.benchmark)))
+        rows.append(
+            (
+                label,
+                f"warm-up only, {steps} steps",
+                f"{time.perf_counter() - t0:.0f}",
+                *probe(model, processor, args.benchmark),
+            )
+        )
     print(table(("model", "tower", "warm-up (s)", "shape probe (test)", "colour probe (test)"), rows))
     return 0
 

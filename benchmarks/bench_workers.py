@@ -21,10 +21,9 @@ import time
 from functools import partial
 from pathlib import Path
 
-from _common import REPO, load_model_and_images, require, table
-
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from _common import REPO, load_model_and_images, require, table
 
 
 def main() -> None:
@@ -65,26 +64,51 @@ def main() -> None:
             start = time.perf_counter()
             if what == "evaluate":
                 jobs = suppression_jobs(test, conditions, shards_per_task=1 if workers == 1 else 2 * workers)
-                parts = map_jobs(partial(run_suppression_job, items=test, conditions=conditions,
-                                         batch_size=args.batch_size, max_new_tokens=24),
-                                 jobs, load, workers=workers, threads=threads, what=what)
+                parts = map_jobs(
+                    partial(
+                        run_suppression_job,
+                        items=test,
+                        conditions=conditions,
+                        batch_size=args.batch_size,
+                        max_new_tokens=24,
+                    ),
+                    jobs,
+                    load,
+                    workers=workers,
+                    threads=threads,
+                    what=what,
+                )
                 scores = merge_suppression_scores(parts, test)
-                values = np.concatenate([np.asarray(r.per_item, dtype=float) for by in scores.values() for r in by.values()])
+                values = np.concatenate(
+                    [np.asarray(r.per_item, dtype=float) for by in scores.values() for r in by.values()]
+                )
                 n_rows = sum(len(cs) * (len(test[test["task"] == j.eval_task])) for j in jobs for _, cs in j.conditions)
             else:
                 n = 1 if workers == 1 else 2 * workers
-                parts = map_jobs(partial(ablation_shard_job, items=discovery, batch_size=args.batch_size),
-                                 [(k, n) for k in range(n)], load, workers=workers, threads=threads, what=what)
+                parts = map_jobs(
+                    partial(ablation_shard_job, items=discovery, batch_size=args.batch_size),
+                    [(k, n) for k in range(n)],
+                    load,
+                    workers=workers,
+                    threads=threads,
+                    what=what,
+                )
                 effect, _ = merge_ablation_shards(parts)
                 values = effect.ravel()
                 n_rows = effect.size * len(discovery)
             out[workers] = (time.perf_counter() - start, values, n_rows)
         (t1, v1, n1), (tw, vw, _) = out[1], out[args.workers]
         rows.append((what, n1, f"{t1:.1f}", f"{tw:.1f}", f"{t1 / tw:.2f}x", f"{np.max(np.abs(v1 - vw)):.1e}"))
-    print(f"1 process of {args.threads} threads vs {args.workers} workers; {args.items} test items per task, "
-          f"{len(conditions)} masks; {args.ablation_items} ablation items")
-    print(table(("work", "condition-items", "1 process (s)", f"{args.workers} workers (s)", "speed-up",
-                 "max |difference|"), rows))
+    print(
+        f"1 process of {args.threads} threads vs {args.workers} workers; {args.items} test items per task, "
+        f"{len(conditions)} masks; {args.ablation_items} ablation items"
+    )
+    print(
+        table(
+            ("work", "condition-items", "1 process (s)", f"{args.workers} workers (s)", "speed-up", "max |difference|"),
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

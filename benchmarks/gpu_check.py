@@ -43,16 +43,26 @@ def _params(folder: Path, args) -> dict:
 
     from stages.profile import merged
 
-    params = merged(yaml.safe_load((REPO / "params.yaml").read_text()),
-                    yaml.safe_load((REPO / "tests/e2e/params_small.yaml").read_text()))
+    params = merged(
+        yaml.safe_load((REPO / "params.yaml").read_text()),
+        yaml.safe_load((REPO / "tests/e2e/params_small.yaml").read_text()),
+    )
     n = args.items
-    return merged(params, {
-        "trained_models": [], "pretrained_models": [NAME], "studied_models": [NAME],
-        "models": {NAME: {"source": "pretrained", "path": str(folder), "dtype": args.dtype, "device": args.device}},
-        "runtime": {"batch_sequences": args.batch_sequences, "workers": 1},
-        "benchmark": {"synthetic": {"n_images": {"train": 16, "discovery": n, "dev": n, "test": n}}},
-        "heads": {"max_items": n}, "dump": {"max_items": n}, "evaluate": {"max_items": n}, "steer": {"max_items": n},
-    })
+    return merged(
+        params,
+        {
+            "trained_models": [],
+            "pretrained_models": [NAME],
+            "studied_models": [NAME],
+            "models": {NAME: {"source": "pretrained", "path": str(folder), "dtype": args.dtype, "device": args.device}},
+            "runtime": {"batch_sequences": args.batch_sequences, "workers": 1},
+            "benchmark": {"synthetic": {"n_images": {"train": 16, "discovery": n, "dev": n, "test": n}}},
+            "heads": {"max_items": n},
+            "dump": {"max_items": n},
+            "evaluate": {"max_items": n},
+            "steer": {"max_items": n},
+        },
+    )
 
 
 def _drop_other_models(params: dict) -> dict:
@@ -111,8 +121,9 @@ def main() -> None:
         params = _params(folder or work / "model", args)
         if folder is None:
             folder = work / "model"
-            save_model(folder, args.family, seed=0, words=benchmark_words(params["benchmark"]["synthetic"],
-                                                                          work / "words"))
+            save_model(
+                folder, args.family, seed=0, words=benchmark_words(params["benchmark"]["synthetic"], work / "words")
+            )
         args.repo = new_repo(work / "repo", _drop_other_models(params))
         t0 = time.perf_counter()
         try:
@@ -131,8 +142,10 @@ def main() -> None:
                 acc[1] += r["rows"] or 0
                 acc[2] = max(acc[2], r.get("peak_gpu_mib") or 0.0)
         bare_rate, bare_peak, bare_rows = bare_forward(folder, args)
-    rows = [(kind, wall, n, n / wall if wall else 0.0, n / wall / bare_rate if wall else 0.0, peak or "")
-            for kind, (wall, n, peak) in sorted(records.items())]
+    rows = [
+        (kind, wall, n, n / wall if wall else 0.0, n / wall / bare_rate if wall else 0.0, peak or "")
+        for kind, (wall, n, peak) in sorted(records.items())
+    ]
     rows.append(("bare forward", bare_rows / bare_rate, bare_rows, bare_rate, 1.0, bare_peak or ""))
     print(f"{folder} ({args.dtype} on {args.device}); dvc repro of the whole graph: {total:.0f} s")
     print(table(("stage", "wall s", "rows", "rows/s", "of bare forward", "peak GPU MiB"), rows))

@@ -116,8 +116,11 @@ def provenance(model: str | None, params_hash: str | None, revision: str | None 
     ``cpu_kernels``: the instruction set of torch's CPU kernels (``AVX2``, ``AVX512``), which the
     floating-point results follow; None where torch is not loaded."""
     torch = sys.modules.get("torch")
-    out = {"code_version": code_version(entry), "params_hash": params_hash,
-           "cpu_kernels": torch.backends.cpu.get_cpu_capability() if torch is not None else None}
+    out = {
+        "code_version": code_version(entry),
+        "params_hash": params_hash,
+        "cpu_kernels": torch.backends.cpu.get_cpu_capability() if torch is not None else None,
+    }
     if model is not None:
         out["model"] = str(model)
         out["model_revision"] = revision

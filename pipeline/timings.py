@@ -64,13 +64,36 @@ class StageTiming:
     cpu_kernels: str | None = None
 
     @classmethod
-    def measured(cls, stage: str, started_utc: str, wall_s: float, rows: int | None, unit: str | None, *,
-                 threads: int | None, cpus: int, load_1m: float, peak_host_mib: float | None = None,
-                 peak_gpu_mib: float | None = None, cpu_kernels: str | None = None) -> StageTiming:
+    def measured(
+        cls,
+        stage: str,
+        started_utc: str,
+        wall_s: float,
+        rows: int | None,
+        unit: str | None,
+        *,
+        threads: int | None,
+        cpus: int,
+        load_1m: float,
+        peak_host_mib: float | None = None,
+        peak_gpu_mib: float | None = None,
+        cpu_kernels: str | None = None,
+    ) -> StageTiming:
         rate = round(rows / wall_s, 2) if rows is not None and wall_s > 0 else None
-        return cls(stage, started_utc, round(wall_s, 2), rows, unit, rate, threads, cpus, round(load_1m, 2),
-                   None if peak_host_mib is None else round(peak_host_mib, 1),
-                   None if peak_gpu_mib is None else round(peak_gpu_mib, 1), cpu_kernels)
+        return cls(
+            stage,
+            started_utc,
+            round(wall_s, 2),
+            rows,
+            unit,
+            rate,
+            threads,
+            cpus,
+            round(load_1m, 2),
+            None if peak_host_mib is None else round(peak_host_mib, 1),
+            None if peak_gpu_mib is None else round(peak_gpu_mib, 1),
+            cpu_kernels,
+        )
 
 
 def _record_path(folder: Path, stage: str) -> Path:
@@ -86,8 +109,12 @@ def write_timing(folder: Path, record: StageTiming) -> None:
         tmp.write_text(json.dumps(asdict(record), indent=1) + "\n")
     with atomic_file(folder / TABLE_FILE) as tmp:
         tmp.write_text(timings_markdown(read_timings(folder)))
-    log.info("%s: %.1f s%s", record.stage, record.wall_s,
-             f", {record.rows:,} {record.unit} ({record.rows_per_s:,.1f}/s)" if record.rows is not None else "")
+    log.info(
+        "%s: %.1f s%s",
+        record.stage,
+        record.wall_s,
+        f", {record.rows:,} {record.unit} ({record.rows_per_s:,.1f}/s)" if record.rows is not None else "",
+    )
 
 
 def read_timings(folder: Path) -> list[StageTiming]:
@@ -104,17 +131,21 @@ def read_timings(folder: Path) -> list[StageTiming]:
 
 def timings_markdown(records: list[StageTiming]) -> str:
     """A Markdown table of ``records`` (one row each, in the given order) and a total row."""
-    lines = ["| stage | wall (s) | rows | unit | rows/s | started (UTC) | threads | kernels | load (1 min) "
-             "| peak MiB (host / GPU) |",
-             "| --- | ---: | ---: | --- | ---: | --- | ---: | --- | ---: | ---: |"]
+    lines = [
+        "| stage | wall (s) | rows | unit | rows/s | started (UTC) | threads | kernels | load (1 min) "
+        "| peak MiB (host / GPU) |",
+        "| --- | ---: | ---: | --- | ---: | --- | ---: | --- | ---: | ---: |",
+    ]
     for r in records:
         rows = f"{r.rows:,}" if r.rows is not None else ""
         rate = f"{r.rows_per_s:,.1f}" if r.rows_per_s is not None else ""
         peak = "" if r.peak_host_mib is None else f"{r.peak_host_mib:,.0f}"
         if r.peak_gpu_mib is not None:
             peak += f" / {r.peak_gpu_mib:,.0f}"
-        lines.append(f"| {r.stage} | {r.wall_s:,.1f} | {rows} | {r.unit or ''} | {rate} | {r.started_utc} "
-                     f"| {r.threads if r.threads is not None else ''} | {r.cpu_kernels or ''} | {r.load_1m:.2f} | {peak} |")
+        lines.append(
+            f"| {r.stage} | {r.wall_s:,.1f} | {rows} | {r.unit or ''} | {rate} | {r.started_utc} "
+            f"| {r.threads if r.threads is not None else ''} | {r.cpu_kernels or ''} | {r.load_1m:.2f} | {peak} |"
+        )
     total = sum(r.wall_s for r in records)
     lines.append(f"| **total** | **{total:,.1f}** ({total / 60:.1f} min) | | | | | | | | |")
     return "\n".join(lines) + "\n"

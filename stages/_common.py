@@ -92,8 +92,10 @@ def output_lock(path: Path) -> Iterator[None]:
         except BlockingIOError:
             fh.seek(0)
             holder = fh.read().strip() or "unknown"
-            raise OutputLocked(f"{path} is being written by another run (PID {holder}); wait for it to "
-                               "finish or stop it, then run again") from None
+            raise OutputLocked(
+                f"{path} is being written by another run (PID {holder}); wait for it to "
+                "finish or stop it, then run again"
+            ) from None
         fh.seek(0)
         fh.truncate()
         fh.write(str(os.getpid()))
@@ -216,13 +218,27 @@ def _record_timing(stage: str, started_utc: str, wall_s: float, load_1m: float) 
     rows, unit = _work.get("rows") or _model_rows()
     torch = sys.modules.get("torch")
     threads = torch.get_num_threads() if torch is not None else None
-    gpu = (torch.cuda.max_memory_allocated() / 2**20
-           if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized() else None)
-    write_timing(folder, StageTiming.measured(stage, started_utc, wall_s, rows, unit, threads=threads,
-                                              cpus=os.cpu_count() or 1, load_1m=load_1m,
-                                              peak_host_mib=peak_rss_mib(), peak_gpu_mib=gpu,
-                                              cpu_kernels=torch.backends.cpu.get_cpu_capability()
-                                              if torch is not None else None))
+    gpu = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized()
+        else None
+    )
+    write_timing(
+        folder,
+        StageTiming.measured(
+            stage,
+            started_utc,
+            wall_s,
+            rows,
+            unit,
+            threads=threads,
+            cpus=os.cpu_count() or 1,
+            load_1m=load_1m,
+            peak_host_mib=peak_rss_mib(),
+            peak_gpu_mib=gpu,
+            cpu_kernels=torch.backends.cpu.get_cpu_capability() if torch is not None else None,
+        ),
+    )
 
 
 def entry(fn: Callable[[], None]) -> Callable[[], None]:
@@ -236,10 +252,15 @@ def entry(fn: Callable[[], None]) -> Callable[[], None]:
         # still pending are "destroyed" at exit, which asyncio logs as a second ERROR line.
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         if os.environ.get("HONES_CPU_SHARED") == "1":
-            log.info("other processes were running when this stage started: OpenMP threads spin briefly "
-                     "(GOMP_SPINCOUNT=%s; stages/__init__.py)", os.environ.get("GOMP_SPINCOUNT"))
+            log.info(
+                "other processes were running when this stage started: OpenMP threads spin briefly "
+                "(GOMP_SPINCOUNT=%s; stages/__init__.py)",
+                os.environ.get("GOMP_SPINCOUNT"),
+            )
         if os.environ.get("HONES_CPU_ISA") == "avx2":
-            log.debug("CPU kernels pinned to AVX2 (stages/__init__.py; HONES_CPU_ISA=native to let them follow the CPU)")
+            log.debug(
+                "CPU kernels pinned to AVX2 (stages/__init__.py; HONES_CPU_ISA=native to let them follow the CPU)"
+            )
         signal.signal(signal.SIGTERM, _raise_stopped)
         _stop_when_parent_dies()
         out = _argv_value("--out")
@@ -260,8 +281,11 @@ def entry(fn: Callable[[], None]) -> Callable[[], None]:
             log.error("%s", msg)
             sys.exit(2)
         except StageStopped as exc:
-            log.error("stopped: %s; the output being written was rolled back (a resumable stage keeps its "
-                      "scratch and resumes on the next run)", exc)
+            log.error(
+                "stopped: %s; the output being written was rolled back (a resumable stage keeps its "
+                "scratch and resumes on the next run)",
+                exc,
+            )
             sys.exit(128 + signal.SIGTERM)
         wall_s = time.perf_counter() - t0
         write_params_audit(stage_id(module))

@@ -31,8 +31,7 @@ def resolve_device(device: str, key: str) -> str:
         return "cpu"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError(f"{key}: {device!r} but torch sees no CUDA device on this machine; "
-                              "use 'cpu' or 'auto'")
+            raise ConfigError(f"{key}: {device!r} but torch sees no CUDA device on this machine; use 'cpu' or 'auto'")
         index = int(device.split(":")[1]) if ":" in device else 0
         if index >= torch.cuda.device_count():
             raise ConfigError(f"{key}: {device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")

@@ -115,7 +115,8 @@ def worker_plan(params: StageParams, name: str) -> tuple[int, int]:
     if workers > 1:
         device = model_device(params, name)
         if device != "cpu":
-            log.info("runtime.workers = %d applies to models on the CPU; %s runs on %s in one process",
-                     workers, name, device)
+            log.info(
+                "runtime.workers = %d applies to models on the CPU; %s runs on %s in one process", workers, name, device
+            )
             return 1, params.runtime.threads
     return workers, split_threads(params.runtime.threads, workers)

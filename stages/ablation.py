@@ -14,8 +14,12 @@ from stages._load import load_items, load_model_and_images, worker_plan
 from stages.params import read_params
 
 READS = (
-    "ablation.enabled", "ablation.split", "ablation.max_items",
-    "runtime.threads", "runtime.workers", "runtime.batch_sequences",
+    "ablation.enabled",
+    "ablation.split",
+    "ablation.max_items",
+    "runtime.threads",
+    "runtime.workers",
+    "runtime.batch_sequences",
     "models.{model}",
 )
 
@@ -24,8 +28,14 @@ def effect_table(effect: np.ndarray, se: np.ndarray) -> pd.DataFrame:
     """[layer, neuron] effects and their standard errors as rows (layer, neuron, effect, se), nats;
     empty when ablation is off."""
     layers, neurons = np.indices(effect.shape)
-    return pd.DataFrame({"layer": layers.ravel().astype(np.int32), "neuron": neurons.ravel().astype(np.int32),
-                         "effect": effect.ravel().astype(np.float64), "se": se.ravel().astype(np.float64)})
+    return pd.DataFrame(
+        {
+            "layer": layers.ravel().astype(np.int32),
+            "neuron": neurons.ravel().astype(np.int32),
+            "effect": effect.ravel().astype(np.float64),
+            "se": se.ravel().astype(np.float64),
+        }
+    )
 
 
 @entry
@@ -46,10 +56,15 @@ def main() -> None:
     # Shard k of n holds layers k, k + n, ...; a layer's rows compute every layer from it up,
     # so the lowest are the heaviest and go first. One worker: one shard, all layers.
     n = 1 if workers == 1 else 2 * workers
-    parts = map_jobs(partial(ablation_shard_job, items=items, batch_size=params.runtime.batch_sequences),
-                     [(k, n) for k in range(n)], partial(load_model_and_images, params, args.model, args.benchmark),
-                     workers=workers, threads=threads, describe=lambda sh: f"layers {sh[0]}::{sh[1]}",
-                     what=f"ablation {args.task}")
+    parts = map_jobs(
+        partial(ablation_shard_job, items=items, batch_size=params.runtime.batch_sequences),
+        [(k, n) for k in range(n)],
+        partial(load_model_and_images, params, args.model, args.benchmark),
+        workers=workers,
+        threads=threads,
+        describe=lambda sh: f"layers {sh[0]}::{sh[1]}",
+        what=f"ablation {args.task}",
+    )
     effect, se = merge_ablation_shards(parts)
     write_parquet(effect_table(effect, se), args.out)
 

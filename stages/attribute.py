@@ -16,10 +16,16 @@ from stages._load import load_items
 from stages.params import params_hash, read_params
 
 READS = (
-    "attribute.engine", "attribute.dask_scheduler", "attribute.dask_workers", "attribute.seed",
-    "attribute.ape_min_probability", "attribute.lape_filter_quantile", "attribute.lape_bar_quantile",
+    "attribute.engine",
+    "attribute.dask_scheduler",
+    "attribute.dask_workers",
+    "attribute.seed",
+    "attribute.ape_min_probability",
+    "attribute.lape_filter_quantile",
+    "attribute.lape_bar_quantile",
     "attribute.items_per_block",
-    "ablation.split", "ablation.max_items",
+    "ablation.split",
+    "ablation.max_items",
     "tasks",
 )
 
@@ -73,21 +79,32 @@ def main() -> None:
     truth = {t: ablation_matrix(args.ablation / f"{t}.parquet", (lay.n_layers, lay.n_neurons)) for t in stores}
     baselines = BaselineSettings(cfg.ape_min_probability, cfg.lape_filter_quantile, cfg.lape_bar_quantile)
     if cfg.engine == "dask":
-        methods, tasks, importance = run_dask(cfg.dask_scheduler, cfg.dask_workers, stores, truth, seed=cfg.seed,
-                                              baselines=baselines, items_per_chunk=cfg.items_per_block)
+        methods, tasks, importance = run_dask(
+            cfg.dask_scheduler,
+            cfg.dask_workers,
+            stores,
+            truth,
+            seed=cfg.seed,
+            baselines=baselines,
+            items_per_chunk=cfg.items_per_block,
+        )
     else:
-        methods, tasks, importance = attribute(stores, truth, seed=cfg.seed, baselines=baselines,
-                                               items_per_block=cfg.items_per_block)
+        methods, tasks, importance = attribute(
+            stores, truth, seed=cfg.seed, baselines=baselines, items_per_block=cfg.items_per_block
+        )
     on_items = None
     if all(truth[t] is not None for t in stores):
-        ablation_ids = {t: load_items(args.benchmark, (params.ablation.split,), (t,),
-                                      params.ablation.max_items)["item_id"].tolist() for t in stores}
+        ablation_ids = {
+            t: load_items(args.benchmark, (params.ablation.split,), (t,), params.ablation.max_items)["item_id"].tolist()
+            for t in stores
+        }
         if all(set(ids) <= set(stores[t].item_ids) for t, ids in ablation_ids.items()):
             on_items = attribute_on_items(stores, ablation_ids, seed=cfg.seed, baselines=baselines).scores
             on_items = np.concatenate([on_items, importance[[methods.index("ablation")]]])
     first = next(iter(stores.values())).attrs
-    prov = provenance(None, params_hash(settings, {t: s.attrs.get("params_hash") for t, s in stores.items()}),
-                      entry=__spec__.name)
+    prov = provenance(
+        None, params_hash(settings, {t: s.attrs.get("params_hash") for t, s in stores.items()}), entry=__spec__.name
+    )
     prov.update({k: first.get(k) for k in ("model", "model_name", "model_revision", "model_weights_sha256")})
     write_importance(args.out, methods, tasks, importance, {**prov, "params": settings}, on_ablation_items=on_items)
     report_rows(sum(len(s.item_ids) for s in stores.values()), "items")

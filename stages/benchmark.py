@@ -29,8 +29,15 @@ def main() -> None:
         coco = params.benchmark.hones_coco
         try:
             import_hones_coco(
-                Path(coco.json_path), Path(coco.image_root), args.out, seed=coco.seed, n_discovery=coco.n_discovery,
-                n_dev=coco.n_dev, n_test=coco.n_test, n_negatives=coco.n_negatives, max_images=coco.max_images,
+                Path(coco.json_path),
+                Path(coco.image_root),
+                args.out,
+                seed=coco.seed,
+                n_discovery=coco.n_discovery,
+                n_dev=coco.n_dev,
+                n_test=coco.n_test,
+                n_negatives=coco.n_negatives,
+                max_images=coco.max_images,
             )
         except CocoSizeError as exc:
             keys = ", ".join(f"benchmark.hones_coco.{a}" for a in exc.arguments)

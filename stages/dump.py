@@ -18,10 +18,16 @@ from stages._load import load_images, load_items, load_model, model_device, mode
 from stages.params import StageParams, params_hash, read_params
 
 READS = (
-    "dump.split", "dump.max_items", "dump.store_dtype", "dump.caption_idf", "dump.caption_target",
-    "dump.gradient_batch_items", "dump.target_chunk_mib",
+    "dump.split",
+    "dump.max_items",
+    "dump.store_dtype",
+    "dump.caption_idf",
+    "dump.caption_target",
+    "dump.gradient_batch_items",
+    "dump.target_chunk_mib",
     "heads.top_k",
-    "runtime.threads", "runtime.batch_sequences",
+    "runtime.threads",
+    "runtime.batch_sequences",
     "models.{model}",
 )
 
@@ -39,12 +45,22 @@ def dump_inputs(params: StageParams, args) -> tuple[pd.DataFrame, pd.DataFrame, 
     heads = top_heads(pd.read_parquet(args.heads), top_k, name="heads.top_k")
     path, revision = model_identity(params, args.model)
     prov = provenance(path, None, revision, entry=__spec__.name)
-    phash = params_hash(settings, {"top_k": top_k, "heads": heads[["layer", "head", "score"]].to_dict("list"),
-                                   "items": items["item_id"].tolist(), "model": prov})
+    phash = params_hash(
+        settings,
+        {
+            "top_k": top_k,
+            "heads": heads[["layer", "head", "score"]].to_dict("list"),
+            "items": items["item_id"].tolist(),
+            "model": prov,
+        },
+    )
     prov["params_hash"] = phash
-    storage = DumpStorage(dtype=cfg.store_dtype, params_hash=phash,
-                          attrs={**prov, "model_name": args.model, "params": {**settings, "heads.top_k": top_k}},
-                          target_chunk_bytes=int(cfg.target_chunk_mib * 2**20))
+    storage = DumpStorage(
+        dtype=cfg.store_dtype,
+        params_hash=phash,
+        attrs={**prov, "model_name": args.model, "params": {**settings, "heads.top_k": top_k}},
+        target_chunk_bytes=int(cfg.target_chunk_mib * 2**20),
+    )
     return items, heads, storage
 
 
@@ -64,9 +80,17 @@ def main() -> None:
     device = init_process_group("auto", model_device(params, args.model)) if world > 1 else None
     adapter = load_model(params, args.model, device=device)
     store = dump_activations(
-        adapter, DumpRequest(items, load_images(args.benchmark), heads, params.dump.caption_idf,
-                             params.dump.caption_target), args.out, storage,
-        DumpExecution(params.runtime.batch_sequences, params.dump.gradient_batch_items, rank=rank, world_size=world, barrier=barrier),
+        adapter,
+        DumpRequest(items, load_images(args.benchmark), heads, params.dump.caption_idf, params.dump.caption_target),
+        args.out,
+        storage,
+        DumpExecution(
+            params.runtime.batch_sequences,
+            params.dump.gradient_batch_items,
+            rank=rank,
+            world_size=world,
+            barrier=barrier,
+        ),
     )
     if store is not None:
         write_parquet(heads, args.critical_heads)

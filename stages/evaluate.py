@@ -6,6 +6,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.io import write_json, write_parquet
+from pipeline.model.workers import map_jobs
 from pipeline.outcomes.suppression import (
     conditions_table,
     mask_conditions,
@@ -15,17 +16,25 @@ from pipeline.outcomes.suppression import (
     suppression_jobs,
     suppression_statistics,
 )
-from pipeline.model.workers import map_jobs
 from pipeline.report.plots import plot_deletion_curves, plot_square
 from stages._common import entry, parser
 from stages._load import load_items, load_model_and_images, worker_plan
 from stages.params import ConfigError, read_params
 
 READS = (
-    "evaluate.split", "evaluate.max_items", "evaluate.methods",
-    "statistics.bootstrap_resamples", "statistics.seed", "statistics.confidence", "statistics.equivalence_margin",
-    "runtime.threads", "runtime.workers", "runtime.batch_sequences", "runtime.max_new_tokens",
-    "tasks", "models.{model}",
+    "evaluate.split",
+    "evaluate.max_items",
+    "evaluate.methods",
+    "statistics.bootstrap_resamples",
+    "statistics.seed",
+    "statistics.confidence",
+    "statistics.equivalence_margin",
+    "runtime.threads",
+    "runtime.workers",
+    "runtime.batch_sequences",
+    "runtime.max_new_tokens",
+    "tasks",
+    "models.{model}",
 )
 
 
@@ -59,23 +68,48 @@ def main() -> None:
     workers, threads = worker_plan(params, args.model)
     # Several shards per task and worker: the pool stays busy while the last jobs finish.
     jobs = suppression_jobs(items, conditions, shards_per_task=1 if workers == 1 else 2 * workers)
-    parts = map_jobs(partial(run_suppression_job, items=items, conditions=conditions, batch_size=rt.batch_sequences,
-                             max_new_tokens=rt.max_new_tokens),
-                     jobs, partial(load_model_and_images, params, args.model, args.benchmark),
-                     workers=workers, threads=threads, what="suppression")
+    parts = map_jobs(
+        partial(
+            run_suppression_job,
+            items=items,
+            conditions=conditions,
+            batch_size=rt.batch_sequences,
+            max_new_tokens=rt.max_new_tokens,
+        ),
+        jobs,
+        partial(load_model_and_images, params, args.model, args.benchmark),
+        workers=workers,
+        threads=threads,
+        what="suppression",
+    )
     scores = merge_suppression_scores(parts, items)
-    stats = suppression_statistics(scores, conditions, n_resamples=st.bootstrap_resamples, seed=st.seed,
-                                   confidence=st.confidence, equivalence_margin=st.equivalence_margin)
+    stats = suppression_statistics(
+        scores,
+        conditions,
+        n_resamples=st.bootstrap_resamples,
+        seed=st.seed,
+        confidence=st.confidence,
+        equivalence_margin=st.equivalence_margin,
+    )
     write_parquet(scores_table(scores, items), args.out / "scores.parquet")
     write_parquet(conditions_table(conditions), args.out / "conditions.parquet")
     write_json(stats, args.out / "suppression.json")
     for utility in ("generative", "likelihood"):
         for method, cells in stats[utility]["relative_drop"].items():
-            plot_square(_matrix(cells), args.out / f"suppression_{utility}_{method}.png",
-                        f"{args.model} / {method}: relative drop (%) of {utility} when the row task's mask is zeroed",
-                        "relative drop (%)", cmap="RdBu_r", center=0.0, fmt="{:.1f}")
-    plot_deletion_curves(stats["likelihood"]["curve"], args.out / "deletion_curves.png",
-                         f"{args.model}: deletion curves (likelihood, {st.confidence:.0%} intervals)")
+            plot_square(
+                _matrix(cells),
+                args.out / f"suppression_{utility}_{method}.png",
+                f"{args.model} / {method}: relative drop (%) of {utility} when the row task's mask is zeroed",
+                "relative drop (%)",
+                cmap="RdBu_r",
+                center=0.0,
+                fmt="{:.1f}",
+            )
+    plot_deletion_curves(
+        stats["likelihood"]["curve"],
+        args.out / "deletion_curves.png",
+        f"{args.model}: deletion curves (likelihood, {st.confidence:.0%} intervals)",
+    )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,11 @@ from pathlib import Path
 
 from pipeline.io import write_parquet
 from pipeline.method.heads import (
-    estimate_head_scores, per_item_table, score_heads_guided, score_heads_per_item, with_estimate,
+    estimate_head_scores,
+    per_item_table,
+    score_heads_guided,
+    score_heads_per_item,
+    with_estimate,
 )
 from pipeline.report.plots import plot_head_scores
 from stages._common import entry, parser
@@ -15,9 +19,15 @@ from stages._load import load_images, load_items, load_model
 from stages.params import read_params
 
 READS = (
-    "heads.split", "heads.max_items", "heads.utility", "heads.localisation", "heads.{heads.localisation}",
+    "heads.split",
+    "heads.max_items",
+    "heads.utility",
+    "heads.localisation",
+    "heads.{heads.localisation}",
     "heads.gradient_batch_items",
-    "runtime.threads", "runtime.batch_sequences", "runtime.max_new_tokens",
+    "runtime.threads",
+    "runtime.batch_sequences",
+    "runtime.max_new_tokens",
     "models.{model}",
 )
 
@@ -38,9 +48,16 @@ def main() -> None:
     scoring = dict(batch_size=rt.batch_sequences, max_new_tokens=rt.max_new_tokens, utility=cfg.utility)
     mode = getattr(cfg, cfg.localisation)  # the settings of the chosen localisation
     if cfg.localisation == "guided":
-        scores, values, kind = score_heads_guided(adapter, args.task, items, images, candidates=mode.candidates,
-                                                  gradient_batch_items=cfg.gradient_batch_items,
-                                                  name="heads.guided.candidates", **scoring)
+        scores, values, kind = score_heads_guided(
+            adapter,
+            args.task,
+            items,
+            images,
+            candidates=mode.candidates,
+            gradient_batch_items=cfg.gradient_batch_items,
+            name="heads.guided.candidates",
+            **scoring,
+        )
     else:
         scores, values, kind = score_heads_per_item(adapter, args.task, items, images, **scoring)
         estimate = estimate_head_scores(adapter, items, images, batch_size=cfg.gradient_batch_items)

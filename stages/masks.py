@@ -15,8 +15,14 @@ from pipeline.report.plots import plot_layer_distribution, plot_square
 from stages._common import entry, parser, report_rows
 from stages.params import read_params
 
-READS = ("masks.rho", "masks.rho_grid", "masks.random_draws", "masks.seed",
-         "statistics.bootstrap_resamples", "statistics.seed")
+READS = (
+    "masks.rho",
+    "masks.rho_grid",
+    "masks.random_draws",
+    "masks.seed",
+    "statistics.bootstrap_resamples",
+    "statistics.seed",
+)
 
 
 def ablation_se(folder: Path, tasks: list[str], shape: tuple[int, int]) -> dict[str, np.ndarray]:
@@ -49,8 +55,15 @@ def main() -> None:
     methods, tasks, importance, _ = read_importance(args.attribution)
     n_layers, n_neurons = importance.shape[2:]
     selectable = [m for m in methods if m != "ablation" or np.isfinite(importance[methods.index(m)]).all()]
-    masks = build_masks(selectable, tasks, importance[[methods.index(m) for m in selectable]], cfg.rho_grid, cfg.rho,
-                        random_draws=cfg.random_draws, seed=cfg.seed)
+    masks = build_masks(
+        selectable,
+        tasks,
+        importance[[methods.index(m) for m in selectable]],
+        cfg.rho_grid,
+        cfg.rho,
+        random_draws=cfg.random_draws,
+        seed=cfg.seed,
+    )
     write_parquet(masks, args.out)
     report_rows(len(masks.groupby(["method", "task", "rho", "draw"])), "masks")
     k = mask_size(n_layers, n_neurons, cfg.rho)
@@ -61,14 +74,22 @@ def main() -> None:
         se = ablation_se(args.ablation, tasks, (n_layers, n_neurons))
         on_items = read_importance_on_ablation_items(args.attribution)
         for j, task in enumerate(tasks):
-            faith[task] = {m: faithfulness(importance[methods.index(m), j], truth[j], k, se.get(task))
-                           for m in methods if m != "ablation"}
+            faith[task] = {
+                m: faithfulness(importance[methods.index(m), j], truth[j], k, se.get(task))
+                for m in methods
+                if m != "ablation"
+            }
             if task in se:
-                faith[task]["ground_truth_se"] = {"median": float(np.nanmedian(se[task])),
-                                                  "max": float(np.nanmax(se[task]))}
+                faith[task]["ground_truth_se"] = {
+                    "median": float(np.nanmedian(se[task])),
+                    "max": float(np.nanmax(se[task])),
+                }
             if on_items is not None:
-                matched[task] = {m: faithfulness(on_items[methods.index(m), j], truth[j], k, se.get(task))
-                                 for m in methods if m not in ("ablation", "random")}
+                matched[task] = {
+                    m: faithfulness(on_items[methods.index(m), j], truth[j], k, se.get(task))
+                    for m in methods
+                    if m not in ("ablation", "random")
+                }
     headline = masks[masks["headline"] & (masks["draw"] == 0)]
     jac = overlap(masks, "hones")
     metrics = {
@@ -80,15 +101,22 @@ def main() -> None:
     }
     # Layer preference compares tasks: a study of one task has none (and no verdict row for it).
     if len(tasks) > 1:
-        pref = layer_preference(headline[headline["method"] == "hones"], n_layers,
-                                np.random.default_rng(st.seed), st.bootstrap_resamples)
-        metrics["layer_preference_hones"] = {"cramers_v": pref["interval"].as_dict(),
-                                             "null_q95": round(pref["null_q95"], 4),
-                                             "p_value": round(pref["p_value"], 4),
-                                             "verdict": verdict(pref["interval"], pref["null_q95"])}
+        pref = layer_preference(
+            headline[headline["method"] == "hones"], n_layers, np.random.default_rng(st.seed), st.bootstrap_resamples
+        )
+        metrics["layer_preference_hones"] = {
+            "cramers_v": pref["interval"].as_dict(),
+            "null_q95": round(pref["null_q95"], 4),
+            "p_value": round(pref["p_value"], 4),
+            "verdict": verdict(pref["interval"], pref["null_q95"]),
+        }
     write_json(metrics, args.metrics)
-    plot_layer_distribution(headline, n_layers, args.plots / "layer_distribution.png",
-                            f"{args.model}: layers of the top {cfg.rho:.1%} neurons")
+    plot_layer_distribution(
+        headline,
+        n_layers,
+        args.plots / "layer_distribution.png",
+        f"{args.model}: layers of the top {cfg.rho:.1%} neurons",
+    )
     plot_square(jac, args.plots / "overlap.png", f"{args.model}: overlap of HONES masks", "Jaccard")
 
 

@@ -9,8 +9,12 @@ from stages._load import load_images, load_items, load_model
 from stages.params import read_params
 
 READS = (
-    "model_quality.split", "model_quality.max_items", "model_quality.tasks",
-    "runtime.threads", "runtime.batch_sequences", "runtime.max_new_tokens",
+    "model_quality.split",
+    "model_quality.max_items",
+    "model_quality.tasks",
+    "runtime.threads",
+    "runtime.batch_sequences",
+    "runtime.max_new_tokens",
     "models.{model}",
 )
 
@@ -27,8 +31,14 @@ def main() -> None:
     annotations = load_items(args.benchmark, (cfg.split,), tuple(cfg.tasks))
     adapter = load_model(params, args.model)
     result = evaluate_model_quality(
-        adapter, annotations, load_images(args.benchmark), tasks=cfg.tasks, split=cfg.split,
-        batch_size=rt.batch_sequences, max_new_tokens=rt.max_new_tokens, max_items=cfg.max_items,
+        adapter,
+        annotations,
+        load_images(args.benchmark),
+        tasks=cfg.tasks,
+        split=cfg.split,
+        batch_size=rt.batch_sequences,
+        max_new_tokens=rt.max_new_tokens,
+        max_items=cfg.max_items,
     )
     write_json(result, args.out)
 

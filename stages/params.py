@@ -102,8 +102,10 @@ class CocoImportConfig(_Strict):
     @classmethod
     def _under_inputs(cls, v: str) -> str:
         if Path(os.path.normpath(v)).parts[:2] != ("data", "inputs"):
-            raise ValueError(f"{v!r} is not under data/inputs/ (the benchmark stage's data dependency); "
-                             "put the file there or link it from there")
+            raise ValueError(
+                f"{v!r} is not under data/inputs/ (the benchmark stage's data dependency); "
+                "put the file there or link it from there"
+            )
         return v
 
 
@@ -241,8 +243,10 @@ class HeadsConfig(_Strict):
     @model_validator(mode="after")
     def _enough_candidates(self) -> "HeadsConfig":
         if self.guided.candidates < self.top_k:
-            raise ValueError(f"heads.guided.candidates = {self.guided.candidates} is below heads.top_k = "
-                             f"{self.top_k}: guided localisation keeps the top_k of its candidates")
+            raise ValueError(
+                f"heads.guided.candidates = {self.guided.candidates} is below heads.top_k = "
+                f"{self.top_k}: guided localisation keeps the top_k of its candidates"
+            )
         return self
 
 
@@ -400,32 +404,41 @@ class ParamsFile(_Strict):
                 raise ValueError(f"{key}: {missing} not defined under 'models'; defined: {sorted(self.models)}")
         pretrained = [m for m in self.trained_models if isinstance(self.models[m], PretrainedModelConfig)]
         if pretrained:
-            raise ValueError(f"trained_models: {pretrained} have source 'pretrained': there is nothing to train; "
-                             "list them in pretrained_models")
+            raise ValueError(
+                f"trained_models: {pretrained} have source 'pretrained': there is nothing to train; "
+                "list them in pretrained_models"
+            )
         trained = [m for m in self.pretrained_models if not isinstance(self.models[m], PretrainedModelConfig)]
         if trained:
             raise ValueError(f"pretrained_models: {trained} have source 'train'; list them in trained_models")
         not_trained = [m for m in self.shipped_models if isinstance(self.models[m], PretrainedModelConfig)]
         if not_trained:
-            raise ValueError(f"shipped_models: {not_trained} have source 'pretrained'; shipped weights are a "
-                             "training recipe's (source 'train'): list them in pretrained_models")
+            raise ValueError(
+                f"shipped_models: {not_trained} have source 'pretrained'; shipped weights are a "
+                "training recipe's (source 'train'): list them in pretrained_models"
+            )
         both = [m for m in self.shipped_models if m in self.trained_models]
         if both:
-            raise ValueError(f"{both} are in both trained_models and shipped_models: a model is either trained "
-                             "here or loaded from the weights the repository ships, not both")
+            raise ValueError(
+                f"{both} are in both trained_models and shipped_models: a model is either trained "
+                "here or loaded from the weights the repository ships, not both"
+            )
         # data/models/<m> must have a producer: the training, ship or resolve stage.
         producers = self.trained_models + self.shipped_models + self.pretrained_models
         orphans = [m for m in self.studied_models if m not in producers]
         if orphans:
-            raise ValueError(f"studied_models: {orphans} are in none of trained_models, shipped_models and "
-                             "pretrained_models, so no stage provides them")
+            raise ValueError(
+                f"studied_models: {orphans} are in none of trained_models, shipped_models and "
+                "pretrained_models, so no stage provides them"
+            )
         for recipe, instances in self.replicates.items():
             if recipe in self.models:
                 raise ValueError(f"replicates.{recipe}: a recipe needs a name of its own, not a model's")
             unstudied = [m for m in instances if m not in self.studied_models]
             if unstudied or len(set(instances)) != len(instances) or not instances:
-                raise ValueError(f"replicates.{recipe}: {instances} must be distinct studied models "
-                                 f"(not studied: {unstudied})")
+                raise ValueError(
+                    f"replicates.{recipe}: {instances} must be distinct studied models (not studied: {unstudied})"
+                )
         return self
 
 
@@ -489,8 +502,9 @@ class StageParams:
     Every read is recorded in ``accessed`` (the graph test checks declared == read).
     """
 
-    def __init__(self, root: Any, declared: tuple[str, ...], prefix: str = "",
-                 accessed: set[str] | None = None) -> None:
+    def __init__(
+        self, root: Any, declared: tuple[str, ...], prefix: str = "", accessed: set[str] | None = None
+    ) -> None:
         self._root = root
         self._declared = declared
         self._prefix = prefix
@@ -521,7 +535,7 @@ class StageParams:
             if self._prefix and not key.startswith(self._prefix + "."):
                 continue
             value: Any = self._root
-            for part in (key[len(self._prefix) + 1:] if self._prefix else key).split("."):
+            for part in (key[len(self._prefix) + 1 :] if self._prefix else key).split("."):
                 value = value[part] if isinstance(value, dict) else getattr(value, part)
             self.accessed.add(key)
             out[key] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
@@ -560,8 +574,9 @@ def read_params(path: Path, reads: tuple[str, ...], **names: str) -> StageParams
     """Validate the whole params file, then give the stage its declared view of it."""
     full = load_params_file(path)
     if "model" in names and names["model"] not in full.models:
-        raise ConfigError(f"model {names['model']!r} is not defined under 'models' in {path}; "
-                          f"defined: {sorted(full.models)}")
+        raise ConfigError(
+            f"model {names['model']!r} is not defined under 'models' in {path}; defined: {sorted(full.models)}"
+        )
     if "task" in names and names["task"] not in full.tasks:
         raise ConfigError(f"task {names['task']!r} is not in 'tasks' of {path}: {full.tasks}")
     view = StageParams(full, declared_keys(reads, full, **names))
@@ -584,6 +599,7 @@ def write_params_audit(stage_id: str) -> None:
 
 def params_hash(*configs: BaseModel | dict | Any) -> str:
     """Short sha256 of the configs' canonical JSON: identifies what produced an artefact."""
+
     def dump(c: Any) -> Any:
         if isinstance(c, BaseModel):
             return c.model_dump(mode="json")

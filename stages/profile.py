@@ -37,8 +37,11 @@ def merged(base: dict, over: dict) -> dict:
     out = dict(base)
     for key, value in over.items():
         emptied = value == {} and key in EXTENDABLE
-        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
-            and not emptied else value
+        out[key] = (
+            merged(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict) and not emptied
+            else value
+        )
     return out
 
 
@@ -123,8 +126,12 @@ def _value(value: Any) -> str:
         return "{" + ",".join(f"{k}:{_value(v)}" for k, v in value.items()) + "}"
     if isinstance(value, list):
         return "[" + ",".join(_value(v) for v in value) + "]"
-    if isinstance(value, str) and value and all(c.isalnum() or c in "-_." for c in value) \
-            and not value.replace(".", "").replace("-", "").isdigit():
+    if (
+        isinstance(value, str)
+        and value
+        and all(c.isalnum() or c in "-_." for c in value)
+        and not value.replace(".", "").replace("-", "").isdigit()
+    ):
         return value
     return json.dumps(value, separators=(",", ":"))
 

@@ -9,15 +9,29 @@ from pipeline.report.document import markdown_sections, report_sections
 from pipeline.report.html import build_report
 from pipeline.report.markdown import markdown_document
 from pipeline.report.study import (
-    head_stability_of, read_study_results, report_metrics, sampled_ground_truth_of, study_verdicts,
+    head_stability_of,
+    read_study_results,
+    report_metrics,
+    sampled_ground_truth_of,
+    study_verdicts,
 )
 from stages._common import entry, parser
 from stages.params import read_params
 
 log = logging.getLogger(__name__)
 
-READS = ("studied_models", "tasks", "replicates", "heads.top_k", "heads.guided.candidates", "steer.utility", "statistics.bootstrap_resamples",
-         "statistics.seed", "statistics.confidence", "statistics.equivalence_margin")
+READS = (
+    "studied_models",
+    "tasks",
+    "replicates",
+    "heads.top_k",
+    "heads.guided.candidates",
+    "steer.utility",
+    "statistics.bootstrap_resamples",
+    "statistics.seed",
+    "statistics.confidence",
+    "statistics.equivalence_margin",
+)
 
 
 @entry
@@ -32,32 +46,74 @@ def main() -> None:
     params = read_params(args.params, READS)
     models, tasks, st = params.studied_models, params.tasks, params.statistics
     results = read_study_results(args.data, args.metrics, models)
-    verdicts = study_verdicts(results, params.replicates, args.data, steer_utility=params.steer.utility,
-                              n_resamples=st.bootstrap_resamples, seed=st.seed, confidence=st.confidence,
-                              equivalence_margin=st.equivalence_margin)
-    heads = {m: {t: head_stability_of(args.data / "heads" / m / t, params.heads.top_k,
-                                      n_resamples=st.bootstrap_resamples, seed=st.seed,
-                                      candidates=params.heads.guided.candidates) for t in tasks}
-             for m in models}
+    verdicts = study_verdicts(
+        results,
+        params.replicates,
+        args.data,
+        steer_utility=params.steer.utility,
+        n_resamples=st.bootstrap_resamples,
+        seed=st.seed,
+        confidence=st.confidence,
+        equivalence_margin=st.equivalence_margin,
+    )
+    heads = {
+        m: {
+            t: head_stability_of(
+                args.data / "heads" / m / t,
+                params.heads.top_k,
+                n_resamples=st.bootstrap_resamples,
+                seed=st.seed,
+                candidates=params.heads.guided.candidates,
+            )
+            for t in tasks
+        }
+        for m in models
+    }
     for m, t in [(m, t) for m, by_task in heads.items() for t, h in by_task.items() if h["degenerate"]]:
-        log.warning("%s %s: no head's substitution lowers the utility; its top %d heads are arbitrary and HONES "
-                    "reduces to hones_nohead", m, t, params.heads.top_k)
-    sampled = {m: checked for m in models
-               if (checked := sampled_ground_truth_of(args.data / "attribution" / f"{m}.zarr",
-                                                      results.attribution[m]["mask_size"],
-                                                      n_resamples=st.bootstrap_resamples, seed=st.seed))}
+        log.warning(
+            "%s %s: no head's substitution lowers the utility; its top %d heads are arbitrary and HONES "
+            "reduces to hones_nohead",
+            m,
+            t,
+            params.heads.top_k,
+        )
+    sampled = {
+        m: checked
+        for m in models
+        if (
+            checked := sampled_ground_truth_of(
+                args.data / "attribution" / f"{m}.zarr",
+                results.attribution[m]["mask_size"],
+                n_resamples=st.bootstrap_resamples,
+                seed=st.seed,
+            )
+        )
+    }
     documents = report_metrics(results, verdicts, heads, params.replicates, sampled)
     for name, document in documents.items():
         write_json(document, args.metrics / name)
 
-    sections = report_sections(results, verdicts, documents["verdict_summary.json"], heads, sampled, tasks=tasks,
-                               replicates=params.replicates, equivalence_margin=st.equivalence_margin,
-                               steer_utility=params.steer.utility, data=args.data, plots=args.plots)
+    sections = report_sections(
+        results,
+        verdicts,
+        documents["verdict_summary.json"],
+        heads,
+        sampled,
+        tasks=tasks,
+        replicates=params.replicates,
+        equivalence_margin=st.equivalence_margin,
+        steer_utility=params.steer.utility,
+        data=args.data,
+        plots=args.plots,
+    )
     intro = f"Models: {', '.join(models)}; tasks: {', '.join(tasks)}."
     build_report("HONES report", intro, sections, args.out)
     with atomic_file(args.summary) as tmp:
-        tmp.write_text(markdown_document("HONES summary", intro + " Figures: the HTML report.",
-                                         markdown_sections(sections, verdicts)))
+        tmp.write_text(
+            markdown_document(
+                "HONES summary", intro + " Figures: the HTML report.", markdown_sections(sections, verdicts)
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -33,11 +33,22 @@ def main() -> None:
     device = model_device(params, args.model)
     # What a checkpoint may be resumed under: the same spec, data, code, threads and device
     # (the last two change floating-point reduction order, hence the weights' bits).
-    resume_key = params_hash(asdict(cfg.spec), files_hash(args.benchmark / "annotations.parquet",
-                                                          args.benchmark / "images.parquet"),
-                             code_version(__spec__.name), params.runtime.threads, device)
-    train_default_model(cfg.spec, args.benchmark, args.out, name=args.model, device=device, resume_key=resume_key,
-                        checkpoint_every=params.runtime.checkpoint_every_steps)
+    resume_key = params_hash(
+        asdict(cfg.spec),
+        files_hash(args.benchmark / "annotations.parquet", args.benchmark / "images.parquet"),
+        code_version(__spec__.name),
+        params.runtime.threads,
+        device,
+    )
+    train_default_model(
+        cfg.spec,
+        args.benchmark,
+        args.out,
+        name=args.model,
+        device=device,
+        resume_key=resume_key,
+        checkpoint_every=params.runtime.checkpoint_every_steps,
+    )
     report_rows(cfg.spec.steps * cfg.spec.batch_size, "training examples")
 
 

@@ -30,9 +30,9 @@ import pandas as pd
 import pytest
 import torch
 
+from pipeline.model.hooks import capture_ffn, substitute_heads
 from pipeline.tasks.benchmark import BenchmarkSpec, build_benchmark
 from pipeline.tasks.items import ImageTable, read_annotations
-from pipeline.model.hooks import capture_ffn, substitute_heads
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -57,10 +57,28 @@ def tiny_model_spec():
     from pipeline.model.default_model import DefaultModelSpec
 
     values = dict(
-        name="test-tiny", family="llava", image_size=32, patch_size=8, vision_hidden=32, vision_layers=1,
-        vision_heads=2, vision_ffn=64, text_hidden=32, text_layers=2, text_heads=4, text_kv_heads=4, text_ffn=64,
-        vision_warmup_steps=0, steps=1, batch_size=1, lr=1e-3, warmup_steps=0, weight_decay=0.0, task_weights={},
-        seed=0, threads=1,
+        name="test-tiny",
+        family="llava",
+        image_size=32,
+        patch_size=8,
+        vision_hidden=32,
+        vision_layers=1,
+        vision_heads=2,
+        vision_ffn=64,
+        text_hidden=32,
+        text_layers=2,
+        text_heads=4,
+        text_kv_heads=4,
+        text_ffn=64,
+        vision_warmup_steps=0,
+        steps=1,
+        batch_size=1,
+        lr=1e-3,
+        warmup_steps=0,
+        weight_decay=0.0,
+        task_weights={},
+        seed=0,
+        threads=1,
     )
     known = {f.name for f in fields(DefaultModelSpec)}
     return DefaultModelSpec(**{k: v for k, v in values.items() if k in known})
@@ -94,8 +112,10 @@ def discovery_items(annotations: pd.DataFrame, task: str, n: int | None = None) 
 def direct_z(adapter, images, items: pd.DataFrame, heads: pd.DataFrame) -> np.ndarray:
     """z [condition, item, layer, neuron] at the last prompt token, one unpadded row at a time."""
     conds = [None] + [(int(l), int(h)) for l, h in zip(heads["layer"], heads["head"])]
-    prompts = [p.format(candidate=c[k]) if t == "retrieval" else p  # retrieval: the positive pair
-               for t, p, c, k in zip(items["task"], items["prompt"], items["candidates"], items["positive_index"])]
+    prompts = [
+        p.format(candidate=c[k]) if t == "retrieval" else p  # retrieval: the positive pair
+        for t, p, c, k in zip(items["task"], items["prompt"], items["candidates"], items["positive_index"])
+    ]
     out = np.zeros((len(conds), len(items), adapter.num_layers, adapter.ffn_width), dtype=np.float32)
     for n, (image_id, prompt) in enumerate(zip(items["image_id"], prompts)):
         inputs = adapter.build_inputs([images[image_id]], [prompt])
@@ -188,8 +208,10 @@ def _fast_lane_starts_no_process(request, monkeypatch):
     import subprocess
 
     def refuse(*args, **kwargs):
-        raise AssertionError(f"{request.node.nodeid} starts a process: mark it @pytest.mark.slow "
-                             "(the fast lane, -m 'not slow', starts none)")
+        raise AssertionError(
+            f"{request.node.nodeid} starts a process: mark it @pytest.mark.slow "
+            "(the fast lane, -m 'not slow', starts none)"
+        )
 
     monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
     monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
@@ -204,8 +226,9 @@ def adapter64(benchmark_dir):
     a.model.double()
     for module in a.model.modules():
         if type(module).__name__.endswith("RMSNorm"):
-            module.forward = lambda x, m=module: m.weight * (
-                x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon))
+            module.forward = lambda x, m=module: (
+                m.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon))
+            )
     return a
 
 
@@ -240,8 +263,7 @@ def tiny_adapter(benchmark_dir):
     return build_tiny_adapter(benchmark_dir)
 
 
-def random_item_arrays(rng: np.random.Generator, n: int, n_layers: int, n_neurons: int,
-                       dvp: np.ndarray | None = None):
+def random_item_arrays(rng: np.random.Generator, n: int, n_layers: int, n_neurons: int, dvp: np.ndarray | None = None):
     """``ItemArrays`` of n items with random values (``dvp`` given or random; counts consistent:
     0 <= gate_positive <= prompt_tokens)."""
     from pipeline.method.store import ItemArrays
@@ -264,6 +286,11 @@ def item_arrays_like(dvp: np.ndarray):
     from pipeline.method.store import ItemArrays
 
     dvp = np.asarray(dvp, dtype=np.float32)
-    return ItemArrays(dvp=dvp, dvp_logprob=0.5 * dvp, atp=2.0 * dvp, gate_sum=dvp - 0.1,
-                      gate_positive=(3 * (dvp > 0)).astype(np.int32), prompt_tokens=np.full(dvp.shape[0], 3, np.int32))
-
+    return ItemArrays(
+        dvp=dvp,
+        dvp_logprob=0.5 * dvp,
+        atp=2.0 * dvp,
+        gate_sum=dvp - 0.1,
+        gate_positive=(3 * (dvp > 0)).astype(np.int32),
+        prompt_tokens=np.full(dvp.shape[0], 3, np.int32),
+    )

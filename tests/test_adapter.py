@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
-from pipeline.model.adapter import AdapterError, ModelAdapter, ModelInputs
-from pipeline.errors import PipelineError
 from tiny_models import ANSWERS, FACTORIES, PROMPTS, WITH_PROCESSOR, built, make_images, tiny_llava, tiny_phi
 from tiny_models import cached_adapter as adapter_for
+from torch import nn
+
+from pipeline.errors import PipelineError
+from pipeline.model.adapter import AdapterError, ModelAdapter, ModelInputs
 
 # PaliGemma's processor builds its (unused) labels with a numpy call that numpy 2 deprecates.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -27,6 +27,8 @@ EXPECTED_SHAPES = {
     "internvl": (4, 2, 8, 48, 32),
     "mistral3": (4, 2, 8, 48, 32),
 }
+
+
 def _vision_module_ids(model: nn.Module) -> set[int]:
     ids: set[int] = set()
     for name, module in model.named_modules():
@@ -80,7 +82,8 @@ def test_unembedding_and_final_norm_reproduce_logits(family):
     ids = torch.randint(5, vocab, (2, 7), generator=torch.Generator().manual_seed(0))
     seen = {}
     handle = adapter.layers[-1].register_forward_hook(
-        lambda m, a, out: seen.__setitem__("h", out[0] if isinstance(out, tuple) else out))
+        lambda m, a, out: seen.__setitem__("h", out[0] if isinstance(out, tuple) else out)
+    )
     try:
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
@@ -128,7 +131,7 @@ def test_build_inputs_last_prompt_index_and_answer_mask(family):
 
     # The shortest row is padded in the batch; alone it is not.
     r = _shortest(prompts)
-    single = adapter.build_inputs(images[r:r + 1], prompts[r:r + 1])
+    single = adapter.build_inputs(images[r : r + 1], prompts[r : r + 1])
     assert bool(single.attention_mask.all())
     with torch.no_grad():
         logits_single = model(**single.tensors).logits[0, -1]
@@ -136,8 +139,9 @@ def test_build_inputs_last_prompt_index_and_answer_mask(family):
     torch.testing.assert_close(logits_plain[r, -1], logits_single, atol=1e-4, rtol=0)
     torch.testing.assert_close(logits_full[r, full.last_prompt_index[r]], logits_single, atol=1e-4, rtol=0)
     for row in range(n):  # appending answers does not change what the prompt predicts
-        torch.testing.assert_close(logits_full[row, full.last_prompt_index[row]], logits_plain[row, -1],
-                                   atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            logits_full[row, full.last_prompt_index[row]], logits_plain[row, -1], atol=1e-4, rtol=0
+        )
 
     # answer_mask marks exactly the answer tokens + eos, right after the last prompt token.
     for row in range(n):
@@ -147,7 +151,10 @@ def test_build_inputs_last_prompt_index_and_answer_mask(family):
         assert full.input_ids[row, positions].tolist() == expected
         prompt_len = int(plain.attention_mask[row].sum())
         start = int(full.last_prompt_index[row]) + 1 - prompt_len
-        assert full.input_ids[row, start:start + prompt_len].tolist() == plain.input_ids[row, seq - prompt_len:].tolist()
+        assert (
+            full.input_ids[row, start : start + prompt_len].tolist()
+            == plain.input_ids[row, seq - prompt_len :].tolist()
+        )
         assert int(full.attention_mask[row].sum()) == prompt_len + len(expected)
     mask, targets = full.answer_targets()
     assert int(mask.sum()) == int(full.answer_mask.sum())
@@ -211,8 +218,9 @@ def test_plain_module_is_rejected():
 def test_bert_is_rejected():
     from transformers import BertConfig, BertForMaskedLM
 
-    bert = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                      intermediate_size=32))
+    bert = BertForMaskedLM(
+        BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    )
     with pytest.raises(AdapterError, match=r"decoder layers.*BertForMaskedLM") as info:
         ModelAdapter.from_model(bert)
     assert isinstance(info.value, (ValueError, PipelineError))
@@ -253,8 +261,10 @@ def test_trace_ffn_on_every_family(family):
     mask[1, :3] = False
     last = torch.tensor([6, 6])
     seen = {}
-    handles = [adapter.mlp(l).register_forward_pre_hook(lambda m, args, l=l: seen.__setitem__(l, args[0].detach()))
-               for l in range(adapter.num_layers)]
+    handles = [
+        adapter.mlp(l).register_forward_pre_hook(lambda m, args, l=l: seen.__setitem__(l, args[0].detach()))
+        for l in range(adapter.num_layers)
+    ]
     try:
         with torch.enable_grad(), trace_ffn(adapter, last, mask) as trace:
             logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits

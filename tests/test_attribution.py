@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import direct_dvp, direct_targets, direct_z, discovery_items, random_item_arrays
 
 from pipeline.method.attribution import (
     STORE_METHODS,
@@ -29,8 +30,6 @@ from pipeline.method.masks import (
 )
 from pipeline.method.store import ActivationStore, StoreLayout
 
-from conftest import direct_dvp, direct_targets, direct_z, discovery_items, random_item_arrays
-
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 C, N, L, I = 4, 23, 3, 16
@@ -51,7 +50,14 @@ def random_store(tmp_path):
     lay = StoreLayout.plan(C, N, L, I, "float32", target_chunk_bytes=4 * L * I * 4)  # blocks of 4 items
     conditions = [(-1, -1, math.nan)] + [(k, k, s) for k, s in enumerate(HEAD_SCORES)]
     store = ActivationStore.create_or_resume(
-        tmp_path / "t.zarr", lay, conditions, [f"i{k}" for k in range(N)], [[1]] * N, [[1.0]] * N, {}, "h",
+        tmp_path / "t.zarr",
+        lay,
+        conditions,
+        [f"i{k}" for k in range(N)],
+        [[1]] * N,
+        [[1.0]] * N,
+        {},
+        "h",
     )
     for k in store.pending_blocks():
         sl = lay.block(k)
@@ -69,14 +75,18 @@ def in_memory_new(z, arrays) -> dict[str, np.ndarray]:
     """The statistics of the new methods, item by item with plain loops (MINER's per-item,
     per-layer min-max; LAPE's token-level AP)."""
     n_items, n_layers = z.shape[1], z.shape[2]
-    out = {"lp": (z.astype(np.float64) * arrays.dvp_logprob.astype(np.float64)[None]).mean(axis=1),
-           "atp": arrays.atp.astype(np.float64).mean(axis=0),
-           "gate_probability": arrays.gate_positive.sum(0) / arrays.prompt_tokens.sum()}
+    out = {
+        "lp": (z.astype(np.float64) * arrays.dvp_logprob.astype(np.float64)[None]).mean(axis=1),
+        "atp": arrays.atp.astype(np.float64).mean(axis=0),
+        "gate_probability": arrays.gate_positive.sum(0) / arrays.prompt_tokens.sum(),
+    }
     ma, ap = np.zeros((n_layers, I)), np.zeros((n_layers, I))
     for n in range(n_items):
         for l in range(n_layers):
-            for acc, x in ((ma, arrays.gate_sum[n, l] / arrays.prompt_tokens[n]),
-                           (ap, arrays.gate_positive[n, l] / arrays.prompt_tokens[n])):
+            for acc, x in (
+                (ma, arrays.gate_sum[n, l] / arrays.prompt_tokens[n]),
+                (ap, arrays.gate_positive[n, l] / arrays.prompt_tokens[n]),
+            ):
                 x = x.astype(np.float64)
                 acc[l] += (x - x.min()) / (x.max() - x.min())
     out["ma"], out["ap"] = ma / n_items, ap / n_items
@@ -192,8 +202,7 @@ def test_hones_importance_equals_the_formula():
 
 def test_ape_scores_on_a_two_task_example():
     # neuron:      0: equal   1: only A   2: never    3: A below the floor   4: 3:1
-    ap = np.array([[[0.5, 0.2, 0.0, 0.04, 0.6]],
-                   [[0.5, 0.0, 0.0, 0.30, 0.2]]])
+    ap = np.array([[[0.5, 0.2, 0.0, 0.04, 0.6]], [[0.5, 0.0, 0.0, 0.30, 0.2]]])
     got = ape_scores(ap, min_probability=0.05)
     assert got.shape == (2, 1, 5)
     log2 = math.log(2)
@@ -202,8 +211,7 @@ def test_ape_scores_on_a_two_task_example():
         h = -sum(q * math.log(q) for q in (p, 1 - p) if q > 0)
         return p * (log2 - h)
 
-    want = np.array([[[0.0, log2, 0.0, 0.0, specific(0.75)]],
-                     [[0.0, 0.0, 0.0, specific(0.3 / 0.34), specific(0.25)]]])
+    want = np.array([[[0.0, log2, 0.0, 0.0, specific(0.75)]], [[0.0, 0.0, 0.0, specific(0.3 / 0.34), specific(0.25)]]])
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
     # With no floor, neuron 3 is also (weakly) specific to task A.
     assert ape_scores(ap, 0.0)[0, 0, 3] == pytest.approx(specific(0.04 / 0.34))
@@ -214,9 +222,18 @@ def test_importance_matrix_methods():
     from pipeline.method.attribution import BaselineSettings, TaskStatistics, lape_scores
 
     stats = {
-        t: TaskStatistics(rng.standard_normal((3, 2, 6)), rng.standard_normal((3, 2, 6)), rng.random((2, 6)),
-                          rng.random((2, 6)), rng.standard_normal((2, 6)), rng.random((2, 6)), rng.random((2, 6)),
-                          rng.random((2, 6)), np.array([0.5, -1.0]), 10)
+        t: TaskStatistics(
+            rng.standard_normal((3, 2, 6)),
+            rng.standard_normal((3, 2, 6)),
+            rng.random((2, 6)),
+            rng.random((2, 6)),
+            rng.standard_normal((2, 6)),
+            rng.random((2, 6)),
+            rng.random((2, 6)),
+            rng.random((2, 6)),
+            np.array([0.5, -1.0]),
+            10,
+        )
         for t in ("vqa", "ocr")
     }
     settings = BaselineSettings(ape_min_probability=0.05, lape_filter_quantile=0.9, lape_bar_quantile=0.8)
@@ -253,8 +270,12 @@ def test_hones_from_store_equals_direct_model_computation(tmp_path, tiny_adapter
     items = discovery_items(annotations, "caption", 6)
     heads = pd.DataFrame({"layer": [0, 1, 1, 0], "head": [1, 3, 0, 2], "score": [0.2, 0.5, -0.3, 0.05]})
     store = dump_activations(
-        a, DumpRequest(items, images, heads, caption_idf=True), tmp_path / "caption.zarr",
-        DumpStorage(dtype="float32", params_hash="e2e", attrs={}, target_chunk_bytes=2 * a.num_layers * a.ffn_width * 4),
+        a,
+        DumpRequest(items, images, heads, caption_idf=True),
+        tmp_path / "caption.zarr",
+        DumpStorage(
+            dtype="float32", params_hash="e2e", attrs={}, target_chunk_bytes=2 * a.num_layers * a.ffn_width * 4
+        ),
         DumpExecution(batch_size=7),
     )
     assert store.layout.n_blocks == 3
@@ -283,9 +304,7 @@ def test_hones_from_store_equals_direct_model_computation(tmp_path, tiny_adapter
 
 # ------------------------------------------------------------------------------ masks
 def test_mask_topk_size_order_and_ties():
-    scores = np.array([[0.1, 0.9, 0.5, np.nan],
-                       [0.9, 0.2, 0.5, 0.3],
-                       [0.0, 0.9, -1.0, 0.7]])
+    scores = np.array([[0.1, 0.9, 0.5, np.nan], [0.9, 0.2, 0.5, 0.3], [0.0, 0.9, -1.0, 0.7]])
     assert mask_size(3, 4, 0.25) == 3 and mask_size(3, 4, 0.26) == 4 and mask_size(3, 4, 0.01) == 1
     assert mask_size(1, 100, 0.07) == 7 and mask_size(4, 512, 0.01) == math.ceil(20.48)
     with pytest.raises(ValueError, match="rho"):
@@ -331,16 +350,23 @@ def test_build_masks_gives_random_the_budget_of_hones():
     head_random = all_sizes[(all_sizes.method == "random") & (all_sizes.task == "vqa") & all_sizes.headline]
     sets = [frozenset(zip(g.layer, g.neuron)) for _, g in head_random.groupby("draw")]
     assert len(set(sets)) == 3
-    assert all(g.groupby("layer").size().to_dict() == head_random[head_random.draw == 0].groupby("layer").size().to_dict()
-               for _, g in head_random.groupby("draw"))
+    assert all(
+        g.groupby("layer").size().to_dict() == head_random[head_random.draw == 0].groupby("layer").size().to_dict()
+        for _, g in head_random.groupby("draw")
+    )
     masks = all_sizes[all_sizes.headline & (all_sizes.draw == 0)]
     k = mask_size(4, 25, 0.1)
     assert (masks.groupby(["method", "task"]).size() == k).all()
-    assert headline_mask(all_sizes, "hones", "vqa") == list(zip(masks[(masks.method == "hones") & (masks.task == "vqa")].layer,
-                                                                masks[(masks.method == "hones") & (masks.task == "vqa")].neuron))
+    assert headline_mask(all_sizes, "hones", "vqa") == list(
+        zip(
+            masks[(masks.method == "hones") & (masks.task == "vqa")].layer,
+            masks[(masks.method == "hones") & (masks.task == "vqa")].neuron,
+        )
+    )
     for task in ("vqa", "ocr"):
-        per_layer = {m: masks[(masks.method == m) & (masks.task == task)].groupby("layer").size().to_dict()
-                     for m in methods}
+        per_layer = {
+            m: masks[(masks.method == m) & (masks.task == task)].groupby("layer").size().to_dict() for m in methods
+        }
         assert per_layer["random"] == per_layer["hones"]
     assert masks[(masks.method == "hones") & (masks.task == "vqa")]["layer"].eq(3).all()
     # ma is a plain global top-k (it does not follow the hones budget).

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import discovery_items, utility64
 
 from pipeline.method.attribution import (
     StreamingContributions,
@@ -24,14 +25,13 @@ from pipeline.method.store import ItemArrays
 from pipeline.model.hooks import capture_ffn, scale_neurons, trace_ffn
 from pipeline.tasks.items import item_prompts, teacher_forced_answers
 
-from conftest import discovery_items, utility64
-
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 # ------------------------------------------------------------------------------ LAPE
-def identify_py(over_zero: torch.Tensor, n: torch.Tensor, top_rate: float, filter_rate: float,
-                bar_ratio: float) -> list[set[tuple[int, int]]]:
+def identify_py(
+    over_zero: torch.Tensor, n: torch.Tensor, top_rate: float, filter_rate: float, bar_ratio: float
+) -> list[set[tuple[int, int]]]:
     """RUCAIBox/Language-Specific-Neurons identify.py's activation(), step by step (float64):
     over_zero [layer, neuron, task] counts, n [task] tokens; returns each task's (layer, neuron) set."""
     activation_probs = over_zero.double() / n.double()
@@ -119,10 +119,11 @@ def test_miner_statistics_from_a_hand_made_activation_tensor():
     act[act < -0.5] = 0.0
     act[1, :, 0, 2] = 0.0  # one neuron never fires on item 1
     arrays = ItemArrays(
-        dvp=np.zeros((n_items, L, I), np.float32), dvp_logprob=np.zeros((n_items, L, I), np.float32),
+        dvp=np.zeros((n_items, L, I), np.float32),
+        dvp_logprob=np.zeros((n_items, L, I), np.float32),
         atp=np.zeros((n_items, L, I), np.float32),
-        gate_sum=np.stack([act[k, :lengths[k]].sum(0) for k in range(n_items)]).astype(np.float32),
-        gate_positive=np.stack([(act[k, :lengths[k]] > 0).sum(0) for k in range(n_items)]).astype(np.int32),
+        gate_sum=np.stack([act[k, : lengths[k]].sum(0) for k in range(n_items)]).astype(np.float32),
+        gate_positive=np.stack([(act[k, : lengths[k]] > 0).sum(0) for k in range(n_items)]).astype(np.int32),
         prompt_tokens=np.array(lengths, np.int32),
     )
     stats = StreamingContributions(1, L, I)
@@ -134,12 +135,12 @@ def test_miner_statistics_from_a_hand_made_activation_tensor():
     ma, ap = torch.zeros(L, I, dtype=torch.float64), torch.zeros(L, I, dtype=torch.float64)
     for k in range(n_items):
         for l in range(L):
-            tensor = torch.tensor(act[k, :lengths[k], l])  # [tokens, neurons]: one layer, the modality's tokens
+            tensor = torch.tensor(act[k, : lengths[k], l])  # [tokens, neurons]: one layer, the modality's tokens
             ap[l] += min_max((tensor > 0).sum(dim=0).double() / tensor.size(0))  # float64 here
             ma[l] += min_max(torch.mean(tensor, dim=0))
     np.testing.assert_allclose(stats.gate_mean_normalised(), ma.numpy() / n_items, rtol=1e-6)
     np.testing.assert_allclose(stats.gate_probability_normalised(), ap.numpy() / n_items, rtol=1e-12)
-    tokens = [act[k, :lengths[k]] for k in range(n_items)]
+    tokens = [act[k, : lengths[k]] for k in range(n_items)]
     lape_ap = sum((x > 0).sum(0) for x in tokens) / sum(lengths)
     np.testing.assert_allclose(stats.gate_probability(), lape_ap, rtol=1e-12)
 
@@ -148,8 +149,12 @@ def test_miner_statistics_from_a_hand_made_activation_tensor():
 def target64(logits: torch.Tensor, last: torch.Tensor, ids: list[list[int]], w: list[list[float]]) -> np.ndarray:
     """[item] sum_t w_t log p(y_t) / sum_t w_t at the last prompt token, float64."""
     logp = torch.log_softmax(logits.double()[torch.arange(len(ids)), last], dim=-1)
-    return np.array([float((logp[b, t] * torch.tensor(wt, dtype=torch.float64)).sum() / sum(wt))
-                     for b, (t, wt) in enumerate(zip(ids, w))])
+    return np.array(
+        [
+            float((logp[b, t] * torch.tensor(wt, dtype=torch.float64)).sum() / sum(wt))
+            for b, (t, wt) in enumerate(zip(ids, w))
+        ]
+    )
 
 
 def _inputs(annotations, images, task: str, n: int):
@@ -165,8 +170,10 @@ def test_gate_statistics_equal_act_of_gate_proj(tiny_adapter, annotations, image
     last = inputs.last_prompt_index
     mask = inputs.attention_mask.bool() & (torch.arange(inputs.input_ids.shape[1])[None] <= last[:, None])
     seen: dict[int, torch.Tensor] = {}
-    handles = [a.mlp(l).register_forward_pre_hook(lambda m, args, l=l: seen.__setitem__(l, args[0].detach()))
-               for l in range(a.num_layers)]
+    handles = [
+        a.mlp(l).register_forward_pre_hook(lambda m, args, l=l: seen.__setitem__(l, args[0].detach()))
+        for l in range(a.num_layers)
+    ]
     try:
         with torch.enable_grad(), trace_ffn(a, last, mask) as trace:
             a.model(**inputs.tensors)
@@ -261,8 +268,9 @@ class WordTokenizer:
 
 
 def caption_items(references: list[list[str]]) -> pd.DataFrame:
-    return pd.DataFrame({"item_id": [f"c{k}" for k in range(len(references))], "task": "caption",
-                         "references": references})
+    return pd.DataFrame(
+        {"item_id": [f"c{k}" for k in range(len(references))], "task": "caption", "references": references}
+    )
 
 
 def test_caption_targets_as_published_and_distinct():

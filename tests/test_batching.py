@@ -14,14 +14,13 @@ from collections import namedtuple
 import numpy as np
 import pytest
 import torch
+from conftest import discovery_items
+from test_dump import ONE_ITEM_PER_BLOCK, read_arrays, run_dump
 
 from pipeline.method.store import StoreError
 from pipeline.model import batching
 from pipeline.model.batching import BatchTooLarge, for_each_batch, largest_fitting_batch, reset_batch_limit
 from pipeline.model.evaluation import evaluate_task
-
-from conftest import discovery_items
-from test_dump import ONE_ITEM_PER_BLOCK, read_arrays, run_dump
 
 
 @pytest.fixture(autouse=True)
@@ -81,16 +80,19 @@ class FakeOOM:
         self.sizes.append(rows)
 
 
-def test_dump_after_out_of_memory_equals_a_run_at_the_smaller_batch(tmp_path, tiny_adapter, annotations, images,
-                                                                     request, caplog):
+def test_dump_after_out_of_memory_equals_a_run_at_the_smaller_batch(
+    tmp_path, tiny_adapter, annotations, images, request, caplog
+):
     items = discovery_items(annotations, "vqa", 4)
-    reference = run_dump(tiny_adapter, items, images, tmp_path / "ref.zarr", batch_size=2,
-                         target_chunk_bytes=ONE_ITEM_PER_BLOCK)
+    reference = run_dump(
+        tiny_adapter, items, images, tmp_path / "ref.zarr", batch_size=2, target_chunk_bytes=ONE_ITEM_PER_BLOCK
+    )
     # Blocks of one item x 4 conditions: block 0 runs at 4 rows, then 4 no longer fits.
     fake = FakeOOM(request, tiny_adapter, fits=2, after_calls=1)
     with caplog.at_level(logging.WARNING, logger=batching.__name__):
-        got = run_dump(tiny_adapter, items, images, tmp_path / "oom.zarr", batch_size=4,
-                       target_chunk_bytes=ONE_ITEM_PER_BLOCK)
+        got = run_dump(
+            tiny_adapter, items, images, tmp_path / "oom.zarr", batch_size=4, target_chunk_bytes=ONE_ITEM_PER_BLOCK
+        )
     # Per block: z under 4 conditions (4 rows, then 2 + 2), then the gradient pass of its one item.
     assert fake.sizes == [4, 1] + [2, 2, 1] * 3, fake.sizes
     assert "capture z: out of memory at 4 sequences per batch; retrying rows 0.. at 2" in caplog.text
@@ -100,9 +102,12 @@ def test_dump_after_out_of_memory_equals_a_run_at_the_smaller_batch(tmp_path, ti
         np.testing.assert_array_equal(have[name], want[name], err_msg=name)
 
 
-@pytest.mark.parametrize("task,utility", [("vqa", "generative"), ("ocr", "teacher_forced"), ("retrieval", "generative")])
-def test_evaluation_after_out_of_memory_equals_a_run_at_the_smaller_batch(tiny_adapter, annotations, images,
-                                                                          request, task, utility):
+@pytest.mark.parametrize(
+    "task,utility", [("vqa", "generative"), ("ocr", "teacher_forced"), ("retrieval", "generative")]
+)
+def test_evaluation_after_out_of_memory_equals_a_run_at_the_smaller_batch(
+    tiny_adapter, annotations, images, request, task, utility
+):
     items = discovery_items(annotations, task, 8)
     assert len(items) > 4
     kw = dict(max_new_tokens=3, utility=utility, progress=False)
@@ -114,8 +119,9 @@ def test_evaluation_after_out_of_memory_equals_a_run_at_the_smaller_batch(tiny_a
     assert got.predictions == reference.predictions and got.utility == reference.utility
 
 
-def test_dump_stops_before_writing_when_the_disk_is_too_small(tmp_path, tiny_adapter, annotations, images,
-                                                              monkeypatch, caplog):
+def test_dump_stops_before_writing_when_the_disk_is_too_small(
+    tmp_path, tiny_adapter, annotations, images, monkeypatch, caplog
+):
     items = discovery_items(annotations, "vqa", 2)
     Usage = namedtuple("Usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 1000, 1000))

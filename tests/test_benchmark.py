@@ -11,13 +11,28 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.tasks.benchmark import (
-    COLORS, POSITIONS, SHAPES, BenchmarkSpec, Scene, SceneObject,
-    build_benchmark, caption_references, hard_negative, sample_scene, vqa_examples,
+    COLORS,
+    POSITIONS,
+    SHAPES,
+    BenchmarkSpec,
+    Scene,
+    SceneObject,
+    build_benchmark,
+    caption_references,
+    hard_negative,
+    sample_scene,
+    vqa_examples,
 )
 from pipeline.tasks.items import PROMPTS, BenchmarkError, ImageTable, read_annotations
 
-SPEC = BenchmarkSpec(seed=3, image_size=48, n_images={"train": 12, "discovery": 5, "dev": 3, "test": 4},
-                     vqa_per_image={"train": 2}, retrieval_negatives=5, retrieval_hard_negatives=3)
+SPEC = BenchmarkSpec(
+    seed=3,
+    image_size=48,
+    n_images={"train": 12, "discovery": 5, "dev": 3, "test": 4},
+    vqa_per_image={"train": 2},
+    retrieval_negatives=5,
+    retrieval_hard_negatives=3,
+)
 
 
 def _digest(path: Path) -> str:
@@ -37,14 +52,16 @@ def test_same_seed_same_bytes(built, tmp_path) -> None:
     for name in ("annotations.parquet", "images.parquet"):
         assert _digest(out / name) == _digest(tmp_path / "again" / name)
     other = build_benchmark(BenchmarkSpec(**{**SPEC.__dict__, "seed": 4}), tmp_path / "other")
-    assert not other["prompt"].equals(read_annotations(out / "annotations.parquet")["prompt"]) or \
-        _digest(out / "images.parquet") != _digest(tmp_path / "other" / "images.parquet")
+    assert not other["prompt"].equals(read_annotations(out / "annotations.parquet")["prompt"]) or _digest(
+        out / "images.parquet"
+    ) != _digest(tmp_path / "other" / "images.parquet")
 
 
 def test_split_sizes_are_independent(tmp_path) -> None:
     small = build_benchmark(SPEC, tmp_path / "small")
-    bigger = build_benchmark(BenchmarkSpec(**{**SPEC.__dict__, "n_images": {**SPEC.n_images, "train": 30}}),
-                             tmp_path / "bigger")
+    bigger = build_benchmark(
+        BenchmarkSpec(**{**SPEC.__dict__, "n_images": {**SPEC.n_images, "train": 30}}), tmp_path / "bigger"
+    )
     test_a = small[small["split"] == "test"].reset_index(drop=True)
     test_b = bigger[bigger["split"] == "test"].reset_index(drop=True)
     pd.testing.assert_frame_equal(test_a, test_b)
@@ -53,12 +70,21 @@ def test_split_sizes_are_independent(tmp_path) -> None:
 def test_table_shape_and_disjoint_splits(built) -> None:
     out, df = built
     assert list(pq.read_schema(out / "annotations.parquet").names) == [
-        "item_id", "image_id", "split", "task", "question_type", "prompt", "references", "candidates", "positive_index"]
+        "item_id",
+        "image_id",
+        "split",
+        "task",
+        "question_type",
+        "prompt",
+        "references",
+        "candidates",
+        "positive_index",
+    ]
     by_split = {s: set(g["image_id"]) for s, g in df.groupby("split")}
     assert {s: len(v) for s, v in by_split.items()} == SPEC.n_images
     splits = list(by_split)
     for i, a in enumerate(splits):
-        for b in splits[i + 1:]:
+        for b in splits[i + 1 :]:
             assert not by_split[a] & by_split[b]
     counts = df.groupby(["split", "task"]).size()
     assert counts[("train", "vqa")] == 2 * 12 and counts[("test", "vqa")] == 4

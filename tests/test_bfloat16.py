@@ -13,12 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from scipy.stats import spearmanr
-
 from conftest import discovery_items
+from scipy.stats import spearmanr
+from tiny_models import add_words, tiny_qwen2_5_vl
+
 from pipeline.method.dump import DumpExecution, DumpRequest, DumpStorage, dump_activations
 from pipeline.model.adapter import ModelAdapter
-from tiny_models import add_words, tiny_qwen2_5_vl
 
 pytestmark = pytest.mark.slow
 TASKS = ("vqa", "ocr", "caption", "retrieval")
@@ -32,9 +32,14 @@ MIN_SPEARMAN = 0.9
 def twins(tmp_path_factory, annotations):
     from tokenizers.pre_tokenizers import Whitespace
 
-    words = sorted({w for text in annotations["prompt"].tolist() + [r for refs in annotations["references"]
-                                                                   for r in refs]
-                    for w, _ in Whitespace().pre_tokenize_str(text)} | {"Yes", "No"})
+    words = sorted(
+        {
+            w
+            for text in annotations["prompt"].tolist() + [r for refs in annotations["references"] for r in refs]
+            for w, _ in Whitespace().pre_tokenize_str(text)
+        }
+        | {"Yes", "No"}
+    )
     model, processor = tiny_qwen2_5_vl(seed=0)
     add_words(model, processor, words)
     folder = tmp_path_factory.mktemp("qwen")
@@ -44,23 +49,32 @@ def twins(tmp_path_factory, annotations):
 
 
 def _dump(adapter, items, images, out):
-    return dump_activations(adapter, DumpRequest(items, images, HEADS, caption_idf=True), out,
-                            DumpStorage(dtype="float32", params_hash="p", attrs={"model": "qwen"}),
-                            DumpExecution(batch_size=8, gradient_batch_size=4))
+    return dump_activations(
+        adapter,
+        DumpRequest(items, images, HEADS, caption_idf=True),
+        out,
+        DumpStorage(dtype="float32", params_hash="p", attrs={"model": "qwen"}),
+        DumpExecution(batch_size=8, gradient_batch_size=4),
+    )
 
 
 @pytest.mark.parametrize("task", TASKS)
 def test_bfloat16_dump_ranks_neurons_like_float32(tmp_path, twins, annotations, images, task):
     items = discovery_items(annotations, task, 8)
-    blocks = {dtype: next(_dump(a, items, images, tmp_path / f"{dtype}.zarr").iter_blocks(len(items)))
-              for dtype, a in twins.items()}
+    blocks = {
+        dtype: next(_dump(a, items, images, tmp_path / f"{dtype}.zarr").iter_blocks(len(items)))
+        for dtype, a in twins.items()
+    }
     low, full = blocks["bfloat16"], blocks["float32"]
     assert twins["bfloat16"].dtype == torch.bfloat16
     assert np.abs(low.z - full.z).max() > 0, "the bfloat16 run computed in float32"
     correlations = {}
-    for name, (a, b) in {"z": (low.z, full.z), "dvp contribution": (low.z[0] * low.dvp, full.z[0] * full.dvp),
-                         "dvp_logprob": (low.arrays.dvp_logprob, full.arrays.dvp_logprob),
-                         "atp": (low.arrays.atp, full.arrays.atp)}.items():
+    for name, (a, b) in {
+        "z": (low.z, full.z),
+        "dvp contribution": (low.z[0] * low.dvp, full.z[0] * full.dvp),
+        "dvp_logprob": (low.arrays.dvp_logprob, full.arrays.dvp_logprob),
+        "atp": (low.arrays.atp, full.arrays.atp),
+    }.items():
         assert np.isfinite(a).all(), name
         # Rank the per-neuron means over items (what every method ranks), condition by condition for z.
         a_mean, b_mean = a.mean(axis=-3), b.mean(axis=-3)

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
-from pipeline.tasks.items import ANNOTATION_SCHEMA, PROMPTS, BenchmarkError, ImageTable, read_annotations
 from pipeline.tasks.coco_import import MAX_TEXT_CHARS, caption_words, import_hones_coco, rank_hard_negatives
+from pipeline.tasks.items import ANNOTATION_SCHEMA, PROMPTS, BenchmarkError, ImageTable, read_annotations
 from stages.params import CocoImportConfig, ConfigError, validate_section
 
 # Image 0's caption overlaps most with 2, then 1, then 3 (Jaccard 4/7 > 4/8 > 2/10), none with the rest.
@@ -220,30 +220,65 @@ def _broken(tmp_path: Path, edit) -> dict:
     ("edit", "pattern"),
     [
         (lambda d, im: (im / "img_03.png").unlink(), r"data\[3\] \(file_name 'img_03.png'\).*not found"),
-        (lambda d, im: (im / "img_02.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage"),
-         r"data\[2\] \(file_name 'img_02.png'\).*cannot be decoded"),
-        (lambda d, im: d["data"][4]["vqa"].update(question="  "),
-         r"data\[4\] \(file_name 'img_04.png'\): field 'vqa.question'"),
-        (lambda d, im: d["data"][8]["image_info"].update(file_name="sub/img_03.png"),
-         r"data\[3\] \('img_03.png'\) and data\[8\] \('sub/img_03.png'\).*'img_03'"),
-        (lambda d, im: d["data"][1]["captions"].append({"caption": ""}),
-         r"data\[1\] \(file_name 'sub/img_01.jpg'\): field 'captions\[2\].caption'"),
-        (lambda d, im: d["data"][0]["vqa"].update(answer=3, all_answers=[]),
-         r"data\[0\].*'vqa.answer' must be a string"),
+        (
+            lambda d, im: (im / "img_02.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage"),
+            r"data\[2\] \(file_name 'img_02.png'\).*cannot be decoded",
+        ),
+        (
+            lambda d, im: d["data"][4]["vqa"].update(question="  "),
+            r"data\[4\] \(file_name 'img_04.png'\): field 'vqa.question'",
+        ),
+        (
+            lambda d, im: d["data"][8]["image_info"].update(file_name="sub/img_03.png"),
+            r"data\[3\] \('img_03.png'\) and data\[8\] \('sub/img_03.png'\).*'img_03'",
+        ),
+        (
+            lambda d, im: d["data"][1]["captions"].append({"caption": ""}),
+            r"data\[1\] \(file_name 'sub/img_01.jpg'\): field 'captions\[2\].caption'",
+        ),
+        (
+            lambda d, im: d["data"][0]["vqa"].update(answer=3, all_answers=[]),
+            r"data\[0\].*'vqa.answer' must be a string",
+        ),
         (lambda d, im: d["data"][9]["ocr"].update(bbox=[1, 2, 3]), r"data\[9\].*'ocr.bbox'"),
-        (lambda d, im: d["data"][2].update(caption=d["data"][2].pop("captions")),
-         r"data\[2\] \(file_name 'img_02.png'\): field 'caption' is not a field.*did you mean 'captions'"),
-        (lambda d, im: d["data"][5].update(VQA={"question": "q?", "answer": "a"}),
-         r"data\[5\].*field 'VQA' is not a field.*did you mean 'vqa'"),
-        (lambda d, im: d["data"][4]["vqa"].update(question="why " * 10**6),
-         rf"data\[4\].*field 'vqa.question' is 4,000,000 characters long \(at most {MAX_TEXT_CHARS:,}\)"),
-        (lambda d, im: d["data"][6]["captions"].append({"caption": "x" * (MAX_TEXT_CHARS + 1)}),
-         r"data\[6\].*field 'captions\[2\].caption' is 1,001 characters long"),
-        (lambda d, im: ((im / "img_07.png").rename(im / "real_07.png"), (im / "img_07.png").symlink_to("real_07.png")),
-         r"data\[7\] \(file_name 'img_07.png'\).*is a symbolic link"),
+        (
+            lambda d, im: d["data"][2].update(caption=d["data"][2].pop("captions")),
+            r"data\[2\] \(file_name 'img_02.png'\): field 'caption' is not a field.*did you mean 'captions'",
+        ),
+        (
+            lambda d, im: d["data"][5].update(VQA={"question": "q?", "answer": "a"}),
+            r"data\[5\].*field 'VQA' is not a field.*did you mean 'vqa'",
+        ),
+        (
+            lambda d, im: d["data"][4]["vqa"].update(question="why " * 10**6),
+            rf"data\[4\].*field 'vqa.question' is 4,000,000 characters long \(at most {MAX_TEXT_CHARS:,}\)",
+        ),
+        (
+            lambda d, im: d["data"][6]["captions"].append({"caption": "x" * (MAX_TEXT_CHARS + 1)}),
+            r"data\[6\].*field 'captions\[2\].caption' is 1,001 characters long",
+        ),
+        (
+            lambda d, im: (
+                (im / "img_07.png").rename(im / "real_07.png"),
+                (im / "img_07.png").symlink_to("real_07.png"),
+            ),
+            r"data\[7\] \(file_name 'img_07.png'\).*is a symbolic link",
+        ),
     ],
-    ids=["missing-file", "corrupt-image", "empty-question", "duplicate-id", "empty-caption", "answer-type", "bbox",
-         "misspelt-captions", "misspelt-vqa", "huge-question", "long-caption", "linked-image"],
+    ids=[
+        "missing-file",
+        "corrupt-image",
+        "empty-question",
+        "duplicate-id",
+        "empty-caption",
+        "answer-type",
+        "bbox",
+        "misspelt-captions",
+        "misspelt-vqa",
+        "huge-question",
+        "long-caption",
+        "linked-image",
+    ],
 )
 def test_errors_name_the_item_and_leave_nothing(tmp_path, edit, pattern):
     doc = _broken(tmp_path, edit)
@@ -256,12 +291,14 @@ def test_deep_nesting_and_a_linked_image_root_are_named(tmp_path):
     make_dataset(tmp_path)
     (tmp_path / "deep.json").write_text("[" * 200_000 + "]" * 200_000)
     with pytest.raises(BenchmarkError, match=r"deep.json: nested too deeply"):
-        import_hones_coco(tmp_path / "deep.json", tmp_path / "images", tmp_path / "bench", seed=0, n_discovery=0,
-                          n_dev=0, n_test=0)
+        import_hones_coco(
+            tmp_path / "deep.json", tmp_path / "images", tmp_path / "bench", seed=0, n_discovery=0, n_dev=0, n_test=0
+        )
     (tmp_path / "linked").symlink_to(tmp_path / "images")
     with pytest.raises(BenchmarkError, match=r"image root .*linked is a symbolic link: DVC does not follow"):
-        import_hones_coco(tmp_path / "hones.json", tmp_path / "linked", tmp_path / "bench", seed=0, n_discovery=0,
-                          n_dev=0, n_test=0)
+        import_hones_coco(
+            tmp_path / "hones.json", tmp_path / "linked", tmp_path / "bench", seed=0, n_discovery=0, n_dev=0, n_test=0
+        )
     assert not (tmp_path / "bench").exists() and not (tmp_path / "bench.tmp").exists()
 
 
@@ -290,8 +327,15 @@ def test_config_and_stage(tmp_path, monkeypatch, caplog):
     # Paths are relative to the repository root, under data/inputs (the stage's data dependency).
     monkeypatch.chdir(tmp_path)
     json_path, images, _ = make_dataset(Path("data/inputs"))
-    section = {"json_path": str(json_path), "image_root": str(images), "seed": 3,
-               "n_discovery": 2, "n_dev": 2, "n_test": 2, "n_negatives": 1}
+    section = {
+        "json_path": str(json_path),
+        "image_root": str(images),
+        "seed": 3,
+        "n_discovery": 2,
+        "n_dev": 2,
+        "n_test": 2,
+        "n_negatives": 1,
+    }
     key = "benchmark.hones_coco"
     cfg = validate_section(CocoImportConfig, section, key)
     assert cfg.max_images is None
@@ -307,19 +351,27 @@ def test_config_and_stage(tmp_path, monkeypatch, caplog):
     from stages import benchmark as benchmark_stage
 
     params = tmp_path / "params.yaml"
-    study = {"tasks": ["vqa"], "studied_models": ["m"], "pretrained_models": ["m"], "models": {"m": {"source": "pretrained", "path": "x"}}}
+    study = {
+        "tasks": ["vqa"],
+        "studied_models": ["m"],
+        "pretrained_models": ["m"],
+        "models": {"m": {"source": "pretrained", "path": "x"}},
+    }
     params.write_text(yaml.safe_dump(study | {"benchmark": {"source": "hones_coco", "hones_coco": section}}))
     monkeypatch.setattr(sys, "argv", ["benchmark", "--params", str(params), "--out", str(tmp_path / "st")])
     benchmark_stage.main()
     assert len(read_annotations(tmp_path / "st/annotations.parquet")) == 38
 
-    params.write_text(yaml.safe_dump(study | {"benchmark": {"source": "hones_coco",
-                                                           "hones_coco": section | {"n_test": 99}}}))
+    params.write_text(
+        yaml.safe_dump(study | {"benchmark": {"source": "hones_coco", "hones_coco": section | {"n_test": 99}}})
+    )
     with pytest.raises(SystemExit) as exc:
         benchmark_stage.main()
     assert exc.value.code == 2
-    assert ("exceed the 10 images (params: benchmark.hones_coco.n_discovery, benchmark.hones_coco.n_dev, "
-            "benchmark.hones_coco.n_test)") in caplog.text
+    assert (
+        "exceed the 10 images (params: benchmark.hones_coco.n_discovery, benchmark.hones_coco.n_dev, "
+        "benchmark.hones_coco.n_test)"
+    ) in caplog.text
 
 
 @pytest.mark.slow

@@ -55,8 +55,9 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 def _train(benchmark_dir: Path, out: Path, *, pinned: bool) -> list[str]:
     script = _CHILD.format(tests=str(TESTS), bench=str(benchmark_dir), out=str(out), pinned=pinned)
-    done = subprocess.run([sys.executable, "-c", script], env=_clean_env(), cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=_clean_env(), cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout.split()
 
@@ -84,8 +85,13 @@ def test_an_unknown_setting_stops_with_its_name() -> None:
 @pytest.mark.skipif(not HAS_AVX2, reason="the pin applies to x86-64 CPUs with AVX2")
 def test_a_stage_process_runs_the_avx2_kernels() -> None:
     probe = "import stages, torch, os; print(torch.backends.cpu.get_cpu_capability(), os.environ['HONES_CPU_ISA'])"
-    run = lambda **env: subprocess.run([sys.executable, "-c", probe], env=_clean_env(**env), cwd=ROOT,  # noqa: E731
-                                       capture_output=True, text=True, check=True).stdout.split()
+
+    def run(**env: str) -> list[str]:
+        done = subprocess.run(
+            [sys.executable, "-c", probe], env=_clean_env(**env), cwd=ROOT, capture_output=True, text=True, check=True
+        )
+        return done.stdout.split()
+
     assert run() == ["AVX2", "avx2"]
     assert run(HONES_CPU_ISA="native") == ["AVX512" if HAS_AVX512 else "AVX2", "native"]
 
@@ -97,7 +103,8 @@ def test_pinned_training_gives_the_recorded_weights(benchmark_dir, tmp_path) -> 
     assert capability == "AVX2"
     assert digest == PINNED_WEIGHTS, (
         f"pinned training gave weights {digest}, recorded {PINNED_WEIGHTS} (CPU flags avx512f: {HAS_AVX512}); "
-        "see this module's docstring")
+        "see this module's docstring"
+    )
 
 
 @pytest.mark.skipif(not HAS_AVX512, reason="shows the pin matters, which needs an AVX-512 CPU")

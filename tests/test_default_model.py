@@ -9,23 +9,31 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_model_spec
+
 from pipeline.errors import PipelineError
 from pipeline.model.adapter import ModelAdapter
-from pipeline.tasks.items import read_annotations
 from pipeline.model.default_model import (
-    benchmark_vocabulary, build_tokenizer, image_word_targets, train_default_model,
+    benchmark_vocabulary,
+    build_tokenizer,
+    image_word_targets,
+    train_default_model,
 )
 from pipeline.model.scoring import answer_cross_entropy
+from pipeline.tasks.items import read_annotations
 
 
 def test_tokenizer_covers_the_benchmark(annotations) -> None:
     tok = build_tokenizer(benchmark_vocabulary(annotations))
     unk = tok.unk_token_id
-    for text in list(annotations["prompt"].str.replace("{candidate}", "")) + [r for refs in annotations["references"] for r in refs]:
+    for text in list(annotations["prompt"].str.replace("{candidate}", "")) + [
+        r for refs in annotations["references"] for r in refs
+    ]:
         assert unk not in tok(text, add_special_tokens=False)["input_ids"], text
-    assert tok.decode(tok("a red circle on the left .", add_special_tokens=False)["input_ids"]) == "a red circle on the left ."
+    assert (
+        tok.decode(tok("a red circle on the left .", add_special_tokens=False)["input_ids"])
+        == "a red circle on the left ."
+    )
     assert len(tok("Yes", add_special_tokens=False)["input_ids"]) == 1
 
 
@@ -74,8 +82,15 @@ def test_train_save_and_load_back(benchmark_dir, tmp_path) -> None:
 
 
 def test_second_family_trains_and_loads(benchmark_dir, tmp_path) -> None:
-    spec = replace(tiny_model_spec(), family="idefics3", text_kv_heads=2, steps=2, batch_size=4,
-                   vision_warmup_steps=2, warmup_steps=1)
+    spec = replace(
+        tiny_model_spec(),
+        family="idefics3",
+        text_kv_heads=2,
+        steps=2,
+        batch_size=4,
+        vision_warmup_steps=2,
+        warmup_steps=1,
+    )
     out = tmp_path / "idefics3"
     train_default_model(spec, benchmark_dir, out, name="idefics3")
     adapter = ModelAdapter.load(str(out))
@@ -138,11 +153,13 @@ def _train_child(tmp_path, benchmark_dir, out, kill_at, negatives=0):
 
     from conftest import TESTS_DIR
 
-    script = _TRAIN_CHILD.format(tests=str(TESTS_DIR), bench=str(benchmark_dir), out=str(out), kill_at=kill_at,
-                                  negatives=negatives)
+    script = _TRAIN_CHILD.format(
+        tests=str(TESTS_DIR), bench=str(benchmark_dir), out=str(out), kill_at=kill_at, negatives=negatives
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR.parent), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.mark.slow
@@ -200,8 +217,9 @@ def test_frozen_tower_cache_gives_the_real_towers_inputs_and_logits(benchmark_di
     from pipeline.model import default_model as dm
     from pipeline.tasks.items import ImageTable
 
-    spec = replace(tiny_model_spec(), family=family, text_kv_heads=2, image_size=32,
-                   patch_size=4 if family == "idefics3" else 8)
+    spec = replace(
+        tiny_model_spec(), family=family, text_kv_heads=2, image_size=32, patch_size=4 if family == "idefics3" else 8
+    )
     annotations = read_annotations(benchmark_dir / "annotations.parquet")
     model, processor = dm._build_untrained(spec, annotations, "cpu")
     model.eval()
@@ -209,8 +227,11 @@ def test_frozen_tower_cache_gives_the_real_towers_inputs_and_logits(benchmark_di
     rows = annotations[annotations["split"] == "train"].head(6)
     table = ImageTable(benchmark_dir / "images.parquet")
     decoded = {i: table[i] for i in sorted(rows["image_id"].unique())}
-    args = ([decoded[i] for i in rows["image_id"]], rows["prompt"].str.replace("{candidate}", "x").tolist(),
-            [refs[0] for refs in rows["references"]])
+    args = (
+        [decoded[i] for i in rows["image_id"]],
+        rows["prompt"].str.replace("{candidate}", "x").tolist(),
+        [refs[0] for refs in rows["references"]],
+    )
     real = adapter.build_inputs(*args)
     with torch.no_grad():
         want = model(**real.tensors).logits
@@ -253,6 +274,7 @@ def test_ranking_step_adds_softmax_over_the_evaluations_margins(benchmark_dir, a
     """A ranking group's loss is its rows' mean answer cross-entropy plus the softmax
     cross-entropy of the margins ``yes_no_margin`` (the retrieval evaluation) computes."""
     from conftest import build_tiny_adapter
+
     from pipeline.model.default_model import _training_step, ranking_loss
     from pipeline.model.evaluation import yes_no_margin
     from pipeline.tasks.items import RankingExample, TrainingExample, training_examples
@@ -269,8 +291,9 @@ def test_ranking_step_adds_softmax_over_the_evaluations_margins(benchmark_dir, a
         prompts, answers = (e.prompts, e.answers) if isinstance(e, RankingExample) else ([e.prompt], [e.answer])
         inputs = adapter.build_inputs([decoded[e.image_id]] * len(prompts), list(prompts), list(answers))
         with torch.no_grad():
-            ce = answer_cross_entropy(adapter.model(**inputs.tensors).logits, inputs.input_ids,
-                                      inputs.answer_mask, per_row=True).mean()
+            ce = answer_cross_entropy(
+                adapter.model(**inputs.tensors).logits, inputs.input_ids, inputs.answer_mask, per_row=True
+            ).mean()
         if isinstance(e, RankingExample):
             margins = yes_no_margin(adapter, [decoded[e.image_id]] * len(prompts), list(prompts))
             ce = ce + ranking_loss(torch.tensor(margins))

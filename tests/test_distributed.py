@@ -25,17 +25,15 @@ import pandas as pd
 import pytest
 import yaml
 import zarr
+from conftest import TESTS_DIR, random_item_arrays, resolve_pretrained
 
 from pipeline.method.attribution import attribute, task_statistics
-from pipeline.tasks.items import ImageTable
 from pipeline.method.distributed import attribute_dask, importance_dask
-from pipeline.method.store import StoreError
+from pipeline.method.dump import DumpExecution, DumpRequest, dump_activations
+from pipeline.method.store import DONE_DIR, ActivationStore, StoreError, StoreLayout, read_importance, scratch_path
+from pipeline.tasks.items import ImageTable
 from stages.dump import READS, dump_inputs
 from stages.params import read_params
-from pipeline.method.dump import DumpExecution, DumpRequest, dump_activations
-from pipeline.method.store import DONE_DIR, ActivationStore, StoreLayout, read_importance, scratch_path
-
-from conftest import TESTS_DIR, random_item_arrays, resolve_pretrained
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 REPO = TESTS_DIR.parent
@@ -77,7 +75,9 @@ def test_torchrun_two_ranks_equal_single_process(tmp_path, model_dir, benchmark_
     from pipeline.model.adapter import ModelAdapter
 
     params = {
-        "studied_models": ["test-tiny"], "pretrained_models": ["test-tiny"], "tasks": ["vqa"],
+        "studied_models": ["test-tiny"],
+        "pretrained_models": ["test-tiny"],
+        "tasks": ["vqa"],
         "models": {"test-tiny": {"source": "pretrained", "path": str(model_dir), "dtype": "float32", "device": "cpu"}},
         "runtime": {"threads": 2, "batch_sequences": 4},
         "dump": {"split": "discovery", "max_items": N_ITEMS, "store_dtype": "float32", "target_chunk_mib": 1e-6},
@@ -87,32 +87,66 @@ def test_torchrun_two_ranks_equal_single_process(tmp_path, model_dir, benchmark_
     resolve_pretrained(tmp_path / "params.yaml", "test-tiny", tmp_path, monkeypatch)
     scores = pd.DataFrame({"layer": [0, 0, 1, 1], "head": [0, 3, 2, 1], "score": [0.1, -0.2, 0.4, 0.3]})
     scores.to_parquet(tmp_path / "scores.parquet")
-    args = Namespace(params=tmp_path / "params.yaml", model="test-tiny", task="vqa", benchmark=benchmark_dir,
-                     heads=tmp_path / "scores.parquet", out=tmp_path / "dist" / "vqa.zarr",
-                     critical_heads=tmp_path / "dist" / "vqa.heads.parquet")
+    args = Namespace(
+        params=tmp_path / "params.yaml",
+        model="test-tiny",
+        task="vqa",
+        benchmark=benchmark_dir,
+        heads=tmp_path / "scores.parquet",
+        out=tmp_path / "dist" / "vqa.zarr",
+        critical_heads=tmp_path / "dist" / "vqa.heads.parquet",
+    )
     items, heads, storage = dump_inputs(read_params(args.params, READS, model="test-tiny", task="vqa"), args)
     assert len(items) == N_ITEMS and heads["layer"].tolist() == [1, 1]
 
     adapter = ModelAdapter.load(str(model_dir), dtype="float32", device="cpu")
     images = ImageTable(benchmark_dir / "images.parquet")
     request = DumpRequest(items, images, heads, caption_idf=True)
-    reference = dump_activations(adapter, request, tmp_path / "single" / "vqa.zarr", storage, DumpExecution(batch_size=4))
+    reference = dump_activations(
+        adapter, request, tmp_path / "single" / "vqa.zarr", storage, DumpExecution(batch_size=4)
+    )
     assert reference.layout.n_blocks == N_ITEMS  # one item per block: uneven ranks (3 + 2 blocks)
 
     # An earlier, interrupted 3-rank run: "rank 0" wrote blocks 0 and 3, then gave up waiting for the others.
     args.out.parent.mkdir()
     with pytest.raises(StoreError, match="still not done"):
-        dump_activations(adapter, request, args.out, storage,
-                         DumpExecution(batch_size=4, rank=0, world_size=3, timeout_seconds=0.0, poll_seconds=0.01))
+        dump_activations(
+            adapter,
+            request,
+            args.out,
+            storage,
+            DumpExecution(batch_size=4, rank=0, world_size=3, timeout_seconds=0.0, poll_seconds=0.01),
+        )
     scratch = scratch_path(args.out, storage.params_hash)
     assert sorted(int(p.stem) for p in (scratch / DONE_DIR).glob("*.done")) == [0, 3]
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "stages.dump",
-           "--params", str(args.params), "--model", "test-tiny", "--task", "vqa", "--benchmark", str(benchmark_dir),
-           "--heads", str(args.heads), "--out", str(args.out), "--critical-heads", str(args.critical_heads)]
+    cmd = [
+        str(torchrun),
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "stages.dump",
+        "--params",
+        str(args.params),
+        "--model",
+        "test-tiny",
+        "--task",
+        "vqa",
+        "--benchmark",
+        str(benchmark_dir),
+        "--heads",
+        str(args.heads),
+        "--out",
+        str(args.out),
+        "--critical-heads",
+        str(args.critical_heads),
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
@@ -130,13 +164,22 @@ def test_torchrun_two_ranks_equal_single_process(tmp_path, model_dir, benchmark_
 # ------------------------------------------------------------------------------ dask
 def _random_store(path: Path, task: str, *, n_items: int, dtype: str, max_files: int, seed: int) -> ActivationStore:
     C, L, I = 3, 2, 16
-    layout = StoreLayout.plan(C, n_items, L, I, dtype, target_chunk_bytes=4 * L * I * np.dtype(dtype).itemsize,
-                              max_files=max_files)
+    layout = StoreLayout.plan(
+        C, n_items, L, I, dtype, target_chunk_bytes=4 * L * I * np.dtype(dtype).itemsize, max_files=max_files
+    )
     rng = np.random.default_rng(seed)
     conditions = [(-1, -1, float("nan")), (1, 0, 0.5), (0, 2, -0.25)]
     ids = [f"{task}-{n}" for n in range(n_items)]
-    store = ActivationStore.create_or_resume(path, layout, conditions, ids, [[3]] * n_items, [[1.0]] * n_items,
-                                             {"model": "random", "task": task}, params_hash=f"h{seed}")
+    store = ActivationStore.create_or_resume(
+        path,
+        layout,
+        conditions,
+        ids,
+        [[3]] * n_items,
+        [[1.0]] * n_items,
+        {"model": "random", "task": task},
+        params_hash=f"h{seed}",
+    )
     for k in store.pending_blocks():
         sl = layout.block(k)
         n = sl.stop - sl.start
@@ -195,21 +238,52 @@ def test_attribute_stage_dask_engine_equals_streaming(tmp_path, random_stores, d
     abl = tmp_path / "ablation"
     abl.mkdir()
     pd.DataFrame({"layer": [0, 1], "neuron": [3, 5], "effect": [0.5, -0.1]}).to_parquet(abl / "vqa.parquet")
-    pd.DataFrame({"layer": pd.Series([], dtype="int64"), "neuron": pd.Series([], dtype="int64"),
-                  "effect": pd.Series([], dtype="float64")}).to_parquet(abl / "ocr.parquet")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(
-        {"tasks": ["vqa", "ocr"], "studied_models": ["random"], "pretrained_models": ["random"],
-         "models": {"random": {"source": "pretrained",
-                                                                                     "path": "unused"}},
-         "attribute": {"seed": 3, "ape_min_probability": 0.05, "engine": "dask",
-                                                "dask_scheduler": dask_cluster.scheduler_address}}))
+    pd.DataFrame(
+        {
+            "layer": pd.Series([], dtype="int64"),
+            "neuron": pd.Series([], dtype="int64"),
+            "effect": pd.Series([], dtype="float64"),
+        }
+    ).to_parquet(abl / "ocr.parquet")
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "tasks": ["vqa", "ocr"],
+                "studied_models": ["random"],
+                "pretrained_models": ["random"],
+                "models": {"random": {"source": "pretrained", "path": "unused"}},
+                "attribute": {
+                    "seed": 3,
+                    "ape_min_probability": 0.05,
+                    "engine": "dask",
+                    "dask_scheduler": dask_cluster.scheduler_address,
+                },
+            }
+        )
+    )
     out = tmp_path / "attribution.zarr"
     from stages import attribute as attribute_stage
     from stages.attribute import ablation_matrix
 
-    monkeypatch.setattr(sys, "argv", ["attribute", "--params", str(tmp_path / "params.yaml"), "--model", "random",
-                                      "--activations", str(act), "--ablation", str(abl), "--benchmark", str(tmp_path),
-                                      "--out", str(out)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "attribute",
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--model",
+            "random",
+            "--activations",
+            str(act),
+            "--ablation",
+            str(abl),
+            "--benchmark",
+            str(tmp_path),
+            "--out",
+            str(out),
+        ],
+    )
     attribute_stage.main()
     methods, tasks, got, attrs = read_importance(out)
 

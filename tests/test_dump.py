@@ -15,14 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import zarr
+from conftest import TESTS_DIR, direct_dvp, direct_targets, direct_z, discovery_items
 
 import pipeline.method.dump as dump_module
-from pipeline.tasks.items import IMAGE_SCHEMA, ImageTable
-from pipeline.method.dump import DumpExecution, DumpRequest, DumpStorage, dump_activations, item_targets
 from pipeline.errors import PipelineError
+from pipeline.method.dump import DumpExecution, DumpRequest, DumpStorage, dump_activations, item_targets
 from pipeline.method.store import DONE_DIR, ActivationStore, StoreError, StoreLayout
-
-from conftest import TESTS_DIR, direct_dvp, direct_targets, direct_z, discovery_items
+from pipeline.tasks.items import IMAGE_SCHEMA, ImageTable
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -32,9 +31,15 @@ ONE_ITEM_PER_BLOCK = 1  # target_chunk_bytes < one item's bytes -> blocks of one
 
 def run_dump(adapter, items, images, out, *, heads=HEADS, params_hash="p", batch_size=5, target_chunk_bytes=1 << 20):
     return dump_activations(
-        adapter, DumpRequest(items, images, heads, caption_idf=True), out,
-        DumpStorage(dtype="float32", params_hash=params_hash, attrs={"model": "test-tiny"},
-                    target_chunk_bytes=target_chunk_bytes),
+        adapter,
+        DumpRequest(items, images, heads, caption_idf=True),
+        out,
+        DumpStorage(
+            dtype="float32",
+            params_hash=params_hash,
+            attrs={"model": "test-tiny"},
+            target_chunk_bytes=target_chunk_bytes,
+        ),
         DumpExecution(batch_size=batch_size),
     )
 
@@ -116,13 +121,28 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path, tiny_adapter, annotation
     items = discovery_items(annotations, task, n_items)
     killed = tmp_path / "killed" / f"{task}.zarr"
     killed.parent.mkdir()
-    script = _CHILD.format(tests=str(TESTS_DIR), threads=torch.get_num_threads(), bench=str(benchmark_dir), task=task,
-                           n_items=n_items, heads=HEADS.to_dict("list"), delay=0.4, out=str(killed))
+    script = _CHILD.format(
+        tests=str(TESTS_DIR),
+        threads=torch.get_num_threads(),
+        bench=str(benchmark_dir),
+        task=task,
+        n_items=n_items,
+        heads=HEADS.to_dict("list"),
+        delay=0.4,
+        out=str(killed),
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR.parent), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=str(tmp_path),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    n_blocks = StoreLayout.plan(len(HEADS) + 1, n_items, tiny_adapter.num_layers, tiny_adapter.ffn_width,
-                                "float32", 1).n_blocks
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        env=env,
+        cwd=str(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    n_blocks = StoreLayout.plan(
+        len(HEADS) + 1, n_items, tiny_adapter.num_layers, tiny_adapter.ffn_width, "float32", 1
+    ).n_blocks
     assert n_blocks == n_items >= 4
     done: list = []
     try:
@@ -161,14 +181,22 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path, tiny_adapter, annotation
         return original(*args, **kw)
 
     monkeypatch.setattr(dump_module, "capture_block", counting)
-    resumed = run_dump(tiny_adapter, items, images, killed, params_hash="kill", batch_size=3,
-                       target_chunk_bytes=ONE_ITEM_PER_BLOCK)
+    resumed = run_dump(
+        tiny_adapter, items, images, killed, params_hash="kill", batch_size=3, target_chunk_bytes=ONE_ITEM_PER_BLOCK
+    )
     assert len(computed) == n_blocks - len(done_before)
     assert not list(killed.rglob("*.partial")) and not scratch.exists()
     monkeypatch.setattr(dump_module, "capture_block", original)
 
-    clean = run_dump(tiny_adapter, items, images, tmp_path / "clean" / f"{task}.zarr", params_hash="kill",
-                     batch_size=3, target_chunk_bytes=ONE_ITEM_PER_BLOCK)
+    clean = run_dump(
+        tiny_adapter,
+        items,
+        images,
+        tmp_path / "clean" / f"{task}.zarr",
+        params_hash="kill",
+        batch_size=3,
+        target_chunk_bytes=ONE_ITEM_PER_BLOCK,
+    )
     got, want = read_arrays(resumed.root), read_arrays(clean.root)
     assert sorted(got) == sorted(want) and {"z", "dvp", "item_id", "target_ids"} <= set(got)
     for name in want:

@@ -30,8 +30,16 @@ def test_llava_1_5_7b_by_hand():
     assert arch.params == text + clip + projector == 7_063_427_072  # llava-hf/llava-1.5-7b-hf: "7.06B params"
     assert arch.image_tokens == 576
 
-    w = Workload(items=7000, top_k=4, dtype="bfloat16", store_dtype="float32", batch_size=16, prompt_tokens=48,
-                 answer_tokens=8, ablation_items=16)
+    w = Workload(
+        items=7000,
+        top_k=4,
+        dtype="bfloat16",
+        store_dtype="float32",
+        batch_size=16,
+        prompt_tokens=48,
+        answer_tokens=8,
+        ablation_items=16,
+    )
     est = estimate(arch, w)
     assert est["weights_bytes"]["bfloat16"] == 2 * 7_063_427_072
     S = 576 + 48 + 8
@@ -78,24 +86,57 @@ def test_qwen2_5_vl_7b_by_hand():
 
 
 def _tiny_text(**kw):
-    return dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                intermediate_size=48, vocab_size=100, **kw)
+    return dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        vocab_size=100,
+        **kw,
+    )
 
 
 def test_parameter_count_equals_instantiated_models():
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                              Qwen2VLForConditionalGeneration)
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
 
     rope = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}}
     configs = [
-        LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                                   num_attention_heads=2, image_size=28, patch_size=14),
-                    text_config=LlamaConfig(**_tiny_text(tie_word_embeddings=False))),
-        Qwen2_5_VLConfig(text_config=_tiny_text(**rope), vision_config=dict(
-            depth=2, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=32, fullatt_block_indexes=[1])),
-        Qwen2VLConfig(text_config=_tiny_text(**rope), vision_config=dict(
-            depth=2, embed_dim=16, mlp_ratio=2, num_heads=2, hidden_size=32)),
+        LlavaConfig(
+            vision_config=CLIPVisionConfig(
+                hidden_size=16,
+                intermediate_size=24,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=28,
+                patch_size=14,
+            ),
+            text_config=LlamaConfig(**_tiny_text(tie_word_embeddings=False)),
+        ),
+        Qwen2_5_VLConfig(
+            text_config=_tiny_text(**rope),
+            vision_config=dict(
+                depth=2,
+                hidden_size=16,
+                intermediate_size=24,
+                num_heads=2,
+                out_hidden_size=32,
+                fullatt_block_indexes=[1],
+            ),
+        ),
+        Qwen2VLConfig(
+            text_config=_tiny_text(**rope),
+            vision_config=dict(depth=2, embed_dim=16, mlp_ratio=2, num_heads=2, hidden_size=32),
+        ),
     ]
     classes = [LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration]
     with warnings.catch_warnings():
@@ -168,8 +209,10 @@ def test_guided_localisation_prices_candidates_and_one_gradient_pass_per_item(ca
     assert guided["heads"]["rows"] == 5000 * (4 * 30 + 1)  # default M = 4 x top_k
     assert guided["heads_gradients"]["rows"] == 5000
     assert guided["heads_gradients"]["flops"] == guided["dump_gradients"]["flops"]  # the same forward + backward
-    assert estimate(arch, Workload(**base, localisation="guided", guided_candidates=1024))["stages"]["heads"]["rows"] \
+    assert (
+        estimate(arch, Workload(**base, localisation="guided", guided_candidates=1024))["stages"]["heads"]["rows"]
         == exhaustive["heads"]["rows"]
+    )
     with pytest.raises(ValueError, match=r"--guided-candidates 10 must lie in \[top_k = 30, 1024 heads\]"):
         estimate(arch, Workload(**base, localisation="guided", guided_candidates=10))
     assert main(["--model-config", "llava-1.5-7b", "--top-k", "30", "--localisation", "guided"]) == 0

@@ -24,10 +24,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pipeline.provenance import PROJECT_PACKAGES as PACKAGES  # noqa: E402
-from pipeline.provenance import module_file  # noqa: E402
-from pipeline.provenance import imported_modules as _imported_modules  # noqa: E402
-from pipeline.provenance import source_files  # noqa: E402
+from pipeline.provenance import PROJECT_PACKAGES as PACKAGES  # noqa: E402, I001
+from pipeline.provenance import imported_modules as _imported_modules, module_file, source_files  # noqa: E402
 
 
 def import_closure(root: Path, module: str) -> set[str]:
@@ -145,12 +143,14 @@ def test_graph_check_names_each_broken_entry(stages, params) -> None:
     broken["dump@tiny-llava-ocr"]["params"].remove("heads.top_k")
     broken["train_default_model@tiny-llava"]["params"].append("runtime.max_new_tokens")
     problems = check_graph(ROOT, broken, params)
-    assert sorted(problems) == sorted([
-        "heads@tiny-llava-vqa: missing code dep pipeline/model/hooks.py",
-        "masks@tiny-llava: extra code dep pipeline/outcomes/steering.py",
-        "dump@tiny-llava-ocr: missing param heads.top_k",
-        "train_default_model@tiny-llava: extra param runtime.max_new_tokens",
-    ])
+    assert sorted(problems) == sorted(
+        [
+            "heads@tiny-llava-vqa: missing code dep pipeline/model/hooks.py",
+            "masks@tiny-llava: extra code dep pipeline/outcomes/steering.py",
+            "dump@tiny-llava-ocr: missing param heads.top_k",
+            "train_default_model@tiny-llava: extra param runtime.max_new_tokens",
+        ]
+    )
 
 
 def test_closure_follows_lazy_and_from_imports(tmp_path) -> None:
@@ -164,7 +164,11 @@ def test_closure_follows_lazy_and_from_imports(tmp_path) -> None:
     (tmp_path / "pipeline" / "unused.py").write_text("")
     (tmp_path / "stages" / "s.py").write_text("from pipeline.sub.a import f\n")
     assert import_closure(tmp_path, "stages.s") == {
-        "stages/s.py", "pipeline/sub/__init__.py", "pipeline/sub/a.py", "pipeline/sub/b.py"}
+        "stages/s.py",
+        "pipeline/sub/__init__.py",
+        "pipeline/sub/a.py",
+        "pipeline/sub/b.py",
+    }
 
 
 def test_model_reads_only_its_own_entry(stages) -> None:
@@ -213,8 +217,18 @@ if __name__ == "__main__":
 
 
 # Layers of the library, lowest first: a module imports only from its own layer or lower ones.
-LAYERS = {"errors": 0, "io": 0, "provenance": 0, "timings": 0, "tasks": 1, "model": 2, "method": 3, "outcomes": 4,
-          "report": 5, "tools": 6}
+LAYERS = {
+    "errors": 0,
+    "io": 0,
+    "provenance": 0,
+    "timings": 0,
+    "tasks": 1,
+    "model": 2,
+    "method": 3,
+    "outcomes": 4,
+    "report": 5,
+    "tools": 6,
+}
 
 
 @pytest.mark.slow

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-
-from pipeline.model.evaluation import evaluate_task
-from pipeline.method.heads import HEAD_COLUMNS, all_heads, score_heads, score_heads_naive, top_heads
-
 from conftest import discovery_items
+
+from pipeline.method.heads import HEAD_COLUMNS, all_heads, score_heads, score_heads_naive, top_heads
+from pipeline.model.evaluation import evaluate_task
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -69,7 +68,10 @@ def test_top_heads_order_and_ties():
             "layer": [0, 0, 1, 1, 2, 2],
             "head": [0, 1, 0, 1, 0, 1],
             "score": [0.1, 0.5, 0.5, np.nan, -0.2, 0.5],
-            "baseline": 1.0, "intervened": 0.0, "metric": "m", "utility": "generative",
+            "baseline": 1.0,
+            "intervened": 0.0,
+            "metric": "m",
+            "utility": "generative",
         }
     ).sample(frac=1.0, random_state=3)  # input order must not matter
     top = top_heads(scores, 4)
@@ -83,8 +85,11 @@ def test_top_heads_order_and_ties():
     with pytest.raises(ValueError, match="top_k must be >= 1"):
         top_heads(scores, 0)
     # More heads than the model has is an error naming the caller's key, never a silent cut.
-    with pytest.raises(ValueError, match=r"heads\.top_k = 100 but the model has 6 attention heads "
-                                         r"\(3 layers x 2 heads\); set heads\.top_k to at most 6"):
+    with pytest.raises(
+        ValueError,
+        match=r"heads\.top_k = 100 but the model has 6 attention heads "
+        r"\(3 layers x 2 heads\); set heads\.top_k to at most 6",
+    ):
         top_heads(scores, 100, name="heads.top_k")
 
 
@@ -140,8 +145,9 @@ def test_head_stability_follows_the_per_item_scores_of_score_heads(tiny_adapter,
     from pipeline.outcomes.head_stability import head_stability
 
     items = discovery_items(annotations, "vqa", 6)
-    table, values, kind = score_heads_per_item(tiny_adapter, "vqa", items, images, batch_size=8, max_new_tokens=3,
-                                               utility="likelihood")
+    table, values, kind = score_heads_per_item(
+        tiny_adapter, "vqa", items, images, batch_size=8, max_new_tokens=3, utility="likelihood"
+    )
     assert kind == "mean" and values.shape == (1 + len(table), len(items))
     np.testing.assert_allclose(values[0].mean() - values[1:].mean(axis=1), table["score"], rtol=1e-9, atol=1e-12)
     from pipeline.method.heads import per_item_table, per_item_values

@@ -7,17 +7,24 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import discovery_items, utility64
 
 from pipeline.errors import PipelineError
 from pipeline.method.heads import (
-    all_heads, estimate_head_scores, guided_candidates, per_item_table, per_item_values, score_heads,
-    score_heads_guided, score_heads_per_item, top_heads, with_estimate,
+    all_heads,
+    estimate_head_scores,
+    guided_candidates,
+    per_item_table,
+    per_item_values,
+    score_heads,
+    score_heads_guided,
+    score_heads_per_item,
+    top_heads,
+    with_estimate,
 )
 from pipeline.model.hooks import substitute_heads, trace_head_substitution
 from pipeline.outcomes.head_stability import guided_localisation, head_stability
 from pipeline.tasks.items import item_prompts, teacher_forced_answers
-
-from conftest import discovery_items, utility64
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -70,22 +77,26 @@ def test_guided_with_every_head_as_candidate_is_the_exhaustive_sweep(tiny_adapte
     n_heads = a.num_layers * a.num_heads
     kw = dict(batch_size=7, utility="teacher_forced")
     exhaustive, ex_values, _ = score_heads_per_item(a, "caption", items, images, **kw)
-    guided, values, kind = score_heads_guided(a, "caption", items, images, candidates=n_heads, gradient_batch_items=2, **kw)
+    guided, values, kind = score_heads_guided(
+        a, "caption", items, images, candidates=n_heads, gradient_batch_items=2, **kw
+    )
     assert guided["exact"].all() and len(guided) == n_heads
     assert (guided[["layer", "head"]].to_numpy() == exhaustive[["layer", "head"]].to_numpy()).all()
     np.testing.assert_allclose(guided["score"], exhaustive["score"], atol=1e-5)
     np.testing.assert_allclose(values, ex_values, atol=1e-5)
     assert kind == "mean"
     for k in (1, 4, n_heads):
-        pd.testing.assert_frame_equal(top_heads(guided, k)[["layer", "head", "rank"]],
-                                      top_heads(exhaustive, k)[["layer", "head", "rank"]])
+        pd.testing.assert_frame_equal(
+            top_heads(guided, k)[["layer", "head", "rank"]], top_heads(exhaustive, k)[["layer", "head", "rank"]]
+        )
 
 
 def test_guided_scores_exactly_only_the_top_estimates(tiny_adapter, annotations, images):
     a = tiny_adapter
     items = discovery_items(annotations, "vqa", 3)
-    guided, values, kind = score_heads_guided(a, "vqa", items, images, candidates=3, gradient_batch_items=2,
-                                              batch_size=8, utility="teacher_forced")
+    guided, values, kind = score_heads_guided(
+        a, "vqa", items, images, candidates=3, gradient_batch_items=2, batch_size=8, utility="teacher_forced"
+    )
     estimate = estimate_head_scores(a, items, images, batch_size=3, progress=False).mean(axis=0)
     np.testing.assert_allclose(guided["estimate"], estimate[guided["layer"], guided["head"]], atol=1e-6)
     expected = set(guided_candidates(guided, 3))
@@ -106,8 +117,14 @@ def test_guided_scores_exactly_only_the_top_estimates(tiny_adapter, annotations,
 
 
 def _table(score, estimate) -> pd.DataFrame:
-    return pd.DataFrame({"layer": np.zeros(len(score), dtype=np.int32), "head": np.arange(len(score), dtype=np.int32),
-                         "score": np.asarray(score, dtype=np.float64), "estimate": np.asarray(estimate, dtype=np.float64)})
+    return pd.DataFrame(
+        {
+            "layer": np.zeros(len(score), dtype=np.int32),
+            "head": np.arange(len(score), dtype=np.int32),
+            "score": np.asarray(score, dtype=np.float64),
+            "estimate": np.asarray(estimate, dtype=np.float64),
+        }
+    )
 
 
 def test_guided_localisation_recall():

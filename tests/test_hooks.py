@@ -5,9 +5,9 @@ from __future__ import annotations
 import copy
 
 import numpy as np
-
 import pytest
 import torch
+from tiny_models import PROMPTS, make_images, tiny_llava, tiny_mistral3, tiny_phi, tiny_qwen2_5_vl
 from torch import nn
 
 from pipeline.model.adapter import ModelAdapter
@@ -18,7 +18,6 @@ from pipeline.model.hooks import (
     scale_neurons_per_row,
     substitute_heads,
 )
-from tiny_models import PROMPTS, make_images, tiny_llava, tiny_mistral3, tiny_phi, tiny_qwen2_5_vl
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -49,8 +48,8 @@ def single(a: ModelAdapter, r: int):
     if a.processor is None:
         tensors, _ = batch(a)
         keep = tensors["attention_mask"][r].bool()
-        return {"input_ids": tensors["input_ids"][r:r + 1, keep]}
-    return a.build_inputs(make_images(r + 1)[r:r + 1], PROMPTS[r:r + 1]).tensors
+        return {"input_ids": tensors["input_ids"][r : r + 1, keep]}
+    return a.build_inputs(make_images(r + 1)[r : r + 1], PROMPTS[r : r + 1]).tensors
 
 
 def all_hooked_modules(a: ModelAdapter) -> list[nn.Module]:
@@ -67,8 +66,10 @@ def test_capture_equals_manual_z(family):
     a = adapter(family)
     tensors, positions = batch(a)
     mlp_inputs: dict[int, torch.Tensor] = {}
-    handles = [a.mlp(i).register_forward_pre_hook(lambda m, args, i=i: mlp_inputs.__setitem__(i, args[0]))
-               for i in range(a.num_layers)]
+    handles = [
+        a.mlp(i).register_forward_pre_hook(lambda m, args, i=i: mlp_inputs.__setitem__(i, args[0]))
+        for i in range(a.num_layers)
+    ]
     try:
         with torch.no_grad(), capture_ffn(a, None, positions) as z:
             a.model(**tensors)
@@ -122,8 +123,8 @@ def manual_substitution(a: ModelAdapter, layer: int, head: int):
 
     def hook(module, args):
         x = args[0].clone()
-        others = [args[0][..., g * dh:(g + 1) * dh] for g in range(n_heads) if g != head]
-        x[..., head * dh:(head + 1) * dh] = sum(others) / len(others)
+        others = [args[0][..., g * dh : (g + 1) * dh] for g in range(n_heads) if g != head]
+        x[..., head * dh : (head + 1) * dh] = sum(others) / len(others)
         return (x,)
 
     return a.attn_out_proj(layer).register_forward_pre_hook(hook)
@@ -168,7 +169,7 @@ def test_substitute_several_heads_in_one_row_and_validation():
 
     def two_heads(module, args):
         x = args[0]
-        parts = [x[..., g * dh:(g + 1) * dh] for g in range(a.num_heads)]
+        parts = [x[..., g * dh : (g + 1) * dh] for g in range(a.num_heads)]
         new = list(parts)
         for h in (0, 2):
             new[h] = (sum(parts) - parts[h]) / (a.num_heads - 1)
@@ -218,14 +219,20 @@ def test_substitute_heads_under_generate(family):
     inputs = a.build_inputs(make_images(3), PROMPTS[:3])
     row_heads = [(1, 2), (0, 0), None]
     # min_new_tokens: the tiny random models may otherwise stop at once on eos.
-    kwargs = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True,
-                  pad_token_id=a.tokenizer.pad_token_id)
+    kwargs = dict(
+        max_new_tokens=3,
+        min_new_tokens=3,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=a.tokenizer.pad_token_id,
+    )
     with torch.no_grad(), substitute_heads(a, row_heads):
         out = a.model.generate(**inputs.tensors, **kwargs)
     assert no_hooks_left(a)
     prompt_len = inputs.input_ids.shape[1]
     for r, spec in enumerate(row_heads):
-        one = a.build_inputs(make_images(r + 1)[r:r + 1], PROMPTS[r:r + 1])
+        one = a.build_inputs(make_images(r + 1)[r : r + 1], PROMPTS[r : r + 1])
         handle = manual_substitution(a, *spec) if spec else None
         try:
             with torch.no_grad():
@@ -233,7 +240,7 @@ def test_substitute_heads_under_generate(family):
         finally:
             if handle:
                 handle.remove()
-        assert out.sequences[r, prompt_len:].tolist() == ref.sequences[0, one.input_ids.shape[1]:].tolist()
+        assert out.sequences[r, prompt_len:].tolist() == ref.sequences[0, one.input_ids.shape[1] :].tolist()
         for step in range(3):
             assert (out.logits[step][r] - ref.logits[step][0]).abs().max() <= 1e-4
 
@@ -352,8 +359,12 @@ def test_ablation_effects_carry_their_standard_error(annotations, images, tiny_a
 
     items = annotations[(annotations["split"] == "discovery") & (annotations["task"] == "vqa")].head(3)
     effect, se = neuron_ablation_effects(tiny_adapter, items, images, batch_size=16, layers=[1])
-    per_item = np.stack([neuron_ablation_effects(tiny_adapter, items.iloc[[k]], images, batch_size=16, layers=[1])[0][1]
-                         for k in range(3)])
+    per_item = np.stack(
+        [
+            neuron_ablation_effects(tiny_adapter, items.iloc[[k]], images, batch_size=16, layers=[1])[0][1]
+            for k in range(3)
+        ]
+    )
     np.testing.assert_allclose(effect[1], per_item.mean(0), atol=1e-6)
     np.testing.assert_allclose(se[1], per_item.std(0, ddof=1) / np.sqrt(3), atol=1e-6)
     assert np.isnan(effect[0]).all() and np.isnan(se[0]).all()
@@ -378,7 +389,8 @@ def test_ablating_a_sample_of_neurons_equals_the_exhaustive_sweep_there(annotati
     np.testing.assert_allclose(got_se[picked], se[picked], atol=1e-6)
     assert np.isnan(got[~picked]).all()
     every = [(l, i) for l in range(a.num_layers) for i in range(a.ffn_width)]
-    np.testing.assert_allclose(neuron_ablation_effects(a, items, images, batch_size=16, neurons=every[::-1])[0],
-                               effect, atol=1e-6)
+    np.testing.assert_allclose(
+        neuron_ablation_effects(a, items, images, batch_size=16, neurons=every[::-1])[0], effect, atol=1e-6
+    )
     with pytest.raises(PipelineError, match=r"neuron_ablation_effects: neuron \(0, 3\) given twice"):
         neuron_ablation_effects(a, items, images, batch_size=3, neurons=[(0, 3), (0, 3)])

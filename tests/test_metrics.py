@@ -244,9 +244,7 @@ def test_ndcg_ties_use_expected_rank() -> None:
     assert ndcg_at_k(np.zeros(10), positive_index=4) == pytest.approx(expected)
     assert ndcg_at_k(np.zeros(10), positive_index=4) == pytest.approx(0.2948459)
     # one higher score, positive tied with one other: ranks 2 and 3 -> mean(1/log2 3, 1/2)
-    assert ndcg_at_k([9.0, 1.0, 1.0, 0.0], positive_index=2) == pytest.approx(
-        (1 / math.log2(3) + 0.5) / 2
-    )
+    assert ndcg_at_k([9.0, 1.0, 1.0, 0.0], positive_index=2) == pytest.approx((1 / math.log2(3) + 0.5) / 2)
 
 
 def test_ndcg_errors() -> None:

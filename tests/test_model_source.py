@@ -8,10 +8,10 @@ import os
 
 import pytest
 import torch
+from tiny_models import llava_with_opt_text, tiny_llava, tiny_paligemma
 
 from pipeline.model import source as source_mod
 from pipeline.model.source import FileHashes, ModelSourceError, read_source, resolve_folder, resolve_hub, write_source
-from tiny_models import llava_with_opt_text, tiny_llava, tiny_paligemma
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +90,14 @@ def test_missing_folder_names_the_absolute_path(tmp_path, monkeypatch):
 def test_text_only_model_is_not_a_vision_language_model(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2)).save_pretrained(tmp_path / "llama")
-    with pytest.raises(ModelSourceError, match=r"not a vision-language model: its config.json has model_type "
-                                               r"'llama' \(LlamaForCausalLM\); supported families: llava, qwen2_vl"):
+    LlamaForCausalLM(
+        LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    ).save_pretrained(tmp_path / "llama")
+    with pytest.raises(
+        ModelSourceError,
+        match=r"not a vision-language model: its config.json has model_type "
+        r"'llama' \(LlamaForCausalLM\); supported families: llava, qwen2_vl",
+    ):
         resolve_folder(str(tmp_path / "llama"), "m", FileHashes(None))
 
 
@@ -143,8 +147,11 @@ def test_hub_id_offline_resolves_from_the_local_cache(paligemma_dir, tmp_path, m
     assert src.folder(hashes, "pg") == tmp_path / "hub" / "models--org--pg" / "snapshots" / commit
     assert src.identity == ("org/pg", commit)
     assert resolve_hub("org/pg", None, "pg", hashes).revision == "main"
-    with pytest.raises(ModelSourceError, match=r"hub id 'org/pg' at revision 'v2' is not in the local Hugging Face "
-                                               r"cache .*HF_HUB_OFFLINE=1"):
+    with pytest.raises(
+        ModelSourceError,
+        match=r"hub id 'org/pg' at revision 'v2' is not in the local Hugging Face "
+        r"cache .*HF_HUB_OFFLINE=1",
+    ):
         resolve_hub("org/pg", "v2", "pg", hashes)
     with pytest.raises(ModelSourceError, match=r"hub id 'org/other' at revision 'main' is not in the local"):
         resolve_hub("org/other", None, "pg", hashes)

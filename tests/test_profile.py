@@ -56,13 +56,16 @@ def test_full_profile_only_adds_work() -> None:
     assert not less, f"the full profile makes these smaller than the default: {less}"
 
 
-@pytest.mark.parametrize(("text", "named"), [
-    ("heads:\n  max_itms: 4\n", "heads.max_itms"),
-    ("models:\n  tiny-llava:\n    steps: 0\n", "steps"),
-    ("evaluate:\n  split: nowhere\n", "split"),
-    ("nosection:\n  x: 1\n", "nosection"),
-    ("heads: {}\n", "sets no key"),
-])
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("heads:\n  max_itms: 4\n", "heads.max_itms"),
+        ("models:\n  tiny-llava:\n    steps: 0\n", "steps"),
+        ("evaluate:\n  split: nowhere\n", "split"),
+        ("nosection:\n  x: 1\n", "nosection"),
+        ("heads: {}\n", "sets no key"),
+    ],
+)
 def test_a_bad_profile_is_refused_naming_the_key(tmp_path: Path, text: str, named: str) -> None:
     profile = tmp_path / "bad.yaml"
     profile.write_text(text)
@@ -97,10 +100,15 @@ def test_a_profile_adds_seeds_of_a_recipe_as_the_profile_leaves_it(tmp_path: Pat
     params = tmp_path / "params.yaml"
     shutil.copy(ROOT / "params.yaml", params)
     profile = tmp_path / "p.yaml"
-    profile.write_text("models:\n  tiny-llava: {steps: 7}\n  tiny-llava-s9: {same_as: tiny-llava, seed: 9}\n"
-                       "replicates: {r: [tiny-llava]}\n")
+    profile.write_text(
+        "models:\n  tiny-llava: {steps: 7}\n  tiny-llava-s9: {same_as: tiny-llava, seed: 9}\n"
+        "replicates: {r: [tiny-llava]}\n"
+    )
     arguments = set_param_arguments(profile, params)
-    assert "--set-param=+models.tiny-llava-s9.seed=9" in arguments and "--set-param=+replicates.r=[tiny-llava]" in arguments
+    assert (
+        "--set-param=+models.tiny-llava-s9.seed=9" in arguments
+        and "--set-param=+replicates.r=[tiny-llava]" in arguments
+    )
     got = _apply_with_dvc(params, arguments)
     assert got["models"]["tiny-llava-s9"] == {**got["models"]["tiny-llava"], "seed": 9}
     assert got["models"]["tiny-llava-s9"]["steps"] == 7 and got["replicates"]["r"] == ["tiny-llava"]

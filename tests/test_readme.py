@@ -24,9 +24,11 @@ def _bash_lines(text: str) -> list[str]:
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_relative_link_resolves(doc: Path) -> None:
-    broken = [target for target in _LINK.findall(doc.read_text())
-              if not re.match(r"[a-z]+://|#|mailto:", target)
-              and not (doc.parent / target.split("#")[0]).exists()]
+    broken = [
+        target
+        for target in _LINK.findall(doc.read_text())
+        if not re.match(r"[a-z]+://|#|mailto:", target) and not (doc.parent / target.split("#")[0]).exists()
+    ]
     assert not broken, f"{doc.relative_to(ROOT)} links to missing files: {broken}"
 
 
@@ -35,8 +37,12 @@ def test_every_cited_method_section_exists() -> None:
     headings = {int(n) for n in re.findall(r"^## (\d+)\. ", (ROOT / "docs/method.md").read_text(), re.M)}
     assert headings == set(range(1, 9))
     cited = {}
-    for path in [*(ROOT / "pipeline").rglob("*.py"), *(ROOT / "stages").rglob("*.py"), *(ROOT / "tests").rglob("*.py"),
-                 ROOT / "params.yaml"]:
+    for path in [
+        *(ROOT / "pipeline").rglob("*.py"),
+        *(ROOT / "stages").rglob("*.py"),
+        *(ROOT / "tests").rglob("*.py"),
+        ROOT / "params.yaml",
+    ]:
         for first, last in _CITED_SECTION.findall(path.read_text()):
             for n in range(int(first), int(last or first) + 1):
                 cited.setdefault(n, path.relative_to(ROOT))
@@ -46,9 +52,17 @@ def test_every_cited_method_section_exists() -> None:
 
 
 def test_no_file_cites_the_specification_outside_the_repository() -> None:
-    offenders = [str(p.relative_to(ROOT)) for p in [*ROOT.glob("*.md"), *ROOT.glob("*.yaml"), *(ROOT / "docs").glob("*.md"),
-                                                    *(ROOT / "pipeline").rglob("*.py"), *(ROOT / "stages").rglob("*.py")]
-                 if "HONES.md" in p.read_text()]
+    offenders = [
+        str(p.relative_to(ROOT))
+        for p in [
+            *ROOT.glob("*.md"),
+            *ROOT.glob("*.yaml"),
+            *(ROOT / "docs").glob("*.md"),
+            *(ROOT / "pipeline").rglob("*.py"),
+            *(ROOT / "stages").rglob("*.py"),
+        ]
+        if "HONES.md" in p.read_text()
+    ]
     assert not offenders
 
 

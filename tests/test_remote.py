@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import item_arrays_like
+
 from pipeline.method.store import ActivationStore, StoreLayout
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-MAKE_STORE = '''
+MAKE_STORE = """
 import sys
 from pathlib import Path
 sys.path.insert(0, {repo!r})
@@ -50,17 +50,28 @@ for k in s.pending_blocks():
     s.write_block(k, rng.normal(size=(3, sl.stop - sl.start, 2, 16)),
                   item_arrays_like(rng.normal(size=(sl.stop - sl.start, 2, 16))))
 s.finalize()
-'''
+"""
 
 
 def file_md5s(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def git(cwd: Path, *args: str) -> str:
-    cmd = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", "-c", "init.defaultBranch=main",
-           *args]
+    cmd = [
+        "git",
+        "-c",
+        "user.name=test",
+        "-c",
+        "user.email=test@example.invalid",
+        "-c",
+        "init.defaultBranch=main",
+        *args,
+    ]
     return subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True).stdout
 
 
@@ -88,8 +99,16 @@ def dvc_status(repo: Path, **kw) -> dict:
 def _added_store(path: Path) -> None:
     """A store made outside any stage (e.g. a dump run on a cluster), tracked with ``dvc add``."""
     lay = StoreLayout.plan(2, 7, 2, 8, "float32", target_chunk_bytes=2 * 8 * 4 * 3)
-    s = ActivationStore.create_or_resume(path, lay, [(-1, -1, float("nan")), (1, 1, 0.1)],
-                                         [f"a{k}" for k in range(7)], [[4]] * 7, [[1.0]] * 7, {"model": "x"}, "addhash")
+    s = ActivationStore.create_or_resume(
+        path,
+        lay,
+        [(-1, -1, float("nan")), (1, 1, 0.1)],
+        [f"a{k}" for k in range(7)],
+        [[4]] * 7,
+        [[1.0]] * 7,
+        {"model": "x"},
+        "addhash",
+    )
     rng = np.random.default_rng(1)
     for k in s.pending_blocks():
         n = lay.block(k).stop - lay.block(k).start
@@ -105,12 +124,24 @@ def s3_remote(monkeypatch):
     ThreadedMotoServer = pytest.importorskip("moto.server").ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                 "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent",
-                 "NO_PROXY": "127.0.0.1"}.items():
+    for k, v in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+        "AWS_CONFIG_FILE": "/nonexistent",
+        "NO_PROXY": "127.0.0.1",
+    }.items():
         monkeypatch.setenv(k, v)
-    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy",
-              "https_proxy"):
+    for k in (
+        "AWS_PROFILE",
+        "AWS_SESSION_TOKEN",
+        "AWS_CA_BUNDLE",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "http_proxy",
+        "https_proxy",
+    ):
         monkeypatch.delenv(k, raising=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -148,7 +179,8 @@ def test_push_clone_pull_and_run_cache(kind, tmp_path, monkeypatch, request):
     (origin / "make_store.py").write_text(MAKE_STORE.format(repo=repo_root))
     (origin / "dvc.yaml").write_text(
         f"stages:\n  build:\n    cmd: {sys.executable} make_store.py\n"
-        "    deps: [make_store.py]\n    outs: [store.zarr]\n")
+        "    deps: [make_store.py]\n    outs: [store.zarr]\n"
+    )
     (origin / ".gitignore").write_text("ran.log\n")
     dvc(origin, "repro")
     _added_store(origin / "added.zarr")

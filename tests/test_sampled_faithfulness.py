@@ -14,8 +14,11 @@ from pipeline.outcomes.sampled_faithfulness import check_against_exhaustive, sam
 def _population(seed: int = 0, shape=(4, 300)):
     rng = np.random.default_rng(seed)
     truth = rng.standard_normal(shape) * np.exp(rng.standard_normal(shape))  # heavy-tailed effects
-    scores = {"good": truth + 0.3 * rng.standard_normal(shape), "noisy": truth + 3.0 * rng.standard_normal(shape),
-              "unrelated": rng.standard_normal(shape)}
+    scores = {
+        "good": truth + 0.3 * rng.standard_normal(shape),
+        "noisy": truth + 3.0 * rng.standard_normal(shape),
+        "unrelated": rng.standard_normal(shape),
+    }
     return truth, scores
 
 

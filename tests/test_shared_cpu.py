@@ -17,8 +17,9 @@ KEYS = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "HONES_CPU_SHARED")
 
 def probe(**env: str) -> list[str]:
     base = {k: v for k, v in os.environ.items() if k not in KEYS}
-    out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env={**base, **env}, capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=ROOT, env={**base, **env}, capture_output=True, text=True, check=True
+    )
     return out.stdout.split()
 
 
@@ -51,7 +52,9 @@ def test_runnable_count_excludes_this_process(monkeypatch, tmp_path):
     stat = tmp_path / "stat"
     stat.write_text("cpu  1 2 3\nprocs_running 1\nprocs_blocked 0\n")
     real_open = open
-    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(stat if path == "/proc/stat" else path, *a, **k))
+    monkeypatch.setattr(
+        "builtins.open", lambda path, *a, **k: real_open(stat if path == "/proc/stat" else path, *a, **k)
+    )
     assert stages._others_running(samples=3, interval_s=0) == 0
     stat.write_text("procs_running 4\n")
     assert stages._others_running(samples=3, interval_s=0) == 3

@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_models import PROMPTS, WITH_PROCESSOR, make_images
+from tiny_models import cached_adapter as adapter_for
 
 from pipeline.errors import PipelineError
 from pipeline.model.adapter import ModelAdapter, find_vision_tower
@@ -16,8 +18,6 @@ from pipeline.model.hooks import (
     lowest_layer,
     substitute_heads,
 )
-from tiny_models import PROMPTS, WITH_PROCESSOR, make_images
-from tiny_models import cached_adapter as adapter_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -48,8 +48,9 @@ def test_shared_prefix_equals_plain_forward_with_heads_substituted(family, first
     assert lowest_layer(heads) == first
     with torch.no_grad(), substitute_heads(a, heads):
         expected = a.model(**rows).logits
-    got = forward_sharing_prefix(a, unique, rows, torch.tensor(SOURCES), first,
-                                 lambda: substitute_heads(a, heads)).logits
+    got = forward_sharing_prefix(
+        a, unique, rows, torch.tensor(SOURCES), first, lambda: substitute_heads(a, heads)
+    ).logits
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     # The interventions changed the logits: the test compares something that matters.
@@ -66,8 +67,9 @@ def test_shared_prefix_equals_plain_forward_with_neurons_ablated(family):
     neurons = [(top, i) for i in range(len(SOURCES))]
     with torch.no_grad(), ablate_neurons_per_row(a, neurons):
         expected = a.model(**rows).logits
-    got = forward_sharing_prefix(a, unique, rows, torch.tensor(SOURCES), top,
-                                 lambda: ablate_neurons_per_row(a, neurons), logits_to_keep=3).logits
+    got = forward_sharing_prefix(
+        a, unique, rows, torch.tensor(SOURCES), top, lambda: ablate_neurons_per_row(a, neurons), logits_to_keep=3
+    ).logits
     torch.testing.assert_close(got, expected[:, -3:], atol=1e-5, rtol=0)
 
 
@@ -77,8 +79,11 @@ def test_shared_prefix_computes_the_tower_for_distinct_images_and_one_more(famil
     unique, rows = _inputs(a)
     tower = find_vision_tower(a.model)
     seen: set[int] = set()  # batch sizes the tower's linear layers computed
-    handles = [m.register_forward_pre_hook(lambda m, args: seen.add(int(args[0].shape[0])))
-               for m in tower.modules() if isinstance(m, torch.nn.Linear)]
+    handles = [
+        m.register_forward_pre_hook(lambda m, args: seen.add(int(args[0].shape[0])))
+        for m in tower.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
     try:
         forward_sharing_prefix(a, unique, rows, torch.tensor(SOURCES), 1, lambda: substitute_heads(a, [(1, 0)] * 7))
     finally:
@@ -144,8 +149,17 @@ def test_condition_layers_must_cover_the_conditions(tiny_adapter, annotations, i
     items = discovery_items(annotations, "caption", 1)
     hooks = condition_scales(a, [{}, {(0, 1): 0.0}])
     with pytest.raises(PipelineError, match="condition 1 has no entry"):
-        evaluate_conditions(a, "caption", items, images, {"likelihood": [0, 1]}, batch_size=4,
-                            condition_hooks=hooks, condition_layers=[None], progress=False)
+        evaluate_conditions(
+            a,
+            "caption",
+            items,
+            images,
+            {"likelihood": [0, 1]},
+            batch_size=4,
+            condition_hooks=hooks,
+            condition_layers=[None],
+            progress=False,
+        )
 
 
 def test_ablation_effects_with_shared_prefix_equal_full_rows(tiny_adapter, annotations, images):
@@ -192,8 +206,9 @@ def test_repeated_rows_equal_the_processors_rows(family):
     if family not in _ROW_INDEXED_FAMILIES:
         assert got is None
         return
-    want = a.build_inputs([images[s] for s in SOURCES], [prompts[s] for s in SOURCES],
-                          answers=[answers[s] for s in SOURCES])
+    want = a.build_inputs(
+        [images[s] for s in SOURCES], [prompts[s] for s in SOURCES], answers=[answers[s] for s in SOURCES]
+    )
     assert got.tensors.keys() == want.tensors.keys()
     for key, t in want.tensors.items():
         assert torch.equal(got.tensors[key], t), key

@@ -13,16 +13,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from conftest import item_arrays_like
 import pytest
 import yaml
+from conftest import item_arrays_like
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def params_file(tmp_path: Path, **over) -> Path:
     params = {
-        "studied_models": ["m"], "pretrained_models": ["m"], "tasks": ["vqa", "ocr"],
+        "studied_models": ["m"],
+        "pretrained_models": ["m"],
+        "tasks": ["vqa", "ocr"],
         "models": {"m": {"source": "pretrained", "path": str(tmp_path / "no-such-model"), "device": "cpu"}},
         "runtime": {"threads": 1},
     }
@@ -37,12 +39,19 @@ def params_file(tmp_path: Path, **over) -> Path:
     return path
 
 
-def run_stage(stage: str, *args: str, env: dict[str, str] | None = None,
-              cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def run_stage(
+    stage: str, *args: str, env: dict[str, str] | None = None, cwd: Path = ROOT
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     env.pop("HONES_PARAMS_AUDIT", None)
-    return subprocess.run([sys.executable, "-m", f"stages.{stage}", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", f"stages.{stage}", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:
@@ -55,8 +64,9 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
 
 
 def heads(params: Path, benchmark: Path, out: Path, task: str = "vqa", model: str = "m"):
-    return run_stage("heads", "--params", params, "--model", model, "--task", task, "--benchmark", benchmark,
-                     "--out", out)
+    return run_stage(
+        "heads", "--params", params, "--model", model, "--task", task, "--benchmark", benchmark, "--out", out
+    )
 
 
 @pytest.mark.slow
@@ -72,8 +82,17 @@ def test_empty_split_is_named(tmp_path) -> None:
     from pipeline.tasks.benchmark import BenchmarkSpec, build_benchmark
 
     bench = tmp_path / "bench"
-    build_benchmark(BenchmarkSpec(seed=0, image_size=32, n_images={"discovery": 2, "test": 0},
-                                  vqa_per_image={"discovery": 1}, retrieval_negatives=3, retrieval_hard_negatives=1), bench)
+    build_benchmark(
+        BenchmarkSpec(
+            seed=0,
+            image_size=32,
+            n_images={"discovery": 2, "test": 0},
+            vqa_per_image={"discovery": 1},
+            retrieval_negatives=3,
+            retrieval_hard_negatives=1,
+        ),
+        bench,
+    )
     params = params_file(tmp_path, heads__split="test")
     line = one_line_error(heads(params, bench, tmp_path / "out"))
     assert "annotations.parquet has no 'vqa' items in split 'test'" in line
@@ -113,14 +132,22 @@ def _finished_store(path: Path) -> None:
     from pipeline.method.store import ActivationStore, StoreLayout
 
     lay = StoreLayout.plan(2, 6, 2, 8, "float32", target_chunk_bytes=2 * 2 * 8 * 4)
-    store = ActivationStore.create_or_resume(path, lay, [(-1, -1, float("nan")), (0, 1, 0.5)],
-                                             [f"i{k}" for k in range(6)], [[1]] * 6, [[1.0]] * 6,
-                                             {"model": "m"}, "h")
+    store = ActivationStore.create_or_resume(
+        path,
+        lay,
+        [(-1, -1, float("nan")), (0, 1, 0.5)],
+        [f"i{k}" for k in range(6)],
+        [[1]] * 6,
+        [[1.0]] * 6,
+        {"model": "m"},
+        "h",
+    )
     rng = np.random.default_rng(0)
     for k in store.pending_blocks():
         n = lay.block(k).stop - lay.block(k).start
-        store.write_block(k, rng.normal(size=(2, n, 2, 8)).astype(np.float32),
-                          item_arrays_like(rng.normal(size=(n, 2, 8))))
+        store.write_block(
+            k, rng.normal(size=(2, n, 2, 8)).astype(np.float32), item_arrays_like(rng.normal(size=(n, 2, 8)))
+        )
     store.finalize()
 
 
@@ -133,8 +160,21 @@ def test_truncated_store_metadata_names_the_store(tmp_path, damage) -> None:
     meta = acts / "ocr.zarr" / ("zarr.json" if damage == "group" else "z/zarr.json")
     meta.write_bytes(meta.read_bytes()[:40])
     params = params_file(tmp_path)
-    proc = run_stage("attribute", "--params", params, "--model", "m", "--activations", acts,
-                     "--ablation", tmp_path, "--benchmark", tmp_path, "--out", tmp_path / "out.zarr")
+    proc = run_stage(
+        "attribute",
+        "--params",
+        params,
+        "--model",
+        "m",
+        "--activations",
+        acts,
+        "--ablation",
+        tmp_path,
+        "--benchmark",
+        tmp_path,
+        "--out",
+        tmp_path / "out.zarr",
+    )
     line = one_line_error(proc)
     assert f"activation store {acts / 'ocr.zarr'}" in line and "dvc checkout" in line
 
@@ -166,12 +206,27 @@ def test_damaged_chunk_stops_attribute_naming_store_array_and_chunk(tmp_path, da
         pd.DataFrame({"layer": [], "neuron": [], "effect": []}).to_parquet(tmp_path / f"{task}.parquet")
     params = params_file(tmp_path)
     out = tmp_path / "out.zarr"
-    proc = run_stage("attribute", "--params", params, "--model", "m", "--activations", acts,
-                     "--ablation", tmp_path, "--benchmark", tmp_path, "--out", out)
+    proc = run_stage(
+        "attribute",
+        "--params",
+        params,
+        "--model",
+        "m",
+        "--activations",
+        acts,
+        "--ablation",
+        tmp_path,
+        "--benchmark",
+        tmp_path,
+        "--out",
+        out,
+    )
     line = one_line_error(proc)
     what = "is missing" if damage == "deleted" else "is damaged"
     assert f"activation store {acts / 'ocr.zarr'}: array 'z' chunk c/0/1/0/0 (condition 0-0, item 2-3, " in line
-    assert what in line and f"restore it with `dvc checkout --force {acts / 'ocr.zarr'}` or re-run the dump stage" in line
+    assert (
+        what in line and f"restore it with `dvc checkout --force {acts / 'ocr.zarr'}` or re-run the dump stage" in line
+    )
     assert not out.exists() and not Path(f"{out}.tmp").exists()
 
 
@@ -199,8 +254,10 @@ def resolve(tmp_path: Path, entry: dict, env: dict[str, str] | None = None) -> s
 @pytest.mark.slow
 def test_missing_relative_folder_names_its_absolute_path(tmp_path) -> None:
     line = one_line_error(resolve(tmp_path, {"path": "models/llava-local"}))
-    assert f"model 'm': folder {tmp_path}/models/llava-local not found (models.m.path; " \
-           "a Hugging Face hub id goes in models.m.hub_id)" in line
+    assert (
+        f"model 'm': folder {tmp_path}/models/llava-local not found (models.m.path; "
+        "a Hugging Face hub id goes in models.m.hub_id)" in line
+    )
 
 
 @pytest.mark.slow
@@ -208,19 +265,26 @@ def test_hub_id_missing_from_the_offline_cache_is_named_at_once(tmp_path) -> Non
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty-cache")}
     proc = resolve(tmp_path, {"hub_id": "llava-hf/llava-1.5-7b-hf", "revision": "main"}, env)
     line = one_line_error(proc)
-    assert "hub id 'llava-hf/llava-1.5-7b-hf' at revision 'main' is not in the local Hugging Face cache " \
-           f"({tmp_path}/empty-cache)" in line and "HF_HUB_OFFLINE=1" in line
+    assert (
+        "hub id 'llava-hf/llava-1.5-7b-hf' at revision 'main' is not in the local Hugging Face cache "
+        f"({tmp_path}/empty-cache)"
+        in line
+        and "HF_HUB_OFFLINE=1" in line
+    )
 
 
 @pytest.mark.slow
 def test_text_only_model_is_named_with_the_supported_families(tmp_path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2)).save_pretrained(tmp_path / "llama")
+    LlamaForCausalLM(
+        LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    ).save_pretrained(tmp_path / "llama")
     line = one_line_error(resolve(tmp_path, {"path": str(tmp_path / "llama")}))
-    assert f"{tmp_path}/llama is not a vision-language model: its config.json has model_type 'llama' " \
-           "(LlamaForCausalLM); supported families: llava, qwen2_vl, qwen2_5_vl, idefics3" in line
+    assert (
+        f"{tmp_path}/llama is not a vision-language model: its config.json has model_type 'llama' "
+        "(LlamaForCausalLM); supported families: llava, qwen2_vl, qwen2_5_vl, idefics3" in line
+    )
 
 
 @pytest.mark.slow
@@ -252,6 +316,7 @@ def test_shipped_weights_are_checked_against_the_recipe_and_pinned(benchmark_dir
     from dataclasses import asdict, replace
 
     from conftest import tiny_model_spec
+
     from pipeline.model.default_model import train_default_model
     from pipeline.model.source import read_source
 
@@ -259,8 +324,12 @@ def test_shipped_weights_are_checked_against_the_recipe_and_pinned(benchmark_dir
     shipped = tmp_path / "data" / "shipped" / "m"
     train_default_model(spec, benchmark_dir, shipped, name="m")
     recipe = {k: v for k, v in asdict(spec).items() if k != "image_size"}
-    params = params_file(tmp_path, pretrained_models=[], shipped_models=["m"],
-                         models={"m": {"source": "train", "device": "cpu", **recipe}})
+    params = params_file(
+        tmp_path,
+        pretrained_models=[],
+        shipped_models=["m"],
+        models={"m": {"source": "train", "device": "cpu", **recipe}},
+    )
     out = tmp_path / "data" / "models" / "m"
     proc = run_stage("ship_model", "--params", params, "--model", "m", "--out", out, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -283,8 +352,12 @@ def test_shipped_weights_are_checked_against_the_recipe_and_pinned(benchmark_dir
     finally:
         os.chdir(cwd)
 
-    other = params_file(tmp_path, pretrained_models=[], shipped_models=["m"],
-                        models={"m": {"source": "train", "device": "cpu", **recipe, "steps": 3}})
+    other = params_file(
+        tmp_path,
+        pretrained_models=[],
+        shipped_models=["m"],
+        models={"m": {"source": "train", "device": "cpu", **recipe, "steps": 3}},
+    )
     bad_out = tmp_path / "data" / "models" / "bad"
     line = one_line_error(run_stage("ship_model", "--params", other, "--model", "m", "--out", bad_out, cwd=tmp_path))
     assert "holds weights of another recipe" in line and "steps: trained 2, params 3" in line

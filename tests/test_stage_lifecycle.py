@@ -93,8 +93,13 @@ def test_stage_stops_when_the_process_that_started_it_dies(tmp_path, slow_stage)
 @pytest.mark.slow
 def test_sigterm_rolls_back_the_output_being_written(tmp_path, slow_stage) -> None:
     script, pid_file, out = slow_stage
-    proc = subprocess.Popen([sys.executable, str(script), "--out", str(out)], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "--out", str(out)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert _wait(lambda: (Path(f"{out}.tmp") / "half").is_file()), "the stage never started writing"
         proc.send_signal(signal.SIGTERM)
@@ -113,8 +118,13 @@ def test_leftover_tmp_of_a_killed_run_is_removed_at_start(tmp_path, slow_stage) 
     script, pid_file, out = slow_stage
     leftover = Path(f"{out}.tmp")
     (leftover / "from-a-killed-run").mkdir(parents=True)
-    proc = subprocess.Popen([sys.executable, str(script), "--out", str(out)], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "--out", str(out)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert _wait(lambda: (leftover / "half").is_file())
         assert not (leftover / "from-a-killed-run").exists()
@@ -173,8 +183,12 @@ def _kill_dvc_mid_run(repo: Path, p: int) -> None:
     """Start ``dvc repro`` with params p, SIGKILL DVC alone once the stage has written a piece,
     and wait for the orphaned stage to stop by itself."""
     (repo / "params.yaml").write_text(f"p: {p}\n")
-    dvc = subprocess.Popen([str(Path(sys.executable).with_name("dvc")), "repro"], cwd=repo,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dvc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("dvc")), "repro"],
+        cwd=repo,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         assert _wait(lambda: (repo / "out" / f".partial-p{p}" / "piece-0").is_file()), "the stage never started"
         dvc.kill()

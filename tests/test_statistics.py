@@ -61,11 +61,16 @@ def test_pairing_keeps_a_constant_shift_exact():
 
 def test_corpus_bleu_replicates_equal_bleu_of_the_resampled_corpus():
     preds = ["a red square", "a blue circle on the left", "two shapes", "a green diamond in the middle"]
-    refs = [["a red square"], ["a blue circle on the left", "blue circle"], ["two shapes here"],
-            ["a green diamond in the middle", "a diamond"]]
+    refs = [
+        ["a red square"],
+        ["a blue circle on the left", "blue circle"],
+        ["two shapes here"],
+        ["a green diamond in the middle", "a diamond"],
+    ]
     stats = bleu_statistics(preds, refs)
     assert float(utility_replicates(stats[None], np.ones((1, 4), int), "corpus_bleu")[0][0]) == pytest.approx(
-        corpus_bleu(preds, refs))
+        corpus_bleu(preds, refs)
+    )
     counts = bootstrap_counts(4, 5, np.random.default_rng(6))
     _, reps = utility_replicates(stats[None], counts, "corpus_bleu")
     for b, row in enumerate(counts):

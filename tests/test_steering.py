@@ -11,16 +11,17 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import resolve_pretrained
 
+from pipeline.io import write_parquet
 from pipeline.model.adapter import ModelAdapter
 from pipeline.model.hooks import scale_neurons
-from pipeline.io import write_parquet
 from pipeline.model.scoring import model_answer_logprobs
 from pipeline.outcomes.steering import (
     FIXED_AMP_SCALE,
+    VARIANTS,
     SteeringJob,
     SteeringSettings,
-    VARIANTS,
     apply_steering,
     condition_scales,
     load_scales,
@@ -29,8 +30,6 @@ from pipeline.outcomes.steering import (
     train_scales,
 )
 from pipeline.tasks.items import likelihood_sequences_per_item, training_rows
-
-from conftest import resolve_pretrained
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 torch.set_num_threads(1)
@@ -73,9 +72,19 @@ def test_training_rows_retrieval_positive_and_negative(annotations):
 
 def test_steering_jobs_are_weighed_by_the_sequences_they_run(annotations):
     """Retrieval scores every candidate and caption every reference: those jobs go out first."""
-    jobs = [SteeringJob(task, split_items(annotations, task, "dev", 2), split_items(annotations, task, "test", 3),
-                        (), None, SteeringSettings(beta=0.5, l2=0.0, train_batch_size=4, seed=0), 8, 4)
-            for task in ("vqa", "ocr", "caption", "retrieval")]
+    jobs = [
+        SteeringJob(
+            task,
+            split_items(annotations, task, "dev", 2),
+            split_items(annotations, task, "test", 3),
+            (),
+            None,
+            SteeringSettings(beta=0.5, l2=0.0, train_batch_size=4, seed=0),
+            8,
+            4,
+        )
+        for task in ("vqa", "ocr", "caption", "retrieval")
+    ]
     for job in jobs:
         column = {"retrieval": "candidates", "caption": "references"}.get(job.task)
         per_item = job.eval_items[column].map(len).mean() if column else 1.0
@@ -101,8 +110,14 @@ def test_answer_positions_match_evaluation_logprob(tiny_adapter, images, annotat
 
 def test_lambda_starts_at_zero_and_unit_scales_are_no_op(tiny_adapter, images, annotations):
     items = split_items(annotations, "vqa")
-    lam = train_scales(tiny_adapter, items, images, NEURONS, SteeringSettings(
-        beta=0.5, l2=1e-4, lr=0.0, epochs=1, grad_accum=1, train_batch_size=2, seed=0), progress=False)
+    lam = train_scales(
+        tiny_adapter,
+        items,
+        images,
+        NEURONS,
+        SteeringSettings(beta=0.5, l2=1e-4, lr=0.0, epochs=1, grad_accum=1, train_batch_size=2, seed=0),
+        progress=False,
+    )
     np.testing.assert_array_equal(lam, np.zeros(len(NEURONS)))
     inputs = answer_batch(tiny_adapter, images, items)
     base = logits(tiny_adapter.model, inputs)
@@ -119,8 +134,14 @@ def test_training_moves_clamps_and_leaves_model_untouched(tiny_adapter, images, 
     adapter = ModelAdapter.from_model(model, tiny_adapter.processor)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     clamp = 0.05
-    lam = train_scales(adapter, split_items(annotations, "vqa"), images, NEURONS, SteeringSettings(
-        beta=0.5, l2=1e-4, lr=1.0, epochs=2, grad_accum=1, train_batch_size=1, clamp=clamp, seed=0), progress=False)
+    lam = train_scales(
+        adapter,
+        split_items(annotations, "vqa"),
+        images,
+        NEURONS,
+        SteeringSettings(beta=0.5, l2=1e-4, lr=1.0, epochs=2, grad_accum=1, train_batch_size=1, clamp=clamp, seed=0),
+        progress=False,
+    )
     assert lam.shape == (len(NEURONS),)
     assert np.abs(lam).max() > 0
     assert np.all(np.abs(lam) <= clamp + 1e-7)
@@ -155,10 +176,28 @@ def test_condition_rows_match_scale_neurons(tiny_adapter, images, annotations):
 
 
 def test_steer_task_variants_and_baseline_scale_sets(tiny_adapter, images, annotations):
-    cfg = SteeringSettings(beta=0.5, l2=1e-4, epochs=1, grad_accum=1, train_batch_size=2, grid=(0.5, 1.0, 2.0),
-                           utility="teacher_forced", seed=0)
-    run = steer_task(tiny_adapter, "vqa", split_items(annotations, "vqa"), split_items(annotations, "vqa", "test"),
-                     images, NEURONS, RANDOM, cfg, batch_size=8, max_new_tokens=2)
+    cfg = SteeringSettings(
+        beta=0.5,
+        l2=1e-4,
+        epochs=1,
+        grad_accum=1,
+        train_batch_size=2,
+        grid=(0.5, 1.0, 2.0),
+        utility="teacher_forced",
+        seed=0,
+    )
+    run = steer_task(
+        tiny_adapter,
+        "vqa",
+        split_items(annotations, "vqa"),
+        split_items(annotations, "vqa", "test"),
+        images,
+        NEURONS,
+        RANDOM,
+        cfg,
+        batch_size=8,
+        max_new_tokens=2,
+    )
     assert tuple(run.results) == VARIANTS
     assert run.scales["base"] == {}
     assert run.scales["fixed_amp"] == {nr: FIXED_AMP_SCALE for nr in NEURONS}
@@ -173,16 +212,23 @@ def test_steer_task_variants_and_baseline_scale_sets(tiny_adapter, images, annot
     # the grid's scale-1 condition is the unsteered model on dev
     from pipeline.model.evaluation import evaluate_task
 
-    plain = evaluate_task(tiny_adapter, "vqa", split_items(annotations, "vqa"), images, batch_size=8,
-                          utility="teacher_forced")[0]
+    plain = evaluate_task(
+        tiny_adapter, "vqa", split_items(annotations, "vqa"), images, batch_size=8, utility="teacher_forced"
+    )[0]
     assert run.grid[1.0].utility == pytest.approx(plain.utility, abs=1e-5)
     table = scales_table([run])
     assert list(table.columns) == ["task", "layer", "neuron", "scale"] and len(table) == len(NEURONS)
 
 
 def test_apply_steering_matches_scale_neurons_and_cleans_up(tiny_adapter, images, annotations, tmp_path):
-    scales = pd.DataFrame({"task": ["vqa"] * 4 + ["ocr"], "layer": [0, 0, 1, 1, 0], "neuron": [1, 5, 3, 10, 2],
-                           "scale": [1.7, 0.2, 2.2, -0.3, 0.0]})
+    scales = pd.DataFrame(
+        {
+            "task": ["vqa"] * 4 + ["ocr"],
+            "layer": [0, 0, 1, 1, 0],
+            "neuron": [1, 5, 3, 10, 2],
+            "scale": [1.7, 0.2, 2.2, -0.3, 0.0],
+        }
+    )
     path = tmp_path / "scales.parquet"
     write_parquet(scales, path)
     assert len(load_scales(path)) == 5
@@ -209,8 +255,12 @@ def test_stage_writes_declared_outputs(tiny_adapter, benchmark_dir, tmp_path, mo
     tiny_adapter.processor.save_pretrained(model_dir)
     tasks = ["vqa", "retrieval"]
     masks = pd.DataFrame(
-        [(m, t, 0.01, 0, True, r + 1, l, n, 1.0) for t in tasks for m, nrs in (("hones", NEURONS), ("random", RANDOM))
-         for r, (l, n) in enumerate(nrs)],
+        [
+            (m, t, 0.01, 0, True, r + 1, l, n, 1.0)
+            for t in tasks
+            for m, nrs in (("hones", NEURONS), ("random", RANDOM))
+            for r, (l, n) in enumerate(nrs)
+        ],
         columns=["method", "task", "rho", "draw", "headline", "rank", "layer", "neuron", "score"],
     )
     write_parquet(masks, tmp_path / "masks.parquet")
@@ -226,9 +276,23 @@ def test_stage_writes_declared_outputs(tiny_adapter, benchmark_dir, tmp_path, mo
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     resolve_pretrained(tmp_path / "params.yaml", "tiny", tmp_path, monkeypatch)
     out = tmp_path / "steer"
-    monkeypatch.setattr(sys, "argv", ["steer", "--params", str(tmp_path / "params.yaml"), "--model", "tiny",
-                                      "--benchmark", str(benchmark_dir), "--masks", str(tmp_path / "masks.parquet"),
-                                      "--out", str(out)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "steer",
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--model",
+            "tiny",
+            "--benchmark",
+            str(benchmark_dir),
+            "--masks",
+            str(tmp_path / "masks.parquet"),
+            "--out",
+            str(out),
+        ],
+    )
     from stages.steer import main
 
     main()
@@ -252,6 +316,8 @@ def test_stage_writes_declared_outputs(tiny_adapter, benchmark_dir, tmp_path, mo
             assert iv["ci_low"] <= iv["value"] <= iv["ci_high"]
         diff = intervals[utility]["differences"]["learned-minus-grid_search"]["mean"]
         assert diff["verdict"] in ("holds", "fails", "undecided")
-    assert intervals["generative"]["utility"]["mean"]["base"]["value"] == pytest.approx(summary["mean"]["base"], abs=1e-5)
+    assert intervals["generative"]["utility"]["mean"]["base"]["value"] == pytest.approx(
+        summary["mean"]["base"], abs=1e-5
+    )
     moved = intervals["scale_movement"]
     assert set(moved) == set(tasks) and all(0 < m["mean_abs_change"] <= m["max_abs_change"] for m in moved.values())

@@ -9,10 +9,17 @@ import shutil
 import numpy as np
 import pytest
 import zarr
-
 from conftest import item_arrays_like
+
 from pipeline.method.store import (
-    DONE_DIR, ActivationStore, StoreError, StoreLayout, create_checked_array, read_importance, scratch_path, verify,
+    DONE_DIR,
+    ActivationStore,
+    StoreError,
+    StoreLayout,
+    create_checked_array,
+    read_importance,
+    scratch_path,
+    verify,
     write_importance,
 )
 
@@ -37,8 +44,14 @@ def data(seed: int = 0):
 
 
 def create(path, layout, params_hash="h1", **kw) -> ActivationStore:
-    args = dict(conditions=CONDITIONS, item_ids=ITEM_IDS, target_ids=TARGET_IDS, target_weights=TARGET_WEIGHTS,
-                attrs=ATTRS, params_hash=params_hash)
+    args = dict(
+        conditions=CONDITIONS,
+        item_ids=ITEM_IDS,
+        target_ids=TARGET_IDS,
+        target_weights=TARGET_WEIGHTS,
+        attrs=ATTRS,
+        params_hash=params_hash,
+    )
     args.update(kw)
     return ActivationStore.create_or_resume(path, layout, **args)
 
@@ -167,7 +180,9 @@ def test_float16_overflow_is_refused_naming_the_array(tmp_path):
     z, dvp = data()
     dvp[0, 0, 0] = 1e6
     store = create(tmp_path / "s.zarr", lay)
-    with pytest.raises(StoreError, match=r"block 0: dvp: values up to 1e\+06 overflow float16; set dump.store_dtype: float32"):
+    with pytest.raises(
+        StoreError, match=r"block 0: dvp: values up to 1e\+06 overflow float16; set dump.store_dtype: float32"
+    ):
         write(store, z, dvp)
 
 
@@ -317,7 +332,9 @@ def test_write_block_with_wrong_shapes(tmp_path):
     sl = lay.block(last)
     with pytest.raises(StoreError, match=f"block {last}"):
         # The last block is short (11 items, blocks of 3): a full-size block does not fit it.
-        store.write_block(last, np.zeros((C, lay.block_items, L, I)), item_arrays_like(np.zeros((lay.block_items, L, I))))
+        store.write_block(
+            last, np.zeros((C, lay.block_items, L, I)), item_arrays_like(np.zeros((lay.block_items, L, I)))
+        )
     assert store.done_blocks() == set()
 
 
@@ -327,8 +344,14 @@ def test_importance_round_trip_with_and_without_the_matched_items_array(tmp_path
     rng = np.random.default_rng(0)
     imp = rng.normal(size=(3, 2, 2, 5)).astype(np.float32)
     matched = rng.normal(size=imp.shape).astype(np.float32)
-    write_importance(tmp_path / "a.zarr", ["hones", "atp", "ablation"], ["vqa", "ocr"], imp, {"model": "m"},
-                     on_ablation_items=matched)
+    write_importance(
+        tmp_path / "a.zarr",
+        ["hones", "atp", "ablation"],
+        ["vqa", "ocr"],
+        imp,
+        {"model": "m"},
+        on_ablation_items=matched,
+    )
     methods, tasks, got, attrs = read_importance(tmp_path / "a.zarr")
     assert methods == ["hones", "atp", "ablation"] and tasks == ["vqa", "ocr"] and attrs["model"] == "m"
     np.testing.assert_array_equal(got, imp)
@@ -336,8 +359,9 @@ def test_importance_round_trip_with_and_without_the_matched_items_array(tmp_path
     write_importance(tmp_path / "b.zarr", ["hones", "atp", "ablation"], ["vqa", "ocr"], imp, {})
     assert read_importance_on_ablation_items(tmp_path / "b.zarr") is None
     with pytest.raises(StoreError, match="ablation items"):
-        write_importance(tmp_path / "c.zarr", ["hones", "atp", "ablation"], ["vqa", "ocr"], imp, {},
-                         on_ablation_items=matched[:, :1])
+        write_importance(
+            tmp_path / "c.zarr", ["hones", "atp", "ablation"], ["vqa", "ocr"], imp, {}, on_ablation_items=matched[:, :1]
+        )
     assert not (tmp_path / "c.zarr").exists()
 
 
@@ -374,8 +398,11 @@ def test_flipped_byte_is_caught_on_read_and_by_verify(tmp_path, sharded):
     raw[8] ^= 0x01  # one bit
     chunk.write_bytes(bytes(raw))
     reopened = ActivationStore.open(store.root)  # the files are all there: opening is cheap and passes
-    with pytest.raises(StoreError, match=rf"array 'dvp' chunk {key} \(item \d+-\d+, layer 0-{L - 1}, neuron "
-                                         rf"0-{I - 1}\) is damaged .*restore it with `dvc checkout"):
+    with pytest.raises(
+        StoreError,
+        match=rf"array 'dvp' chunk {key} \(item \d+-\d+, layer 0-{L - 1}, neuron "
+        rf"0-{I - 1}\) is damaged .*restore it with `dvc checkout",
+    ):
         list(reopened.iter_blocks())
     check = verify(store.root)
     assert check.status == "damaged" and f"array 'dvp' chunk {key}" in check.line()
@@ -384,7 +411,9 @@ def test_flipped_byte_is_caught_on_read_and_by_verify(tmp_path, sharded):
 def test_missing_chunk_and_array_are_named_at_open(tmp_path):
     store, _ = _finished(tmp_path)
     (store.root / "atp" / "c" / "2" / "0" / "0").unlink()
-    with pytest.raises(StoreError, match=rf"array 'atp' chunk c/2/0/0 \(item 6-8, layer 0-{L - 1}, neuron 0-{I - 1}\) is missing"):
+    with pytest.raises(
+        StoreError, match=rf"array 'atp' chunk c/2/0/0 \(item 6-8, layer 0-{L - 1}, neuron 0-{I - 1}\) is missing"
+    ):
         ActivationStore.open(store.root)
     assert verify(store.root).status == "damaged"
     shutil.rmtree(store.root / "atp")
@@ -419,7 +448,9 @@ def test_verify_command_prints_one_line_per_store_and_fails_on_damage(tmp_path, 
     chunk.write_bytes(chunk.read_bytes()[:-3])
     assert main([str(tmp_path)]) == 1
     out = capsys.readouterr().out
-    assert "DAMAGED" in out and "array 'z' chunk c/0/0/0/0" in out and out.endswith("1 of 2 stores verified; 1 failed\n")
+    assert (
+        "DAMAGED" in out and "array 'z' chunk c/0/0/0/0" in out and out.endswith("1 of 2 stores verified; 1 failed\n")
+    )
 
 
 def test_verify_flags_a_store_written_without_checksums(tmp_path):

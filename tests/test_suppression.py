@@ -24,19 +24,38 @@ from pipeline.tasks.items import candidate_prompt
 
 
 def _masks(rows: list[tuple[str, str, int, int]], rho: float = 0.01, headline: bool = True) -> pd.DataFrame:
-    return pd.DataFrame({"method": [r[0] for r in rows], "task": [r[1] for r in rows], "rho": rho, "draw": 0,
-                         "headline": headline, "rank": 1, "layer": [r[2] for r in rows],
-                         "neuron": [r[3] for r in rows], "score": 1.0})
+    return pd.DataFrame(
+        {
+            "method": [r[0] for r in rows],
+            "task": [r[1] for r in rows],
+            "rho": rho,
+            "draw": 0,
+            "headline": headline,
+            "rank": 1,
+            "layer": [r[2] for r in rows],
+            "neuron": [r[3] for r in rows],
+            "score": 1.0,
+        }
+    )
 
 
 def test_batched_masks_equal_separate_runs(tiny_adapter, annotations, images) -> None:
     items = annotations[(annotations["split"] == "discovery") & annotations["task"].isin(["vqa", "retrieval"])]
     items = items.groupby("task").head(3)
-    masks = pd.concat([
-        _masks([("m1", "vqa", 0, 3), ("m1", "vqa", 1, 7), ("m2", "vqa", 1, 7), ("m1", "retrieval", 0, 1),
-                ("m2", "retrieval", 1, 2)]),
-        _masks([("m1", "vqa", 0, 5)], rho=0.02, headline=False),
-    ])
+    masks = pd.concat(
+        [
+            _masks(
+                [
+                    ("m1", "vqa", 0, 3),
+                    ("m1", "vqa", 1, 7),
+                    ("m2", "vqa", 1, 7),
+                    ("m1", "retrieval", 0, 1),
+                    ("m2", "retrieval", 1, 2),
+                ]
+            ),
+            _masks([("m1", "vqa", 0, 5)], rho=0.02, headline=False),
+        ]
+    )
     conditions = mask_conditions(masks)
     assert [c.headline for c in conditions] == [True] * 4 + [False]
     assert generative_conditions(conditions) == [1, 2, 3, 4]
@@ -51,8 +70,9 @@ def test_batched_masks_equal_separate_runs(tiny_adapter, annotations, images) ->
         for eval_task in ("vqa", "retrieval"):
             sub = items[items["task"] == eval_task]
             with scale_neurons(tiny_adapter, {l: (n, 0.0) for l, n in by_layer.items()}):
-                want = evaluate_task(tiny_adapter, eval_task, sub, images, batch_size=8, utility="likelihood",
-                                     progress=False)[0]
+                want = evaluate_task(
+                    tiny_adapter, eval_task, sub, images, batch_size=8, utility="likelihood", progress=False
+                )[0]
             got = scores[("likelihood", eval_task)][k]
             np.testing.assert_allclose(got.per_item, want.per_item, atol=1e-5)
     table = scores_table(scores, items)
@@ -69,11 +89,15 @@ def test_likelihood_is_reference_probability_and_positive_softmax(tiny_adapter, 
         lp = answer_logprob(tiny_adapter, [images[row.image_id]] * len(refs), [row.prompt] * len(refs), refs)
         assert got.per_item[i] == pytest.approx(float(np.exp(lp).mean()), abs=1e-6)
     ret = items[items["task"] == "retrieval"].head(2).reset_index(drop=True)
-    both = evaluate_conditions(tiny_adapter, "retrieval", ret, images, {"generative": [0], "likelihood": [0]},
-                               batch_size=5, progress=False)
+    both = evaluate_conditions(
+        tiny_adapter, "retrieval", ret, images, {"generative": [0], "likelihood": [0]}, batch_size=5, progress=False
+    )
     for i, row in ret.iterrows():
-        m = yes_no_margin(tiny_adapter, [images[row.image_id]] * len(row.candidates),
-                          [candidate_prompt(row.prompt, c) for c in row.candidates])
+        m = yes_no_margin(
+            tiny_adapter,
+            [images[row.image_id]] * len(row.candidates),
+            [candidate_prompt(row.prompt, c) for c in row.candidates],
+        )
         p = np.exp(m - m.max()) / np.exp(m - m.max()).sum()
         assert both["likelihood"][0].per_item[i] == pytest.approx(float(p[row.positive_index]), abs=1e-6)
     assert both["generative"][0].metric == "ndcg@5" and both["likelihood"][0].metric == "positive_probability"
@@ -135,8 +159,12 @@ def test_deletion_curve_finds_the_planted_neuron() -> None:
 
 
 def test_sensitivity_says_plainly_when_the_effect_is_invisible() -> None:
-    sens = {"ground_truth_on_target_drop": {"value": 0.5, "ci_low": -0.4, "ci_high": 1.4},
-            "excludes_zero": False, "half_width_within_third": False, "per_task": {}}
+    sens = {
+        "ground_truth_on_target_drop": {"value": 0.5, "ci_low": -0.4, "ci_high": 1.4},
+        "excludes_zero": False,
+        "half_width_within_third": False,
+        "per_task": {},
+    }
     assert "cannot see effects of this size: raise rho or the number of test items" in sensitivity_message(sens)
     rows = verdict_rows("m", {"likelihood": {"sensitivity": sens}}, {}, {})
     assert rows[-1]["verdict"] == "undecided"
@@ -152,11 +180,22 @@ def test_report_is_self_contained(tmp_path) -> None:
     fig, ax = plt.subplots()
     ax.plot([0, 1], [1, 0])
     fig.savefig(tmp_path / "f.png")
-    build_report("R", "intro", [Section("t", "what it shows", table=pd.DataFrame({"a": [1.0]}),
-                                        images=[tmp_path / "f.png", tmp_path / "missing.png"])], tmp_path / "r.html")
+    build_report(
+        "R",
+        "intro",
+        [
+            Section(
+                "t",
+                "what it shows",
+                table=pd.DataFrame({"a": [1.0]}),
+                images=[tmp_path / "f.png", tmp_path / "missing.png"],
+            )
+        ],
+        tmp_path / "r.html",
+    )
     html = (tmp_path / "r.html").read_text()
     assert "data:image/png;base64," in html and "what it shows" in html and "missing figure" in html
-    assert "src=\"http" not in html and "<script" not in html
+    assert 'src="http' not in html and "<script" not in html
 
 
 def _planted_study(vqa_masked: float = 0.1, noise_seed: int = 0) -> tuple[dict, list[MaskCondition]]:
@@ -185,8 +224,9 @@ def test_evaluate_tables_read_back_to_the_same_statistics() -> None:
     items = pd.DataFrame({"task": np.repeat(TASKS, 40), "item_id": [f"{t}-{i}" for t in TASKS for i in range(40)]})
     back = scores_from_table(scores_table(scores, items))
     conds = conditions_from_table(conditions_table(conditions))
-    assert [(c.method, c.target_task, c.rho, c.draw, c.headline) for c in conds] == \
-        [(c.method, c.target_task, c.rho, c.draw, c.headline) for c in conditions]
+    assert [(c.method, c.target_task, c.rho, c.draw, c.headline) for c in conds] == [
+        (c.method, c.target_task, c.rho, c.draw, c.headline) for c in conditions
+    ]
     a = suppression_statistics(scores, conditions, n_resamples=200, seed=0)
     b = suppression_statistics(back, conds, n_resamples=200, seed=0)
     assert a == b
@@ -201,22 +241,32 @@ def test_replicated_differences_carry_the_instances_variance() -> None:
     same = replicated_differences({"s0": one, "s1": one, "s2": one}, n_resamples=300, seed=0)["likelihood"]
     for k in ("on_target_drop", "selectivity"):
         got, want = same["differences"]["hones-minus-ma"][k], alone["hones-minus-ma"][k]
-        assert [got[x] for x in ("value", "ci_low", "ci_high", "verdict")] == \
-            [want[x] for x in ("value", "ci_low", "ci_high", "verdict")]
+        assert [got[x] for x in ("value", "ci_low", "ci_high", "verdict")] == [
+            want[x] for x in ("value", "ci_low", "ci_high", "verdict")
+        ]
     # Seeds that disagree (the planted neuron matters in one instance, barely in the others):
     # the point is their mean, and the interval is wider than any instance's item interval.
     studies = {"s0": _planted_study(0.1, 0), "s1": _planted_study(0.85, 1), "s2": _planted_study(0.88, 2)}
     rep = replicated_differences(studies, n_resamples=300, seed=0)["likelihood"]["differences"]["hones-minus-ma"]
     per = rep["on_target_drop"]["per_instance"]
     assert rep["on_target_drop"]["value"] == pytest.approx(np.mean(list(per.values())), abs=1e-3)
-    widths = [np.subtract(*[suppression_statistics(*s, n_resamples=300, seed=0)["likelihood"]["differences"]
-                            ["hones-minus-ma"]["on_target_drop"][x] for x in ("ci_high", "ci_low")])
-              for s in studies.values()]
+    widths = [
+        np.subtract(
+            *[
+                suppression_statistics(*s, n_resamples=300, seed=0)["likelihood"]["differences"]["hones-minus-ma"][
+                    "on_target_drop"
+                ][x]
+                for x in ("ci_high", "ci_low")
+            ]
+        )
+        for s in studies.values()
+    ]
     assert rep["on_target_drop"]["ci_high"] - rep["on_target_drop"]["ci_low"] > 3 * max(widths)
     with pytest.raises(Exception, match="same items"):
         short = _planted_study()
-        short[0][("likelihood", "vqa")] = {k: TaskResult("vqa", "fake", r.utility, r.per_item[:10])
-                                           for k, r in short[0][("likelihood", "vqa")].items()}
+        short[0][("likelihood", "vqa")] = {
+            k: TaskResult("vqa", "fake", r.utility, r.per_item[:10]) for k, r in short[0][("likelihood", "vqa")].items()
+        }
         replicated_differences({"s0": one, "s1": short}, n_resamples=100, seed=0)
 
 
@@ -233,10 +283,15 @@ def test_equivalence_needs_the_whole_interval_inside_the_margin() -> None:
 def test_markdown_summary_tables() -> None:
     from pipeline.report.markdown import markdown_document, markdown_table
 
-    frame = pd.DataFrame({"value": [1.23456, float("nan")], "verdict": ["holds", "a|b"]},
-                         index=pd.Index(["x", "y"], name="model"))
-    assert markdown_table(frame).splitlines() == ["| model | value | verdict |", "|---|---|---|",
-                                                  "| x | 1.23 | holds |", "| y |  | a\\|b |"]
+    frame = pd.DataFrame(
+        {"value": [1.23456, float("nan")], "verdict": ["holds", "a|b"]}, index=pd.Index(["x", "y"], name="model")
+    )
+    assert markdown_table(frame).splitlines() == [
+        "| model | value | verdict |",
+        "|---|---|---|",
+        "| x | 1.23 | holds |",
+        "| y |  | a\\|b |",
+    ]
     doc = markdown_document("T", "intro", [("Verdict", "text", frame), ("Empty", "only text", None)])
     assert doc.startswith("# T\n\nintro\n\n## Verdict\n\ntext\n\n| model |") and "## Empty\n\nonly text\n" in doc
 
@@ -248,8 +303,11 @@ def test_a_recipe_refuses_instances_trained_with_another_recipe() -> None:
     spec = {"family": "llava", "steps": 3000, "retrieval_negatives": 4, "seed": 0}
     check_recipe_instances("r", {"a": spec, "b": {**spec, "seed": 1}, "brought": None})  # only the seed differs
     check_recipe_instances("r", {"x": None, "y": None})  # brought models: nothing recorded to compare
-    with pytest.raises(PipelineError, match=r"replicates.r: b was trained with another recipe than a "
-                                            r"\(differing: steps 2000 vs 3000\)"):
+    with pytest.raises(
+        PipelineError,
+        match=r"replicates.r: b was trained with another recipe than a "
+        r"\(differing: steps 2000 vs 3000\)",
+    ):
         check_recipe_instances("r", {"a": spec, "b": {**spec, "steps": 2000, "seed": 1}})
     with pytest.raises(PipelineError, match="retrieval_negatives None vs 4"):
         check_recipe_instances("r", {"a": spec, "c": {k: v for k, v in spec.items() if k != "retrieval_negatives"}})
@@ -259,9 +317,13 @@ def test_quality_against_targets_names_the_task_below_its_target() -> None:
     from pipeline.report.verdict import QUALITY_TARGETS, quality_against_targets
 
     good = {t: target for t, target in QUALITY_TARGETS.items()}  # exactly at the target: met
-    got = quality_against_targets({"m": {"generative": good},
-                                   "n": {"generative": {**good, "retrieval": 0.706}},
-                                   "brought": {"likelihood": {"vqa": 0.9}}})
+    got = quality_against_targets(
+        {
+            "m": {"generative": good},
+            "n": {"generative": {**good, "retrieval": 0.706}},
+            "brought": {"likelihood": {"vqa": 0.9}},
+        }
+    )
     assert got["m"]["all_met"] and all(got["m"][t]["met"] for t in QUALITY_TARGETS)
     assert not got["n"]["all_met"] and not got["n"]["retrieval"]["met"] and got["n"]["vqa"]["met"]
     assert got["n"]["retrieval"] == {"value": 0.706, "target": 0.80, "met": False}
@@ -274,20 +336,31 @@ def test_a_recipe_decides_per_instance_claims_on_every_instance() -> None:
     def row(model: str, claim: str, verdict: str, utility: str = "likelihood") -> dict:
         return {"model": model, "claim": claim, "utility": utility, "verdict": verdict}
 
-    rows = [row("r", "HONES on-target drop exceeds random's", "holds"),        # the bootstrap across seeds
-            row("r", "HONES on-target drop exceeds random's", "fails", "generative"),  # not deciding
-            *[row(m, "HONES on-target drop exceeds random's", "undecided") for m in ("a", "b")],
-            row("a", "steering", "holds"), row("b", "steering", "holds"),
-            row("a", "layers", "holds", "-"), row("b", "layers", "fails", "-"),
-            row("a", "sensitivity", "holds"), row("b", "sensitivity", "undecided"),
-            row("a", "only a", "holds")]
+    rows = [
+        row("r", "HONES on-target drop exceeds random's", "holds"),  # the bootstrap across seeds
+        row("r", "HONES on-target drop exceeds random's", "fails", "generative"),  # not deciding
+        *[row(m, "HONES on-target drop exceeds random's", "undecided") for m in ("a", "b")],
+        row("a", "steering", "holds"),
+        row("b", "steering", "holds"),
+        row("a", "layers", "holds", "-"),
+        row("b", "layers", "fails", "-"),
+        row("a", "sensitivity", "holds"),
+        row("b", "sensitivity", "undecided"),
+        row("a", "only a", "holds"),
+    ]
     got = verdict_summary(rows, ["r"], {"r": ["a", "b"]})
     assert {c: v["verdicts"]["r"] for c, v in got["across"].items()} == {
-        "HONES on-target drop exceeds random's": "holds", "steering": "holds", "layers": "mixed",
-        "sensitivity": "undecided"}  # "only a": not every instance has it
-    assert got["decided_by"]["r"] == {"HONES on-target drop exceeds random's": "bootstrap across instances",
-                                      "layers": "every instance", "sensitivity": "every instance",
-                                      "steering": "every instance"}
+        "HONES on-target drop exceeds random's": "holds",
+        "steering": "holds",
+        "layers": "mixed",
+        "sensitivity": "undecided",
+    }  # "only a": not every instance has it
+    assert got["decided_by"]["r"] == {
+        "HONES on-target drop exceeds random's": "bootstrap across instances",
+        "layers": "every instance",
+        "sensitivity": "every instance",
+        "steering": "every instance",
+    }
     assert got["counts"]["r"] == {"holds": 2, "fails": 0, "equivalent": 0, "undecided": 1, "mixed": 1}
     assert got["counts"]["a"] == {"holds": 4, "fails": 0, "equivalent": 0, "undecided": 1}
     assert "decided_by" not in verdict_summary(rows, ["a", "b"])

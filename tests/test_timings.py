@@ -33,8 +33,9 @@ main()
 
 
 def _record(stage: str, started: str, wall: float, rows: int | None = 10) -> StageTiming:
-    return StageTiming.measured(stage, started, wall, rows, "sequences" if rows is not None else None,
-                                threads=2, cpus=2, load_1m=0.5)
+    return StageTiming.measured(
+        stage, started, wall, rows, "sequences" if rows is not None else None, threads=2, cpus=2, load_1m=0.5
+    )
 
 
 def test_records_round_trip_in_start_order_and_the_table_totals_them(tmp_path) -> None:
@@ -68,8 +69,14 @@ def _run_stage(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedPr
     script = tmp_path / "stage.py"
     script.write_text(STAGE.format(repo=str(REPO)))
     environ = {k: v for k, v in os.environ.items() if k not in ("DVC_STAGE", "HONES_TIMINGS")}
-    return subprocess.run([sys.executable, str(script), *args], cwd=tmp_path, env={**environ, **env},
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(script), *args],
+        cwd=tmp_path,
+        env={**environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.slow

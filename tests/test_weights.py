@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_stage_errors import one_line_error, params_file, run_stage
+from tiny_models import tiny_llava
 
 from pipeline.model.adapter import AdapterError, ModelAdapter
 from pipeline.model.source import FileHashes, ModelSourceError, resolve_folder
 from pipeline.model.weights import WeightsError, check_weight_files
-from test_stage_errors import one_line_error, params_file, run_stage
-from tiny_models import tiny_llava
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +55,9 @@ def _empty(path: Path) -> None:
     path.write_bytes(b"")
 
 
-@pytest.mark.parametrize("damage, what", [(_truncate, "not fully covered"), (_damage_header, "invalid JSON"),
-                                          (_empty, "header too small")])
+@pytest.mark.parametrize(
+    "damage, what", [(_truncate, "not fully covered"), (_damage_header, "invalid JSON"), (_empty, "header too small")]
+)
 def test_a_damaged_safetensors_file_is_named_at_resolve_and_at_load(saved, tmp_path, damage, what):
     folder = _copy(saved, tmp_path)
     damage(folder / "model.safetensors")
@@ -114,7 +115,17 @@ def test_resolve_stage_stops_with_one_line_and_pins_nothing(saved, tmp_path):
     _truncate(folder / "model.safetensors")
     out = tmp_path / "out" / "m"
     params = params_file(tmp_path, models={"m": {"source": "pretrained", "path": str(folder), "device": "cpu"}})
-    line = one_line_error(run_stage("resolve_model", "--params", params, "--model", "m", "--out", out,
-                                    env={"XDG_CACHE_HOME": str(tmp_path / "cache")}))
+    line = one_line_error(
+        run_stage(
+            "resolve_model",
+            "--params",
+            params,
+            "--model",
+            "m",
+            "--out",
+            out,
+            env={"XDG_CACHE_HOME": str(tmp_path / "cache")},
+        )
+    )
     assert "model.safetensors is damaged" in line and "not fully covered" in line
     assert not out.exists()

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import build_tiny_adapter, discovery_items
+
 from pipeline.errors import PipelineError
-from pipeline.model import batching
 from pipeline.method.ablation import ablation_shard_job, merge_ablation_shards, neuron_ablation_effects
+from pipeline.model import batching
 from pipeline.model.workers import map_jobs, split_threads
 from pipeline.outcomes.suppression import (
     MaskCondition,
@@ -54,7 +54,9 @@ def test_results_come_back_in_job_order_from_other_processes() -> None:
 
 @pytest.mark.slow
 def test_a_failing_job_is_named_with_its_cause() -> None:
-    with pytest.raises(PipelineError, match=r"demo: job number 3 failed in a worker: ValueError: three is not allowed") as err:
+    with pytest.raises(
+        PipelineError, match=r"demo: job number 3 failed in a worker: ValueError: three is not allowed"
+    ) as err:
         map_jobs(_fail_on_three, [1, 2, 3, 4], dict, workers=2, describe=lambda j: f"number {j}", what="demo")
     assert isinstance(err.value.__cause__, ValueError)
     # In this process the job's own exception propagates unchanged.
@@ -89,8 +91,12 @@ def test_suppression_over_workers_equals_one_process(benchmark_dir, tiny_adapter
     jobs = suppression_jobs(items, conditions, shards_per_task=3)
     assert {j.eval_task for j in jobs} == set(items["task"])
     assert [j.cost for j in jobs] == sorted((j.cost for j in jobs), reverse=True)
-    parts = map_jobs(partial(run_suppression_job, items=items, conditions=conditions, batch_size=7, max_new_tokens=4),
-                     jobs, partial(tiny_state, benchmark_dir), workers=2)
+    parts = map_jobs(
+        partial(run_suppression_job, items=items, conditions=conditions, batch_size=7, max_new_tokens=4),
+        jobs,
+        partial(tiny_state, benchmark_dir),
+        workers=2,
+    )
     parallel = merge_suppression_scores(parts, items)
     # The workers' rows reach this process's count (the stage's timing record).
     assert batching.rows_completed() - before - serial_rows == serial_rows > 0
@@ -108,8 +114,9 @@ def test_a_condition_scored_twice_is_an_error(tiny_adapter, annotations, images)
     items = discovery_items(annotations, "vqa", 2)
     conditions = _conditions(tiny_adapter)[:2]
     [job] = suppression_jobs(items, conditions)
-    part = run_suppression_job((tiny_adapter, images), job, items=items, conditions=conditions, batch_size=8,
-                               max_new_tokens=4)
+    part = run_suppression_job(
+        (tiny_adapter, images), job, items=items, conditions=conditions, batch_size=8, max_new_tokens=4
+    )
     with pytest.raises(PipelineError, match="scored by two jobs"):
         merge_suppression_scores([part, part], items)
 
@@ -119,8 +126,12 @@ def test_ablation_shards_over_workers_equal_one_pass(benchmark_dir, tiny_adapter
     items = discovery_items(annotations, "vqa", 2)
     effect, se = neuron_ablation_effects(tiny_adapter, items, images, batch_size=16)
     # 3 shards of a 2-layer model: the third has no layer.
-    parts = map_jobs(partial(ablation_shard_job, items=items, batch_size=16), [(k, 3) for k in range(3)],
-                     partial(tiny_state, benchmark_dir), workers=2)
+    parts = map_jobs(
+        partial(ablation_shard_job, items=items, batch_size=16),
+        [(k, 3) for k in range(3)],
+        partial(tiny_state, benchmark_dir),
+        workers=2,
+    )
     assert [layers for layers, _, _ in parts] == [[0], [1], []]
     merged_effect, merged_se = merge_ablation_shards(parts)
     assert not np.isnan(merged_effect).any()

@@ -59,8 +59,9 @@ def _tokenizer(
         **named,
     )
     # Registering them as special keeps the Whitespace pre-tokenizer from splitting them.
-    tok.add_special_tokens({"additional_special_tokens": [s for s in specials if s != "<unk>"]},
-                           replace_extra_special_tokens=True)
+    tok.add_special_tokens(
+        {"additional_special_tokens": [s for s in specials if s != "<unk>"]}, replace_extra_special_tokens=True
+    )
     tok.padding_side = "left"
     return tok
 
@@ -68,8 +69,7 @@ def _tokenizer(
 def _template(user_start: str, image: str, user_end: str, assistant_start: str, bos: str = "") -> str:
     """A one-turn-per-message Jinja chat template in the shape of the families' real ones."""
     return (
-        bos
-        + "{% for message in messages %}"
+        bos + "{% for message in messages %}"
         "{% if message['role'] == 'user' %}" + user_start + "{% else %}" + assistant_start + "{% endif %}"
         "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
         "{% for item in message['content'] %}"
@@ -99,9 +99,17 @@ def _finish(model: torch.nn.Module) -> torch.nn.Module:
 
 def _llama_text(vocab: int, **kw: Any) -> dict[str, Any]:
     cfg = dict(
-        model_type="llama", vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
-        bos_token_id=2, eos_token_id=3,
+        model_type="llama",
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
     )
     cfg.update(kw)
     return cfg
@@ -121,41 +129,84 @@ def tiny_llava(seed: int = 0):
         named=dict(pad_token="<pad>", bos_token="<s>", eos_token="</s>", image_token="<image>"),
     )
     image_id = tok.convert_tokens_to_ids("<image>")
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=16, patch_size=4, projection_dim=32)
-    cfg = LlavaConfig(vision_config=vision, text_config=_llama_text(len(tok)), image_token_index=image_id,
-                      image_seq_length=16, vision_feature_layer=-1, vision_feature_select_strategy="default")
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=16,
+        patch_size=4,
+        projection_dim=32,
+    )
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=_llama_text(len(tok)),
+        image_token_index=image_id,
+        image_seq_length=16,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
     _seed(seed)
     model = LlavaForConditionalGeneration(cfg)
     ip = LlavaImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
-    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=4, vision_feature_select_strategy="default",
-                          num_additional_image_tokens=1, chat_template=tok.chat_template)
+    proc = LlavaProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        patch_size=4,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=tok.chat_template,
+    )
     return _finish(model), proc
 
 
 # ---------------------------------------------------------------------------------------------
 # Qwen2-VL and Qwen2.5-VL: their own vision towers (which also have MLPs), M-RoPE text model
 # ---------------------------------------------------------------------------------------------
-_QWEN_SPECIALS = ["<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                  "<|image_pad|>", "<|video_pad|>", "user", "assistant"]
+_QWEN_SPECIALS = [
+    "<|endoftext|>",
+    "<unk>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "user",
+    "assistant",
+]
 
 
 def _qwen_tokenizer() -> PreTrainedTokenizerFast:
     return _tokenizer(
         _QWEN_SPECIALS,
-        chat_template=_template("<|im_start|>user\n", "<|vision_start|><|image_pad|><|vision_end|>",
-                                "<|im_end|>\n", "<|im_start|>assistant\n"),
-        named=dict(pad_token="<|endoftext|>", eos_token="<|im_end|>", image_token="<|image_pad|>",
-                   video_token="<|video_pad|>"),
+        chat_template=_template(
+            "<|im_start|>user\n",
+            "<|vision_start|><|image_pad|><|vision_end|>",
+            "<|im_end|>\n",
+            "<|im_start|>assistant\n",
+        ),
+        named=dict(
+            pad_token="<|endoftext|>", eos_token="<|im_end|>", image_token="<|image_pad|>", video_token="<|video_pad|>"
+        ),
     )
 
 
 def _qwen_text(vocab: int, tok: PreTrainedTokenizerFast) -> dict[str, Any]:
     # head_dim 16 -> 8 rotary frequencies split over (time, height, width).
-    return dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2], "rope_theta": 10000.0},
-                pad_token_id=tok.pad_token_id, bos_token_id=None, eos_token_id=tok.eos_token_id)
+    return dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2], "rope_theta": 10000.0},
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+    )
 
 
 def _qwen_processor(processor_cls, tok):
@@ -176,10 +227,20 @@ def tiny_qwen2_vl(seed: int = 0):
     ids = tok.convert_tokens_to_ids
     cfg = Qwen2VLConfig(
         text_config=_qwen_text(len(tok), tok),
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=4,
-                           spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        vision_config=dict(
+            depth=1,
+            embed_dim=32,
+            hidden_size=64,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
     )
     _seed(seed)
     model = Qwen2VLForConditionalGeneration(cfg)
@@ -194,11 +255,22 @@ def tiny_qwen2_5_vl(seed: int = 0):
     cfg = Qwen2_5_VLConfig(
         text_config=_qwen_text(len(tok), tok),
         # Its vision blocks are gated MLPs with gate/up/down projections, like the text layers.
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=48, out_hidden_size=64, num_heads=2,
-                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, window_size=16,
-                           fullatt_block_indexes=[1]),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=48,
+            out_hidden_size=64,
+            num_heads=2,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=16,
+            fullatt_block_indexes=[1],
+        ),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
     )
     _seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(cfg)
@@ -208,8 +280,18 @@ def tiny_qwen2_5_vl(seed: int = 0):
 # ---------------------------------------------------------------------------------------------
 # Idefics3 and SmolVLM: SigLIP-like vision, pixel-shuffle connector, Llama text
 # ---------------------------------------------------------------------------------------------
-_IDEFICS_SPECIALS = ["<pad>", "<unk>", "<|begin_of_text|>", "<|end_of_text|>", "<fake_token_around_image>",
-                     "<image>", "<end_of_utterance>", "<global-img>", "User", "Assistant"]
+_IDEFICS_SPECIALS = [
+    "<pad>",
+    "<unk>",
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<fake_token_around_image>",
+    "<image>",
+    "<end_of_utterance>",
+    "<global-img>",
+    "User",
+    "Assistant",
+]
 
 
 def _idefics_tokenizer() -> PreTrainedTokenizerFast:
@@ -224,11 +306,19 @@ def _idefics_config(config_cls, tok):
     ids = tok.convert_tokens_to_ids
     # image 16, patch 4 -> 16 patches; scale factor 2 -> 4 image tokens.
     return config_cls(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=16, patch_size=4),
-        text_config=_llama_text(len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                                eos_token_id=tok.eos_token_id),
-        image_token_id=ids("<image>"), scale_factor=2,
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=4,
+        ),
+        text_config=_llama_text(
+            len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id
+        ),
+        image_token_id=ids("<image>"),
+        scale_factor=2,
     )
 
 
@@ -240,8 +330,9 @@ def tiny_idefics3(seed: int = 0):
     cfg = _idefics_config(Idefics3Config, tok)
     _seed(seed)
     model = Idefics3ForConditionalGeneration(cfg)
-    ip = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": 16},
-                                   max_image_size={"longest_edge": 16})
+    ip = Idefics3ImageProcessorPil(
+        do_image_splitting=False, size={"longest_edge": 16}, max_image_size={"longest_edge": 16}
+    )
     proc = Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=4, chat_template=tok.chat_template)
     return _finish(model), proc
 
@@ -258,8 +349,9 @@ def tiny_smolvlm(seed: int = 0):
     size = {"longest_edge": 16}
     ip = SmolVLMImageProcessorPil(do_image_splitting=False, size=size, max_image_size=size)
     vp = SmolVLMVideoProcessor(size=size, max_image_size=size)
-    proc = SmolVLMProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, image_seq_len=4,
-                            chat_template=tok.chat_template)
+    proc = SmolVLMProcessor(
+        image_processor=ip, tokenizer=tok, video_processor=vp, image_seq_len=4, chat_template=tok.chat_template
+    )
     return _finish(model), proc
 
 
@@ -270,20 +362,41 @@ def tiny_paligemma(seed: int = 0):
     from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-    tok = _tokenizer(["<pad>", "<eos>", "<bos>", "<unk>", "<image>"], chat_template=None,
-                     named=dict(pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", image_token="<image>"))
+    tok = _tokenizer(
+        ["<pad>", "<eos>", "<bos>", "<unk>", "<image>"],
+        chat_template=None,
+        named=dict(pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", image_token="<image>"),
+    )
     ip = SiglipImageProcessorPil(size={"height": 16, "width": 16})
     ip.image_seq_length = 16
     proc = PaliGemmaProcessor(image_processor=ip, tokenizer=tok)  # adds 1152 <loc>/<seg> tokens
     cfg = PaliGemmaConfig(
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4,
-                           projection_dim=32),
-        text_config=dict(model_type="gemma", vocab_size=len(tok), hidden_size=32, intermediate_size=48,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=8,
-                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id),
-        image_token_index=tok.convert_tokens_to_ids("<image>"), vocab_size=len(tok), projection_dim=32,
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=4,
+            projection_dim=32,
+        ),
+        text_config=dict(
+            model_type="gemma",
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=8,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        ),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vocab_size=len(tok),
+        projection_dim=32,
         hidden_size=32,
     )
     _seed(seed)
@@ -297,25 +410,67 @@ def tiny_gemma3(seed: int = 0):
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
-                "<end_of_image>", "<image_soft_token>", "model"]
+    specials = [
+        "<pad>",
+        "<eos>",
+        "<bos>",
+        "<unk>",
+        "<start_of_turn>",
+        "<end_of_turn>",
+        "<start_of_image>",
+        "<end_of_image>",
+        "<image_soft_token>",
+        "model",
+    ]
     tok = _tokenizer(
         specials,
-        chat_template=_template("<start_of_turn>user\n", "<start_of_image>", "<end_of_turn>\n",
-                                "<start_of_turn>model\n", bos="{{ bos_token }}"),
-        named=dict(pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", boi_token="<start_of_image>",
-                   eoi_token="<end_of_image>", image_token="<image_soft_token>"),
+        chat_template=_template(
+            "<start_of_turn>user\n",
+            "<start_of_image>",
+            "<end_of_turn>\n",
+            "<start_of_turn>model\n",
+            bos="{{ bos_token }}",
+        ),
+        named=dict(
+            pad_token="<pad>",
+            bos_token="<bos>",
+            eos_token="<eos>",
+            boi_token="<start_of_image>",
+            eoi_token="<end_of_image>",
+            image_token="<image_soft_token>",
+        ),
     )
     ids = tok.convert_tokens_to_ids
     cfg = Gemma3Config(
-        text_config=dict(model_type="gemma3_text", vocab_size=len(tok), hidden_size=32, intermediate_size=48,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                         query_pre_attn_scalar=8, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
-                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
+        text_config=dict(
+            model_type="gemma3_text",
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            query_pre_attn_scalar=8,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        ),
         # image 16, patch 4 -> 4x4 patches pooled to 2x2 = 4 image tokens.
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4),
-        mm_tokens_per_image=4, boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=4,
+        ),
+        mm_tokens_per_image=4,
+        boi_token_index=ids("<start_of_image>"),
+        eoi_token_index=ids("<end_of_image>"),
         image_token_index=ids("<image_soft_token>"),
     )
     _seed(seed)
@@ -332,22 +487,55 @@ def tiny_internvl(seed: int = 0):
     from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
-    specials = ["<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>",
-                "<video>", "user", "assistant"]
+    specials = [
+        "<|endoftext|>",
+        "<unk>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<img>",
+        "</img>",
+        "<IMG_CONTEXT>",
+        "<video>",
+        "user",
+        "assistant",
+    ]
     tok = _tokenizer(
         specials,
         chat_template=_template("<|im_start|>user\n", "<IMG_CONTEXT>\n", "<|im_end|>\n", "<|im_start|>assistant\n"),
-        named=dict(pad_token="<|endoftext|>", eos_token="<|im_end|>", start_image_token="<img>",
-                   end_image_token="</img>", context_image_token="<IMG_CONTEXT>", video_token="<video>"),
+        named=dict(
+            pad_token="<|endoftext|>",
+            eos_token="<|im_end|>",
+            start_image_token="<img>",
+            end_image_token="</img>",
+            context_image_token="<IMG_CONTEXT>",
+            video_token="<video>",
+        ),
     )
     cfg = InternVLConfig(
         # image 16, patch 4 -> 4x4 patches, pixel shuffle 0.5 -> 4 image tokens.
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=[16, 16], patch_size=[4, 4]),
-        text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=32, intermediate_size=48,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id),
-        image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=4, downsample_ratio=0.5,
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=[16, 16],
+            patch_size=[4, 4],
+        ),
+        text_config=dict(
+            model_type="qwen2",
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=4,
+        downsample_ratio=0.5,
     )
     _seed(seed)
     model = InternVLForConditionalGeneration(cfg)
@@ -355,8 +543,9 @@ def tiny_internvl(seed: int = 0):
 
     ip = GotOcr2ImageProcessorPil(size={"height": 16, "width": 16}, crop_to_patches=False, max_patches=1)
     vp = InternVLVideoProcessor(size={"height": 16, "width": 16})
-    proc = InternVLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, image_seq_length=4,
-                             chat_template=tok.chat_template)
+    proc = InternVLProcessor(
+        image_processor=ip, tokenizer=tok, video_processor=vp, image_seq_length=4, chat_template=tok.chat_template
+    )
     return _finish(model), proc
 
 
@@ -375,21 +564,47 @@ def tiny_mistral3(seed: int = 0):
     )
     ids = tok.convert_tokens_to_ids
     cfg = Mistral3Config(
-        vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2, head_dim=16, image_size=16, patch_size=4),
-        text_config=dict(model_type="mistral", vocab_size=len(tok), hidden_size=32, intermediate_size=48,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                         max_position_embeddings=512, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id),
-        image_token_index=ids("[IMG]"), spatial_merge_size=2,
+        vision_config=dict(
+            model_type="pixtral",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            head_dim=16,
+            image_size=16,
+            patch_size=4,
+        ),
+        text_config=dict(
+            model_type="mistral",
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=512,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        ),
+        image_token_index=ids("[IMG]"),
+        spatial_merge_size=2,
     )
     _seed(seed)
     model = Mistral3ForConditionalGeneration(cfg)
     # patch 4, merge 2: a 16x16 image is 4x4 patches -> 2 rows of 2 image tokens (+ a break / end each).
     ip = PixtralImageProcessorPil(size={"longest_edge": 16}, patch_size={"height": 4, "width": 4})
-    proc = PixtralProcessor(image_processor=ip, tokenizer=tok, patch_size=4, spatial_merge_size=2,
-                            chat_template=tok.chat_template, image_token="[IMG]", image_break_token="[IMG_BREAK]",
-                            image_end_token="[IMG_END]")
+    proc = PixtralProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        patch_size=4,
+        spatial_merge_size=2,
+        chat_template=tok.chat_template,
+        image_token="[IMG]",
+        image_break_token="[IMG_BREAK]",
+        image_end_token="[IMG_END]",
+    )
     return _finish(model), proc
 
 
@@ -409,11 +624,28 @@ def llava_with_opt_text(seed: int = 0):
     ``mlp`` module): transformers builds it, the adapter cannot find its decoder layers. No processor."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, OPTConfig
 
-    text = OPTConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, ffn_dim=32, word_embed_proj_dim=16,
-                     vocab_size=64, tie_word_embeddings=False)
-    cfg = LlavaConfig(text_config=text.to_dict(), tie_word_embeddings=False,
-                      vision_config=dict(model_type="clip_vision_model", hidden_size=16, num_hidden_layers=1,
-                                         num_attention_heads=2, intermediate_size=32, image_size=16, patch_size=8))
+    text = OPTConfig(
+        num_hidden_layers=1,
+        hidden_size=16,
+        num_attention_heads=2,
+        ffn_dim=32,
+        word_embed_proj_dim=16,
+        vocab_size=64,
+        tie_word_embeddings=False,
+    )
+    cfg = LlavaConfig(
+        text_config=text.to_dict(),
+        tie_word_embeddings=False,
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            image_size=16,
+            patch_size=8,
+        ),
+    )
     _seed(seed)
     return LlavaForConditionalGeneration(cfg)
 
@@ -451,8 +683,15 @@ def tiny_phi(seed: int = 0):
     """A text-only decoder with a plain MLP (fc1 -> act -> fc2) and ``dense`` output projection."""
     from transformers import PhiConfig, PhiForCausalLM
 
-    cfg = PhiConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
+    cfg = PhiConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+    )
     _seed(seed)
     return _finish(PhiForCausalLM(cfg)), None
 
@@ -472,8 +711,12 @@ def make_images(n: int, seed: int = 0) -> list:
 
 
 # Prompts of different lengths, so that rows are padded differently.
-PROMPTS = ["what is the colour of the shape in the image ?", "what is written ?", "describe the image",
-           "what shape is on the left ?"]
+PROMPTS = [
+    "what is the colour of the shape in the image ?",
+    "what is written ?",
+    "describe the image",
+    "what shape is on the left ?",
+]
 ANSWERS = ["red circle", "cat", "a blue square and a red circle", "triangle"]
 
 

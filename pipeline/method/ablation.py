@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.model.batching import for_each_batch
 from pipeline.model.adapter import ModelInputs
+from pipeline.model.batching import for_each_batch
 from pipeline.model.evaluation import answer_logprob
 from pipeline.model.hooks import ablate_neurons_per_row, forward_sharing_prefix, lowest_layer
 from pipeline.model.scoring import answer_logprobs, mean_answer_logprob
@@ -35,8 +35,14 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def neuron_ablation_effects(
-    adapter, items: pd.DataFrame, images: ImageTable, *, batch_size: int, layers: list[int] | None = None,
-    neurons: list[tuple[int, int]] | None = None, share_prefix: bool = True,
+    adapter,
+    items: pd.DataFrame,
+    images: ImageTable,
+    *,
+    batch_size: int,
+    layers: list[int] | None = None,
+    neurons: list[tuple[int, int]] | None = None,
+    share_prefix: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(effect, se), both [layer, neuron] in nats: the mean over items of base utility minus
     utility with that neuron zeroed, and its standard error (NaN with a single item).
@@ -78,8 +84,14 @@ def neuron_ablation_effects(
             hooks = lambda: ablate_neurons_per_row(adapter, neurons[sl])  # noqa: E731
             if share_prefix:
                 # One item per batch: its tower and the layers below the batch's lowest neuron run once.
-                logits = forward_sharing_prefix(adapter, unique.tensors, inputs.tensors, torch.zeros(n, dtype=torch.long),
-                                                lowest_layer(neurons[sl]), hooks).logits
+                logits = forward_sharing_prefix(
+                    adapter,
+                    unique.tensors,
+                    inputs.tensors,
+                    torch.zeros(n, dtype=torch.long),
+                    lowest_layer(neurons[sl]),
+                    hooks,
+                ).logits
             else:
                 with hooks():
                     logits = adapter.model(**inputs.tensors).logits
@@ -97,9 +109,9 @@ def neuron_ablation_effects(
     return effect, se
 
 
-
-def ablation_shard_job(state: tuple, shard: tuple[int, int], *, items: pd.DataFrame,
-                       batch_size: int) -> tuple[list[int], np.ndarray, np.ndarray]:
+def ablation_shard_job(
+    state: tuple, shard: tuple[int, int], *, items: pd.DataFrame, batch_size: int
+) -> tuple[list[int], np.ndarray, np.ndarray]:
     """(layers, effect, se) of ``neuron_ablation_effects`` on the layers s, s + n, s + 2n, ...
     of ``shard`` = (s, n) (none when s >= the model's layers; other rows NaN); ``state`` is
     (adapter, images). Shards are independent: each computes the items' base utility itself."""

@@ -71,23 +71,45 @@ from pipeline.method.store import ActivationStore, ItemArrays
 
 log = logging.getLogger(__name__)
 
-STORE_METHODS = ("hones", "hones_nohead", "hones_lp", "hones_lp_nohead", "atp", "ma", "ap", "lape",
-                 "ma_last", "ap_last", "ape_last", "random")
+STORE_METHODS = (
+    "hones",
+    "hones_nohead",
+    "hones_lp",
+    "hones_lp_nohead",
+    "atp",
+    "ma",
+    "ap",
+    "lape",
+    "ma_last",
+    "ap_last",
+    "ape_last",
+    "random",
+)
 # What each method is and where its formula comes from (the report's table of methods).
 METHOD_DESCRIPTIONS: dict[str, tuple[str, str]] = {
-    "hones": ("head-conditioned drop of the DVP contribution z * <W_down[:, i], u_y> (a logit)",
-              "the paper (docs/method.md section 3), exactly as the authors' code"),
-    "hones_nohead": ("the DVP contribution itself, without head conditioning",
-                     "the paper's ablation; Pan et al. (opanhw/MM_Neurons)"),
-    "hones_lp": ("HONES on the log-probability DVP: the direct path's gradient of the target's log-probability",
-                 "this project (docs/method.md section 8)"),
+    "hones": (
+        "head-conditioned drop of the DVP contribution z * <W_down[:, i], u_y> (a logit)",
+        "the paper (docs/method.md section 3), exactly as the authors' code",
+    ),
+    "hones_nohead": (
+        "the DVP contribution itself, without head conditioning",
+        "the paper's ablation; Pan et al. (opanhw/MM_Neurons)",
+    ),
+    "hones_lp": (
+        "HONES on the log-probability DVP: the direct path's gradient of the target's log-probability",
+        "this project (docs/method.md section 8)",
+    ),
     "hones_lp_nohead": ("the log-probability DVP contribution, without head conditioning", "this project"),
-    "atp": ("gradient x activation of the answer log-probability, summed over positions",
-            "attribution patching (Kramar et al. 2024, AtP*)"),
+    "atp": (
+        "gradient x activation of the answer log-probability, summed over positions",
+        "attribution patching (Kramar et al. 2024, AtP*)",
+    ),
     "ma": ("mean act(gate) over prompt tokens, min-max normalised per item and layer", "MINER (hkccccc/MINER)"),
     "ap": ("share of prompt tokens with act(gate) > 0, min-max normalised per item and layer", "MINER"),
-    "lape": ("lowest entropy over tasks of act(gate) > 0 probability, filtered, multi-task assignment",
-             "LAPE (RUCAIBox/Language-Specific-Neurons, identify.py)"),
+    "lape": (
+        "lowest entropy over tasks of act(gate) > 0 probability, filtered, multi-task assignment",
+        "LAPE (RUCAIBox/Language-Specific-Neurons, identify.py)",
+    ),
     "ma_last": ("mean z (down_proj input) at the last prompt token", "this project's earlier variant"),
     "ap_last": ("share of items with z > 0 at the last prompt token", "this project's earlier variant"),
     "ape_last": ("entropy specificity of ap_last across tasks", "this project's earlier variant"),
@@ -148,10 +170,18 @@ class StreamingContributions:
 
     def __init__(self, n_conditions: int, n_layers: int, n_neurons: int):
         C, L, I = n_conditions, n_layers, n_neurons
-        shapes = {"contribution_sum": (C, L, I), "logprob_contribution_sum": (C, L, I), "activation_sum": (L, I),
-                  "positive_count": (L, I), "atp_sum": (L, I), "gate_positive_count": (L, I),
-                  "prompt_token_count": (1,), "gate_mean_normalised_sum": (L, I),
-                  "gate_probability_normalised_sum": (L, I), "n_items": (1,)}
+        shapes = {
+            "contribution_sum": (C, L, I),
+            "logprob_contribution_sum": (C, L, I),
+            "activation_sum": (L, I),
+            "positive_count": (L, I),
+            "atp_sum": (L, I),
+            "gate_positive_count": (L, I),
+            "prompt_token_count": (1,),
+            "gate_mean_normalised_sum": (L, I),
+            "gate_probability_normalised_sum": (L, I),
+            "n_items": (1,),
+        }
         self.sums = {k: np.zeros(v, dtype=np.int64 if k in self._INTEGER else np.float64) for k, v in shapes.items()}
 
     @property
@@ -222,8 +252,9 @@ class StreamingContributions:
         return self._mean("gate_probability_normalised_sum")
 
 
-def accumulate(store: ActivationStore, items_per_block: int | None = None,
-               items: np.ndarray | None = None) -> StreamingContributions:
+def accumulate(
+    store: ActivationStore, items_per_block: int | None = None, items: np.ndarray | None = None
+) -> StreamingContributions:
     """One streaming pass over a store; ``items``: positions of the items to include (default all)."""
     from tqdm import tqdm
 
@@ -290,16 +321,18 @@ def _lape_kept(ap: np.ndarray, filter_quantile: float) -> np.ndarray:
     return (ap > _kth_smallest(ap, filter_quantile)).any(axis=0)
 
 
-def lape_candidates(gate_probability: np.ndarray, filter_quantile: float = 0.95,
-                    bar_quantile: float = 0.95) -> np.ndarray:
+def lape_candidates(
+    gate_probability: np.ndarray, filter_quantile: float = 0.95, bar_quantile: float = 0.95
+) -> np.ndarray:
     """bool [task, layer, neuron]: the neuron passes LAPE's filter (some task's AP exceeds the
     ``filter_quantile`` value of all AP) and task t's AP exceeds the ``bar_quantile`` value."""
     ap = np.asarray(gate_probability, dtype=np.float64)
     return _lape_kept(ap, filter_quantile)[None] & (ap > _kth_smallest(ap, bar_quantile))
 
 
-def lape_selection(gate_probability: np.ndarray, top_rate: float = 0.01, filter_quantile: float = 0.95,
-                   bar_quantile: float = 0.95) -> np.ndarray:
+def lape_selection(
+    gate_probability: np.ndarray, top_rate: float = 0.01, filter_quantile: float = 0.95, bar_quantile: float = 0.95
+) -> np.ndarray:
     """bool [task, layer, neuron]: LAPE's own neuron sets (``identify.py``): the ``top_rate``
     lowest-entropy neurons among those passing the filter (ties: lowest flat index first), each
     assigned to every task whose AP exceeds the bar."""
@@ -313,8 +346,7 @@ def lape_selection(gate_probability: np.ndarray, top_rate: float = 0.01, filter_
     return chosen.reshape(entropy.shape)[None] & (ap > _kth_smallest(ap, bar_quantile))
 
 
-def lape_scores(gate_probability: np.ndarray, filter_quantile: float = 0.95,
-                bar_quantile: float = 0.95) -> np.ndarray:
+def lape_scores(gate_probability: np.ndarray, filter_quantile: float = 0.95, bar_quantile: float = 0.95) -> np.ndarray:
     """[task, layer, neuron] ``lape`` ranking scores: 2 + (1 - H / log T) for task t's LAPE
     candidates (``lape_candidates``; lowest entropy first, so ``lape_selection`` is a prefix of
     the ranking), p_t = AP_t / sum_s AP_s in [0, 1] for the other neurons."""
@@ -348,14 +380,22 @@ class TaskStatistics:
     def from_sums(cls, stats: StreamingContributions, store: ActivationStore) -> "TaskStatistics":
         """The means of ``stats`` (summed over ``store``'s items) with the store's head scores."""
         return cls(
-            stats.mean_contribution(), stats.mean_logprob_contribution(), stats.mean_activation(),
-            stats.activation_probability(), stats.mean_atp(), stats.gate_probability(),
-            stats.gate_mean_normalised(), stats.gate_probability_normalised(), store.head_scores(), stats.n_items,
+            stats.mean_contribution(),
+            stats.mean_logprob_contribution(),
+            stats.mean_activation(),
+            stats.activation_probability(),
+            stats.mean_atp(),
+            stats.gate_probability(),
+            stats.gate_mean_normalised(),
+            stats.gate_probability_normalised(),
+            store.head_scores(),
+            stats.n_items,
         )
 
 
-def task_statistics(store: ActivationStore, items_per_block: int | None = None,
-                    items: np.ndarray | None = None) -> TaskStatistics:
+def task_statistics(
+    store: ActivationStore, items_per_block: int | None = None, items: np.ndarray | None = None
+) -> TaskStatistics:
     """``TaskStatistics`` of one store (or of its ``items`` positions), in one streaming pass (``accumulate``)."""
     return TaskStatistics.from_sums(accumulate(store, items_per_block, items), store)
 
@@ -384,8 +424,15 @@ def importance_matrix(
     L, I = next(iter(shapes.values()))
     out = np.zeros((len(STORE_METHODS), len(tasks), L, I), dtype=np.float32)
     ape = ape_scores(np.stack([statistics[t].activation_probability for t in tasks]), baselines.ape_min_probability)
-    lape = (lape_scores(np.stack([statistics[t].gate_probability for t in tasks]), baselines.lape_filter_quantile,
-                        baselines.lape_bar_quantile) if len(tasks) > 1 else np.full((1, L, I), np.nan))
+    lape = (
+        lape_scores(
+            np.stack([statistics[t].gate_probability for t in tasks]),
+            baselines.lape_filter_quantile,
+            baselines.lape_bar_quantile,
+        )
+        if len(tasks) > 1
+        else np.full((1, L, I), np.nan)
+    )
     rng = np.random.default_rng(seed)
     for j, t in enumerate(tasks):
         s = statistics[t]
@@ -409,7 +456,10 @@ def importance_matrix(
 
 
 def with_ground_truth(
-    statistics: dict[str, TaskStatistics], ablation: dict[str, np.ndarray | None], *, seed: int,
+    statistics: dict[str, TaskStatistics],
+    ablation: dict[str, np.ndarray | None],
+    *,
+    seed: int,
     baselines: BaselineSettings = BaselineSettings(),
 ) -> MethodScores:
     """``importance_matrix`` plus the ``ablation`` slice (NaN for tasks without ground truth)."""
@@ -437,8 +487,7 @@ def attribute(
     statistics = {}
     for task, store in stores.items():
         statistics[task] = task_statistics(store, items_per_block)
-        log.info("%s: %d items, %d head conditions", task, statistics[task].n_items,
-                 len(statistics[task].head_scores))
+        log.info("%s: %d items, %d head conditions", task, statistics[task].n_items, len(statistics[task].head_scores))
     return with_ground_truth(statistics, ablation, seed=seed, baselines=baselines)
 
 
@@ -457,6 +506,8 @@ def attribute_on_items(
         where = {iid: k for k, iid in enumerate(store.item_ids)}
         missing = [iid for iid in item_ids[task] if iid not in where]
         if missing:
-            raise PipelineError(f"{task}: items {missing[:5]} ({len(missing)} in all) are not in the store {store.root}")
+            raise PipelineError(
+                f"{task}: items {missing[:5]} ({len(missing)} in all) are not in the store {store.root}"
+            )
         statistics[task] = task_statistics(store, items=np.array(sorted(where[i] for i in item_ids[task])))
     return importance_matrix(statistics, seed=seed, baselines=baselines)

@@ -41,7 +41,12 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.method.attribution import (
-    BaselineSettings, MethodScores, StreamingContributions, TaskStatistics, block_sums, with_ground_truth,
+    BaselineSettings,
+    MethodScores,
+    StreamingContributions,
+    TaskStatistics,
+    block_sums,
+    with_ground_truth,
 )
 from pipeline.method.store import ActivationStore
 
@@ -93,7 +98,7 @@ def _dask_sums(store: ActivationStore, items_per_chunk: int | None):
 
     parts = [dask.delayed(_block_sums)(str(store.root), sl) for sl in store.item_slices(items_per_chunk)]
     while len(parts) > 1:
-        parts = [dask.delayed(_add)(parts[i:i + 8]) for i in range(0, len(parts), 8)]
+        parts = [dask.delayed(_add)(parts[i : i + 8]) for i in range(0, len(parts), 8)]
     return parts[0]
 
 

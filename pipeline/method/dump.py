@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.tasks.items import ImageTable, item_prompts, reference_answer, teacher_forced_answers
+from pipeline.method.store import ActivationStore, ItemArrays, StoreIndex, StoreLayout, check_free_space
 from pipeline.model.batching import for_each_batch
 from pipeline.model.hooks import (
     capture_ffn,
@@ -42,7 +42,7 @@ from pipeline.model.hooks import (
     trace_ffn,
 )
 from pipeline.model.scoring import answer_logprobs, mean_answer_logprob
-from pipeline.method.store import ActivationStore, ItemArrays, StoreIndex, StoreLayout, check_free_space
+from pipeline.tasks.items import ImageTable, item_prompts, reference_answer, teacher_forced_answers
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,13 @@ def dvp_projection(adapter, target_ids: list[list[int]], target_weights: list[li
     return out.cpu().numpy().astype(np.float32)
 
 
-def _target_logprob(logits: torch.Tensor, rows: torch.Tensor, last: torch.Tensor,
-                    target_ids: list[list[int]], target_weights: list[list[float]]) -> torch.Tensor:
+def _target_logprob(
+    logits: torch.Tensor,
+    rows: torch.Tensor,
+    last: torch.Tensor,
+    target_ids: list[list[int]],
+    target_weights: list[list[float]],
+) -> torch.Tensor:
     """[B] sum_t w_t log p(y_t) / sum_t w_t at each row's last prompt token (nats)."""
     logp = torch.log_softmax(logits[rows, last].float(), dim=-1)
     out = []
@@ -134,8 +139,15 @@ def _target_logprob(logits: torch.Tensor, rows: torch.Tensor, last: torch.Tensor
     return torch.stack(out)
 
 
-def item_arrays(adapter, images: list, prompts: list[str], answers: list[str], target_ids: list[list[int]],
-                target_weights: list[list[float]], batch_size: int) -> ItemArrays:
+def item_arrays(
+    adapter,
+    images: list,
+    prompts: list[str],
+    answers: list[str],
+    target_ids: list[list[int]],
+    target_weights: list[list[float]],
+    batch_size: int,
+) -> ItemArrays:
     """The per-item store arrays of n items (``ItemArrays``, all [n, layer, neuron] but
     ``prompt_tokens`` [n]) from one teacher-forced forward and backward pass per batch
     (``hooks.trace_ffn``) of the unmodified model:
@@ -168,8 +180,11 @@ def item_arrays(adapter, images: list, prompts: list[str], answers: list[str], t
             utility = mean_answer_logprob(*answer_logprobs(logits, inputs.input_ids, inputs.answer_mask))
             scale_grads = torch.autograd.grad(utility.sum(), [trace.scales[l] for l in range(L)])
         # One layer's W_down [hidden, I] in float32 at a time (all of them would be GBs on a 7B model).
-        out["dvp_logprob"][sl] = torch.stack(
-            [g.float() @ adapter.ffn_down_proj(l).weight.detach().float() for l in range(L)], dim=1).cpu().numpy()
+        out["dvp_logprob"][sl] = (
+            torch.stack([g.float() @ adapter.ffn_down_proj(l).weight.detach().float() for l in range(L)], dim=1)
+            .cpu()
+            .numpy()
+        )
         out["atp"][sl] = torch.stack(scale_grads, dim=1).cpu().numpy()
         out["gate_sum"][sl] = torch.stack([trace.gate_sum[l] for l in range(L)], dim=1).cpu().numpy()
         out["gate_positive"][sl] = torch.stack([trace.gate_positive[l] for l in range(L)], dim=1).cpu().numpy()
@@ -232,15 +247,22 @@ def capture_block(
             prefix = torch.zeros(len(batch), S, adapter.hidden_size, dtype=adapter.dtype)
             for b, (i, _) in enumerate(batch):
                 kept = prefixes[first][i]
-                prefix[b, S - kept.shape[0]:] = kept
+                prefix[b, S - kept.shape[0] :] = kept
             with capture_ffn(adapter, range(first, L), inputs.last_prompt_index, stop_after_last=True) as captured:
-                forward_sharing_prefix(adapter, None, inputs.tensors, torch.arange(len(batch)), first,
-                                       lambda: substitute_heads(adapter, heads), prefix=prefix)
+                forward_sharing_prefix(
+                    adapter,
+                    None,
+                    inputs.tensors,
+                    torch.arange(len(batch)),
+                    first,
+                    lambda: substitute_heads(adapter, heads),
+                    prefix=prefix,
+                )
         stacked = torch.stack([captured[l] for l in range(max(first, 0), L)], dim=1).cpu().numpy()
         for (i, c), v in zip(batch, stacked):
             if first > 0:
                 z[c, i, :first] = z[base, i, :first]
-            z[c, i, max(first, 0):] = v
+            z[c, i, max(first, 0) :] = v
 
     for_each_batch(len(rows), batch_size, run, what="capture z", progress=False)
     return z
@@ -299,15 +321,17 @@ def head_conditions(heads: pd.DataFrame) -> list[tuple[int, int, float]]:
     ]
 
 
-def _scratch_store(out: Path, layout: StoreLayout, index: StoreIndex, attrs: dict, params_hash: str,
-                   execution: DumpExecution) -> ActivationStore:
+def _scratch_store(
+    out: Path, layout: StoreLayout, index: StoreIndex, attrs: dict, params_hash: str, execution: DumpExecution
+) -> ActivationStore:
     """The scratch store all ranks write into: rank 0 creates or resumes it (which cleans stale
     scratch dirs and torn files: before anyone writes), then every rank meets at the barrier,
     then the other ranks open it."""
     store = None
     if execution.rank == 0:
-        store = ActivationStore.create_or_resume(out, layout, index.conditions, index.item_ids, index.target_ids,
-                                                 index.target_weights, attrs, params_hash)
+        store = ActivationStore.create_or_resume(
+            out, layout, index.conditions, index.item_ids, index.target_ids, index.target_weights, attrs, params_hash
+        )
     if execution.barrier is not None:
         execution.barrier()
     if execution.rank != 0:
@@ -340,15 +364,21 @@ def dump_activations(
     items = request.items.reset_index(drop=True)
     if items.empty:
         raise PipelineError(f"no items to dump for {out}")
-    target_ids, target_weights = item_targets(adapter.tokenizer, items, caption_idf=request.caption_idf,
-                                              caption_target=request.caption_target)
+    target_ids, target_weights = item_targets(
+        adapter.tokenizer, items, caption_idf=request.caption_idf, caption_target=request.caption_target
+    )
     conditions = head_conditions(request.heads)
     row_heads: list[tuple[int, int] | None] = [None] + [(l, h) for l, h, _ in conditions[1:]]
-    layout = StoreLayout.plan(len(conditions), len(items), adapter.num_layers, adapter.ffn_width, storage.dtype,
-                              storage.target_chunk_bytes)
+    layout = StoreLayout.plan(
+        len(conditions), len(items), adapter.num_layers, adapter.ffn_width, storage.dtype, storage.target_chunk_bytes
+    )
     index = StoreIndex(conditions, items["item_id"].tolist(), target_ids, target_weights)
-    attrs = {**storage.attrs, "task": str(items["task"].iloc[0]), "caption_idf": request.caption_idf,
-             "caption_target": request.caption_target}
+    attrs = {
+        **storage.attrs,
+        "task": str(items["task"].iloc[0]),
+        "caption_idf": request.caption_idf,
+        "caption_target": request.caption_target,
+    }
     if rank == 0:
         check_free_space(out, layout, storage.params_hash)
     store = _scratch_store(out, layout, index, attrs, storage.params_hash, execution)
@@ -361,8 +391,15 @@ def dump_activations(
         sl = layout.block(k)
         imgs = [request.images[i] for i in items["image_id"].iloc[sl]]
         z = capture_block(adapter, imgs, prompts[sl], row_heads, execution.batch_size)
-        arrays = item_arrays(adapter, imgs, prompts[sl], answers[sl], target_ids[sl], target_weights[sl],
-                             execution.gradient_batch_size or execution.batch_size)
+        arrays = item_arrays(
+            adapter,
+            imgs,
+            prompts[sl],
+            answers[sl],
+            target_ids[sl],
+            target_weights[sl],
+            execution.gradient_batch_size or execution.batch_size,
+        )
         store.write_block(k, z, arrays)
     if rank != 0:
         return None

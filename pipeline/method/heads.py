@@ -30,7 +30,6 @@ import logging
 
 import numpy as np
 import pandas as pd
-
 import torch
 
 from pipeline.errors import PipelineError
@@ -98,7 +97,13 @@ def score_heads_per_item(
     heads = heads if heads is not None else all_heads(adapter.num_layers, adapter.num_heads)
     row_heads: list[tuple[int, int] | None] = [None, *heads]
     results = evaluate_task(
-        adapter, task, items, images, batch_size=batch_size, max_new_tokens=max_new_tokens, utility=utility,
+        adapter,
+        task,
+        items,
+        images,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        utility=utility,
         n_conditions=len(row_heads),
         condition_hooks=lambda conds: substitute_heads(adapter, [row_heads[c] for c in conds]),
         condition_layers=[lowest_layer([h]) for h in row_heads] if share_prefix else None,
@@ -111,8 +116,15 @@ def score_heads_per_item(
 
 
 def score_heads_naive(
-    adapter, task: str, items: pd.DataFrame, images: ImageTable, *, batch_size: int, max_new_tokens: int = 24,
-    utility: str = "generative", heads: list[tuple[int, int]] | None = None,
+    adapter,
+    task: str,
+    items: pd.DataFrame,
+    images: ImageTable,
+    *,
+    batch_size: int,
+    max_new_tokens: int = 24,
+    utility: str = "generative",
+    heads: list[tuple[int, int]] | None = None,
 ) -> pd.DataFrame:
     """Reference implementation: a full pass over ``items`` per head (L*H+1 passes)."""
     heads = heads if heads is not None else all_heads(adapter.num_layers, adapter.num_heads)
@@ -121,15 +133,20 @@ def score_heads_naive(
     intervened = []
     for head in heads:
         res = evaluate_task(
-            adapter, task, items, images, **kw,
+            adapter,
+            task,
+            items,
+            images,
+            **kw,
             condition_hooks=lambda conds, head=head: substitute_heads(adapter, [head] * len(conds)),
         )[0]
         intervened.append(res.utility)
     return _table(heads, base.utility, intervened, base.metric, utility)
 
 
-def estimate_head_scores(adapter, items: pd.DataFrame, images: ImageTable, *, batch_size: int,
-                         progress: bool = True) -> np.ndarray:
+def estimate_head_scores(
+    adapter, items: pd.DataFrame, images: ImageTable, *, batch_size: int, progress: bool = True
+) -> np.ndarray:
     """The first-order estimate of every head's teacher-forced score, per item: float64
     [items, layers, heads], nats.
 
@@ -163,8 +180,9 @@ def with_estimate(scores: pd.DataFrame, estimate: np.ndarray) -> pd.DataFrame:
     of ``estimate_head_scores``' [items, layers, heads] at each row's (layer, head), and ``exact``
     (the ``score`` column was computed: not NaN)."""
     mean = estimate.mean(axis=0)
-    return scores.assign(estimate=mean[scores["layer"].to_numpy(), scores["head"].to_numpy()],
-                         exact=scores["score"].notna().to_numpy())
+    return scores.assign(
+        estimate=mean[scores["layer"].to_numpy(), scores["head"].to_numpy()], exact=scores["score"].notna().to_numpy()
+    )
 
 
 def guided_candidates(estimate: pd.DataFrame, candidates: int, name: str = "candidates") -> list[tuple[int, int]]:
@@ -173,15 +191,26 @@ def guided_candidates(estimate: pd.DataFrame, candidates: int, name: str = "cand
     if candidates < 1:
         raise PipelineError(f"{name} must be >= 1, got {candidates}")
     if candidates > len(estimate):
-        raise PipelineError(f"{name} = {candidates} but the model has {len(estimate)} attention heads; "
-                            f"set {name} to at most {len(estimate)}")
-    top = estimate.sort_values(["estimate", "layer", "head"], ascending=[False, True, True], kind="stable").head(candidates)
+        raise PipelineError(
+            f"{name} = {candidates} but the model has {len(estimate)} attention heads; "
+            f"set {name} to at most {len(estimate)}"
+        )
+    top = estimate.sort_values(["estimate", "layer", "head"], ascending=[False, True, True], kind="stable").head(
+        candidates
+    )
     return sorted((int(l), int(h)) for l, h in zip(top["layer"], top["head"]))
 
 
 def score_heads_guided(
-    adapter, task: str, items: pd.DataFrame, images: ImageTable, *, candidates: int, gradient_batch_items: int,
-    name: str = "candidates", **kwargs,
+    adapter,
+    task: str,
+    items: pd.DataFrame,
+    images: ImageTable,
+    *,
+    candidates: int,
+    gradient_batch_items: int,
+    name: str = "candidates",
+    **kwargs,
 ) -> tuple[pd.DataFrame, np.ndarray, str]:
     """Gradient-guided localisation: ``estimate_head_scores`` ranks every head, then
     ``score_heads_per_item`` (``kwargs``: its batching and utility) scores exactly the
@@ -216,16 +245,21 @@ def top_heads(scores: pd.DataFrame, k: int, name: str = "top_k") -> pd.DataFrame
     # A guided table scores only its candidates: the others must never fill the top k.
     scored = int(scores["exact"].sum()) if "exact" in scores.columns else len(scores)
     if len(scores) >= k > scored:
-        raise PipelineError(f"{name} = {k} but only {scored} of the model's {len(scores)} heads have exact scores "
-                            f"(guided localisation's candidates); set {name} to at most {scored}")
+        raise PipelineError(
+            f"{name} = {k} but only {scored} of the model's {len(scores)} heads have exact scores "
+            f"(guided localisation's candidates); set {name} to at most {scored}"
+        )
     if k > len(scores):
-        shape = (f" ({scores['layer'].nunique()} layers x {scores['head'].nunique()} heads)"
-                 if {"layer", "head"} <= set(scores.columns) and len(scores) else "")
-        raise PipelineError(f"{name} = {k} but the model has {len(scores)} attention heads{shape}; "
-                            f"set {name} to at most {len(scores)}")
+        shape = (
+            f" ({scores['layer'].nunique()} layers x {scores['head'].nunique()} heads)"
+            if {"layer", "head"} <= set(scores.columns) and len(scores)
+            else ""
+        )
+        raise PipelineError(
+            f"{name} = {k} but the model has {len(scores)} attention heads{shape}; set {name} to at most {len(scores)}"
+        )
     top = scores.sort_values(["score", "layer", "head"], ascending=[False, True, True], kind="stable").head(k)
     return top.assign(rank=np.arange(1, len(top) + 1, dtype=np.int32)).reset_index(drop=True)
-
 
 
 def per_item_table(values: np.ndarray, kind: str) -> pd.DataFrame:
@@ -233,8 +267,9 @@ def per_item_table(values: np.ndarray, kind: str) -> pd.DataFrame:
     condition 0 is the base, condition c >= 1 the head in row c - 1 of the scores table; for
     ``kind`` "corpus_bleu" the BLEU statistics are the ``bleu_*`` columns and score is NaN."""
     C, n = values.shape[:2]
-    out = pd.DataFrame({"condition": np.repeat(np.arange(C, dtype=np.int32), n),
-                        "item": np.tile(np.arange(n, dtype=np.int32), C)})
+    out = pd.DataFrame(
+        {"condition": np.repeat(np.arange(C, dtype=np.int32), n), "item": np.tile(np.arange(n, dtype=np.int32), C)}
+    )
     if kind == "corpus_bleu":
         out["score"] = np.nan
         for j in range(values.shape[2]):

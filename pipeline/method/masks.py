@@ -71,8 +71,17 @@ def mask_layer_budget(scores: np.ndarray, budget: dict[int, int]) -> pd.DataFram
     return _ranked(layers, neurons, vals)
 
 
-def build_masks(methods: list[str], tasks: list[str], scores: np.ndarray, rhos: list[float], headline_rho: float,
-                *, random_draws: int = 1, seed: int = 0, budget_from: str = "hones") -> pd.DataFrame:
+def build_masks(
+    methods: list[str],
+    tasks: list[str],
+    scores: np.ndarray,
+    rhos: list[float],
+    headline_rho: float,
+    *,
+    random_draws: int = 1,
+    seed: int = 0,
+    budget_from: str = "hones",
+) -> pd.DataFrame:
     """Masks table for every method and task of ``scores`` [method, task, layer, neuron] at
     every mask size in ``rhos`` (fractions of all neurons; ``headline_rho`` must be one of them).
 
@@ -93,13 +102,19 @@ def build_masks(methods: list[str], tasks: list[str], scores: np.ndarray, rhos: 
             budget = ref["layer"].value_counts().to_dict()
             for m, method in enumerate(methods):
                 if method != "random":
-                    frames.append(mask_topk(scores[m, j], rho).assign(method=method, task=task, rho=rho, draw=0,
-                                                                      headline=headline))
+                    frames.append(
+                        mask_topk(scores[m, j], rho).assign(
+                            method=method, task=task, rho=rho, draw=0, headline=headline
+                        )
+                    )
                     continue
                 for d in range(random_draws if headline else 1):
                     draw_scores = scores[m, j] if d == 0 else np.random.default_rng([seed, d, j]).random((L, I))
-                    frames.append(mask_layer_budget(draw_scores, budget).assign(
-                        method=method, task=task, rho=rho, draw=d, headline=headline))
+                    frames.append(
+                        mask_layer_budget(draw_scores, budget).assign(
+                            method=method, task=task, rho=rho, draw=d, headline=headline
+                        )
+                    )
     out = pd.concat(frames, ignore_index=True)
     return out[list(MASK_COLUMNS)].astype({"draw": np.int32, "rho": np.float64, "headline": bool})
 
@@ -110,8 +125,9 @@ def headline_mask(masks: pd.DataFrame, method: str, task: str) -> list[tuple[int
     return [(int(l), int(n)) for l, n in zip(sel["layer"], sel["neuron"])]
 
 
-def faithfulness(scores: np.ndarray, ground_truth: np.ndarray, k: int,
-                 ground_truth_se: np.ndarray | None = None, z: float = 1.96) -> dict[str, float]:
+def faithfulness(
+    scores: np.ndarray, ground_truth: np.ndarray, k: int, ground_truth_se: np.ndarray | None = None, z: float = 1.96
+) -> dict[str, float]:
     """Agreement of ``scores`` with ``ground_truth`` (both [layer, neuron]).
 
     - ``spearman``: over all neurons;
@@ -128,8 +144,12 @@ def faithfulness(scores: np.ndarray, ground_truth: np.ndarray, k: int,
     top_a = np.argsort(-np.where(ok, a, -np.inf), kind="stable")[:k]
     top_b = np.argsort(-np.where(ok, b, -np.inf), kind="stable")[:k]
     best = float(np.nansum(b[top_b]))
-    out = {"spearman": rho, "precision_at_k": len(set(top_a.tolist()) & set(top_b.tolist())) / k, "k": k,
-           "captured_effect": float(np.nansum(b[top_a])) / best if best > 0 else math.nan}
+    out = {
+        "spearman": rho,
+        "precision_at_k": len(set(top_a.tolist()) & set(top_b.tolist())) / k,
+        "k": k,
+        "captured_effect": float(np.nansum(b[top_a])) / best if best > 0 else math.nan,
+    }
     if ground_truth_se is not None:
         se = ground_truth_se.ravel().astype(np.float64)
         sig = ok & np.isfinite(se) & (np.abs(b) > z * se)

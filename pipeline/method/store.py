@@ -71,9 +71,9 @@ Map of this module:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
-import itertools
 import shutil
 import time
 from collections.abc import Iterator
@@ -100,18 +100,35 @@ class StoreError(PipelineError):
     """The store is missing, incomplete, damaged, or does not match what is asked of it."""
 
 
-def create_checked_array(group: zarr.Group, name: str, *, shape: tuple[int, ...], chunks: tuple[int, ...],
-                         dtype, dims: tuple[str, ...], shards: tuple[int, ...] | None = None, fill_value=0,
-                         attributes: dict | None = None, checksum: bool = True) -> zarr.Array:
+def create_checked_array(
+    group: zarr.Group,
+    name: str,
+    *,
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...],
+    dtype,
+    dims: tuple[str, ...],
+    shards: tuple[int, ...] | None = None,
+    fill_value=0,
+    attributes: dict | None = None,
+    checksum: bool = True,
+) -> zarr.Array:
     """Create ``name`` in ``group`` as every array of this project is made: uncompressed (zstd
     gains 1.09x on activations and halves the write speed), each chunk followed by its crc32c
     (zarr checks it on every read; a sharded array's index carries its own), and every chunk
     written even when it equals the fill value (so a missing chunk file means damage).
     ``checksum=False`` exists for the store benchmark's comparison only."""
     return group.create_array(
-        name, shape=shape, chunks=chunks, shards=shards, dtype=dtype,
-        compressors=[Crc32cCodec()] if checksum else None, fill_value=fill_value, dimension_names=dims,
-        attributes=attributes or {}, config={"write_empty_chunks": True},
+        name,
+        shape=shape,
+        chunks=chunks,
+        shards=shards,
+        dtype=dtype,
+        compressors=[Crc32cCodec()] if checksum else None,
+        fill_value=fill_value,
+        dimension_names=dims,
+        attributes=attributes or {},
+        config={"write_empty_chunks": True},
     )
 
 
@@ -168,8 +185,9 @@ def open_finished_group(path: Path, what: str, stage: str, arrays: tuple[str, ..
     for name, arr in nodes.items():
         for key, region in _storage_chunks(arr):
             if not (path / name / key).is_file():
-                raise StoreError(f"{what} {path}: array {name!r} chunk {key} ({_region_text(arr, region)}) is "
-                                 f"missing; {hint}")
+                raise StoreError(
+                    f"{what} {path}: array {name!r} chunk {key} ({_region_text(arr, region)}) is missing; {hint}"
+                )
     return group
 
 
@@ -178,8 +196,9 @@ def _region_text(arr: zarr.Array, region: tuple[slice, ...]) -> str:
     return ", ".join(f"{d} {r.start}-{r.stop - 1}" for d, r in zip(dims, region))
 
 
-def read_checked(group: zarr.Group, name: str, selection, path: Path, what: str, stage: str,
-                 items: slice | None = None) -> np.ndarray:
+def read_checked(
+    group: zarr.Group, name: str, selection, path: Path, what: str, stage: str, items: slice | None = None
+) -> np.ndarray:
     """``group[name][selection]`` as numpy; when a chunk fails its checksum or cannot be decoded,
     StoreError naming the store, the array and the chunk (found by reading the chunks the
     selection touches, ``items`` along the item axis, one by one)."""
@@ -189,19 +208,23 @@ def read_checked(group: zarr.Group, name: str, selection, path: Path, what: str,
     except (ValueError, OSError) as exc:  # a checksum mismatch, or a truncated chunk that cannot be reshaped
         for key, region in _storage_chunks(arr, items):
             _read_chunk(arr, name, key, region, path, what, stage)
-        raise StoreError(f"{what} {path}: array {name!r} cannot be read ({_one_line(exc)}); "
-                         f"{_restore_hint(path, stage)}") from None
+        raise StoreError(
+            f"{what} {path}: array {name!r} cannot be read ({_one_line(exc)}); {_restore_hint(path, stage)}"
+        ) from None
 
 
-def _read_chunk(arr: zarr.Array, name: str, key: str, region: tuple[slice, ...], path: Path, what: str,
-                stage: str) -> np.ndarray:
+def _read_chunk(
+    arr: zarr.Array, name: str, key: str, region: tuple[slice, ...], path: Path, what: str, stage: str
+) -> np.ndarray:
     """The chunk file ``key`` of ``arr`` (its ``region``), checksum checked; StoreError naming
     the store, the array and the chunk when it fails."""
     try:
         return np.asarray(arr[region])
     except (ValueError, OSError) as exc:
-        raise StoreError(f"{what} {path}: array {name!r} chunk {key} ({_region_text(arr, region)}) is "
-                         f"damaged ({_one_line(exc)}); {_restore_hint(path, stage)}") from None
+        raise StoreError(
+            f"{what} {path}: array {name!r} chunk {key} ({_region_text(arr, region)}) is "
+            f"damaged ({_one_line(exc)}); {_restore_hint(path, stage)}"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -261,8 +284,10 @@ class StoreLayout:
     def nbytes(self) -> int:
         """Bytes of ``z`` plus the per-item arrays (the expected disk use, uncompressed)."""
         per = self.n_layers * self.n_neurons
-        item_bytes = sum(np.dtype(item_array_dtype(name, self.dtype)).itemsize * (per if dims else 1)
-                         for name, (dims, _, _) in ITEM_ARRAYS.items())
+        item_bytes = sum(
+            np.dtype(item_array_dtype(name, self.dtype)).itemsize * (per if dims else 1)
+            for name, (dims, _, _) in ITEM_ARRAYS.items()
+        )
         return self.n_items * (per * self.n_conditions * np.dtype(self.dtype).itemsize + item_bytes)
 
 
@@ -278,13 +303,22 @@ def check_free_space(path: Path, layout: StoreLayout, params_hash: str) -> None:
     while not where.exists():
         where = where.parent
     free = shutil.disk_usage(where).free
-    log.info("store %s: %s to write (%s of z and the per-item arrays, uncompressed, %s already written); %s free on %s", path,
-             human_bytes(needed), human_bytes(layout.nbytes()), human_bytes(written), human_bytes(free), where.resolve())
+    log.info(
+        "store %s: %s to write (%s of z and the per-item arrays, uncompressed, %s already written); %s free on %s",
+        path,
+        human_bytes(needed),
+        human_bytes(layout.nbytes()),
+        human_bytes(written),
+        human_bytes(free),
+        where.resolve(),
+    )
     if needed > free:
-        raise StoreError(f"store {path}: needs {human_bytes(needed)} but only {human_bytes(free)} are free on "
-                         f"{where.resolve()}; "
-                         "free space, point the DVC workspace elsewhere, or shrink it (dump.store_dtype: float16, "
-                         "dump.max_items)")
+        raise StoreError(
+            f"store {path}: needs {human_bytes(needed)} but only {human_bytes(free)} are free on "
+            f"{where.resolve()}; "
+            "free space, point the DVC workspace elsewhere, or shrink it (dump.store_dtype: float16, "
+            "dump.max_items)"
+        )
 
 
 def human_bytes(n: float) -> str:
@@ -301,10 +335,16 @@ def human_bytes(n: float) -> str:
 # top-1% set on the default models (docs/benchmarks.md, bench_store_dtype.py); reads give float32.
 ITEM_ARRAYS: dict[str, tuple[tuple[str, ...], str, str]] = {
     "dvp": (("layer", "neuron"), "float", "<W_down[:, i], u_y>: logit-space write per unit of activation"),
-    "dvp_logprob": (("layer", "neuron"), "float",
-                    "<W_down[:, i], d log p(target) / d residual> at the last prompt token: nats per unit of activation"),
-    "atp": (("layer", "neuron"), "float",
-            "sum over positions of z * d(answer log-probability)/dz: first-order effect of zeroing (nats)"),
+    "dvp_logprob": (
+        ("layer", "neuron"),
+        "float",
+        "<W_down[:, i], d log p(target) / d residual> at the last prompt token: nats per unit of activation",
+    ),
+    "atp": (
+        ("layer", "neuron"),
+        "float",
+        "sum over positions of z * d(answer log-probability)/dz: first-order effect of zeroing (nats)",
+    ),
     "gate_sum": (("layer", "neuron"), "float", "sum over prompt tokens of act(gate) (act(fc1) for plain MLPs)"),
     "gate_positive": (("layer", "neuron"), "int32", "prompt tokens with act(gate) > 0"),
     "prompt_tokens": ((), "int32", "prompt tokens (image and text) of the item"),
@@ -328,8 +368,10 @@ def _to_stored(values: np.ndarray, dtype: str, what: str) -> np.ndarray:
     with np.errstate(over="ignore"):
         out = np.asarray(values).astype(dtype, copy=False)
     if dtype == "float16" and np.isinf(out).any() and not np.isinf(np.asarray(values)).any():
-        raise StoreError(f"{what}: values up to {float(np.nanmax(np.abs(values))):.4g} overflow float16; "
-                         "set dump.store_dtype: float32")
+        raise StoreError(
+            f"{what}: values up to {float(np.nanmax(np.abs(values))):.4g} overflow float16; "
+            "set dump.store_dtype: float32"
+        )
     return out
 
 
@@ -387,8 +429,7 @@ class StoreIndex:
     target token ids and their weights (ragged lists of equal lengths per item).
     """
 
-    ARRAYS = ("item_id", "target_ids", "target_weights", "condition_layer", "condition_head",
-              "condition_head_score")
+    ARRAYS = ("item_id", "target_ids", "target_weights", "condition_layer", "condition_head", "condition_head_score")
 
     conditions: list[tuple[int, int, float]]
     item_ids: list[str]
@@ -433,12 +474,12 @@ class StoreIndex:
             "target_weights": (tw, ("item", "target_token"), "float32"),
             "condition_layer": (np.array([c[0] for c in conditions], dtype=np.int32), ("condition",), "int32"),
             "condition_head": (np.array([c[1] for c in conditions], dtype=np.int32), ("condition",), "int32"),
-            "condition_head_score": (np.array([c[2] for c in conditions], dtype=np.float64), ("condition",),
-                                     "float64"),
+            "condition_head_score": (np.array([c[2] for c in conditions], dtype=np.float64), ("condition",), "float64"),
         }
         for name, (data, dims, dtype) in small.items():
-            arr = create_checked_array(group, name, shape=data.shape, chunks=data.shape, dtype=dtype, dims=dims,
-                                       fill_value=None)
+            arr = create_checked_array(
+                group, name, shape=data.shape, chunks=data.shape, dtype=dtype, dims=dims, fill_value=None
+            )
             arr[...] = data
 
 
@@ -447,15 +488,24 @@ def _create_activation_arrays(group: zarr.Group, layout: StoreLayout) -> None:
     per-item arrays (``ITEM_ARRAYS``), chunked (and sharded) along items as ``layout`` plans."""
     C, n, L, I = layout.n_conditions, layout.n_items, layout.n_layers, layout.n_neurons
     create_checked_array(
-        group, "z", shape=(C, n, L, I), chunks=(1, layout.chunk_items, L, I),
-        shards=(1, layout.block_items, L, I) if layout.sharded else None, dtype=layout.dtype, dims=Z_DIMS,
+        group,
+        "z",
+        shape=(C, n, L, I),
+        chunks=(1, layout.chunk_items, L, I),
+        shards=(1, layout.block_items, L, I) if layout.sharded else None,
+        dtype=layout.dtype,
+        dims=Z_DIMS,
         attributes={"units": "FFN activation (input of down_proj) at the last prompt token"},
     )
     for name, (dims, _, units) in ITEM_ARRAYS.items():
         tail = (L, I) if dims else ()
         create_checked_array(
-            group, name, shape=(n, *tail), chunks=(layout.chunk_items, *tail),
-            shards=(layout.block_items, *tail) if layout.sharded else None, dtype=item_array_dtype(name, layout.dtype),
+            group,
+            name,
+            shape=(n, *tail),
+            chunks=(layout.chunk_items, *tail),
+            shards=(layout.block_items, *tail) if layout.sharded else None,
+            dtype=item_array_dtype(name, layout.dtype),
             dims=("item", *dims),
             attributes={"units": units},
         )
@@ -522,17 +572,24 @@ class ActivationStore:
             if ok and StoreLayout(**group.attrs["layout"]) == layout:
                 store = cls(scratch, path, group)
                 store._clean_partial_files()
-                log.info("resuming %s: %d of %d blocks already done", scratch, len(store.done_blocks()),
-                         layout.n_blocks)
+                log.info(
+                    "resuming %s: %d of %d blocks already done", scratch, len(store.done_blocks()), layout.n_blocks
+                )
                 return store
             log.warning("scratch store %s is unreadable or has another layout; starting afresh", scratch)
             shutil.rmtree(scratch)
-        return cls._create(scratch, path, layout, StoreIndex(conditions, item_ids, target_ids, target_weights),
-                           _store_attrs(attrs, layout, params_hash))
+        return cls._create(
+            scratch,
+            path,
+            layout,
+            StoreIndex(conditions, item_ids, target_ids, target_weights),
+            _store_attrs(attrs, layout, params_hash),
+        )
 
     @classmethod
-    def _create(cls, scratch: Path, path: Path, layout: StoreLayout, index: "StoreIndex",
-                attrs: dict) -> "ActivationStore":
+    def _create(
+        cls, scratch: Path, path: Path, layout: StoreLayout, index: "StoreIndex", attrs: dict
+    ) -> "ActivationStore":
         """A new, empty scratch store at ``scratch`` (to be finalized to ``path``): built in a
         temporary sibling and renamed (``pipeline.io.atomic_directory``), so a crash never leaves
         a half-made scratch store."""
@@ -545,8 +602,15 @@ class ActivationStore:
             (tmp / DONE_DIR).mkdir()
         log.info(
             "created %s: %d conditions x %d items x %d layers x %d neurons (%s), %d blocks of %d items, %.1f MiB",
-            scratch, layout.n_conditions, layout.n_items, layout.n_layers, layout.n_neurons, layout.dtype,
-            layout.n_blocks, layout.block_items, layout.nbytes() / 2**20,
+            scratch,
+            layout.n_conditions,
+            layout.n_items,
+            layout.n_layers,
+            layout.n_neurons,
+            layout.dtype,
+            layout.n_blocks,
+            layout.block_items,
+            layout.nbytes() / 2**20,
         )
         return cls(scratch, path, zarr.open_group(str(scratch), mode="r+"))
 
@@ -559,8 +623,10 @@ class ActivationStore:
             raise StoreError(f"rank 0 did not create the scratch store {scratch} (did it fail? see its log)")
         group = zarr.open_group(str(scratch), mode="r+")
         if group.attrs.get("params_hash") != params_hash or StoreLayout(**group.attrs["layout"]) != layout:
-            raise StoreError(f"scratch store {scratch} has another params hash or layout than this process "
-                             "computed; do all ranks run the same code and params?")
+            raise StoreError(
+                f"scratch store {scratch} has another params hash or layout than this process "
+                "computed; do all ranks run the same code and params?"
+            )
         return cls(scratch, Path(path), group)
 
     def wait_until_done(self, poll_seconds: float = 2.0, timeout_seconds: float | None = None) -> None:
@@ -571,8 +637,10 @@ class ActivationStore:
             now = time.monotonic()
             if timeout_seconds is not None and now - start > timeout_seconds:
                 missing = sorted(set(range(n)) - done)
-                raise StoreError(f"{self.root}: blocks {missing[:10]} ({len(missing)} missing) still not done "
-                                 f"after {timeout_seconds:.0f} s; rerun to resume")
+                raise StoreError(
+                    f"{self.root}: blocks {missing[:10]} ({len(missing)} missing) still not done "
+                    f"after {timeout_seconds:.0f} s; rerun to resume"
+                )
             if now - last_log > 60:
                 log.info("waiting for %d of %d blocks", n - len(done), n)
                 last_log = now
@@ -605,7 +673,9 @@ class ActivationStore:
         arrays.check(n, lay.n_layers, lay.n_neurons, f"block {k}")
         self.group["z"][:, sl] = _to_stored(z, lay.dtype, f"block {k}: z")
         for name in ITEM_ARRAYS:
-            self.group[name][sl] = _to_stored(getattr(arrays, name), item_array_dtype(name, lay.dtype), f"block {k}: {name}")
+            self.group[name][sl] = _to_stored(
+                getattr(arrays, name), item_array_dtype(name, lay.dtype), f"block {k}: {name}"
+            )
         # The marker goes last: a block without one is rewritten on resume.
         (self.root / DONE_DIR / f"{k:06d}.done").touch()
 
@@ -628,8 +698,11 @@ class ActivationStore:
         path = Path(path)
         if not (path / "zarr.json").is_file():
             partial = sorted(path.glob(f"{PARTIAL_PREFIX}*"))
-            hint = (f"an unfinished build exists at {partial[0]}; re-run the dump stage to finish it" if partial
-                    else "run the dump stage to build it")
+            hint = (
+                f"an unfinished build exists at {partial[0]}; re-run the dump stage to finish it"
+                if partial
+                else "run the dump stage to build it"
+            )
             raise StoreError(f"no activation store at {path}: {hint}")
         group = open_finished_group(path, STORE_KIND, "dump", ("z", *ITEM_ARRAYS, *StoreIndex.ARRAYS))
         if not group.attrs.get("complete", False):
@@ -695,8 +768,14 @@ IMPORTANCE_DIMS = ("method", "task", "layer", "neuron")
 ON_ABLATION_ITEMS = "importance_on_ablation_items"
 
 
-def write_importance(path: Path, methods: list[str], tasks: list[str], importance: np.ndarray, attrs: dict,
-                     on_ablation_items: np.ndarray | None = None) -> None:
+def write_importance(
+    path: Path,
+    methods: list[str],
+    tasks: list[str],
+    importance: np.ndarray,
+    attrs: dict,
+    on_ablation_items: np.ndarray | None = None,
+) -> None:
     """Write ``importance`` [method, task, layer, neuron] (float32) with its coordinates, atomically;
     and ``on_ablation_items`` (same shape, NaN for tasks without ground truth: the methods
     computed from only the items the ground truth was measured on), when given."""
@@ -704,8 +783,9 @@ def write_importance(path: Path, methods: list[str], tasks: list[str], importanc
     if importance.shape[:2] != (len(methods), len(tasks)):
         raise StoreError(f"importance has shape {importance.shape}, expected ({len(methods)}, {len(tasks)}, L, I)")
     if on_ablation_items is not None and on_ablation_items.shape != importance.shape:
-        raise StoreError(f"importance on the ablation items has shape {on_ablation_items.shape}, "
-                         f"expected {importance.shape}")
+        raise StoreError(
+            f"importance on the ablation items has shape {on_ablation_items.shape}, expected {importance.shape}"
+        )
     with atomic_directory(path) as tmp:
         group = zarr.open_group(str(tmp), mode="w")
         M, T, L, I = importance.shape
@@ -713,12 +793,21 @@ def write_importance(path: Path, methods: list[str], tasks: list[str], importanc
         if on_ablation_items is not None:
             arrays[ON_ABLATION_ITEMS] = (on_ablation_items, "as importance, from the ground truth's items only")
         for name, (values, units) in arrays.items():
-            arr = create_checked_array(group, name, shape=values.shape, chunks=(1, 1, L, I), dtype="float32",
-                                       dims=IMPORTANCE_DIMS, fill_value=np.nan, attributes={"units": units})
+            arr = create_checked_array(
+                group,
+                name,
+                shape=values.shape,
+                chunks=(1, 1, L, I),
+                dtype="float32",
+                dims=IMPORTANCE_DIMS,
+                fill_value=np.nan,
+                attributes={"units": units},
+            )
             arr[...] = values.astype(np.float32)
         for name, values in (("method", methods), ("task", tasks)):
-            coord = create_checked_array(group, name, shape=(len(values),), chunks=(len(values),), dtype=str,
-                                         dims=(name,), fill_value=None)
+            coord = create_checked_array(
+                group, name, shape=(len(values),), chunks=(len(values),), dtype=str, dims=(name,), fill_value=None
+            )
             coord[...] = np.array(values, dtype=object)
         group.attrs.update({**attrs, "format_version": FORMAT_VERSION, "dimensions": list(IMPORTANCE_DIMS)})
 
@@ -751,8 +840,9 @@ def read_importance(path: Path) -> ImportanceArray:
     def read(name: str) -> np.ndarray:
         return read_checked(group, name, slice(None), Path(path), IMPORTANCE_KIND, "attribute")
 
-    return ImportanceArray([str(s) for s in read("method")], [str(s) for s in read("task")], read("importance"),
-                           dict(group.attrs))
+    return ImportanceArray(
+        [str(s) for s in read("method")], [str(s) for s in read("task")], read("importance"), dict(group.attrs)
+    )
 
 
 def read_importance_on_ablation_items(path: Path) -> np.ndarray | None:
@@ -816,14 +906,22 @@ def verify(path: Path, progress: bool = False) -> StoreCheck:
     path = Path(path)
     if not (path / "zarr.json").is_file():
         if path.is_dir() and any(path.glob(f"{PARTIAL_PREFIX}*")):
-            return StoreCheck(path, "incomplete", STORE_KIND, f"unfinished build ({_scratch_progress(path)}); "
-                              "re-run its stage to finish it")
+            return StoreCheck(
+                path,
+                "incomplete",
+                STORE_KIND,
+                f"unfinished build ({_scratch_progress(path)}); re-run its stage to finish it",
+            )
         return StoreCheck(path, "missing", "?", "no Zarr group here (no zarr.json)")
     try:
         attrs = dict(zarr.open_group(str(path), mode="r").attrs)
     except (ValueError, KeyError, TypeError, OSError) as exc:
-        return StoreCheck(path, "damaged", "?", f"unreadable group metadata ({_one_line(exc)}); "
-                          f"restore it with `dvc checkout --force {path}`")
+        return StoreCheck(
+            path,
+            "damaged",
+            "?",
+            f"unreadable group metadata ({_one_line(exc)}); restore it with `dvc checkout --force {path}`",
+        )
     if "layout" in attrs:
         kind, stage, required = STORE_KIND, "dump", ("z", *ITEM_ARRAYS, *StoreIndex.ARRAYS)
     elif attrs.get("dimensions") == list(IMPORTANCE_DIMS):
@@ -843,16 +941,41 @@ def verify(path: Path, progress: bool = False) -> StoreCheck:
     missing = [k for k in PROVENANCE_KEYS + (("model",) if kind == STORE_KIND else ()) if not attrs.get(k)]
     unchecked = [name for name in arrays if not _checksummed(group[name])]
     if kind == STORE_KIND and (not attrs.get("complete") or (path / DONE_DIR).exists()):
-        return StoreCheck(path, "incomplete", kind, "not marked complete; re-run the dump stage", len(arrays),
-                          chunks, nbytes)
+        return StoreCheck(
+            path, "incomplete", kind, "not marked complete; re-run the dump stage", len(arrays), chunks, nbytes
+        )
     if missing:
-        return StoreCheck(path, "damaged", kind, f"provenance attributes {missing} are missing; "
-                          f"{_restore_hint(path, stage)}", len(arrays), chunks, nbytes)
+        return StoreCheck(
+            path,
+            "damaged",
+            kind,
+            f"provenance attributes {missing} are missing; {_restore_hint(path, stage)}",
+            len(arrays),
+            chunks,
+            nbytes,
+        )
     if unchecked:
-        which = f"arrays {unchecked} carry" if len(unchecked) < len(arrays) else f"none of its {len(arrays)} arrays carries"
-        return StoreCheck(path, "unchecked", kind, f"readable, but {which} a checksum (written before checksums "
-                          f"existed); re-run the {stage} stage to rewrite it", len(arrays), chunks, nbytes)
+        which = (
+            f"arrays {unchecked} carry" if len(unchecked) < len(arrays) else f"none of its {len(arrays)} arrays carries"
+        )
+        return StoreCheck(
+            path,
+            "unchecked",
+            kind,
+            f"readable, but {which} a checksum (written before checksums "
+            f"existed); re-run the {stage} stage to rewrite it",
+            len(arrays),
+            chunks,
+            nbytes,
+        )
     what = f"model {attrs['model']}, " if "model" in attrs else ""
-    return StoreCheck(path, "ok", kind, f"{kind}, {len(arrays)} arrays, {chunks} chunks read and checksummed "
-                      f"({human_bytes(nbytes)}); {what}params {attrs['params_hash']}, code {attrs['code_version']}",
-                      len(arrays), chunks, nbytes)
+    return StoreCheck(
+        path,
+        "ok",
+        kind,
+        f"{kind}, {len(arrays)} arrays, {chunks} chunks read and checksummed "
+        f"({human_bytes(nbytes)}); {what}params {attrs['params_hash']}, code {attrs['code_version']}",
+        len(arrays),
+        chunks,
+        nbytes,
+    )

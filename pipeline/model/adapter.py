@@ -39,7 +39,15 @@ log = logging.getLogger(__name__)
 # Families tested with tiny models of their real transformers classes; others that follow the
 # same layout (decoder.layers[i].self_attn.o_proj / .mlp.down_proj) work too.
 SUPPORTED_FAMILIES: tuple[str, ...] = (
-    "llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma", "gemma3", "internvl", "mistral3",
+    "llava",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "idefics3",
+    "smolvlm",
+    "paligemma",
+    "gemma3",
+    "internvl",
+    "mistral3",
 )
 
 _ATTN_NAMES = ("self_attn", "self_attention", "attention", "attn")
@@ -160,8 +168,9 @@ def _width_in(module: nn.Module) -> int | None:
     return None if width is None else int(width)
 
 
-def _answer_tensors(ans: list[int], ids_dtype: torch.dtype, mask_dtype: torch.dtype,
-                    answer_type: int) -> dict[str, torch.Tensor]:
+def _answer_tensors(
+    ans: list[int], ids_dtype: torch.dtype, mask_dtype: torch.dtype, answer_type: int
+) -> dict[str, torch.Tensor]:
     """What one answer of ``len(ans)`` tokens appends to each per-token tensor (``_SEQUENCE_KEYS``):
     its ids, attention 1, token type ``answer_type`` and multimodal token type 0."""
     return {
@@ -176,7 +185,7 @@ def _left_pad(rows: list[torch.Tensor], total: int, value: int, dtype: torch.dty
     """[len(rows), total] of ``dtype``: each 1-d row right-aligned, ``value`` to its left."""
     padded = torch.full((len(rows), total), value, dtype=dtype)
     for r, row in enumerate(rows):
-        padded[r, total - len(row):] = row
+        padded[r, total - len(row) :] = row
     return padded
 
 
@@ -237,8 +246,10 @@ class ModelAdapter:
                 )
             ffn_widths.add(_width_in(self.ffn_down_proj(i)))
         if len(ffn_widths) != 1 or None in ffn_widths:
-            raise AdapterError(f"down_proj input widths of {cls} differ across layers ({sorted(ffn_widths, key=str)}); "
-                               "per-layer FFN widths are not supported")
+            raise AdapterError(
+                f"down_proj input widths of {cls} differ across layers ({sorted(ffn_widths, key=str)}); "
+                "per-layer FFN widths are not supported"
+            )
         self.ffn_width = int(ffn_widths.pop())
 
         tok = self.tokenizer
@@ -248,8 +259,9 @@ class ModelAdapter:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def load(cls, name_or_path: str, dtype: str = "float32", device: str = "cpu",
-             revision: str | None = None) -> "ModelAdapter":
+    def load(
+        cls, name_or_path: str, dtype: str = "float32", device: str = "cpu", revision: str | None = None
+    ) -> "ModelAdapter":
         """Load processor + model with AutoProcessor / AutoModelForImageTextToText, in eval mode.
 
         dtype: a torch dtype name ("float32", "bfloat16", "float16") or "auto" (the checkpoint's);
@@ -269,8 +281,9 @@ class ModelAdapter:
         started = time.perf_counter()
         try:
             processor = AutoProcessor.from_pretrained(name_or_path, revision=revision)
-            model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=torch_dtype, revision=revision,
-                                                                device_map=device)
+            model = AutoModelForImageTextToText.from_pretrained(
+                name_or_path, dtype=torch_dtype, revision=revision, device_map=device
+            )
         except load_errors() as exc:
             folder = Path(name_or_path)
             if folder.is_dir():
@@ -278,11 +291,18 @@ class ModelAdapter:
                     check_weight_files(folder)
                 except WeightsError as damaged:
                     raise AdapterError(f"cannot load model {name_or_path!r}: {damaged}") from exc
-            raise AdapterError(f"cannot load model {name_or_path!r} (revision {revision}): "
-                               f"{' '.join(str(exc).split())}") from exc
+            raise AdapterError(
+                f"cannot load model {name_or_path!r} (revision {revision}): {' '.join(str(exc).split())}"
+            ) from exc
         model.eval()
-        log.info("loaded %s (%s, %s) in %.1f s; peak host memory of this process so far %s",
-                 name_or_path, dtype, device, time.perf_counter() - started, f"{peak_rss_mib():.0f} MiB")
+        log.info(
+            "loaded %s (%s, %s) in %.1f s; peak host memory of this process so far %s",
+            name_or_path,
+            dtype,
+            device,
+            time.perf_counter() - started,
+            f"{peak_rss_mib():.0f} MiB",
+        )
         return cls(model=model, processor=processor)
 
     @classmethod
@@ -390,8 +410,9 @@ class ModelAdapter:
         seen: set[tuple[int, int]] = set()
         for l, i in out:
             if not (0 <= l < self.num_layers and 0 <= i < n_units):
-                raise AdapterError(f"{_prefix(context)}{unit} ({l}, {i}) out of range: "
-                                   f"{self.num_layers} layers x {n_units} {unit}s")
+                raise AdapterError(
+                    f"{_prefix(context)}{unit} ({l}, {i}) out of range: {self.num_layers} layers x {n_units} {unit}s"
+                )
             if distinct:
                 if (l, i) in seen:
                     raise AdapterError(f"{_prefix(context)}{unit} ({l}, {i}) given twice")
@@ -406,8 +427,10 @@ class ModelAdapter:
     def _attention(self, layer: int) -> nn.Module:
         attn = _child(self._layer(layer), _ATTN_NAMES)
         if attn is None:
-            raise AdapterError(f"attention module (one of {', '.join(_ATTN_NAMES)}) not found in layer {layer} "
-                               f"({type(self.layers[layer]).__name__}) of {type(self.model).__name__}")
+            raise AdapterError(
+                f"attention module (one of {', '.join(_ATTN_NAMES)}) not found in layer {layer} "
+                f"({type(self.layers[layer]).__name__}) of {type(self.model).__name__}"
+            )
         return attn
 
     def attn_out_proj(self, layer: int) -> nn.Module:
@@ -418,16 +441,20 @@ class ModelAdapter:
         attn = self._attention(layer)
         proj = _child(attn, _OUT_PROJ_NAMES)
         if proj is None:
-            raise AdapterError(f"o_proj (one of {', '.join(_OUT_PROJ_NAMES)}) not found in layer {layer} "
-                               f"attention ({type(attn).__name__}) of {type(self.model).__name__}")
+            raise AdapterError(
+                f"o_proj (one of {', '.join(_OUT_PROJ_NAMES)}) not found in layer {layer} "
+                f"attention ({type(attn).__name__}) of {type(self.model).__name__}"
+            )
         return proj
 
     def mlp(self, layer: int) -> nn.Module:
         """The FFN block of a decoder layer."""
         mlp = _child(self._layer(layer), _MLP_NAMES)
         if mlp is None:
-            raise AdapterError(f"MLP (one of {', '.join(_MLP_NAMES)}) not found in layer {layer} "
-                               f"({type(self.layers[layer]).__name__}) of {type(self.model).__name__}")
+            raise AdapterError(
+                f"MLP (one of {', '.join(_MLP_NAMES)}) not found in layer {layer} "
+                f"({type(self.layers[layer]).__name__}) of {type(self.model).__name__}"
+            )
         return mlp
 
     def ffn_down_proj(self, layer: int) -> nn.Module:
@@ -438,8 +465,10 @@ class ModelAdapter:
         mlp = self.mlp(layer)
         proj = _child(mlp, _DOWN_PROJ_NAMES)
         if proj is None:
-            raise AdapterError(f"down_proj (one of {', '.join(_DOWN_PROJ_NAMES)}) not found in layer {layer} "
-                               f"MLP ({type(mlp).__name__}) of {type(self.model).__name__}")
+            raise AdapterError(
+                f"down_proj (one of {', '.join(_DOWN_PROJ_NAMES)}) not found in layer {layer} "
+                f"MLP ({type(mlp).__name__}) of {type(self.model).__name__}"
+            )
         return proj
 
     def ffn_activation(self, layer: int) -> nn.Module:
@@ -448,8 +477,10 @@ class ModelAdapter:
         mlp = self.mlp(layer)
         act = _child(mlp, _ACT_NAMES)
         if act is None:
-            raise AdapterError(f"activation module (one of {', '.join(_ACT_NAMES)}) not found in layer {layer} "
-                               f"MLP ({type(mlp).__name__}) of {type(self.model).__name__}")
+            raise AdapterError(
+                f"activation module (one of {', '.join(_ACT_NAMES)}) not found in layer {layer} "
+                f"MLP ({type(mlp).__name__}) of {type(self.model).__name__}"
+            )
         return act
 
     def unembedding_input(self) -> nn.Module:
@@ -474,8 +505,9 @@ class ModelAdapter:
         if weight is None and getattr(self.config, "tie_word_embeddings", False):
             weight = self.decoder.get_input_embeddings().weight
         if weight is None or weight.dim() != 2 or weight.shape[1] != self.hidden_size:
-            raise AdapterError(f"lm_head (unembedding [vocab, {self.hidden_size}]) not found in "
-                               f"{type(self.model).__name__}")
+            raise AdapterError(
+                f"lm_head (unembedding [vocab, {self.hidden_size}]) not found in {type(self.model).__name__}"
+            )
         return weight
 
     def final_norm(self) -> nn.Module | None:
@@ -503,8 +535,9 @@ class ModelAdapter:
             raise AdapterError(f"no processor given for {type(self.model).__name__}; build_inputs needs one")
         return self.processor
 
-    def build_inputs(self, images: list[Any], prompts: list[str], answers: list[str] | None = None,
-                     *, append_eos: bool = True) -> ModelInputs:
+    def build_inputs(
+        self, images: list[Any], prompts: list[str], answers: list[str] | None = None, *, append_eos: bool = True
+    ) -> ModelInputs:
         """Left-padded model inputs for one image (PIL) + prompt per row, optionally followed by an answer.
 
         Without answers each row is [pad..., prompt...]. With answers it is
@@ -541,8 +574,9 @@ class ModelAdapter:
             # The template already wrote <bos>; as in processor.apply_chat_template, don't add another.
             kwargs["add_special_tokens"] = False
         tok.padding_side = "left"
-        batch = proc(images=[[im] for im in images], text=texts, padding=True, padding_side="left",
-                     return_tensors="pt", **kwargs)
+        batch = proc(
+            images=[[im] for im in images], text=texts, padding=True, padding_side="left", return_tensors="pt", **kwargs
+        )
         tensors = {k: v for k, v in batch.items() if k not in _DROP_KEYS and isinstance(v, torch.Tensor)}
         if "attention_mask" not in tensors:
             tensors["attention_mask"] = torch.ones_like(tensors["input_ids"])
@@ -575,7 +609,7 @@ class ModelAdapter:
             n = int(mask[r].sum())
             extra = _answer_tensors(ans, ids.dtype, mask.dtype, answer_type)
             for k in seq_keys:
-                prompt_part = tensors[k][r, seq - n:]
+                prompt_part = tensors[k][r, seq - n :]
                 rows[k].append(torch.cat([prompt_part, extra[k].to(prompt_part.dtype)]))
         total = max(len(x) for x in rows["input_ids"])
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)

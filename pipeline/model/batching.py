@@ -62,8 +62,9 @@ def _free_cached_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def for_each_batch(n_rows: int, batch_size: int, run: Callable[[slice], None], *, what: str,
-                   progress: bool = True) -> None:
+def for_each_batch(
+    n_rows: int, batch_size: int, run: Callable[[slice], None], *, what: str, progress: bool = True
+) -> None:
     """Call ``run`` on slices of ``range(n_rows)`` of at most ``batch_size`` rows (fewer after an
     out-of-memory error, see the module docstring); ``what`` names the work in logs, errors and
     the progress bar (``progress=False``: none)."""
@@ -84,12 +85,21 @@ def for_each_batch(n_rows: int, batch_size: int, run: Callable[[slice], None], *
             except torch.OutOfMemoryError:
                 _free_cached_memory()
                 if size == 1:
-                    raise BatchTooLarge(f"{what}: out of memory at 1 sequence per batch; use a smaller dtype "
-                                        "(models.<m>.dtype), a shorter input, or a device with more memory") from None
+                    raise BatchTooLarge(
+                        f"{what}: out of memory at 1 sequence per batch; use a smaller dtype "
+                        "(models.<m>.dtype), a shorter input, or a device with more memory"
+                    ) from None
                 size = size // 2
                 _limit = size
-                log.warning("%s: out of memory at %d sequences per batch; retrying rows %d.. at %d "
-                            "(and at most %d for the rest of this run)", what, sl.stop - sl.start, start, size, size)
+                log.warning(
+                    "%s: out of memory at %d sequences per batch; retrying rows %d.. at %d "
+                    "(and at most %d for the rest of this run)",
+                    what,
+                    sl.stop - sl.start,
+                    start,
+                    size,
+                    size,
+                )
                 continue
             bar.update(sl.stop - sl.start)
             _rows_completed += sl.stop - sl.start

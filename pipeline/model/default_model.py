@@ -120,13 +120,15 @@ def build_processor(tokenizer, spec: DefaultModelSpec):
         from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
         image_processor = Idefics3ImageProcessorPil(
-            do_image_splitting=False, size={"longest_edge": spec.image_size},
+            do_image_splitting=False,
+            size={"longest_edge": spec.image_size},
             max_image_size={"longest_edge": spec.image_size},
         )
         # Pixel shuffle with scale factor 2 merges 2x2 patches into one language-model token.
         seq_len = (spec.image_size // spec.patch_size) ** 2 // 4
-        return Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=seq_len,
-                                 chat_template=CHAT_TEMPLATE)
+        return Idefics3Processor(
+            image_processor=image_processor, tokenizer=tokenizer, image_seq_len=seq_len, chat_template=CHAT_TEMPLATE
+        )
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
     image_processor = CLIPImageProcessorPil(
@@ -204,21 +206,42 @@ def _build_idefics3(tokenizer, spec: DefaultModelSpec) -> torch.nn.Module:
     """An Idefics3-style VLM: SigLIP-style tower (no class token, post-norm) + pixel-shuffle
     connector + a Qwen2 decoder (biased q/k/v, grouped-query attention): a second family that
     differs from LLaVA in vision encoder, connector and language model."""
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Qwen2Config, SiglipVisionConfig
-    from transformers import SiglipVisionModel
-
-    vision = dict(hidden_size=spec.vision_hidden, intermediate_size=spec.vision_ffn,
-                  num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
-                  image_size=spec.image_size, patch_size=spec.patch_size)
-    text = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=spec.text_hidden, intermediate_size=spec.text_ffn,
-        num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
-        num_key_value_heads=spec.text_kv_heads, max_position_embeddings=512, tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+        SiglipVisionModel,
     )
-    config = Idefics3Config(vision_config=vision, text_config=text.to_dict(), scale_factor=2,
-                            image_token_id=tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS["image"]),
-                            tie_word_embeddings=False)
+
+    vision = dict(
+        hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_ffn,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+    )
+    text = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.text_hidden,
+        intermediate_size=spec.text_ffn,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        num_key_value_heads=spec.text_kv_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config = Idefics3Config(
+        vision_config=vision,
+        text_config=text.to_dict(),
+        scale_factor=2,
+        image_token_id=tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS["image"]),
+        tie_word_embeddings=False,
+    )
     config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(spec.seed)
     model = Idefics3ForConditionalGeneration(config)
@@ -275,21 +298,26 @@ class _CachedImageProcessor:
 
         flat = [im for row in images for im in (row if isinstance(row, (list, tuple)) else [row])]
         if len(flat) != len(images):
-            raise PipelineError(f"frozen-tower cache: {len(images)} rows hold {len(flat)} images; training "
-                                "passes exactly one image per row")
+            raise PipelineError(
+                f"frozen-tower cache: {len(images)} rows hold {len(flat)} images; training "
+                "passes exactly one image per row"
+            )
         key = tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
         done = self._done.setdefault(key, {})
         todo = list(dict.fromkeys(id(im) for im in flat if id(im) not in done))
         if todo:
             by_id = {id(im): im for im in flat}
-            out = self._real([[by_id[i]] if isinstance(images[0], (list, tuple)) else by_id[i] for i in todo],
-                             **kwargs)
+            out = self._real([[by_id[i]] if isinstance(images[0], (list, tuple)) else by_id[i] for i in todo], **kwargs)
             for k, i in enumerate(todo):
                 done[i] = {name: v[k] for name, v in out.items()}
         rows = [done[id(im)] for im in flat]
         self._owner.select(flat)
-        batched = {name: torch.stack([r[name] for r in rows]) if isinstance(rows[0][name], torch.Tensor)
-                   else [r[name] for r in rows] for name in rows[0]}
+        batched = {
+            name: torch.stack([r[name] for r in rows])
+            if isinstance(rows[0][name], torch.Tensor)
+            else [r[name] for r in rows]
+            for name in rows[0]
+        }
         return BatchFeature(batched)
 
 
@@ -342,8 +370,9 @@ class FrozenVisionCache:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         if self._selected is None or len(self._selected) != pixel_values.shape[0]:
-            raise PipelineError("frozen-tower cache: the tower was called for images the cached image "
-                                "processor did not prepare")
+            raise PipelineError(
+                "frozen-tower cache: the tower was called for images the cached image processor did not prepare"
+            )
         mask = kwargs.get("patch_attention_mask")
         if mask is not None and not bool(mask.all()):
             raise PipelineError("frozen-tower cache: padded images are not supported")
@@ -395,8 +424,11 @@ def image_word_targets(annotations: pd.DataFrame, tokenizer) -> ImageTargets:
             bound.update(zip(toks, toks[1:]))
             if rec.task == "ocr" and toks:
                 ocr[rec.image_id] = toks[0]
-    return ImageTargets({k: sorted(v) for k, v in words.items()}, {k: sorted(v) for k, v in pairs.items()},
-                        {k: ocr.get(k, -1) for k in words})
+    return ImageTargets(
+        {k: sorted(v) for k, v in words.items()},
+        {k: sorted(v) for k, v in pairs.items()},
+        {k: ocr.get(k, -1) for k in words},
+    )
 
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -423,8 +455,11 @@ class Checkpoints:
 
     def save(self, state: dict) -> None:
         """Write ``state`` (with "phase" and "step") with torch's and CUDA's RNG states added."""
-        state = {**state, "torch_rng": torch.get_rng_state(),
-                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        state = {
+            **state,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
         self.directory.mkdir(parents=True, exist_ok=True)
         with atomic_file(self.directory / CHECKPOINT_FILE) as tmp:
             torch.save(state, tmp)
@@ -489,9 +524,19 @@ def _pooled_softmax_loss(patch_logits: torch.Tensor, labels: torch.Tensor) -> to
     return -(target * torch.log_softmax(pooled, dim=-1)).sum(1).mean()
 
 
-def warm_up_vision(model, processor, decoded: dict, targets: ImageTargets, *,
-                   steps: int, batch_size: int, lr: float, seed: int, checkpoints: Checkpoints | None = None,
-                   resume: dict | None = None) -> list[float]:
+def warm_up_vision(
+    model,
+    processor,
+    decoded: dict,
+    targets: ImageTargets,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    checkpoints: Checkpoints | None = None,
+    resume: dict | None = None,
+) -> list[float]:
     """Train the vision tower alone to predict what describes each image (``ImageTargets``).
 
     Three losses on the patch features (the ones the language model is fed), through
@@ -512,18 +557,22 @@ def warm_up_vision(model, processor, decoded: dict, targets: ImageTargets, *,
     ids = sorted(targets.words)
     pair_classes = {p: k for k, p in enumerate(sorted({p for ps in targets.pairs.values() for p in ps}))}
     # Pixels once for all images: the image processor costs more than the tower's step.
-    pixels = torch.cat([
-        image_pixels(processor, [decoded[i] for i in ids[s : s + 512]])
-        for s in range(0, len(ids), 512)
-    ])
+    pixels = torch.cat(
+        [image_pixels(processor, [decoded[i] for i in ids[s : s + 512]]) for s in range(0, len(ids), 512)]
+    )
     labels = _multi_label(ids, targets.words, {t: t for t in range(vocab)})
     pair_labels = _multi_label(ids, targets.pairs, pair_classes)
     words = torch.tensor([targets.ocr[i] for i in ids])
     device = next(tower.parameters()).device
     pixels, labels, pair_labels, words = pixels.to(device), labels.to(device), pair_labels.to(device), words.to(device)
     hidden = tower.config.hidden_size
-    heads = torch.nn.ModuleDict({"words": torch.nn.Linear(hidden, vocab), "pairs": torch.nn.Linear(hidden, len(pair_classes)),
-                                 "written": torch.nn.Linear(hidden, vocab)}).to(device)
+    heads = torch.nn.ModuleDict(
+        {
+            "words": torch.nn.Linear(hidden, vocab),
+            "pairs": torch.nn.Linear(hidden, len(pair_classes)),
+            "written": torch.nn.Linear(hidden, vocab),
+        }
+    ).to(device)
     opt = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
@@ -538,19 +587,30 @@ def warm_up_vision(model, processor, decoded: dict, targets: ImageTargets, *,
     for step in tqdm(range(start, steps), desc="vision warm-up", leave=False, initial=start, total=steps):
         pick = torch.randint(0, len(ids), (batch_size,), generator=gen).to(device)
         patches = patch_features(tower, pixels[pick])
-        loss = (_pooled_softmax_loss(heads["words"](patches), labels[pick])
-                + _pooled_softmax_loss(heads["pairs"](patches), pair_labels[pick]))
+        loss = _pooled_softmax_loss(heads["words"](patches), labels[pick]) + _pooled_softmax_loss(
+            heads["pairs"](patches), pair_labels[pick]
+        )
         if bool((words[pick] >= 0).any()):
-            loss = loss + torch.nn.functional.cross_entropy(heads["written"](patches.mean(1)), words[pick],
-                                                            ignore_index=-1)
+            loss = loss + torch.nn.functional.cross_entropy(
+                heads["written"](patches.mean(1)), words[pick], ignore_index=-1
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(loss.item())
         if checkpoints is not None and checkpoints.due(step + 1, steps):
-            checkpoints.save({"phase": "warmup", "step": step + 1, "model": model.state_dict(),
-                              "gradients": _gradients(model), "heads": heads.state_dict(),
-                              "optimizer": opt.state_dict(), "generator": gen.get_state(), "losses": losses})
+            checkpoints.save(
+                {
+                    "phase": "warmup",
+                    "step": step + 1,
+                    "model": model.state_dict(),
+                    "gradients": _gradients(model),
+                    "heads": heads.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "generator": gen.get_state(),
+                    "losses": losses,
+                }
+            )
     return losses
 
 
@@ -595,8 +655,9 @@ def _build_untrained(spec: DefaultModelSpec, annotations: pd.DataFrame, device: 
     """(model on ``device``, processor) before training: the family's word-level tokenizer over
     the benchmark vocabulary, its processor, and a model initialised by ``build_model`` (which
     seeds torch with ``spec.seed`` itself). ``processor.tokenizer`` is that tokenizer."""
-    tokenizer = build_tokenizer(benchmark_vocabulary(annotations),
-                                IDEFICS3_SPECIALS if spec.family == "idefics3" else ())
+    tokenizer = build_tokenizer(
+        benchmark_vocabulary(annotations), IDEFICS3_SPECIALS if spec.family == "idefics3" else ()
+    )
     processor = build_processor(tokenizer, spec)
     return build_model(tokenizer, spec).to(device), processor
 
@@ -626,8 +687,12 @@ def _language_optimizer(model: torch.nn.Module, spec: DefaultModelSpec) -> torch
     # reach the tower collapsed its features to an image-independent vector (measured: patch
     # features differing by 1% between images after 1,500 steps) and nothing was learned.
     vision_tower(model).requires_grad_(False)
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr,
-                             weight_decay=spec.weight_decay, betas=(0.9, 0.98))
+    return torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=spec.lr,
+        weight_decay=spec.weight_decay,
+        betas=(0.9, 0.98),
+    )
 
 
 # Examples per length-sorting window: 16 batches. Large enough that a window's batches are
@@ -664,16 +729,14 @@ def _length_bucketed(examples: list, batch_size: int, rng: np.random.Generator) 
     return out
 
 
-def _refill_pool(pool: list[Example], train: pd.DataFrame, spec: DefaultModelSpec,
-                 rng: np.random.Generator) -> None:
+def _refill_pool(pool: list[Example], train: pd.DataFrame, spec: DefaultModelSpec, rng: np.random.Generator) -> None:
     """When ``pool`` holds fewer than ``spec.batch_size`` examples, add one pass over the train
     split (``training_examples``) resampled with replacement in proportion to
     ``spec.task_weights`` (default weight 1), and reorder the leftover and the pass into
     batches of similar length (``_length_bucketed``). Draws from ``rng``: the pass's draws, the
     resampling, then the bucketing's permutations."""
     if len(pool) < spec.batch_size:
-        fresh = training_examples(train, rng, caption_reference="sampled",
-                                  retrieval_negatives=spec.retrieval_negatives)
+        fresh = training_examples(train, rng, caption_reference="sampled", retrieval_negatives=spec.retrieval_negatives)
         p = np.array([spec.task_weights.get(e.task, 1.0) for e in fresh], dtype=float)
         take = rng.choice(len(fresh), size=len(fresh), replace=True, p=p / p.sum())
         merged = pool + [fresh[i] for i in take]
@@ -700,8 +763,9 @@ def ranking_loss(margins: torch.Tensor) -> torch.Tensor:
     return -torch.log_softmax(margins, dim=0)[0]
 
 
-def _training_step(adapter, optimizer: torch.optim.Optimizer, batch: list[Example],
-                   decoded: dict, lr: float) -> tuple[float, list[float]]:
+def _training_step(
+    adapter, optimizer: torch.optim.Optimizer, batch: list[Example], decoded: dict, lr: float
+) -> tuple[float, list[float]]:
     """One optimiser step at learning rate ``lr`` on ``batch`` (examples; images from
     ``decoded``), gradients clipped to norm 1.
 
@@ -741,9 +805,19 @@ def _training_step(adapter, optimizer: torch.optim.Optimizer, batch: list[Exampl
     return loss.item(), values
 
 
-def _train_language_model(adapter, optimizer: torch.optim.Optimizer, spec: DefaultModelSpec, train: pd.DataFrame,
-                          decoded: dict, rng: np.random.Generator, *, name: str, checkpoints: Checkpoints | None = None,
-                          resume: dict | None = None, warmup_losses: list[float] | None = None) -> TrainingCurves:
+def _train_language_model(
+    adapter,
+    optimizer: torch.optim.Optimizer,
+    spec: DefaultModelSpec,
+    train: pd.DataFrame,
+    decoded: dict,
+    rng: np.random.Generator,
+    *,
+    name: str,
+    checkpoints: Checkpoints | None = None,
+    resume: dict | None = None,
+    warmup_losses: list[float] | None = None,
+) -> TrainingCurves:
     """``spec.steps`` steps of ``spec.batch_size`` rows drawn in order from a pool that
     ``_refill_pool`` tops up from ``rng``; the vision tower stays in eval mode (frozen).
 
@@ -759,8 +833,11 @@ def _train_language_model(adapter, optimizer: torch.optim.Optimizer, spec: Defau
         optimizer.load_state_dict(resume["optimizer"])
         rng.bit_generator.state = resume["numpy_rng"]
         pool, start = list(resume["pool"]), resume["step"]
-        curves = TrainingCurves(list(resume["losses"]), {t: list(v) for t, v in resume["task_losses"].items()},
-                                {t: list(v) for t, v in resume["task_steps"].items()})
+        curves = TrainingCurves(
+            list(resume["losses"]),
+            {t: list(v) for t, v in resume["task_losses"].items()},
+            {t: list(v) for t, v in resume["task_steps"].items()},
+        )
         _restore_rng(resume)
     adapter.model.train()
     vision_tower(adapter.model).eval()
@@ -777,12 +854,21 @@ def _train_language_model(adapter, optimizer: torch.optim.Optimizer, spec: Defau
         if step % 20 == 0:
             bar.set_postfix({t: f"{np.mean(v[-100:]):.3f}" for t, v in sorted(curves.task_losses.items())})
         if checkpoints is not None and checkpoints.due(step + 1, spec.steps):
-            checkpoints.save({"phase": "language", "step": step + 1, "model": adapter.model.state_dict(),
-                              "gradients": _gradients(adapter.model),
-                              "optimizer": optimizer.state_dict(), "numpy_rng": rng.bit_generator.state,
-                              "pool": pool, "losses": curves.losses, "task_losses": curves.task_losses,
-                              "task_steps": curves.task_steps,
-                              "warmup_losses": warmup_losses})
+            checkpoints.save(
+                {
+                    "phase": "language",
+                    "step": step + 1,
+                    "model": adapter.model.state_dict(),
+                    "gradients": _gradients(adapter.model),
+                    "optimizer": optimizer.state_dict(),
+                    "numpy_rng": rng.bit_generator.state,
+                    "pool": pool,
+                    "losses": curves.losses,
+                    "task_losses": curves.task_losses,
+                    "task_steps": curves.task_steps,
+                    "warmup_losses": warmup_losses,
+                }
+            )
     return curves
 
 
@@ -799,8 +885,9 @@ def _windowed_by_step(steps: list[int], values: list[float], total: int, window:
     return [float(s / c) if c else None for s, c in zip(sums, counts)]
 
 
-def _training_summary(name: str, spec: DefaultModelSpec, model: torch.nn.Module, curves: TrainingCurves,
-                      warmup_losses: list[float]) -> dict:
+def _training_summary(
+    name: str, spec: DefaultModelSpec, model: torch.nn.Module, curves: TrainingCurves, warmup_losses: list[float]
+) -> dict:
     """The ``training.json`` record: sizes, final loss (mean of the last 50 steps), loss curves in
     windows of 50 steps, final loss per task (last 200 rows), the spec. No wall-clock time: the
     record is part of a DVC output, and the same training must give the same bytes."""
@@ -823,8 +910,9 @@ def _training_summary(name: str, spec: DefaultModelSpec, model: torch.nn.Module,
         "vision_warmup_loss": _every_50(warmup_losses),
         "final_task_loss": {t: float(np.mean(v[-200:])) for t, v in sorted(curves.task_losses.items())},
         # Per task: the mean loss of its rows in each window of 50 steps (windows without one: null).
-        "task_loss_curve": {t: _windowed_by_step(curves.task_steps[t], v, spec.steps)
-                            for t, v in sorted(curves.task_losses.items())},
+        "task_loss_curve": {
+            t: _windowed_by_step(curves.task_steps[t], v, spec.steps) for t, v in sorted(curves.task_losses.items())
+        },
         "spec": asdict(spec),
     }
 
@@ -843,14 +931,23 @@ def _image_size(data: TrainSplit) -> int:
     first = data.train["image_id"].iloc[0]
     width, height = data.images[first].size
     if width != height:
-        raise PipelineError(f"{data.images.path}: image {first!r} is {width}x{height}; the default model "
-                            "is built for square images")
+        raise PipelineError(
+            f"{data.images.path}: image {first!r} is {width}x{height}; the default model is built for square images"
+        )
     return width
 
 
-def train_default_model(spec: DefaultModelSpec, benchmark_dir: Path, out_dir: Path, *, name: str,
-                        device: str = "cpu", resume_key: str | None = None, checkpoint_every: int = 0,
-                        on_checkpoint: Callable[[str, int], None] | None = None) -> dict:
+def train_default_model(
+    spec: DefaultModelSpec,
+    benchmark_dir: Path,
+    out_dir: Path,
+    *,
+    name: str,
+    device: str = "cpu",
+    resume_key: str | None = None,
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[str, int], None] | None = None,
+) -> dict:
     """Train the default model ``name`` on the benchmark's train split and save it to ``out_dir``.
 
     Returns a summary (parameters, sizes, final loss, loss curves) that is also written to
@@ -888,9 +985,16 @@ def train_default_model(spec: DefaultModelSpec, benchmark_dir: Path, out_dir: Pa
     t0 = time.perf_counter()
     if resume is None or resume["phase"] == "warmup":
         warmup_losses = warm_up_vision(
-            model, processor, decoded, image_word_targets(data.train, processor.tokenizer),
-            steps=spec.vision_warmup_steps, batch_size=spec.batch_size * 2, lr=spec.lr, seed=spec.seed,
-            checkpoints=checkpoints, resume=resume,
+            model,
+            processor,
+            decoded,
+            image_word_targets(data.train, processor.tokenizer),
+            steps=spec.vision_warmup_steps,
+            batch_size=spec.batch_size * 2,
+            lr=spec.lr,
+            seed=spec.seed,
+            checkpoints=checkpoints,
+            resume=resume,
         )
         resume = None
     else:
@@ -900,8 +1004,18 @@ def train_default_model(spec: DefaultModelSpec, benchmark_dir: Path, out_dir: Pa
     cache = FrozenVisionCache(model, processor, decoded)
     log.info("frozen vision tower: outputs of %d images cached in %.1f s", len(decoded), time.perf_counter() - t_cache)
     with cache.installed():
-        curves = _train_language_model(adapter, optimizer, spec, data.train, decoded, rng, name=name,
-                                       checkpoints=checkpoints, resume=resume, warmup_losses=warmup_losses)
+        curves = _train_language_model(
+            adapter,
+            optimizer,
+            spec,
+            data.train,
+            decoded,
+            rng,
+            name=name,
+            checkpoints=checkpoints,
+            resume=resume,
+            warmup_losses=warmup_losses,
+        )
     model.eval()
     model.to("cpu")
 

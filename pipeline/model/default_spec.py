@@ -70,8 +70,11 @@ def architecture_problems(values: dict) -> list[str]:
     defaults = DefaultModelSpec()
     get = lambda k: values.get(k, getattr(defaults, k))  # noqa: E731
     problems = []
-    for width, heads in (("text_hidden", "text_heads"), ("text_heads", "text_kv_heads"),
-                         ("vision_hidden", "vision_heads")):
+    for width, heads in (
+        ("text_hidden", "text_heads"),
+        ("text_heads", "text_kv_heads"),
+        ("vision_hidden", "vision_heads"),
+    ):
         try:
             if int(get(width)) % int(get(heads)):
                 problems.append(f"{width} ({get(width)}) must be divisible by {heads} ({get(heads)})")
@@ -89,14 +92,20 @@ def check_trained_with(folder: Path, spec: DefaultModelSpec, name: str) -> None:
     try:
         trained = json.loads(record_path.read_text())["spec"]
     except FileNotFoundError:
-        raise PipelineError(f"model {name!r}: {record_path} is missing; {folder} is not a folder that "
-                            "train_default_model wrote") from None
+        raise PipelineError(
+            f"model {name!r}: {record_path} is missing; {folder} is not a folder that train_default_model wrote"
+        ) from None
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise PipelineError(f"model {name!r}: {record_path} is not a training record ({exc})") from None
     defaults, wanted = asdict(DefaultModelSpec()), asdict(spec)
-    differ = [f"{k}: trained {trained.get(k, defaults[k])!r}, params {wanted[k]!r}"
-              for k in DEFAULT_MODEL_FIELDS if trained.get(k, defaults[k]) != wanted[k]]
+    differ = [
+        f"{k}: trained {trained.get(k, defaults[k])!r}, params {wanted[k]!r}"
+        for k in DEFAULT_MODEL_FIELDS
+        if trained.get(k, defaults[k]) != wanted[k]
+    ]
     if differ:
-        raise PipelineError(f"model {name!r}: {folder} holds weights of another recipe than the params give "
-                            f"({'; '.join(differ)}); train the recipe (its train_default_model stage) and ship "
-                            "that folder, or set the params back")
+        raise PipelineError(
+            f"model {name!r}: {folder} holds weights of another recipe than the params give "
+            f"({'; '.join(differ)}); train the recipe (its train_default_model stage) and ship "
+            "that folder, or set the params back"
+        )

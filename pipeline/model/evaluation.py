@@ -137,8 +137,14 @@ class RowSharing:
     first_layer: int
 
 
-def _logits(adapter, images: list, prompts: list[str], answers: list[str] | None, hooks: Callable[[], AbstractContextManager],
-            sharing: RowSharing | None):
+def _logits(
+    adapter,
+    images: list,
+    prompts: list[str],
+    answers: list[str] | None,
+    hooks: Callable[[], AbstractContextManager],
+    sharing: RowSharing | None,
+):
     """(logits [B, S, V], inputs) of one batch under ``hooks``, its shared prefix computed once
     per distinct sequence when ``sharing`` is given."""
     if sharing is None:
@@ -152,8 +158,11 @@ def _logits(adapter, images: list, prompts: list[str], answers: list[str] | None
             index[key] = len(reps)
             reps.append(b)
     source = torch.tensor([index[key] for key in sharing.sources])
-    unique = adapter.build_inputs([images[b] for b in reps], [prompts[b] for b in reps],
-                                  answers=None if answers is None else [answers[b] for b in reps])
+    unique = adapter.build_inputs(
+        [images[b] for b in reps],
+        [prompts[b] for b in reps],
+        answers=None if answers is None else [answers[b] for b in reps],
+    )
     inputs = _repeated_rows(adapter, unique, source)
     if inputs is None:
         inputs = adapter.build_inputs(images, prompts, answers=answers)
@@ -176,14 +185,22 @@ def _repeated_rows(adapter, unique: ModelInputs, source: torch.Tensor) -> ModelI
     n = unique.batch_size
     if any(t.dim() == 0 or t.shape[0] != n for t in unique.tensors.values()):
         return None
-    return ModelInputs({k: t[source] for k, t in unique.tensors.items()}, unique.last_prompt_index[source],
-                       None if unique.answer_mask is None else unique.answer_mask[source])
+    return ModelInputs(
+        {k: t[source] for k, t in unique.tensors.items()},
+        unique.last_prompt_index[source],
+        None if unique.answer_mask is None else unique.answer_mask[source],
+    )
 
 
 @torch.no_grad()
-def answer_logprob(adapter, images: list, prompts: list[str], answers: list[str],
-                   hooks: Callable[[], AbstractContextManager] = contextlib.nullcontext,
-                   sharing: RowSharing | None = None) -> np.ndarray:
+def answer_logprob(
+    adapter,
+    images: list,
+    prompts: list[str],
+    answers: list[str],
+    hooks: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+    sharing: RowSharing | None = None,
+) -> np.ndarray:
     """Mean log-probability (nats per token) of each answer (+ eos) given image and prompt; [batch].
 
     One full forward pass (logits at every position) under ``hooks``, then
@@ -194,9 +211,13 @@ def answer_logprob(adapter, images: list, prompts: list[str], answers: list[str]
 
 
 @torch.no_grad()
-def yes_no_margin(adapter, images: list, prompts: list[str],
-                  hooks: Callable[[], AbstractContextManager] = contextlib.nullcontext,
-                  sharing: RowSharing | None = None) -> np.ndarray:
+def yes_no_margin(
+    adapter,
+    images: list,
+    prompts: list[str],
+    hooks: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+    sharing: RowSharing | None = None,
+) -> np.ndarray:
     """logit("Yes") - logit("No") at the last prompt token; [batch]."""
     tok = adapter.processor.tokenizer
     yes, no = answer_token_id(tok, RETRIEVAL_YES), answer_token_id(tok, RETRIEVAL_NO)
@@ -237,9 +258,18 @@ def evaluate_task(
     (``hooks.forward_sharing_prefix``); results equal the plain rows' to float rounding.
     Generation never shares (its KV cache covers every layer).
     """
-    out = evaluate_conditions(adapter, task, items, images, {utility: range(n_conditions)}, batch_size=batch_size,
-                              max_new_tokens=max_new_tokens, condition_hooks=condition_hooks,
-                              condition_layers=condition_layers, progress=progress)
+    out = evaluate_conditions(
+        adapter,
+        task,
+        items,
+        images,
+        {utility: range(n_conditions)},
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        condition_hooks=condition_hooks,
+        condition_layers=condition_layers,
+        progress=progress,
+    )
     return [out[utility][c] for c in range(n_conditions)]
 
 
@@ -274,21 +304,39 @@ def evaluate_conditions(
         by_margin = [u for u in ("generative", "likelihood") if u in conds]
         if by_margin:
             union = sorted(set().union(*(conds[u] for u in by_margin)))
-            margins = _retrieval_margins(adapter, items, images, batch_size, union, condition_hooks,
-                                         layers, progress)
+            margins = _retrieval_margins(adapter, items, images, batch_size, union, condition_hooks, layers, progress)
             for u in by_margin:
                 out[u] = {c: _retrieval_result(items, margins[c], u) for c in conds[u]}
     for u, cs in conds.items():
         if u not in out:
-            out[u] = _evaluate_rows(adapter, task, items, images, u, cs, batch_size, max_new_tokens,
-                                    condition_hooks, layers if u != "generative" else None, progress)
+            out[u] = _evaluate_rows(
+                adapter,
+                task,
+                items,
+                images,
+                u,
+                cs,
+                batch_size,
+                max_new_tokens,
+                condition_hooks,
+                layers if u != "generative" else None,
+                progress,
+            )
     return out
 
 
 def _evaluate_rows(
-    adapter, task: str, items: pd.DataFrame, images: ImageTable, utility: str, conds: list[int],
-    batch_size: int, max_new_tokens: int, condition_hooks: ConditionHooks | None,
-    layers: dict[int, int] | None, progress: str | None,
+    adapter,
+    task: str,
+    items: pd.DataFrame,
+    images: ImageTable,
+    utility: str,
+    conds: list[int],
+    batch_size: int,
+    max_new_tokens: int,
+    condition_hooks: ConditionHooks | None,
+    layers: dict[int, int] | None,
+    progress: str | None,
 ) -> dict[int, TaskResult]:
     """Generative, teacher-forced or likelihood results of a non-margin utility, per condition."""
     n, C = len(items), len(conds)
@@ -325,9 +373,14 @@ def _evaluate_rows(
                 for i, c, text in zip(it, cd, generate(adapter, imgs, ps, max_new_tokens)):
                     preds[c][i] = text
         else:
-            scores[cd, sq] = answer_logprob(adapter, imgs, ps, [seq_answer[q] for q in sq],
-                                            lambda: _hooks(condition_hooks, cond_ids[cd]),
-                                            _batch_sharing(sq.tolist(), cond_ids[cd], layers))
+            scores[cd, sq] = answer_logprob(
+                adapter,
+                imgs,
+                ps,
+                [seq_answer[q] for q in sq],
+                lambda: _hooks(condition_hooks, cond_ids[cd]),
+                _batch_sharing(sq.tolist(), cond_ids[cd], layers),
+            )
 
     what = progress or f"{task} ({utility})"
     for_each_batch(S * C, batch_size, run, what=what, progress=progress is not False)
@@ -335,8 +388,9 @@ def _evaluate_rows(
     for k, c in enumerate(conds):
         if utility == "generative":
             u, per = aggregate_utility(task, preds[k], items)
-            stats = (metrics.bleu_statistics(preds[k], [list(r) for r in items["references"]])
-                     if task == "caption" else None)
+            stats = (
+                metrics.bleu_statistics(preds[k], [list(r) for r in items["references"]]) if task == "caption" else None
+            )
             results[c] = TaskResult(task, METRIC_NAMES.get(task, task), u, per, preds[k], stats)
         elif utility == "likelihood":
             per = np.bincount(seq_item, weights=np.exp(scores[k]), minlength=n) / np.bincount(seq_item, minlength=n)
@@ -347,17 +401,18 @@ def _evaluate_rows(
 
 
 def _retrieval_margins(
-    adapter, items: pd.DataFrame, images: ImageTable, batch_size: int, conds: list[int],
-    condition_hooks: ConditionHooks | None, layers: dict[int, int] | None, progress: str | None,
+    adapter,
+    items: pd.DataFrame,
+    images: ImageTable,
+    batch_size: int,
+    conds: list[int],
+    condition_hooks: ConditionHooks | None,
+    layers: dict[int, int] | None,
+    progress: str | None,
 ) -> dict[int, list[np.ndarray]]:
     """{condition: [item] -> Yes-minus-No margin of each candidate} for retrieval ``items``."""
     # Rows: (item, candidate, condition), item-major so that an image's rows share a batch.
-    rows = [
-        (i, k, c)
-        for i in range(len(items))
-        for k in range(len(items.at[i, "candidates"]))
-        for c in conds
-    ]
+    rows = [(i, k, c) for i in range(len(items)) for k in range(len(items.at[i, "candidates"])) for c in conds]
     if layers is not None:
         rows = [rows[r] for r in _layer_major(np.array([c for _, _, c in rows]), None, layers)]
     margins: dict[tuple[int, int, int], float] = {}
@@ -367,18 +422,29 @@ def _retrieval_margins(
         imgs = [images[items.at[i, "image_id"]] for i, _, _ in batch]
         prompts = [candidate_prompt(items.at[i, "prompt"], items.at[i, "candidates"][k]) for i, k, _ in batch]
         row_conds = np.array([c for _, _, c in batch])
-        m = yes_no_margin(adapter, imgs, prompts, lambda: _hooks(condition_hooks, row_conds),
-                          _batch_sharing([(i, k) for i, k, _ in batch], row_conds, layers))
+        m = yes_no_margin(
+            adapter,
+            imgs,
+            prompts,
+            lambda: _hooks(condition_hooks, row_conds),
+            _batch_sharing([(i, k) for i, k, _ in batch], row_conds, layers),
+        )
         for key, v in zip(batch, m):
             margins[key] = float(v)
 
     for_each_batch(len(rows), batch_size, run, what=progress or "retrieval", progress=progress is not False)
-    return {c: [np.array([margins[(i, k, c)] for k in range(len(items.at[i, "candidates"]))])
-                for i in range(len(items))] for c in conds}
+    return {
+        c: [np.array([margins[(i, k, c)] for k in range(len(items.at[i, "candidates"]))]) for i in range(len(items))]
+        for c in conds
+    }
 
 
-def _sharing_layers(adapter, condition_layers: Sequence[int | None] | None, conds: dict[str, list[int]],
-                    condition_hooks: ConditionHooks | None) -> dict[int, int] | None:
+def _sharing_layers(
+    adapter,
+    condition_layers: Sequence[int | None] | None,
+    conds: dict[str, list[int]],
+    condition_hooks: ConditionHooks | None,
+) -> dict[int, int] | None:
     """{condition: first decoder layer its rows must compute} (an untouched condition: the last
     layer), or None when ``condition_layers`` is not given (no sharing)."""
     if condition_layers is None:
@@ -438,8 +504,16 @@ def evaluate_model_quality(
             items = items.head(max_items)
         if items.empty:
             raise PipelineError(f"no {task!r} items in split {split!r} of the benchmark")
-        res = evaluate_conditions(adapter, task, items, images, {u: [0] for u in utilities}, batch_size=batch_size,
-                                  max_new_tokens=max_new_tokens, progress=f"quality {task}")
+        res = evaluate_conditions(
+            adapter,
+            task,
+            items,
+            images,
+            {u: [0] for u in utilities},
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            progress=f"quality {task}",
+        )
         for u in utilities:
             out[u][task] = round(res[u][0].utility, 6)
             log.info("%s %s on %s (%d items): %.4f", res[u][0].metric, task, split, len(items), res[u][0].utility)

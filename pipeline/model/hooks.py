@@ -145,8 +145,10 @@ class _DeviceCache:
 
 def _check_batch(x: torch.Tensor, expected: int, what: str) -> None:
     if x.shape[0] != expected:
-        raise ValueError(f"{what}: the model ran a batch of {x.shape[0]} rows but {expected} row specs were given "
-                         "(beam search and num_return_sequences > 1 expand rows and are not supported)")
+        raise ValueError(
+            f"{what}: the model ran a batch of {x.shape[0]} rows but {expected} row specs were given "
+            "(beam search and num_return_sequences > 1 expand rows and are not supported)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,8 +228,10 @@ def substitute_heads(adapter: ModelAdapter, row_heads: Sequence[RowSpec]) -> Ite
     """
     n_heads, head_dim = adapter.num_heads, adapter.head_dim
     if n_heads < 2:
-        raise AdapterError(f"substitute_heads needs at least 2 heads (the mean of the others); "
-                           f"{type(adapter.model).__name__} has {n_heads}")
+        raise AdapterError(
+            f"substitute_heads needs at least 2 heads (the mean of the others); "
+            f"{type(adapter.model).__name__} has {n_heads}"
+        )
     per_layer = _group_rows(adapter, row_heads, "head")
     n_rows = len(row_heads)
 
@@ -297,9 +301,7 @@ def _scale_hook(idx: torch.Tensor, scale: torch.Tensor, width: int) -> Callable:
 
 
 @contextmanager
-def scale_neurons_per_row(
-    adapter: ModelAdapter, row_neurons: Sequence[RowSpec], scale: float = 0.0
-) -> Iterator[None]:
+def scale_neurons_per_row(adapter: ModelAdapter, row_neurons: Sequence[RowSpec], scale: float = 0.0) -> Iterator[None]:
     """Scale, per batch row, that row's own neurons of z by ``scale`` at every position.
 
     Args:
@@ -370,8 +372,13 @@ def condition_scales(
             raise ValueError(f"condition index out of range [0, {C})")
         # Only layers where some row's factor is not 1 (a factor of 1 is bitwise a no-op), so
         # that rows intervened on only from some layer up can share the layers below it.
-        return _pre_hooks([(adapter.ffn_down_proj(l), make_hook(f[rows])) for l, f in sorted(factors.items())
-                           if bool((f[rows] != 1).any())])
+        return _pre_hooks(
+            [
+                (adapter.ffn_down_proj(l), make_hook(f[rows]))
+                for l, f in sorted(factors.items())
+                if bool((f[rows] != 1).any())
+            ]
+        )
 
     return hooks
 
@@ -435,8 +442,10 @@ def trace_ffn(adapter: ModelAdapter, positions: torch.Tensor, token_mask: torch.
             _check_batch(output, B, "trace_ffn")
             _, mask = cache.on(output.device)
             if output.shape[:2] != mask.shape:
-                raise ValueError(f"trace_ffn: token mask {tuple(mask.shape)} does not match the activation "
-                                 f"{tuple(output.shape[:2])} of layer {layer}")
+                raise ValueError(
+                    f"trace_ffn: token mask {tuple(mask.shape)} does not match the activation "
+                    f"{tuple(output.shape[:2])} of layer {layer}"
+                )
             a = output.detach().float() * mask.unsqueeze(-1)
             trace.gate_sum[layer] = a.sum(1)
             trace.gate_positive[layer] = (a > 0).sum(1)
@@ -456,7 +465,9 @@ def trace_ffn(adapter: ModelAdapter, positions: torch.Tensor, token_mask: torch.
     try:
         with _weights_frozen(adapter):
             for layer in range(adapter.num_layers):
-                handles.append(adapter.ffn_down_proj(layer).register_forward_pre_hook(scale_hook(layer), with_kwargs=True))
+                handles.append(
+                    adapter.ffn_down_proj(layer).register_forward_pre_hook(scale_hook(layer), with_kwargs=True)
+                )
                 handles.append(adapter.ffn_activation(layer).register_forward_hook(gate_hook(layer)))
             handles.append(adapter.unembedding_input().register_forward_pre_hook(residual_hook, with_kwargs=True))
             yield trace
@@ -500,10 +511,14 @@ def trace_head_substitution(adapter: ModelAdapter, batch_size: int) -> Iterator[
     """
     n_heads, head_dim = adapter.num_heads, adapter.head_dim
     if n_heads < 2:
-        raise AdapterError(f"trace_head_substitution needs at least 2 heads (the mean of the others); "
-                           f"{type(adapter.model).__name__} has {n_heads}")
-    alphas = {layer: torch.zeros(batch_size, n_heads, device=adapter.device, requires_grad=True)
-              for layer in range(adapter.num_layers)}
+        raise AdapterError(
+            f"trace_head_substitution needs at least 2 heads (the mean of the others); "
+            f"{type(adapter.model).__name__} has {n_heads}"
+        )
+    alphas = {
+        layer: torch.zeros(batch_size, n_heads, device=adapter.device, requires_grad=True)
+        for layer in range(adapter.num_layers)
+    }
 
     def make_hook(layer: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -525,6 +540,7 @@ def trace_head_substitution(adapter: ModelAdapter, batch_size: int) -> Iterator[
 
 # ---------------------------------------------------------------------------------------------
 # Shared prefixes: rows that repeat a few distinct sequences, intervened on only from some layer up.
+
 
 def _repeat_first(value: Any, n: int) -> Any:
     """``value`` with every tensor of batch 1 repeated to batch n (tuples, lists and ModelOutputs
@@ -554,6 +570,7 @@ def _one_image_tower(forward: Callable) -> Callable:
     pass replaces the decoder's input): the images' shape must be right, their values need not.
     Only for ``_PER_IMAGE_TOWER_FAMILIES``.
     """
+
     def stub(*args: Any, **kwargs: Any) -> Any:
         pixels = args[0] if args else kwargs.get("pixel_values")
         if not isinstance(pixels, torch.Tensor) or pixels.dim() < 4 or pixels.shape[0] < 2:
@@ -702,9 +719,11 @@ def forward_sharing_prefix(
     def inject(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         x = _first_input(args, kwargs, "hidden_states")
         if x.shape[0] != src.numel() or x.shape[1:] != prefix.shape[1:]:
-            raise ValueError(f"forward_sharing_prefix: layer {first_layer} sees {tuple(x.shape)} but the distinct "
-                             f"sequences gave {tuple(prefix.shape)} for {src.numel()} rows (rows must be copies of "
-                             "the distinct sequences, padded alike)")
+            raise ValueError(
+                f"forward_sharing_prefix: layer {first_layer} sees {tuple(x.shape)} but the distinct "
+                f"sequences gave {tuple(prefix.shape)} for {src.numel()} rows (rows must be copies of "
+                "the distinct sequences, padded alike)"
+            )
         return _replace_first_input(args, kwargs, prefix[src].to(device=x.device, dtype=x.dtype), "hidden_states")
 
     def pass_through(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -717,8 +736,10 @@ def forward_sharing_prefix(
     before = _hook_count(skipped)
     with torch.no_grad(), _replaced_forwards(replaced), _pre_hooks([(adapter.layers[first_layer], inject)]), ctx():
         if _hook_count(skipped) != before:
-            raise ValueError(f"forward_sharing_prefix: an intervention hooks a layer below first_layer={first_layer}, "
-                             "which this pass skips; pass the lowest intervened layer (lowest_layer)")
+            raise ValueError(
+                f"forward_sharing_prefix: an intervention hooks a layer below first_layer={first_layer}, "
+                "which this pass skips; pass the lowest intervened layer (lowest_layer)"
+            )
         return adapter.model(**rows, **forward_kwargs)
 
 

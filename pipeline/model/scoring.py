@@ -102,7 +102,9 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
     return _KEEP_CACHE[cls]
 
 
-def model_answer_logprobs(adapter: ModelAdapter, inputs: ModelInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def model_answer_logprobs(
+    adapter: ModelAdapter, inputs: ModelInputs
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``answer_logprobs`` of one forward pass over ``inputs`` (built with answers).
 
     Rows are left-padded with the answer at the end, so every answer token lies in the last

@@ -28,8 +28,16 @@ from typing import Any
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_file, write_json
 
-__all__ = ["FileHashes", "ModelSource", "ModelSourceError", "RECORD_NAME", "read_source", "resolve_folder",
-           "resolve_hub", "write_source"]
+__all__ = [
+    "FileHashes",
+    "ModelSource",
+    "ModelSourceError",
+    "RECORD_NAME",
+    "read_source",
+    "resolve_folder",
+    "resolve_hub",
+    "write_source",
+]
 
 log = logging.getLogger(__name__)
 
@@ -169,17 +177,23 @@ def read_source(model_dir: Path, name: str) -> ModelSource:
     try:
         return ModelSource(**json.loads(path.read_text()))
     except FileNotFoundError:
-        raise ModelSourceError(f"model {name!r}: {path} not found; run `dvc repro resolve_model@{name}` first") from None
+        raise ModelSourceError(
+            f"model {name!r}: {path} not found; run `dvc repro resolve_model@{name}` first"
+        ) from None
     except (json.JSONDecodeError, TypeError) as exc:
-        raise ModelSourceError(f"model {name!r}: {path} is not a model record ({exc}); rerun resolve_model@{name}") from None
+        raise ModelSourceError(
+            f"model {name!r}: {path} is not a model record ({exc}); rerun resolve_model@{name}"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------- resolving
 def _existing_folder(path: str, name: str) -> Path:
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise ModelSourceError(f"model {name!r}: folder {folder.resolve()} not found "
-                               f"(models.{name}.path; a Hugging Face hub id goes in models.{name}.hub_id)")
+        raise ModelSourceError(
+            f"model {name!r}: folder {folder.resolve()} not found "
+            f"(models.{name}.path; a Hugging Face hub id goes in models.{name}.hub_id)"
+        )
     return folder
 
 
@@ -207,8 +221,9 @@ def _ask_hub(hub_id: str, revision: str, name: str) -> str | None:
     try:
         return HfApi().model_info(hub_id, revision=revision, timeout=20).sha
     except RepositoryNotFoundError:
-        raise ModelSourceError(f"model {name!r}: hub id {hub_id!r} not found on the Hugging Face hub "
-                               "(or it is gated and no token is set)") from None
+        raise ModelSourceError(
+            f"model {name!r}: hub id {hub_id!r} not found on the Hugging Face hub (or it is gated and no token is set)"
+        ) from None
     except RevisionNotFoundError:
         raise ModelSourceError(f"model {name!r}: revision {revision!r} of {hub_id!r} not found on the hub") from None
     except (httpx.HTTPError, HfHubHTTPError, OSError) as exc:
@@ -255,14 +270,22 @@ def _check_layout(folder: Path, name: str) -> dict[str, int]:
         with torch.device("meta"):
             model = AutoModelForImageTextToText.from_config(config)
     except (AttributeError, KeyError, TypeError, ValueError, ImportError, RuntimeError) as exc:
-        raise ModelSourceError(f"model {name!r}: transformers cannot build {type(config).__name__} from "
-                               f"{folder.resolve()}/config.json: {exc}") from None
+        raise ModelSourceError(
+            f"model {name!r}: transformers cannot build {type(config).__name__} from "
+            f"{folder.resolve()}/config.json: {exc}"
+        ) from None
     try:
         adapter = ModelAdapter.from_model(model)
     except AdapterError as exc:
         raise ModelSourceError(f"model {name!r}: {exc}") from None
-    return {"layers": adapter.num_layers, "heads": adapter.num_heads, "kv_heads": adapter.num_kv_heads,
-            "head_dim": adapter.head_dim, "ffn_width": adapter.ffn_width, "hidden_size": adapter.hidden_size}
+    return {
+        "layers": adapter.num_layers,
+        "heads": adapter.num_heads,
+        "kv_heads": adapter.num_kv_heads,
+        "head_dim": adapter.head_dim,
+        "ffn_width": adapter.ffn_width,
+        "hidden_size": adapter.hidden_size,
+    }
 
 
 def _check_processor(folder: Path, name: str) -> str:
@@ -274,8 +297,9 @@ def _check_processor(folder: Path, name: str) -> str:
     except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
         raise ModelSourceError(f"model {name!r}: no usable processor in {folder.resolve()}: {exc}") from None
     if getattr(processor, "image_processor", None) is None:
-        raise ModelSourceError(f"model {name!r}: the processor in {folder.resolve()} ({type(processor).__name__}) "
-                               "has no image processor")
+        raise ModelSourceError(
+            f"model {name!r}: the processor in {folder.resolve()} ({type(processor).__name__}) has no image processor"
+        )
     return type(processor).__name__
 
 
@@ -293,8 +317,13 @@ def _inspect(folder: Path, name: str, hashes: FileHashes) -> dict[str, Any]:
     layout = _check_layout(folder, name)
     processor = _check_processor(folder, name)
     _check_weights(folder, name)
-    return {"model_type": model_type, "architecture": architecture, "layout": layout, "processor": processor,
-            "files": hash_files(folder, hashes)}
+    return {
+        "model_type": model_type,
+        "architecture": architecture,
+        "layout": layout,
+        "processor": processor,
+        "files": hash_files(folder, hashes),
+    }
 
 
 def resolve_folder(path: str, name: str, hashes: FileHashes) -> ModelSource:
@@ -316,7 +345,7 @@ def resolve_hub(hub_id: str, revision: str | None, name: str, hashes: FileHashes
         commit = folder.name
     else:
         log.info("model %r: %s@%s is commit %s", name, hub_id, revision, commit)
-        folder = Path(snapshot_download(hub_id, revision=commit,
-                                        allow_patterns=[f"*{suffix}" for suffix in MODEL_FILE_SUFFIXES]))
-    return ModelSource(kind="hub", location=hub_id, revision=revision, commit=commit,
-                       **_inspect(folder, name, hashes))
+        folder = Path(
+            snapshot_download(hub_id, revision=commit, allow_patterns=[f"*{suffix}" for suffix in MODEL_FILE_SUFFIXES])
+        )
+    return ModelSource(kind="hub", location=hub_id, revision=revision, commit=commit, **_inspect(folder, name, hashes))

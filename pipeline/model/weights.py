@@ -37,8 +37,9 @@ def load_errors() -> tuple[type[BaseException], ...]:
 
 
 def _weight_files(folder: Path, pattern: str) -> list[Path]:
-    return sorted(p for p in folder.rglob(pattern) if not any(part.startswith(".") for part in
-                                                               p.relative_to(folder).parts))
+    return sorted(
+        p for p in folder.rglob(pattern) if not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 def _safetensors_keys(path: Path) -> set[str]:
@@ -50,8 +51,9 @@ def _safetensors_keys(path: Path) -> set[str]:
         with safe_open(str(path), framework="numpy") as f:
             return set(f.keys())
     except (SafetensorError, OSError) as exc:
-        raise WeightsError(f"weights file {path} is damaged ({' '.join(str(exc).split())}): "
-                           "download or copy it again") from None
+        raise WeightsError(
+            f"weights file {path} is damaged ({' '.join(str(exc).split())}): download or copy it again"
+        ) from None
 
 
 def _check_index(index: Path, headers: dict[Path, set[str]]) -> None:
@@ -64,15 +66,19 @@ def _check_index(index: Path, headers: dict[Path, set[str]]) -> None:
     for shard_name in sorted(set(weight_map.values())):
         shard = index.parent / str(shard_name)
         if not shard.is_file():
-            raise WeightsError(f"shard index {index} names {shard_name}, which is missing from {index.parent}: "
-                               "the checkpoint is incomplete; download or copy the missing shard")
+            raise WeightsError(
+                f"shard index {index} names {shard_name}, which is missing from {index.parent}: "
+                "the checkpoint is incomplete; download or copy the missing shard"
+            )
         keys = headers.get(shard)
         if keys is None:
             keys = headers[shard] = _safetensors_keys(shard)
         absent = sorted(t for t, s in weight_map.items() if s == shard_name and t not in keys)
         if absent:
-            raise WeightsError(f"shard {shard} lacks {len(absent)} tensor(s) that {index.name} puts there "
-                               f"(first: {absent[0]}): the shard and its index do not belong together")
+            raise WeightsError(
+                f"shard {shard} lacks {len(absent)} tensor(s) that {index.name} puts there "
+                f"(first: {absent[0]}): the shard and its index do not belong together"
+            )
 
 
 def check_weight_files(folder: Path) -> None:

@@ -105,8 +105,9 @@ def map_jobs(
                         pool.shutdown(wait=True, cancel_futures=True)
                         if isinstance(exc, PipelineError):
                             raise PipelineError(f"{what}: job {describe(jobs[k])}: {exc}") from exc
-                        raise PipelineError(f"{what}: job {describe(jobs[k])} failed in a worker: "
-                                            f"{type(exc).__name__}: {exc}") from exc
+                        raise PipelineError(
+                            f"{what}: job {describe(jobs[k])} failed in a worker: {type(exc).__name__}: {exc}"
+                        ) from exc
                     results[k], rows = f.result()
                     batching.count_rows(rows)
                     bar.update(1)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-
 from scipy.stats import spearmanr
 
 from pipeline.errors import PipelineError
@@ -22,8 +21,7 @@ from pipeline.method.heads import guided_candidates, top_heads
 from pipeline.outcomes.statistics import bootstrap_counts, distribution, utility_replicates
 
 
-def head_stability(scores: pd.DataFrame, values: np.ndarray, kind: str, k: int, *, n_resamples: int,
-                   seed: int) -> dict:
+def head_stability(scores: pd.DataFrame, values: np.ndarray, kind: str, k: int, *, n_resamples: int, seed: int) -> dict:
     """How much the top ``k`` heads of ``scores`` depend on which scoring items were drawn.
 
     ``values`` / ``kind``: the per-item utilities of ``score_heads_per_item`` (row 0 the base,
@@ -44,18 +42,21 @@ def head_stability(scores: pd.DataFrame, values: np.ndarray, kind: str, k: int, 
     layer_major = np.lexsort((scores["head"].to_numpy(), scores["layer"].to_numpy()))
     counts = bootstrap_counts(values.shape[1], n_resamples, np.random.default_rng([seed, 11]))
     _, reps = utility_replicates(values, counts, kind)
-    rep_scores = (reps[0][None, :] - reps[1:])[layer_major]            # [heads, B]
+    rep_scores = (reps[0][None, :] - reps[1:])[layer_major]  # [heads, B]
     picks = layer_major[np.argsort(-rep_scores, axis=0, kind="stable")[:k]]  # [k, B]
     recall = np.isin(picks, chosen).sum(axis=0) / k
     freq = np.bincount(picks.ravel(), minlength=len(scores)) / n_resamples
     label = [f"{int(l)}.{int(h)}" for l, h in zip(scores["layer"], scores["head"])]
     positive = int((scores["score"].to_numpy() > 0).sum())
     return {
-        "top_k": k, "items": int(values.shape[1]), "resamples": n_resamples,
+        "top_k": k,
+        "items": int(values.shape[1]),
+        "resamples": n_resamples,
         "top_heads": [label[i] for i in chosen],
         "recall": distribution(recall),
-        "selection_frequency": {label[i]: round(float(freq[i]), 4) for i in np.argsort(-freq, kind="stable")
-                                if freq[i] > 0},
+        "selection_frequency": {
+            label[i]: round(float(freq[i]), 4) for i in np.argsort(-freq, kind="stable") if freq[i] > 0
+        },
         "positive_heads": positive,
         "degenerate": positive == 0,
         "hones_reduces_to": "hones_nohead" if positive == 0 else None,
@@ -80,8 +81,10 @@ def guided_localisation(scores: pd.DataFrame, k: int, candidates: int) -> dict:
     dump, masks and everything after are unchanged).
     """
     if "estimate" not in scores.columns or scores["score"].isna().any():
-        raise PipelineError("guided_localisation needs an exhaustive heads table with the estimate column "
-                            "(heads.localisation: exhaustive)")
+        raise PipelineError(
+            "guided_localisation needs an exhaustive heads table with the estimate column "
+            "(heads.localisation: exhaustive)"
+        )
     exhaustive = top_heads(scores, k, name="heads.top_k")
     chosen = set(guided_candidates(scores, candidates, name="heads.guided.candidates"))
     in_candidates = [(int(l), int(h)) in chosen for l, h in zip(scores["layer"], scores["head"])]
@@ -90,10 +93,15 @@ def guided_localisation(scores: pd.DataFrame, k: int, candidates: int) -> dict:
     truth = set(_labels(exhaustive))
     recall = len(truth & set(_labels(guided))) / k
     return {
-        "top_k": k, "candidates": candidates, "heads": len(scores),
+        "top_k": k,
+        "candidates": candidates,
+        "heads": len(scores),
         # Undefined (NaN) where every exact score is equal, e.g. a degenerate task's zeros.
-        "spearman": (float(spearmanr(scores["estimate"], scores["score"]).statistic)
-                     if np.ptp(scores["estimate"]) > 0 and np.ptp(scores["score"]) > 0 else float("nan")),
+        "spearman": (
+            float(spearmanr(scores["estimate"], scores["score"]).statistic)
+            if np.ptp(scores["estimate"]) > 0 and np.ptp(scores["score"]) > 0
+            else float("nan")
+        ),
         "recall": recall,
         "recall_estimate_only": len(truth & {f"{l}.{h}" for l, h in estimate_only}) / k,
         "candidate_recall": len(truth & {f"{l}.{h}" for l, h in chosen}) / k,

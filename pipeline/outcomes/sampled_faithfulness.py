@@ -68,8 +68,9 @@ class NeuronSample:
         return out
 
 
-def sample_neurons(scores: dict[str, np.ndarray], k: int, n_near: int, n_far: int, rng: np.random.Generator,
-                   near: int = 4) -> NeuronSample:
+def sample_neurons(
+    scores: dict[str, np.ndarray], k: int, n_near: int, n_far: int, rng: np.random.Generator, near: int = 4
+) -> NeuronSample:
     """The census (every method's top ``k``), ``n_near`` neurons drawn without replacement from
     those some method ranks in its top ``near * k`` but no method in its top k, and ``n_far``
     from the rest (all of a stratum when it has fewer). ``scores``: {method: [layer, neuron]}."""
@@ -137,8 +138,16 @@ def _estimates(scores: dict[str, np.ndarray], effect: np.ndarray, weights: np.nd
     return out
 
 
-def sampled_faithfulness(scores: dict[str, np.ndarray], effect: np.ndarray, sample: NeuronSample, k: int, *,
-                         n_resamples: int, seed: int, confidence: float = 0.95) -> dict[str, dict]:
+def sampled_faithfulness(
+    scores: dict[str, np.ndarray],
+    effect: np.ndarray,
+    sample: NeuronSample,
+    k: int,
+    *,
+    n_resamples: int,
+    seed: int,
+    confidence: float = 0.95,
+) -> dict[str, dict]:
     """Faithfulness of each method of ``scores`` ({method: [layer, neuron]}) estimated from the
     exact ``effect`` [layer, neuron] (nats; read only at ``sample.sampled``).
 
@@ -176,7 +185,7 @@ def sampled_faithfulness(scores: dict[str, np.ndarray], effect: np.ndarray, samp
         for f, v in figures.items():
             r = np.array(reps[m][f], dtype=np.float64)
             r = r[np.isfinite(r)]
-            lo, hi = (np.percentile(r, [tail, 100.0 - tail]) if r.size else (math.nan, math.nan))
+            lo, hi = np.percentile(r, [tail, 100.0 - tail]) if r.size else (math.nan, math.nan)
             out[m][f] = {"value": v, "ci_low": float(lo), "ci_high": float(hi)}
     out["sample"] = {**sample.sizes(), "k": k}
     return out
@@ -185,8 +194,9 @@ def sampled_faithfulness(scores: dict[str, np.ndarray], effect: np.ndarray, samp
 FIGURES = ("spearman", "precision_at_k", "captured_effect")
 
 
-def check_against_exhaustive(methods: list[str], tasks: list[str], importance: np.ndarray, k: int, *,
-                             n_resamples: int, seed: int) -> dict:
+def check_against_exhaustive(
+    methods: list[str], tasks: list[str], importance: np.ndarray, k: int, *, n_resamples: int, seed: int
+) -> dict:
     """The sampled ground truth checked against the exhaustive one it would replace.
 
     ``importance`` [method, task, layer, neuron] holds every method's scores and, as method
@@ -213,8 +223,9 @@ def check_against_exhaustive(methods: list[str], tasks: list[str], importance: n
         census = sample_neurons(scores, k, 0, 0, np.random.default_rng(0)).census
         n = int(census.sum())
         sample = sample_neurons(scores, k, n, n // 2, np.random.default_rng([seed, 28, j]))
-        sampled = sampled_faithfulness(scores, np.where(sample.sampled, truth, np.nan), sample, k,
-                                       n_resamples=n_resamples, seed=seed)
+        sampled = sampled_faithfulness(
+            scores, np.where(sample.sampled, truth, np.nan), sample, k, n_resamples=n_resamples, seed=seed
+        )
         out[task] = {"sample": sampled.pop("sample")}
         for method, est in sampled.items():
             exact = faithfulness(scores[method], truth, k)

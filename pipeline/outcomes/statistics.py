@@ -108,7 +108,7 @@ def interval(value: float, replicates: np.ndarray, confidence: float = CONFIDENC
 
 
 def verdict(iv: Interval, threshold: float = 0.0, margin: float = 0.0) -> Verdict:
-    """"holds" when the whole interval lies above ``threshold``, "fails" when it lies below;
+    """ "holds" when the whole interval lies above ``threshold``, "fails" when it lies below;
     otherwise "equivalent" when the whole interval lies within ``threshold`` +- ``margin`` (a
     difference too small to matter, shown to be so), else "undecided" (or when undefined)."""
     if not (math.isfinite(iv.ci_low) and math.isfinite(iv.ci_high)):
@@ -145,8 +145,7 @@ def cramers_v(table: np.ndarray) -> float:
     return math.sqrt(chi2 / (n * (min(t.shape) - 1)))
 
 
-def layer_preference(masks: pd.DataFrame, n_layers: int, rng: np.random.Generator,
-                     n_resamples: int = 1000) -> dict:
+def layer_preference(masks: pd.DataFrame, n_layers: int, rng: np.random.Generator, n_resamples: int = 1000) -> dict:
     """Do the tasks' masks prefer different layers? ``masks``: rows (task, layer) of one method.
 
     Value: Cramér's V of the task x layer count table. Interval: bootstrap over each task's
@@ -163,12 +162,16 @@ def layer_preference(masks: pd.DataFrame, n_layers: int, rng: np.random.Generato
         return np.stack([np.bincount(g, minlength=n_layers) for g in groups])
 
     value = cramers_v(table(layers))
-    boot = np.array([cramers_v(table([g[rng.integers(0, len(g), len(g))] for g in layers]))
-                     for _ in range(n_resamples)])
+    boot = np.array(
+        [cramers_v(table([g[rng.integers(0, len(g), len(g))] for g in layers])) for _ in range(n_resamples)]
+    )
     pooled, sizes = np.concatenate(layers), np.cumsum([len(g) for g in layers])[:-1]
     null = np.array([cramers_v(table(np.split(rng.permutation(pooled), sizes))) for _ in range(n_resamples)])
-    return {"interval": interval(value, boot), "null_q95": float(np.percentile(null, 95)),
-            "p_value": float((1 + (null >= value).sum()) / (1 + n_resamples))}
+    return {
+        "interval": interval(value, boot),
+        "null_q95": float(np.percentile(null, 95)),
+        "p_value": float((1 + (null >= value).sum()) / (1 + n_resamples)),
+    }
 
 
 def task_seed(seed: int, task: str) -> np.random.Generator:

@@ -42,12 +42,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from pipeline.model.adapter import ModelAdapter
-from pipeline.model.scoring import model_answer_logprobs, token_logprobs
-from pipeline.tasks.items import ImageTable, likelihood_sequences_per_item, training_rows
 from pipeline.errors import PipelineError
+from pipeline.model.adapter import ModelAdapter
 from pipeline.model.evaluation import TaskResult, evaluate_conditions, evaluate_task, result_values
 from pipeline.model.hooks import condition_scales, lowest_scaled_layer, scale_neurons
+from pipeline.model.scoring import model_answer_logprobs, token_logprobs
 from pipeline.outcomes.statistics import (
     bootstrap_counts,
     interval,
@@ -56,6 +55,7 @@ from pipeline.outcomes.statistics import (
     utility_replicates,
     verdict,
 )
+from pipeline.tasks.items import ImageTable, likelihood_sequences_per_item, training_rows
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +160,9 @@ class _ScaleProblem:
     def inputs(self, picked: np.ndarray):
         """Model inputs (prompt + answer + eos) of the training rows at positions ``picked``."""
         image_ids, prompts, answers = self.rows
-        return self.adapter.build_inputs([self.images[image_ids[r]] for r in picked], [prompts[r] for r in picked],
-                                         [answers[r] for r in picked])
+        return self.adapter.build_inputs(
+            [self.images[image_ids[r]] for r in picked], [prompts[r] for r in picked], [answers[r] for r in picked]
+        )
 
     def loss(self, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(loss, ce, kl) of one micro-batch, scalars: ce is the mean cross-entropy (nats) over
@@ -254,8 +255,10 @@ def train_scales(
         return np.zeros(0)
     s = settings
     if s.epochs < 1 or s.grad_accum < 1 or s.train_batch_size < 1:
-        raise PipelineError(f"train_scales: epochs, grad_accum and train_batch_size must be >= 1, got "
-                            f"{s.epochs}, {s.grad_accum}, {s.train_batch_size}")
+        raise PipelineError(
+            f"train_scales: epochs, grad_accum and train_batch_size must be >= 1, got "
+            f"{s.epochs}, {s.grad_accum}, {s.train_batch_size}"
+        )
     items = items.reset_index(drop=True)
     image_ids, prompts, answers = training_rows(items, s.seed)
     if not prompts:
@@ -269,13 +272,24 @@ def train_scales(
     opt, sched = _cosine_adamw(lam, s.lr, s.epochs * steps_per_epoch)
 
     with _frozen(adapter.model):
-        bar = tqdm(total=s.epochs * n_micro, desc=progress or f"steer ({len(neurons)} neurons, beta={s.beta:g})",
-                   leave=False, **({"disable": True} if progress is False else {}))
+        bar = tqdm(
+            total=s.epochs * n_micro,
+            desc=progress or f"steer ({len(neurons)} neurons, beta={s.beta:g})",
+            leave=False,
+            **({"disable": True} if progress is False else {}),
+        )
         for epoch in range(s.epochs):
             sums = _train_epoch(problem, opt, sched, rng.permutation(n_rows), bar)
-            log.info("steer epoch %d/%d: %d steps, mean ce %.4f, mean kl %.3g, |lambda| mean %.5f max %.5f",
-                     epoch + 1, s.epochs, steps_per_epoch, sums["ce"] / n_micro, sums["kl"] / n_micro,
-                     lam.detach().abs().mean().item(), lam.detach().abs().max().item())
+            log.info(
+                "steer epoch %d/%d: %d steps, mean ce %.4f, mean kl %.3g, |lambda| mean %.5f max %.5f",
+                epoch + 1,
+                s.epochs,
+                steps_per_epoch,
+                sums["ce"] / n_micro,
+                sums["kl"] / n_micro,
+                lam.detach().abs().mean().item(),
+                lam.detach().abs().max().item(),
+            )
         bar.close()
     return lam.detach().cpu().double().numpy()
 
@@ -323,33 +337,57 @@ class _TaskEvaluation:
 
     def run(self, items: pd.DataFrame, conditions: list[dict[Neuron, float]], progress: str) -> list[TaskResult]:
         """One ``TaskResult`` per scale set, in order, on ``items``."""
-        return evaluate_task(self.adapter, self.task, items, self.images, batch_size=self.batch_size,
-                             max_new_tokens=self.max_new_tokens, utility=self.utility,
-                             n_conditions=len(conditions), condition_hooks=condition_scales(self.adapter, conditions),
-                             condition_layers=[lowest_scaled_layer(c) for c in conditions], progress=progress)
+        return evaluate_task(
+            self.adapter,
+            self.task,
+            items,
+            self.images,
+            batch_size=self.batch_size,
+            max_new_tokens=self.max_new_tokens,
+            utility=self.utility,
+            n_conditions=len(conditions),
+            condition_hooks=condition_scales(self.adapter, conditions),
+            condition_layers=[lowest_scaled_layer(c) for c in conditions],
+            progress=progress,
+        )
 
-    def run_with_likelihood(self, items: pd.DataFrame, conditions: list[dict[Neuron, float]],
-                            progress: str) -> tuple[list[TaskResult], list[TaskResult]]:
+    def run_with_likelihood(
+        self, items: pd.DataFrame, conditions: list[dict[Neuron, float]], progress: str
+    ) -> tuple[list[TaskResult], list[TaskResult]]:
         """``run``'s results and the same scale sets under the likelihood utility (one pass for
         retrieval, whose two utilities share the candidates' margins)."""
         idx = range(len(conditions))
-        out = evaluate_conditions(self.adapter, self.task, items, self.images,
-                                  {self.utility: idx, "likelihood": idx}, batch_size=self.batch_size,
-                                  max_new_tokens=self.max_new_tokens,
-                                  condition_hooks=condition_scales(self.adapter, conditions),
-                                  condition_layers=[lowest_scaled_layer(c) for c in conditions], progress=progress)
+        out = evaluate_conditions(
+            self.adapter,
+            self.task,
+            items,
+            self.images,
+            {self.utility: idx, "likelihood": idx},
+            batch_size=self.batch_size,
+            max_new_tokens=self.max_new_tokens,
+            condition_hooks=condition_scales(self.adapter, conditions),
+            condition_layers=[lowest_scaled_layer(c) for c in conditions],
+            progress=progress,
+        )
         return [out[self.utility][c] for c in idx], [out["likelihood"][c] for c in idx]
 
 
-def _learned_scales(adapter: ModelAdapter, items: pd.DataFrame, images: ImageTable, neurons: list[Neuron],
-                    settings: SteeringSettings, progress: str) -> dict[Neuron, float]:
+def _learned_scales(
+    adapter: ModelAdapter,
+    items: pd.DataFrame,
+    images: ImageTable,
+    neurons: list[Neuron],
+    settings: SteeringSettings,
+    progress: str,
+) -> dict[Neuron, float]:
     """{neuron: 1 + lambda} with lambda from ``train_scales`` on ``items``."""
     lam = train_scales(adapter, items, images, neurons, settings, progress=progress)
     return {nr: 1.0 + float(v) for nr, v in zip(neurons, lam)}
 
 
-def _grid_search(evaluation: _TaskEvaluation, items: pd.DataFrame, neurons: list[Neuron],
-                 grid: Sequence[float]) -> dict[float, TaskResult]:
+def _grid_search(
+    evaluation: _TaskEvaluation, items: pd.DataFrame, neurons: list[Neuron], grid: Sequence[float]
+) -> dict[float, TaskResult]:
     """{scale: TaskResult on ``items``} with every neuron of ``neurons`` at that one scale."""
     grid = [float(s) for s in grid]
     results = evaluation.run(items, [{nr: s for nr in neurons} for s in grid], f"steer {evaluation.task} grid")
@@ -388,15 +426,22 @@ def steer_task(
     grid_results = _grid_search(evaluation, train_items, neurons, settings.grid)
     grid_scale = _pick_grid(grid_results)
     scales["grid_search"] = {nr: grid_scale for nr in neurons}
-    log.info("%s grid search on %s: %s -> %g", task, settings.train_split,
-             ", ".join(f"{s:g}: {r.utility:.4f}" for s, r in grid_results.items()), grid_scale)
+    log.info(
+        "%s grid search on %s: %s -> %g",
+        task,
+        settings.train_split,
+        ", ".join(f"{s:g}: {r.utility:.4f}" for s, r in grid_results.items()),
+        grid_scale,
+    )
 
-    scales["no_kl"] = _learned_scales(adapter, train_items, images, neurons, replace(settings, beta=0.0),
-                                      f"steer {task} no_kl")
+    scales["no_kl"] = _learned_scales(
+        adapter, train_items, images, neurons, replace(settings, beta=0.0), f"steer {task} no_kl"
+    )
     if random_neurons:
         rnd = adapter.check_neurons(random_neurons, "steering (random neurons)", distinct=True)
-        scales["random_learned"] = _learned_scales(adapter, train_items, images, rnd, settings,
-                                                    f"steer {task} random_learned")
+        scales["random_learned"] = _learned_scales(
+            adapter, train_items, images, rnd, settings, f"steer {task} random_learned"
+        )
     else:
         log.warning("%s: no random-method neurons; the random_learned variant is skipped", task)
 
@@ -404,8 +449,17 @@ def steer_task(
     chosen, likely = evaluation.run_with_likelihood(eval_items, [scales[v] for v in variants], f"steer {task} eval")
     results = dict(zip(variants, chosen))
     log.info("%s on %s: %s", task, settings.eval_split, ", ".join(f"{v} {r.utility:.4f}" for v, r in results.items()))
-    return TaskSteering(task, settings.train_split, settings.eval_split, neurons, scales, results, grid_results,
-                        grid_scale, dict(zip(variants, likely)))
+    return TaskSteering(
+        task,
+        settings.train_split,
+        settings.eval_split,
+        neurons,
+        scales,
+        results,
+        grid_results,
+        grid_scale,
+        dict(zip(variants, likely)),
+    )
 
 
 @dataclass(frozen=True)
@@ -435,8 +489,18 @@ class SteeringJob:
 def run_steering_job(state: tuple, job: SteeringJob) -> TaskSteering:
     """``steer_task`` of ``job``; ``state`` is (adapter, images)."""
     adapter, images = state
-    return steer_task(adapter, job.task, job.train_items, job.eval_items, images, job.neurons, job.random_neurons,
-                      job.settings, batch_size=job.batch_size, max_new_tokens=job.max_new_tokens)
+    return steer_task(
+        adapter,
+        job.task,
+        job.train_items,
+        job.eval_items,
+        images,
+        job.neurons,
+        job.random_neurons,
+        job.settings,
+        batch_size=job.batch_size,
+        max_new_tokens=job.max_new_tokens,
+    )
 
 
 def steering_table(runs: Sequence[TaskSteering]) -> pd.DataFrame:
@@ -505,23 +569,24 @@ def apply_steering(
         with apply_steering(model, "data/steer/tiny-llava/scales.parquet", "vqa"):
             logits = model(**inputs).logits
     """
-    adapter = (adapter_or_model if isinstance(adapter_or_model, ModelAdapter)
-               else ModelAdapter.from_model(adapter_or_model))
+    adapter = (
+        adapter_or_model if isinstance(adapter_or_model, ModelAdapter) else ModelAdapter.from_model(adapter_or_model)
+    )
     table = scales if isinstance(scales, pd.DataFrame) else load_scales(scales)
     sel = table[table["task"] == task]
     if sel.empty:
         raise PipelineError(f"no steering scales for task {task!r}; tasks present: {sorted(set(table['task']))}")
     spec = {
-        int(layer): (torch.tensor(g["neuron"].to_numpy(np.int64)),
-                     torch.tensor(g["scale"].to_numpy(np.float32)))
+        int(layer): (torch.tensor(g["neuron"].to_numpy(np.int64)), torch.tensor(g["scale"].to_numpy(np.float32)))
         for layer, g in sel.groupby("layer", sort=True)
     }
     with scale_neurons(adapter, spec):
         yield
 
 
-def steering_statistics(runs: Sequence[TaskSteering], utility: str, *, n_resamples: int, seed: int,
-                        confidence: float = 0.95) -> dict:
+def steering_statistics(
+    runs: Sequence[TaskSteering], utility: str, *, n_resamples: int, seed: int, confidence: float = 0.95
+) -> dict:
     """Paired-bootstrap intervals of the steering results (JSON-ready), per utility.
 
     For ``utility`` (the settings' utility, of ``TaskSteering.results``) and the likelihood: ``utility`` {task | "mean": {variant: interval}}
@@ -544,8 +609,10 @@ def steering_statistics(runs: Sequence[TaskSteering], utility: str, *, n_resampl
         if not per_task:
             continue
         shared = [v for v in VARIANTS if all(v in d for d in per_task.values())]
-        per_task["mean"] = {v: (float(np.mean([d[v][0] for d in per_task.values()])),
-                                mean_over([d[v][1] for d in per_task.values()])) for v in shared}
+        per_task["mean"] = {
+            v: (float(np.mean([d[v][0] for d in per_task.values()])), mean_over([d[v][1] for d in per_task.values()]))
+            for v in shared
+        }
         util = {t: {v: interval(p, r, confidence).as_dict(6) for v, (p, r) in d.items()} for t, d in per_task.items()}
         diffs = {}
         for other in [v for v in shared if v != "learned"]:
@@ -557,7 +624,11 @@ def steering_statistics(runs: Sequence[TaskSteering], utility: str, *, n_resampl
             diffs[f"learned-minus-{other}"] = entry
         out[name] = {"utility": util, "differences": diffs}
     out["scale_movement"] = {
-        run.task: {"mean_abs_change": float(np.mean([abs(s - 1.0) for s in run.scales["learned"].values()])),
-                   "max_abs_change": float(np.max([abs(s - 1.0) for s in run.scales["learned"].values()]))}
-        for run in runs if run.scales.get("learned")}
+        run.task: {
+            "mean_abs_change": float(np.mean([abs(s - 1.0) for s in run.scales["learned"].values()])),
+            "max_abs_change": float(np.max([abs(s - 1.0) for s in run.scales["learned"].values()])),
+        }
+        for run in runs
+        if run.scales.get("learned")
+    }
     return out

@@ -85,8 +85,16 @@ def mask_conditions(masks: pd.DataFrame) -> list[MaskCondition]:
     out = []
     keys = ["headline", "rho", "method", "draw", "task"]
     for (headline, rho, method, draw, task), g in masks.groupby(keys, sort=False):
-        out.append(MaskCondition(str(method), str(task), float(rho), int(draw), bool(headline),
-                                 tuple((int(l), int(i)) for l, i in zip(g["layer"], g["neuron"]))))
+        out.append(
+            MaskCondition(
+                str(method),
+                str(task),
+                float(rho),
+                int(draw),
+                bool(headline),
+                tuple((int(l), int(i)) for l, i in zip(g["layer"], g["neuron"])),
+            )
+        )
     return sorted(out, key=lambda c: (not c.headline, c.rho, c.draw))
 
 
@@ -110,7 +118,9 @@ class SuppressionJob:
         return f"{self.eval_task} ({n} condition-utilities)"
 
 
-def suppression_jobs(items: pd.DataFrame, conditions: Sequence[MaskCondition], shards_per_task: int = 1) -> list[SuppressionJob]:
+def suppression_jobs(
+    items: pd.DataFrame, conditions: Sequence[MaskCondition], shards_per_task: int = 1
+) -> list[SuppressionJob]:
     """The work of ``suppression_scores`` as jobs, heaviest first: every evaluated task's
     conditions dealt round-robin into ``shards_per_task`` shards (likelihood on every
     condition, generative on ``generative_conditions``). A condition's items stay together, so
@@ -123,7 +133,9 @@ def suppression_jobs(items: pd.DataFrame, conditions: Sequence[MaskCondition], s
         task_items = items[items["task"] == task]
         per_item = likelihood_sequences_per_item(task_items, task)
         for s in range(shards_per_task):
-            conds = tuple((u, tuple(c for k, c in enumerate(cs) if k % shards_per_task == s)) for u, cs in wanted.items())
+            conds = tuple(
+                (u, tuple(c for k, c in enumerate(cs) if k % shards_per_task == s)) for u, cs in wanted.items()
+            )
             conds = tuple((u, cs) for u, cs in conds if cs)
             if conds:
                 # Generation costs about max_new_tokens cached steps per row: weigh it as 3 rows.
@@ -133,15 +145,25 @@ def suppression_jobs(items: pd.DataFrame, conditions: Sequence[MaskCondition], s
 
 
 def run_suppression_job(
-    state: tuple, job: SuppressionJob, *, items: pd.DataFrame, conditions: Sequence[MaskCondition],
-    batch_size: int, max_new_tokens: int,
+    state: tuple,
+    job: SuppressionJob,
+    *,
+    items: pd.DataFrame,
+    conditions: Sequence[MaskCondition],
+    batch_size: int,
+    max_new_tokens: int,
 ) -> dict[tuple[str, str], dict[int, TaskResult]]:
     """{(utility, eval_task): {condition: TaskResult}} of one job; ``state`` is (adapter, images)."""
     adapter, images = state
     specs: list[list[tuple[int, int]] | None] = [None, *[list(c.neurons) for c in conditions]]
     res = evaluate_conditions(
-        adapter, job.eval_task, items[items["task"] == job.eval_task], images, dict(job.conditions),
-        batch_size=batch_size, max_new_tokens=max_new_tokens,
+        adapter,
+        job.eval_task,
+        items[items["task"] == job.eval_task],
+        images,
+        dict(job.conditions),
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
         condition_hooks=lambda conds: ablate_neurons_per_row(adapter, [specs[c] for c in conds]),
         condition_layers=[lowest_layer([spec]) for spec in specs],
         progress=f"suppression {job.eval_task}",
@@ -150,7 +172,8 @@ def run_suppression_job(
 
 
 def merge_suppression_scores(
-    parts: Sequence[dict[tuple[str, str], dict[int, TaskResult]]], items: pd.DataFrame,
+    parts: Sequence[dict[tuple[str, str], dict[int, TaskResult]]],
+    items: pd.DataFrame,
 ) -> dict[tuple[str, str], dict[int, TaskResult]]:
     """The jobs' results as one {(utility, eval_task): {condition: TaskResult}}, in a fixed order
     (evaluated tasks as in ``items``, likelihood then generative, conditions ascending) whatever
@@ -171,23 +194,38 @@ def merge_suppression_scores(
 
 
 def suppression_scores(
-    adapter, items: pd.DataFrame, images: ImageTable, conditions: Sequence[MaskCondition],
-    *, batch_size: int, max_new_tokens: int,
+    adapter,
+    items: pd.DataFrame,
+    images: ImageTable,
+    conditions: Sequence[MaskCondition],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
 ) -> dict[tuple[str, str], dict[int, TaskResult]]:
     """{(utility, eval_task): {condition: TaskResult}}; condition 0 is the base, k >= 1 is
     ``conditions[k - 1]``. Likelihood on every condition; generative on ``generative_conditions``.
     In this process; ``suppression_jobs`` + ``workers.map_jobs`` + ``merge_suppression_scores``
     spread the same work over processes."""
-    parts = [run_suppression_job((adapter, images), job, items=items, conditions=conditions, batch_size=batch_size,
-                                 max_new_tokens=max_new_tokens)
-             for job in suppression_jobs(items, conditions)]
+    parts = [
+        run_suppression_job(
+            (adapter, images),
+            job,
+            items=items,
+            conditions=conditions,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+        )
+        for job in suppression_jobs(items, conditions)
+    ]
     return merge_suppression_scores(parts, items)
 
 
 def conditions_table(conditions: Sequence[MaskCondition]) -> pd.DataFrame:
     """The conditions as rows (condition, method, target_task, rho, draw, headline, n_neurons); 0 = base."""
     rows = [(0, "base", "", 0.0, 0, True, 0)]
-    rows += [(k + 1, c.method, c.target_task, c.rho, c.draw, c.headline, len(c.neurons)) for k, c in enumerate(conditions)]
+    rows += [
+        (k + 1, c.method, c.target_task, c.rho, c.draw, c.headline, len(c.neurons)) for k, c in enumerate(conditions)
+    ]
     return pd.DataFrame(rows, columns=list(CONDITION_COLUMNS))
 
 
@@ -198,8 +236,15 @@ def scores_table(scores: dict[tuple[str, str], dict[int, TaskResult]], items: pd
     for (utility, task), by_cond in scores.items():
         ids = items.loc[items["task"] == task, "item_id"].astype(str).tolist()
         for c, r in by_cond.items():
-            f = pd.DataFrame({"utility": utility, "condition": np.int32(c), "eval_task": task, "item_id": ids,
-                              "score": np.asarray(r.per_item, dtype=np.float64)})
+            f = pd.DataFrame(
+                {
+                    "utility": utility,
+                    "condition": np.int32(c),
+                    "eval_task": task,
+                    "item_id": ids,
+                    "score": np.asarray(r.per_item, dtype=np.float64),
+                }
+            )
             if r.statistics is not None:
                 for j in range(r.statistics.shape[1]):
                     f[f"bleu_{j}"] = r.statistics[:, j]
@@ -235,14 +280,19 @@ def _summary(drops: _Drops, targets: dict[str, int], tasks: list[str]) -> dict[s
     on = [drops.cells[(c, t)] for t, c in targets.items() if (c, t) in drops.cells]
     off = [drops.cells[(c, s)] for t, c in targets.items() for s in tasks if s != t and (c, s) in drops.cells]
     if not on or (not off and len(tasks) > 1):
-        raise PipelineError(f"suppression summary: conditions {sorted(targets.values())} were not evaluated on "
-                            f"every task of {tasks}")
+        raise PipelineError(
+            f"suppression summary: conditions {sorted(targets.values())} were not evaluated on every task of {tasks}"
+        )
     on_p, on_r = float(np.mean([p for p, _ in on])), mean_over([r for _, r in on])
     if off:
         off_p, off_r = float(np.mean([p for p, _ in off])), mean_over([r for _, r in off])
     else:  # one task studied: there is no other task, so no off-target drop (an undefined interval)
         off_p, off_r = math.nan, np.full_like(on_r, math.nan)
-    return {"on_target_drop": (on_p, on_r), "off_target_drop": (off_p, off_r), "selectivity": (on_p - off_p, on_r - off_r)}
+    return {
+        "on_target_drop": (on_p, on_r),
+        "off_target_drop": (off_p, off_r),
+        "selectivity": (on_p - off_p, on_r - off_r),
+    }
 
 
 def _iv(pair: tuple[float, np.ndarray], confidence: float) -> dict:
@@ -255,8 +305,13 @@ class _Headline:
     Random's replicates mix the draws: replicate b uses draw d_b (uniform over the draws, from a
     seeded stream), so its intervals carry both item and draw variability."""
 
-    def __init__(self, by_task: dict[str, dict[int, TaskResult]], conditions: Sequence[MaskCondition],
-                 n_resamples: int, seed: int):
+    def __init__(
+        self,
+        by_task: dict[str, dict[int, TaskResult]],
+        conditions: Sequence[MaskCondition],
+        n_resamples: int,
+        seed: int,
+    ):
         self.tasks = list(by_task)
         self.drops = _drops(by_task, n_resamples, seed)
         evaluated = {c for (c, _) in self.drops.cells}
@@ -275,7 +330,9 @@ class _Headline:
     def _mixed(self, per: list[tuple[float, np.ndarray]]) -> tuple[float, np.ndarray]:
         if len(per) == 1:
             return per[0]
-        return float(np.mean([p for p, _ in per])), np.stack([r for _, r in per])[self._pick, np.arange(self.n_resamples)]
+        return float(np.mean([p for p, _ in per])), np.stack([r for _, r in per])[
+            self._pick, np.arange(self.n_resamples)
+        ]
 
     def summary(self, method: str, key: str) -> tuple[float, np.ndarray]:
         if method != RANDOM:
@@ -324,33 +381,49 @@ def suppression_statistics(
     log10(rho) (``statistics.log_rho_auc``).
     """
     tasks = list(dict.fromkeys(t for (_, t) in scores))
-    out: dict = {"confidence": confidence, "resamples": n_resamples, "equivalence_margin": equivalence_margin,
-                 "items_per_task": {u: {t: len(next(iter(r.values())).per_item) for (uu, t), r in scores.items() if uu == u}
-                                    for u in dict.fromkeys(u for (u, _) in scores)}}
+    out: dict = {
+        "confidence": confidence,
+        "resamples": n_resamples,
+        "equivalence_margin": equivalence_margin,
+        "items_per_task": {
+            u: {t: len(next(iter(r.values())).per_item) for (uu, t), r in scores.items() if uu == u}
+            for u in dict.fromkeys(u for (u, _) in scores)
+        },
+    }
     for utility in dict.fromkeys(u for (u, _) in scores):
         h = _Headline({t: scores[(utility, t)] for t in tasks}, conditions, n_resamples, seed)
         u_out: dict = {
             "baseline": {t: iv.as_dict(6) for t, iv in h.drops.baseline.items()},
-            "relative_drop": {m: {t: {s: _iv(h.cell(m, t, s), confidence) for s in tasks}
-                                  for t in h.families[(m, h.rho, 0)]} for m in h.methods},
+            "relative_drop": {
+                m: {t: {s: _iv(h.cell(m, t, s), confidence) for s in tasks} for t in h.families[(m, h.rho, 0)]}
+                for m in h.methods
+            },
             "summary": {m: {k: _iv(h.summary(m, k), confidence) for k in SUMMARY_KEYS} for m in h.methods},
         }
         if len(h.draws) > 1:
-            u_out["random_draws"] = {k: distribution([h.summaries[(RANDOM, h.rho, d)][k][0] for d in h.draws])
-                                     for k in SUMMARY_KEYS}
+            u_out["random_draws"] = {
+                k: distribution([h.summaries[(RANDOM, h.rho, d)][k][0] for d in h.draws]) for k in SUMMARY_KEYS
+            }
         if h.comparisons():
-            u_out["differences"] = {f"{a}-minus-{b}": {k: _difference_entry(*h.difference(a, b, k), confidence,
-                                                                            equivalence_margin)
-                                                       for k in ("on_target_drop", "selectivity")}
-                                    for a, b in h.comparisons()}
+            u_out["differences"] = {
+                f"{a}-minus-{b}": {
+                    k: _difference_entry(*h.difference(a, b, k), confidence, equivalence_margin)
+                    for k in ("on_target_drop", "selectivity")
+                }
+                for a, b in h.comparisons()
+            }
         rhos = sorted({r for (_, r, _) in h.families})
         if len(rhos) > 1:
             curve, auc = {}, {}
             for m in h.methods:
                 if not all((m, r, 0) in h.summaries for r in rhos):
                     continue
-                curve[m] = {f"{r:g}": {k: _iv(h.summaries[(m, r, 0)][k], confidence)
-                                       for k in ("on_target_drop", "off_target_drop")} for r in rhos}
+                curve[m] = {
+                    f"{r:g}": {
+                        k: _iv(h.summaries[(m, r, 0)][k], confidence) for k in ("on_target_drop", "off_target_drop")
+                    }
+                    for r in rhos
+                }
                 auc[m] = {}
                 for k in ("on_target_drop", "off_target_drop"):
                     pts = np.array([h.summaries[(m, r, 0)][k][0] for r in rhos])
@@ -363,7 +436,9 @@ def suppression_statistics(
                 "ground_truth_on_target_drop": iv.as_dict(),
                 "excludes_zero": bool(iv.ci_low > 0),
                 "half_width_within_third": bool(iv.ci_low > 0 and iv.half_width <= iv.value / 3),
-                "per_task": {t: _iv(h.cell(GROUND_TRUTH, t, t), confidence) for t in h.families[(GROUND_TRUTH, h.rho, 0)]},
+                "per_task": {
+                    t: _iv(h.cell(GROUND_TRUTH, t, t), confidence) for t in h.families[(GROUND_TRUTH, h.rho, 0)]
+                },
             }
         out[utility] = u_out
     return out
@@ -379,8 +454,9 @@ def scores_from_table(table: pd.DataFrame) -> dict[tuple[str, str], dict[int, Ta
         stats = g[bleu].to_numpy(dtype=np.float64) if bleu and g[bleu].notna().all().all() else None
         per_item = g["score"].to_numpy(dtype=np.float64)
         value = float(bleu_from_statistics(stats.sum(axis=0))) if stats is not None else float(per_item.mean())
-        out.setdefault((str(utility), str(task)), {})[int(cond)] = TaskResult(str(task), "", value, per_item,
-                                                                                statistics=stats)
+        out.setdefault((str(utility), str(task)), {})[int(cond)] = TaskResult(
+            str(task), "", value, per_item, statistics=stats
+        )
     return out
 
 
@@ -388,8 +464,10 @@ def conditions_from_table(table: pd.DataFrame) -> list[MaskCondition]:
     """The ``MaskCondition``s of a ``conditions_table`` (condition 0, the base, left out), in
     condition order; neurons are not stored there, so they are empty."""
     rows = table[table["condition"] > 0].sort_values("condition")
-    return [MaskCondition(str(r.method), str(r.target_task), float(r.rho), int(r.draw), bool(r.headline), ())
-            for r in rows.itertuples()]
+    return [
+        MaskCondition(str(r.method), str(r.target_task), float(r.rho), int(r.draw), bool(r.headline), ())
+        for r in rows.itertuples()
+    ]
 
 
 def replicated_differences(
@@ -417,11 +495,17 @@ def replicated_differences(
         raise PipelineError("replicated_differences: no instances")
     items = {n: {k: len(next(iter(v.values())).per_item) for k, v in sc.items()} for n, (sc, _) in instances.items()}
     if any(items[n] != items[names[0]] for n in names):
-        raise PipelineError(f"replicated instances {names} were not evaluated on the same items per task and utility: "
-                            + "; ".join(f"{n}: {items[n]}" for n in names))
+        raise PipelineError(
+            f"replicated instances {names} were not evaluated on the same items per task and utility: "
+            + "; ".join(f"{n}: {items[n]}" for n in names)
+        )
     pick = np.random.default_rng([seed, 13]).integers(len(names), size=(n_resamples, len(names)))
-    out: dict = {"instances": names, "confidence": confidence, "resamples": n_resamples,
-                 "equivalence_margin": equivalence_margin}
+    out: dict = {
+        "instances": names,
+        "confidence": confidence,
+        "resamples": n_resamples,
+        "equivalence_margin": equivalence_margin,
+    }
     utilities = list(dict.fromkeys(u for sc, _ in instances.values() for (u, _) in sc))
     for utility in utilities:
         heads = {}
@@ -434,13 +518,14 @@ def replicated_differences(
             entry = {}
             for k in ("on_target_drop", "selectivity"):
                 per = [heads[n].difference(a, b, k) for n in names]
-                reps = np.stack([r for _, r in per])                     # [instances, B]
+                reps = np.stack([r for _, r in per])  # [instances, B]
                 with np.errstate(invalid="ignore"):
                     replicates = np.nanmean(reps[pick.T, np.arange(n_resamples)], axis=0)
                 point = float(np.mean([p for p, _ in per]))
-                entry[k] = {**_difference_entry(point, replicates, confidence, equivalence_margin),
-                            "per_instance": {n: (round(p, 4) if math.isfinite(p) else None)
-                                             for n, (p, _) in zip(names, per)}}
+                entry[k] = {
+                    **_difference_entry(point, replicates, confidence, equivalence_margin),
+                    "per_instance": {n: (round(p, 4) if math.isfinite(p) else None) for n, (p, _) in zip(names, per)},
+                }
             diffs[f"{a}-minus-{b}"] = entry
         out[utility] = {"differences": diffs}
     return out

@@ -24,7 +24,7 @@ from pipeline.report.verdict import VERDICT_COLUMNS, sensitivity_message
 _QUALITY_WHAT = {
     "generative": "VQA accuracy, OCR ANLS, caption BLEU-4, retrieval NDCG@5",
     "likelihood": "per-token probability of the references; retrieval: the positive's softmax probability over "
-                  "the candidates' Yes-minus-No margins",
+    "the candidates' Yes-minus-No margins",
 }
 
 
@@ -41,8 +41,9 @@ def intervals_table(cells: dict) -> pd.DataFrame:
     return pd.DataFrame({r: {c: interval_text(iv) for c, iv in row.items()} for r, row in cells.items()}).T
 
 
-def _verdict_sections(verdicts: list[dict], summary: dict, replicates: dict[str, list[str]],
-                      equivalence_margin: float) -> list[Section]:
+def _verdict_sections(
+    verdicts: list[dict], summary: dict, replicates: dict[str, list[str]], equivalence_margin: float
+) -> list[Section]:
     table = pd.DataFrame(verdicts, columns=list(VERDICT_COLUMNS)) if verdicts else None
     replicated_note = (
         f" Rows of a recipe ({', '.join(f'{r}: {len(i)} instances' for r, i in replicates.items())}) decide "
@@ -50,60 +51,115 @@ def _verdict_sections(verdicts: list[dict], summary: dict, replicates: dict[str,
         "two-stage bootstrap over instances and then test items, so it carries the variance between trainings; "
         "per_instance gives each instance's own value. A claim decided per instance (steering, layer preference, "
         "sensitivity) holds for a recipe when it holds on every instance (the tables below count both kinds)."
-        if replicates else
-        " Each model is one trained instance: the intervals carry the test items' variance, not the variance "
+        if replicates
+        else " Each model is one trained instance: the intervals carry the test items' variance, not the variance "
         "between trainings of the same recipe (list a recipe's instances under replicates to decide the claims "
-        "across seeds).")
-    sections = [Section("Verdict", "One row per claim of the method and model: the measured difference (percentage "
-                        "points of relative drop, or utility for steering), its 95% paired-bootstrap interval over test "
-                        "items, and the verdict: holds when the interval lies above the threshold, fails when below, "
-                        f"equivalent when it lies within +-{equivalence_margin:g} percentage points of it (a "
-                        "difference shown too small to matter), undecided otherwise. Likelihood rows decide; "
-                        "generative rows are the paper's metric." + replicated_note, table=table)]
+        "across seeds)."
+    )
+    sections = [
+        Section(
+            "Verdict",
+            "One row per claim of the method and model: the measured difference (percentage "
+            "points of relative drop, or utility for steering), its 95% paired-bootstrap interval over test "
+            "items, and the verdict: holds when the interval lies above the threshold, fails when below, "
+            f"equivalent when it lies within +-{equivalence_margin:g} percentage points of it (a "
+            "difference shown too small to matter), undecided otherwise. Likelihood rows decide; "
+            "generative rows are the paper's metric." + replicated_note,
+            table=table,
+        )
+    ]
     counts = pd.DataFrame(summary["counts"]).T.fillna(0).astype(int)
-    sections.append(Section("How many claims are decided", "Likelihood (deciding) rows of each model and recipe, "
-                            "by verdict.", table=counts if len(counts) else None))
+    sections.append(
+        Section(
+            "How many claims are decided",
+            "Likelihood (deciding) rows of each model and recipe, by verdict.",
+            table=counts if len(counts) else None,
+        )
+    )
     if summary["across"]:
-        decided_by = ({c: {"decided by": " / ".join(sorted({d[c] for d in summary["decided_by"].values() if c in d}))}
-                       for c in summary["across"]} if replicates else {})
-        sections.append(Section("Each claim across " + ("recipes" if replicates else "models"),
-                                "The deciding verdict of each claim side by side; the last column holds when every "
-                                "one agrees, mixed when some hold and others fail."
-                                + (" Decided by: the bootstrap across a recipe's instances, or its verdict on every "
-                                   "instance." if replicates else ""),
-                                table=pd.DataFrame({c: {**v["verdicts"], "all": v["verdict"], **decided_by.get(c, {})}
-                                                    for c, v in summary["across"].items()}).T))
+        decided_by = (
+            {
+                c: {"decided by": " / ".join(sorted({d[c] for d in summary["decided_by"].values() if c in d}))}
+                for c in summary["across"]
+            }
+            if replicates
+            else {}
+        )
+        sections.append(
+            Section(
+                "Each claim across " + ("recipes" if replicates else "models"),
+                "The deciding verdict of each claim side by side; the last column holds when every "
+                "one agrees, mixed when some hold and others fail."
+                + (
+                    " Decided by: the bootstrap across a recipe's instances, or its verdict on every instance."
+                    if replicates
+                    else ""
+                ),
+                table=pd.DataFrame(
+                    {
+                        c: {**v["verdicts"], "all": v["verdict"], **decided_by.get(c, {})}
+                        for c, v in summary["across"].items()
+                    }
+                ).T,
+            )
+        )
     return sections
 
 
 def _stability_section(heads: dict[str, dict]) -> list[Section]:
-    stability = {(m, t): {"top heads": " ".join(h.get("top_heads", [])), "recall (bootstrap mean)": h["recall"]["mean"],
-                          "recall (2.5%)": h["recall"]["p2.5"], "heads with positive score": h["positive_heads"],
-                          "degenerate": h["degenerate"]}
-                 for m, by_task in heads.items() for t, h in by_task.items() if h}
+    stability = {
+        (m, t): {
+            "top heads": " ".join(h.get("top_heads", [])),
+            "recall (bootstrap mean)": h["recall"]["mean"],
+            "recall (2.5%)": h["recall"]["p2.5"],
+            "heads with positive score": h["positive_heads"],
+            "degenerate": h["degenerate"],
+        }
+        for m, by_task in heads.items()
+        for t, h in by_task.items()
+        if h
+    }
     if not stability:
         return []
-    return [Section("Are the critical heads stable?", "The top K_h heads of each model and task, and how "
-                    "many of them a bootstrap resample of the head-scoring items finds again (recall). "
-                    "Degenerate: no head's substitution lowers the utility, so the top K_h are arbitrary and "
-                    "HONES reduces to hones_nohead there.", table=pd.DataFrame(stability).T)]
+    return [
+        Section(
+            "Are the critical heads stable?",
+            "The top K_h heads of each model and task, and how "
+            "many of them a bootstrap resample of the head-scoring items finds again (recall). "
+            "Degenerate: no head's substitution lowers the utility, so the top K_h are arbitrary and "
+            "HONES reduces to hones_nohead there.",
+            table=pd.DataFrame(stability).T,
+        )
+    ]
 
 
 def _localisation_section(heads: dict[str, dict]) -> list[Section]:
-    rows = {(m, t): {"spearman (estimate, exact)": g["spearman"], "recall": g["recall"],
-                     "recall, estimate alone": g["recall_estimate_only"], "exhaustive top heads": " ".join(g["exhaustive_top_heads"]),
-                     "guided top heads": " ".join(g["guided_top_heads"])}
-            for m, by_task in heads.items() for t, h in by_task.items() if (g := h.get("localisation"))}
+    rows = {
+        (m, t): {
+            "spearman (estimate, exact)": g["spearman"],
+            "recall": g["recall"],
+            "recall, estimate alone": g["recall_estimate_only"],
+            "exhaustive top heads": " ".join(g["exhaustive_top_heads"]),
+            "guided top heads": " ".join(g["guided_top_heads"]),
+        }
+        for m, by_task in heads.items()
+        for t, h in by_task.items()
+        if (g := h.get("localisation"))
+    }
     if not rows:
         return []
     g = next(h["localisation"] for by_task in heads.values() for h in by_task.values() if "localisation" in h)
-    return [Section("Would gradient-guided head localisation find the same heads?",
-                    f"Guided localisation (heads.localisation: guided) ranks every head by the gradient estimate of "
-                    f"its substitution effect on the answer's log-probability and scores only the top "
-                    f"{g['candidates']} of {g['heads']} exactly. Recall: the share of the exhaustive sweep's top "
-                    f"{g['top_k']} heads it keeps; where it is 1, the dump, masks and every result after are "
-                    "unchanged. Compare with the bootstrap recall of the exhaustive sweep itself (above).",
-                    table=pd.DataFrame(rows).T)]
+    return [
+        Section(
+            "Would gradient-guided head localisation find the same heads?",
+            f"Guided localisation (heads.localisation: guided) ranks every head by the gradient estimate of "
+            f"its substitution effect on the answer's log-probability and scores only the top "
+            f"{g['candidates']} of {g['heads']} exactly. Recall: the share of the exhaustive sweep's top "
+            f"{g['top_k']} heads it keeps; where it is 1, the dump, masks and every result after are "
+            "unchanged. Compare with the bootstrap recall of the exhaustive sweep itself (above).",
+            table=pd.DataFrame(rows).T,
+        )
+    ]
 
 
 def _sampled_ground_truth_section(sampled: dict[str, dict]) -> list[Section]:
@@ -118,97 +174,190 @@ def _sampled_ground_truth_section(sampled: dict[str, dict]) -> list[Section]:
                 if method in by_method:
                     rows[(m, task, method)] = {
                         "neurons zeroed": f"{zeroed} of {size['population']}",
-                        **{f"{f} exhaustive / sampled": f"{v['exhaustive']:.3g} / {interval_text(v)}"
-                           for f, v in by_method[method].items()}}
+                        **{
+                            f"{f} exhaustive / sampled": f"{v['exhaustive']:.3g} / {interval_text(v)}"
+                            for f, v in by_method[method].items()
+                        },
+                    }
     within = ", ".join(f"{m} {c['within']} of {c['figures']}" for m, c in sampled.items())
-    return [Section("Would a sampled ground truth do?",
-                    "The exhaustive ground truth zeroes every neuron. A sample zeroes every method's top-k neurons, "
-                    "as many of the neurons some method ranks in its top 4k, and half as many of the rest, and "
-                    "estimates each method's faithfulness from those effects alone, with a bootstrap interval "
-                    f"(docs/methods.md). Exhaustive values inside their sampled interval, all methods and figures: "
-                    f"{within}. Rows: HONES and AtP.", table=pd.DataFrame(rows).T)]
+    return [
+        Section(
+            "Would a sampled ground truth do?",
+            "The exhaustive ground truth zeroes every neuron. A sample zeroes every method's top-k neurons, "
+            "as many of the neurons some method ranks in its top 4k, and half as many of the rest, and "
+            "estimates each method's faithfulness from those effects alone, with a bootstrap interval "
+            f"(docs/methods.md). Exhaustive values inside their sampled interval, all methods and figures: "
+            f"{within}. Rows: HONES and AtP.",
+            table=pd.DataFrame(rows).T,
+        )
+    ]
 
 
 def _quality_sections(results: StudyResults, targets: dict[str, dict]) -> list[Section]:
     sections = []
     for u in ("generative", "likelihood"):
         rows = {m: q[u] for m, q in results.quality.items() if u in q}
-        sections.append(Section(f"Model quality ({u})", f"Utility of each model on the held-out test split "
-                                f"({_QUALITY_WHAT[u]}).", table=pd.DataFrame(rows).T if rows else None))
+        sections.append(
+            Section(
+                f"Model quality ({u})",
+                f"Utility of each model on the held-out test split ({_QUALITY_WHAT[u]}).",
+                table=pd.DataFrame(rows).T if rows else None,
+            )
+        )
     if targets:
-        met = {m: {**{t: f"{c['value']:.3f} {'met' if c['met'] else 'below'} ({c['target']:g})"
-                      for t, c in cells.items() if t != "all_met"}, "all met": cells["all_met"]}
-               for m, cells in targets.items()}
-        sections.append(Section("Do the default models do their tasks?", "Each default model's generative test quality "
-                                "against its target (in brackets): a verdict about suppressing a task's neurons needs a "
-                                "model that does the task.", table=pd.DataFrame(met).T))
+        met = {
+            m: {
+                **{
+                    t: f"{c['value']:.3f} {'met' if c['met'] else 'below'} ({c['target']:g})"
+                    for t, c in cells.items()
+                    if t != "all_met"
+                },
+                "all met": cells["all_met"],
+            }
+            for m, cells in targets.items()
+        }
+        sections.append(
+            Section(
+                "Do the default models do their tasks?",
+                "Each default model's generative test quality "
+                "against its target (in brackets): a verdict about suppressing a task's neurons needs a "
+                "model that does the task.",
+                table=pd.DataFrame(met).T,
+            )
+        )
     return sections
 
 
-def _model_sections(m: str, results: StudyResults, data: Path, plots: Path, tasks: list[str],
-                    steer_utility: str) -> list[Section]:
+def _model_sections(
+    m: str, results: StudyResults, data: Path, plots: Path, tasks: list[str], steer_utility: str
+) -> list[Section]:
     """The sections of one model, after the study-wide ones."""
     sections = []
     suppression = results.suppression[m]
     for u in UTILITIES:
         summ = suppression.get(u, {}).get("summary", {})
         if summ:
-            sections.append(Section(f"{m}: suppression summary ({u})", "Mean relative drop (%) on the masked "
-                                    "task (diagonal), off it, and selectivity = on-target minus off-target, at the "
-                                    "headline mask size, with 95% intervals (random: the mean of its draws).",
-                                    table=intervals_table(summ)))
+            sections.append(
+                Section(
+                    f"{m}: suppression summary ({u})",
+                    "Mean relative drop (%) on the masked "
+                    "task (diagonal), off it, and selectivity = on-target minus off-target, at the "
+                    "headline mask size, with 95% intervals (random: the mean of its draws).",
+                    table=intervals_table(summ),
+                )
+            )
     auc = suppression.get("likelihood", {}).get("auc")
     if auc:
-        sections.append(Section(f"{m}: deletion curves", "On-target and mean off-target relative drop "
-                                "(likelihood) against mask size, with 95% bands; the table gives each curve's mean "
-                                "height over log(rho) (area under the curve).", table=intervals_table(auc),
-                                images=[data / "evaluate" / m / "deletion_curves.png"]))
+        sections.append(
+            Section(
+                f"{m}: deletion curves",
+                "On-target and mean off-target relative drop "
+                "(likelihood) against mask size, with 95% bands; the table gives each curve's mean "
+                "height over log(rho) (area under the curve).",
+                table=intervals_table(auc),
+                images=[data / "evaluate" / m / "deletion_curves.png"],
+            )
+        )
     faith = results.attribution.get(m, {}).get("faithfulness", {})
     if faith:
         rows = {(t, meth): v for t, d in faith.items() for meth, v in d.items() if meth != "ground_truth_se"}
-        cols = [c for c in ("spearman", "spearman_significant", "n_significant", "precision_at_k", "captured_effect")
-                if any(c in v for v in rows.values())]
-        sections.append(Section(f"{m}: faithfulness to ablation", "Spearman correlation of each method's "
-                                "importance with the exact single-neuron ablation effect (all neurons, and the "
-                                "neurons whose effect is more than 1.96 standard errors from zero), precision@k of "
-                                "its top set against the ablation top set, and the share of the ablation top set's "
-                                "total effect that its top set captures.", table=pd.DataFrame(rows).T[cols]))
+        cols = [
+            c
+            for c in ("spearman", "spearman_significant", "n_significant", "precision_at_k", "captured_effect")
+            if any(c in v for v in rows.values())
+        ]
+        sections.append(
+            Section(
+                f"{m}: faithfulness to ablation",
+                "Spearman correlation of each method's "
+                "importance with the exact single-neuron ablation effect (all neurons, and the "
+                "neurons whose effect is more than 1.96 standard errors from zero), precision@k of "
+                "its top set against the ablation top set, and the share of the ablation top set's "
+                "total effect that its top set captures.",
+                table=pd.DataFrame(rows).T[cols],
+            )
+        )
     matched = results.attribution.get(m, {}).get("faithfulness_on_ablation_items", {})
     if matched:
         rows = {(t, meth): v for t, d in matched.items() for meth, v in d.items()}
-        sections.append(Section(f"{m}: faithfulness on the ground truth's items", "The same agreement, each "
-                                "method computed from only the discovery items the ablation was measured on (the "
-                                "masks use every discovery item): what the method can recover, without the "
-                                "difference between the two item samples.",
-                                table=pd.DataFrame(rows).T[["spearman", "precision_at_k", "captured_effect"]]))
-    sections.append(Section(f"{m}: critical heads", "S_t(l, h) = utility drop when head h of layer l is "
-                            "mean-substituted, on the discovery split; one heatmap per task.",
-                            images=[data / "heads" / m / t / "heatmap.png" for t in tasks]))
-    sections.append(Section(f"{m}: layers of the selected neurons", "How many of each method's top-rho "
-                            "neurons fall in each layer, per task.",
-                            images=[plots / "attribution" / m / "layer_distribution.png"]))
-    sections.append(Section(f"{m}: overlap of HONES masks", "Jaccard overlap of the tasks' HONES neuron sets.",
-                            images=[plots / "attribution" / m / "overlap.png"]))
-    sections.append(Section(f"{m}: suppression matrices", "Relative drop (%) of each evaluated task (column) when "
-                            "the row task's mask is zeroed, test split, per utility and method.",
-                            images=sorted((data / "evaluate" / m).glob("suppression_*.png"))))
+        sections.append(
+            Section(
+                f"{m}: faithfulness on the ground truth's items",
+                "The same agreement, each "
+                "method computed from only the discovery items the ablation was measured on (the "
+                "masks use every discovery item): what the method can recover, without the "
+                "difference between the two item samples.",
+                table=pd.DataFrame(rows).T[["spearman", "precision_at_k", "captured_effect"]],
+            )
+        )
+    sections.append(
+        Section(
+            f"{m}: critical heads",
+            "S_t(l, h) = utility drop when head h of layer l is "
+            "mean-substituted, on the discovery split; one heatmap per task.",
+            images=[data / "heads" / m / t / "heatmap.png" for t in tasks],
+        )
+    )
+    sections.append(
+        Section(
+            f"{m}: layers of the selected neurons",
+            "How many of each method's top-rho neurons fall in each layer, per task.",
+            images=[plots / "attribution" / m / "layer_distribution.png"],
+        )
+    )
+    sections.append(
+        Section(
+            f"{m}: overlap of HONES masks",
+            "Jaccard overlap of the tasks' HONES neuron sets.",
+            images=[plots / "attribution" / m / "overlap.png"],
+        )
+    )
+    sections.append(
+        Section(
+            f"{m}: suppression matrices",
+            "Relative drop (%) of each evaluated task (column) when "
+            "the row task's mask is zeroed, test split, per utility and method.",
+            images=sorted((data / "evaluate" / m).glob("suppression_*.png")),
+        )
+    )
     steer = results.steering[m]
     for u in (steer_utility, "likelihood"):
         util = steer.get(u, {}).get("utility")
         if util:
-            sections.append(Section(f"{m}: steering ({u})", "Test utility per task under each steering variant "
-                                    "(learned HONES scales vs base, fixed amplification, grid search, no-KL, learned "
-                                    "scales on random neurons), with 95% intervals.", table=intervals_table(util)))
+            sections.append(
+                Section(
+                    f"{m}: steering ({u})",
+                    "Test utility per task under each steering variant "
+                    "(learned HONES scales vs base, fixed amplification, grid search, no-KL, learned "
+                    "scales on random neurons), with 95% intervals.",
+                    table=intervals_table(util),
+                )
+            )
     if steer.get("scale_movement"):
-        sections.append(Section(f"{m}: how far the learned scales moved", "Mean and largest |scale - 1| of the "
-                                "learned HONES scales per task.", table=pd.DataFrame(steer["scale_movement"]).T))
+        sections.append(
+            Section(
+                f"{m}: how far the learned scales moved",
+                "Mean and largest |scale - 1| of the learned HONES scales per task.",
+                table=pd.DataFrame(steer["scale_movement"]).T,
+            )
+        )
     return sections
 
 
-def report_sections(results: StudyResults, verdicts: list[dict], summary: dict, heads: dict[str, dict],
-                    sampled_ground_truth: dict[str, dict], *,
-                    tasks: list[str], replicates: dict[str, list[str]], equivalence_margin: float,
-                    steer_utility: str, data: Path, plots: Path) -> list[Section]:
+def report_sections(
+    results: StudyResults,
+    verdicts: list[dict],
+    summary: dict,
+    heads: dict[str, dict],
+    sampled_ground_truth: dict[str, dict],
+    *,
+    tasks: list[str],
+    replicates: dict[str, list[str]],
+    equivalence_margin: float,
+    steer_utility: str,
+    data: Path,
+    plots: Path,
+) -> list[Section]:
     """Every section of the report, in order: the verdict and its counts, head stability, the
     methods, sensitivity, model quality (and the default models' targets), learning curves, then
     each model's suppression, faithfulness, figures and steering.
@@ -223,17 +372,32 @@ def report_sections(results: StudyResults, verdicts: list[dict], summary: dict, 
     sections = _verdict_sections(verdicts, summary, replicates, equivalence_margin)
     sections += _stability_section(heads)
     sections += _localisation_section(heads)
-    sections.append(Section("Methods compared", "What each method scores and where its formula comes from. The "
-                            "paper's methods compute exactly what the authors' code computes; the published baselines "
-                            "follow their authors' code; the others carry their own names.",
-                            table=pd.DataFrame({"what it scores": {k: v[0] for k, v in METHOD_DESCRIPTIONS.items()},
-                                                "source": {k: v[1] for k, v in METHOD_DESCRIPTIONS.items()}})))
+    sections.append(
+        Section(
+            "Methods compared",
+            "What each method scores and where its formula comes from. The "
+            "paper's methods compute exactly what the authors' code computes; the published baselines "
+            "follow their authors' code; the others carry their own names.",
+            table=pd.DataFrame(
+                {
+                    "what it scores": {k: v[0] for k, v in METHOD_DESCRIPTIONS.items()},
+                    "source": {k: v[1] for k, v in METHOD_DESCRIPTIONS.items()},
+                }
+            ),
+        )
+    )
     for m in results.models:
         sens = results.suppression[m].get("likelihood", {}).get("sensitivity")
         if sens:
-            sections.append(Section(f"{m}: can the evaluation see an effect?", sensitivity_message(sens),
-                                    table=intervals_table({"on-target drop (%)": {
-                                        "all tasks": sens["ground_truth_on_target_drop"], **sens["per_task"]}})))
+            sections.append(
+                Section(
+                    f"{m}: can the evaluation see an effect?",
+                    sensitivity_message(sens),
+                    table=intervals_table(
+                        {"on-target drop (%)": {"all tasks": sens["ground_truth_on_target_drop"], **sens["per_task"]}}
+                    ),
+                )
+            )
     sections += _sampled_ground_truth_section(sampled_ground_truth)
     sections += _quality_sections(results, summary.get("quality_targets", {}))
     (plots / "training").mkdir(parents=True, exist_ok=True)
@@ -242,10 +406,15 @@ def report_sections(results: StudyResults, verdicts: list[dict], summary: dict, 
         if record:  # a default model the pipeline trained or ships (a brought model has no record)
             figure = plots / "training" / f"{m}.png"
             plot_training_curves(record, figure, f"{m}: learning curves")
-            sections.append(Section(f"{m}: learning curves", "The vision tower's warm-up loss, then each task's "
-                                    "answer cross-entropy on the training rows while the language model learns "
-                                    "(means over windows of 50 steps); held-out quality is in the tables above.",
-                                    images=[figure]))
+            sections.append(
+                Section(
+                    f"{m}: learning curves",
+                    "The vision tower's warm-up loss, then each task's "
+                    "answer cross-entropy on the training rows while the language model learns "
+                    "(means over windows of 50 steps); held-out quality is in the tables above.",
+                    images=[figure],
+                )
+            )
     for m in results.models:
         sections += _model_sections(m, results, data, plots, tasks, steer_utility)
     return sections
@@ -258,6 +427,10 @@ def markdown_sections(sections: list[Section], verdicts: list[dict]) -> list[tup
     if verdicts:
         table = pd.DataFrame(verdicts, columns=list(VERDICT_COLUMNS))
         verdict_md = table.assign(**{"value [95% interval]": [interval_text(r) for r in verdicts]})[
-            ["model", "instances", "claim", "utility", "value [95% interval]", "verdict"]].set_index("model")
-    return [(sec.title, sec.what, verdict_md if sec.title == "Verdict" else sec.table) for sec in sections
-            if sec.table is not None]
+            ["model", "instances", "claim", "utility", "value [95% interval]", "verdict"]
+        ].set_index("model")
+    return [
+        (sec.title, sec.what, verdict_md if sec.title == "Verdict" else sec.table)
+        for sec in sections
+        if sec.table is not None
+    ]

@@ -76,8 +76,15 @@ def plot_layer_distribution(masks: pd.DataFrame, n_layers: int, path: Path, titl
     _save(fig, path)
 
 
-def plot_square(matrix: pd.DataFrame, path: Path, title: str, label: str, cmap: str = "viridis",
-                center: float | None = None, fmt: str = "{:.2f}") -> None:
+def plot_square(
+    matrix: pd.DataFrame,
+    path: Path,
+    title: str,
+    label: str,
+    cmap: str = "viridis",
+    center: float | None = None,
+    fmt: str = "{:.2f}",
+) -> None:
     """A labelled heatmap of a small square (or rectangular) table, values printed in cells."""
     plt = _plt()
     values = matrix.to_numpy(dtype=float)

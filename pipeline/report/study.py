@@ -114,8 +114,17 @@ def sampled_ground_truth_of(attribution: Path, mask_size: int, *, n_resamples: i
     return check_against_exhaustive(methods, tasks, importance, mask_size, n_resamples=n_resamples, seed=seed)
 
 
-def study_verdicts(results: StudyResults, replicates: dict[str, list[str]], data: Path, *, steer_utility: str,
-                   n_resamples: int, seed: int, confidence: float, equivalence_margin: float) -> list[dict]:
+def study_verdicts(
+    results: StudyResults,
+    replicates: dict[str, list[str]],
+    data: Path,
+    *,
+    steer_utility: str,
+    n_resamples: int,
+    seed: int,
+    confidence: float,
+    equivalence_margin: float,
+) -> list[dict]:
     """The verdict rows of every model, then of every recipe across its instances.
 
     A recipe's rows come from a bootstrap over its instances and then test items
@@ -123,21 +132,40 @@ def study_verdicts(results: StudyResults, replicates: dict[str, list[str]], data
     its instances (studied models, so in ``results``) must have been trained with the same recipe
     (``check_recipe_instances`` on their training records).
     """
-    rows = [r for m in results.models for r in verdict_rows(m, results.suppression[m], results.steering[m],
-                                                             results.attribution[m], steer_utility)]
+    rows = [
+        r
+        for m in results.models
+        for r in verdict_rows(m, results.suppression[m], results.steering[m], results.attribution[m], steer_utility)
+    ]
     for recipe, instances in replicates.items():
         check_recipe_instances(recipe, {m: results.training[m].get("spec") for m in instances})
-        evaluated = {m: (scores_from_table(pd.read_parquet(Path(data) / "evaluate" / m / "scores.parquet")),
-                         conditions_from_table(pd.read_parquet(Path(data) / "evaluate" / m / "conditions.parquet")))
-                     for m in instances}
-        rows += replicated_rows(recipe, replicated_differences(
-            evaluated, n_resamples=n_resamples, seed=seed, confidence=confidence,
-            equivalence_margin=equivalence_margin))
+        evaluated = {
+            m: (
+                scores_from_table(pd.read_parquet(Path(data) / "evaluate" / m / "scores.parquet")),
+                conditions_from_table(pd.read_parquet(Path(data) / "evaluate" / m / "conditions.parquet")),
+            )
+            for m in instances
+        }
+        rows += replicated_rows(
+            recipe,
+            replicated_differences(
+                evaluated,
+                n_resamples=n_resamples,
+                seed=seed,
+                confidence=confidence,
+                equivalence_margin=equivalence_margin,
+            ),
+        )
     return rows
 
 
-def report_metrics(results: StudyResults, verdicts: list[dict], heads: dict[str, dict],
-                   replicates: dict[str, list[str]], sampled_ground_truth: dict[str, dict]) -> dict[str, dict]:
+def report_metrics(
+    results: StudyResults,
+    verdicts: list[dict],
+    heads: dict[str, dict],
+    replicates: dict[str, list[str]],
+    sampled_ground_truth: dict[str, dict],
+) -> dict[str, dict]:
     """The report's metrics files, {file name under metrics/: document}.
 
     verdict_summary.json counts the deciding verdicts per model (or, with ``replicates``, per
@@ -149,15 +177,21 @@ def report_metrics(results: StudyResults, verdicts: list[dict], heads: dict[str,
     if targets:
         summary["quality_targets"] = targets
     return {
-        "head_stability.json": {m: {t: {k: v for k, v in h.items() if k != "localisation"} for t, h in by_task.items()}
-                                for m, by_task in heads.items()},
+        "head_stability.json": {
+            m: {t: {k: v for k, v in h.items() if k != "localisation"} for t, h in by_task.items()}
+            for m, by_task in heads.items()
+        },
         "sampled_ground_truth.json": sampled_ground_truth,
-        "head_localisation.json": {m: {t: h["localisation"] for t, h in by_task.items() if "localisation" in h}
-                                   for m, by_task in heads.items()},
-        "suppression.json": {m: {u: s.get(u, {}).get("relative_drop", {}) for u in UTILITIES}
-                             for m, s in suppression.items()},
-        "suppression_summary.json": {m: {u: {k: s.get(u, {}).get(k, {}) for k in _SUMMARY_KEYS if k in s.get(u, {})}
-                                         for u in UTILITIES} for m, s in suppression.items()},
+        "head_localisation.json": {
+            m: {t: h["localisation"] for t, h in by_task.items() if "localisation" in h} for m, by_task in heads.items()
+        },
+        "suppression.json": {
+            m: {u: s.get(u, {}).get("relative_drop", {}) for u in UTILITIES} for m, s in suppression.items()
+        },
+        "suppression_summary.json": {
+            m: {u: {k: s.get(u, {}).get(k, {}) for k in _SUMMARY_KEYS if k in s.get(u, {})} for u in UTILITIES}
+            for m, s in suppression.items()
+        },
         "steering.json": results.steering,
         "verdict.json": verdict_metrics(verdicts),
         "verdict_summary.json": summary,

@@ -26,8 +26,18 @@ import math
 
 from pipeline.errors import PipelineError
 
-VERDICT_COLUMNS = ("model", "instances", "claim", "utility", "value", "ci_low", "ci_high", "threshold", "verdict",
-                   "per_instance")
+VERDICT_COLUMNS = (
+    "model",
+    "instances",
+    "claim",
+    "utility",
+    "value",
+    "ci_low",
+    "ci_high",
+    "threshold",
+    "verdict",
+    "per_instance",
+)
 VERDICTS = ("holds", "fails", "equivalent", "undecided")
 DECIDING_UTILITY = "likelihood"
 _LABELS = (("on_target_drop", "on-target drop"), ("selectivity", "selectivity"))
@@ -54,7 +64,8 @@ def check_recipe_instances(recipe: str, specs: dict[str, dict | None]) -> None:
             raise PipelineError(
                 f"replicates.{recipe}: {name} was trained with another recipe than {first} "
                 f"(differing: {', '.join(f'{k} {spec.get(k)!r} vs {want.get(k)!r}' for k in fields)}); "
-                "a recipe's instances may differ only in the seed")
+                "a recipe's instances may differ only in the seed"
+            )
 
 
 def quality_against_targets(quality: dict[str, dict]) -> dict[str, dict]:
@@ -64,18 +75,38 @@ def quality_against_targets(quality: dict[str, dict]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for model, q in quality.items():
         gen = q.get("generative", {})
-        cells = {t: {"value": gen[t], "target": target, "met": bool(gen[t] >= target)}
-                 for t, target in QUALITY_TARGETS.items() if gen.get(t) is not None}
+        cells = {
+            t: {"value": gen[t], "target": target, "met": bool(gen[t] >= target)}
+            for t, target in QUALITY_TARGETS.items()
+            if gen.get(t) is not None
+        }
         if cells:
             out[model] = {**cells, "all_met": all(c["met"] for c in cells.values())}
     return out
 
 
-def _row(model: str, claim: str, utility: str, iv: dict, threshold: float, verdict: str, instances: int = 1,
-         per_instance: dict | None = None) -> dict:
-    return {"model": model, "instances": instances, "claim": claim, "utility": utility, "value": iv.get("value"),
-            "ci_low": iv.get("ci_low"), "ci_high": iv.get("ci_high"), "threshold": threshold, "verdict": verdict,
-            "per_instance": per_instance}
+def _row(
+    model: str,
+    claim: str,
+    utility: str,
+    iv: dict,
+    threshold: float,
+    verdict: str,
+    instances: int = 1,
+    per_instance: dict | None = None,
+) -> dict:
+    return {
+        "model": model,
+        "instances": instances,
+        "claim": claim,
+        "utility": utility,
+        "value": iv.get("value"),
+        "ci_low": iv.get("ci_low"),
+        "ci_high": iv.get("ci_high"),
+        "threshold": threshold,
+        "verdict": verdict,
+        "per_instance": per_instance,
+    }
 
 
 def _comparison_claim(name: str, label: str) -> str:
@@ -88,8 +119,9 @@ def _finite(rows: list[dict]) -> list[dict]:
     return [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in rows]
 
 
-def verdict_rows(model: str, suppression: dict, steering: dict, attribution: dict,
-                 steer_utility: str = "generative") -> list[dict]:
+def verdict_rows(
+    model: str, suppression: dict, steering: dict, attribution: dict, steer_utility: str = "generative"
+) -> list[dict]:
     """Rows (``VERDICT_COLUMNS``) of one model from its ``suppression.json`` (evaluate stage),
     ``steering_intervals.json`` (steer stage) and attribution metrics (masks stage).
 
@@ -109,19 +141,36 @@ def verdict_rows(model: str, suppression: dict, steering: dict, attribution: dic
     for utility in dict.fromkeys((DECIDING_UTILITY, steer_utility)):
         d = steering.get(utility, {}).get("differences", {}).get("learned-minus-grid_search", {}).get("mean")
         if d:
-            rows.append(_row(model, "learned steering beats Grid-Search (mean over tasks)", utility, d, 0.0,
-                             d["verdict"]))
+            rows.append(
+                _row(model, "learned steering beats Grid-Search (mean over tasks)", utility, d, 0.0, d["verdict"])
+            )
     pref = attribution.get("layer_preference_hones")
     if pref:
-        rows.append(_row(model, "task neurons prefer different layers (Cramér's V of HONES masks)", "-",
-                         pref["cramers_v"], pref["null_q95"], pref["verdict"]))
+        rows.append(
+            _row(
+                model,
+                "task neurons prefer different layers (Cramér's V of HONES masks)",
+                "-",
+                pref["cramers_v"],
+                pref["null_q95"],
+                pref["verdict"],
+            )
+        )
     sens = suppression.get(DECIDING_UTILITY, {}).get("sensitivity")
     if sens:
         iv = sens["ground_truth_on_target_drop"]
         ok = sens["half_width_within_third"]
         verdict = "holds" if ok else ("fails" if iv.get("ci_high") is not None and iv["ci_high"] < 0 else "undecided")
-        rows.append(_row(model, "sensitivity: the ground truth's top set drops its task (half-width <= value/3)",
-                         DECIDING_UTILITY, iv, 0.0, verdict))
+        rows.append(
+            _row(
+                model,
+                "sensitivity: the ground truth's top set drops its task (half-width <= value/3)",
+                DECIDING_UTILITY,
+                iv,
+                0.0,
+                verdict,
+            )
+        )
     return _finite(rows)
 
 
@@ -135,8 +184,18 @@ def replicated_rows(recipe: str, replicated: dict) -> list[dict]:
         diffs = replicated.get(utility, {}).get("differences", {})
         for key, label in _LABELS:
             for name, d in diffs.items():
-                rows.append(_row(recipe, _comparison_claim(name, label), utility, d[key], 0.0, d[key]["verdict"],
-                                 instances=n, per_instance=d[key]["per_instance"]))
+                rows.append(
+                    _row(
+                        recipe,
+                        _comparison_claim(name, label),
+                        utility,
+                        d[key],
+                        0.0,
+                        d[key]["verdict"],
+                        instances=n,
+                        per_instance=d[key]["per_instance"],
+                    )
+                )
     return _finite(rows)
 
 
@@ -182,16 +241,25 @@ def verdict_summary(rows: list[dict], across: list[str], recipes: dict[str, list
         for claim in sorted(claims - set(own)):
             own[claim] = combined_verdict([by_model[m][claim] for m in instances])
             decided_by[recipe][claim] = "every instance"
-    counts = {m: {v: sum(1 for got in claims.values() if got == v)
-                  for v in (*VERDICTS, *(["mixed"] if "mixed" in claims.values() else []))}
-              for m, claims in by_model.items()}
+    counts = {
+        m: {
+            v: sum(1 for got in claims.values() if got == v)
+            for v in (*VERDICTS, *(["mixed"] if "mixed" in claims.values() else []))
+        }
+        for m, claims in by_model.items()
+    }
     by_claim: dict[str, dict[str, str]] = {}
     for model in across:
         for claim, v in by_model.get(model, {}).items():
             by_claim.setdefault(claim, {})[model] = v
-    out = {"counts": counts,
-           "across": {c: {"verdicts": v, "verdict": combined_verdict(list(v.values()))}
-                      for c, v in by_claim.items() if set(v) == set(across)}}
+    out = {
+        "counts": counts,
+        "across": {
+            c: {"verdicts": v, "verdict": combined_verdict(list(v.values()))}
+            for c, v in by_claim.items()
+            if set(v) == set(across)
+        },
+    }
     if decided_by:
         out["decided_by"] = decided_by
     return out
@@ -201,8 +269,12 @@ def sensitivity_message(sensitivity: dict) -> str:
     """One sentence on whether the evaluation can see the ground truth's own effect."""
     iv = sensitivity["ground_truth_on_target_drop"]
     if sensitivity["half_width_within_third"]:
-        return (f"The ground truth's own top set drops its task by {iv['value']:.2f}% "
-                f"[{iv['ci_low']:.2f}, {iv['ci_high']:.2f}]: the evaluation can see effects of this size.")
-    return (f"The ground truth's own top set drops its task by {iv['value']:.2f}% "
-            f"[{iv['ci_low']:.2f}, {iv['ci_high']:.2f}]: the evaluation cannot see effects of this size: "
-            "raise rho or the number of test items.")
+        return (
+            f"The ground truth's own top set drops its task by {iv['value']:.2f}% "
+            f"[{iv['ci_low']:.2f}, {iv['ci_high']:.2f}]: the evaluation can see effects of this size."
+        )
+    return (
+        f"The ground truth's own top set drops its task by {iv['value']:.2f}% "
+        f"[{iv['ci_low']:.2f}, {iv['ci_high']:.2f}]: the evaluation cannot see effects of this size: "
+        "raise rho or the number of test items."
+    )

@@ -43,13 +43,72 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 POSITIONS: tuple[str, ...] = ("left", "middle", "right")
 WORDS: tuple[str, ...] = (
-    "cat", "dog", "sun", "map", "key", "box", "cup", "hat", "pen", "car",
-    "bus", "egg", "fox", "ice", "jam", "kit", "log", "net", "owl", "pig",
-    "rug", "tea", "van", "web", "yak", "zip", "bird", "fish", "lamp", "moon",
-    "star", "tree", "ship", "rain", "snow", "wind", "rock", "leaf", "milk", "corn",
-    "book", "door", "frog", "gold", "king", "lion", "nest", "park", "ring", "salt",
-    "apple", "bread", "chair", "cloud", "grape", "horse", "lemon", "mouse", "piano", "river",
-    "stone", "table", "tiger", "water", "zebra", "queen",
+    "cat",
+    "dog",
+    "sun",
+    "map",
+    "key",
+    "box",
+    "cup",
+    "hat",
+    "pen",
+    "car",
+    "bus",
+    "egg",
+    "fox",
+    "ice",
+    "jam",
+    "kit",
+    "log",
+    "net",
+    "owl",
+    "pig",
+    "rug",
+    "tea",
+    "van",
+    "web",
+    "yak",
+    "zip",
+    "bird",
+    "fish",
+    "lamp",
+    "moon",
+    "star",
+    "tree",
+    "ship",
+    "rain",
+    "snow",
+    "wind",
+    "rock",
+    "leaf",
+    "milk",
+    "corn",
+    "book",
+    "door",
+    "frog",
+    "gold",
+    "king",
+    "lion",
+    "nest",
+    "park",
+    "ring",
+    "salt",
+    "apple",
+    "bread",
+    "chair",
+    "cloud",
+    "grape",
+    "horse",
+    "lemon",
+    "mouse",
+    "piano",
+    "river",
+    "stone",
+    "table",
+    "tiger",
+    "water",
+    "zebra",
+    "queen",
 )
 NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three")
 
@@ -59,6 +118,7 @@ VQA_QUESTIONS: dict[str, str] = {
     "count": "How many shapes are there?",
     "position": "Where is the {color} {shape}?",
 }
+
 
 @dataclass(frozen=True)
 class SceneObject:
@@ -81,9 +141,7 @@ def sample_scene(rng: np.random.Generator) -> Scene:
     slots = sorted(rng.choice(len(POSITIONS), size=n, replace=False).tolist())
     colors = rng.choice(list(COLORS), size=n, replace=False).tolist()
     shapes = rng.choice(SHAPES, size=n, replace=True).tolist()
-    objects = tuple(
-        SceneObject(color=c, shape=s, position=POSITIONS[p]) for c, s, p in zip(colors, shapes, slots)
-    )
+    objects = tuple(SceneObject(color=c, shape=s, position=POSITIONS[p]) for c, s, p in zip(colors, shapes, slots))
     return Scene(objects=objects, word=str(rng.choice(WORDS)))
 
 
@@ -310,9 +368,7 @@ def build_benchmark(spec: BenchmarkSpec, out_dir: Path) -> pd.DataFrame:
                 rows.append(row("vqa", q[0], q[1], [q[2]], j=j))
             rows.append(row("ocr", "", PROMPTS["ocr"], [scene.word]))
             rows.append(row("caption", "", PROMPTS["caption"], caption_references(scene)))
-            cands, pos = retrieval_candidates(
-                scene, split_rng, spec.retrieval_negatives, spec.retrieval_hard_negatives
-            )
+            cands, pos = retrieval_candidates(scene, split_rng, spec.retrieval_negatives, spec.retrieval_hard_negatives)
             rows.append(row("retrieval", "", PROMPTS["retrieval"], [cands[pos]], cands, pos))
     table = pa.Table.from_pylist(rows, schema=ANNOTATION_SCHEMA)
     with atomic_directory(out_dir) as tmp:

@@ -50,6 +50,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+
 from pipeline.io import atomic_directory
 from pipeline.tasks.items import ANNOTATION_SCHEMA, IMAGE_SCHEMA, PROMPTS, SPLITS, TASKS, BenchmarkError
 
@@ -208,8 +209,11 @@ def _parse_item(json_path: Path, index: int, raw: object) -> tuple[CocoItem, lis
         near = difflib.get_close_matches(key.lower(), _TASK_BLOCKS, n=1, cutoff=0.8)
         if key.lower() in _TASK_SPELLINGS or near:
             guess = near[0] if near else {"caption": "captions", "retrieval": "captions"}.get(key.lower(), key.lower())
-            raise bad(key, f"is not a field of the format: did you mean {guess!r}? (fields: {', '.join(_FIELDS)}; "
-                      "a misspelt task block would drop the task)")
+            raise bad(
+                key,
+                f"is not a field of the format: did you mean {guess!r}? (fields: {', '.join(_FIELDS)}; "
+                "a misspelt task block would drop the task)",
+            )
     vqa = _parse_vqa(raw.get("vqa"), bad)
     ocr = _parse_ocr(raw.get("ocr"), bad)
     captions = _parse_captions(raw.get("captions"), bad)
@@ -289,8 +293,9 @@ def caption_words(text: str) -> tuple[str, ...]:
     return tuple(_WORD.findall(text.lower()))
 
 
-def rank_hard_negatives(positives: list[str], n_negatives: int, rng: np.random.Generator,
-                        excluded: Sequence[Sequence[str]] | None = None) -> list[list[str]]:
+def rank_hard_negatives(
+    positives: list[str], n_negatives: int, rng: np.random.Generator, excluded: Sequence[Sequence[str]] | None = None
+) -> list[list[str]]:
     """For each caption, the ``n_negatives`` most word-overlapping OTHER captions of the list.
 
     ``positives``: one caption per image of a split (length N). Overlap is the Jaccard index of
@@ -320,7 +325,8 @@ def rank_hard_negatives(positives: list[str], n_negatives: int, rng: np.random.G
     if n_unique - 1 < n_negatives and positives:
         raise CocoSizeError(
             f"retrieval needs {n_negatives} negatives per image but the split has only {n_unique} "
-            f"distinct captions; lower n_negatives or enlarge the split", ("n_negatives",)
+            f"distinct captions; lower n_negatives or enlarge the split",
+            ("n_negatives",),
         )
     vocab: dict[str, int] = {}
     word_ids: list[np.ndarray] = []
@@ -350,7 +356,8 @@ def rank_hard_negatives(positives: list[str], n_negatives: int, rng: np.random.G
             raise CocoSizeError(
                 f"caption {positives[i]!r} has only {np.count_nonzero(jac > -np.inf)} distinct captions left as "
                 f"negatives once its image's own captions are excluded, fewer than {n_negatives}; lower "
-                "n_negatives or enlarge the split", ("n_negatives",)
+                "n_negatives or enlarge the split",
+                ("n_negatives",),
             )
         kth = np.partition(jac, n_unique - n_negatives)[n_unique - n_negatives]
         sel = np.flatnonzero(jac >= kth)  # top n_negatives plus everything tied with the last
@@ -375,8 +382,9 @@ def _read_image(json_path: Path, image_root: Path, item: CocoItem) -> bytes:
     return data
 
 
-def _annotation_row(it: CocoItem, split: str, task: str, prompt: str, refs: list[str],
-                    cands: Sequence[str] = (), pos: int = -1) -> dict:
+def _annotation_row(
+    it: CocoItem, split: str, task: str, prompt: str, refs: list[str], cands: Sequence[str] = (), pos: int = -1
+) -> dict:
     """One ``ANNOTATION_SCHEMA`` row of image ``it`` (item id ``<image_id>-<task>-0``)."""
     return {
         "item_id": f"{it.image_id}-{task}-0",
@@ -391,8 +399,9 @@ def _annotation_row(it: CocoItem, split: str, task: str, prompt: str, refs: list
     }
 
 
-def _image_rows(it: CocoItem, split: str, negatives: list[str] | None, n_negatives: int,
-                rng: np.random.Generator) -> list[dict]:
+def _image_rows(
+    it: CocoItem, split: str, negatives: list[str] | None, n_negatives: int, rng: np.random.Generator
+) -> list[dict]:
     """The rows of one image, in task order vqa, ocr, caption, retrieval (each only if present).
 
     Retrieval: candidates are ``negatives`` with the first caption inserted at a position
@@ -419,8 +428,12 @@ def _split_rows(members: list[CocoItem], split: str, n_negatives: int, rng: np.r
     """
     with_captions = [it for it in members if it.captions]
     try:
-        negatives = rank_hard_negatives([it.captions[0] for it in with_captions], n_negatives, rng,
-                                        excluded=[it.captions[1:] for it in with_captions])
+        negatives = rank_hard_negatives(
+            [it.captions[0] for it in with_captions],
+            n_negatives,
+            rng,
+            excluded=[it.captions[1:] for it in with_captions],
+        )
     except CocoSizeError as exc:
         raise CocoSizeError(f"coco import, split {split!r} ({len(members)} images): {exc}", exc.arguments) from None
     neg_of = {it.image_id: negs for it, negs in zip(with_captions, negatives)}
@@ -452,13 +465,20 @@ def _check_image_files(json_path: Path, image_root: Path, items: list[CocoItem])
         if not path.is_file():
             raise _err(json_path, it.index, it.file_name, "image_info.file_name", f"image file not found: {path}")
         if path.is_symlink():
-            raise _err(json_path, it.index, it.file_name, "image_info.file_name",
-                       f"image {path} is a symbolic link: {_SYMLINK_WHY}")
+            raise _err(
+                json_path,
+                it.index,
+                it.file_name,
+                "image_info.file_name",
+                f"image {path} is a symbolic link: {_SYMLINK_WHY}",
+            )
 
 
 # DVC hashes a link, not what it points to: a dependency behind a link can change unseen.
-_SYMLINK_WHY = ("DVC does not follow links, so an edit behind it would not rerun the import; copy the data "
-                "under data/inputs (and `dvc add` it)")
+_SYMLINK_WHY = (
+    "DVC does not follow links, so an edit behind it would not rerun the import; copy the data "
+    "under data/inputs (and `dvc add` it)"
+)
 
 
 def _refuse_links(json_path: Path, image_root: Path) -> None:

@@ -70,10 +70,7 @@ CANDIDATE_SLOT = "{candidate}"
 PROMPTS: dict[str, str] = {
     "ocr": "What is the word written in the box?",
     "caption": "Describe the image in one sentence.",
-    "retrieval": (
-        "Candidate: {candidate} Does the candidate correctly describe the image? "
-        "Answer exactly Yes or No."
-    ),
+    "retrieval": ("Candidate: {candidate} Does the candidate correctly describe the image? Answer exactly Yes or No."),
 }
 # The answers of a retrieval prompt: "Yes" on the positive candidate, "No" on a negative one.
 RETRIEVAL_YES = "Yes"
@@ -89,7 +86,9 @@ class BenchmarkError(PipelineError):
 # --- the two tables ---------------------------------------------------------------------------
 
 
-def read_annotations(path: Path, splits: tuple[str, ...] | None = None, tasks: tuple[str, ...] | None = None) -> pd.DataFrame:
+def read_annotations(
+    path: Path, splits: tuple[str, ...] | None = None, tasks: tuple[str, ...] | None = None
+) -> pd.DataFrame:
     """Read and validate ``annotations.parquet``; optionally filter by split and task."""
     path = Path(path)
     if not path.is_file():
@@ -261,7 +260,10 @@ class RankingExample(NamedTuple):
 
 
 def training_examples(
-    items: pd.DataFrame, rng: np.random.Generator, *, caption_reference: CaptionReference = "first",
+    items: pd.DataFrame,
+    rng: np.random.Generator,
+    *,
+    caption_reference: CaptionReference = "first",
     retrieval_negatives: int = 0,
 ) -> list[TrainingExample | RankingExample]:
     """The training examples of ``items``, in row order.

@@ -54,10 +54,7 @@ class MetricError(PipelineError):
 
 
 _ARTICLES = frozenset({"a", "an", "the"})
-_NUMBER_WORDS = {
-    w: str(i)
-    for i, w in enumerate("zero one two three four five six seven eight nine ten".split())
-}
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 _THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d)")  # "1,000" -> "1000"
 _APOSTROPHE = re.compile(r"['\u2019]")  # "it's" -> "its", "don't" -> "dont"
 # Any punctuation/symbol (incl. "_"), except a period with a digit on both sides.
@@ -189,22 +186,15 @@ def _check_corpus(
     if isinstance(references, str) or not isinstance(references, Sequence):
         raise MetricError(f"references must be a sequence of sequences of str, got {references!r}")
     if len(predictions) != len(references):
-        raise MetricError(
-            f"predictions and references differ in length: {len(predictions)} != {len(references)}"
-        )
+        raise MetricError(f"predictions and references differ in length: {len(predictions)} != {len(references)}")
     if len(predictions) == 0:
         raise MetricError("empty corpus: predictions and references hold no items")
     hyps = [tokenize_caption(_check_str(p, f"predictions[{i}]")) for i, p in enumerate(predictions)]
-    refs = [
-        [tokenize_caption(r) for r in _check_refs(rs, f"references[{i}]")]
-        for i, rs in enumerate(references)
-    ]
+    refs = [[tokenize_caption(r) for r in _check_refs(rs, f"references[{i}]")] for i, rs in enumerate(references)]
     return hyps, refs
 
 
-def _bleu_stats(
-    hyp: list[str], refs: list[list[str]], max_n: int
-) -> tuple[np.ndarray, np.ndarray, int, int]:
+def _bleu_stats(hyp: list[str], refs: list[list[str]], max_n: int) -> tuple[np.ndarray, np.ndarray, int, int]:
     """Per-item BLEU statistics: (clipped matches per n, hypothesis n-grams per n,
     hypothesis length, closest reference length with ties going to the shorter)."""
     matches, totals = np.zeros(max_n), np.zeros(max_n)
@@ -233,9 +223,7 @@ def _check_max_n(max_n: int) -> int:
     return max_n
 
 
-def corpus_bleu(
-    predictions: Sequence[str], references: Sequence[Sequence[str]], max_n: int = 4
-) -> float:
+def corpus_bleu(predictions: Sequence[str], references: Sequence[Sequence[str]], max_n: int = 4) -> float:
     """Corpus-level BLEU-``max_n`` (Papineni et al. 2002), in [0, 1]; no smoothing.
 
     Captions are tokenized with ``tokenize_caption``. Each hypothesis n-gram count is
@@ -253,9 +241,7 @@ def corpus_bleu(
     return float(bleu_from_statistics(bleu_statistics(predictions, references, max_n).sum(axis=0)))
 
 
-def bleu_statistics(
-    predictions: Sequence[str], references: Sequence[Sequence[str]], max_n: int = 4
-) -> np.ndarray:
+def bleu_statistics(predictions: Sequence[str], references: Sequence[Sequence[str]], max_n: int = 4) -> np.ndarray:
     """Per-item BLEU statistics [n_items, 2 * max_n + 2]: clipped matches for n = 1..max_n,
     hypothesis n-grams for n = 1..max_n, hypothesis length, closest reference length.
 

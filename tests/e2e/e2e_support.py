@@ -54,15 +54,21 @@ def brought_entry(folder: Path, dtype: str) -> dict:
 
 def _env(repo: Path) -> dict[str, str]:
     bindir = str(Path(sys.executable).parent)
-    return {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1",
-            "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
-            "HONES_PARAMS_AUDIT": str(repo.parent / f"{repo.name}-audit")}
+    return {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
+        "HONES_PARAMS_AUDIT": str(repo.parent / f"{repo.name}-audit"),
+    }
 
 
 def run(repo: Path, *args: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(list(args), cwd=repo, env=_env(repo), capture_output=True, text=True)
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import yaml
 from e2e_support import ROOT, benchmark_words, brought_entry, dvc, new_repo, ran_stages, save_model
+from tiny_models import FACTORIES
 
 from stages.profile import merged
-from tiny_models import FACTORIES
 
 pytestmark = pytest.mark.slow
 TASK = "vqa"
@@ -35,8 +35,10 @@ MODEL_STAGES = ("resolve_model", "heads", "dump", "ablation", "attribute", "mask
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    params = merged(yaml.safe_load((ROOT / "params.yaml").read_text()),
-                    yaml.safe_load((Path(__file__).parent / "params_small.yaml").read_text()))
+    params = merged(
+        yaml.safe_load((ROOT / "params.yaml").read_text()),
+        yaml.safe_load((Path(__file__).parent / "params_small.yaml").read_text()),
+    )
     words = benchmark_words(params["benchmark"]["synthetic"], tmp_path_factory.mktemp("words") / "bench")
     folders = tmp_path_factory.mktemp("brought")
     entries = {}
@@ -47,9 +49,18 @@ def repo(tmp_path_factory) -> Path:
     names = [*MODELS, BF16]
     # One process per stage (workers start their own interpreter and model: seconds each on tiny
     # models, which test_pipeline.py's run covers) and one ablation item: the families are the point.
-    params = merged(params, {"trained_models": [], "pretrained_models": names, "studied_models": names,
-                             "tasks": [TASK], "models": entries, "runtime": {"workers": 1},
-                             "ablation": {"max_items": 1}})
+    params = merged(
+        params,
+        {
+            "trained_models": [],
+            "pretrained_models": names,
+            "studied_models": names,
+            "tasks": [TASK],
+            "models": entries,
+            "runtime": {"workers": 1},
+            "ablation": {"max_items": 1},
+        },
+    )
     params["replicates"] = {}  # no recipe is replicated here
     for name in list(params["models"]):
         if name not in names:
@@ -74,8 +85,10 @@ def test_every_family_runs_its_stages_through_dvc(repo: Path) -> None:
     timings = _timings(repo)
     rows = []
     for name, family in MODELS.items():
-        expected = {f"{stage}@{name}-{TASK}" if stage in ("heads", "dump", "ablation") else f"{stage}@{name}"
-                    for stage in MODEL_STAGES}
+        expected = {
+            f"{stage}@{name}-{TASK}" if stage in ("heads", "dump", "ablation") else f"{stage}@{name}"
+            for stage in MODEL_STAGES
+        }
         assert expected <= ran, sorted(expected - ran)
         source = json.loads((repo / f"data/models/{name}/source.json").read_text())
         assert source["model_type"] == family and source["processor"] == type(FACTORIES[family]()[1]).__name__

@@ -36,10 +36,10 @@ from e2e_support import (
     run,
     save_model,
 )
-
-from stages.profile import merged
 from test_graph import import_closure
 from tiny_models import FACTORIES, add_words
+
+from stages.profile import merged
 
 pytestmark = pytest.mark.slow
 TRAINED = ("tiny-llava", "tiny-idefics3")
@@ -63,8 +63,12 @@ def save_brought_model(folder: Path, seed: int, words: list[str]) -> None:
 def brought_model_params(folder: Path) -> dict:
     """params_pretrained.yaml (the README's snippet) with the model renamed and its folder filled
     in; float32 on this CPU."""
-    return {"pretrained_models": [BROUGHT], "studied_models": [*TRAINED, BROUGHT],
-            "models": {BROUGHT: brought_entry(folder, "float32")}, "replicates": {POOLED: list(POOLED_INSTANCES)}}
+    return {
+        "pretrained_models": [BROUGHT],
+        "studied_models": [*TRAINED, BROUGHT],
+        "models": {BROUGHT: brought_entry(folder, "float32")},
+        "replicates": {POOLED: list(POOLED_INSTANCES)},
+    }
 
 
 def changed_stages(repo: Path) -> set[str]:
@@ -77,9 +81,13 @@ def changed_stages(repo: Path) -> set[str]:
 def all_stages(repo: Path) -> dict[str, dict]:
     """name -> {"deps": [...], "params": [...]} as recorded in dvc.lock."""
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    return {name: {"deps": [d["path"] for d in s.get("deps", [])],
-                   "params": [k for keys in s.get("params", {}).values() for k in keys]}
-            for name, s in lock.items()}
+    return {
+        name: {
+            "deps": [d["path"] for d in s.get("deps", [])],
+            "params": [k for keys in s.get("params", {}).values() for k in keys],
+        }
+        for name, s in lock.items()
+    }
 
 
 def edit_params(repo: Path, change) -> dict:
@@ -94,8 +102,10 @@ def edit_params(repo: Path, change) -> dict:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    params = merged(yaml.safe_load((ROOT / "params.yaml").read_text()),
-                    yaml.safe_load((Path(__file__).parent / "params_small.yaml").read_text()))
+    params = merged(
+        yaml.safe_load((ROOT / "params.yaml").read_text()),
+        yaml.safe_load((Path(__file__).parent / "params_small.yaml").read_text()),
+    )
     brought = tmp_path_factory.mktemp("brought") / BROUGHT
     words = benchmark_words(params["benchmark"]["synthetic"], tmp_path_factory.mktemp("words") / "bench")
     save_brought_model(brought, seed=0, words=words)
@@ -119,8 +129,18 @@ def test_outputs_are_written(repo: Path) -> None:
             assert (repo / f"data/activations/{model}/vqa.zarr/{array}/zarr.json").is_file(), array
         attribution = json.loads((repo / f"metrics/attribution/{model}.json").read_text())
         assert set(attribution["faithfulness"]) == set(TASKS)
-        assert {"hones", "hones_lp", "hones_lp_nohead", "atp", "ma", "ap", "lape", "ma_last", "ap_last",
-                "ape_last"} <= set(attribution["faithfulness"]["vqa"])
+        assert {
+            "hones",
+            "hones_lp",
+            "hones_lp_nohead",
+            "atp",
+            "ma",
+            "ap",
+            "lape",
+            "ma_last",
+            "ap_last",
+            "ape_last",
+        } <= set(attribution["faithfulness"]["vqa"])
         assert set(attribution["faithfulness_on_ablation_items"]) == set(TASKS)
         assert "atp" in attribution["faithfulness_on_ablation_items"]["vqa"]
         assert (repo / f"plots/attribution/{model}/overlap.png").is_file()
@@ -148,8 +168,14 @@ def test_outputs_are_written(repo: Path) -> None:
         assert {"summary", "random_draws", "differences", "auc", "sensitivity"} <= set(likelihood)
         assert likelihood["random_draws"]["on_target_drop"]["n"] == 3
         # Every evaluated method (params.yaml's evaluate.methods) is compared with HONES, and hones_lp with hones.
-        assert {"hones-minus-atp", "hones-minus-lape", "hones-minus-ma", "hones-minus-ap", "hones-minus-hones_lp",
-                "hones_lp-minus-hones"} <= set(likelihood["differences"])
+        assert {
+            "hones-minus-atp",
+            "hones-minus-lape",
+            "hones-minus-ma",
+            "hones-minus-ap",
+            "hones-minus-hones_lp",
+            "hones_lp-minus-hones",
+        } <= set(likelihood["differences"])
     steering = json.loads((repo / "metrics/steering.json").read_text())
     for model in ("tiny-idefics3", BROUGHT):
         assert "learned" in steering[model]["generative"]["utility"]["mean"]
@@ -164,8 +190,10 @@ def test_outputs_are_written(repo: Path) -> None:
         assert set(claims["HONES on-target drop exceeds random's"]) == {"likelihood", "generative"}
     pooled = verdict[POOLED]["HONES on-target drop exceeds random's"]["likelihood"]
     assert pooled["instances"] == 2 and set(pooled["per_instance"]) == set(POOLED_INSTANCES)
-    assert pooled["value"] == pytest.approx(sum(verdict[m]["HONES on-target drop exceeds random's"]["likelihood"]
-                                                ["value"] for m in POOLED_INSTANCES) / 2, abs=2e-4)
+    assert pooled["value"] == pytest.approx(
+        sum(verdict[m]["HONES on-target drop exceeds random's"]["likelihood"]["value"] for m in POOLED_INSTANCES) / 2,
+        abs=2e-4,
+    )
     decided = json.loads((repo / "metrics/verdict_summary.json").read_text())
     assert set(decided["counts"]) == {*MODELS, POOLED}
     assert set(decided["across"]["HONES on-target drop exceeds random's"]["verdicts"]) == {POOLED}
@@ -191,8 +219,9 @@ def test_outputs_are_written(repo: Path) -> None:
     for model, checked in sampled.items():
         assert set(checked["by_task"]) == set(TASKS) and 0 < checked["within"] <= checked["figures"]
         hones = checked["by_task"][TASKS[0]]["hones"]["spearman"]
-        assert hones["ci_low"] <= hones["ci_high"] and hones["within"] == (hones["ci_low"] <= hones["exhaustive"]
-                                                                          <= hones["ci_high"])
+        assert hones["ci_low"] <= hones["ci_high"] and hones["within"] == (
+            hones["ci_low"] <= hones["exhaustive"] <= hones["ci_high"]
+        )
     assert (repo / f"data/evaluate/{BROUGHT}/deletion_curves.png").stat().st_size > 1000
     report = (repo / "reports/hones_report.html").read_text()
     assert "data:image/png;base64," in report and "http" not in report.split("<body>")[1]
@@ -203,11 +232,18 @@ def test_outputs_are_written(repo: Path) -> None:
 def test_a_recipe_pooling_two_families_is_refused(repo: Path) -> None:
     """Instances of one recipe must differ only in the seed: the report names what differs."""
     before = edit_params(repo, lambda p: p.__setitem__("replicates", {POOLED: list(TRAINED)}))
-    proc = subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro", "report"], cwd=repo, env=_env(repo),
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "dvc"), "repro", "report"],
+        cwd=repo,
+        env=_env(repo),
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0
-    assert "replicates.pooled: tiny-idefics3 was trained with another recipe than tiny-llava (differing: family " \
-        in proc.stdout + proc.stderr, proc.stderr[-2000:]
+    assert (
+        "replicates.pooled: tiny-idefics3 was trained with another recipe than tiny-llava (differing: family "
+        in proc.stdout + proc.stderr
+    ), proc.stderr[-2000:]
     (repo / "params.yaml").write_text(yaml.safe_dump(before, sort_keys=False))
     assert ran_stages(dvc(repo, "repro")) == {"report"} | ALWAYS_RUNS
     run(repo, "git", "diff", "--exit-code", "--", "metrics", "reports/summary.md")  # the same verdicts as before
@@ -218,8 +254,9 @@ def test_every_stage_read_exactly_what_it_declares(repo: Path) -> None:
     records = {p.stem: json.loads(p.read_text()) for p in audit.glob("*.json")}
     assert len(records) == len(all_stages(repo)), sorted(records)
     for name, rec in records.items():
-        assert rec["accessed"] == rec["declared"], f"{name} declares keys it never reads: " \
-            f"{sorted(set(rec['declared']) - set(rec['accessed']))}"
+        assert rec["accessed"] == rec["declared"], (
+            f"{name} declares keys it never reads: {sorted(set(rec['declared']) - set(rec['accessed']))}"
+        )
 
 
 def test_every_stage_run_left_its_timing_and_timings_invalidate_nothing(repo: Path) -> None:
@@ -258,16 +295,26 @@ def _flip_first_chunk(array: Path) -> Path:
     return chunk
 
 
-@pytest.mark.parametrize("damaged, stage", [("data/activations/tiny-llava/vqa.zarr/z", "attribute@tiny-llava"),
-                                            ("data/attribution/tiny-llava.zarr/importance", "masks@tiny-llava")])
+@pytest.mark.parametrize(
+    "damaged, stage",
+    [
+        ("data/activations/tiny-llava/vqa.zarr/z", "attribute@tiny-llava"),
+        ("data/attribution/tiny-llava.zarr/importance", "masks@tiny-llava"),
+    ],
+)
 def test_the_restore_hint_of_a_damaged_chunk_restores_it(repo: Path, damaged: str, stage: str) -> None:
     """A flipped chunk stops the stage that reads it with one line whose hint is a command; run
     as printed, it restores the output from the DVC cache and the repo is up to date again."""
     import re
 
     chunk = _flip_first_chunk(repo / damaged)
-    proc = subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro", "--single-item", stage], cwd=repo,
-                          env=_env(repo), capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "dvc"), "repro", "--single-item", stage],
+        cwd=repo,
+        env=_env(repo),
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0, proc.stdout[-2000:]
     hint = re.search(r"restore it with `(dvc checkout --force [^`]+)`", proc.stdout + proc.stderr)
     assert hint, (proc.stdout + proc.stderr)[-3000:]
@@ -283,8 +330,10 @@ def test_the_restore_hint_of_a_damaged_chunk_restores_it(repo: Path, damaged: st
     assert changed_stages(repo) == set()
 
 
-@pytest.mark.parametrize("path", ["stages/_common.py", "stages/_load.py", "stages/params.py", "pipeline/model/hooks.py",
-                                  "pipeline/method/store.py"])
+@pytest.mark.parametrize(
+    "path",
+    ["stages/_common.py", "stages/_load.py", "stages/params.py", "pipeline/model/hooks.py", "pipeline/method/store.py"],
+)
 def test_code_edit_marks_exactly_its_importers(repo: Path, path: str) -> None:
     lock = all_stages(repo)
     expected = {name for name, s in lock.items() if path in s["deps"]}
@@ -373,14 +422,28 @@ def test_the_same_model_by_hub_id_from_an_offline_cache(repo: Path, tmp_path: Pa
     entry.update(hub_id=f"hones-test/{BROUGHT}", revision="v1")
     (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**_env(copy), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
-    proc = subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro", "--single-item",
-                           f"resolve_model@{BROUGHT}", f"model_quality@{BROUGHT}"],
-                          cwd=copy, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "dvc"),
+            "repro",
+            "--single-item",
+            f"resolve_model@{BROUGHT}",
+            f"model_quality@{BROUGHT}",
+        ],
+        cwd=copy,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert ran_stages(proc) == {f"resolve_model@{BROUGHT}", f"model_quality@{BROUGHT}"}, proc.stdout
     source = json.loads((copy / f"data/models/{BROUGHT}/source.json").read_text())
-    assert (source["kind"], source["location"], source["revision"], source["commit"]) == \
-        ("hub", f"hones-test/{BROUGHT}", "v1", commit)
+    assert (source["kind"], source["location"], source["revision"], source["commit"]) == (
+        "hub",
+        f"hones-test/{BROUGHT}",
+        "v1",
+        commit,
+    )
     folder_source = json.loads((repo / f"data/models/{BROUGHT}/source.json").read_text())
     assert source["files"] == folder_source["files"]
     quality = json.loads((copy / f"metrics/model_quality/{BROUGHT}.json").read_text())
@@ -391,8 +454,9 @@ def test_top_k_change_reruns_dump_not_training(repo: Path) -> None:
     edit_params(repo, lambda p: p["heads"].__setitem__("top_k", 3))
     ran = ran_stages(dvc(repo, "repro"))
     assert "dump@tiny-llava-vqa" in ran and "dump@tiny-idefics3-ocr" in ran and f"dump@{BROUGHT}-caption" in ran
-    assert not any(s.startswith(("benchmark", "train_default_model", "heads@", "ablation@", "model_quality"))
-                   for s in ran), ran
+    assert not any(
+        s.startswith(("benchmark", "train_default_model", "heads@", "ablation@", "model_quality")) for s in ran
+    ), ran
 
 
 def test_experiment_runs_masks_onwards_and_applies_back(repo: Path) -> None:

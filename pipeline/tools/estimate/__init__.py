@@ -43,6 +43,8 @@ Map of this package:
 The names above are importable from ``pipeline.tools.estimate`` itself.
 """
 
+from pipeline.tools.estimate.cli import build_parser, format_table, human_count, main
+from pipeline.tools.estimate.cost import Workload, estimate, shared_prefix_flops
 from pipeline.tools.estimate.model_arch import (
     DTYPE_BYTES,
     DYNAMIC_RESOLUTION_TOKENS,
@@ -54,11 +56,22 @@ from pipeline.tools.estimate.model_arch import (
     architecture,
     load_config,
 )
-from pipeline.tools.estimate.cost import Workload, estimate, shared_prefix_flops
-from pipeline.tools.estimate.cli import build_parser, format_table, human_count, main
 
 __all__ = [
-    "DTYPE_BYTES", "DYNAMIC_RESOLUTION_TOKENS", "PRESETS", "EstimateError", "ModelArch", "TextArch", "VisionArch",
-    "Workload", "architecture", "build_parser", "estimate", "format_table", "human_count", "load_config", "main",
+    "DTYPE_BYTES",
+    "DYNAMIC_RESOLUTION_TOKENS",
+    "PRESETS",
+    "EstimateError",
+    "ModelArch",
+    "TextArch",
+    "VisionArch",
+    "Workload",
+    "architecture",
+    "build_parser",
+    "estimate",
+    "format_table",
+    "human_count",
+    "load_config",
+    "main",
     "shared_prefix_flops",
 ]

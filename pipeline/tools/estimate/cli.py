@@ -9,9 +9,8 @@ import logging
 import sys
 
 from pipeline.method.store import human_bytes
-from pipeline.tools.estimate.model_arch import (
-    DTYPE_BYTES, PRESETS, EstimateError, ModelArch, architecture, load_config)
 from pipeline.tools.estimate.cost import Workload, estimate
+from pipeline.tools.estimate.model_arch import DTYPE_BYTES, PRESETS, EstimateError, ModelArch, architecture, load_config
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +31,19 @@ def format_table(est: dict, arch: ModelArch) -> str:
 
     sec("model")
     rows += [
-        ("language model", f"{t.layers} layers, {t.heads} heads ({t.kv_heads} kv), hidden {t.hidden}, "
-                           f"FFN {t.ffn}, vocab {t.vocab}"),
-        ("vision tower", f"{arch.vision.kind}: {arch.vision.layers} layers, hidden {arch.vision.hidden}"
-         if arch.vision else "none"),
-        ("parameters", f"{est['params']['total']:,} (text {est['params']['text']:,}, vision "
-                       f"{est['params']['vision']:,}, projector {est['params']['projector']:,})"),
+        (
+            "language model",
+            f"{t.layers} layers, {t.heads} heads ({t.kv_heads} kv), hidden {t.hidden}, FFN {t.ffn}, vocab {t.vocab}",
+        ),
+        (
+            "vision tower",
+            f"{arch.vision.kind}: {arch.vision.layers} layers, hidden {arch.vision.hidden}" if arch.vision else "none",
+        ),
+        (
+            "parameters",
+            f"{est['params']['total']:,} (text {est['params']['text']:,}, vision "
+            f"{est['params']['vision']:,}, projector {est['params']['projector']:,})",
+        ),
     ]
     for d in ("float32", "bfloat16", "int8"):
         label = "bfloat16 / float16" if d == "bfloat16" else d
@@ -46,55 +52,86 @@ def format_table(est: dict, arch: ModelArch) -> str:
     sec(f"one batch: {w['batch_size']} rows x {est['seq_len']} tokens ({est['image_tokens']} image), {w['dtype']}")
     rows += [
         ("KV cache", human_bytes(bb["kv_cache"])),
-        ("largest layer transients" + (" (eager attention)" if w["eager_attention"] else ""),
-         human_bytes(bb["layer_transients"])),
+        (
+            "largest layer transients" + (" (eager attention)" if w["eager_attention"] else ""),
+            human_bytes(bb["layer_transients"]),
+        ),
         ("logits, all positions", human_bytes(bb["logits"])),
         ("vision tower transients", human_bytes(bb["vision_transients"])),
         ("weights + batch", human_bytes(est["weights_bytes"][w["dtype"]] + bb["total"])),
     ]
     gb = est["gradient_batch_bytes"]
-    sec(f"one batch of the dump's gradient pass: {w['gradient_batch_size']} items x {est['seq_len']} tokens, "
-        f"{w['dtype']} (forward + backward)")
+    sec(
+        f"one batch of the dump's gradient pass: {w['gradient_batch_size']} items x {est['seq_len']} tokens, "
+        f"{w['dtype']} (forward + backward)"
+    )
     rows += [
         ("activations saved for the backward", human_bytes(gb["saved_activations"])),
         ("logits + float32 log-softmax", human_bytes(gb["logits_and_log_softmax"])),
         ("weights + gradient batch", human_bytes(est["weights_bytes"][w["dtype"]] + gb["total"])),
     ]
     st = est["store"]
-    sec(f"activation store per task: {w['items']:,} items x {st['conditions']} conditions "
-        f"(top_k {w['top_k']}), z in {w['store_dtype']}")
+    sec(
+        f"activation store per task: {w['items']:,} items x {st['conditions']} conditions "
+        f"(top_k {w['top_k']}), z in {w['store_dtype']}"
+    )
     rows += [
         ("z", human_bytes(st["z_bytes"])),
-        ("per-item arrays (dvp, dvp_logprob, atp, gate statistics)",
-         human_bytes(sum(st["item_array_bytes"].values()))),
-        ("one task / all tasks", f"{human_bytes(st['task_bytes'])} / {human_bytes(st['all_tasks_bytes'])} "
-                                 f"({w['tasks']} tasks)"),
+        ("per-item arrays (dvp, dvp_logprob, atp, gate statistics)", human_bytes(sum(st["item_array_bytes"].values()))),
+        (
+            "one task / all tasks",
+            f"{human_bytes(st['task_bytes'])} / {human_bytes(st['all_tasks_bytes'])} ({w['tasks']} tasks)",
+        ),
         ("chunks", f"{st['chunk_items']} item(s) = {human_bytes(st['chunk_bytes'])} per chunk"),
         ("write blocks", f"{st['blocks']:,} {'shards' if st['sharded'] else 'chunks'} of {st['block_items']} items"),
-        ("files per task", f"{st['z_files'] + st['item_array_files']:,} (z {st['z_files']:,}, "
-                           f"per-item arrays {st['item_array_files']:,})"),
+        (
+            "files per task",
+            f"{st['z_files'] + st['item_array_files']:,} (z {st['z_files']:,}, "
+            f"per-item arrays {st['item_array_files']:,})",
+        ),
     ]
-    sec(f"forward passes per task (rows; model calls at batch {w['batch_size']}); "
-        f"{human_count(est['row_flops'])}FLOP per row; GPU-h at {w['effective_tflops']:g} TFLOP/s")
+    sec(
+        f"forward passes per task (rows; model calls at batch {w['batch_size']}); "
+        f"{human_count(est['row_flops'])}FLOP per row; GPU-h at {w['effective_tflops']:g} TFLOP/s"
+    )
     guided = w["localisation"] == "guided"
-    formulas = {"heads": "items x (M + 1), M guided candidates" if guided else "items x (L*H + 1)",
-                "dump": "items x (K + 1)", "dump_gradients": "items, forward + backward",
-                "heads_gradients": "items, forward + backward (guided estimate)",
-                "ablation": "items x sampled neurons" if w["ablation_neurons"] else "items x L x I"}
+    formulas = {
+        "heads": "items x (M + 1), M guided candidates" if guided else "items x (L*H + 1)",
+        "dump": "items x (K + 1)",
+        "dump_gradients": "items, forward + backward",
+        "heads_gradients": "items, forward + backward (guided estimate)",
+        "ablation": "items x sampled neurons" if w["ablation_neurons"] else "items x L x I",
+    }
     heads_items = w["heads_items"] if w["heads_items"] is not None else w["items"]
-    n_items = {"heads": heads_items, "heads_gradients": heads_items, "dump": w["items"], "dump_gradients": w["items"],
-               "ablation": w["ablation_items"]}
+    n_items = {
+        "heads": heads_items,
+        "heads_gradients": heads_items,
+        "dump": w["items"],
+        "dump_gradients": w["items"],
+        "ablation": w["ablation_items"],
+    }
     for name, s in est["stages"].items():
-        rows.append((f"{name}: {formulas[name]}, items={n_items[name]:,}",
-                     f"{s['rows']:,} rows, {s['batches']:,} calls, {human_count(s['flops'])}FLOP, "
-                     f"{s['gpu_hours']:,.1f} GPU-h"
-                     + (f" (+ up to {w['max_new_tokens']} decode steps per row, generative utility)"
-                        if name == "heads" else "")))
+        rows.append(
+            (
+                f"{name}: {formulas[name]}, items={n_items[name]:,}",
+                f"{s['rows']:,} rows, {s['batches']:,} calls, {human_count(s['flops'])}FLOP, "
+                f"{s['gpu_hours']:,.1f} GPU-h"
+                + (
+                    f" (+ up to {w['max_new_tokens']} decode steps per row, generative utility)"
+                    if name == "heads"
+                    else ""
+                ),
+            )
+        )
         if "shared_prefix_flops" in s:
-            rows.append((f"  {name} with the shared prefix",
-                         f"{human_count(s['shared_prefix_flops'])}FLOP, {s['shared_prefix_saving']:.2f}x fewer"
-                         + (" (single-forward utilities)" if name == "heads" else "")
-                         + (" (heads assumed spread evenly over the layers)" if name == "dump" else "")))
+            rows.append(
+                (
+                    f"  {name} with the shared prefix",
+                    f"{human_count(s['shared_prefix_flops'])}FLOP, {s['shared_prefix_saving']:.2f}x fewer"
+                    + (" (single-forward utilities)" if name == "heads" else "")
+                    + (" (heads assumed spread evenly over the layers)" if name == "dump" else ""),
+                )
+            )
     width = max(len(k) for k, v in rows if v is not None)
     lines = [f"{arch.name}: estimate"]
     for k, v in rows:
@@ -106,36 +143,61 @@ def format_table(est: dict, arch: ModelArch) -> str:
 def build_parser() -> argparse.ArgumentParser:
     d = Workload()
     # The description: the first paragraph of the package's docstring (pipeline/tools/estimate/__init__.py).
-    p = argparse.ArgumentParser(prog="python -m pipeline.tools.estimate",
-                                description=sys.modules[__package__].__doc__.split("\n\n")[0])
-    p.add_argument("--model-config", required=True,
-                   help=f"a preset ({', '.join(PRESETS)}), a model folder, a config.json path or a JSON string")
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.tools.estimate", description=sys.modules[__package__].__doc__.split("\n\n")[0]
+    )
+    p.add_argument(
+        "--model-config",
+        required=True,
+        help=f"a preset ({', '.join(PRESETS)}), a model folder, a config.json path or a JSON string",
+    )
     p.add_argument("--items", type=int, default=d.items, help="discovery items per task (dump)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--top-k", type=int, default=None, help=f"critical heads K (heads.top_k; default {d.top_k})")
-    g.add_argument("--conditions", type=int, default=None, help="conditions of the store, K + 1 (alternative to "
-                                                                "--top-k)")
+    g.add_argument(
+        "--conditions", type=int, default=None, help="conditions of the store, K + 1 (alternative to --top-k)"
+    )
     p.add_argument("--tasks", type=int, default=d.tasks)
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default=d.dtype, help="model dtype")
     p.add_argument("--store-dtype", choices=("float16", "float32"), default=d.store_dtype, help="dump.dtype")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--gradient-batch-size", type=int, default=d.gradient_batch_size,
-                   help="dump.gradient_batch_items: items per forward + backward of the gradient pass")
+    p.add_argument(
+        "--gradient-batch-size",
+        type=int,
+        default=d.gradient_batch_size,
+        help="dump.gradient_batch_items: items per forward + backward of the gradient pass",
+    )
     p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens)
     p.add_argument("--answer-tokens", type=int, default=d.answer_tokens)
     p.add_argument("--image-tokens", type=int, default=None, help="override the image's token count")
     p.add_argument("--heads-items", type=int, default=None, help="heads.max_items (default: --items)")
-    p.add_argument("--localisation", choices=("exhaustive", "guided"), default=d.localisation,
-                   help="heads.localisation: substitute every head, or only the gradient estimate's top candidates")
-    p.add_argument("--guided-candidates", type=int, default=None,
-                   help="heads.guided.candidates, the heads guided localisation scores exactly (default 4 x top_k)")
+    p.add_argument(
+        "--localisation",
+        choices=("exhaustive", "guided"),
+        default=d.localisation,
+        help="heads.localisation: substitute every head, or only the gradient estimate's top candidates",
+    )
+    p.add_argument(
+        "--guided-candidates",
+        type=int,
+        default=None,
+        help="heads.guided.candidates, the heads guided localisation scores exactly (default 4 x top_k)",
+    )
     p.add_argument("--ablation-items", type=int, default=d.ablation_items)
-    p.add_argument("--ablation-neurons", type=int, default=None,
-                   help="neurons the ground truth zeroes per item: a sampled ground truth (default every one)")
+    p.add_argument(
+        "--ablation-neurons",
+        type=int,
+        default=None,
+        help="neurons the ground truth zeroes per item: a sampled ground truth (default every one)",
+    )
     p.add_argument("--target-chunk-mib", type=float, default=d.target_chunk_mib)
     p.add_argument("--eager-attention", action="store_true", help="count S x S attention scores")
-    p.add_argument("--effective-tflops", type=float, default=d.effective_tflops,
-                   help="sustained TFLOP/s per GPU for the GPU-hour column (an assumption; measure yours)")
+    p.add_argument(
+        "--effective-tflops",
+        type=float,
+        default=d.effective_tflops,
+        help="sustained TFLOP/s per GPU for the GPU-hour column (an assumption; measure yours)",
+    )
     p.add_argument("--json", action="store_true", help="print the numbers as JSON instead of a table")
     return p
 
@@ -163,14 +225,25 @@ def main(argv: list[str] | None = None) -> int:
         top_k = args.top_k if args.top_k is not None else (args.conditions - 1 if args.conditions else Workload.top_k)
         if top_k < 0 or args.items < 1:
             raise EstimateError("--items must be >= 1 and --conditions >= 1")
-        w = Workload(items=args.items, top_k=top_k, tasks=args.tasks, dtype=args.dtype, store_dtype=args.store_dtype,
-                     batch_size=args.batch_size, gradient_batch_size=args.gradient_batch_size,
-                     prompt_tokens=args.prompt_tokens, answer_tokens=args.answer_tokens,
-                     heads_items=args.heads_items, localisation=args.localisation,
-                     guided_candidates=args.guided_candidates, ablation_items=args.ablation_items,
-                     ablation_neurons=args.ablation_neurons,
-                     target_chunk_mib=args.target_chunk_mib, eager_attention=args.eager_attention,
-                     effective_tflops=args.effective_tflops)
+        w = Workload(
+            items=args.items,
+            top_k=top_k,
+            tasks=args.tasks,
+            dtype=args.dtype,
+            store_dtype=args.store_dtype,
+            batch_size=args.batch_size,
+            gradient_batch_size=args.gradient_batch_size,
+            prompt_tokens=args.prompt_tokens,
+            answer_tokens=args.answer_tokens,
+            heads_items=args.heads_items,
+            localisation=args.localisation,
+            guided_candidates=args.guided_candidates,
+            ablation_items=args.ablation_items,
+            ablation_neurons=args.ablation_neurons,
+            target_chunk_mib=args.target_chunk_mib,
+            eager_attention=args.eager_attention,
+            effective_tflops=args.effective_tflops,
+        )
         est = estimate(arch, w)
     except (EstimateError, json.JSONDecodeError) as exc:
         log.error("%s", exc)

@@ -46,8 +46,12 @@ def estimate(arch: ModelArch, w: Workload) -> dict:
     S = arch.image_tokens + w.prompt_tokens + w.answer_tokens
     vision_params = (v.params + v.projector_params) if v else 0
     out: dict = {"name": arch.name, "notes": list(arch.notes), "seq_len": S, "image_tokens": arch.image_tokens}
-    out["params"] = {"text": t.params(), "vision": v.params if v else 0, "projector": v.projector_params if v else 0,
-                     "total": arch.params}
+    out["params"] = {
+        "text": t.params(),
+        "vision": v.params if v else 0,
+        "projector": v.projector_params if v else 0,
+        "total": arch.params,
+    }
     out["weights_bytes"] = {d: arch.params * n for d, n in DTYPE_BYTES.items()}
 
     kv = 2 * L * t.kv_heads * t.head_dim * S * B * b
@@ -56,30 +60,46 @@ def estimate(arch: ModelArch, w: Workload) -> dict:
     scores = 2 * B * t.heads * S * S * b if w.eager_attention else 0
     logits = B * S * t.vocab * b
     vision_act = (B * v.positions * (4 * v.hidden + 2 * v.ffn) * b) if v else 0
-    out["batch_bytes"] = {"kv_cache": kv, "layer_transients": hidden_states + mlp + scores, "logits": logits,
-                          "vision_transients": vision_act}
+    out["batch_bytes"] = {
+        "kv_cache": kv,
+        "layer_transients": hidden_states + mlp + scores,
+        "logits": logits,
+        "vision_transients": vision_act,
+    }
     out["batch_bytes"]["total"] = sum(out["batch_bytes"].values())
 
     Bg = w.gradient_batch_size
     saved = Bg * S * L * ((12 * t.hidden + 7 * I) * b // 2 + 2 * t.hidden * 4)
     log_softmax = Bg * S * t.vocab * (b + 4)
-    out["gradient_batch_bytes"] = {"saved_activations": saved, "logits_and_log_softmax": log_softmax,
-                                   "total": saved + log_softmax}
+    out["gradient_batch_bytes"] = {
+        "saved_activations": saved,
+        "logits_and_log_softmax": log_softmax,
+        "total": saved + log_softmax,
+    }
 
     C = w.top_k + 1
     layout = StoreLayout.plan(C, w.items, L, I, w.store_dtype, int(w.target_chunk_mib * 2**20), w.max_files)
     z_bytes = C * w.items * L * I * DTYPE_BYTES[w.store_dtype]
-    per_item = {name: w.items * (L * I if dims else 1) * np.dtype(item_array_dtype(name, w.store_dtype)).itemsize
-                for name, (dims, _, _) in ITEM_ARRAYS.items()}
+    per_item = {
+        name: w.items * (L * I if dims else 1) * np.dtype(item_array_dtype(name, w.store_dtype)).itemsize
+        for name, (dims, _, _) in ITEM_ARRAYS.items()
+    }
     item_bytes = sum(per_item.values())
     n_blocks = layout.n_blocks
     out["store"] = {
-        "conditions": C, "chunk_items": layout.chunk_items, "block_items": layout.block_items,
-        "sharded": layout.sharded, "blocks": n_blocks, "z_files": C * n_blocks,
+        "conditions": C,
+        "chunk_items": layout.chunk_items,
+        "block_items": layout.block_items,
+        "sharded": layout.sharded,
+        "blocks": n_blocks,
+        "z_files": C * n_blocks,
         "item_array_files": len(ITEM_ARRAYS) * n_blocks,
         "chunk_bytes": layout.chunk_items * L * I * DTYPE_BYTES[w.store_dtype],
-        "z_bytes": z_bytes, "item_array_bytes": per_item, "dvp_bytes": per_item["dvp"],
-        "task_bytes": z_bytes + item_bytes, "all_tasks_bytes": w.tasks * (z_bytes + item_bytes),
+        "z_bytes": z_bytes,
+        "item_array_bytes": per_item,
+        "dvp_bytes": per_item["dvp"],
+        "task_bytes": z_bytes + item_bytes,
+        "all_tasks_bytes": w.tasks * (z_bytes + item_bytes),
     }
     assert layout.nbytes() == z_bytes + item_bytes
 
@@ -102,12 +122,17 @@ def estimate(arch: ModelArch, w: Workload) -> dict:
     per_row = {name: 3 * flops_text + flops_vision if name in gradient_rows else row_flops for name in rows}
     batch = {name: w.gradient_batch_size if name in gradient_rows else B for name in rows}
     out["row_flops"] = row_flops
-    shared = shared_prefix_flops(arch, w, flops_vision, (flops_text - 2 * t.vocab * t.hidden * S) / L,
-                                 2 * t.vocab * t.hidden * S)
+    shared = shared_prefix_flops(
+        arch, w, flops_vision, (flops_text - 2 * t.vocab * t.hidden * S) / L, 2 * t.vocab * t.hidden * S
+    )
     out["stages"] = {
-        name: {"rows": n, "batches": math.ceil(n / batch[name]), "flops": n * per_row[name],
-               "all_tasks_flops": w.tasks * n * per_row[name],
-               "gpu_hours": n * per_row[name] / (w.effective_tflops * 1e12) / 3600}
+        name: {
+            "rows": n,
+            "batches": math.ceil(n / batch[name]),
+            "flops": n * per_row[name],
+            "all_tasks_flops": w.tasks * n * per_row[name],
+            "gpu_hours": n * per_row[name] / (w.effective_tflops * 1e12) / 3600,
+        }
         for name, n in rows.items()
     }
     for name, flops in shared.items():
@@ -142,7 +167,9 @@ def ablated_neurons(arch: ModelArch, w: Workload) -> int:
     return w.ablation_neurons
 
 
-def shared_prefix_flops(arch: ModelArch, w: Workload, f_vision: float, f_layer: float, f_head: float) -> dict[str, float]:
+def shared_prefix_flops(
+    arch: ModelArch, w: Workload, f_vision: float, f_layer: float, f_head: float
+) -> dict[str, float]:
     """FLOPs per task of the single-forward stages with the shared prefix
     (``hooks.forward_sharing_prefix``): a row that intervenes from layer l up computes layers
     l..L-1 and the lm_head; each batch's distinct items compute the vision tower and the layers
@@ -160,7 +187,7 @@ def shared_prefix_flops(arch: ModelArch, w: Workload, f_vision: float, f_layer: 
       layers), one item per batch.
     """
     t = arch.text
-    L, H, I, B, K = t.layers, t.heads, t.ffn, w.batch_size, w.top_k
+    L, B, K = t.layers, w.batch_size, w.top_k
     heads_items = w.heads_items if w.heads_items is not None else w.items
 
     def layer_groups(items: int, per_item: float) -> float:

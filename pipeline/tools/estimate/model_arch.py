@@ -19,26 +19,49 @@ PRESETS: dict[str, dict] = {
         "image_seq_length": 576,
         "vision_feature_select_strategy": "default",
         "text_config": {
-            "model_type": "llama", "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
-            "hidden_size": 4096, "intermediate_size": 11008, "vocab_size": 32064, "tie_word_embeddings": False,
+            "model_type": "llama",
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "vocab_size": 32064,
+            "tie_word_embeddings": False,
         },
         "vision_config": {
-            "model_type": "clip_vision_model", "num_hidden_layers": 24, "hidden_size": 1024,
-            "intermediate_size": 4096, "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
+            "model_type": "clip_vision_model",
+            "num_hidden_layers": 24,
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_attention_heads": 16,
+            "image_size": 336,
+            "patch_size": 14,
         },
     },
     "qwen2.5-vl-7b": {
         "model_type": "qwen2_5_vl",
         "tie_word_embeddings": False,
         "text_config": {
-            "model_type": "qwen2_5_vl_text", "num_hidden_layers": 28, "num_attention_heads": 28,
-            "num_key_value_heads": 4, "hidden_size": 3584, "intermediate_size": 18944, "vocab_size": 152064,
+            "model_type": "qwen2_5_vl_text",
+            "num_hidden_layers": 28,
+            "num_attention_heads": 28,
+            "num_key_value_heads": 4,
+            "hidden_size": 3584,
+            "intermediate_size": 18944,
+            "vocab_size": 152064,
             "tie_word_embeddings": False,
         },
         "vision_config": {
-            "model_type": "qwen2_5_vl_vision", "depth": 32, "hidden_size": 1280, "intermediate_size": 3420,
-            "num_heads": 16, "out_hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2,
-            "temporal_patch_size": 2, "in_channels": 3,
+            "model_type": "qwen2_5_vl_vision",
+            "depth": 32,
+            "hidden_size": 1280,
+            "intermediate_size": 3420,
+            "num_heads": 16,
+            "out_hidden_size": 3584,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "in_channels": 3,
         },
     },
 }
@@ -120,8 +143,11 @@ def _clip_vision(vc: dict, text_hidden: int) -> tuple[VisionArch, int]:
 
 def _qwen_vision(vc: dict, version: str, text_hidden: int) -> VisionArch:
     layers, p = vc["depth"], vc.get("patch_size", 14)
-    tp, ch, m = vc.get("temporal_patch_size", 2), vc.get("in_channels", vc.get("in_chans", 3)), vc.get(
-        "spatial_merge_size", 2)
+    tp, ch, m = (
+        vc.get("temporal_patch_size", 2),
+        vc.get("in_channels", vc.get("in_chans", 3)),
+        vc.get("spatial_merge_size", 2),
+    )
     if version == "qwen2_5_vl":
         d, inter, out = vc["hidden_size"], vc["intermediate_size"], vc.get("out_hidden_size", text_hidden)
         # two RMSNorms, qkv, proj, SwiGLU (gate, up, down), all linears with biases
@@ -163,9 +189,16 @@ def architecture(config: dict, name: str = "model", image_tokens: int | None = N
     ttype = tc.get("model_type", config.get("model_type", ""))
     tied = tc.get("tie_word_embeddings", config.get("tie_word_embeddings", False))
     text = TextArch(
-        layers=layers, heads=heads, kv_heads=tc.get("num_key_value_heads") or heads, hidden=hidden, ffn=ffn,
-        vocab=vocab, head_dim=tc.get("head_dim") or hidden // heads, tied_embeddings=bool(tied),
-        qkv_bias=bool(tc.get("attention_bias", ttype in _QKV_BIAS_TYPES)), gated_mlp=ttype not in _NON_GATED_TYPES,
+        layers=layers,
+        heads=heads,
+        kv_heads=tc.get("num_key_value_heads") or heads,
+        hidden=hidden,
+        ffn=ffn,
+        vocab=vocab,
+        head_dim=tc.get("head_dim") or hidden // heads,
+        tied_embeddings=bool(tied),
+        qkv_bias=bool(tc.get("attention_bias", ttype in _QKV_BIAS_TYPES)),
+        gated_mlp=ttype not in _NON_GATED_TYPES,
     )
     notes: list[str] = []
     vc = config.get("vision_config")
@@ -183,13 +216,16 @@ def architecture(config: dict, name: str = "model", image_tokens: int | None = N
             tokens = DYNAMIC_RESOLUTION_TOKENS
             m = vc.get("spatial_merge_size", 2)
             vision = VisionArch(**{**asdict(vision), "positions": tokens * m * m})
-            notes.append(f"dynamic resolution: {tokens} image tokens assumed (a 448x448 image); "
-                         "set --image-tokens for yours")
+            notes.append(
+                f"dynamic resolution: {tokens} image tokens assumed (a 448x448 image); set --image-tokens for yours"
+            )
         else:
             vision = _approx_vision(vc)
             tokens = config.get("image_seq_length") or config.get("mm_tokens_per_image") or vision.positions
-            notes.append(f"vision tower {vtype or mtype!r}: parameters approximated from its layer sizes "
-                         "(embeddings and projector not counted)")
+            notes.append(
+                f"vision tower {vtype or mtype!r}: parameters approximated from its layer sizes "
+                "(embeddings and projector not counted)"
+            )
     if image_tokens is not None:
         tokens = image_tokens
         if vision is not None and vision.kind in ("qwen2_5_vl", "qwen2_vl"):
@@ -208,6 +244,8 @@ def load_config(spec: str) -> tuple[str, dict]:
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise EstimateError(f"{spec!r} is neither a preset ({', '.join(PRESETS)}), a folder with config.json, "
-                            "a JSON file nor a JSON string")
+        raise EstimateError(
+            f"{spec!r} is neither a preset ({', '.join(PRESETS)}), a folder with config.json, "
+            "a JSON file nor a JSON string"
+        )
     return (path.parent.name if path.name == "config.json" else path.stem), json.loads(path.read_text())
