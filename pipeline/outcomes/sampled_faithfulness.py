@@ -108,14 +108,24 @@ def _weighted_ranks(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 def _weighted_pearson(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
-    mx, my = np.average(x, weights=w), np.average(y, weights=w)
-    cov = np.average((x - mx) * (y - my), weights=w)
-    var = np.average((x - mx) ** 2, weights=w) * np.average((y - my) ** 2, weights=w)
+    # np.average(a, weights=w) is (a * w).sum() / w.sum(); written out, w.sum() is summed once
+    # (the same bits: the bootstrap calls this tens of thousands of times).
+    total = w.sum()
+
+    def average(a: np.ndarray) -> float:
+        return np.multiply(a, w).sum() / total
+
+    mx, my = average(x), average(y)
+    cov = average((x - mx) * (y - my))
+    var = average((x - mx) ** 2) * average((y - my) ** 2)
     return float(cov / math.sqrt(var)) if var > 0 else math.nan
 
 
-def _estimates(scores: dict[str, np.ndarray], effect: np.ndarray, weights: np.ndarray, k: int) -> dict[str, dict]:
-    """The three figures per method from sampled flat ``effect`` and ``weights`` (0 = not sampled)."""
+def _estimates(
+    scores: dict[str, np.ndarray], effect: np.ndarray, weights: np.ndarray, k: int, tops: dict[str, np.ndarray]
+) -> dict[str, dict]:
+    """The three figures per method from sampled flat ``effect`` and ``weights`` (0 = not sampled);
+    ``tops``: each method's ``_top(scores, k)``, fixed across bootstrap resamples."""
     sampled = weights > 0
     e, w = effect[sampled], weights[sampled]
     order = np.argsort(-e, kind="stable")
@@ -126,7 +136,7 @@ def _estimates(scores: dict[str, np.ndarray], effect: np.ndarray, weights: np.nd
     truth_ranks = _weighted_ranks(e, w)
     out = {}
     for method, s in scores.items():
-        top = _top(s, k)
+        top = tops[method]
         if not sampled[top].all():
             raise PipelineError(f"sampled_faithfulness: {method}'s top {k} is not in the census")
         hits = effect[top] >= tau
@@ -167,7 +177,8 @@ def sampled_faithfulness(
     weights = base.copy()
     for idx, w in drawn:
         weights[idx] = w
-    point = _estimates(scores, flat, weights, k)
+    tops = {m: _top(s, k) for m, s in scores.items()}
+    point = _estimates(scores, flat, weights, k, tops)
     rng = np.random.default_rng([seed, 27])
     reps: dict[str, dict[str, list[float]]] = {m: {f: [] for f in point[m]} for m in point}
     for _ in range(n_resamples):
@@ -175,7 +186,7 @@ def sampled_faithfulness(
         for idx, weight in drawn:
             if idx.size:
                 np.add.at(w, rng.choice(idx, size=idx.size, replace=True), weight)
-        for m, figures in _estimates(scores, flat, w, k).items():
+        for m, figures in _estimates(scores, flat, w, k, tops).items():
             for f, v in figures.items():
                 reps[m][f].append(v)
     tail = 100.0 * (1.0 - confidence) / 2.0
