@@ -33,7 +33,7 @@ from pipeline.model.default_spec import DEFAULT_MODEL_FIELDS, DefaultModelSpec, 
 from pipeline.tasks.items import SPLITS, TASKS
 
 Split = Literal["train", "discovery", "dev", "test"]
-HeldOutSplit = Literal["discovery", "dev", "test"]
+HeldOutSplit = Literal["discovery", "dev", "test", "ood"]
 # ``auto`` picks cuda when torch sees a GPU, else cpu; ``cuda`` on a machine without one is an error.
 DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:\d+|mps)$"
 
@@ -58,7 +58,9 @@ class SyntheticBenchmarkConfig(_Strict):
 
     seed: int = 0
     image_size: int = Field(64, ge=32, le=512)
-    n_images: dict[str, int] = Field(default_factory=lambda: {"train": 8000, "discovery": 200, "dev": 100, "test": 200})
+    n_images: dict[str, int] = Field(
+        default_factory=lambda: {"train": 8000, "discovery": 200, "dev": 100, "test": 200, "ood": 200}
+    )
     vqa_per_image: dict[str, int] = Field(default_factory=lambda: {"train": 3})
     retrieval_negatives: int = Field(9, ge=1, le=99)
     retrieval_hard_negatives: int = Field(5, ge=0)

@@ -147,3 +147,44 @@ def test_read_annotations_rejects_bad_tables(built, tmp_path) -> None:
     df.drop(columns=["candidates"]).to_parquet(tmp_path / "nocol.parquet")
     with pytest.raises(BenchmarkError, match="missing columns"):
         read_annotations(tmp_path / "nocol.parquet")
+
+
+def test_out_of_distribution_split_is_shifted_and_leaves_the_others_alone(built, tmp_path) -> None:
+    """The ood split renders and words its items as no other split does; adding it changes no
+    other split's items or images and adds no word to the vocabulary a tokenizer is built on."""
+    from pipeline.model.default_model import benchmark_vocabulary
+    from pipeline.tasks.benchmark import IN_DISTRIBUTION, OUT_OF_DISTRIBUTION
+
+    out, base = built
+    spec = BenchmarkSpec(**{**SPEC.__dict__, "n_images": {**SPEC.n_images, "ood": 6}})
+    shifted = build_benchmark(spec, tmp_path / "ood")
+    pd.testing.assert_frame_equal(shifted[shifted["split"] != "ood"].reset_index(drop=True), base)
+    images = pq.read_table(tmp_path / "ood" / "images.parquet").to_pandas()
+    before = pq.read_table(out / "images.parquet").to_pandas()
+    pd.testing.assert_frame_equal(images[~images["image_id"].str.startswith("ood-")].reset_index(drop=True), before)
+
+    # Every word of the reworded prompts is one the in-distribution prompts or captions use.
+    def words(texts: list[str]) -> set[str]:
+        rows = pd.DataFrame({"prompt": texts, "references": [[]] * len(texts), "candidates": [[]] * len(texts)})
+        return set(benchmark_vocabulary(rows))
+
+    def templates(rendering) -> list[str]:
+        return [*rendering.questions.values(), *rendering.prompts.values()]
+
+    scene = Scene((SceneObject("red", "circle", "left"), SceneObject("blue", "square", "middle")), "cat")
+    known = words(templates(IN_DISTRIBUTION) + caption_references(scene))
+    assert words(templates(OUT_OF_DISTRIBUTION)) <= known | {"{shape}", "{color}"} | set(SHAPES) | set(COLORS)
+
+    ood = shifted[shifted["split"] == "ood"]
+    assert len(ood) == 6 * 4 and set(ood["task"]) == {"vqa", "ocr", "caption", "retrieval"}
+    seen = set(base["prompt"])
+    assert not set(ood["prompt"]) & seen, "an ood prompt is worded as in the other splits"
+    for task in ("ocr", "caption", "retrieval"):
+        assert set(ood[ood["task"] == task]["prompt"]) == {OUT_OF_DISTRIBUTION.prompts[task]}
+        assert OUT_OF_DISTRIBUTION.prompts[task] != IN_DISTRIBUTION.prompts[task]
+    # The background is darker: the corner pixel's grey level lies in each rendering's band.
+    table = ImageTable(tmp_path / "ood" / "images.parquet")
+    for image_id in images["image_id"]:
+        level = np.asarray(table[image_id])[0, 0].astype(int)
+        band = OUT_OF_DISTRIBUTION if image_id.startswith("ood-") else IN_DISTRIBUTION
+        assert ((band.background - 18 <= level) & (level < band.background + 18)).all(), image_id

@@ -3,6 +3,8 @@
 Map of this module:
 - ``COLORS``, ``SHAPES``, ``POSITIONS``, ``WORDS``, ``VQA_QUESTIONS``: what scenes and questions
   are made of.
+- ``Rendering``, ``IN_DISTRIBUTION``, ``OUT_OF_DISTRIBUTION``: how a split looks and is worded
+  (the "ood" split: darker background, smaller shapes, blue word, reworded prompts).
 - ``Scene`` / ``sample_scene`` / ``render_scene``: procedural scenes (1-3 coloured shapes in
   left/middle/right slots plus a short word in a box), seeded and deterministic.
 - ``caption_references`` / ``hard_negative`` / ``retrieval_candidates`` / ``vqa_examples``: the
@@ -121,6 +123,57 @@ VQA_QUESTIONS: dict[str, str] = {
 
 
 @dataclass(frozen=True)
+class Rendering:
+    """How a split draws its scenes and words its prompts.
+
+    background: grey level of the background (jittered by +-18 per channel); object_scale: a
+    shape's radius as a share of its slot's width (plus up to 0.08); font_scale: the word's
+    height as a share of the image; text_color: the word's RGB colour; questions / prompts: the
+    VQA question templates and the other tasks' prompts.
+    """
+
+    background: int
+    object_scale: float
+    font_scale: float
+    text_color: tuple[int, int, int]
+    questions: dict[str, str]
+    prompts: dict[str, str]
+
+
+IN_DISTRIBUTION = Rendering(
+    background=200,
+    object_scale=0.30,
+    font_scale=0.19,
+    text_color=(0, 0, 0),
+    questions=VQA_QUESTIONS,
+    prompts=PROMPTS,
+)
+# The "ood" split: a darker background, smaller shapes, the word in blue, and every prompt
+# reworded. Together they cost the default models part of their utility on every task, not all
+# of it (a smaller font in place of the colour took tiny-idefics3's OCR to chance). Prompts use
+# only words of the in-distribution vocabulary, so that a word-level tokenizer built on the
+# benchmark is the same with or without this split and no word is unknown to it.
+OUT_OF_DISTRIBUTION = Rendering(
+    background=160,
+    object_scale=0.24,
+    font_scale=0.19,
+    text_color=(40, 40, 160),
+    questions={
+        "color": "What is the color of the {shape}?",
+        "shape": "What is the shape of the {color} object?",
+        "count": "How many shapes are in the image?",
+        "position": "Where in the image is the {color} {shape}?",
+    },
+    prompts={
+        "ocr": "What word is written in the box?",
+        "caption": "Describe the picture in one sentence.",
+        "retrieval": "Candidate: {candidate} Does the candidate correctly describe the picture? Answer Yes or No.",
+    },
+)
+RENDERINGS: dict[str, Rendering] = {"ood": OUT_OF_DISTRIBUTION}
+
+
+@dataclass(frozen=True)
 class SceneObject:
     color: str
     shape: str
@@ -168,7 +221,9 @@ def _font(size: int):
     return _FONTS[size]
 
 
-def render_scene(scene: Scene, image_size: int, rng: np.random.Generator) -> Image.Image:
+def render_scene(
+    scene: Scene, image_size: int, rng: np.random.Generator, rendering: Rendering = IN_DISTRIBUTION
+) -> Image.Image:
     """Render ``scene`` as an RGB image of ``image_size`` x ``image_size`` pixels.
 
     The upper ~65% holds the shapes in three slots, the lower part a white box with the
@@ -176,24 +231,24 @@ def render_scene(scene: Scene, image_size: int, rng: np.random.Generator) -> Ima
     that no two images with the same scene are pixel-identical.
     """
     s = image_size
-    bg = tuple(int(v) for v in 200 + rng.integers(-18, 18, size=3))
+    bg = tuple(int(v) for v in rendering.background + rng.integers(-18, 18, size=3))
     img = Image.new("RGB", (s, s), bg)
     draw = ImageDraw.Draw(img)
     shape_h = 0.64 * s
     slot_w = s / 3
     for obj in scene.objects:
         slot = POSITIONS.index(obj.position)
-        r = slot_w * (0.30 + 0.08 * rng.random())
+        r = slot_w * (rendering.object_scale + 0.08 * rng.random())
         cx = slot_w * (slot + 0.5) + rng.uniform(-0.08, 0.08) * slot_w
         cy = shape_h * 0.5 + rng.uniform(-0.12, 0.12) * shape_h
         _draw_shape(draw, obj.shape, cx, cy, r, COLORS[obj.color])
     top = int(0.68 * s)
     draw.rectangle((2, top, s - 3, s - 3), fill=(255, 255, 255), outline=(0, 0, 0))
-    font = _font(max(8, int(round(s * 0.19))))
+    font = _font(max(8, int(round(s * rendering.font_scale))))
     left, t, right, b = draw.textbbox((0, 0), scene.word, font=font)
     tx = (s - (right - left)) / 2 - left + rng.uniform(-1.5, 1.5)
     ty = top + (s - 3 - top - (b - t)) / 2 - t
-    draw.text((tx, ty), scene.word, fill=(0, 0, 0), font=font)
+    draw.text((tx, ty), scene.word, fill=rendering.text_color, font=font)
     return img
 
 
@@ -291,17 +346,18 @@ def retrieval_candidates(
     return candidates, pos
 
 
-def vqa_examples(scene: Scene) -> list[tuple[str, str, str]]:
-    """All well-posed (question type, question, answer) triples for ``scene``."""
-    out: list[tuple[str, str, str]] = [("count", VQA_QUESTIONS["count"], str(len(scene.objects)))]
+def vqa_examples(scene: Scene, questions: dict[str, str] = VQA_QUESTIONS) -> list[tuple[str, str, str]]:
+    """All well-posed (question type, question, answer) triples for ``scene``, worded by
+    ``questions`` (templates per question type)."""
+    out: list[tuple[str, str, str]] = [("count", questions["count"], str(len(scene.objects)))]
     shape_counts: dict[str, int] = {}
     for o in scene.objects:
         shape_counts[o.shape] = shape_counts.get(o.shape, 0) + 1
     for o in scene.objects:
         if shape_counts[o.shape] == 1:
-            out.append(("color", VQA_QUESTIONS["color"].format(shape=o.shape), o.color))
-        out.append(("shape", VQA_QUESTIONS["shape"].format(color=o.color), o.shape))
-        out.append(("position", VQA_QUESTIONS["position"].format(color=o.color, shape=o.shape), o.position))
+            out.append(("color", questions["color"].format(shape=o.shape), o.color))
+        out.append(("shape", questions["shape"].format(color=o.color), o.shape))
+        out.append(("position", questions["position"].format(color=o.color, shape=o.shape), o.position))
     return out
 
 
@@ -336,10 +392,11 @@ def build_benchmark(spec: BenchmarkSpec, out_dir: Path) -> pd.DataFrame:
         n = spec.n_images.get(split, 0)
         split_rng = np.random.default_rng(np.random.SeedSequence([spec.seed, split_index]))
         n_vqa = spec.vqa_per_image.get(split, 1)
+        rendering = RENDERINGS.get(split, IN_DISTRIBUTION)
         for k in tqdm(range(n), desc=f"benchmark {split}", leave=False):
             image_id = f"{split}-{k:06d}"
             scene = sample_scene(split_rng)
-            img = render_scene(scene, spec.image_size, split_rng)
+            img = render_scene(scene, spec.image_size, split_rng, rendering)
             buf = io.BytesIO()
             img.save(buf, format="PNG")
             images.append({"image_id": image_id, "png": buf.getvalue()})
@@ -357,7 +414,7 @@ def build_benchmark(spec: BenchmarkSpec, out_dir: Path) -> pd.DataFrame:
                     "positive_index": int(pos),
                 }
 
-            qs = vqa_examples(scene)
+            qs = vqa_examples(scene, rendering.questions)
             # Balance question types: pick types round-robin from the image index, then a question.
             for j in range(min(n_vqa, len(qs))):
                 types = sorted({q[0] for q in qs})
@@ -366,10 +423,10 @@ def build_benchmark(spec: BenchmarkSpec, out_dir: Path) -> pd.DataFrame:
                 q = pool[int(split_rng.integers(len(pool)))]
                 qs.remove(q)
                 rows.append(row("vqa", q[0], q[1], [q[2]], j=j))
-            rows.append(row("ocr", "", PROMPTS["ocr"], [scene.word]))
-            rows.append(row("caption", "", PROMPTS["caption"], caption_references(scene)))
+            rows.append(row("ocr", "", rendering.prompts["ocr"], [scene.word]))
+            rows.append(row("caption", "", rendering.prompts["caption"], caption_references(scene)))
             cands, pos = retrieval_candidates(scene, split_rng, spec.retrieval_negatives, spec.retrieval_hard_negatives)
-            rows.append(row("retrieval", "", PROMPTS["retrieval"], [cands[pos]], cands, pos))
+            rows.append(row("retrieval", "", rendering.prompts["retrieval"], [cands[pos]], cands, pos))
     table = pa.Table.from_pylist(rows, schema=ANNOTATION_SCHEMA)
     with atomic_directory(out_dir) as tmp:
         pq.write_table(table, tmp / "annotations.parquet")

@@ -44,7 +44,9 @@ from pipeline.errors import PipelineError
 log = logging.getLogger(__name__)
 
 TASKS: tuple[str, ...] = ("vqa", "ocr", "caption", "retrieval")
-SPLITS: tuple[str, ...] = ("train", "discovery", "dev", "test")
+# "ood": held out like "test", drawn under a shift that training never saw (the synthetic
+# benchmark's out-of-distribution split, docs/default.md); nothing is trained or steered on it.
+SPLITS: tuple[str, ...] = ("train", "discovery", "dev", "test", "ood")
 
 ANNOTATION_SCHEMA = pa.schema(
     [
