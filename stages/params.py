@@ -216,6 +216,14 @@ class ModelQualityConfig(_Strict):
         return _known_tasks(v)
 
 
+class LogitLensConfig(_Strict):
+    """``logit_lens``: the answer's log-probability decoded from each layer's residual stream,
+    attention and FFN output, on the first ``max_items`` items per task of ``split``."""
+
+    split: HeldOutSplit = "discovery"
+    max_items: int | None = Field(100, ge=1)
+
+
 class ExhaustiveHeadsConfig(_Strict):
     """``heads.exhaustive``: every head substituted on every item (no settings of its own)."""
 
@@ -385,6 +393,7 @@ class ParamsFile(_Strict):
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
     model_quality: ModelQualityConfig = Field(default_factory=ModelQualityConfig)
     heads: HeadsConfig = Field(default_factory=HeadsConfig)
+    logit_lens: LogitLensConfig = Field(default_factory=LogitLensConfig)
     dump: DumpConfig = Field(default_factory=DumpConfig)
     ablation: AblationConfig = Field(default_factory=AblationConfig)
     attribute: AttributeConfig = Field(default_factory=AttributeConfig)

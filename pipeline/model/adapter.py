@@ -55,6 +55,9 @@ _OUT_PROJ_NAMES = ("o_proj", "out_proj", "dense")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn")
 _DOWN_PROJ_NAMES = ("down_proj", "fc2")
 _ACT_NAMES = ("act_fn", "activation_fn", "act", "activation")
+# The norm in front of a layer's FFN; its input is the residual stream between attention and FFN.
+# Gemma 2/3 also have a post_attention_layernorm, on the attention output, so theirs comes first.
+_FFN_NORM_NAMES = ("pre_feedforward_layernorm", "post_attention_layernorm")
 _FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f")
 # Where the language model lives when get_decoder() does not lead to it.
 _DECODER_PATHS = ("model.language_model", "language_model", "model.text_model", "text_model", "model")
@@ -456,6 +459,17 @@ class ModelAdapter:
                 f"({type(self.layers[layer]).__name__}) of {type(self.model).__name__}"
             )
         return mlp
+
+    def ffn_input_norm(self, layer: int) -> nn.Module:
+        """The norm in front of a decoder layer's FFN. Its input [.., hidden] is the residual
+        stream after the layer's attention has been added (pre-norm blocks: x + attn(norm(x)))."""
+        norm = _child(self._layer(layer), _FFN_NORM_NAMES)
+        if norm is None:
+            raise AdapterError(
+                f"the norm before the FFN (one of {', '.join(_FFN_NORM_NAMES)}) not found in layer "
+                f"{layer} ({type(self.layers[layer]).__name__}) of {type(self.model).__name__}"
+            )
+        return norm
 
     def ffn_down_proj(self, layer: int) -> nn.Module:
         """The FFN output projection (down_proj / fc2); its input is z [.., ffn_width].

@@ -19,6 +19,8 @@ Map of this module:
 - ``trace_head_substitution``: a differentiable probe per (row, layer, head) that moves the
   head's output toward its mean substitution (0: untouched, 1: ``substitute_heads``), whose
   gradient is the first-order estimate of every head's substitution effect at once.
+- ``capture_residual_stream``: the residual stream entering each layer, between its attention
+  and FFN, and leaving the last layer, at chosen positions (what the logit lens decodes).
 
 (layer, head) and (layer, neuron) arguments are range-checked by ``ModelAdapter.check_heads`` /
 ``check_neurons`` (an ``AdapterError``, a ``PipelineError``, naming the row or condition).
@@ -636,6 +638,57 @@ def capture_layer_inputs(adapter: ModelAdapter, layers: Sequence[int]) -> Iterat
 
     with _pre_hooks([(adapter.layers[l], make_hook(l)) for l in wanted]):
         yield captured
+
+
+@dataclass
+class ResidualTrace:
+    """The residual stream at chosen positions of one forward pass (float32 [N, hidden] each, N
+    the chosen positions in row-major order; detached).
+
+    layer_input: layer -> the residual entering the decoder layer.
+    after_attention: layer -> the residual after the layer's attention was added (the input of
+        the norm in front of its FFN).
+    final: the residual leaving the last layer (the input of the final norm).
+    """
+
+    layer_input: dict[int, torch.Tensor] = field(default_factory=dict)
+    after_attention: dict[int, torch.Tensor] = field(default_factory=dict)
+    final: torch.Tensor | None = None
+
+
+@contextmanager
+def capture_residual_stream(adapter: ModelAdapter, positions: torch.Tensor) -> Iterator[ResidualTrace]:
+    """The residual stream before, inside and after every decoder layer, at the positions where
+    ``positions`` (BoolTensor [B, S'], S' <= S: the first S' positions of each row) is True, for
+    the one forward pass run in the body. What a logit lens decodes: layer l's attention output
+    is after_attention[l] - layer_input[l], its FFN output layer_input[l + 1] (``final`` after the
+    last layer) - after_attention[l], whatever norms the family puts around each block."""
+    trace = ResidualTrace()
+    cache = _DeviceCache(positions.bool())
+
+    def gather(x: torch.Tensor) -> torch.Tensor:
+        (mask,) = cache.on(x.device)
+        _check_batch(x, int(mask.shape[0]), "capture_residual_stream")
+        return x.detach()[:, : mask.shape[1]][mask].to(torch.float32, copy=True)
+
+    def make_hook(store: dict[int, torch.Tensor], layer: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            store[layer] = gather(_first_input(args, kwargs, "hidden_states"))
+            return None
+
+        return hook
+
+    def final_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        trace.final = gather(_first_input(args, kwargs))
+        return None
+
+    pairs = []
+    for layer in range(adapter.num_layers):
+        pairs.append((adapter.layers[layer], make_hook(trace.layer_input, layer)))
+        pairs.append((adapter.ffn_input_norm(layer), make_hook(trace.after_attention, layer)))
+    pairs.append((adapter.unembedding_input(), final_hook))
+    with _pre_hooks(pairs):
+        yield trace
 
 
 def prefix_input(adapter: ModelAdapter, tensors: Mapping[str, torch.Tensor], layer: int) -> torch.Tensor:

@@ -298,6 +298,23 @@ def _model_sections(
             images=[data / "heads" / m / t / "heatmap.png" for t in tasks],
         )
     )
+    lens = results.logit_lens[m]
+    rows = {
+        (t, c): {f"layer {l}": v for l, v in enumerate(by_task[c])}
+        for t, by_task in lens["tasks"].items()
+        for c in ("residual", "attention", "ffn")
+    }
+    sections.append(
+        Section(
+            f"{m}: logit lens",
+            f"The answer's log-probability (nats per token, mean over the "
+            f"{lens['split']} items) decoded through the final norm and the unembedding from the "
+            "residual stream after each layer, and from what each layer's attention and FFN add to it "
+            "(docs/methods.md).",
+            table=pd.DataFrame(rows).T,
+            images=[data / "logit_lens" / m / "lens.png"],
+        )
+    )
     sections.append(
         Section(
             f"{m}: layers of the selected neurons",

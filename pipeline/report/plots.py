@@ -56,6 +56,30 @@ def plot_head_scores(scores: pd.DataFrame, path: Path, title: str) -> None:
     _save(fig, path)
 
 
+def plot_logit_lens(summary: pd.DataFrame, path: Path, title: str) -> None:
+    """One panel per task: the mean answer log-probability (nats per token) decoded after each
+    layer from the residual stream, the attention output and the FFN output.
+
+    ``summary``: columns task, layer, component, mean_logprob (``logit_lens.lens_summary``).
+    """
+    plt = _plt()
+    tasks = list(dict.fromkeys(summary["task"]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks) + 1, 3), sharey=True, squeeze=False)
+    styles = {"residual": "-o", "attention": "--s", "ffn": ":^"}
+    for ax, task in zip(axes[0], tasks):
+        sub = summary[summary["task"] == task]
+        for component, style in styles.items():
+            part = sub[sub["component"] == component].sort_values("layer")
+            ax.plot(part["layer"], part["mean_logprob"], style, label=component)
+        ax.set_title(task)
+        ax.set_xlabel("layer")
+        ax.set_xticks(sorted(set(sub["layer"])))
+    axes[0][0].set_ylabel("answer log-probability (nats/token)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(title)
+    _save(fig, path)
+
+
 def plot_layer_distribution(masks: pd.DataFrame, n_layers: int, path: Path, title: str) -> None:
     """Selected neurons per layer: one panel per task, one bar group per method."""
     plt = _plt()

@@ -67,7 +67,7 @@ class StudyResults:
     quality: ``metrics/model_quality/<m>.json``; attribution: ``metrics/attribution/<m>.json``;
     suppression: ``<data>/evaluate/<m>/suppression.json``; steering:
     ``<data>/steer/<m>/steering_intervals.json``; training: the default models' training records
-    ({} for a brought model).
+    ({} for a brought model); logit_lens: ``metrics/logit_lens/<m>.json``.
     """
 
     models: list[str]
@@ -76,6 +76,7 @@ class StudyResults:
     suppression: dict[str, dict]
     steering: dict[str, dict]
     training: dict[str, dict]
+    logit_lens: dict[str, dict]
 
 
 def read_study_results(data: Path, metrics: Path, models: list[str]) -> StudyResults:
@@ -88,6 +89,7 @@ def read_study_results(data: Path, metrics: Path, models: list[str]) -> StudyRes
         suppression={m: _json(data / "evaluate" / m / "suppression.json") for m in models},
         steering={m: _json(data / "steer" / m / "steering_intervals.json") for m in models},
         training={m: training_record(data / "models" / m, m) for m in models},
+        logit_lens={m: _json(metrics / "logit_lens" / f"{m}.json") for m in models},
     )
 
 

@@ -30,7 +30,7 @@ FAMILIES = tuple(FACTORIES)
 BF16 = "random-qwen2_5_vl-bf16"
 F32 = "random-qwen2_5_vl"
 MODELS = {f"random-{family}": family for family in FAMILIES}
-MODEL_STAGES = ("resolve_model", "heads", "dump", "ablation", "attribute", "masks", "evaluate")
+MODEL_STAGES = ("resolve_model", "heads", "logit_lens", "dump", "ablation", "attribute", "masks", "evaluate")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,10 @@ def repo(tmp_path_factory) -> Path:
         if name not in names:
             del params["models"][name]
     repo = new_repo(tmp_path_factory.mktemp("families"), params)
-    targets = [f"evaluate@{name}" for name in names] + [f"steer@{BF16}", f"model_quality@{BF16}"]
+    targets = [f"{stage}@{name}" for name in names for stage in ("evaluate", "logit_lens")] + [
+        f"steer@{BF16}",
+        f"model_quality@{BF16}",
+    ]
     proc = dvc(repo, "repro", *targets)
     (repo.parent / "ran.json").write_text(json.dumps(sorted(ran_stages(proc))))
     return repo

@@ -144,6 +144,13 @@ def test_outputs_are_written(repo: Path) -> None:
         assert set(attribution["faithfulness_on_ablation_items"]) == set(TASKS)
         assert "atp" in attribution["faithfulness_on_ablation_items"]["vqa"]
         assert (repo / f"plots/attribution/{model}/overlap.png").is_file()
+        lens = json.loads((repo / f"metrics/logit_lens/{model}.json").read_text())
+        assert set(lens["tasks"]) == set(TASKS)
+        for task, by_component in lens["tasks"].items():
+            # The last layer's residual is what the model decodes: its lens value is the model's own.
+            assert by_component["residual"][-1] == pytest.approx(by_component["model_logprob"], abs=1e-4), task
+            assert len(by_component["attention"]) == len(by_component["ffn"]) == len(by_component["residual"])
+        assert (repo / f"data/logit_lens/{model}/lens.png").stat().st_size > 1000
     for model in TRAINED:
         training = json.loads((repo / f"data/models/{model}/training.json").read_text())
         assert not {"train_seconds", "seconds", "time", "host"} & set(training), training
@@ -226,7 +233,7 @@ def test_outputs_are_written(repo: Path) -> None:
     report = (repo / "reports/hones_report.html").read_text()
     assert "data:image/png;base64," in report and "http" not in report.split("<body>")[1]
     assert report.index("<h2>Verdict</h2>") < report.index("<h2>Model quality")
-    assert BROUGHT in report
+    assert BROUGHT in report and f"{BROUGHT}: logit lens" in report
 
 
 def test_a_recipe_pooling_two_families_is_refused(repo: Path) -> None:
