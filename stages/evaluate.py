@@ -38,12 +38,15 @@ READS = (
 )
 
 
-def selected_masks(masks: pd.DataFrame, methods: list[str] | None, tasks: list[str], source: Path) -> pd.DataFrame:
-    """The rows of ``methods`` (default: all) and ``tasks``; an unknown method is a ConfigError."""
+def selected_masks(
+    masks: pd.DataFrame, methods: list[str] | None, tasks: list[str], source: Path, key: str = "evaluate.methods"
+) -> pd.DataFrame:
+    """The rows of ``methods`` (default: all) and ``tasks``; an unknown method is a ConfigError
+    naming the params ``key`` it came from."""
     methods = methods or list(dict.fromkeys(masks["method"]))
     unknown = sorted(set(methods) - set(masks["method"]))
     if unknown:
-        raise ConfigError(f"evaluate.methods: {unknown} not in {source}; available: {sorted(set(masks['method']))}")
+        raise ConfigError(f"{key}: {unknown} not in {source}; available: {sorted(set(masks['method']))}")
     return masks[masks["method"].isin(methods) & masks["task"].isin(tasks)]
 
 

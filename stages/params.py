@@ -224,6 +224,16 @@ class LogitLensConfig(_Strict):
     max_items: int | None = Field(100, ge=1)
 
 
+class TransferConfig(_Strict):
+    """``transfer``: the in-domain headline masks of ``methods`` and the steering scales on the
+    first ``max_items`` items per task of ``split``, a held-out split of another distribution
+    (the synthetic ``ood``); null when the benchmark has none (the stage then measures nothing)."""
+
+    split: HeldOutSplit | None = "ood"
+    max_items: int | None = Field(30, ge=1)
+    methods: list[str] = Field(default_factory=lambda: ["hones", "random"], min_length=1)
+
+
 class ExhaustiveHeadsConfig(_Strict):
     """``heads.exhaustive``: every head substituted on every item (no settings of its own)."""
 
@@ -401,6 +411,7 @@ class ParamsFile(_Strict):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     statistics: StatisticsConfig = Field(default_factory=StatisticsConfig)
     steer: SteerConfig = Field(default_factory=SteerConfig)
+    transfer: TransferConfig = Field(default_factory=TransferConfig)
 
     @field_validator("tasks")
     @classmethod

@@ -183,6 +183,13 @@ def test_outputs_are_written(repo: Path) -> None:
             "hones-minus-hones_lp",
             "hones_lp-minus-hones",
         } <= set(likelihood["differences"])
+    for model in MODELS:
+        # The in-domain masks and scales, applied on the out-of-distribution split.
+        transfer = json.loads((repo / f"data/transfer/{model}/suppression.json").read_text())
+        assert set(transfer["likelihood"]["summary"]) == {"hones", "random"}
+        assert set(transfer["likelihood"]["baseline"]) == set(TASKS)
+        moved = json.loads((repo / f"data/transfer/{model}/steering_intervals.json").read_text())
+        assert {"learned-minus-base", "learned-minus-grid_search"} <= set(moved["likelihood"]["differences"])
     steering = json.loads((repo / "metrics/steering.json").read_text())
     for model in ("tiny-idefics3", BROUGHT):
         assert "learned" in steering[model]["generative"]["utility"]["mean"]

@@ -1,0 +1,149 @@
+"""Stage `transfer@<model>`: the in-domain HONES masks and steering scales applied zero-shot to
+out-of-distribution items (``transfer.split``) -> suppression and steering with paired
+intervals, as the evaluate and steer stages report them in distribution."""
+
+import logging
+from functools import partial
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.io import write_json, write_parquet
+from pipeline.method.masks import headline_mask
+from pipeline.model.workers import map_jobs
+from pipeline.outcomes.steering import load_scales, steering_statistics, steering_summary, steering_table
+from pipeline.outcomes.suppression import (
+    conditions_table,
+    mask_conditions,
+    merge_suppression_scores,
+    run_suppression_job,
+    scores_table,
+    suppression_jobs,
+    suppression_statistics,
+)
+from pipeline.outcomes.transfer import (
+    TransferSteeringJob,
+    chosen_grid_scales,
+    run_transfer_steering_job,
+    transfer_variants,
+)
+from stages._common import entry, parser
+from stages._load import load_items, load_model_and_images, worker_plan
+from stages.evaluate import selected_masks
+from stages.params import ConfigError, read_params
+
+READS = (
+    "transfer.split",
+    "transfer.max_items",
+    "transfer.methods",
+    "steer.train_split",
+    "steer.utility",
+    "statistics.bootstrap_resamples",
+    "statistics.seed",
+    "statistics.confidence",
+    "statistics.equivalence_margin",
+    "runtime.threads",
+    "runtime.workers",
+    "runtime.batch_sequences",
+    "runtime.max_new_tokens",
+    "tasks",
+    "models.{model}",
+)
+STEERED_METHOD = "hones"
+
+log = logging.getLogger(__name__)
+
+
+@entry
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--model", required=True)
+    p.add_argument("--benchmark", type=Path, required=True)
+    p.add_argument("--masks", type=Path, required=True, help="masks Parquet of this model")
+    p.add_argument("--steer", type=Path, required=True, help="the steer stage's folder of this model")
+    p.add_argument("--out", type=Path, required=True, help="folder: per-item scores, statistics JSON")
+    args = p.parse_args()
+    params = read_params(args.params, READS, model=args.model)
+    cfg, rt, st, tasks = params.transfer, params.runtime, params.statistics, params.tasks
+    if cfg.split is None:
+        log.info("transfer.split is null: no out-of-distribution items, nothing measured")
+        for name in ("suppression.json", "steering_intervals.json"):
+            write_json({}, args.out / name)
+        return
+    if not args.masks.is_file():
+        raise ConfigError(f"masks table not found: {args.masks}")
+    masks = pd.read_parquet(args.masks)
+    headline = selected_masks(masks[masks["headline"]], cfg.methods, tasks, args.masks, "transfer.methods")
+    conditions = mask_conditions(headline)
+    variants = transfer_variants(
+        {t: headline_mask(masks, STEERED_METHOD, t) for t in tasks},
+        load_scales(args.steer / "scales.parquet"),
+        chosen_grid_scales(pd.read_parquet(args.steer / "steering.parquet"), str(args.steer / "steering.parquet")),
+        tasks,
+    )
+    items = load_items(args.benchmark, (cfg.split,), tuple(tasks), cfg.max_items)
+    workers, threads = worker_plan(params, args.model)
+    state = partial(load_model_and_images, params, args.model, args.benchmark)
+    parts = map_jobs(
+        partial(
+            run_suppression_job,
+            items=items,
+            conditions=conditions,
+            batch_size=rt.batch_sequences,
+            max_new_tokens=rt.max_new_tokens,
+        ),
+        suppression_jobs(items, conditions, shards_per_task=1 if workers == 1 else 2 * workers),
+        state,
+        workers=workers,
+        threads=threads,
+        what="transfer suppression",
+    )
+    scores = merge_suppression_scores(parts, items)
+    jobs = [
+        TransferSteeringJob(
+            task,
+            items[items["task"] == task],
+            tuple(variants[task].items()),
+            params.steer.train_split,
+            params.steer.utility,
+            rt.batch_sequences,
+            rt.max_new_tokens,
+        )
+        for task in tasks
+    ]
+    order = sorted(range(len(jobs)), key=lambda k: -jobs[k].cost)
+    done = map_jobs(
+        run_transfer_steering_job,
+        [jobs[k] for k in order],
+        state,
+        workers=workers,
+        threads=threads,
+        what="transfer steering",
+    )
+    runs = [run for _, run in sorted(zip(order, done))]
+    write_parquet(scores_table(scores, items), args.out / "scores.parquet")
+    write_parquet(conditions_table(conditions), args.out / "conditions.parquet")
+    write_json(
+        suppression_statistics(
+            scores,
+            conditions,
+            n_resamples=st.bootstrap_resamples,
+            seed=st.seed,
+            confidence=st.confidence,
+            equivalence_margin=st.equivalence_margin,
+        ),
+        args.out / "suppression.json",
+    )
+    table = steering_table(runs)
+    write_parquet(table, args.out / "steering.parquet")
+    write_json(steering_summary(table), args.out / "steering.json")
+    write_json(
+        steering_statistics(
+            runs, params.steer.utility, n_resamples=st.bootstrap_resamples, seed=st.seed, confidence=st.confidence
+        ),
+        args.out / "steering_intervals.json",
+    )
+
+
+if __name__ == "__main__":
+    main()
