@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.errors import PipelineError
 from pipeline.method.attribution import METHOD_DESCRIPTIONS
 from pipeline.report.html import Section
 from pipeline.report.plots import plot_training_curves
@@ -193,6 +194,53 @@ def _sampled_ground_truth_section(sampled: dict[str, dict]) -> list[Section]:
     ]
 
 
+def _mean_value(cells: dict) -> float | None:
+    values = [c["value"] for c in cells.values() if c.get("value") is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _hones_drop(by_utility: dict) -> dict:
+    """HONES's headline on-target drop of one utility's suppression statistics ({} when HONES
+    was not evaluated)."""
+    return by_utility.get("summary", {}).get("hones", {}).get("on_target_drop", {})
+
+
+def _transfer_section(results: StudyResults) -> list[Section]:
+    rows = {}
+    for m, t in results.transfer.items():
+        supp, steer = t["suppression"], t["steering"]
+        for u in UTILITIES:
+            if u not in supp:
+                continue
+            diffs = steer.get(u, {}).get("differences", {})
+            rows[(m, u)] = {
+                "base utility, test (mean of tasks)": _mean_value(
+                    results.suppression[m].get(u, {}).get("baseline", {})
+                ),
+                "base utility, ood": _mean_value(supp[u]["baseline"]),
+                "HONES on-target drop (%), test": interval_text(_hones_drop(results.suppression[m].get(u, {}))),
+                "HONES on-target drop (%), ood": interval_text(_hones_drop(supp[u])),
+                "learned minus base, ood": interval_text(diffs["learned-minus-base"]["mean"])
+                if "learned-minus-base" in diffs
+                else "",
+                "learned minus Grid-Search, ood": interval_text(diffs["learned-minus-grid_search"]["mean"])
+                if "learned-minus-grid_search" in diffs
+                else "",
+            }
+    if not rows:
+        return []
+    return [
+        Section(
+            "Do the masks and steering scales transfer out of distribution?",
+            "Masks found on the discovery split and steering scales learned (and the Grid-Search scale chosen) on "
+            "dev, applied unchanged to out-of-distribution items (the benchmark's ood split: other rendering and "
+            "wording, docs/default.md). Base utility is the unsteered, unmasked model on each split; steering "
+            "differences are in utility units, with 95% intervals. Likelihood decides.",
+            table=pd.DataFrame(rows).T,
+        )
+    ]
+
+
 def _quality_sections(results: StudyResults, targets: dict[str, dict]) -> list[Section]:
     sections = []
     for u in ("generative", "likelihood"):
@@ -299,6 +347,8 @@ def _model_sections(
         )
     )
     lens = results.logit_lens[m]
+    if not lens:
+        raise PipelineError(f"no logit lens of {m} (metrics/logit_lens/{m}.json): run its logit_lens stage")
     rows = {
         (t, c): {f"layer {l}": v for l, v in enumerate(by_task[c])}
         for t, by_task in lens["tasks"].items()
@@ -416,6 +466,7 @@ def report_sections(
                 )
             )
     sections += _sampled_ground_truth_section(sampled_ground_truth)
+    sections += _transfer_section(results)
     sections += _quality_sections(results, summary.get("quality_targets", {}))
     (plots / "training").mkdir(parents=True, exist_ok=True)
     for m in results.models:

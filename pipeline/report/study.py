@@ -33,6 +33,7 @@ from pipeline.report.verdict import (
     check_recipe_instances,
     quality_against_targets,
     replicated_rows,
+    transfer_rows,
     verdict_metrics,
     verdict_rows,
     verdict_summary,
@@ -67,7 +68,9 @@ class StudyResults:
     quality: ``metrics/model_quality/<m>.json``; attribution: ``metrics/attribution/<m>.json``;
     suppression: ``<data>/evaluate/<m>/suppression.json``; steering:
     ``<data>/steer/<m>/steering_intervals.json``; training: the default models' training records
-    ({} for a brought model); logit_lens: ``metrics/logit_lens/<m>.json``.
+    ({} for a brought model); logit_lens: ``metrics/logit_lens/<m>.json``; transfer:
+    {"suppression", "steering"}: ``<data>/transfer/<m>/suppression.json`` and
+    ``steering_intervals.json`` ({} each when the transfer stage measured nothing).
     """
 
     models: list[str]
@@ -77,6 +80,7 @@ class StudyResults:
     steering: dict[str, dict]
     training: dict[str, dict]
     logit_lens: dict[str, dict]
+    transfer: dict[str, dict]
 
 
 def read_study_results(data: Path, metrics: Path, models: list[str]) -> StudyResults:
@@ -90,6 +94,13 @@ def read_study_results(data: Path, metrics: Path, models: list[str]) -> StudyRes
         steering={m: _json(data / "steer" / m / "steering_intervals.json") for m in models},
         training={m: training_record(data / "models" / m, m) for m in models},
         logit_lens={m: _json(metrics / "logit_lens" / f"{m}.json") for m in models},
+        transfer={
+            m: {
+                "suppression": _json(data / "transfer" / m / "suppression.json"),
+                "steering": _json(data / "transfer" / m / "steering_intervals.json"),
+            }
+            for m in models
+        },
     )
 
 
@@ -138,6 +149,9 @@ def study_verdicts(
         r
         for m in results.models
         for r in verdict_rows(m, results.suppression[m], results.steering[m], results.attribution[m], steer_utility)
+        + transfer_rows(
+            m, results.transfer[m]["suppression"], results.transfer[m]["steering"], steer_utility, equivalence_margin
+        )
     ]
     for recipe, instances in replicates.items():
         check_recipe_instances(recipe, {m: results.training[m].get("spec") for m in instances})
@@ -195,6 +209,19 @@ def report_metrics(
             for m, s in suppression.items()
         },
         "steering.json": results.steering,
+        "transfer.json": {
+            m: {
+                "suppression": {
+                    u: {k: supp[u][k] for k in ("baseline", "summary", "differences") if k in supp[u]}
+                    for u in UTILITIES
+                    if u in supp
+                },
+                "in_distribution_baseline": {u: suppression[m].get(u, {}).get("baseline", {}) for u in UTILITIES},
+                "steering": t["steering"],
+            }
+            for m, t in results.transfer.items()
+            if (supp := t["suppression"])
+        },
         "verdict.json": verdict_metrics(verdicts),
         "verdict_summary.json": summary,
     }

@@ -7,6 +7,8 @@ around it, undecided otherwise). Inputs are the JSON the evaluate, steer and mas
 and, for a recipe replicated over seeds, ``suppression.replicated_differences``.
 
 - ``verdict_rows``: the rows of one model (one trained instance; ``instances`` = 1).
+- ``transfer_rows``: the rows of one model's transfer stage (masks and steering scales found in
+  distribution, measured out of distribution).
 - ``replicated_rows``: the method comparisons of one recipe decided across its instances.
 - ``verdict_summary``: how many claims of each model or recipe hold, fail, are equivalent or
   undecided (deciding utility), and each claim's verdicts side by side across them.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import math
 
 from pipeline.errors import PipelineError
+from pipeline.outcomes.statistics import Interval, verdict
 
 VERDICT_COLUMNS = (
     "model",
@@ -171,6 +174,42 @@ def verdict_rows(
                 verdict,
             )
         )
+    return _finite(rows)
+
+
+_TRANSFER_STEERING = {
+    "learned-minus-base": "out of distribution: learned steering scales improve utility over base (mean over tasks)",
+    "learned-minus-grid_search": "out of distribution: learned steering scales beat Grid-Search (mean over tasks)",
+}
+
+
+def transfer_rows(model: str, suppression: dict, steering: dict, steer_utility: str, margin: float) -> list[dict]:
+    """Rows (``VERDICT_COLUMNS``) of one model's transfer stage: its ``suppression.json`` and
+    ``steering_intervals.json`` on out-of-distribution items ({} when it measured nothing).
+
+    Claims: HONES's in-domain masks still drop their task out of distribution (on-target drop
+    above 0, ``margin`` percentage points of equivalence), and more than random masks do; the
+    in-domain learned scales improve the mean utility over base and over Grid-Search (both
+    chosen in distribution). Likelihood rows decide; generative rows are reported beside them.
+    """
+    rows: list[dict] = []
+    for utility in (DECIDING_UTILITY, "generative"):
+        u = suppression.get(utility, {})
+        drop = u.get("summary", {}).get("hones", {}).get("on_target_drop")
+        if drop:
+            iv = Interval(*(math.nan if drop[k] is None else drop[k] for k in ("value", "ci_low", "ci_high")))
+            claim = "out of distribution: HONES masks drop their task (on-target drop)"
+            rows.append(_row(model, claim, utility, drop, 0.0, verdict(iv, 0.0, margin)))
+        d = u.get("differences", {}).get("hones-minus-random", {}).get("on_target_drop")
+        if d:
+            claim = "out of distribution: HONES on-target drop exceeds random's"
+            rows.append(_row(model, claim, utility, d, 0.0, d["verdict"]))
+    for utility in dict.fromkeys((DECIDING_UTILITY, steer_utility)):
+        diffs = steering.get(utility, {}).get("differences", {})
+        for name, claim in _TRANSFER_STEERING.items():
+            d = diffs.get(name, {}).get("mean")
+            if d:
+                rows.append(_row(model, claim, utility, d, 0.0, d["verdict"]))
     return _finite(rows)
 
 
