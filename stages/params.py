@@ -234,6 +234,13 @@ class TransferConfig(_Strict):
     methods: list[str] = Field(default_factory=lambda: ["hones", "random"], min_length=1)
 
 
+class SharedNeuronsConfig(_Strict):
+    """``shared_neurons``: ``draws`` size-matched random subsets of each task's mask per pair of
+    tasks, against which the neurons both masks share are compared."""
+
+    draws: int = Field(2, ge=1)
+
+
 class ExhaustiveHeadsConfig(_Strict):
     """``heads.exhaustive``: every head substituted on every item (no settings of its own)."""
 
@@ -412,6 +419,7 @@ class ParamsFile(_Strict):
     statistics: StatisticsConfig = Field(default_factory=StatisticsConfig)
     steer: SteerConfig = Field(default_factory=SteerConfig)
     transfer: TransferConfig = Field(default_factory=TransferConfig)
+    shared_neurons: SharedNeuronsConfig = Field(default_factory=SharedNeuronsConfig)
 
     @field_validator("tasks")
     @classmethod

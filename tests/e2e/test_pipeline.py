@@ -188,6 +188,10 @@ def test_outputs_are_written(repo: Path) -> None:
         transfer = json.loads((repo / f"data/transfer/{model}/suppression.json").read_text())
         assert set(transfer["likelihood"]["summary"]) == {"hones", "random"}
         assert set(transfer["likelihood"]["baseline"]) == set(TASKS)
+        shared = json.loads((repo / f"data/shared_neurons/{model}/shared.json").read_text())
+        assert shared["mask_size"] == 0.1 and shared["utility"] == "likelihood"
+        for pair, figures in shared["pairs"].items():
+            assert figures["shared_neurons"] > 0 and "shared" in figures["on_pair"], pair
         moved = json.loads((repo / f"data/transfer/{model}/steering_intervals.json").read_text())
         assert {"learned-minus-base", "learned-minus-grid_search"} <= set(moved["likelihood"]["differences"])
     steering = json.loads((repo / "metrics/steering.json").read_text())
