@@ -241,6 +241,32 @@ def _transfer_section(results: StudyResults) -> list[Section]:
     ]
 
 
+def _shared_neurons_section(results: StudyResults) -> list[Section]:
+    rows = {}
+    for m, shared in results.shared_neurons.items():
+        for pair, fig in shared.get("pairs", {}).items():
+            rows[(m, pair)] = {
+                "shared neurons": fig["shared_neurons"],
+                "drop on the pair's tasks (%)": interval_text(fig["on_pair"]["shared"]),
+                "drop on the other tasks (%)": interval_text(fig.get("cross_task", {}).get("shared", {})),
+                "minus as many other mask neurons, pair's tasks": interval_text(
+                    fig["shared_minus_subset"].get("on_pair", {})
+                ),
+            }
+    if not rows:
+        return []
+    size = next(s["mask_size"] for s in results.shared_neurons.values() if s.get("pairs"))
+    return [
+        Section(
+            "Do the neurons two tasks share matter more?",
+            f"For each pair of tasks, the neurons both tasks' HONES masks hold at mask size {size:g}, zeroed alone "
+            "on every task's test items (likelihood, relative drop in %, 95% intervals), and the difference from "
+            "zeroing as many other neurons of the two masks (docs/methods.md).",
+            table=pd.DataFrame(rows).T,
+        )
+    ]
+
+
 def _quality_sections(results: StudyResults, targets: dict[str, dict]) -> list[Section]:
     sections = []
     for u in ("generative", "likelihood"):
@@ -467,6 +493,7 @@ def report_sections(
             )
     sections += _sampled_ground_truth_section(sampled_ground_truth)
     sections += _transfer_section(results)
+    sections += _shared_neurons_section(results)
     sections += _quality_sections(results, summary.get("quality_targets", {}))
     (plots / "training").mkdir(parents=True, exist_ok=True)
     for m in results.models:

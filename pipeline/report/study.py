@@ -33,6 +33,7 @@ from pipeline.report.verdict import (
     check_recipe_instances,
     quality_against_targets,
     replicated_rows,
+    shared_neuron_rows,
     transfer_rows,
     verdict_metrics,
     verdict_rows,
@@ -70,7 +71,8 @@ class StudyResults:
     ``<data>/steer/<m>/steering_intervals.json``; training: the default models' training records
     ({} for a brought model); logit_lens: ``metrics/logit_lens/<m>.json``; transfer:
     {"suppression", "steering"}: ``<data>/transfer/<m>/suppression.json`` and
-    ``steering_intervals.json`` ({} each when the transfer stage measured nothing).
+    ``steering_intervals.json`` ({} each when the transfer stage measured nothing);
+    shared_neurons: ``<data>/shared_neurons/<m>/shared.json``.
     """
 
     models: list[str]
@@ -81,6 +83,7 @@ class StudyResults:
     training: dict[str, dict]
     logit_lens: dict[str, dict]
     transfer: dict[str, dict]
+    shared_neurons: dict[str, dict]
 
 
 def read_study_results(data: Path, metrics: Path, models: list[str]) -> StudyResults:
@@ -101,6 +104,7 @@ def read_study_results(data: Path, metrics: Path, models: list[str]) -> StudyRes
             }
             for m in models
         },
+        shared_neurons={m: _json(data / "shared_neurons" / m / "shared.json") for m in models},
     )
 
 
@@ -152,6 +156,7 @@ def study_verdicts(
         + transfer_rows(
             m, results.transfer[m]["suppression"], results.transfer[m]["steering"], steer_utility, equivalence_margin
         )
+        + shared_neuron_rows(m, results.shared_neurons[m])
     ]
     for recipe, instances in replicates.items():
         check_recipe_instances(recipe, {m: results.training[m].get("spec") for m in instances})
@@ -222,6 +227,7 @@ def report_metrics(
             for m, t in results.transfer.items()
             if (supp := t["suppression"])
         },
+        "shared_neurons.json": results.shared_neurons,
         "verdict.json": verdict_metrics(verdicts),
         "verdict_summary.json": summary,
     }

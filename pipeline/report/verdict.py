@@ -9,6 +9,7 @@ and, for a recipe replicated over seeds, ``suppression.replicated_differences``.
 - ``verdict_rows``: the rows of one model (one trained instance; ``instances`` = 1).
 - ``transfer_rows``: the rows of one model's transfer stage (masks and steering scales found in
   distribution, measured out of distribution).
+- ``shared_neuron_rows``: the rows of one model's shared-neurons stage.
 - ``replicated_rows``: the method comparisons of one recipe decided across its instances.
 - ``verdict_summary``: how many claims of each model or recipe hold, fail, are equivalent or
   undecided (deciding utility), and each claim's verdicts side by side across them.
@@ -211,6 +212,26 @@ def transfer_rows(model: str, suppression: dict, steering: dict, steer_utility: 
             if d:
                 rows.append(_row(model, claim, utility, d, 0.0, d["verdict"]))
     return _finite(rows)
+
+
+_SHARED_CLAIMS = {
+    "vqa_pairs_minus_others": "neurons shared with VQA have the largest cross-task effect "
+    "(pairs with VQA minus the others)",
+    "shared_minus_subset": "shared neurons drop their pair's tasks more than as many other neurons of the masks",
+}
+
+
+def shared_neuron_rows(model: str, shared: dict) -> list[dict]:
+    """Rows (``VERDICT_COLUMNS``) of one model's shared-neurons stage (its ``shared.json``; no
+    rows when no pair of masks shares a neuron): its two claims, in relative drop (%)."""
+    claims = shared.get("claims", {})
+    return _finite(
+        [
+            _row(model, claim, shared["utility"], claims[key], 0.0, claims[key]["verdict"])
+            for key, claim in _SHARED_CLAIMS.items()
+            if key in claims
+        ]
+    )
 
 
 def replicated_rows(recipe: str, replicated: dict) -> list[dict]:
