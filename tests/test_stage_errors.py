@@ -365,3 +365,66 @@ def test_shipped_weights_are_checked_against_the_recipe_and_pinned(benchmark_dir
     line = one_line_error(run_stage("ship_model", "--params", params, "--model", "m", "--out", bad_out, cwd=tmp_path))
     assert "training.json is missing" in line
     assert not bad_out.exists()
+
+
+def _transfer_inputs(tmp_path: Path) -> tuple[Path, Path]:
+    """A masks table with HONES and random headline masks of vqa and ocr, and a steer folder."""
+    rows = [
+        (method, task, 0.01, 0, True, 0, 0, k)
+        for k, (method, task) in enumerate([(m, t) for m in ("hones", "random") for t in ("vqa", "ocr")])
+    ]
+    masks = tmp_path / "masks.parquet"
+    pd.DataFrame(rows, columns=["method", "task", "rho", "draw", "headline", "rank", "layer", "neuron"]).to_parquet(
+        masks
+    )
+    steer = tmp_path / "steer"
+    steer.mkdir()
+    pd.DataFrame({"task": ["vqa", "ocr"], "layer": [0, 0], "neuron": [0, 1], "scale": [1.1, 0.9]}).to_parquet(
+        steer / "scales.parquet"
+    )
+    pd.DataFrame(
+        {"task": ["vqa", "ocr"], "variant": ["grid@1", "grid@1"], "split": "dev", "utility": [0.5, 0.5], "metric": "m"}
+    ).to_parquet(steer / "steering.parquet")
+    return masks, steer
+
+
+def transfer(params: Path, benchmark: Path, masks: Path, steer: Path, out: Path):
+    return run_stage(
+        "transfer",
+        "--params",
+        params,
+        "--model",
+        "m",
+        "--benchmark",
+        benchmark,
+        "--masks",
+        masks,
+        "--steer",
+        steer,
+        "--out",
+        out,
+    )
+
+
+@pytest.mark.slow
+def test_transfer_names_its_methods_key_and_a_missing_split(tmp_path, benchmark_dir) -> None:
+    masks, steer = _transfer_inputs(tmp_path)
+    params = params_file(tmp_path, transfer__methods=["hones", "atp"])
+    line = one_line_error(transfer(params, benchmark_dir, masks, steer, tmp_path / "out"))
+    assert "transfer.methods: ['atp'] not in" in line and "available: ['hones', 'random']" in line
+    # The test fixture's benchmark has no ood split: named, with nothing written.
+    params = params_file(tmp_path, transfer__methods=["hones"])
+    line = one_line_error(transfer(params, benchmark_dir, masks, steer, tmp_path / "out"))
+    assert "has no 'vqa' items in split 'ood'" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_transfer_without_an_ood_split_measures_nothing(tmp_path, benchmark_dir) -> None:
+    masks, steer = _transfer_inputs(tmp_path)
+    params = params_file(tmp_path, transfer__split=None)
+    proc = transfer(params, benchmark_dir, masks, steer, tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "transfer.split is null" in proc.stderr
+    for name in ("suppression.json", "steering_intervals.json"):
+        assert (tmp_path / "out" / name).read_text().strip() == "{}"
