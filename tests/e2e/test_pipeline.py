@@ -382,8 +382,10 @@ def test_max_new_tokens_marks_only_generating_stages(repo: Path) -> None:
     finally:
         (repo / "params.yaml").write_text(yaml.safe_dump(before, sort_keys=False))
     kinds = {name.split("@")[0] for name in changed}
-    assert kinds == {"model_quality", "heads", "evaluate", "steer"}, changed
-    assert len(changed) == len(MODELS) * (1 + len(TASKS) + 1 + 1)
+    # transfer generates out of distribution; shared_neurons generates its base only (the
+    # suppression jobs always score the base generatively).
+    assert kinds == {"model_quality", "heads", "evaluate", "steer", "transfer", "shared_neurons"}, changed
+    assert len(changed) == len(MODELS) * (1 + len(TASKS) + 1 + 1 + 1 + 1)
 
 
 def test_retrain_with_same_params_reruns_nothing_downstream(repo: Path) -> None:
@@ -483,7 +485,8 @@ def test_experiment_runs_masks_onwards_and_applies_back(repo: Path) -> None:
     proc = dvc(repo, "exp", "run", "-n", "rho10", "-S", "masks.rho=0.1")
     ran = ran_stages(proc)
     assert {"masks@tiny-llava", "masks@tiny-idefics3"} <= ran
-    assert {s.split("@")[0] for s in ran} <= {"resolve_model", "masks", "evaluate", "steer", "report"}, ran
+    downstream = {"resolve_model", "masks", "evaluate", "steer", "transfer", "shared_neurons", "report"}
+    assert {s.split("@")[0] for s in ran} <= downstream, ran
     shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
     text = json.dumps(shown)
     assert "rho10" in text and "metrics/model_quality/tiny-llava.json" in text and "suppression_summary" in text
