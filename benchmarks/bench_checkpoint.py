@@ -23,7 +23,7 @@ from pathlib import Path
 import torch  # noqa: E402
 from _common import REPO, table
 
-from pipeline.model.default_model import CHECKPOINT_FILE, train_default_model  # noqa: E402
+from pipeline.model.default import CHECKPOINT_FILE, train_default_model  # noqa: E402
 from stages.params import load_params_file  # noqa: E402
 
 

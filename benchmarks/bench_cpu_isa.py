@@ -35,7 +35,7 @@ torch.set_num_threads({threads})
 from pathlib import Path
 from stages.params import load_params_file
 from dataclasses import replace
-from pipeline.model.default_model import train_default_model
+from pipeline.model.default import train_default_model
 spec = load_params_file(Path({repo!r}) / "params.yaml").models[{model!r}].spec
 spec = replace(spec, vision_warmup_steps={steps} // 2, steps={steps})
 t = time.perf_counter()

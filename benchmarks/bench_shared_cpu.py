@@ -32,7 +32,7 @@ import numpy as np, torch
 from dataclasses import replace
 from pathlib import Path
 import bench_train
-from pipeline.model import default_model as dm
+from pipeline.model import default as dm
 from pipeline.model.adapter import ModelAdapter
 from pipeline.model.evaluation import evaluate_task
 from pipeline.tasks.items import read_annotations, training_examples, ImageTable

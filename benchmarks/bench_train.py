@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _common import REPO, table
 
-from pipeline.model import default_model as dm  # noqa: E402
+from pipeline.model import default as dm  # noqa: E402
 from pipeline.model.adapter import ModelAdapter  # noqa: E402
 from pipeline.tasks.items import training_examples  # noqa: E402
 from stages.params import load_params_file  # noqa: E402

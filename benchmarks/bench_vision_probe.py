@@ -29,7 +29,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from _common import REPO, table
 
-from pipeline.model import default_model as dm  # noqa: E402
+from pipeline.model import default as dm  # noqa: E402
 from pipeline.tasks.items import ImageTable, read_annotations  # noqa: E402
 from stages.params import load_params_file  # noqa: E402
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.model.default_model import train_default_model
+from pipeline.model.default import train_default_model
 from pipeline.provenance import code_version, files_hash
 from stages._common import entry, parser, report_rows
 from stages._device import model_device

@@ -54,7 +54,7 @@ def tiny_model_spec():
     """The fixture's architecture; training-only fields are inert (``build_model`` never trains)."""
     from dataclasses import fields
 
-    from pipeline.model.default_model import DefaultModelSpec
+    from pipeline.model.default import DefaultModelSpec
 
     values = dict(
         name="test-tiny",
@@ -87,7 +87,7 @@ def tiny_model_spec():
 def build_tiny_adapter(benchmark_dir: Path):
     """The tiny LLaVA of the fixture (deterministic: ``build_model`` seeds itself)."""
     from pipeline.model.adapter import ModelAdapter
-    from pipeline.model.default_model import benchmark_vocabulary, build_model, build_processor, build_tokenizer
+    from pipeline.model.default import benchmark_vocabulary, build_model, build_processor, build_tokenizer
 
     spec = tiny_model_spec()
     annotations = read_annotations(Path(benchmark_dir) / "annotations.parquet")

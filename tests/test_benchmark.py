@@ -152,7 +152,7 @@ def test_read_annotations_rejects_bad_tables(built, tmp_path) -> None:
 def test_out_of_distribution_split_is_shifted_and_leaves_the_others_alone(built, tmp_path) -> None:
     """The ood split renders and words its items as no other split does; adding it changes no
     other split's items or images and adds no word to the vocabulary a tokenizer is built on."""
-    from pipeline.model.default_model import benchmark_vocabulary
+    from pipeline.model.default import benchmark_vocabulary
     from pipeline.tasks.benchmark import IN_DISTRIBUTION, OUT_OF_DISTRIBUTION
 
     out, base = built

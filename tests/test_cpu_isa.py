@@ -39,7 +39,7 @@ torch.set_num_threads(1)
 from dataclasses import replace
 from pathlib import Path
 from conftest import tiny_model_spec
-from pipeline.model.default_model import train_default_model
+from pipeline.model.default import train_default_model
 spec = replace(tiny_model_spec(), steps=3, batch_size=4, vision_warmup_steps=2, warmup_steps=1)
 out = Path({out!r})
 train_default_model(spec, Path({bench!r}), out, name="m")

@@ -13,7 +13,7 @@ from conftest import tiny_model_spec
 
 from pipeline.errors import PipelineError
 from pipeline.model.adapter import ModelAdapter
-from pipeline.model.default_model import (
+from pipeline.model.default import (
     benchmark_vocabulary,
     build_tokenizer,
     image_word_targets,
@@ -131,7 +131,7 @@ torch.set_num_threads(1)
 from dataclasses import replace
 from pathlib import Path
 from conftest import tiny_model_spec
-from pipeline.model.default_model import train_default_model
+from pipeline.model.default import train_default_model
 spec = replace(tiny_model_spec(), steps=6, batch_size=4, vision_warmup_steps=4, warmup_steps=1,
                retrieval_negatives={negatives!r})
 kill_at = {kill_at!r}
@@ -214,7 +214,7 @@ def test_frozen_tower_cache_gives_the_real_towers_inputs_and_logits(benchmark_di
     """The language phase's cache (each image processed once, the frozen tower's outputs computed
     once) feeds the model exactly what the real image processor and tower would, and leaves
     the real ones in place when uninstalled."""
-    from pipeline.model import default_model as dm
+    from pipeline.model import default as dm
     from pipeline.tasks.items import ImageTable
 
     spec = replace(
@@ -275,7 +275,7 @@ def test_ranking_step_adds_softmax_over_the_evaluations_margins(benchmark_dir, a
     cross-entropy of the margins ``yes_no_margin`` (the retrieval evaluation) computes."""
     from conftest import build_tiny_adapter
 
-    from pipeline.model.default_model import _training_step, ranking_loss
+    from pipeline.model.default import _training_step, ranking_loss
     from pipeline.model.evaluation import yes_no_margin
     from pipeline.tasks.items import RankingExample, TrainingExample, training_examples
 

@@ -138,14 +138,14 @@ def test_graph_is_exact(stages, params) -> None:
 def test_graph_check_names_each_broken_entry(stages, params) -> None:
     """The check is not vacuous: a dep lost, a dep gained, a param lost and one gained are each named."""
     broken = {k: {"cmd": v["cmd"], "deps": list(v["deps"]), "params": list(v["params"])} for k, v in stages.items()}
-    broken["heads@tiny-llava-vqa"]["deps"].remove("pipeline/model/hooks.py")
+    broken["heads@tiny-llava-vqa"]["deps"].remove("pipeline/model/hooks/primitives.py")
     broken["masks@tiny-llava"]["deps"].append("pipeline/outcomes/steering.py")
     broken["dump@tiny-llava-ocr"]["params"].remove("heads.top_k")
     broken["train_default_model@tiny-llava"]["params"].append("runtime.max_new_tokens")
     problems = check_graph(ROOT, broken, params)
     assert sorted(problems) == sorted(
         [
-            "heads@tiny-llava-vqa: missing code dep pipeline/model/hooks.py",
+            "heads@tiny-llava-vqa: missing code dep pipeline/model/hooks/primitives.py",
             "masks@tiny-llava: extra code dep pipeline/outcomes/steering.py",
             "dump@tiny-llava-ocr: missing param heads.top_k",
             "train_default_model@tiny-llava: extra param runtime.max_new_tokens",

@@ -317,7 +317,7 @@ def test_shipped_weights_are_checked_against_the_recipe_and_pinned(benchmark_dir
 
     from conftest import tiny_model_spec
 
-    from pipeline.model.default_model import train_default_model
+    from pipeline.model.default import train_default_model
     from pipeline.model.source import read_source
 
     spec = replace(tiny_model_spec(), steps=2, batch_size=2, warmup_steps=1)

@@ -1,2 +1,2 @@
 """The model side: ``adapter`` (any supported VLM), ``hooks`` (interventions), ``scoring``
-(answer log-probabilities), ``evaluation`` (task utilities), ``default_model`` (the embedded VLM)."""
+(answer log-probabilities), ``evaluation`` (task utilities), ``default`` (the embedded VLM)."""

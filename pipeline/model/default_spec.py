@@ -1,6 +1,6 @@
 """What defines an embedded default model: ``DefaultModelSpec``, its architecture and schedule.
 
-Kept apart from the trainer (``default_model``) so that the params schema can use it without
+Kept apart from the trainer (``default``) so that the params schema can use it without
 making every stage depend on the training code.
 
 - ``DefaultModelSpec``: frozen dataclass; sizes in features, ``lr`` per step, ``steps`` in
