@@ -6,14 +6,11 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.io import write_json, write_parquet
-from pipeline.model.workers import map_jobs
 from pipeline.outcomes.suppression import (
     conditions_table,
     mask_conditions,
-    merge_suppression_scores,
-    run_suppression_job,
+    score_suppression,
     scores_table,
-    suppression_jobs,
     suppression_statistics,
 )
 from pipeline.report.plots import plot_deletion_curves, plot_square
@@ -69,23 +66,15 @@ def main() -> None:
     conditions = mask_conditions(masks)
     items = load_items(args.benchmark, (cfg.split,), tuple(tasks), cfg.max_items)
     workers, threads = worker_plan(params, args.model)
-    # Several shards per task and worker: the pool stays busy while the last jobs finish.
-    jobs = suppression_jobs(items, conditions, shards_per_task=1 if workers == 1 else 2 * workers)
-    parts = map_jobs(
-        partial(
-            run_suppression_job,
-            items=items,
-            conditions=conditions,
-            batch_size=rt.batch_sequences,
-            max_new_tokens=rt.max_new_tokens,
-        ),
-        jobs,
+    scores = score_suppression(
+        items,
+        conditions,
         partial(load_model_and_images, params, args.model, args.benchmark),
+        batch_size=rt.batch_sequences,
+        max_new_tokens=rt.max_new_tokens,
         workers=workers,
         threads=threads,
-        what="suppression",
     )
-    scores = merge_suppression_scores(parts, items)
     stats = suppression_statistics(
         scores,
         conditions,

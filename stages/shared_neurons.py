@@ -8,15 +8,8 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.io import write_json, write_parquet
-from pipeline.model.workers import map_jobs
 from pipeline.outcomes.shared_neurons import shared_conditions, shared_neuron_statistics, shared_sets
-from pipeline.outcomes.suppression import (
-    conditions_table,
-    merge_suppression_scores,
-    run_suppression_job,
-    scores_table,
-    suppression_jobs,
-)
+from pipeline.outcomes.suppression import conditions_table, score_suppression, scores_table
 from stages._common import entry, parser
 from stages._load import load_items, load_model_and_images, worker_plan
 from stages.params import ConfigError, read_params
@@ -32,7 +25,6 @@ READS = (
     "runtime.threads",
     "runtime.workers",
     "runtime.batch_sequences",
-    "runtime.max_new_tokens",
     "tasks",
     "models.{model}",
 )
@@ -62,21 +54,18 @@ def main() -> None:
         return
     items = load_items(args.benchmark, (params.evaluate.split,), tuple(tasks), params.evaluate.max_items)
     workers, threads = worker_plan(params, args.model)
-    parts = map_jobs(
-        partial(
-            run_suppression_job,
-            items=items,
-            conditions=conditions,
-            batch_size=rt.batch_sequences,
-            max_new_tokens=rt.max_new_tokens,
-        ),
-        suppression_jobs(items, conditions, shards_per_task=1 if workers == 1 else 2 * workers),
+    # The statistics read the likelihood alone: nothing is generated.
+    scores = score_suppression(
+        items,
+        conditions,
         partial(load_model_and_images, params, args.model, args.benchmark),
+        batch_size=rt.batch_sequences,
+        max_new_tokens=None,
         workers=workers,
         threads=threads,
+        generative=False,
         what="shared neurons",
     )
-    scores = merge_suppression_scores(parts, items)
     stats = shared_neuron_statistics(
         scores,
         conditions,

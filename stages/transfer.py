@@ -10,23 +10,9 @@ import pandas as pd
 
 from pipeline.io import write_json, write_parquet
 from pipeline.method.masks import headline_mask
-from pipeline.model.workers import map_jobs
 from pipeline.outcomes.steering import load_scales, steering_statistics, steering_summary, steering_table
-from pipeline.outcomes.suppression import (
-    conditions_table,
-    mask_conditions,
-    merge_suppression_scores,
-    run_suppression_job,
-    scores_table,
-    suppression_jobs,
-    suppression_statistics,
-)
-from pipeline.outcomes.transfer import (
-    TransferSteeringJob,
-    chosen_grid_scales,
-    run_transfer_steering_job,
-    transfer_variants,
-)
+from pipeline.outcomes.suppression import conditions_table, mask_conditions, scores_table, suppression_statistics
+from pipeline.outcomes.transfer import TransferSteeringJob, chosen_grid_scales, transfer_outcomes, transfer_variants
 from stages._common import entry, parser
 from stages._load import load_items, load_model_and_images, worker_plan
 from stages.evaluate import selected_masks
@@ -83,23 +69,7 @@ def main() -> None:
     )
     items = load_items(args.benchmark, (cfg.split,), tuple(tasks), cfg.max_items)
     workers, threads = worker_plan(params, args.model)
-    state = partial(load_model_and_images, params, args.model, args.benchmark)
-    parts = map_jobs(
-        partial(
-            run_suppression_job,
-            items=items,
-            conditions=conditions,
-            batch_size=rt.batch_sequences,
-            max_new_tokens=rt.max_new_tokens,
-        ),
-        suppression_jobs(items, conditions, shards_per_task=1 if workers == 1 else 2 * workers),
-        state,
-        workers=workers,
-        threads=threads,
-        what="transfer suppression",
-    )
-    scores = merge_suppression_scores(parts, items)
-    jobs = [
+    steering_jobs = [
         TransferSteeringJob(
             task,
             items[items["task"] == task],
@@ -111,16 +81,16 @@ def main() -> None:
         )
         for task in tasks
     ]
-    order = sorted(range(len(jobs)), key=lambda k: -jobs[k].cost)
-    done = map_jobs(
-        run_transfer_steering_job,
-        [jobs[k] for k in order],
-        state,
+    scores, runs = transfer_outcomes(
+        items,
+        conditions,
+        steering_jobs,
+        partial(load_model_and_images, params, args.model, args.benchmark),
+        batch_size=rt.batch_sequences,
+        max_new_tokens=rt.max_new_tokens,
         workers=workers,
         threads=threads,
-        what="transfer steering",
     )
-    runs = [run for _, run in sorted(zip(order, done))]
     write_parquet(scores_table(scores, items), args.out / "scores.parquet")
     write_parquet(conditions_table(conditions), args.out / "conditions.parquet")
     write_json(

@@ -13,10 +13,12 @@ from pipeline.errors import PipelineError
 from pipeline.model.evaluation import evaluate_task
 from pipeline.model.hooks import scale_neurons
 from pipeline.outcomes.steering import steering_statistics
+from pipeline.outcomes.suppression import MaskCondition, score_suppression, suppression_scores
 from pipeline.outcomes.transfer import (
     TransferSteeringJob,
     chosen_grid_scales,
     run_transfer_steering_job,
+    transfer_outcomes,
     transfer_variants,
 )
 from pipeline.report.verdict import transfer_rows
@@ -85,6 +87,36 @@ def test_each_variant_equals_the_model_steered_alone(tiny_adapter, annotations, 
         assert run.likelihood[name].per_item == pytest.approx(alone.per_item, abs=1e-5), name
     stats = steering_statistics([run], "generative", n_resamples=50, seed=0)
     assert {"learned-minus-base", "learned-minus-grid_search"} <= set(stats["likelihood"]["differences"])
+
+
+def test_one_job_list_equals_suppression_and_steering_run_apart(tiny_adapter, annotations, images) -> None:
+    """``transfer_outcomes`` deals suppression and steering jobs from one list (each worker
+    loads the model once); its results equal each part run on its own."""
+    items = pd.concat([discovery_items(annotations, t, 3) for t in ("vqa", "ocr")]).assign(split="ood")
+    conditions = [MaskCondition("hones", "vqa", 0.01, 0, True, ((0, 3), (1, 5)))]
+    scales = (("base", {}), ("learned", {(0, 3): 1.7, (1, 5): 0.2}))
+    jobs = [
+        TransferSteeringJob(t, items[items["task"] == t], scales, "dev", "likelihood", 8, 4) for t in ("vqa", "ocr")
+    ]
+    scores, runs = transfer_outcomes(
+        items, conditions, jobs, lambda: (tiny_adapter, images), batch_size=8, max_new_tokens=4
+    )
+    apart = suppression_scores(tiny_adapter, items, images, conditions, batch_size=8, max_new_tokens=4)
+    assert list(scores) == list(apart)
+    for key in apart:
+        for c, r in apart[key].items():
+            assert scores[key][c].per_item == pytest.approx(r.per_item, abs=1e-6), (key, c)
+    assert [r.task for r in runs] == ["vqa", "ocr"]
+    for job, run in zip(jobs, runs):
+        alone = run_transfer_steering_job((tiny_adapter, images), job)
+        for name in ("base", "learned"):
+            assert run.likelihood[name].per_item == pytest.approx(alone.likelihood[name].per_item, abs=1e-6)
+    likelihood_only = score_suppression(
+        items, conditions, lambda: (tiny_adapter, images), batch_size=8, max_new_tokens=None, generative=False
+    )
+    assert {u for u, _ in likelihood_only} == {"likelihood"}
+    with pytest.raises(PipelineError, match="max_new_tokens"):
+        score_suppression(items, conditions, lambda: (tiny_adapter, images), batch_size=8, max_new_tokens=None)
 
 
 def _iv(value: float, low: float, high: float, verdict: str | None = None) -> dict:

@@ -37,7 +37,7 @@ import pandas as pd
 from pipeline.errors import PipelineError
 from pipeline.model.evaluation import TaskResult
 from pipeline.outcomes.statistics import interval, mean_over, verdict
-from pipeline.outcomes.suppression import MaskCondition, _drops
+from pipeline.outcomes.suppression import MaskCondition, relative_drops
 
 __all__ = ["SharedSet", "shared_sets", "shared_conditions", "shared_neuron_statistics", "SHARED_METHOD"]
 
@@ -141,7 +141,7 @@ def shared_neuron_statistics(
     tasks = list(dict.fromkeys(t for (u, t) in scores if u == UTILITY))
     if not tasks:
         raise PipelineError("shared neuron statistics: no likelihood scores")
-    drops = _drops({t: scores[(UTILITY, t)] for t in tasks}, n_resamples, seed)
+    drops = relative_drops({t: scores[(UTILITY, t)] for t in tasks}, n_resamples, seed)
     index = {(c.method, c.target_task, c.draw): k for k, c in enumerate(conditions, start=1)}
     pick = np.random.default_rng([seed, 31]).integers
 

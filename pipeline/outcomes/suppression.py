@@ -13,9 +13,11 @@ metric on the headline masks (rho = the paper's 1%, one random draw), and the co
 Map of this module:
 - ``MaskCondition`` / ``mask_conditions``: one zeroed mask (condition 0 is the unmasked base).
 - ``suppression_scores``: per-item results of every (utility, evaluated task, condition).
-- ``suppression_jobs`` / ``run_suppression_job`` / ``merge_suppression_scores``: the same work
-  as jobs (an evaluated task's conditions, in shards) for ``pipeline.model.workers.map_jobs``,
-  and their results merged in a fixed order.
+- ``score_suppression``: the same over worker processes; its pieces ``suppression_jobs`` /
+  ``run_suppression_job`` / ``merge_suppression_scores`` (an evaluated task's conditions, in
+  shards, for ``pipeline.model.workers.map_jobs``; their results merged in a fixed order) are
+  public for stages that run suppression beside other jobs.
+- ``relative_drops``: every condition's relative drop with paired bootstrap replicates.
 - ``scores_table``: those per-item scores as a long table (what the statistics rest on).
 - ``suppression_statistics``: paired-bootstrap intervals for the relative-drop matrices, the
   per-method summaries (on-target drop, off-target drop, selectivity = on minus off), the
@@ -31,8 +33,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -40,6 +43,7 @@ import pandas as pd
 from pipeline.errors import PipelineError
 from pipeline.model.evaluation import TaskResult, evaluate_conditions, result_values
 from pipeline.model.hooks import ablate_neurons_per_row, lowest_layer
+from pipeline.model.workers import map_jobs
 from pipeline.outcomes.statistics import (
     Interval,
     bootstrap_counts,
@@ -53,7 +57,7 @@ from pipeline.outcomes.statistics import (
     verdict,
 )
 from pipeline.tasks.items import ImageTable, likelihood_sequences_per_item
-from pipeline.tasks.metrics import bleu_from_statistics
+from pipeline.tasks.metrics import paper_bleu_from_statistics
 
 log = logging.getLogger(__name__)
 
@@ -119,15 +123,18 @@ class SuppressionJob:
 
 
 def suppression_jobs(
-    items: pd.DataFrame, conditions: Sequence[MaskCondition], shards_per_task: int = 1
+    items: pd.DataFrame, conditions: Sequence[MaskCondition], shards_per_task: int = 1, *, generative: bool = True
 ) -> list[SuppressionJob]:
     """The work of ``suppression_scores`` as jobs, heaviest first: every evaluated task's
     conditions dealt round-robin into ``shards_per_task`` shards (likelihood on every
-    condition, generative on ``generative_conditions``). A condition's items stay together, so
-    each job's results are complete per condition (a caption's BLEU is a corpus statistic)."""
+    condition, generative on ``generative_conditions`` unless ``generative`` is False). A
+    condition's items stay together, so each job's results are complete per condition (a
+    caption's BLEU is a corpus statistic)."""
     if shards_per_task < 1:
         raise PipelineError(f"suppression_jobs: shards_per_task ({shards_per_task}) must be at least 1")
-    wanted = {"likelihood": range(len(conditions) + 1), "generative": [0, *generative_conditions(conditions)]}
+    wanted: dict[str, Sequence[int]] = {"likelihood": range(len(conditions) + 1)}
+    if generative:
+        wanted["generative"] = [0, *generative_conditions(conditions)]
     jobs = []
     for task in dict.fromkeys(items["task"]):
         task_items = items[items["task"] == task]
@@ -151,9 +158,10 @@ def run_suppression_job(
     items: pd.DataFrame,
     conditions: Sequence[MaskCondition],
     batch_size: int,
-    max_new_tokens: int,
+    max_new_tokens: int | None,
 ) -> dict[tuple[str, str], dict[int, TaskResult]]:
-    """{(utility, eval_task): {condition: TaskResult}} of one job; ``state`` is (adapter, images)."""
+    """{(utility, eval_task): {condition: TaskResult}} of one job; ``state`` is (adapter, images).
+    ``max_new_tokens`` may be None when the job generates nothing."""
     adapter, images = state
     specs: list[list[tuple[int, int]] | None] = [None, *[list(c.neurons) for c in conditions]]
     res = evaluate_conditions(
@@ -204,19 +212,44 @@ def suppression_scores(
 ) -> dict[tuple[str, str], dict[int, TaskResult]]:
     """{(utility, eval_task): {condition: TaskResult}}; condition 0 is the base, k >= 1 is
     ``conditions[k - 1]``. Likelihood on every condition; generative on ``generative_conditions``.
-    In this process; ``suppression_jobs`` + ``workers.map_jobs`` + ``merge_suppression_scores``
-    spread the same work over processes."""
-    parts = [
-        run_suppression_job(
-            (adapter, images),
-            job,
+    In this process; ``score_suppression`` spreads the same work over processes."""
+    return score_suppression(
+        items, conditions, lambda: (adapter, images), batch_size=batch_size, max_new_tokens=max_new_tokens
+    )
+
+
+def score_suppression(
+    items: pd.DataFrame,
+    conditions: Sequence[MaskCondition],
+    load: Callable[[], tuple],
+    *,
+    batch_size: int,
+    max_new_tokens: int | None,
+    workers: int = 1,
+    threads: int = 1,
+    generative: bool = True,
+    what: str = "suppression",
+) -> dict[tuple[str, str], dict[int, TaskResult]]:
+    """``suppression_scores`` over ``workers`` processes (``workers.map_jobs``), each loading
+    its (adapter, images) with ``load``; ``generative=False`` scores the likelihood only, and
+    then needs no ``max_new_tokens`` (None). With several workers every task's conditions are
+    dealt into two shards per worker, so the pool stays busy while the last jobs finish."""
+    if generative and (max_new_tokens is None or max_new_tokens < 1):
+        raise PipelineError(f"score_suppression: generative scoring needs max_new_tokens >= 1, got {max_new_tokens}")
+    parts = map_jobs(
+        partial(
+            run_suppression_job,
             items=items,
             conditions=conditions,
             batch_size=batch_size,
             max_new_tokens=max_new_tokens,
-        )
-        for job in suppression_jobs(items, conditions)
-    ]
+        ),
+        suppression_jobs(items, conditions, shards_per_task=1 if workers == 1 else 2 * workers, generative=generative),
+        load,
+        workers=workers,
+        threads=threads,
+        what=what,
+    )
     return merge_suppression_scores(parts, items)
 
 
@@ -253,14 +286,18 @@ def scores_table(scores: dict[tuple[str, str], dict[int, TaskResult]], items: pd
 
 
 @dataclass
-class _Drops:
-    """Relative drops (%) of one utility: (condition, eval_task) -> (point, replicates [B])."""
+class RelativeDrops:
+    """Relative drops (%) of one utility: (condition, eval_task) -> (point, replicates [B]),
+    and each evaluated task's base utility."""
 
     cells: dict[tuple[int, str], tuple[float, np.ndarray]]
     baseline: dict[str, Interval]
 
 
-def _drops(by_task: dict[str, dict[int, TaskResult]], n_resamples: int, seed: int) -> _Drops:
+def relative_drops(by_task: dict[str, dict[int, TaskResult]], n_resamples: int, seed: int) -> RelativeDrops:
+    """Every condition's relative drop from the base (condition 0) on every evaluated task of
+    ``by_task`` ({eval_task: {condition: TaskResult}}), with paired bootstrap replicates: the
+    same resampled items (``task_seed(seed, task)``) for every condition of a task."""
     cells, baseline = {}, {}
     for task, by_cond in by_task.items():
         ids = list(by_cond)
@@ -272,10 +309,10 @@ def _drops(by_task: dict[str, dict[int, TaskResult]], n_resamples: int, seed: in
         dp, dr = relative_drop_replicates(point, reps, base_index=base)
         for k, c in enumerate(ids):
             cells[(c, task)] = (float(dp[k]), dr[k])
-    return _Drops(cells, baseline)
+    return RelativeDrops(cells, baseline)
 
 
-def _summary(drops: _Drops, targets: dict[str, int], tasks: list[str]) -> dict[str, tuple[float, np.ndarray]]:
+def _summary(drops: RelativeDrops, targets: dict[str, int], tasks: list[str]) -> dict[str, tuple[float, np.ndarray]]:
     """On-target, off-target and selectivity (point, replicates) of one mask family ({target: condition})."""
     on = [drops.cells[(c, t)] for t, c in targets.items() if (c, t) in drops.cells]
     off = [drops.cells[(c, s)] for t, c in targets.items() for s in tasks if s != t and (c, s) in drops.cells]
@@ -313,7 +350,7 @@ class _Headline:
         seed: int,
     ):
         self.tasks = list(by_task)
-        self.drops = _drops(by_task, n_resamples, seed)
+        self.drops = relative_drops(by_task, n_resamples, seed)
         evaluated = {c for (c, _) in self.drops.cells}
         self.families: dict[tuple[str, float, int], dict[str, int]] = {}
         for k, c in enumerate(conditions, start=1):
@@ -453,7 +490,7 @@ def scores_from_table(table: pd.DataFrame) -> dict[tuple[str, str], dict[int, Ta
     for (utility, task, cond), g in table.groupby(["utility", "eval_task", "condition"], sort=False):
         stats = g[bleu].to_numpy(dtype=np.float64) if bleu and g[bleu].notna().all().all() else None
         per_item = g["score"].to_numpy(dtype=np.float64)
-        value = float(bleu_from_statistics(stats.sum(axis=0))) if stats is not None else float(per_item.mean())
+        value = float(paper_bleu_from_statistics(stats.sum(axis=0))) if stats is not None else float(per_item.mean())
         out.setdefault((str(utility), str(task)), {})[int(cond)] = TaskResult(
             str(task), "", value, per_item, statistics=stats
         )

@@ -15,21 +15,31 @@ Map of this module:
   conditions of the same batches, under the steering utility and the likelihood, returned as a
   ``steering.TaskSteering`` so that ``steering.steering_statistics`` gives the paired intervals.
 
-Suppression out of distribution needs nothing new: the headline masks are conditions of
-``pipeline.outcomes.suppression`` on the other items.
+- ``transfer_outcomes``: suppression (the headline masks as conditions of
+  ``pipeline.outcomes.suppression`` on the other items) and steering, as one list of jobs, so
+  each worker loads the model once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import pandas as pd
 
 from pipeline.errors import PipelineError
-from pipeline.model.evaluation import evaluate_conditions
+from pipeline.model.evaluation import TaskResult, evaluate_conditions
 from pipeline.model.hooks import condition_scales, lowest_scaled_layer
+from pipeline.model.workers import map_jobs
 from pipeline.outcomes.steering import TaskSteering
+from pipeline.outcomes.suppression import (
+    MaskCondition,
+    SuppressionJob,
+    merge_suppression_scores,
+    run_suppression_job,
+    suppression_jobs,
+)
 from pipeline.tasks.items import likelihood_sequences_per_item
 
 __all__ = [
@@ -38,6 +48,7 @@ __all__ = [
     "transfer_variants",
     "TransferSteeringJob",
     "run_transfer_steering_job",
+    "transfer_outcomes",
 ]
 
 Neuron = tuple[int, int]
@@ -148,3 +159,52 @@ def run_transfer_steering_job(state: tuple, job: TransferSteeringJob) -> TaskSte
         {n: out[job.utility][c] for n, c in zip(names, idx)},
         likelihood={n: out["likelihood"][c] for n, c in zip(names, idx)},
     )
+
+
+def _run_transfer_job(
+    state: tuple,
+    job: SuppressionJob | TransferSteeringJob,
+    *,
+    items: pd.DataFrame,
+    conditions: Sequence[MaskCondition],
+    batch_size: int,
+    max_new_tokens: int,
+):
+    if isinstance(job, TransferSteeringJob):
+        return run_transfer_steering_job(state, job)
+    return run_suppression_job(
+        state, job, items=items, conditions=conditions, batch_size=batch_size, max_new_tokens=max_new_tokens
+    )
+
+
+def transfer_outcomes(
+    items: pd.DataFrame,
+    conditions: Sequence[MaskCondition],
+    steering_jobs: Sequence[TransferSteeringJob],
+    load: Callable[[], tuple],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    workers: int = 1,
+    threads: int = 1,
+) -> tuple[dict[tuple[str, str], dict[int, TaskResult]], list[TaskSteering]]:
+    """Suppression of ``conditions`` on ``items`` (as ``suppression.score_suppression``) and the
+    ``steering_jobs``, heaviest first over ``workers`` processes that each load their
+    (adapter, images) once with ``load``: (suppression scores, one ``TaskSteering`` per
+    steering job, in the order given)."""
+    shards = 1 if workers == 1 else 2 * workers
+    jobs: list[SuppressionJob | TransferSteeringJob] = [*suppression_jobs(items, conditions, shards), *steering_jobs]
+    order = sorted(range(len(jobs)), key=lambda k: -jobs[k].cost)
+    done = map_jobs(
+        partial(
+            _run_transfer_job, items=items, conditions=conditions, batch_size=batch_size, max_new_tokens=max_new_tokens
+        ),
+        [jobs[k] for k in order],
+        load,
+        workers=workers,
+        threads=threads,
+        what="transfer",
+    )
+    results = [result for _, result in sorted(zip(order, done), key=lambda kr: kr[0])]
+    n_suppression = len(jobs) - len(steering_jobs)
+    return merge_suppression_scores(results[:n_suppression], items), results[n_suppression:]

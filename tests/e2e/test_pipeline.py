@@ -350,7 +350,13 @@ def test_the_restore_hint_of_a_damaged_chunk_restores_it(repo: Path, damaged: st
 
 @pytest.mark.parametrize(
     "path",
-    ["stages/_common.py", "stages/_load.py", "stages/params.py", "pipeline/model/hooks.py", "pipeline/method/store.py"],
+    [
+        "stages/_common.py",
+        "stages/_load.py",
+        "stages/params/view.py",
+        "pipeline/model/hooks/prefix.py",
+        "pipeline/method/store/io.py",
+    ],
 )
 def test_code_edit_marks_exactly_its_importers(repo: Path, path: str) -> None:
     lock = all_stages(repo)
@@ -382,10 +388,9 @@ def test_max_new_tokens_marks_only_generating_stages(repo: Path) -> None:
     finally:
         (repo / "params.yaml").write_text(yaml.safe_dump(before, sort_keys=False))
     kinds = {name.split("@")[0] for name in changed}
-    # transfer generates out of distribution; shared_neurons generates its base only (the
-    # suppression jobs always score the base generatively).
-    assert kinds == {"model_quality", "heads", "evaluate", "steer", "transfer", "shared_neurons"}, changed
-    assert len(changed) == len(MODELS) * (1 + len(TASKS) + 1 + 1 + 1 + 1)
+    # transfer generates out of distribution; shared_neurons scores the likelihood alone.
+    assert kinds == {"model_quality", "heads", "evaluate", "steer", "transfer"}, changed
+    assert len(changed) == len(MODELS) * (1 + len(TASKS) + 1 + 1 + 1)
 
 
 def test_retrain_with_same_params_reruns_nothing_downstream(repo: Path) -> None:
