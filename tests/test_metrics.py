@@ -256,3 +256,81 @@ def test_ndcg_errors() -> None:
         ndcg_at_k([1.0, 0.0], positive_index=-1)
     with pytest.raises(ValueError, match="k must be"):
         ndcg_at_k([1.0, 0.0], positive_index=0, k=0)
+
+
+# ------------------------------------------------------- the authors' evaluation code
+
+
+def test_clean_generation_strips_prefixes_in_order_keeps_first_line_and_unquotes():
+    from pipeline.tasks.metrics import clean_generation
+
+    assert clean_generation('  Answer: A: "red"\nsecond line') == "red"
+    assert clean_generation("answer:blue") == "blue"  # case-insensitive prefix
+    assert clean_generation("Caption: A dog.") == "A dog."  # case kept
+    # Each prefix is tried once, in order: "A:" after "Caption:" is not tried again.
+    assert clean_generation("Caption: A: x") == "A: x"
+    assert clean_generation("'\"quoted\"'") == '"quoted"'  # double quotes first, then single
+    assert clean_generation("") == ""
+    with pytest.raises(ValueError, match="text must be a str"):
+        clean_generation(None)
+
+
+def test_paper_vqa_accuracy_matches_either_way_as_substring_against_one_answer():
+    from pipeline.tasks.metrics import paper_normalize_answer, paper_vqa_accuracy
+
+    assert paper_normalize_answer("Answer : The Red-Car!") == "the redcar"
+    assert paper_vqa_accuracy("reddish", ["red"]) == 1.0  # reference inside prediction
+    assert paper_vqa_accuracy("red", ["dark red"]) == 1.0  # prediction inside reference
+    assert paper_vqa_accuracy("blue", ["red"]) == 0.0
+    assert paper_vqa_accuracy("!!", ["red"]) == 0.0  # empty after normalisation
+    assert paper_vqa_accuracy("red", ["", "?"]) == 0.0  # no non-empty reference
+    # Two or more answers: exact matches over three, no substring rule.
+    assert paper_vqa_accuracy("red", ["red", "red", "reddish"]) == pytest.approx(2 / 3)
+    assert paper_vqa_accuracy("red", ["red", "red", "red", "blue"]) == 1.0
+    # The standard variant disagrees where the substring rule decides.
+    assert vqa_accuracy("reddish", ["red"]) == 0.0
+
+
+def test_paper_anls_uses_the_first_reference_without_non_word_characters():
+    from pipeline.tasks.metrics import paper_anls
+
+    assert paper_anls("B-O O.K", ["book"]) == 1.0  # spaces and punctuation removed
+    assert paper_anls("book", ["cook", "book"]) == pytest.approx(0.75)  # first reference only
+    assert anls("book", ["cook", "book"]) == 1.0  # the standard variant takes the best
+    assert paper_anls("abcd", ["wxyz"]) == 0.0
+    assert paper_anls("ab", ["abcd"]) == 0.5  # exactly the threshold is kept
+    assert paper_anls("...", ["book"]) == 0.0
+    with pytest.raises(ValueError, match="references is empty"):
+        paper_anls("book", [])
+
+
+@pytest.mark.parametrize(
+    ("references", "predictions", "nltk_value"),
+    [
+        # Values of nltk 3.9.1 (the authors' pinned version): corpus_bleu(refs, hyps,
+        # weights=(0.25,) * 4, smoothing_function=SmoothingFunction().method1) on lower().split().
+        ([["a red square on the left ."]], ["a red square the left"], 0.2241350160088414),
+        (
+            [["a red square ."], ["two shapes : a blue circle ."]],
+            ["A red square .", "two shapes a blue circle"],
+            0.5152415957866355,
+        ),
+        ([["a red square"]], ["red"], 0.024066394763145416),
+    ],
+)
+def test_paper_corpus_bleu_equals_nltk_with_smoothing_method_1(references, predictions, nltk_value):
+    from pipeline.tasks.metrics import paper_corpus_bleu
+
+    assert paper_corpus_bleu(predictions, references) == pytest.approx(nltk_value, abs=1e-15)
+
+
+def test_paper_corpus_bleu_by_hand():
+    from pipeline.tasks.metrics import paper_corpus_bleu
+
+    # "red" against "a red square": p1 = 1, p2..p4 have no match and count 0.1 matches over a
+    # denominator of at least 1; brevity penalty exp(1 - 3 / 1).
+    assert paper_corpus_bleu(["red"], [["a red square"]]) == pytest.approx(0.1**0.75 * math.exp(-2.0), rel=1e-12)
+    assert paper_corpus_bleu(["blue"], [["a red square"]]) == 0.0  # no unigram match
+    assert paper_corpus_bleu([""], [["a red square"]]) == 0.0
+    with pytest.raises(ValueError, match=r"references\[0\]: every reference is blank"):
+        paper_corpus_bleu(["red"], [["  "]])

@@ -21,7 +21,7 @@ from pipeline.outcomes.statistics import (
     utility_replicates,
     verdict,
 )
-from pipeline.tasks.metrics import bleu_statistics, corpus_bleu
+from pipeline.tasks.metrics import paper_bleu_statistics, paper_corpus_bleu
 
 
 def test_counts_are_resamples_of_n_items():
@@ -67,15 +67,15 @@ def test_corpus_bleu_replicates_equal_bleu_of_the_resampled_corpus():
         ["two shapes here"],
         ["a green diamond in the middle", "a diamond"],
     ]
-    stats = bleu_statistics(preds, refs)
+    stats = paper_bleu_statistics(preds, refs)
     assert float(utility_replicates(stats[None], np.ones((1, 4), int), "corpus_bleu")[0][0]) == pytest.approx(
-        corpus_bleu(preds, refs)
+        paper_corpus_bleu(preds, refs)
     )
     counts = bootstrap_counts(4, 5, np.random.default_rng(6))
     _, reps = utility_replicates(stats[None], counts, "corpus_bleu")
     for b, row in enumerate(counts):
         picked = [i for i, c in enumerate(row) for _ in range(c)]
-        assert reps[0, b] == pytest.approx(corpus_bleu([preds[i] for i in picked], [refs[i] for i in picked]))
+        assert reps[0, b] == pytest.approx(paper_corpus_bleu([preds[i] for i in picked], [refs[i] for i in picked]))
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,8 @@ Map of this module:
   single-forward utilities compute the vision tower and the layers below each batch's lowest
   intervened layer once per distinct sequence (``RowSharing``, ``hooks.forward_sharing_prefix``);
   generation always runs every row in full.
-- ``aggregate_utility``: per-item scores and the corpus-level utility for a task.
+- ``aggregate_utility``: per-item scores and the corpus-level utility for a task (the paper's
+  metric); ``standard_utility``: this project's standard variant of it.
 - ``evaluate_model_quality``: the generative and likelihood utilities of each task on one split.
 """
 
@@ -72,7 +73,7 @@ class TaskResult:
     ``per_item`` [item]: the per-example score (VQA accuracy, ANLS, sentence BLEU-4,
     NDCG@5, mean answer log-probability in nats, or the likelihood in [0, 1]); ``utility`` is
     the task's corpus-level value (corpus BLEU-4 for captions, the mean otherwise).
-    ``statistics`` [item, 10]: for generated captions, ``metrics.bleu_statistics`` (what a
+    ``statistics`` [item, 10]: for generated captions, ``metrics.paper_bleu_statistics`` (what a
     bootstrap of corpus BLEU resamples).
     """
 
@@ -94,17 +95,43 @@ def result_values(results: list) -> tuple[np.ndarray, str]:
 
 
 def aggregate_utility(task: str, predictions: Sequence[str], items: pd.DataFrame) -> tuple[float, np.ndarray]:
-    """Corpus-level utility and per-item scores of generated answers for ``task``."""
+    """The paper's utility of generated answers for ``task``, as the authors' evaluation
+    computes it (``metrics.clean_generation``, then ``paper_vqa_accuracy``, ``paper_anls`` or
+    ``paper_corpus_bleu``): (corpus-level utility, per-item scores). Captions' per-item score
+    is the smoothed sentence BLEU of the cleaned caption (the corpus value is not its mean)."""
     refs = [list(r) for r in items["references"]]
+    cleaned = [metrics.clean_generation(p) for p in predictions]
     if task == "vqa":
-        per = np.array([metrics.vqa_accuracy(p, r) for p, r in zip(predictions, refs)])
+        per = np.array([metrics.paper_vqa_accuracy(p, r) for p, r in zip(cleaned, refs)])
         return float(per.mean()) if len(per) else math.nan, per
     if task == "ocr":
-        per = np.array([metrics.anls(p, r) for p, r in zip(predictions, refs)])
+        per = np.array([metrics.paper_anls(p, r) for p, r in zip(cleaned, refs)])
         return float(per.mean()) if len(per) else math.nan, per
     if task == "caption":
-        per = np.array([metrics.sentence_bleu(p, r) for p, r in zip(predictions, refs)])
-        return float(metrics.corpus_bleu(list(predictions), refs)), per
+        per = np.array([metrics.sentence_bleu(p, r) for p, r in zip(cleaned, refs)])
+        return float(metrics.paper_corpus_bleu(cleaned, refs)), per
+    raise PipelineError(f"task {task!r} has no generative metric; known: vqa, ocr, caption (retrieval is ranked)")
+
+
+def caption_statistics(predictions: Sequence[str], items: pd.DataFrame) -> np.ndarray:
+    """Per-item statistics [item, 10] of the paper's corpus BLEU of generated captions
+    (``metrics.paper_bleu_statistics`` of the cleaned captions): what a bootstrap resamples."""
+    cleaned = [metrics.clean_generation(p) for p in predictions]
+    return metrics.paper_bleu_statistics(cleaned, [list(r) for r in items["references"]])
+
+
+def standard_utility(task: str, predictions: Sequence[str], items: pd.DataFrame) -> float:
+    """This project's standard variant of the generative metric (not the paper's): VQA
+    accuracy with the VQA normalisation and whole-word containment (``metrics.vqa_accuracy``),
+    ANLS against the best reference (``metrics.anls``), unsmoothed corpus BLEU-4 on word and
+    punctuation tokens (``metrics.corpus_bleu``); raw generations, nothing cleaned."""
+    refs = [list(r) for r in items["references"]]
+    if task == "vqa":
+        return float(np.mean([metrics.vqa_accuracy(p, r) for p, r in zip(predictions, refs)]))
+    if task == "ocr":
+        return float(np.mean([metrics.anls(p, r) for p, r in zip(predictions, refs)]))
+    if task == "caption":
+        return float(metrics.corpus_bleu(list(predictions), refs))
     raise PipelineError(f"task {task!r} has no generative metric; known: vqa, ocr, caption (retrieval is ranked)")
 
 
@@ -388,9 +415,7 @@ def _evaluate_rows(
     for k, c in enumerate(conds):
         if utility == "generative":
             u, per = aggregate_utility(task, preds[k], items)
-            stats = (
-                metrics.bleu_statistics(preds[k], [list(r) for r in items["references"]]) if task == "caption" else None
-            )
+            stats = caption_statistics(preds[k], items) if task == "caption" else None
             results[c] = TaskResult(task, METRIC_NAMES.get(task, task), u, per, preds[k], stats)
         elif utility == "likelihood":
             per = np.bincount(seq_item, weights=np.exp(scores[k]), minlength=n) / np.bincount(seq_item, minlength=n)
@@ -496,8 +521,14 @@ def evaluate_model_quality(
     max_items: int | None = None,
     utilities: Sequence[str] = ("generative", "likelihood"),
 ) -> dict[str, dict[str, float]]:
-    """{utility: {task: value}} on ``split`` (the first ``max_items`` items per task)."""
+    """{utility: {task: value}} on ``split`` (the first ``max_items`` items per task).
+
+    With the ``generative`` utility, ``generative_standard`` holds this project's standard
+    variant of the metric (``standard_utility``) on the same generations, for every task that
+    generates (retrieval ranks: its NDCG@5 has one definition)."""
     out: dict[str, dict[str, float]] = {u: {} for u in utilities}
+    if "generative" in utilities:
+        out["generative_standard"] = {}
     for task in tasks:
         items = annotations[(annotations["split"] == split) & (annotations["task"] == task)]
         if max_items is not None:
@@ -517,4 +548,7 @@ def evaluate_model_quality(
         for u in utilities:
             out[u][task] = round(res[u][0].utility, 6)
             log.info("%s %s on %s (%d items): %.4f", res[u][0].metric, task, split, len(items), res[u][0].utility)
+        predictions = res["generative"][0].predictions if "generative" in utilities else None
+        if predictions is not None:
+            out["generative_standard"][task] = round(standard_utility(task, predictions, items), 6)
     return out

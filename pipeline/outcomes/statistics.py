@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import PipelineError
-from pipeline.tasks.metrics import bleu_from_statistics
+from pipeline.tasks.metrics import paper_bleu_from_statistics
 
 CONFIDENCE = 0.95
 Verdict = Literal["holds", "fails", "equivalent", "undecided"]
@@ -47,7 +47,8 @@ def utility_replicates(values: np.ndarray, counts: np.ndarray, kind: str = "mean
 
     ``kind="mean"``: ``values`` [C, n] per-item scores; the utility is their mean.
     ``kind="corpus_bleu"``: ``values`` [C, n, S] per-item BLEU statistics
-    (``metrics.bleu_statistics``); the utility is the corpus BLEU of the summed statistics.
+    (``metrics.paper_bleu_statistics``); the utility is the paper's corpus BLEU of the summed
+    statistics.
     ``counts`` [B, n] from ``bootstrap_counts``.
     """
     n = values.shape[1]
@@ -59,8 +60,8 @@ def utility_replicates(values: np.ndarray, counts: np.ndarray, kind: str = "mean
         return v.mean(axis=1), v @ w.T / n
     if kind == "corpus_bleu":
         v = values.astype(np.float64)
-        point = bleu_from_statistics(v.sum(axis=1))
-        reps = bleu_from_statistics(np.einsum("bn,cns->cbs", w, v))
+        point = paper_bleu_from_statistics(v.sum(axis=1))
+        reps = paper_bleu_from_statistics(np.einsum("bn,cns->cbs", w, v))
         return point, reps
     raise PipelineError(f"bootstrap: unknown utility kind {kind!r}; known: mean, corpus_bleu")
 

@@ -23,7 +23,11 @@ from pipeline.report.study import UTILITIES, StudyResults
 from pipeline.report.verdict import VERDICT_COLUMNS, sensitivity_message
 
 _QUALITY_WHAT = {
-    "generative": "VQA accuracy, OCR ANLS, caption BLEU-4, retrieval NDCG@5",
+    "generative": "the paper's metrics, as the authors' evaluation computes them: VQA accuracy, OCR ANLS, caption "
+    "BLEU-4, retrieval NDCG@5",
+    "generative_standard": "this project's standard variants on the same generations: VQA accuracy with the VQA "
+    "normalisation and whole-word match, ANLS against the best reference, unsmoothed BLEU-4 on word and "
+    "punctuation tokens",
     "likelihood": "per-token probability of the references; retrieval: the positive's softmax probability over "
     "the candidates' Yes-minus-No margins",
 }
@@ -269,8 +273,10 @@ def _shared_neurons_section(results: StudyResults) -> list[Section]:
 
 def _quality_sections(results: StudyResults, targets: dict[str, dict]) -> list[Section]:
     sections = []
-    for u in ("generative", "likelihood"):
+    for u in ("generative", "generative_standard", "likelihood"):
         rows = {m: q[u] for m, q in results.quality.items() if u in q}
+        if not rows and u == "generative_standard":
+            continue
         sections.append(
             Section(
                 f"Model quality ({u})",

@@ -16,6 +16,20 @@ Map of this module:
 - ``ndcg_at_k`` (task ``retrieval``): NDCG@k with one relevant candidate, ties broken
   by expectation over a uniformly random order.
 
+The paper's metrics, as the authors' evaluation code computes them (docs/method.md section 1),
+are the ``paper_*`` functions: what the ``generative`` utility reports. The functions above
+are this project's standard variants (the VQA and DocVQA conventions), reported beside them as
+``generative_standard`` by the model-quality stage:
+- ``clean_generation``: the authors' answer cleaning (assistant prefixes, first line, quotes),
+  applied to every generated answer before a ``paper_*`` metric.
+- ``paper_vqa_accuracy``: their normalisation (lowercase, only ``[a-z0-9]`` and spaces) and,
+  against one answer, a match when either string contains the other; with two or more
+  answers min(#exact matches / 3, 1).
+- ``paper_anls``: against the first reference only, both strings lowercased with every
+  non-word character (spaces too) removed.
+- ``paper_bleu_statistics`` / ``paper_bleu_from_statistics`` / ``paper_corpus_bleu``: NLTK's
+  corpus BLEU-4 with smoothing method 1, on lowercased whitespace tokens.
+
 Only numpy and the standard library are used. Invalid input raises ``MetricError`` (a
 ``PipelineError``, hence a ``ValueError``) naming the offending value; nothing is skipped silently.
 """
@@ -27,7 +41,7 @@ import math
 import operator
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -45,6 +59,13 @@ __all__ = [
     "sentence_bleu",
     "corpus_cider",
     "ndcg_at_k",
+    "clean_generation",
+    "paper_normalize_answer",
+    "paper_vqa_accuracy",
+    "paper_anls",
+    "paper_bleu_statistics",
+    "paper_bleu_from_statistics",
+    "paper_corpus_bleu",
     "MetricError",
 ]
 
@@ -178,7 +199,9 @@ def _ngram_counts(tokens: Sequence[str], n: int) -> Counter[tuple[str, ...]]:
 
 
 def _check_corpus(
-    predictions: Sequence[str], references: Sequence[Sequence[str]]
+    predictions: Sequence[str],
+    references: Sequence[Sequence[str]],
+    tokenize: Callable[[str], list[str]] = tokenize_caption,
 ) -> tuple[list[list[str]], list[list[list[str]]]]:
     """Validate and tokenize a caption corpus: (hypothesis tokens, reference tokens)."""
     if isinstance(predictions, str) or not isinstance(predictions, Sequence):
@@ -189,14 +212,16 @@ def _check_corpus(
         raise MetricError(f"predictions and references differ in length: {len(predictions)} != {len(references)}")
     if len(predictions) == 0:
         raise MetricError("empty corpus: predictions and references hold no items")
-    hyps = [tokenize_caption(_check_str(p, f"predictions[{i}]")) for i, p in enumerate(predictions)]
-    refs = [[tokenize_caption(r) for r in _check_refs(rs, f"references[{i}]")] for i, rs in enumerate(references)]
+    hyps = [tokenize(_check_str(p, f"predictions[{i}]")) for i, p in enumerate(predictions)]
+    refs = [[tokenize(r) for r in _check_refs(rs, f"references[{i}]")] for i, rs in enumerate(references)]
     return hyps, refs
 
 
-def _bleu_stats(hyp: list[str], refs: list[list[str]], max_n: int) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """Per-item BLEU statistics: (clipped matches per n, hypothesis n-grams per n,
-    hypothesis length, closest reference length with ties going to the shorter)."""
+def _bleu_stats(
+    hyp: list[str], refs: list[list[str]], max_n: int, min_total: int = 0
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Per-item BLEU statistics: (clipped matches per n, hypothesis n-grams per n (at least
+    ``min_total``), hypothesis length, closest reference length with ties going to the shorter)."""
     matches, totals = np.zeros(max_n), np.zeros(max_n)
     for n in range(1, max_n + 1):
         counts = _ngram_counts(hyp, n)
@@ -204,7 +229,7 @@ def _bleu_stats(hyp: list[str], refs: list[list[str]], max_n: int) -> tuple[np.n
         for ref in refs:
             max_ref |= _ngram_counts(ref, n)  # element-wise max over references
         matches[n - 1] = sum(min(c, max_ref[g]) for g, c in counts.items())
-        totals[n - 1] = max(len(hyp) - n + 1, 0)
+        totals[n - 1] = max(len(hyp) - n + 1, min_total)
     closest = min((len(r) for r in refs), key=lambda r: (abs(r - len(hyp)), r))
     return matches, totals, len(hyp), closest
 
@@ -357,6 +382,125 @@ def corpus_cider(
             total += val * math.exp(-((len_h - len_r) ** 2) / (2 * sigma**2))
         scores.append(10.0 * total.mean() / len(rcs))
     return float(np.mean(scores))
+
+
+# ------------------------------------------------------- the authors' evaluation code
+
+_ASSISTANT_PREFIXES = ("Answer:", "A:", "assistant:", "Assistant:", "Caption:")
+_PAPER_ANSWER_PREFIX = re.compile(r"^(answer\s*:|assistant\s*:|a\s*:)")
+_PAPER_NON_ALNUM = re.compile(r"[^a-z0-9\s]")
+_NON_WORD = re.compile(r"[^\w]")
+# NLTK's SmoothingFunction().method1: a precision with no match counts epsilon matches.
+_NLTK_EPSILON = 0.1
+
+
+def clean_generation(text: str) -> str:
+    """A generated answer as the authors' evaluation cleans it before scoring.
+
+    Strip whitespace; then, in this order, each of the prefixes "Answer:", "A:",
+    "assistant:", "Assistant:", "Caption:" is removed (matched case-insensitively, once each)
+    when the text starts with it, and the rest stripped; keep the first line; strip
+    whitespace, then double quotes, then single quotes from both ends. Case is kept.
+    """
+    text = _check_str(text, "text").strip()
+    for prefix in _ASSISTANT_PREFIXES:
+        if text.lower().startswith(prefix.lower()):
+            text = text[len(prefix) :].strip()
+    return text.split("\n")[0].strip().strip('"').strip("'")
+
+
+def paper_normalize_answer(text: str) -> str:
+    """The authors' answer normalisation: lowercase and strip, drop a leading "answer:",
+    "assistant:" or "a:" (spaces allowed before the colon), delete every character but
+    a-z, 0-9 and whitespace, collapse whitespace."""
+    s = _check_str(text, "text").lower().strip()
+    s = _PAPER_ANSWER_PREFIX.sub("", s).strip()
+    return " ".join(_PAPER_NON_ALNUM.sub("", s).split())
+
+
+def paper_vqa_accuracy(prediction: str, references: Sequence[str]) -> float:
+    """VQA accuracy as the authors compute it, in [0, 1], after ``paper_normalize_answer``.
+
+    With two or more non-empty references: min(#references equal to the prediction / 3, 1).
+    With one: 1.0 when prediction and reference are equal or either contains the other as a
+    substring ("red" in "reddish" counts), else 0.0. An empty prediction, or no non-empty
+    reference, scores 0.0. The authors pass the single majority answer of a VQA item, so
+    the substring rule is what decides their accuracy.
+    """
+    pred = paper_normalize_answer(prediction)
+    if not pred:
+        return 0.0
+    refs = [r for r in (paper_normalize_answer(x) for x in _check_refs(references)) if r]
+    if len(refs) > 1:
+        return min(sum(pred == r for r in refs) / 3.0, 1.0)
+    if not refs:
+        return 0.0
+    ref = refs[0]
+    return float(pred == ref or pred in ref or ref in pred)
+
+
+def paper_anls(prediction: str, references: Sequence[str], threshold: float = 0.5) -> float:
+    """ANLS as the authors compute it, in [0, 1]: against the first reference only, both
+    strings lowercased with every non-word character (spaces included) removed; similarity
+    1 - levenshtein / max(len) kept when >= ``threshold``, else 0. Either string empty -> 0."""
+    if not 0.0 <= threshold <= 1.0:
+        raise MetricError(f"threshold must be in [0, 1], got {threshold!r}")
+    ref = _check_refs(references)[0]
+    p = _NON_WORD.sub("", _check_str(prediction, "prediction").lower())
+    g = _NON_WORD.sub("", ref.lower())
+    if not p or not g:
+        return 0.0
+    score = 1.0 - levenshtein(p, g) / max(len(p), len(g))
+    return score if score >= threshold else 0.0
+
+
+def _whitespace_tokens(text: str) -> list[str]:
+    return text.lower().split()
+
+
+def paper_bleu_statistics(
+    predictions: Sequence[str], references: Sequence[Sequence[str]], max_n: int = 4
+) -> np.ndarray:
+    """Per-item statistics of NLTK's corpus BLEU [n_items, 2 * max_n + 2], laid out as
+    ``bleu_statistics``: lowercased whitespace tokens (punctuation stays on its word), blank
+    references dropped, and each item's hypothesis n-gram count at least 1 (NLTK's
+    ``modified_precision`` denominator). Summed over items: ``paper_bleu_from_statistics``."""
+    _check_max_n(max_n)
+    kept = [[r for r in _check_refs(rs, f"references[{i}]") if r.strip()] for i, rs in enumerate(references)]
+    for i, rs in enumerate(kept):
+        if not rs:
+            raise MetricError(f"references[{i}]: every reference is blank")
+    hyps, refs = _check_corpus(predictions, kept, tokenize=_whitespace_tokens)
+    out = np.zeros((len(hyps), 2 * max_n + 2))
+    for k, (hyp, rs) in enumerate(zip(hyps, refs)):
+        m, t, c, r = _bleu_stats(hyp, rs, max_n, min_total=1)
+        out[k, :max_n], out[k, max_n : 2 * max_n], out[k, -2], out[k, -1] = m, t, c, r
+    return out
+
+
+def paper_bleu_from_statistics(stats: np.ndarray) -> np.ndarray:
+    """NLTK's corpus BLEU with uniform weights and smoothing method 1, [...], of summed
+    ``paper_bleu_statistics`` [..., 2 * max_n + 2]: 0 when no unigram matches (or the
+    hypotheses are empty); a higher order without matches counts 0.1 matches; brevity
+    penalty exp(1 - r / c) when c <= r."""
+    stats = np.asarray(stats, dtype=np.float64)
+    max_n = (stats.shape[-1] - 2) // 2
+    matches, totals = stats[..., :max_n], stats[..., max_n : 2 * max_n]
+    hyp_len, ref_len = stats[..., -2], stats[..., -1]
+    smoothed = np.where(matches > 0, matches, _NLTK_EPSILON)
+    zero = (matches[..., 0] <= 0) | (hyp_len <= 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_p = (np.log(smoothed / np.where(totals > 0, totals, 1.0)) / max_n).sum(axis=-1)
+        bp = np.where(hyp_len > ref_len, 1.0, np.exp(1.0 - ref_len / np.where(hyp_len > 0, hyp_len, 1.0)))
+    return np.where(zero, 0.0, bp * np.exp(log_p))
+
+
+def paper_corpus_bleu(predictions: Sequence[str], references: Sequence[Sequence[str]], max_n: int = 4) -> float:
+    """NLTK's ``corpus_bleu`` (weights 1 / max_n each, ``SmoothingFunction().method1``) on
+    ``predictions`` and ``references`` lowercased and split on whitespace, as the authors'
+    evaluation computes caption BLEU-4 (its pycocoevalcap path needs a package and Java that
+    its requirements do not install)."""
+    return float(paper_bleu_from_statistics(paper_bleu_statistics(predictions, references, max_n).sum(axis=0)))
 
 
 # ---------------------------------------------------------------------- retrieval
