@@ -334,3 +334,32 @@ def test_paper_corpus_bleu_by_hand():
     assert paper_corpus_bleu([""], [["a red square"]]) == 0.0
     with pytest.raises(ValueError, match=r"references\[0\]: every reference is blank"):
         paper_corpus_bleu(["red"], [["  "]])
+
+
+def test_model_quality_reports_the_standard_variant_of_the_same_generations(tiny_adapter, annotations, images):
+    from pipeline.model.evaluation import (
+        aggregate_utility,
+        evaluate_conditions,
+        evaluate_model_quality,
+        standard_utility,
+    )
+
+    quality = evaluate_model_quality(
+        tiny_adapter,
+        annotations,
+        images,
+        tasks=["vqa", "caption", "retrieval"],
+        split="test",
+        batch_size=8,
+        max_new_tokens=4,
+        max_items=3,
+    )
+    assert set(quality) == {"generative", "generative_standard", "likelihood"}
+    assert set(quality["generative_standard"]) == {"vqa", "caption"}  # retrieval ranks, generates nothing
+    for task in ("vqa", "caption"):
+        items = annotations[(annotations["split"] == "test") & (annotations["task"] == task)].head(3)
+        run = evaluate_conditions(
+            tiny_adapter, task, items, images, {"generative": [0]}, batch_size=8, max_new_tokens=4
+        )["generative"][0]
+        assert quality["generative"][task] == round(aggregate_utility(task, run.predictions, items)[0], 6)
+        assert quality["generative_standard"][task] == round(standard_utility(task, run.predictions, items), 6)

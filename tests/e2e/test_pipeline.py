@@ -120,8 +120,11 @@ def repo(tmp_path_factory) -> Path:
 def test_outputs_are_written(repo: Path) -> None:
     for model in MODELS:
         quality = json.loads((repo / f"metrics/model_quality/{model}.json").read_text())
-        assert set(quality) == {"generative", "likelihood"}
-        assert all(set(q) == set(TASKS) and all(0.0 <= v <= 1.0 for v in q.values()) for q in quality.values())
+        assert set(quality) == {"generative", "generative_standard", "likelihood"}
+        assert all(0.0 <= v <= 1.0 for q in quality.values() for v in q.values()), quality
+        assert set(quality["generative"]) == set(quality["likelihood"]) == set(TASKS)
+        # The standard variants exist for generated answers; retrieval ranks.
+        assert set(quality["generative_standard"]) == set(TASKS) - {"retrieval"}
         for task in TASKS:
             assert (repo / f"data/activations/{model}/{task}.zarr/zarr.json").is_file()
             assert (repo / f"data/heads/{model}/{task}/heatmap.png").stat().st_size > 1000
