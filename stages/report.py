@@ -83,7 +83,7 @@ def main() -> None:
         if (
             checked := sampled_ground_truth_of(
                 args.data / "attribution" / f"{m}.zarr",
-                results.attribution[m]["mask_size"],
+                results.attribution[m].mask_size,
                 n_resamples=st.bootstrap_resamples,
                 seed=st.seed,
             )

@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.model.evaluation import TaskResult
+from pipeline.outcomes.records import SharedNeuronsRecord
 from pipeline.outcomes.shared_neurons import shared_conditions, shared_neuron_statistics, shared_sets
 from pipeline.report.verdict import shared_neuron_rows
 
@@ -97,11 +98,12 @@ def test_statistics_match_relative_drops_computed_by_hand() -> None:
     assert claims["shared_minus_subset"]["value"] == pytest.approx((20.0 + 4.0) / 2)
     assert claims["shared_minus_subset"]["verdict"] == "holds"
 
-    rows = shared_neuron_rows("m", {"mask_size": 0.05, **stats})
+    rows = shared_neuron_rows("m", SharedNeuronsRecord.model_validate({"mask_size": 0.05, **stats}))
     assert [(r["claim"], r["verdict"]) for r in rows] == [
         ("shared neurons drop their pair's tasks more than as many other neurons of the masks", "holds")
     ]
-    assert shared_neuron_rows("m", {"mask_size": 0.05, "utility": "likelihood", "pairs": {}, "claims": {}}) == []
+    nothing_shared = {"mask_size": 0.05, "utility": "likelihood", "pairs": {}, "claims": {}}
+    assert shared_neuron_rows("m", SharedNeuronsRecord.model_validate(nothing_shared)) == []
 
 
 def test_vqa_pairs_are_compared_with_the_other_pairs() -> None:

@@ -10,6 +10,13 @@ import pytest
 from pipeline.method.masks import build_masks
 from pipeline.model.evaluation import TaskResult, answer_logprob, evaluate_conditions, evaluate_task, yes_no_margin
 from pipeline.model.hooks import scale_neurons
+from pipeline.outcomes.records import (
+    AttributionRecord,
+    QualityRecord,
+    Sensitivity,
+    SteeringRecord,
+    SuppressionRecord,
+)
 from pipeline.outcomes.suppression import (
     MaskCondition,
     generative_conditions,
@@ -137,7 +144,8 @@ def test_deletion_curve_finds_the_planted_neuron() -> None:
     rhos = [0.01, 0.05, 0.1, 0.2]
     masks = build_masks(methods, TASKS, scores, rhos, 0.05, random_draws=5, seed=0)
     conditions = mask_conditions(masks)
-    stats = suppression_statistics(_fake_model_scores(conditions), conditions, n_resamples=300, seed=0)["likelihood"]
+    document = suppression_statistics(_fake_model_scores(conditions), conditions, n_resamples=300, seed=0)
+    stats = document["likelihood"]
     drop = 100 * 0.8 / 0.9 / 2  # vqa loses 0.8 of 0.9; on-target averages the vqa and ocr masks
     hones = stats["curve"]["hones"]
     assert all(hones[f"{r:g}"]["on_target_drop"]["value"] == pytest.approx(drop, rel=0.05) for r in rhos)
@@ -152,10 +160,25 @@ def test_deletion_curve_finds_the_planted_neuron() -> None:
     assert stats["random_draws"]["on_target_drop"]["n"] == 5
     sens = stats["sensitivity"]
     assert sens["excludes_zero"] and sens["half_width_within_third"]
-    assert "can see effects" in sensitivity_message(sens)
-    rows = verdict_rows("fake", {"likelihood": stats}, {}, {})
+    record = SuppressionRecord.model_validate(document)
+    assert "can see effects" in sensitivity_message(record.likelihood.sensitivity)
+    rows = verdict_rows("fake", record, _NO_STEERING, _NO_ATTRIBUTION)
     assert {r["verdict"] for r in rows if "on-target" in r["claim"]} == {"holds"}
     assert rows[-1]["claim"].startswith("sensitivity") and rows[-1]["verdict"] == "holds"
+
+
+# Records of a model whose steer and masks stages gave no verdict row (no steering differences,
+# no layer preference), and a suppression document around one utility's statistics.
+_NO_STEERING = SteeringRecord.model_validate({"confidence": 0.95, "resamples": 10, "scale_movement": {}})
+_NO_ATTRIBUTION = AttributionRecord.model_validate(
+    {"mask_size": 1, "faithfulness": {}, "faithfulness_on_ablation_items": {}, "overlap_jaccard_hones": {}}
+)
+
+
+def _suppression(likelihood: dict) -> SuppressionRecord:
+    return SuppressionRecord.model_validate(
+        {"confidence": 0.95, "resamples": 10, "equivalence_margin": 0.0, "items_per_task": {}, "likelihood": likelihood}
+    )
 
 
 def test_sensitivity_says_plainly_when_the_effect_is_invisible() -> None:
@@ -165,8 +188,11 @@ def test_sensitivity_says_plainly_when_the_effect_is_invisible() -> None:
         "half_width_within_third": False,
         "per_task": {},
     }
-    assert "cannot see effects of this size: raise rho or the number of test items" in sensitivity_message(sens)
-    rows = verdict_rows("m", {"likelihood": {"sensitivity": sens}}, {}, {})
+    assert "cannot see effects of this size: raise rho or the number of test items" in sensitivity_message(
+        Sensitivity.model_validate(sens)
+    )
+    only_sensitivity = {"baseline": {}, "relative_drop": {}, "summary": {}, "sensitivity": sens}
+    rows = verdict_rows("m", _suppression(only_sensitivity), _NO_STEERING, _NO_ATTRIBUTION)
     assert rows[-1]["verdict"] == "undecided"
 
 
@@ -319,9 +345,12 @@ def test_quality_against_targets_names_the_task_below_its_target() -> None:
     good = {t: target for t, target in QUALITY_TARGETS.items()}  # exactly at the target: met
     got = quality_against_targets(
         {
-            "m": {"generative": good},
-            "n": {"generative": {**good, "retrieval": 0.706}},
-            "brought": {"likelihood": {"vqa": 0.9}},
+            m: QualityRecord.model_validate(q)
+            for m, q in {
+                "m": {"generative": good},
+                "n": {"generative": {**good, "retrieval": 0.706}},
+                "brought": {"likelihood": {"vqa": 0.9}},
+            }.items()
         }
     )
     assert got["m"]["all_met"] and all(got["m"][t]["met"] for t in QUALITY_TARGETS)

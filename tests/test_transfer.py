@@ -12,6 +12,7 @@ from conftest import discovery_items
 from pipeline.errors import PipelineError
 from pipeline.model.evaluation import evaluate_task
 from pipeline.model.hooks import scale_neurons
+from pipeline.outcomes.records import SteeringRecord, SuppressionRecord
 from pipeline.outcomes.steering import steering_statistics
 from pipeline.outcomes.suppression import MaskCondition, score_suppression, suppression_scores
 from pipeline.outcomes.transfer import (
@@ -123,22 +124,43 @@ def _iv(value: float, low: float, high: float, verdict: str | None = None) -> di
     return {"value": value, "ci_low": low, "ci_high": high, **({"verdict": verdict} if verdict else {})}
 
 
+def _hones_summary(on_target: dict) -> dict:
+    """A summary holding HONES alone, its on-target drop ``on_target`` (the other figures 0)."""
+    zero = _iv(0.0, 0.0, 0.0)
+    return {"hones": {"on_target_drop": on_target, "off_target_drop": zero, "selectivity": zero}}
+
+
 def test_transfer_rows_decide_from_the_intervals() -> None:
-    suppression = {
-        "likelihood": {
-            "summary": {"hones": {"on_target_drop": _iv(5.0, 1.0, 9.0)}},
-            "differences": {"hones-minus-random": {"on_target_drop": _iv(4.0, -1.0, 8.0, "undecided")}},
-        },
-        "generative": {"summary": {"hones": {"on_target_drop": _iv(0.1, -0.2, 0.3)}}},
-    }
-    steering = {
-        "likelihood": {
-            "differences": {
-                "learned-minus-base": {"mean": _iv(0.01, 0.005, 0.02, "holds")},
-                "learned-minus-grid_search": {"mean": _iv(-0.01, -0.02, -0.005, "fails")},
-            }
+    undecided = _iv(4.0, -1.0, 8.0, "undecided")
+    suppression = SuppressionRecord.model_validate(
+        {
+            "confidence": 0.95,
+            "resamples": 10,
+            "equivalence_margin": 0.5,
+            "items_per_task": {},
+            "likelihood": {
+                "baseline": {},
+                "relative_drop": {},
+                "summary": _hones_summary(_iv(5.0, 1.0, 9.0)),
+                "differences": {"hones-minus-random": {"on_target_drop": undecided, "selectivity": undecided}},
+            },
+            "generative": {"baseline": {}, "relative_drop": {}, "summary": _hones_summary(_iv(0.1, -0.2, 0.3))},
         }
-    }
+    )
+    steering = SteeringRecord.model_validate(
+        {
+            "confidence": 0.95,
+            "resamples": 10,
+            "likelihood": {
+                "utility": {},
+                "differences": {
+                    "learned-minus-base": {"mean": _iv(0.01, 0.005, 0.02, "holds")},
+                    "learned-minus-grid_search": {"mean": _iv(-0.01, -0.02, -0.005, "fails")},
+                },
+            },
+            "scale_movement": {},
+        }
+    )
     rows = {
         (r["claim"], r["utility"]): r["verdict"] for r in transfer_rows("m", suppression, steering, "likelihood", 0.5)
     }
@@ -153,4 +175,4 @@ def test_transfer_rows_decide_from_the_intervals() -> None:
         ): "holds",
         ("out of distribution: learned steering scales beat Grid-Search (mean over tasks)", "likelihood"): "fails",
     }
-    assert transfer_rows("m", {}, {}, "likelihood", 0.5) == []
+    assert transfer_rows("m", None, None, "likelihood", 0.5) == []

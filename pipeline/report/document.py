@@ -17,9 +17,10 @@ import pandas as pd
 
 from pipeline.errors import PipelineError
 from pipeline.method.attribution import METHOD_DESCRIPTIONS
+from pipeline.outcomes.records import UTILITIES, IntervalRecord, UtilitySteering, UtilitySuppression
 from pipeline.report.html import Section
 from pipeline.report.plots import plot_training_curves
-from pipeline.report.study import UTILITIES, StudyResults
+from pipeline.report.study import StudyResults
 from pipeline.report.verdict import VERDICT_COLUMNS, sensitivity_message
 
 _QUALITY_WHAT = {
@@ -33,17 +34,24 @@ _QUALITY_WHAT = {
 }
 
 
-def interval_text(iv: dict) -> str:
-    """An interval (or a verdict row) as "value [low, high]"; "-" without a value."""
-    if iv.get("value") is None:
+def interval_text(iv: IntervalRecord | dict | None) -> str:
+    """An interval record, or a dict with its keys (a verdict row, a sampled figure), as
+    "value [low, high]"; "-" without one or without a value."""
+    if iv is None:
         return "-"
-    lo, hi = iv.get("ci_low"), iv.get("ci_high")
-    return f"{iv['value']:.3g} [{lo:.3g}, {hi:.3g}]" if lo is not None and hi is not None else f"{iv['value']:.3g}"
+    if isinstance(iv, IntervalRecord):
+        value, lo, hi = iv.value, iv.ci_low, iv.ci_high
+    else:  # a row this module's callers build, not a stage's document: its keys may be absent
+        value, lo, hi = (iv.get(k) for k in ("value", "ci_low", "ci_high"))
+    if value is None:
+        return "-"
+    return f"{value:.3g} [{lo:.3g}, {hi:.3g}]" if lo is not None and hi is not None else f"{value:.3g}"
 
 
 def intervals_table(cells: dict) -> pd.DataFrame:
-    """{row: {column: interval}} -> a table of "value [low, high]" strings."""
-    return pd.DataFrame({r: {c: interval_text(iv) for c, iv in row.items()} for r, row in cells.items()}).T
+    """{row: {column: interval}} (or {row: a record of figures}) -> a table of "value [low, high]" strings."""
+    rows = {r: row.intervals() if hasattr(row, "intervals") else row for r, row in cells.items()}
+    return pd.DataFrame({r: {c: interval_text(iv) for c, iv in row.items()} for r, row in rows.items()}).T
 
 
 def _verdict_sections(
@@ -198,38 +206,45 @@ def _sampled_ground_truth_section(sampled: dict[str, dict]) -> list[Section]:
     ]
 
 
-def _mean_value(cells: dict) -> float | None:
-    values = [c["value"] for c in cells.values() if c.get("value") is not None]
+def _mean_value(cells: dict[str, IntervalRecord]) -> float | None:
+    values = [c.value for c in cells.values() if c.value is not None]
     return sum(values) / len(values) if values else None
 
 
-def _hones_drop(by_utility: dict) -> dict:
-    """HONES's headline on-target drop of one utility's suppression statistics ({} when HONES
-    was not evaluated)."""
-    return by_utility.get("summary", {}).get("hones", {}).get("on_target_drop", {})
+def _hones_drop(by_utility: UtilitySuppression | None) -> IntervalRecord | None:
+    """HONES's headline on-target drop of one utility's suppression statistics (None when that
+    utility or HONES was not evaluated)."""
+    if by_utility is None or "hones" not in by_utility.summary:
+        return None
+    return by_utility.summary["hones"].on_target_drop
+
+
+def _steering_difference(by_utility: UtilitySteering | None, method: str, baseline: str) -> str:
+    """The mean-over-tasks difference "<method>-minus-<baseline>" as text; "" when not compared
+    (and "-" when compared without a mean)."""
+    if by_utility is None or (method, baseline) not in by_utility.differences:
+        return ""
+    return interval_text(by_utility.mean_difference(method, baseline))
 
 
 def _transfer_section(results: StudyResults) -> list[Section]:
     rows = {}
     for m, t in results.transfer.items():
-        supp, steer = t["suppression"], t["steering"]
+        if t.suppression is None:
+            continue
         for u in UTILITIES:
-            if u not in supp:
+            ood = t.suppression.of(u)
+            if ood is None:
                 continue
-            diffs = steer.get(u, {}).get("differences", {})
+            test = results.suppression[m].of(u)
+            steer = t.steering.of(u) if t.steering is not None else None
             rows[(m, u)] = {
-                "base utility, test (mean of tasks)": _mean_value(
-                    results.suppression[m].get(u, {}).get("baseline", {})
-                ),
-                "base utility, ood": _mean_value(supp[u]["baseline"]),
-                "HONES on-target drop (%), test": interval_text(_hones_drop(results.suppression[m].get(u, {}))),
-                "HONES on-target drop (%), ood": interval_text(_hones_drop(supp[u])),
-                "learned minus base, ood": interval_text(diffs["learned-minus-base"]["mean"])
-                if "learned-minus-base" in diffs
-                else "",
-                "learned minus Grid-Search, ood": interval_text(diffs["learned-minus-grid_search"]["mean"])
-                if "learned-minus-grid_search" in diffs
-                else "",
+                "base utility, test (mean of tasks)": _mean_value(test.baseline if test is not None else {}),
+                "base utility, ood": _mean_value(ood.baseline),
+                "HONES on-target drop (%), test": interval_text(_hones_drop(test)),
+                "HONES on-target drop (%), ood": interval_text(_hones_drop(ood)),
+                "learned minus base, ood": _steering_difference(steer, "learned", "base"),
+                "learned minus Grid-Search, ood": _steering_difference(steer, "learned", "grid_search"),
             }
     if not rows:
         return []
@@ -248,18 +263,18 @@ def _transfer_section(results: StudyResults) -> list[Section]:
 def _shared_neurons_section(results: StudyResults) -> list[Section]:
     rows = {}
     for m, shared in results.shared_neurons.items():
-        for pair, fig in shared.get("pairs", {}).items():
+        for pair, fig in shared.pairs.items():
             rows[(m, pair)] = {
-                "shared neurons": fig["shared_neurons"],
-                "drop on the pair's tasks (%)": interval_text(fig["on_pair"]["shared"]),
-                "drop on the other tasks (%)": interval_text(fig.get("cross_task", {}).get("shared", {})),
-                "minus as many other mask neurons, pair's tasks": interval_text(
-                    fig["shared_minus_subset"].get("on_pair", {})
+                "shared neurons": fig.shared_neurons,
+                "drop on the pair's tasks (%)": interval_text(fig.on_pair["shared"]),
+                "drop on the other tasks (%)": interval_text(
+                    fig.cross_task["shared"] if fig.cross_task is not None else None
                 ),
+                "minus as many other mask neurons, pair's tasks": interval_text(fig.shared_minus_subset.on_pair),
             }
     if not rows:
         return []
-    size = next(s["mask_size"] for s in results.shared_neurons.values() if s.get("pairs"))
+    size = next(s.mask_size for s in results.shared_neurons.values() if s.pairs)
     return [
         Section(
             "Do the neurons two tasks share matter more?",
@@ -274,7 +289,7 @@ def _shared_neurons_section(results: StudyResults) -> list[Section]:
 def _quality_sections(results: StudyResults, targets: dict[str, dict]) -> list[Section]:
     sections = []
     for u in ("generative", "generative_standard", "likelihood"):
-        rows = {m: q[u] for m, q in results.quality.items() if u in q}
+        rows = {m: q.of(u) for m, q in results.quality.items() if q.of(u) is not None}
         if not rows and u == "generative_standard":
             continue
         sections.append(
@@ -315,7 +330,7 @@ def _model_sections(
     sections = []
     suppression = results.suppression[m]
     for u in UTILITIES:
-        summ = suppression.get(u, {}).get("summary", {})
+        summ = us.summary if (us := suppression.of(u)) is not None else {}
         if summ:
             sections.append(
                 Section(
@@ -326,7 +341,7 @@ def _model_sections(
                     table=intervals_table(summ),
                 )
             )
-    auc = suppression.get("likelihood", {}).get("auc")
+    auc = suppression.likelihood.auc
     if auc:
         sections.append(
             Section(
@@ -338,9 +353,9 @@ def _model_sections(
                 images=[data / "evaluate" / m / "deletion_curves.png"],
             )
         )
-    faith = results.attribution.get(m, {}).get("faithfulness", {})
+    faith = results.attribution[m].faithfulness
     if faith:
-        rows = {(t, meth): v for t, d in faith.items() for meth, v in d.items() if meth != "ground_truth_se"}
+        rows = {(t, meth): v.figures() for t, d in faith.items() for meth, v in d.methods.items()}
         cols = [
             c
             for c in ("spearman", "spearman_significant", "n_significant", "precision_at_k", "captured_effect")
@@ -357,9 +372,9 @@ def _model_sections(
                 table=pd.DataFrame(rows).T[cols],
             )
         )
-    matched = results.attribution.get(m, {}).get("faithfulness_on_ablation_items", {})
+    matched = results.attribution[m].faithfulness_on_ablation_items
     if matched:
-        rows = {(t, meth): v for t, d in matched.items() for meth, v in d.items()}
+        rows = {(t, meth): v.figures() for t, d in matched.items() for meth, v in d.items()}
         sections.append(
             Section(
                 f"{m}: faithfulness on the ground truth's items",
@@ -421,7 +436,7 @@ def _model_sections(
     )
     steer = results.steering[m]
     for u in (steer_utility, "likelihood"):
-        util = steer.get(u, {}).get("utility")
+        util = st.utility if (st := steer.of(u)) is not None else None
         if util:
             sections.append(
                 Section(
@@ -432,12 +447,12 @@ def _model_sections(
                     table=intervals_table(util),
                 )
             )
-    if steer.get("scale_movement"):
+    if steer.scale_movement:
         sections.append(
             Section(
                 f"{m}: how far the learned scales moved",
                 "Mean and largest |scale - 1| of the learned HONES scales per task.",
-                table=pd.DataFrame(steer["scale_movement"]).T,
+                table=pd.DataFrame({t: s.document() for t, s in steer.scale_movement.items()}).T,
             )
         )
     return sections
@@ -486,14 +501,14 @@ def report_sections(
         )
     )
     for m in results.models:
-        sens = results.suppression[m].get("likelihood", {}).get("sensitivity")
-        if sens:
+        sens = results.suppression[m].likelihood.sensitivity
+        if sens is not None:
             sections.append(
                 Section(
                     f"{m}: can the evaluation see an effect?",
                     sensitivity_message(sens),
                     table=intervals_table(
-                        {"on-target drop (%)": {"all tasks": sens["ground_truth_on_target_drop"], **sens["per_task"]}}
+                        {"on-target drop (%)": {"all tasks": sens.ground_truth_on_target_drop, **sens.per_task}}
                     ),
                 )
             )

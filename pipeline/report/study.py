@@ -3,7 +3,8 @@ the stages' output folders, and the verdict table built from them.
 
 Map of this module:
 - ``StudyResults``: per model, the results the stages wrote (model quality, attribution,
-  suppression, steering: the JSON documents as written) and the default models' training records;
+  suppression, steering, transfer, shared neurons: typed records of ``pipeline.outcomes.records``,
+  so a missing field stops the report naming its file) and the default models' training records;
   ``read_study_results(data, metrics, models)`` gathers them.
 - ``training_record(model_dir, name)``: a model's ``training.json`` ({} for a brought model).
 - ``head_stability_of(folder, top_k, ...)``: the stability of one task's critical heads.
@@ -27,6 +28,17 @@ import pandas as pd
 from pipeline.method.heads import per_item_values
 from pipeline.method.store import read_importance
 from pipeline.outcomes.head_stability import guided_localisation, head_stability
+from pipeline.outcomes.records import (
+    UTILITIES,
+    AttributionRecord,
+    QualityRecord,
+    SharedNeuronsRecord,
+    SteeringRecord,
+    SuppressionRecord,
+    TransferRecord,
+    load_record,
+    load_transfer,
+)
 from pipeline.outcomes.sampled_faithfulness import check_against_exhaustive
 from pipeline.outcomes.suppression import conditions_from_table, replicated_differences, scores_from_table
 from pipeline.report.verdict import (
@@ -40,7 +52,6 @@ from pipeline.report.verdict import (
     verdict_summary,
 )
 
-UTILITIES = ("likelihood", "generative")
 # The parts of a model's suppression.json that metrics/suppression_summary.json carries.
 _SUMMARY_KEYS = ("baseline", "summary", "random_draws", "differences", "auc", "sensitivity")
 
@@ -64,47 +75,43 @@ def training_record(model_dir: Path, name: str) -> dict:
 
 @dataclass(frozen=True)
 class StudyResults:
-    """Every studied model's results, keyed by model name (the documents as the stages wrote them).
+    """Every studied model's results, keyed by model name (records of the documents the stages wrote).
 
     quality: ``metrics/model_quality/<m>.json``; attribution: ``metrics/attribution/<m>.json``;
     suppression: ``<data>/evaluate/<m>/suppression.json``; steering:
     ``<data>/steer/<m>/steering_intervals.json``; training: the default models' training records
-    ({} for a brought model); logit_lens: ``metrics/logit_lens/<m>.json``; transfer:
-    {"suppression", "steering"}: ``<data>/transfer/<m>/suppression.json`` and
-    ``steering_intervals.json`` ({} each when the transfer stage measured nothing);
-    shared_neurons: ``<data>/shared_neurons/<m>/shared.json``.
+    ({} for a brought model); logit_lens: ``metrics/logit_lens/<m>.json`` (the document); transfer:
+    ``<data>/transfer/<m>/suppression.json`` and ``steering_intervals.json`` (each None when the
+    transfer stage measured nothing); shared_neurons: ``<data>/shared_neurons/<m>/shared.json``.
     """
 
     models: list[str]
-    quality: dict[str, dict]
-    attribution: dict[str, dict]
-    suppression: dict[str, dict]
-    steering: dict[str, dict]
+    quality: dict[str, QualityRecord]
+    attribution: dict[str, AttributionRecord]
+    suppression: dict[str, SuppressionRecord]
+    steering: dict[str, SteeringRecord]
     training: dict[str, dict]
     logit_lens: dict[str, dict]
-    transfer: dict[str, dict]
-    shared_neurons: dict[str, dict]
+    transfer: dict[str, TransferRecord]
+    shared_neurons: dict[str, SharedNeuronsRecord]
 
 
 def read_study_results(data: Path, metrics: Path, models: list[str]) -> StudyResults:
-    """Gather the results of ``models`` from the stages' output folders ``data`` and ``metrics``."""
+    """Gather the results of ``models`` from the stages' output folders ``data`` and ``metrics``;
+    ``pipeline.outcomes.records.RecordError`` names a file that is absent or lacks a field."""
     data, metrics = Path(data), Path(metrics)
     return StudyResults(
         models=list(models),
-        quality={m: _json(metrics / "model_quality" / f"{m}.json") for m in models},
-        attribution={m: _json(metrics / "attribution" / f"{m}.json") for m in models},
-        suppression={m: _json(data / "evaluate" / m / "suppression.json") for m in models},
-        steering={m: _json(data / "steer" / m / "steering_intervals.json") for m in models},
+        quality={m: load_record(QualityRecord, metrics / "model_quality" / f"{m}.json") for m in models},
+        attribution={m: load_record(AttributionRecord, metrics / "attribution" / f"{m}.json") for m in models},
+        suppression={m: load_record(SuppressionRecord, data / "evaluate" / m / "suppression.json") for m in models},
+        steering={m: load_record(SteeringRecord, data / "steer" / m / "steering_intervals.json") for m in models},
         training={m: training_record(data / "models" / m, m) for m in models},
         logit_lens={m: _json(metrics / "logit_lens" / f"{m}.json") for m in models},
-        transfer={
-            m: {
-                "suppression": _json(data / "transfer" / m / "suppression.json"),
-                "steering": _json(data / "transfer" / m / "steering_intervals.json"),
-            }
-            for m in models
+        transfer={m: load_transfer(data / "transfer" / m) for m in models},
+        shared_neurons={
+            m: load_record(SharedNeuronsRecord, data / "shared_neurons" / m / "shared.json") for m in models
         },
-        shared_neurons={m: _json(data / "shared_neurons" / m / "shared.json") for m in models},
     )
 
 
@@ -154,7 +161,7 @@ def study_verdicts(
         for m in results.models
         for r in verdict_rows(m, results.suppression[m], results.steering[m], results.attribution[m], steer_utility)
         + transfer_rows(
-            m, results.transfer[m]["suppression"], results.transfer[m]["steering"], steer_utility, equivalence_margin
+            m, results.transfer[m].suppression, results.transfer[m].steering, steer_utility, equivalence_margin
         )
         + shared_neuron_rows(m, results.shared_neurons[m])
     ]
@@ -180,6 +187,13 @@ def study_verdicts(
     return rows
 
 
+def _utility_documents(record: SuppressionRecord | None) -> dict[str, dict]:
+    """{utility: its statistics as written} of a suppression record ({} for a utility not evaluated)."""
+    if record is None:
+        return {}
+    return {u: us.document() for u in UTILITIES if (us := record.of(u)) is not None}
+
+
 def report_metrics(
     results: StudyResults,
     verdicts: list[dict],
@@ -192,11 +206,12 @@ def report_metrics(
     verdict_summary.json counts the deciding verdicts per model (or, with ``replicates``, per
     recipe) and, for the default models, their test quality against the targets.
     """
-    suppression = results.suppression
+    in_distribution = {m: _utility_documents(s) for m, s in results.suppression.items()}
     summary = verdict_summary(verdicts, list(replicates) or results.models, replicates)
     targets = quality_against_targets({m: q for m, q in results.quality.items() if results.training[m]})
     if targets:
         summary["quality_targets"] = targets
+    transfer = {m: (t, _utility_documents(t.suppression)) for m, t in results.transfer.items()}
     return {
         "head_stability.json": {
             m: {t: {k: v for k, v in h.items() if k != "localisation"} for t, h in by_task.items()}
@@ -207,27 +222,30 @@ def report_metrics(
             m: {t: h["localisation"] for t, h in by_task.items() if "localisation" in h} for m, by_task in heads.items()
         },
         "suppression.json": {
-            m: {u: s.get(u, {}).get("relative_drop", {}) for u in UTILITIES} for m, s in suppression.items()
+            m: {u: docs[u]["relative_drop"] if u in docs else {} for u in UTILITIES}
+            for m, docs in in_distribution.items()
         },
         "suppression_summary.json": {
-            m: {u: {k: s.get(u, {}).get(k, {}) for k in _SUMMARY_KEYS if k in s.get(u, {})} for u in UTILITIES}
-            for m, s in suppression.items()
+            m: {u: {k: docs[u][k] for k in _SUMMARY_KEYS if k in docs[u]} if u in docs else {} for u in UTILITIES}
+            for m, docs in in_distribution.items()
         },
-        "steering.json": results.steering,
+        "steering.json": {m: s.document() for m, s in results.steering.items()},
         "transfer.json": {
             m: {
                 "suppression": {
-                    u: {k: supp[u][k] for k in ("baseline", "summary", "differences") if k in supp[u]}
+                    u: {k: docs[u][k] for k in ("baseline", "summary", "differences") if k in docs[u]}
                     for u in UTILITIES
-                    if u in supp
+                    if u in docs
                 },
-                "in_distribution_baseline": {u: suppression[m].get(u, {}).get("baseline", {}) for u in UTILITIES},
-                "steering": t["steering"],
+                "in_distribution_baseline": {
+                    u: in_distribution[m][u]["baseline"] if u in in_distribution[m] else {} for u in UTILITIES
+                },
+                "steering": t.steering.document() if t.steering is not None else {},
             }
-            for m, t in results.transfer.items()
-            if (supp := t["suppression"])
+            for m, (t, docs) in transfer.items()
+            if t.suppression is not None
         },
-        "shared_neurons.json": results.shared_neurons,
+        "shared_neurons.json": {m: s.document() for m, s in results.shared_neurons.items()},
         "verdict.json": verdict_metrics(verdicts),
         "verdict_summary.json": summary,
     }

@@ -28,7 +28,18 @@ from __future__ import annotations
 import math
 
 from pipeline.errors import PipelineError
-from pipeline.outcomes.statistics import Interval, verdict
+from pipeline.outcomes.records import (
+    AttributionRecord,
+    Comparison,
+    IntervalRecord,
+    QualityRecord,
+    Sensitivity,
+    SharedNeuronsRecord,
+    SteeringRecord,
+    SuppressionRecord,
+    parse_comparison,
+)
+from pipeline.outcomes.statistics import verdict
 
 VERDICT_COLUMNS = (
     "model",
@@ -72,17 +83,17 @@ def check_recipe_instances(recipe: str, specs: dict[str, dict | None]) -> None:
             )
 
 
-def quality_against_targets(quality: dict[str, dict]) -> dict[str, dict]:
+def quality_against_targets(quality: dict[str, QualityRecord]) -> dict[str, dict]:
     """{model: {task: {value, target, met}}, "all_met": bool} from each model's
-    ``metrics/model_quality`` JSON (its ``generative`` utilities); tasks without a target or a
+    ``metrics/model_quality`` record (its ``generative`` utilities); tasks without a target or a
     value are left out."""
     out: dict[str, dict] = {}
     for model, q in quality.items():
-        gen = q.get("generative", {})
+        gen = q.generative or {}
         cells = {
             t: {"value": gen[t], "target": target, "met": bool(gen[t] >= target)}
             for t, target in QUALITY_TARGETS.items()
-            if gen.get(t) is not None
+            if t in gen and gen[t] is not None
         }
         if cells:
             out[model] = {**cells, "all_met": all(c["met"] for c in cells.values())}
@@ -93,7 +104,7 @@ def _row(
     model: str,
     claim: str,
     utility: str,
-    iv: dict,
+    iv: IntervalRecord,
     threshold: float,
     verdict: str,
     instances: int = 1,
@@ -104,19 +115,18 @@ def _row(
         "instances": instances,
         "claim": claim,
         "utility": utility,
-        "value": iv.get("value"),
-        "ci_low": iv.get("ci_low"),
-        "ci_high": iv.get("ci_high"),
+        "value": iv.value,
+        "ci_low": iv.ci_low,
+        "ci_high": iv.ci_high,
         "threshold": threshold,
         "verdict": verdict,
         "per_instance": per_instance,
     }
 
 
-def _comparison_claim(name: str, label: str) -> str:
-    method, baseline = name.split("-minus-", 1)
-    who = "HONES" if method == "hones" else method
-    return f"{who} {label} exceeds {baseline}'s"
+def _comparison_claim(comparison: Comparison, label: str) -> str:
+    who = "HONES" if comparison.method == "hones" else comparison.method
+    return f"{who} {label} exceeds {comparison.baseline}'s"
 
 
 def _finite(rows: list[dict]) -> list[dict]:
@@ -124,10 +134,14 @@ def _finite(rows: list[dict]) -> list[dict]:
 
 
 def verdict_rows(
-    model: str, suppression: dict, steering: dict, attribution: dict, steer_utility: str = "generative"
+    model: str,
+    suppression: SuppressionRecord,
+    steering: SteeringRecord,
+    attribution: AttributionRecord,
+    steer_utility: str = "generative",
 ) -> list[dict]:
-    """Rows (``VERDICT_COLUMNS``) of one model from its ``suppression.json`` (evaluate stage),
-    ``steering_intervals.json`` (steer stage) and attribution metrics (masks stage).
+    """Rows (``VERDICT_COLUMNS``) of one model from the records of its ``suppression.json``
+    (evaluate stage), ``steering_intervals.json`` (steer stage) and attribution metrics (masks stage).
 
     Claims: HONES's on-target drop exceeds each baseline's; its selectivity exceeds each
     baseline's (and the same for the extra comparisons of ``suppression.EXTRA_COMPARISONS``,
@@ -138,33 +152,34 @@ def verdict_rows(
     """
     rows: list[dict] = []
     for utility in (DECIDING_UTILITY, "generative"):
-        diffs = suppression.get(utility, {}).get("differences", {})
+        us = suppression.of(utility)
+        diffs = (us.differences if us is not None else None) or {}
         for key, label in _LABELS:
-            for name, d in diffs.items():
-                rows.append(_row(model, _comparison_claim(name, label), utility, d[key], 0.0, d[key]["verdict"]))
+            for comparison, d in diffs.items():
+                iv = getattr(d, key)
+                rows.append(_row(model, _comparison_claim(comparison, label), utility, iv, 0.0, iv.verdict))
     for utility in dict.fromkeys((DECIDING_UTILITY, steer_utility)):
-        d = steering.get(utility, {}).get("differences", {}).get("learned-minus-grid_search", {}).get("mean")
-        if d:
-            rows.append(
-                _row(model, "learned steering beats Grid-Search (mean over tasks)", utility, d, 0.0, d["verdict"])
-            )
-    pref = attribution.get("layer_preference_hones")
-    if pref:
+        st = steering.of(utility)
+        d = st.mean_difference("learned", "grid_search") if st is not None else None
+        if d is not None:
+            rows.append(_row(model, "learned steering beats Grid-Search (mean over tasks)", utility, d, 0.0, d.verdict))
+    pref = attribution.layer_preference_hones
+    if pref is not None:
         rows.append(
             _row(
                 model,
                 "task neurons prefer different layers (Cramér's V of HONES masks)",
                 "-",
-                pref["cramers_v"],
-                pref["null_q95"],
-                pref["verdict"],
+                pref.cramers_v,
+                pref.null_q95,
+                pref.verdict,
             )
         )
-    sens = suppression.get(DECIDING_UTILITY, {}).get("sensitivity")
-    if sens:
-        iv = sens["ground_truth_on_target_drop"]
-        ok = sens["half_width_within_third"]
-        verdict = "holds" if ok else ("fails" if iv.get("ci_high") is not None and iv["ci_high"] < 0 else "undecided")
+    sens = suppression.likelihood.sensitivity
+    if sens is not None:
+        iv = sens.ground_truth_on_target_drop
+        ok = sens.half_width_within_third
+        verdict = "holds" if ok else ("fails" if iv.ci_high is not None and iv.ci_high < 0 else "undecided")
         rows.append(
             _row(
                 model,
@@ -179,14 +194,23 @@ def verdict_rows(
 
 
 _TRANSFER_STEERING = {
-    "learned-minus-base": "out of distribution: learned steering scales improve utility over base (mean over tasks)",
-    "learned-minus-grid_search": "out of distribution: learned steering scales beat Grid-Search (mean over tasks)",
+    Comparison("learned", "base"): "out of distribution: learned steering scales improve utility over base "
+    "(mean over tasks)",
+    Comparison("learned", "grid_search"): "out of distribution: learned steering scales beat Grid-Search "
+    "(mean over tasks)",
 }
 
 
-def transfer_rows(model: str, suppression: dict, steering: dict, steer_utility: str, margin: float) -> list[dict]:
-    """Rows (``VERDICT_COLUMNS``) of one model's transfer stage: its ``suppression.json`` and
-    ``steering_intervals.json`` on out-of-distribution items ({} when it measured nothing).
+def transfer_rows(
+    model: str,
+    suppression: SuppressionRecord | None,
+    steering: SteeringRecord | None,
+    steer_utility: str,
+    margin: float,
+) -> list[dict]:
+    """Rows (``VERDICT_COLUMNS``) of one model's transfer stage: the records of its
+    ``suppression.json`` and ``steering_intervals.json`` on out-of-distribution items (None when
+    it measured nothing).
 
     Claims: HONES's in-domain masks still drop their task out of distribution (on-target drop
     above 0, ``margin`` percentage points of equivalence), and more than random masks do; the
@@ -195,22 +219,25 @@ def transfer_rows(model: str, suppression: dict, steering: dict, steer_utility: 
     """
     rows: list[dict] = []
     for utility in (DECIDING_UTILITY, "generative"):
-        u = suppression.get(utility, {})
-        drop = u.get("summary", {}).get("hones", {}).get("on_target_drop")
-        if drop:
-            iv = Interval(*(math.nan if drop[k] is None else drop[k] for k in ("value", "ci_low", "ci_high")))
+        u = suppression.of(utility) if suppression is not None else None
+        if u is None:
+            continue
+        if "hones" in u.summary:
+            drop = u.summary["hones"].on_target_drop
             claim = "out of distribution: HONES masks drop their task (on-target drop)"
-            rows.append(_row(model, claim, utility, drop, 0.0, verdict(iv, 0.0, margin)))
-        d = u.get("differences", {}).get("hones-minus-random", {}).get("on_target_drop")
-        if d:
+            rows.append(_row(model, claim, utility, drop, 0.0, verdict(drop.to_interval(), 0.0, margin)))
+        diff = u.difference("hones", "random")
+        if diff is not None:
             claim = "out of distribution: HONES on-target drop exceeds random's"
-            rows.append(_row(model, claim, utility, d, 0.0, d["verdict"]))
+            rows.append(_row(model, claim, utility, diff.on_target_drop, 0.0, diff.on_target_drop.verdict))
     for utility in dict.fromkeys((DECIDING_UTILITY, steer_utility)):
-        diffs = steering.get(utility, {}).get("differences", {})
-        for name, claim in _TRANSFER_STEERING.items():
-            d = diffs.get(name, {}).get("mean")
-            if d:
-                rows.append(_row(model, claim, utility, d, 0.0, d["verdict"]))
+        st = steering.of(utility) if steering is not None else None
+        if st is None:
+            continue
+        for comparison, claim in _TRANSFER_STEERING.items():
+            d = st.mean_difference(*comparison)
+            if d is not None:
+                rows.append(_row(model, claim, utility, d, 0.0, d.verdict))
     return _finite(rows)
 
 
@@ -221,17 +248,12 @@ _SHARED_CLAIMS = {
 }
 
 
-def shared_neuron_rows(model: str, shared: dict) -> list[dict]:
-    """Rows (``VERDICT_COLUMNS``) of one model's shared-neurons stage (its ``shared.json``; no
-    rows when no pair of masks shares a neuron): its two claims, in relative drop (%)."""
-    claims = shared.get("claims", {})
-    return _finite(
-        [
-            _row(model, claim, shared["utility"], claims[key], 0.0, claims[key]["verdict"])
-            for key, claim in _SHARED_CLAIMS.items()
-            if key in claims
-        ]
-    )
+def shared_neuron_rows(model: str, shared: SharedNeuronsRecord) -> list[dict]:
+    """Rows (``VERDICT_COLUMNS``) of one model's shared-neurons stage (the record of its
+    ``shared.json``; no rows when no pair of masks shares a neuron): its two claims, in relative
+    drop (%)."""
+    decided = [(getattr(shared.claims, key), claim) for key, claim in _SHARED_CLAIMS.items()]
+    return _finite([_row(model, claim, shared.utility, d, 0.0, d.verdict) for d, claim in decided if d is not None])
 
 
 def replicated_rows(recipe: str, replicated: dict) -> list[dict]:
@@ -247,9 +269,9 @@ def replicated_rows(recipe: str, replicated: dict) -> list[dict]:
                 rows.append(
                     _row(
                         recipe,
-                        _comparison_claim(name, label),
+                        _comparison_claim(parse_comparison(name), label),
                         utility,
-                        d[key],
+                        IntervalRecord.model_construct(**{k: d[key][k] for k in ("value", "ci_low", "ci_high")}),
                         0.0,
                         d[key]["verdict"],
                         instances=n,
@@ -325,16 +347,16 @@ def verdict_summary(rows: list[dict], across: list[str], recipes: dict[str, list
     return out
 
 
-def sensitivity_message(sensitivity: dict) -> str:
+def sensitivity_message(sensitivity: Sensitivity) -> str:
     """One sentence on whether the evaluation can see the ground truth's own effect."""
-    iv = sensitivity["ground_truth_on_target_drop"]
-    if sensitivity["half_width_within_third"]:
+    iv = sensitivity.ground_truth_on_target_drop
+    if sensitivity.half_width_within_third:
         return (
-            f"The ground truth's own top set drops its task by {iv['value']:.2f}% "
-            f"[{iv['ci_low']:.2f}, {iv['ci_high']:.2f}]: the evaluation can see effects of this size."
+            f"The ground truth's own top set drops its task by {iv.value:.2f}% "
+            f"[{iv.ci_low:.2f}, {iv.ci_high:.2f}]: the evaluation can see effects of this size."
         )
     return (
-        f"The ground truth's own top set drops its task by {iv['value']:.2f}% "
-        f"[{iv['ci_low']:.2f}, {iv['ci_high']:.2f}]: the evaluation cannot see effects of this size: "
+        f"The ground truth's own top set drops its task by {iv.value:.2f}% "
+        f"[{iv.ci_low:.2f}, {iv.ci_high:.2f}]: the evaluation cannot see effects of this size: "
         "raise rho or the number of test items."
     )
