@@ -363,3 +363,18 @@ def test_model_quality_reports_the_standard_variant_of_the_same_generations(tiny
         )["generative"][0]
         assert quality["generative"][task] == round(aggregate_utility(task, run.predictions, items)[0], 6)
         assert quality["generative_standard"][task] == round(standard_utility(task, run.predictions, items), 6)
+
+
+def test_paper_vqa_utility_scores_the_majority_answer_alone():
+    """The first reference is the majority answer (the COCO importer puts it first); the paper's
+    utility matches against it alone, the standard variant counts every annotator."""
+    import pandas as pd
+
+    from pipeline.model.evaluation import aggregate_utility, standard_utility
+
+    items = pd.DataFrame({"references": [["red", "blue", "blue"], ["dark red", "red"]]})
+    value, per = aggregate_utility("vqa", ["Answer: blue", "red"], items)
+    assert per.tolist() == [0.0, 1.0]  # "blue" is not the majority "red"; "red" is in "dark red"
+    assert value == 0.5
+    # Standard: three-annotator rule over every reference: 2/3 for "blue", 1/3 for "red".
+    assert standard_utility("vqa", ["blue", "red"], items) == pytest.approx((2 / 3 + 1 / 3) / 2)

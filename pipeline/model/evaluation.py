@@ -96,13 +96,16 @@ def result_values(results: list) -> tuple[np.ndarray, str]:
 
 def aggregate_utility(task: str, predictions: Sequence[str], items: pd.DataFrame) -> tuple[float, np.ndarray]:
     """The paper's utility of generated answers for ``task``, as the authors' evaluation
-    computes it (``metrics.clean_generation``, then ``paper_vqa_accuracy``, ``paper_anls`` or
-    ``paper_corpus_bleu``): (corpus-level utility, per-item scores). Captions' per-item score
+    computes it (``metrics.clean_generation``, then ``paper_vqa_accuracy`` against the first
+    reference, ``paper_anls`` or ``paper_corpus_bleu``): (corpus-level utility, per-item scores). Captions' per-item score
     is the smoothed sentence BLEU of the cleaned caption (the corpus value is not its mean)."""
     refs = [list(r) for r in items["references"]]
     cleaned = [metrics.clean_generation(p) for p in predictions]
     if task == "vqa":
-        per = np.array([metrics.paper_vqa_accuracy(p, r) for p, r in zip(cleaned, refs)])
+        # Against the first reference alone, the majority answer: the authors' reader looks for
+        # a list of answers under keys their COCO records do not use, so it scores the majority
+        # answer with the substring rule, never the three-annotator rule.
+        per = np.array([metrics.paper_vqa_accuracy(p, r[:1]) for p, r in zip(cleaned, refs)])
         return float(per.mean()) if len(per) else math.nan, per
     if task == "ocr":
         per = np.array([metrics.paper_anls(p, r) for p, r in zip(cleaned, refs)])
