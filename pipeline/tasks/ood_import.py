@@ -5,8 +5,10 @@ project's tasks as the authors map them:
 
 - ``textvqa``: TextVQA's annotation JSON, ``{"data": [{"question", "answers", "image_id",
   "question_id", ...}]}``, images ``<image_root>/<image_id>.jpg``; every question becomes an
-  ``ocr`` item and a ``vqa`` item (prompt: the question; references: the majority answer, then
-  the other distinct answers).
+  ``ocr`` item and a ``vqa`` item (prompt: the question; references: every annotator's answer
+  in the file's order, repeats kept). The first is what the authors' code scores both tasks
+  against (it keeps ``answers[0]``), hence what the paper's metrics use; the standard variants
+  count every annotator.
 - ``gqa``: GQA's question JSON, ``{question_id: {"question", "answer", "imageId", ...}}``, images
   ``<image_root>/<imageId>.jpg``; ``vqa`` items (references: the answer).
 - ``flickr30k``: caption records, either Karpathy's ``{"images": [{"filename", "sentences":
@@ -28,7 +30,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,13 +116,6 @@ def _field(raw: dict, path: Path, where: str, name: str) -> object:
     return raw[name]
 
 
-def _majority_first(answers: list[str]) -> tuple[str, ...]:
-    """The most frequent answer (ties: the first given), then the other distinct answers in order."""
-    counts = Counter(answers)
-    top = max(answers, key=lambda a: (counts[a], -answers.index(a)))
-    return (top, *dict.fromkeys(a for a in answers if a != top))
-
-
 def _textvqa(doc: object, path: Path) -> Iterator[tuple[str, Callable[[], list[OodRecord]]]]:
     data = doc.get("data") if isinstance(doc, dict) else None
     if not isinstance(data, list):
@@ -132,7 +126,7 @@ def _textvqa(doc: object, path: Path) -> Iterator[tuple[str, Callable[[], list[O
         def parse(raw=raw, where=where) -> list[OodRecord]:
             rec = _record(raw, path, where)
             question = _text(_field(rec, path, where, "question"), path, where, "question")
-            refs = _majority_first(_texts(_field(rec, path, where, "answers"), path, where, "answers"))
+            refs = tuple(_texts(_field(rec, path, where, "answers"), path, where, "answers"))
             image = _ident(_field(rec, path, where, "image_id"), path, where, "image_id")
             qid = _ident(_field(rec, path, where, "question_id"), path, where, "question_id")
             return [
