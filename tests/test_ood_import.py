@@ -183,3 +183,47 @@ def test_files_that_are_not_of_the_format_are_refused(tmp_path) -> None:
     path, root = _setup(tmp_path, "textvqa", long)
     with pytest.raises(OodRecordError, match=r"data\[0\]: question: 5000 characters"):
         read_ood_records("textvqa", path)
+
+
+def _flickr_csv(tmp_path: Path, rows: list[str]) -> tuple[Path, Path]:
+    """The authors' flickr_annotations_30k.csv layout: raw (a JSON list of captions), sentids,
+    split, filename, img_id."""
+    _, root = _setup(tmp_path, "flickr30k", FLICKR)
+    path = tmp_path / "flickr_annotations_30k.csv"
+    path.write_text("raw,sentids,split,filename,img_id\n" + "".join(r + "\n" for r in rows))
+    return path, root
+
+
+def test_flickr30k_csv_as_the_authors_ship_it(tmp_path) -> None:
+    captions = json.dumps([f"a dog runs {k}" for k in range(6)]).replace('"', '""')
+    path, root = _flickr_csv(
+        tmp_path, [f'"{captions}","[0]",test,f1.jpg,0', '"[""two people talk""]","[5]",test,f2.jpg,1']
+    )
+    import_ood("flickr30k", path, root, tmp_path / "out")
+    table = read_annotations(tmp_path / "out" / "annotations.parquet")
+    assert list(table["item_id"]) == ["flickr30k-f1-caption", "flickr30k-f2-caption"]
+    assert list(table.iloc[0]["references"]) == [f"a dog runs {k}" for k in range(5)]
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ('"not json",[0],test,f1.jpg,0', r"line 2: raw: expected a JSON list of captions"),
+        ('"[]",[0],test,f1.jpg,0', r"line 2: raw"),
+        ('"[""a dog""]",[0],test,,0', r"line 2: filename"),
+        ('"[""a dog""]",[0],test,missing.jpg,0', r"line 2: image: image file not found"),
+        ('"[""a dog""]",[0],test', r"line 2: filename"),
+    ],
+)
+def test_a_bad_flickr30k_csv_row_names_its_line(tmp_path, row, message) -> None:
+    path, root = _flickr_csv(tmp_path, [row])
+    with pytest.raises(OodRecordError, match=message) as caught:
+        import_ood("flickr30k", path, root, tmp_path / "out")
+    assert "\n" not in str(caught.value) and str(path) in str(caught.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_repeated_flickr30k_csv_image_is_refused(tmp_path) -> None:
+    path, root = _flickr_csv(tmp_path, ['"[""a""]",[0],test,f1.jpg,0', '"[""b""]",[1],test,f1.jpg,0'])
+    with pytest.raises(OodRecordError, match=r"line 2 and line 3 have the same id"):
+        read_ood_records("flickr30k", path)

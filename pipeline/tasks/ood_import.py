@@ -12,9 +12,10 @@ project's tasks as the authors map them:
 - ``gqa``: GQA's question JSON, ``{question_id: {"question", "answer", "imageId", ...}}``, images
   ``<image_root>/<imageId>.jpg``; ``vqa`` items (references: the answer).
 - ``flickr30k``: caption records, either Karpathy's ``{"images": [{"filename", "sentences":
-  [{"raw"}, ...]}]}`` or a list of ``{"filename", "captions": [...]}``, images
-  ``<image_root>/<filename>``; ``caption`` items (prompt: the benchmark's caption prompt;
-  references: the first five captions).
+  [{"raw"}, ...]}]}``, a list of ``{"filename", "captions": [...]}``, or the CSV the authors'
+  repository ships (``flickr_annotations_30k.csv``: columns ``raw``, a JSON list of captions,
+  and ``filename``; a file ending in ``.csv``), images ``<image_root>/<filename>``; ``caption``
+  items (prompt: the benchmark's caption prompt; references: the first five captions).
 
 The authors' adapters silently skip a record that lacks a field. Here a record that cannot be
 used stops the import with one line naming the file, the record and the field; with
@@ -27,6 +28,7 @@ split, written atomically), ``OodRecordError``.
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import logging
@@ -153,21 +155,45 @@ def _gqa(doc: object, path: Path) -> Iterator[tuple[str, Callable[[], list[OodRe
         yield where, parse
 
 
+@dataclass(frozen=True)
+class _CsvRows:
+    """A CSV file's rows as dicts, each with its line number (the header is line 1)."""
+
+    rows: list[tuple[int, dict[str, str]]]
+
+
+def _csv_captions(rec: dict, path: Path, where: str) -> list[str]:
+    raw = _field(rec, path, where, "raw")
+    try:
+        captions = json.loads(raw) if isinstance(raw, str) else None
+    except json.JSONDecodeError:
+        captions = None
+    if not isinstance(captions, list):
+        raise _bad(path, where, "raw", f"expected a JSON list of captions, got {str(raw)[:80]!r}")
+    return _texts(captions, path, where, "raw")
+
+
 def _flickr30k(doc: object, path: Path) -> Iterator[tuple[str, Callable[[], list[OodRecord]]]]:
     karpathy = isinstance(doc, dict) and isinstance(doc.get("images"), list)
-    data = doc["images"] if karpathy else doc
-    if not isinstance(data, list):
-        raise BenchmarkError(
-            f"{path}: Flickr30k captions need {{'images': [...]}} (Karpathy's file) or a list of "
-            "{'filename', 'captions'} records"
-        )
-    for i, raw in enumerate(data):
-        where = f"images[{i}]" if karpathy else f"[{i}]"
+    if isinstance(doc, _CsvRows):
+        data: list = [rec for _, rec in doc.rows]
+        places = [f"line {n}" for n, _ in doc.rows]
+    else:
+        data = doc["images"] if karpathy else doc
+        if not isinstance(data, list):
+            raise BenchmarkError(
+                f"{path}: Flickr30k captions need {{'images': [...]}} (Karpathy's file), a list of "
+                "{'filename', 'captions'} records, or a CSV with columns raw and filename"
+            )
+        places = [f"images[{i}]" if karpathy else f"[{i}]" for i in range(len(data))]
+    for raw, where in zip(data, places):
 
         def parse(raw=raw, where=where) -> list[OodRecord]:
             rec = _record(raw, path, where)
             name = _text(_field(rec, path, where, "filename"), path, where, "filename")
-            if "sentences" in rec:
+            if isinstance(doc, _CsvRows):
+                captions = _csv_captions(rec, path, where)
+            elif "sentences" in rec:
                 sentences = rec["sentences"]
                 if not isinstance(sentences, list):
                     raise _bad(path, where, "sentences", f"expected a list, got {type(sentences).__name__}")
@@ -188,11 +214,19 @@ def _flickr30k(doc: object, path: Path) -> Iterator[tuple[str, Callable[[], list
 _PARSERS = {"textvqa": _textvqa, "gqa": _gqa, "flickr30k": _flickr30k}
 
 
-def _load_json(path: Path) -> object:
+def _load_document(path: Path) -> object:
+    """The parsed JSON of ``path``, or ``_CsvRows`` for a file ending in ``.csv``."""
     if not path.is_file():
         raise BenchmarkError(f"out-of-distribution file not found: {path}")
     if path.is_symlink():
         raise BenchmarkError(f"{path} is a symbolic link: DVC would not see its content change; copy the file")
+    if path.suffix.lower() == ".csv":
+        try:
+            with path.open(newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                return _CsvRows([(reader.line_num, row) for row in reader])
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise BenchmarkError(f"{path}: not a readable CSV: {exc}") from exc
 
     def unique_keys(pairs: list[tuple[str, object]]) -> dict:
         # json keeps the last of two equal keys without a word: GQA's question ids are keys.
@@ -224,7 +258,7 @@ def read_ood_records(fmt: str, json_path: Path, *, skip_bad: bool = False) -> Oo
     path = Path(json_path)
     out = OodImport()
     first: dict[str, str] = {}
-    for where, parse in _PARSERS[fmt](_load_json(path), path):
+    for where, parse in _PARSERS[fmt](_load_document(path), path):
         try:
             records = parse()
         except OodRecordError as exc:
