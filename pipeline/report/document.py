@@ -323,10 +323,8 @@ def _quality_sections(results: StudyResults, targets: dict[str, dict]) -> list[S
     return sections
 
 
-def _model_sections(
-    m: str, results: StudyResults, data: Path, plots: Path, tasks: list[str], steer_utility: str
-) -> list[Section]:
-    """The sections of one model, after the study-wide ones."""
+def _suppression_sections(m: str, results: StudyResults, data: Path) -> list[Section]:
+    """Suppression summaries per utility and the deletion curves of model ``m``."""
     sections = []
     suppression = results.suppression[m]
     for u in UTILITIES:
@@ -353,6 +351,13 @@ def _model_sections(
                 images=[data / "evaluate" / m / "deletion_curves.png"],
             )
         )
+    return sections
+
+
+def _faithfulness_sections(m: str, results: StudyResults) -> list[Section]:
+    """Each method's agreement with the ablation ground truth, on all discovery items and on
+    the ground truth's own items."""
+    sections = []
     faith = results.attribution[m].faithfulness
     if faith:
         rows = {(t, meth): v.figures() for t, d in faith.items() for meth, v in d.methods.items()}
@@ -385,6 +390,12 @@ def _model_sections(
                 table=pd.DataFrame(rows).T[["spearman", "precision_at_k", "captured_effect"]],
             )
         )
+    return sections
+
+
+def _circuit_sections(m: str, results: StudyResults, data: Path, tasks: list[str]) -> list[Section]:
+    """The critical heads' heatmaps and the logit lens of model ``m``."""
+    sections = []
     sections.append(
         Section(
             f"{m}: critical heads",
@@ -412,6 +423,12 @@ def _model_sections(
             images=[data / "logit_lens" / m / "lens.png"],
         )
     )
+    return sections
+
+
+def _mask_figure_sections(m: str, data: Path, plots: Path) -> list[Section]:
+    """The masks' layers and overlap, and the suppression matrices, as figures."""
+    sections = []
     sections.append(
         Section(
             f"{m}: layers of the selected neurons",
@@ -434,6 +451,12 @@ def _model_sections(
             images=sorted((data / "evaluate" / m).glob("suppression_*.png")),
         )
     )
+    return sections
+
+
+def _steering_sections(m: str, results: StudyResults, steer_utility: str) -> list[Section]:
+    """Steering's test utilities per variant and how far the learned scales moved."""
+    sections = []
     steer = results.steering[m]
     for u in (steer_utility, "likelihood"):
         util = st.utility if (st := steer.of(u)) is not None else None
@@ -456,6 +479,19 @@ def _model_sections(
             )
         )
     return sections
+
+
+def _model_sections(
+    m: str, results: StudyResults, data: Path, plots: Path, tasks: list[str], steer_utility: str
+) -> list[Section]:
+    """The sections of one model, after the study-wide ones."""
+    return [
+        *_suppression_sections(m, results, data),
+        *_faithfulness_sections(m, results),
+        *_circuit_sections(m, results, data, tasks),
+        *_mask_figure_sections(m, data, plots),
+        *_steering_sections(m, results, steer_utility),
+    ]
 
 
 def report_sections(
