@@ -22,15 +22,13 @@ def human_count(n: float) -> str:
     return f"{n:.0f}"
 
 
-def format_table(est: dict, arch: ModelArch) -> str:
-    w, t = est["workload"], arch.text
-    rows: list[tuple[str, str]] = []
+Rows = list[tuple[str, str | None]]  # (label, value); value None: a section title on its own line
 
-    def sec(title):
-        rows.append((title, None))  # a section title: its own line
 
-    sec("model")
-    rows += [
+def _model_rows(est: dict, arch: ModelArch) -> Rows:
+    t = arch.text
+    rows: Rows = [
+        ("model", None),
         (
             "language model",
             f"{t.layers} layers, {t.heads} heads ({t.kv_heads} kv), hidden {t.hidden}, FFN {t.ffn}, vocab {t.vocab}",
@@ -48,9 +46,17 @@ def format_table(est: dict, arch: ModelArch) -> str:
     for d in ("float32", "bfloat16", "int8"):
         label = "bfloat16 / float16" if d == "bfloat16" else d
         rows.append((f"weights {label}", human_bytes(est["weights_bytes"][d])))
-    bb = est["batch_bytes"]
-    sec(f"one batch: {w['batch_size']} rows x {est['seq_len']} tokens ({est['image_tokens']} image), {w['dtype']}")
-    rows += [
+    return rows
+
+
+def _memory_rows(est: dict) -> Rows:
+    """One forward batch and one batch of the dump's gradient pass."""
+    w, bb, gb = est["workload"], est["batch_bytes"], est["gradient_batch_bytes"]
+    return [
+        (
+            f"one batch: {w['batch_size']} rows x {est['seq_len']} tokens ({est['image_tokens']} image), {w['dtype']}",
+            None,
+        ),
         ("KV cache", human_bytes(bb["kv_cache"])),
         (
             "largest layer transients" + (" (eager attention)" if w["eager_attention"] else ""),
@@ -59,23 +65,25 @@ def format_table(est: dict, arch: ModelArch) -> str:
         ("logits, all positions", human_bytes(bb["logits"])),
         ("vision tower transients", human_bytes(bb["vision_transients"])),
         ("weights + batch", human_bytes(est["weights_bytes"][w["dtype"]] + bb["total"])),
-    ]
-    gb = est["gradient_batch_bytes"]
-    sec(
-        f"one batch of the dump's gradient pass: {w['gradient_batch_size']} items x {est['seq_len']} tokens, "
-        f"{w['dtype']} (forward + backward)"
-    )
-    rows += [
+        (
+            f"one batch of the dump's gradient pass: {w['gradient_batch_size']} items x {est['seq_len']} tokens, "
+            f"{w['dtype']} (forward + backward)",
+            None,
+        ),
         ("activations saved for the backward", human_bytes(gb["saved_activations"])),
         ("logits + float32 log-softmax", human_bytes(gb["logits_and_log_softmax"])),
         ("weights + gradient batch", human_bytes(est["weights_bytes"][w["dtype"]] + gb["total"])),
     ]
-    st = est["store"]
-    sec(
-        f"activation store per task: {w['items']:,} items x {st['conditions']} conditions "
-        f"(top_k {w['top_k']}), z in {w['store_dtype']}"
-    )
-    rows += [
+
+
+def _store_rows(est: dict) -> Rows:
+    w, st = est["workload"], est["store"]
+    return [
+        (
+            f"activation store per task: {w['items']:,} items x {st['conditions']} conditions "
+            f"(top_k {w['top_k']}), z in {w['store_dtype']}",
+            None,
+        ),
         ("z", human_bytes(st["z_bytes"])),
         ("per-item arrays (dvp, dvp_logprob, atp, gate statistics)", human_bytes(sum(st["item_array_bytes"].values()))),
         (
@@ -90,10 +98,18 @@ def format_table(est: dict, arch: ModelArch) -> str:
             f"per-item arrays {st['item_array_files']:,})",
         ),
     ]
-    sec(
-        f"forward passes per task (rows; model calls at batch {w['batch_size']}); "
-        f"{human_count(est['row_flops'])}FLOP per row; GPU-h at {w['effective_tflops']:g} TFLOP/s"
-    )
+
+
+def _compute_rows(est: dict) -> Rows:
+    """Forward rows, model calls, FLOP and GPU-hours of each stage, with the shared prefix's saving."""
+    w = est["workload"]
+    rows: Rows = [
+        (
+            f"forward passes per task (rows; model calls at batch {w['batch_size']}); "
+            f"{human_count(est['row_flops'])}FLOP per row; GPU-h at {w['effective_tflops']:g} TFLOP/s",
+            None,
+        )
+    ]
     guided = w["localisation"] == "guided"
     formulas = {
         "heads": "items x (M + 1), M guided candidates" if guided else "items x (L*H + 1)",
@@ -132,6 +148,12 @@ def format_table(est: dict, arch: ModelArch) -> str:
                     + (" (heads assumed spread evenly over the layers)" if name == "dump" else ""),
                 )
             )
+    return rows
+
+
+def format_table(est: dict, arch: ModelArch) -> str:
+    """``estimate``'s result as the text table the command prints: one section per group."""
+    rows = [*_model_rows(est, arch), *_memory_rows(est), *_store_rows(est), *_compute_rows(est)]
     width = max(len(k) for k, v in rows if v is not None)
     lines = [f"{arch.name}: estimate"]
     for k, v in rows:
