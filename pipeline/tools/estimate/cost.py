@@ -36,47 +36,35 @@ class Workload:
     effective_tflops: float = 400.0  # sustained model FLOP/s per GPU (assumed: ~40% of an H100's bf16 peak)
 
 
-def estimate(arch: ModelArch, w: Workload) -> dict:
-    """Every number the table prints, as a dict (bytes, counts, FLOPs)."""
-    t, v = arch.text, arch.vision
-    if w.dtype not in DTYPE_BYTES or w.store_dtype not in ("float16", "float32"):
-        raise EstimateError(f"unknown dtype {w.dtype!r} / store dtype {w.store_dtype!r}")
-    b = DTYPE_BYTES[w.dtype]
-    B, L, I = w.batch_size, t.layers, t.ffn
-    S = arch.image_tokens + w.prompt_tokens + w.answer_tokens
-    vision_params = (v.params + v.projector_params) if v else 0
-    out: dict = {"name": arch.name, "notes": list(arch.notes), "seq_len": S, "image_tokens": arch.image_tokens}
-    out["params"] = {
-        "text": t.params(),
-        "vision": v.params if v else 0,
-        "projector": v.projector_params if v else 0,
-        "total": arch.params,
-    }
-    out["weights_bytes"] = {d: arch.params * n for d, n in DTYPE_BYTES.items()}
-
-    kv = 2 * L * t.kv_heads * t.head_dim * S * B * b
+def _batch_bytes(arch: ModelArch, w: Workload, S: int) -> dict[str, int]:
+    """Bytes of one forward batch of ``w.batch_size`` rows of ``S`` tokens, by what holds them."""
+    t, v, b = arch.text, arch.vision, DTYPE_BYTES[w.dtype]
+    B = w.batch_size
+    kv = 2 * t.layers * t.kv_heads * t.head_dim * S * B * b
     hidden_states = 4 * B * S * t.hidden * b  # residual stream, normed input, attention output, MLP output
-    mlp = (3 if t.gated_mlp else 2) * B * S * I * b  # gate, up and their product
+    mlp = (3 if t.gated_mlp else 2) * B * S * t.ffn * b  # gate, up and their product
     scores = 2 * B * t.heads * S * S * b if w.eager_attention else 0
-    logits = B * S * t.vocab * b
-    vision_act = (B * v.positions * (4 * v.hidden + 2 * v.ffn) * b) if v else 0
-    out["batch_bytes"] = {
+    out = {
         "kv_cache": kv,
         "layer_transients": hidden_states + mlp + scores,
-        "logits": logits,
-        "vision_transients": vision_act,
+        "logits": B * S * t.vocab * b,
+        "vision_transients": (B * v.positions * (4 * v.hidden + 2 * v.ffn) * b) if v else 0,
     }
-    out["batch_bytes"]["total"] = sum(out["batch_bytes"].values())
+    out["total"] = sum(out.values())
+    return out
 
-    Bg = w.gradient_batch_size
-    saved = Bg * S * L * ((12 * t.hidden + 7 * I) * b // 2 + 2 * t.hidden * 4)
+
+def _gradient_batch_bytes(arch: ModelArch, w: Workload, S: int) -> dict[str, int]:
+    """Bytes of one batch of the dump's gradient pass (activations kept for the backward)."""
+    t, b, Bg = arch.text, DTYPE_BYTES[w.dtype], w.gradient_batch_size
+    saved = Bg * S * t.layers * ((12 * t.hidden + 7 * t.ffn) * b // 2 + 2 * t.hidden * 4)
     log_softmax = Bg * S * t.vocab * (b + 4)
-    out["gradient_batch_bytes"] = {
-        "saved_activations": saved,
-        "logits_and_log_softmax": log_softmax,
-        "total": saved + log_softmax,
-    }
+    return {"saved_activations": saved, "logits_and_log_softmax": log_softmax, "total": saved + log_softmax}
 
+
+def _store(arch: ModelArch, w: Workload) -> dict:
+    """The activation store of one task: its layout (``StoreLayout.plan``), files and bytes."""
+    L, I = arch.text.layers, arch.text.ffn
     C = w.top_k + 1
     layout = StoreLayout.plan(C, w.items, L, I, w.store_dtype, int(w.target_chunk_mib * 2**20), w.max_files)
     z_bytes = C * w.items * L * I * DTYPE_BYTES[w.store_dtype]
@@ -86,7 +74,8 @@ def estimate(arch: ModelArch, w: Workload) -> dict:
     }
     item_bytes = sum(per_item.values())
     n_blocks = layout.n_blocks
-    out["store"] = {
+    assert layout.nbytes() == z_bytes + item_bytes
+    return {
         "conditions": C,
         "chunk_items": layout.chunk_items,
         "block_items": layout.block_items,
@@ -101,8 +90,13 @@ def estimate(arch: ModelArch, w: Workload) -> dict:
         "task_bytes": z_bytes + item_bytes,
         "all_tasks_bytes": w.tasks * (z_bytes + item_bytes),
     }
-    assert layout.nbytes() == z_bytes + item_bytes
 
+
+def _stages(arch: ModelArch, w: Workload, S: int) -> tuple[int, dict[str, dict]]:
+    """(FLOPs of one row forward, {stage: rows, model calls, FLOPs, GPU-hours[, shared prefix]})."""
+    t, v = arch.text, arch.vision
+    L = t.layers
+    vision_params = (v.params + v.projector_params) if v else 0
     # FLOPs of one row (one sequence) forward: matmuls 2 x params per token, attention 4*L*S^2*H*d, lm_head.
     text_matmul = t.layers * (t.layer_params() - 2 * t.hidden)
     flops_text = 2 * text_matmul * S + 4 * L * S * S * t.heads * t.head_dim + 2 * t.vocab * t.hidden * S
@@ -120,12 +114,11 @@ def estimate(arch: ModelArch, w: Workload) -> dict:
     gradient_rows = {"dump_gradients", "heads_gradients"}
     # Forward + backward of activations: ~3x the language model's forward, 1x the vision tower's.
     per_row = {name: 3 * flops_text + flops_vision if name in gradient_rows else row_flops for name in rows}
-    batch = {name: w.gradient_batch_size if name in gradient_rows else B for name in rows}
-    out["row_flops"] = row_flops
+    batch = {name: w.gradient_batch_size if name in gradient_rows else w.batch_size for name in rows}
     shared = shared_prefix_flops(
         arch, w, flops_vision, (flops_text - 2 * t.vocab * t.hidden * S) / L, 2 * t.vocab * t.hidden * S
     )
-    out["stages"] = {
+    stages = {
         name: {
             "rows": n,
             "batches": math.ceil(n / batch[name]),
@@ -136,10 +129,37 @@ def estimate(arch: ModelArch, w: Workload) -> dict:
         for name, n in rows.items()
     }
     for name, flops in shared.items():
-        out["stages"][name]["shared_prefix_flops"] = flops
-        out["stages"][name]["shared_prefix_saving"] = out["stages"][name]["flops"] / flops
-    out["workload"] = asdict(w)
-    return out
+        stages[name]["shared_prefix_flops"] = flops
+        stages[name]["shared_prefix_saving"] = stages[name]["flops"] / flops
+    return row_flops, stages
+
+
+def estimate(arch: ModelArch, w: Workload) -> dict:
+    """Every number the table prints, as a dict (bytes, counts, FLOPs)."""
+    t, v = arch.text, arch.vision
+    if w.dtype not in DTYPE_BYTES or w.store_dtype not in ("float16", "float32"):
+        raise EstimateError(f"unknown dtype {w.dtype!r} / store dtype {w.store_dtype!r}")
+    S = arch.image_tokens + w.prompt_tokens + w.answer_tokens
+    row_flops, stages = _stages(arch, w, S)
+    return {
+        "name": arch.name,
+        "notes": list(arch.notes),
+        "seq_len": S,
+        "image_tokens": arch.image_tokens,
+        "params": {
+            "text": t.params(),
+            "vision": v.params if v else 0,
+            "projector": v.projector_params if v else 0,
+            "total": arch.params,
+        },
+        "weights_bytes": {d: arch.params * n for d, n in DTYPE_BYTES.items()},
+        "batch_bytes": _batch_bytes(arch, w, S),
+        "gradient_batch_bytes": _gradient_batch_bytes(arch, w, S),
+        "store": _store(arch, w),
+        "row_flops": row_flops,
+        "stages": stages,
+        "workload": asdict(w),
+    }
 
 
 def scored_heads(arch: ModelArch, w: Workload) -> int:
