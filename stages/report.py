@@ -1,7 +1,6 @@
 """Stage `report`: gather every model's results into metrics JSON keyed by model, the verdict
 table, and one HTML report that opens with it."""
 
-import logging
 from pathlib import Path
 
 from pipeline.io import atomic_file, write_json
@@ -9,16 +8,14 @@ from pipeline.report.document import markdown_sections, report_sections
 from pipeline.report.html import build_report
 from pipeline.report.markdown import markdown_document
 from pipeline.report.study import (
-    head_stability_of,
+    head_stabilities,
     read_study_results,
     report_metrics,
-    sampled_ground_truth_of,
+    sampled_ground_truths,
     study_verdicts,
 )
 from stages._common import entry, parser
 from stages.params import read_params
-
-log = logging.getLogger(__name__)
 
 READS = (
     "studied_models",
@@ -56,39 +53,16 @@ def main() -> None:
         confidence=st.confidence,
         equivalence_margin=st.equivalence_margin,
     )
-    heads = {
-        m: {
-            t: head_stability_of(
-                args.data / "heads" / m / t,
-                params.heads.top_k,
-                n_resamples=st.bootstrap_resamples,
-                seed=st.seed,
-                candidates=params.heads.guided.candidates,
-            )
-            for t in tasks
-        }
-        for m in models
-    }
-    for m, t in [(m, t) for m, by_task in heads.items() for t, h in by_task.items() if h["degenerate"]]:
-        log.warning(
-            "%s %s: no head's substitution lowers the utility; its top %d heads are arbitrary and HONES "
-            "reduces to hones_nohead",
-            m,
-            t,
-            params.heads.top_k,
-        )
-    sampled = {
-        m: checked
-        for m in models
-        if (
-            checked := sampled_ground_truth_of(
-                args.data / "attribution" / f"{m}.zarr",
-                results.attribution[m].mask_size,
-                n_resamples=st.bootstrap_resamples,
-                seed=st.seed,
-            )
-        )
-    }
+    heads = head_stabilities(
+        args.data,
+        models,
+        tasks,
+        params.heads.top_k,
+        n_resamples=st.bootstrap_resamples,
+        seed=st.seed,
+        candidates=params.heads.guided.candidates,
+    )
+    sampled = sampled_ground_truths(args.data, results, models, n_resamples=st.bootstrap_resamples, seed=st.seed)
     documents = report_metrics(results, verdicts, heads, params.replicates, sampled)
     for name, document in documents.items():
         write_json(document, args.metrics / name)

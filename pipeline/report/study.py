@@ -19,6 +19,7 @@ Map of this module:
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,9 @@ from pipeline.report.verdict import (
 
 # The parts of a model's suppression.json that metrics/suppression_summary.json carries.
 _SUMMARY_KEYS = ("baseline", "summary", "random_draws", "differences", "auc", "sensitivity")
+
+
+log = logging.getLogger(__name__)
 
 
 def _json(path: Path) -> dict:
@@ -136,6 +140,48 @@ def sampled_ground_truth_of(attribution: Path, mask_size: int, *, n_resamples: i
     if "ablation" not in methods or not np.isfinite(importance[methods.index("ablation")]).any():
         return None
     return check_against_exhaustive(methods, tasks, importance, mask_size, n_resamples=n_resamples, seed=seed)
+
+
+def head_stabilities(
+    data: Path, models: list[str], tasks: list[str], top_k: int, *, n_resamples: int, seed: int, candidates: int
+) -> dict[str, dict[str, dict]]:
+    """{model: {task: ``head_stability_of``}} of every studied model and task; a task whose head
+    scores are all zero (no substitution lowers its utility) is logged, since its top heads are
+    arbitrary and HONES then ranks as hones_nohead."""
+    heads = {
+        m: {
+            t: head_stability_of(
+                data / "heads" / m / t, top_k, n_resamples=n_resamples, seed=seed, candidates=candidates
+            )
+            for t in tasks
+        }
+        for m in models
+    }
+    for m, by_task in heads.items():
+        for t, h in by_task.items():
+            if h["degenerate"]:
+                log.warning(
+                    "%s %s: no head's substitution lowers the utility; its top %d heads are arbitrary and HONES "
+                    "reduces to hones_nohead",
+                    m,
+                    t,
+                    top_k,
+                )
+    return heads
+
+
+def sampled_ground_truths(
+    data: Path, results: StudyResults, models: list[str], *, n_resamples: int, seed: int
+) -> dict[str, dict]:
+    """{model: ``sampled_ground_truth_of``} for the models whose attribution holds both ground truths."""
+    out = {}
+    for m in models:
+        checked = sampled_ground_truth_of(
+            data / "attribution" / f"{m}.zarr", results.attribution[m].mask_size, n_resamples=n_resamples, seed=seed
+        )
+        if checked:
+            out[m] = checked
+    return out
 
 
 def study_verdicts(
