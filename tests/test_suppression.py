@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.errors import PipelineError
 from pipeline.method.masks import build_masks
 from pipeline.model.evaluation import TaskResult, answer_logprob, evaluate_conditions, evaluate_task, yes_no_margin
 from pipeline.model.hooks import scale_neurons
@@ -108,6 +109,13 @@ def test_likelihood_is_reference_probability_and_positive_softmax(tiny_adapter, 
         p = np.exp(m - m.max()) / np.exp(m - m.max()).sum()
         assert both["likelihood"][0].per_item[i] == pytest.approx(float(p[row.positive_index]), abs=1e-6)
     assert both["generative"][0].metric == "ndcg@5" and both["likelihood"][0].metric == "positive_probability"
+    # Nothing is generated for the likelihood or for retrieval, so no generation length is needed;
+    # asking for generated answers without one is an error naming the task.
+    kw = dict(batch_size=5, max_new_tokens=None, progress=False)
+    assert evaluate_conditions(tiny_adapter, "retrieval", ret, images, {"generative": [0]}, **kw)["generative"]
+    assert evaluate_conditions(tiny_adapter, "caption", cap, images, {"likelihood": [0]}, **kw)["likelihood"]
+    with pytest.raises(PipelineError, match=r"caption: generating answers needs max_new_tokens >= 1, got None"):
+        evaluate_conditions(tiny_adapter, "caption", cap, images, {"generative": [0]}, **kw)
 
 
 PLANTED = (1, 5)  # the one neuron that carries vqa in the fake model

@@ -311,7 +311,7 @@ def evaluate_conditions(
     conditions: dict[str, Sequence[int]],
     *,
     batch_size: int,
-    max_new_tokens: int = 24,
+    max_new_tokens: int | None = 24,
     condition_hooks: ConditionHooks | None = None,
     condition_layers: Sequence[int | None] | None = None,
     progress: str | None = None,
@@ -320,10 +320,13 @@ def evaluate_conditions(
     indices}), every utility on the same ``items``. ``condition_hooks`` receives the condition
     indices as given here, ``condition_layers`` (see ``evaluate_task``) is indexed by them.
     Retrieval's generative and likelihood utilities share one pass over the union of their
-    conditions (both are functions of the candidates' margins)."""
+    conditions (both are functions of the candidates' margins). ``max_new_tokens`` may be None
+    when nothing is generated (no generative utility, or retrieval, which ranks)."""
     unknown = sorted(set(conditions) - set(UTILITY_KINDS))
     if unknown:
         raise PipelineError(f"utility {unknown[0]!r} is not one of {UTILITY_KINDS}")
+    if "generative" in conditions and task != "retrieval" and (max_new_tokens is None or max_new_tokens < 1):
+        raise PipelineError(f"{task}: generating answers needs max_new_tokens >= 1, got {max_new_tokens}")
     items = items.reset_index(drop=True)
     if len(items) == 0:
         raise PipelineError(f"no items to evaluate for task {task!r}")
@@ -363,7 +366,7 @@ def _evaluate_rows(
     utility: str,
     conds: list[int],
     batch_size: int,
-    max_new_tokens: int,
+    max_new_tokens: int | None,
     condition_hooks: ConditionHooks | None,
     layers: dict[int, int] | None,
     progress: str | None,
