@@ -64,7 +64,7 @@ def _argv_value(flag: str) -> str | None:
 def stage_id(module: str) -> str:
     """``heads@tiny-llava-vqa``: the stage module's short name and its matrix arguments."""
     short = module.rsplit(".", 1)[-1]
-    names = [v for v in (_argv_value("--model"), _argv_value("--task")) if v]
+    names = [v for v in (_argv_value("--model"), _argv_value("--task"), _argv_value("--name")) if v]
     return f"{short}@{'-'.join(names)}" if names else short
 
 

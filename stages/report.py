@@ -21,6 +21,7 @@ READS = (
     "studied_models",
     "tasks",
     "replicates",
+    "ood_benchmarks",
     "heads.top_k",
     "heads.guided.candidates",
     "steer.utility",
@@ -42,7 +43,7 @@ def main() -> None:
     args = p.parse_args()
     params = read_params(args.params, READS)
     models, tasks, st = params.studied_models, params.tasks, params.statistics
-    results = read_study_results(args.data, args.metrics, models)
+    results = read_study_results(args.data, args.metrics, models, list(params.ood_benchmarks))
     verdicts = study_verdicts(
         results,
         params.replicates,

@@ -16,7 +16,7 @@ from pipeline.outcomes.transfer import TransferSteeringJob, chosen_grid_scales, 
 from stages._common import entry, parser
 from stages._load import load_items, load_model_and_images, worker_plan
 from stages.evaluate import selected_masks
-from stages.params import ConfigError, read_params
+from stages.params import ConfigError, StageParams, read_params
 
 READS = (
     "transfer.split",
@@ -50,25 +50,44 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True, help="folder: per-item scores, statistics JSON")
     args = p.parse_args()
     params = read_params(args.params, READS, model=args.model)
-    cfg, rt, st, tasks = params.transfer, params.runtime, params.statistics, params.tasks
-    if cfg.split is None:
+    if params.transfer.split is None:
         log.info("transfer.split is null: no out-of-distribution items, nothing measured")
         for name in ("suppression.json", "steering_intervals.json"):
             write_json({}, args.out / name)
         return
-    if not args.masks.is_file():
-        raise ConfigError(f"masks table not found: {args.masks}")
-    masks = pd.read_parquet(args.masks)
-    headline = selected_masks(masks[masks["headline"]], cfg.methods, tasks, args.masks, "transfer.methods")
+    measure_transfer(
+        params, args.model, args.benchmark, params.transfer.split, params.tasks, args.masks, args.steer, args.out
+    )
+
+
+def measure_transfer(
+    params: StageParams,
+    model: str,
+    benchmark: Path,
+    split: str,
+    tasks: list[str],
+    masks_path: Path,
+    steer: Path,
+    out: Path,
+) -> None:
+    """The headline masks of ``transfer.methods`` and the steer stage's scales (folder ``steer``)
+    of ``model``, for ``tasks``, on the first ``transfer.max_items`` items per task of ``split``
+    of the benchmark folder ``benchmark`` -> ``out``: per-item scores and conditions (Parquet),
+    suppression and steering statistics (JSON), as the evaluate and steer stages write them."""
+    cfg, rt, st = params.transfer, params.runtime, params.statistics
+    if not masks_path.is_file():
+        raise ConfigError(f"masks table not found: {masks_path}")
+    masks = pd.read_parquet(masks_path)
+    headline = selected_masks(masks[masks["headline"]], cfg.methods, tasks, masks_path, "transfer.methods")
     conditions = mask_conditions(headline)
     variants = transfer_variants(
         {t: headline_mask(masks, STEERED_METHOD, t) for t in tasks},
-        load_scales(args.steer / "scales.parquet"),
-        chosen_grid_scales(pd.read_parquet(args.steer / "steering.parquet"), str(args.steer / "steering.parquet")),
+        load_scales(steer / "scales.parquet"),
+        chosen_grid_scales(pd.read_parquet(steer / "steering.parquet"), str(steer / "steering.parquet")),
         tasks,
     )
-    items = load_items(args.benchmark, (cfg.split,), tuple(tasks), cfg.max_items)
-    workers, threads = worker_plan(params, args.model)
+    items = load_items(benchmark, (split,), tuple(tasks), cfg.max_items)
+    workers, threads = worker_plan(params, model)
     steering_jobs = [
         TransferSteeringJob(
             task,
@@ -85,14 +104,14 @@ def main() -> None:
         items,
         conditions,
         steering_jobs,
-        partial(load_model_and_images, params, args.model, args.benchmark),
+        partial(load_model_and_images, params, model, benchmark),
         batch_size=rt.batch_sequences,
         max_new_tokens=rt.max_new_tokens,
         workers=workers,
         threads=threads,
     )
-    write_parquet(scores_table(scores, items), args.out / "scores.parquet")
-    write_parquet(conditions_table(conditions), args.out / "conditions.parquet")
+    write_parquet(scores_table(scores, items), out / "scores.parquet")
+    write_parquet(conditions_table(conditions), out / "conditions.parquet")
     write_json(
         suppression_statistics(
             scores,
@@ -102,16 +121,16 @@ def main() -> None:
             confidence=st.confidence,
             equivalence_margin=st.equivalence_margin,
         ),
-        args.out / "suppression.json",
+        out / "suppression.json",
     )
     table = steering_table(runs)
-    write_parquet(table, args.out / "steering.parquet")
-    write_json(steering_summary(table), args.out / "steering.json")
+    write_parquet(table, out / "steering.parquet")
+    write_json(steering_summary(table), out / "steering.json")
     write_json(
         steering_statistics(
             runs, params.steer.utility, n_resamples=st.bootstrap_resamples, seed=st.seed, confidence=st.confidence
         ),
-        args.out / "steering_intervals.json",
+        out / "steering_intervals.json",
     )
 
 

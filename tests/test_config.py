@@ -174,3 +174,37 @@ def test_shipped_models_are_recipes_that_are_not_also_trained() -> None:
         validate_section(
             ParamsFile, {"studied_models": ["p"], "tasks": ["vqa"], "shipped_models": ["p"], "models": models}, ""
         )
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (
+            {"format": "vizwiz", "records": "data/inputs/a.json", "images": "data/inputs/i"},
+            r"ood_benchmarks\.s\.format",
+        ),
+        (
+            {"format": "gqa", "records": "elsewhere/a.json", "images": "data/inputs/i"},
+            r"'elsewhere/a.json' is not under",
+        ),
+        ({"format": "gqa", "records": "data/inputs/a.json"}, r"ood_benchmarks\.s\.images: Field required"),
+        (
+            {"format": "gqa", "records": "data/inputs/a.json", "images": "data/inputs/i", "max_records": 0},
+            "max_records",
+        ),
+    ],
+)
+def test_an_ood_benchmark_entry_is_checked_by_key(entry, message) -> None:
+    base = {"studied_models": ["t"], "tasks": ["vqa"], "shipped_models": ["t"], "models": {"t": {"source": "train"}}}
+    with pytest.raises(ConfigError, match=message):
+        validate_section(ParamsFile, {**base, "ood_benchmarks": {"s": entry}}, "")
+    good = {"format": "gqa", "records": "data/inputs/gqa/q.json", "images": "data/inputs/gqa/images"}
+    assert (
+        validate_section(ParamsFile, {**base, "ood_benchmarks": {"gqa_dev": good}}, "")
+        .ood_benchmarks["gqa_dev"]
+        .skip_bad
+        is False
+    )
+    # The name becomes a folder and part of stage names.
+    with pytest.raises(ConfigError, match=r"\['GQA dev'\]: a benchmark name is lower-case"):
+        validate_section(ParamsFile, {**base, "ood_benchmarks": {"GQA dev": good}}, "")

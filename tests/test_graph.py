@@ -189,16 +189,18 @@ def rewrite_code_deps(text: str, root: Path = ROOT) -> str:
     out: list[str] = []
     stage = None
     in_deps = False
+    item = ""  # the indentation of a deps entry: deeper under a foreach stage's ``do:``
     for line in lines:
         if line.startswith("  ") and not line.startswith("   ") and line.rstrip().endswith(":"):
             stage = line.strip()[:-1]
-        if in_deps and not line.startswith("      - "):
-            module = shlex.split(" ".join(str(raw[stage]["cmd"]).split()))[2]
-            out.extend(f"      - {d}" for d in sorted(import_closure(root, module)))
+        if in_deps and not line.startswith(item):
+            body = raw[stage].get("do", raw[stage])
+            module = shlex.split(" ".join(str(body["cmd"]).split()))[2]
+            out.extend(f"{item}{d}" for d in sorted(import_closure(root, module)))
             in_deps = False
-        if line == "    deps:":
-            in_deps = True
-        if in_deps and line.startswith("      - ") and line.endswith(".py"):
+        if line in ("    deps:", "      deps:"):
+            in_deps, item = True, " " * (len(line) - len("deps:") + 2) + "- "
+        if in_deps and line.startswith(item) and line.endswith(".py"):
             continue
         out.append(line)
     return "\n".join(out) + "\n"

@@ -75,6 +75,15 @@ def test_textvqa_questions_become_ocr_and_vqa_items_with_every_answer_in_order(t
     # Two questions on one image: the image is stored once.
     assert sorted(pd.read_parquet(tmp_path / "out" / "images.parquet")["image_id"]) == ["a1", "b2"]
     assert done.skipped == []
+    # What was imported, for the transfer stages and the report.
+    assert json.loads((tmp_path / "out" / "import.json").read_text()) == {
+        "format": "textvqa",
+        "records_file": "textvqa.json",
+        "split": "ood",
+        "items": {"ocr": 3, "vqa": 3},
+        "images": 2,
+        "skipped": [],
+    }
 
 
 def test_gqa_and_flickr30k_map_to_vqa_and_captions(tmp_path) -> None:
@@ -159,6 +168,7 @@ def test_skip_bad_counts_and_reports_the_bad_records(tmp_path, fmt, caplog) -> N
     assert "skipped" in caplog.text
     table = read_annotations(tmp_path / "out" / "annotations.parquet")
     assert len(table) == len(done.records) > 0
+    assert json.loads((tmp_path / "out" / "import.json").read_text())["skipped"] == done.skipped
     # A missing image is skipped the same way, with its own reason.
     doc, message = _broken(fmt, "image")
     path, root = _setup(tmp_path, fmt, doc)

@@ -312,6 +312,35 @@ def test_the_study_reads_records_and_its_verdict_rows_are_the_reports(tmp_path) 
         k: SUPPRESSION["generative"][k] for k in ("baseline", "summary", "differences", "sensitivity")
     }
     assert written["transfer.json"]["m"]["steering"] == STEERING
+    assert written["transfer_ood.json"] == {}
+
+
+IMPORTED = {"format": "gqa", "records_file": "q.json", "split": "ood", "items": {"vqa": 4}, "images": 2, "skipped": []}
+
+
+def test_a_brought_set_adds_its_rows_and_metrics_and_must_be_there(tmp_path) -> None:
+    data, metrics = _study(tmp_path)
+    folder = data / "transfer_ood" / "m-gqa"
+    _write(folder / "suppression.json", SUPPRESSION)
+    _write(folder / "steering_intervals.json", STEERING)
+    _write(folder / "import.json", IMPORTED)
+    results = read_study_results(data, metrics, ["m"], ["gqa"])
+    assert results.ood_transfer["m"]["gqa"].imported.items == {"vqa": 4}
+    kw = dict(steer_utility="generative", n_resamples=10, seed=0, confidence=0.95, equivalence_margin=0.5)
+    rows = study_verdicts(results, {}, data, **kw)
+    assert ("out of distribution (gqa): HONES on-target drop exceeds random's", "generative", "holds") in [
+        (r["claim"], r["utility"], r["verdict"]) for r in rows
+    ]
+    written = report_metrics(results, rows, {}, {}, {})
+    assert written["transfer_ood.json"]["m"]["gqa"]["import"] == IMPORTED
+    assert written["transfer_ood.json"]["m"]["gqa"]["steering"] == STEERING
+    # A listed set whose stage wrote nothing, or an import summary lacking a field, is named.
+    (folder / "import.json").unlink()
+    with pytest.raises(RecordError, match=r"m-gqa/import\.json: file not found"):
+        read_study_results(data, metrics, ["m"], ["gqa"])
+    _write(folder / "import.json", {k: v for k, v in IMPORTED.items() if k != "skipped"})
+    with pytest.raises(RecordError, match=r"m-gqa/import\.json: .*skipped: Field required"):
+        read_study_results(data, metrics, ["m"], ["gqa"])
 
 
 def test_a_study_result_missing_a_field_stops_the_report_naming_it(tmp_path) -> None:

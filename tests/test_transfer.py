@@ -176,3 +176,8 @@ def test_transfer_rows_decide_from_the_intervals() -> None:
         ("out of distribution: learned steering scales beat Grid-Search (mean over tasks)", "likelihood"): "fails",
     }
     assert transfer_rows("m", None, None, "likelihood", 0.5) == []
+    # On a set you brought, every claim names it.
+    brought = transfer_rows("m", suppression, steering, "likelihood", 0.5, ood_set="gqa")
+    assert {r["claim"] for r in brought} == {
+        c.replace("out of distribution:", "out of distribution (gqa):") for c, _ in rows
+    }

@@ -21,7 +21,7 @@ Map of this module:
 - ``SharedNeuronsRecord``: ``shared_neurons/<m>/shared.json``
   (``pipeline.outcomes.shared_neurons.shared_neuron_statistics`` with the mask size).
 - ``TransferRecord``: the transfer stage's two documents, each None where the stage measured
-  nothing (it writes ``{}``).
+  nothing (it writes ``{}``); for a transfer_ood stage also its set's ``OodImportRecord``.
 - ``load_record(cls, path)`` (also ``cls.load(path)``) and ``load_transfer(folder)``: read a
   file into its record; ``RecordError`` (a ``PipelineError``) names the file and every invalid
   field.
@@ -382,12 +382,27 @@ class SharedNeuronsRecord(_Record):
 # --- transfer -----------------------------------------------------------------------------------
 
 
+class OodImportRecord(_Record):
+    """``import.json`` of an out-of-distribution import (``pipeline.tasks.ood_import.import_ood``):
+    items per task, images, and the one-line reason of every record left out (``skip_bad``)."""
+
+    format: str
+    records_file: str
+    split: str
+    items: dict[str, StrictInt]
+    images: StrictInt
+    skipped: list[str]
+
+
 class TransferRecord(_Record):
     """The transfer stage's ``suppression.json`` and ``steering_intervals.json``; each None where
     the stage measured nothing (no out-of-distribution split: it writes ``{}``)."""
 
     suppression: SuppressionRecord | None
     steering: SteeringRecord | None
+    # A set you brought (transfer_ood stage): its import's summary (``import.json``); None for
+    # the benchmark's own ood split.
+    imported: OodImportRecord | None = None
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -421,11 +436,13 @@ def load_record(cls: type[R], path: Path) -> R:
     return validate_record(cls, _read_json(path), str(path))
 
 
-def load_transfer(folder: Path) -> TransferRecord:
-    """The transfer stage's documents in ``folder`` (each None where it wrote ``{}``)."""
+def load_transfer(folder: Path, *, imported: bool = False) -> TransferRecord:
+    """The transfer stage's documents in ``folder`` (each None where it wrote ``{}``); with
+    ``imported``, a transfer_ood stage's folder, which also holds its set's ``import.json``."""
     folder = Path(folder)
     docs = {name: _read_json(folder / f"{name}.json") for name in ("suppression", "steering_intervals")}
     return TransferRecord(
+        imported=load_record(OodImportRecord, folder / "import.json") if imported else None,
         suppression=validate_record(SuppressionRecord, docs["suppression"], str(folder / "suppression.json"))
         if docs["suppression"] != {}
         else None,

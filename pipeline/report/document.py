@@ -260,6 +260,37 @@ def _transfer_section(results: StudyResults) -> list[Section]:
     ]
 
 
+def _ood_transfer_section(results: StudyResults) -> list[Section]:
+    rows = {}
+    for m, by_set in results.ood_transfer.items():
+        for b, t in by_set.items():
+            for u in UTILITIES:
+                ood = t.suppression.of(u) if t.suppression is not None else None
+                if ood is None:
+                    continue
+                steer = t.steering.of(u) if t.steering is not None else None
+                imported = t.imported
+                rows[(m, b, u)] = {
+                    "items (per task)": ", ".join(f"{k} {n}" for k, n in imported.items.items()) if imported else "",
+                    "records left out": len(imported.skipped) if imported else 0,
+                    "base utility (mean of tasks)": _mean_value(ood.baseline),
+                    "HONES on-target drop (%)": interval_text(_hones_drop(ood)),
+                    "learned minus base": _steering_difference(steer, "learned", "base"),
+                    "learned minus Grid-Search": _steering_difference(steer, "learned", "grid_search"),
+                }
+    if not rows:
+        return []
+    return [
+        Section(
+            "Do they transfer to the out-of-distribution sets you brought?",
+            "The same in-domain masks and scales on each set of params ood_benchmarks (imported by its "
+            "ood_benchmark stage, only the tasks it has). Records left out: those skip_bad let the import "
+            "pass over, each named in data/ood/<set>/import.json. Likelihood decides.",
+            table=pd.DataFrame(rows).T,
+        )
+    ]
+
+
 def _shared_neurons_section(results: StudyResults) -> list[Section]:
     rows = {}
     for m, shared in results.shared_neurons.items():
@@ -550,6 +581,7 @@ def report_sections(
             )
     sections += _sampled_ground_truth_section(sampled_ground_truth)
     sections += _transfer_section(results)
+    sections += _ood_transfer_section(results)
     sections += _shared_neurons_section(results)
     sections += _quality_sections(results, summary.get("quality_targets", {}))
     (plots / "training").mkdir(parents=True, exist_ok=True)

@@ -86,7 +86,8 @@ class StudyResults:
     ``<data>/steer/<m>/steering_intervals.json``; training: the default models' training records
     ({} for a brought model); logit_lens: ``metrics/logit_lens/<m>.json`` (the document); transfer:
     ``<data>/transfer/<m>/suppression.json`` and ``steering_intervals.json`` (each None when the
-    transfer stage measured nothing); shared_neurons: ``<data>/shared_neurons/<m>/shared.json``.
+    transfer stage measured nothing); shared_neurons: ``<data>/shared_neurons/<m>/shared.json``;
+    ood_transfer: {model: {set: record}} of the sets you brought, ``<data>/transfer_ood/<m>-<set>/``.
     """
 
     models: list[str]
@@ -98,10 +99,14 @@ class StudyResults:
     logit_lens: dict[str, dict]
     transfer: dict[str, TransferRecord]
     shared_neurons: dict[str, SharedNeuronsRecord]
+    ood_transfer: dict[str, dict[str, TransferRecord]]
 
 
-def read_study_results(data: Path, metrics: Path, models: list[str]) -> StudyResults:
-    """Gather the results of ``models`` from the stages' output folders ``data`` and ``metrics``;
+def read_study_results(
+    data: Path, metrics: Path, models: list[str], ood_benchmarks: list[str] | tuple[str, ...] = ()
+) -> StudyResults:
+    """Gather the results of ``models`` (and, on each of the ``ood_benchmarks`` sets you brought,
+    their transfer) from the stages' output folders ``data`` and ``metrics``;
     ``pipeline.outcomes.records.RecordError`` names a file that is absent or lacks a field."""
     data, metrics = Path(data), Path(metrics)
     return StudyResults(
@@ -115,6 +120,10 @@ def read_study_results(data: Path, metrics: Path, models: list[str]) -> StudyRes
         transfer={m: load_transfer(data / "transfer" / m) for m in models},
         shared_neurons={
             m: load_record(SharedNeuronsRecord, data / "shared_neurons" / m / "shared.json") for m in models
+        },
+        ood_transfer={
+            m: {b: load_transfer(data / "transfer_ood" / f"{m}-{b}", imported=True) for b in ood_benchmarks}
+            for m in models
         },
     )
 
@@ -209,6 +218,11 @@ def study_verdicts(
         + transfer_rows(
             m, results.transfer[m].suppression, results.transfer[m].steering, steer_utility, equivalence_margin
         )
+        + [
+            r
+            for b, t in results.ood_transfer[m].items()
+            for r in transfer_rows(m, t.suppression, t.steering, steer_utility, equivalence_margin, ood_set=b)
+        ]
         + shared_neuron_rows(m, results.shared_neurons[m])
     ]
     for recipe, instances in replicates.items():
@@ -240,6 +254,27 @@ def _utility_documents(record: SuppressionRecord | None) -> dict[str, dict]:
     return {u: us.document() for u in UTILITIES if (us := record.of(u)) is not None}
 
 
+def _transfer_document(transfer: TransferRecord, in_distribution: dict[str, dict]) -> dict:
+    """One transfer folder's part of metrics/transfer*.json: suppression (baseline, summary,
+    differences per utility), the in-distribution baseline beside it, steering, and for a set
+    you brought its import summary."""
+    docs = _utility_documents(transfer.suppression)
+    out = {
+        "suppression": {
+            u: {k: docs[u][k] for k in ("baseline", "summary", "differences") if k in docs[u]}
+            for u in UTILITIES
+            if u in docs
+        },
+        "in_distribution_baseline": {
+            u: in_distribution[u]["baseline"] if u in in_distribution else {} for u in UTILITIES
+        },
+        "steering": transfer.steering.document() if transfer.steering is not None else {},
+    }
+    if transfer.imported is not None:
+        out["import"] = transfer.imported.document()
+    return out
+
+
 def report_metrics(
     results: StudyResults,
     verdicts: list[dict],
@@ -257,7 +292,6 @@ def report_metrics(
     targets = quality_against_targets({m: q for m, q in results.quality.items() if results.training[m]})
     if targets:
         summary["quality_targets"] = targets
-    transfer = {m: (t, _utility_documents(t.suppression)) for m, t in results.transfer.items()}
     return {
         "head_stability.json": {
             m: {t: {k: v for k, v in h.items() if k != "localisation"} for t, h in by_task.items()}
@@ -277,19 +311,14 @@ def report_metrics(
         },
         "steering.json": {m: s.document() for m, s in results.steering.items()},
         "transfer.json": {
-            m: {
-                "suppression": {
-                    u: {k: docs[u][k] for k in ("baseline", "summary", "differences") if k in docs[u]}
-                    for u in UTILITIES
-                    if u in docs
-                },
-                "in_distribution_baseline": {
-                    u: in_distribution[m][u]["baseline"] if u in in_distribution[m] else {} for u in UTILITIES
-                },
-                "steering": t.steering.document() if t.steering is not None else {},
-            }
-            for m, (t, docs) in transfer.items()
+            m: _transfer_document(t, in_distribution[m])
+            for m, t in results.transfer.items()
             if t.suppression is not None
+        },
+        "transfer_ood.json": {
+            m: {b: _transfer_document(t, in_distribution[m]) for b, t in by_set.items()}
+            for m, by_set in results.ood_transfer.items()
+            if by_set
         },
         "shared_neurons.json": {m: s.document() for m, s in results.shared_neurons.items()},
         "verdict.json": verdict_metrics(verdicts),

@@ -194,10 +194,8 @@ def verdict_rows(
 
 
 _TRANSFER_STEERING = {
-    Comparison("learned", "base"): "out of distribution: learned steering scales improve utility over base "
-    "(mean over tasks)",
-    Comparison("learned", "grid_search"): "out of distribution: learned steering scales beat Grid-Search "
-    "(mean over tasks)",
+    Comparison("learned", "base"): "learned steering scales improve utility over base (mean over tasks)",
+    Comparison("learned", "grid_search"): "learned steering scales beat Grid-Search (mean over tasks)",
 }
 
 
@@ -207,16 +205,19 @@ def transfer_rows(
     steering: SteeringRecord | None,
     steer_utility: str,
     margin: float,
+    ood_set: str | None = None,
 ) -> list[dict]:
     """Rows (``VERDICT_COLUMNS``) of one model's transfer stage: the records of its
     ``suppression.json`` and ``steering_intervals.json`` on out-of-distribution items (None when
-    it measured nothing).
+    it measured nothing): the benchmark's ood split, or the set you brought named ``ood_set``
+    (a transfer_ood stage; its name is in each claim).
 
     Claims: HONES's in-domain masks still drop their task out of distribution (on-target drop
     above 0, ``margin`` percentage points of equivalence), and more than random masks do; the
     in-domain learned scales improve the mean utility over base and over Grid-Search (both
     chosen in distribution). Likelihood rows decide; generative rows are reported beside them.
     """
+    where = "out of distribution" if ood_set is None else f"out of distribution ({ood_set})"
     rows: list[dict] = []
     for utility in (DECIDING_UTILITY, "generative"):
         u = suppression.of(utility) if suppression is not None else None
@@ -224,11 +225,11 @@ def transfer_rows(
             continue
         if "hones" in u.summary:
             drop = u.summary["hones"].on_target_drop
-            claim = "out of distribution: HONES masks drop their task (on-target drop)"
+            claim = f"{where}: HONES masks drop their task (on-target drop)"
             rows.append(_row(model, claim, utility, drop, 0.0, verdict(drop.to_interval(), 0.0, margin)))
         diff = u.difference("hones", "random")
         if diff is not None:
-            claim = "out of distribution: HONES on-target drop exceeds random's"
+            claim = f"{where}: HONES on-target drop exceeds random's"
             rows.append(_row(model, claim, utility, diff.on_target_drop, 0.0, diff.on_target_drop.verdict))
     for utility in dict.fromkeys((DECIDING_UTILITY, steer_utility)):
         st = steering.of(utility) if steering is not None else None
@@ -237,7 +238,7 @@ def transfer_rows(
         for comparison, claim in _TRANSFER_STEERING.items():
             d = st.mean_difference(*comparison)
             if d is not None:
-                rows.append(_row(model, claim, utility, d, 0.0, d.verdict))
+                rows.append(_row(model, f"{where}: {claim}", utility, d, 0.0, d.verdict))
     return _finite(rows)
 
 

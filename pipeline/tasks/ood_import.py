@@ -23,7 +23,7 @@ used stops the import with one line naming the file, the record and the field; w
 
 Map of this module: ``read_ood_records`` (parse and validate one file into ``OodRecord``s),
 ``import_ood`` (records and their images into ``annotations.parquet`` / ``images.parquet`` of one
-split, written atomically), ``OodRecordError``.
+split and the summary ``import.json``, written atomically), ``OodRecordError``.
 """
 
 from __future__ import annotations
@@ -41,14 +41,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.io import atomic_directory
+from pipeline.io import atomic_directory, write_json
 from pipeline.tasks.coco_import import MAX_CAPTION_REFERENCES, MAX_TEXT_CHARS
 from pipeline.tasks.items import ANNOTATION_SCHEMA, IMAGE_SCHEMA, PROMPTS, BenchmarkError
 
-__all__ = ["FORMATS", "OodRecord", "OodImport", "OodRecordError", "read_ood_records", "import_ood"]
+__all__ = ["FORMATS", "IMPORT_SUMMARY", "OodRecord", "OodImport", "OodRecordError", "read_ood_records", "import_ood"]
 
 log = logging.getLogger(__name__)
 
+# What an import wrote beside its tables: format, records file, items per task, images, and the
+# one-line reason of every record left out with ``skip_bad``.
+IMPORT_SUMMARY = "import.json"
 FORMATS: dict[str, tuple[str, ...]] = {"textvqa": ("ocr", "vqa"), "gqa": ("vqa",), "flickr30k": ("caption",)}
 
 
@@ -304,7 +307,7 @@ def import_ood(
 ) -> OodImport:
     """Import one out-of-distribution file and its images into ``out_dir`` (``annotations.parquet``
     with every row in ``split``, ``images.parquet`` with each image's bytes as they are, checked to
-    decode), written atomically: an error leaves no ``out_dir``.
+    decode, and ``IMPORT_SUMMARY``), written atomically: an error leaves no ``out_dir``.
 
     ``max_records``: the first records only. ``skip_bad``: as ``read_ood_records``, also for a
     record whose image is missing or broken. Several items may share an image (TextVQA and GQA
@@ -350,10 +353,19 @@ def import_ood(
         for r in kept
     ]
     image_rows = [{"image_id": k, "png": v} for k, v in images.items() if v]
+    counts = {t: int(n) for t, n in pd.Series([r.task for r in kept]).value_counts().sort_index().items()}
+    summary = {
+        "format": fmt,
+        "records_file": json_path.name,
+        "split": split,
+        "items": counts,
+        "images": len(image_rows),
+        "skipped": list(parsed.skipped),
+    }
     with atomic_directory(Path(out_dir)) as tmp:
         pq.write_table(pa.Table.from_pylist(rows, schema=ANNOTATION_SCHEMA), tmp / "annotations.parquet")
         pq.write_table(pa.Table.from_pylist(image_rows, schema=IMAGE_SCHEMA), tmp / "images.parquet")
-    counts = pd.Series([r.task for r in kept]).value_counts().to_dict()
+        write_json(summary, tmp / IMPORT_SUMMARY)
     log.info(
         "%s import: %d items (%s) on %d images, %d records skipped -> %s",
         fmt,

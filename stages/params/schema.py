@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -93,12 +94,34 @@ class CocoImportConfig(_Strict):
     @field_validator("json_path", "image_root")
     @classmethod
     def _under_inputs(cls, v: str) -> str:
-        if Path(os.path.normpath(v)).parts[:2] != ("data", "inputs"):
-            raise ValueError(
-                f"{v!r} is not under data/inputs/ (the benchmark stage's data dependency); "
-                "put the file there or link it from there"
-            )
-        return v
+        return _under_inputs_dir(v)
+
+
+def _under_inputs_dir(v: str) -> str:
+    if Path(os.path.normpath(v)).parts[:2] != ("data", "inputs"):
+        raise ValueError(
+            f"{v!r} is not under data/inputs/ (where DVC tracks the data a stage imports); "
+            "put the file there or link it from there"
+        )
+    return v
+
+
+class OodBenchmarkConfig(_Strict):
+    """``ood_benchmarks.<name>``: an out-of-distribution set in a format the authors' steering
+    code reads (``pipeline.tasks.ood_import.FORMATS``), its records file and image folder under
+    ``data/inputs``. ``max_records``: the first records only; ``skip_bad``: a record that cannot
+    be used is counted and reported (``import.json``) instead of stopping the import."""
+
+    format: Literal["textvqa", "gqa", "flickr30k"]
+    records: str
+    images: str
+    max_records: int | None = Field(None, ge=1)
+    skip_bad: bool = False
+
+    @field_validator("records", "images")
+    @classmethod
+    def _under_inputs(cls, v: str) -> str:
+        return _under_inputs_dir(v)
 
 
 class BenchmarkConfig(_Strict):
@@ -410,6 +433,17 @@ class ParamsFile(_Strict):
     steer: SteerConfig = Field(default_factory=SteerConfig)
     transfer: TransferConfig = Field(default_factory=TransferConfig)
     shared_neurons: SharedNeuronsConfig = Field(default_factory=SharedNeuronsConfig)
+    # {name: set}: out-of-distribution sets imported (stage ood_benchmark@<name>) and measured
+    # by each studied model's transfer_ood stage; the name is a folder and stage-name part.
+    ood_benchmarks: dict[str, OodBenchmarkConfig] = Field(default_factory=dict)
+
+    @field_validator("ood_benchmarks")
+    @classmethod
+    def _ood_names(cls, v: dict[str, OodBenchmarkConfig]) -> dict[str, OodBenchmarkConfig]:
+        bad = [name for name in v if not re.fullmatch(r"[a-z0-9][a-z0-9_]*", name)]
+        if bad:
+            raise ValueError(f"{bad}: a benchmark name is lower-case letters, digits and '_' (it names a folder)")
+        return v
 
     @field_validator("tasks")
     @classmethod

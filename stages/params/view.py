@@ -169,6 +169,11 @@ def read_params(path: Path, reads: tuple[str, ...], **names: str) -> StageParams
         )
     if "task" in names and names["task"] not in full.tasks:
         raise ConfigError(f"task {names['task']!r} is not in 'tasks' of {path}: {full.tasks}")
+    if "ood_benchmark" in names and names["ood_benchmark"] not in full.ood_benchmarks:
+        raise ConfigError(
+            f"benchmark {names['ood_benchmark']!r} is not under 'ood_benchmarks' in {path}; "
+            f"defined: {sorted(full.ood_benchmarks)}"
+        )
     view = StageParams(full, declared_keys(reads, full, **names))
     audit = os.environ.get("HONES_PARAMS_AUDIT")
     if audit:

@@ -86,6 +86,9 @@ def new_repo(repo: Path, params: dict) -> Path:
     for name in ("pipeline", "stages"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "data" / "inputs", repo / "data" / "inputs")
+    # The report depends on this folder, which only its README holds when no set is brought.
+    (repo / "data" / "transfer_ood").mkdir()
+    shutil.copy(ROOT / "data" / "transfer_ood" / "README.md", repo / "data" / "transfer_ood")
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (repo / ".gitignore").write_text("__pycache__/\n")

@@ -71,6 +71,32 @@ def brought_model_params(folder: Path) -> dict:
     }
 
 
+# An out-of-distribution set brought in GQA's format (params ood_benchmarks): imported by its own
+# stage, and every studied model's masks and scales measured on it by a transfer_ood stage.
+OOD_SET = "gqa_small"
+
+
+OOD_ENTRY = {
+    "format": "gqa",
+    "records": f"data/inputs/{OOD_SET}/questions.json",
+    "images": f"data/inputs/{OOD_SET}/images",
+}
+
+
+def write_ood_set(repo: Path, words: list[str]) -> None:
+    """The set of ``OOD_ENTRY``: a hand-made GQA question file of the benchmark's words and its
+    JPEG images under ``repo/data/inputs``."""
+    from PIL import Image
+
+    folder = repo / "data" / "inputs" / OOD_SET
+    (folder / "images").mkdir(parents=True)
+    questions = {}
+    for k in range(4):
+        Image.new("RGB", (40, 30), (60 * k, 200 - 40 * k, 90)).save(folder / "images" / f"g{k % 2}.jpg")
+        questions[str(100 + k)] = {"question": " ".join(words[k : k + 3]), "answer": words[k], "imageId": f"g{k % 2}"}
+    (folder / "questions.json").write_text(json.dumps(questions))
+
+
 def changed_stages(repo: Path) -> set[str]:
     """Stages whose own deps or params changed (``dvc status``; nothing is run); the resolve
     stage, which DVC reports as "always changed", only when something else of it changed."""
@@ -109,7 +135,9 @@ def repo(tmp_path_factory) -> Path:
     brought = tmp_path_factory.mktemp("brought") / BROUGHT
     words = benchmark_words(params["benchmark"]["synthetic"], tmp_path_factory.mktemp("words") / "bench")
     save_brought_model(brought, seed=0, words=words)
-    repo = new_repo(tmp_path_factory.mktemp("repo"), merged(params, brought_model_params(brought)))
+    ood = {"ood_benchmarks": {OOD_SET: OOD_ENTRY}}
+    repo = new_repo(tmp_path_factory.mktemp("repo"), merged(merged(params, brought_model_params(brought)), ood))
+    write_ood_set(repo, words)
     (repo.parent / f"{repo.name}-words.json").write_text(json.dumps(words))
     dvc(repo, "repro")
     run(repo, "git", "add", "-A")
@@ -197,6 +225,13 @@ def test_outputs_are_written(repo: Path) -> None:
             assert figures["shared_neurons"] > 0 and "shared" in figures["on_pair"], pair
         moved = json.loads((repo / f"data/transfer/{model}/steering_intervals.json").read_text())
         assert {"learned-minus-base", "learned-minus-grid_search"} <= set(moved["likelihood"]["differences"])
+        # The brought set has VQA only: that task's masks and scales, measured on it.
+        brought_set = json.loads((repo / f"data/transfer_ood/{model}-{OOD_SET}/suppression.json").read_text())
+        assert set(brought_set["likelihood"]["baseline"]) == {"vqa"}
+        assert set(brought_set["likelihood"]["summary"]) == {"hones", "random"}
+    brought_transfer = json.loads((repo / "metrics/transfer_ood.json").read_text())
+    assert set(brought_transfer) == set(MODELS)
+    assert brought_transfer[BROUGHT][OOD_SET]["import"]["items"] == {"vqa": 4}
     steering = json.loads((repo / "metrics/steering.json").read_text())
     for model in ("tiny-idefics3", BROUGHT):
         assert "learned" in steering[model]["generative"]["utility"]["mean"]
@@ -209,6 +244,7 @@ def test_outputs_are_written(repo: Path) -> None:
         rows = [row for by_utility in claims.values() for row in by_utility.values()]
         assert all(r["verdict"] in ("holds", "fails", "equivalent", "undecided") and r["instances"] == 1 for r in rows)
         assert set(claims["HONES on-target drop exceeds random's"]) == {"likelihood", "generative"}
+        assert f"out of distribution ({OOD_SET}): HONES masks drop their task (on-target drop)" in claims
     pooled = verdict[POOLED]["HONES on-target drop exceeds random's"]["likelihood"]
     assert pooled["instances"] == 2 and set(pooled["per_instance"]) == set(POOLED_INSTANCES)
     assert pooled["value"] == pytest.approx(
