@@ -428,8 +428,8 @@ def test_max_new_tokens_marks_only_generating_stages(repo: Path) -> None:
         (repo / "params.yaml").write_text(yaml.safe_dump(before, sort_keys=False))
     kinds = {name.split("@")[0] for name in changed}
     # transfer generates out of distribution; shared_neurons scores the likelihood alone.
-    assert kinds == {"model_quality", "heads", "evaluate", "steer", "transfer"}, changed
-    assert len(changed) == len(MODELS) * (1 + len(TASKS) + 1 + 1 + 1)
+    assert kinds == {"model_quality", "heads", "evaluate", "steer", "transfer", "transfer_ood"}, changed
+    assert len(changed) == len(MODELS) * (1 + len(TASKS) + 1 + 1 + 1 + 1)
 
 
 def test_retrain_with_same_params_reruns_nothing_downstream(repo: Path) -> None:
@@ -529,7 +529,7 @@ def test_experiment_runs_masks_onwards_and_applies_back(repo: Path) -> None:
     proc = dvc(repo, "exp", "run", "-n", "rho10", "-S", "masks.rho=0.1")
     ran = ran_stages(proc)
     assert {"masks@tiny-llava", "masks@tiny-idefics3"} <= ran
-    downstream = {"resolve_model", "masks", "evaluate", "steer", "transfer", "shared_neurons", "report"}
+    downstream = {"resolve_model", "masks", "evaluate", "steer", "transfer", "transfer_ood", "shared_neurons", "report"}
     assert {s.split("@")[0] for s in ran} <= downstream, ran
     shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
     text = json.dumps(shown)
