@@ -47,8 +47,7 @@ def repo(tmp_path_factory) -> Path:
         entries[name] = brought_entry(folders / name, "float32")
     entries[BF16] = brought_entry(folders / F32, "bfloat16")
     names = [*MODELS, BF16]
-    # One process per stage (workers start their own interpreter and model: seconds each on tiny
-    # models, which test_pipeline.py's run covers) and one ablation item: the families are the point.
+    # One ablation item: the families are the point (params_small.yaml runs one process per stage).
     params = merged(
         params,
         {
@@ -57,7 +56,6 @@ def repo(tmp_path_factory) -> Path:
             "studied_models": names,
             "tasks": [TASK],
             "models": entries,
-            "runtime": {"workers": 1},
             "ablation": {"max_items": 1},
         },
     )

@@ -4,12 +4,16 @@ plus a model the pipeline did not train (a random tiny VLM of another family, sa
 repo that is its own git + DVC repository. ``HONES_E2E_FAMILY`` picks the family of that model
 (a ``tests/tiny_models.FACTORIES`` key; default qwen2_5_vl, the paper's second model).
 
+A set brought in GQA's format (``ood_benchmarks``) is imported and measured by every model.
+
 Checks the declared outputs exist and are well-formed; that every stage read exactly the params
-it declares; that a second `dvc repro` reruns nothing; and that each kind of change reruns
+it declares; that a second `dvc repro` reruns nothing; and that each kind of change marks
 exactly what depends on it: a code file (the stages that import it), `runtime.max_new_tokens`
-(the stages that generate text), one model's training params (that model's stages only), a
-retrain with the same params (nothing downstream), `heads.top_k` (dump onwards), and an
-experiment `dvc exp run -S masks.rho=...` (masks onwards, applied back with `dvc exp apply`).
+(the stages that generate text), one model's training params and a brought model's new weights
+(the stages that load that model, and nothing of another), a retrain with the same params
+(nothing), `heads.top_k` (the dumps); an experiment `dvc exp run -S masks.rho=...` runs masks
+onwards and is applied back with `dvc exp apply`. Where a change's stages are marked but not all
+run (`dvc status`), the one stage that shows the change is run, and the change is undone.
 
 The tests share one repository and run in file order; each leaves it as up to date as it found it.
 """
@@ -23,6 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from e2e_support import (
@@ -432,6 +437,16 @@ def test_max_new_tokens_marks_only_generating_stages(repo: Path) -> None:
     assert len(changed) == len(MODELS) * (1 + len(TASKS) + 1 + 1 + 1 + 1)
 
 
+def dependents(repo: Path, path: str) -> set[str]:
+    """Stages of dvc.lock with a dep that is ``path`` or a folder holding it: those DVC marks
+    changed when ``path`` changes (what depends on their outputs follows through the graph)."""
+    return {
+        name
+        for name, s in all_stages(repo).items()
+        if any(path == d or path.startswith(d.rstrip("/") + "/") for d in s["deps"])
+    }
+
+
 def test_retrain_with_same_params_reruns_nothing_downstream(repo: Path) -> None:
     before = {p: p.read_bytes() for p in (repo / "data/models/tiny-llava").iterdir()}
     proc = dvc(repo, "repro", "-f", "-s", "train_default_model@tiny-llava")
@@ -442,28 +457,48 @@ def test_retrain_with_same_params_reruns_nothing_downstream(repo: Path) -> None:
     assert ran_stages(dvc(repo, "repro")) == ALWAYS_RUNS
 
 
-def test_one_models_training_params_rerun_its_stages_only(repo: Path) -> None:
-    edit_params(repo, lambda p: p["models"]["tiny-llava"].__setitem__("steps", 21))
-    ran = ran_stages(dvc(repo, "repro"))
-    assert "train_default_model@tiny-llava" in ran and "dump@tiny-llava-vqa" in ran
-    assert not any("tiny-idefics3" in s or BROUGHT in s for s in ran - ALWAYS_RUNS), ran
-    assert ran - {"report"} - ALWAYS_RUNS == {s for s in all_stages(repo) if "tiny-llava" in s}, ran
+def test_one_models_training_params_mark_its_stages_only(repo: Path) -> None:
+    """Another step count in one model's entry marks every stage of that model (each reads its
+    entry) and nothing of another; the new weights then mark what loads them, and the report.
+    Running them all again is the first repro's work, so only the training runs here."""
+    before = edit_params(repo, lambda p: p["models"]["tiny-llava"].__setitem__("steps", 21))
+    train = "train_default_model@tiny-llava"
+    own = {name for name, s in all_stages(repo).items() if "models.tiny-llava" in s["params"]}
+    assert {train, "dump@tiny-llava-vqa", "masks@tiny-llava", f"transfer_ood@tiny-llava-{OOD_SET}"} <= own
+    assert not any("idefics3" in name or BROUGHT in name for name in own), own
+    try:
+        assert changed_stages(repo) == own
+        assert ran_stages(dvc(repo, "repro", "--single-item", train)) == {train}
+        assert dependents(repo, "data/models/tiny-llava") - {train} <= own | {"report"}
+        assert changed_stages(repo) == own - {train} | {"report"}
+    finally:
+        (repo / "params.yaml").write_text(yaml.safe_dump(before, sort_keys=False))
+    # Trained back with the recipe's own steps: the same bytes as before, so nothing is stale.
+    dvc(repo, "repro", "--single-item", "train_default_model@tiny-llava")
     assert changed_stages(repo) == set()
 
 
-def test_new_weights_of_the_brought_model_rerun_its_stages_only(repo: Path) -> None:
+def test_new_weights_of_the_brought_model_mark_its_stages_only(repo: Path) -> None:
     folder = Path(yaml.safe_load((repo / "params.yaml").read_text())["models"][BROUGHT]["path"])
     before = (repo / f"data/models/{BROUGHT}/source.json").read_text()
     words = json.loads((repo.parent / f"{repo.name}-words.json").read_text())
     model, processor = FACTORIES[FAMILY](seed=1)
     add_words(model, processor, words)
-    model.save_pretrained(folder)  # overwrites model.safetensors in place: same path, same params
-    assert changed_stages(repo) == set(), "DVC cannot see the folder; only the resolve stage looks at it"
-    ran = ran_stages(dvc(repo, "repro"))
-    assert ran == {s for s in all_stages(repo) if BROUGHT in s} | {"report"}, ran
-    after = json.loads((repo / f"data/models/{BROUGHT}/source.json").read_text())
-    assert after["files"]["model.safetensors"] != json.loads(before)["files"]["model.safetensors"]
-    assert after["files"]["config.json"] == json.loads(before)["files"]["config.json"]
+    resolve = f"resolve_model@{BROUGHT}"
+    try:
+        model.save_pretrained(folder)  # overwrites model.safetensors in place: same path, same params
+        assert changed_stages(repo) == set(), "DVC cannot see the folder; only the resolve stage looks at it"
+        assert ran_stages(dvc(repo, "repro", "--single-item", resolve)) == {resolve}
+        after = json.loads((repo / f"data/models/{BROUGHT}/source.json").read_text())
+        assert after["files"]["model.safetensors"] != json.loads(before)["files"]["model.safetensors"]
+        assert after["files"]["config.json"] == json.loads(before)["files"]["config.json"]
+        loaders = dependents(repo, f"data/models/{BROUGHT}") - {resolve}
+        assert f"evaluate@{BROUGHT}" in loaders and all(BROUGHT in s for s in loaders - {"report"}), loaders
+        assert changed_stages(repo) == loaders
+    finally:
+        save_brought_model(folder, seed=0, words=words)
+    dvc(repo, "repro", "--single-item", resolve)
+    assert (repo / f"data/models/{BROUGHT}/source.json").read_text() == before
     assert changed_stages(repo) == set()
 
 
@@ -514,18 +549,46 @@ def test_the_same_model_by_hub_id_from_an_offline_cache(repo: Path, tmp_path: Pa
     assert quality == json.loads((repo / f"metrics/model_quality/{BROUGHT}.json").read_text())
 
 
-def test_top_k_change_reruns_dump_not_training(repo: Path) -> None:
-    edit_params(repo, lambda p: p["heads"].__setitem__("top_k", 3))
-    ran = ran_stages(dvc(repo, "repro"))
-    assert "dump@tiny-llava-vqa" in ran and "dump@tiny-idefics3-ocr" in ran and f"dump@{BROUGHT}-caption" in ran
-    assert not any(
-        s.startswith(("benchmark", "train_default_model", "heads@", "ablation@", "model_quality")) for s in ran
-    ), ran
+def test_top_k_change_marks_the_dump_onwards_not_training(repo: Path) -> None:
+    """heads.top_k is read by the dump (which heads it substitutes) and the report: those are
+    marked, nothing upstream; one dump run shows the new K in the store."""
+    before = edit_params(repo, lambda p: p["heads"].__setitem__("top_k", 3))
+    dump = "dump@tiny-llava-vqa"
+    try:
+        changed = changed_stages(repo)
+        assert {s.split("@")[0] for s in changed} == {"dump", "report"}, changed
+        assert len(changed) == len(MODELS) * len(TASKS) + 1
+        assert ran_stages(dvc(repo, "repro", "--single-item", dump)) == {dump}
+        heads = pd.read_parquet(repo / "data/activations/tiny-llava/vqa.heads.parquet")
+        assert len(heads) == 3, heads
+    finally:
+        (repo / "params.yaml").write_text(yaml.safe_dump(before, sort_keys=False))
+    dvc(repo, "repro", "--single-item", dump)
+    assert changed_stages(repo) == set()
+
+
+def test_two_worker_processes_score_as_one(repo: Path) -> None:
+    """evaluate over runtime.workers: 2 (each worker process loads its own interpreter and model;
+    the reduced run uses one) scores every item as one process does."""
+    stage, scores = "evaluate@tiny-llava", repo / "data/evaluate/tiny-llava/scores.parquet"
+    one = pd.read_parquet(scores)
+    before = edit_params(repo, lambda p: p["runtime"].__setitem__("workers", 2))
+    try:
+        assert ran_stages(dvc(repo, "repro", "--single-item", stage)) == {stage}
+        two = pd.read_parquet(scores)
+    finally:
+        (repo / "params.yaml").write_text(yaml.safe_dump(before, sort_keys=False))
+    keys = ["utility", "eval_task", "condition", "item_id"]
+    pd.testing.assert_frame_equal(
+        two.sort_values(keys).reset_index(drop=True), one.sort_values(keys).reset_index(drop=True), atol=1e-5
+    )
+    dvc(repo, "repro", "--single-item", stage)
+    assert changed_stages(repo) == set()
 
 
 def test_experiment_runs_masks_onwards_and_applies_back(repo: Path) -> None:
     run(repo, "git", "add", "-A")
-    run(repo, "git", "commit", "-qm", "after the parameter changes")
+    run(repo, "git", "commit", "-q", "--allow-empty", "-m", "after the parameter changes")
     proc = dvc(repo, "exp", "run", "-n", "rho10", "-S", "masks.rho=0.1")
     ran = ran_stages(proc)
     assert {"masks@tiny-llava", "masks@tiny-idefics3"} <= ran
