@@ -428,3 +428,28 @@ def test_transfer_without_an_ood_split_measures_nothing(tmp_path, benchmark_dir)
     assert "transfer.split is null" in proc.stderr
     for name in ("suppression.json", "steering_intervals.json"):
         assert (tmp_path / "out" / name).read_text().strip() == "{}"
+
+
+@pytest.mark.slow
+def test_a_bad_record_of_a_brought_set_stops_its_import_naming_it(tmp_path) -> None:
+    """ood_benchmark@<name>: a GQA question without its answer stops the import in one line
+    naming the file and the record, and nothing is written; a name params does not list is named."""
+    import json
+
+    from PIL import Image
+
+    inputs = tmp_path / "data" / "inputs" / "gqa"
+    (inputs / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(inputs / "images" / "n1.jpg")
+    questions = {"1": {"question": "Is it red?", "answer": "yes", "imageId": "n1"}, "2": {"question": "Why?"}}
+    (inputs / "q.json").write_text(json.dumps(questions))
+    entry = {"format": "gqa", "records": "data/inputs/gqa/q.json", "images": "data/inputs/gqa/images"}
+    params = params_file(tmp_path, ood_benchmarks={"gqa": entry})
+
+    def ood_benchmark(name: str) -> subprocess.CompletedProcess:
+        return run_stage("ood_benchmark", "--params", params, "--name", name, "--out", "out", cwd=tmp_path)
+
+    assert "data/inputs/gqa/q.json: question '2': answer: missing" in one_line_error(ood_benchmark("gqa"))
+    assert not (tmp_path / "out").exists()
+    line = one_line_error(ood_benchmark("vqa2"))
+    assert "benchmark 'vqa2' is not under 'ood_benchmarks'" in line and "defined: ['gqa']" in line
