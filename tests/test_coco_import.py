@@ -191,6 +191,68 @@ def test_no_caption_of_the_positives_image_is_a_negative(tmp_path):
         rank_hard_negatives(caps, 2, np.random.default_rng(0), excluded=[["a cat"], [], []])
 
 
+def test_several_questions_about_one_image(tmp_path):
+    """VQA and TextVQA ask several questions about an image: records of the same image file add
+    their questions (one VQA item each), the image and its other tasks stay one."""
+    _, _, doc = make_dataset(tmp_path)
+    again = {
+        "image_info": {"file_name": "img_02.png"},
+        "vqa": {"question": "How many buses?", "answer": "one", "all_answers": ["one", "1"]},
+        "captions": doc["data"][2]["captions"],
+    }
+    doc["data"].append(again)
+    df = run(tmp_path, doc, n_discovery=0, n_dev=0, n_test=0)
+    rows = df[df.image_id == "img_02"]
+    assert rows.groupby("task").size().to_dict() == {"vqa": 2, "ocr": 1, "caption": 1, "retrieval": 1}
+    vqa = rows[rows.task == "vqa"].set_index("item_id")
+    assert vqa.loc["img_02-vqa-1", "prompt"] == "How many buses?" and list(vqa.loc["img_02-vqa-1", "references"]) == [
+        "one",
+        "1",
+    ]
+    assert vqa.loc["img_02-vqa-0", "prompt"] == "What is in image 2?"
+    assert len(ImageTable(tmp_path / "bench/images.parquet")) == N
+    # The same question twice, or the image's captions told two ways, is refused naming both records.
+    doc["data"][-1]["vqa"]["question"] = "What is in image 2?"
+    with pytest.raises(BenchmarkError, match=r"data\[2\] and data\[10\] .*'What is in image 2\?' is asked twice"):
+        run(tmp_path, doc, out="twice")
+    doc["data"][-1]["vqa"]["question"] = "Where?"
+    doc["data"][-1]["captions"] = [{"caption": "something else"}]
+    with pytest.raises(BenchmarkError, match=r"data\[2\] and data\[10\] .*the same image with different captions"):
+        run(tmp_path, doc, out="other")
+    assert not (tmp_path / "twice").exists() and not (tmp_path / "other").exists()
+
+
+def test_the_authors_split_files_as_given(tmp_path):
+    """A folder of discovery.json, dev.json and test.json (the authors' data) keeps each file's
+    images in its split, each split its first n_<split> images; no train split without train.json."""
+    _, images, doc = make_dataset(tmp_path)
+    folder = tmp_path / "coco"
+    folder.mkdir()
+    parts = {"discovery": doc["data"][:5], "dev": doc["data"][5:7], "test": doc["data"][7:]}
+    for split, data in parts.items():
+        (folder / f"{split}.json").write_text(json.dumps({"data": data}))
+    kw = dict(seed=0, n_negatives=1)
+    df = import_hones_coco(folder, images, tmp_path / "bench", n_discovery=4, n_dev=9, n_test=3, **kw)
+    kept = df.groupby("split")["image_id"].unique().map(sorted).to_dict()
+    assert kept == {
+        "discovery": ["img_00", "img_01", "img_02", "img_03"],
+        "dev": ["img_05", "img_06"],
+        "test": ["img_07", "img_08", "img_09"],
+    }
+    assert len(ImageTable(tmp_path / "bench/images.parquet")) == 9
+    # An image in two split files, or a folder without any, is named.
+    (folder / "dev.json").write_text(json.dumps({"data": doc["data"][4:7]}))
+    with pytest.raises(
+        BenchmarkError, match=r"dev\.json: data\[0\] \(file_name 'img_04.png'\) is also in .*discovery\.json"
+    ):
+        import_hones_coco(folder, images, tmp_path / "again", n_discovery=4, n_dev=9, n_test=3, **kw)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(BenchmarkError, match=r"empty: no split file; expected any of \['train.json'"):
+        import_hones_coco(empty, images, tmp_path / "none", n_discovery=1, n_dev=1, n_test=1, **kw)
+    assert not (tmp_path / "again").exists() and not (tmp_path / "none").exists()
+
+
 def test_deterministic_for_a_seed(tmp_path):
     a = run(tmp_path, out="a", n_negatives=1)
     b = run(tmp_path, out="b", n_negatives=1)

@@ -6,14 +6,16 @@ synthetic benchmark writes (``annotations.parquet`` with ``ANNOTATION_SCHEMA``,
 ``images.parquet`` with ``IMAGE_SCHEMA``), so every later stage reads it unchanged.
 
 Map of this module:
-- ``load_items``: parse and validate the JSON into ``CocoItem`` records (one per image). A
+- ``load_items``: parse and validate the JSON into ``CocoItem`` records (one per image; several
+  records of one image file add their questions to it, ``_merged``). A
   missing task block skips that task for the image (counted, logged at INFO); a present but
   malformed field, a text longer than ``MAX_TEXT_CHARS``, or a key that looks like a misspelt
   task block (``caption``, ``VQA``) raises ``BenchmarkError`` naming ``data[i]``, the file name
   and the field (``_parse_item``: ``_parse_file_name``, ``_parse_vqa``, ``_parse_ocr``,
   ``_parse_captions``).
 - ``CocoSizeError``: split sizes or negatives the data cannot supply; names the arguments.
-- ``assign_splits``: seeded, image-disjoint train/discovery/dev/test assignment.
+- ``assign_splits``: seeded, image-disjoint train/discovery/dev/test assignment of one file;
+  ``load_split_files`` / ``first_of_each_split``: the authors' split files used as given.
 - ``caption_words`` / ``rank_hard_negatives``: word-overlap (Jaccard) hard negatives for
   retrieval via an inverted index, ties broken by a seeded RNG; no caption of the positive's
   own image is ever a negative.
@@ -73,12 +75,15 @@ _WORD = re.compile(r"\w+")
 class CocoItem:
     """One image of the input and its validated task fields (``None``: task absent)."""
 
-    index: int  # position in the JSON's ``data`` list
+    index: int  # position in the JSON's ``data`` list (of the image's first record)
     file_name: str  # relative to the image root
     image_id: str  # file name stem
-    vqa: tuple[str, list[str]] | None  # (question, reference answers)
+    # (question, reference answers) of each question about the image, in input order (several
+    # records of one image each add theirs); empty: no VQA item.
+    questions: tuple[tuple[str, list[str]], ...]
     ocr: str | None  # the text in the image
     captions: list[str] | None  # all captions, stripped, non-empty
+    source: Path | None = None  # the JSON file of the record (errors name it with ``index``)
 
 
 class CocoSizeError(BenchmarkError):
@@ -220,14 +225,39 @@ def _parse_item(json_path: Path, index: int, raw: object) -> tuple[CocoItem, lis
     lacking = (["vqa"] if vqa is None else []) + (["ocr"] if ocr is None else [])
     if captions is None:
         lacking += ["caption", "retrieval"]
-    return CocoItem(index, fn, Path(fn).stem, vqa, ocr, captions), lacking
+    return CocoItem(index, fn, Path(fn).stem, (vqa,) if vqa is not None else (), ocr, captions, json_path), lacking
+
+
+def _merged(json_path: Path, first: CocoItem, again: CocoItem) -> CocoItem:
+    """The image of ``first`` with the question of ``again``, a later record of the same file
+    (several questions about one image, as VQA and TextVQA ask them). Its OCR text and
+    captions must be absent or those of the first record; a question asked twice is refused."""
+    where = f"{json_path}: data[{first.index}] and data[{again.index}] (file_name {first.file_name!r})"
+    for name in ("ocr", "captions"):
+        mine, theirs = getattr(first, name), getattr(again, name)
+        if theirs is not None and mine is not None and theirs != mine:
+            raise BenchmarkError(f"{where}: the same image with different {name}; one image has one {name}")
+    for question, _ in again.questions:
+        if question in {q for q, _ in first.questions}:
+            raise BenchmarkError(f"{where}: the question {question!r} is asked twice about the image")
+    return CocoItem(
+        first.index,
+        first.file_name,
+        first.image_id,
+        first.questions + again.questions,
+        first.ocr if first.ocr is not None else again.ocr,
+        first.captions if first.captions is not None else again.captions,
+        first.source,
+    )
 
 
 def load_items(json_path: Path, max_images: int | None = None) -> list[CocoItem]:
-    """Parse and validate the unified JSON; the first ``max_images`` items of ``data`` if given.
+    """Parse and validate the unified JSON into one ``CocoItem`` per image, in the order of
+    each image's first record; the first ``max_images`` images if given. Records of the same
+    image file add their questions to it (``_merged``).
 
     Raises ``BenchmarkError`` for an unreadable file, a malformed item (naming ``data[i]``, its
-    file name and the field) or two items with the same image id (file name stem).
+    file name and the field) or two image files with the same image id (file name stem).
     """
     json_path = Path(json_path)
     if not json_path.is_file():
@@ -241,28 +271,78 @@ def load_items(json_path: Path, max_images: int | None = None) -> list[CocoItem]
     data = doc.get("data") if isinstance(doc, dict) else None
     if not isinstance(data, list):
         raise BenchmarkError(f"{json_path}: top level must be an object with a list under 'data'")
-    if max_images is not None:
-        data = data[:max_images]
     if not data:
         raise BenchmarkError(f"{json_path}: 'data' holds no items")
     items: list[CocoItem] = []
-    lacking_counts: dict[str, int] = {t: 0 for t in TASKS}
-    first_index: dict[str, int] = {}
+    position: dict[str, int] = {}  # image id -> its place in items
     for i, raw in enumerate(data):
-        item, lacking = _parse_item(json_path, i, raw)
-        if item.image_id in first_index:
-            j = first_index[item.image_id]
-            raise BenchmarkError(
-                f"{json_path}: data[{j}] ({items[j].file_name!r}) and data[{i}] ({item.file_name!r}) "
-                f"have the same image id {item.image_id!r} (file name stem); image ids must be unique"
-            )
-        first_index[item.image_id] = i
-        for t in lacking:
-            lacking_counts[t] += 1
+        item, _ = _parse_item(json_path, i, raw)
+        if item.image_id in position:
+            k = position[item.image_id]
+            if items[k].file_name != item.file_name:
+                raise BenchmarkError(
+                    f"{json_path}: data[{items[k].index}] ({items[k].file_name!r}) and data[{i}] "
+                    f"({item.file_name!r}) have the same image id {item.image_id!r} (file name stem); "
+                    "image ids must be unique"
+                )
+            items[k] = _merged(json_path, items[k], item)
+            continue
+        if max_images is not None and len(items) == max_images:
+            continue  # later records may still add questions to the images kept
+        position[item.image_id] = len(items)
         items.append(item)
-    for t, n in lacking_counts.items():
-        log.info("coco import: %d of %d images lack the %s task (no row emitted)", n, len(items), t)
+    lacking = {
+        "vqa": sum(not it.questions for it in items),
+        "ocr": sum(it.ocr is None for it in items),
+        "caption": sum(it.captions is None for it in items),
+    }
+    lacking["retrieval"] = lacking["caption"]
+    for t in TASKS:
+        log.info("coco import: %d of %d images lack the %s task (no row emitted)", lacking[t], len(items), t)
+    questions = sum(len(it.questions) for it in items)
+    if questions > sum(bool(it.questions) for it in items):
+        log.info("coco import: %d questions about %d images", questions, sum(bool(it.questions) for it in items))
     return items
+
+
+def load_split_files(folder: Path, max_images: int | None = None) -> tuple[list[CocoItem], np.ndarray]:
+    """The authors' split files as given: ``<split>.json`` in ``folder`` for each split of
+    ``SPLITS`` that has one (their data: ``discovery.json``, ``dev.json``, ``test.json``), each
+    read by ``load_items``. Returns the items of every file, in split order, and the split of
+    each. An image in two files is refused, naming both; a folder without any is named."""
+    folder = Path(folder)
+    items: list[CocoItem] = []
+    splits: list[str] = []
+    seen: dict[str, str] = {}
+    files = [(split, folder / f"{split}.json") for split in SPLITS if (folder / f"{split}.json").is_file()]
+    if not files:
+        raise BenchmarkError(f"{folder}: no split file; expected any of {[f'{s}.json' for s in SPLITS]}")
+    for split, path in files:
+        if path.is_symlink():
+            raise BenchmarkError(f"coco import: the split file {path} is a symbolic link: {_SYMLINK_WHY}")
+        for it in load_items(path, max_images):
+            if it.image_id in seen:
+                raise BenchmarkError(
+                    f"{path}: data[{it.index}] (file_name {it.file_name!r}) is also in {seen[it.image_id]}: "
+                    "the splits must not share an image"
+                )
+            seen[it.image_id] = f"{folder / (split + '.json')}"
+            items.append(it)
+            splits.append(split)
+    return items, np.array(splits, dtype=object)
+
+
+def first_of_each_split(splits: np.ndarray, limits: dict[str, int]) -> np.ndarray:
+    """Indices of the images kept when split ``s`` keeps at most its first ``limits[s]`` (a split
+    not in ``limits`` keeps all); a limit above what the file holds keeps all, and says so."""
+    keep: list[int] = []
+    for split in SPLITS:
+        members = np.flatnonzero(splits == split)
+        limit = limits.get(split, len(members))
+        if limit > len(members) and len(members):
+            log.info("coco import: %s keeps all %d images of its file (asked for up to %d)", split, len(members), limit)
+        keep.extend(members[:limit].tolist())
+    return np.array(sorted(keep), dtype=int)
 
 
 def assign_splits(n_images: int, *, seed: int, n_discovery: int, n_dev: int, n_test: int) -> np.ndarray:
@@ -368,6 +448,7 @@ def rank_hard_negatives(
 
 def _read_image(json_path: Path, image_root: Path, item: CocoItem) -> bytes:
     """The file's bytes as they are, after checking PIL decodes them fully."""
+    json_path = item.source or json_path
     path = image_root / item.file_name
     if not path.is_file():
         raise _err(json_path, item.index, item.file_name, "image_info.file_name", f"image file not found: {path}")
@@ -383,11 +464,19 @@ def _read_image(json_path: Path, image_root: Path, item: CocoItem) -> bytes:
 
 
 def _annotation_row(
-    it: CocoItem, split: str, task: str, prompt: str, refs: list[str], cands: Sequence[str] = (), pos: int = -1
+    it: CocoItem,
+    split: str,
+    task: str,
+    prompt: str,
+    refs: list[str],
+    cands: Sequence[str] = (),
+    pos: int = -1,
+    number: int = 0,
 ) -> dict:
-    """One ``ANNOTATION_SCHEMA`` row of image ``it`` (item id ``<image_id>-<task>-0``)."""
+    """One ``ANNOTATION_SCHEMA`` row of image ``it`` (item id ``<image_id>-<task>-<number>``: the
+    number-th question of a VQA image, 0 for every other task)."""
     return {
-        "item_id": f"{it.image_id}-{task}-0",
+        "item_id": f"{it.image_id}-{task}-{number}",
         "image_id": it.image_id,
         "split": split,
         "task": task,
@@ -407,9 +496,9 @@ def _image_rows(
     Retrieval: candidates are ``negatives`` with the first caption inserted at a position
     drawn from ``rng`` (uniform over the ``n_negatives + 1`` places).
     """
-    rows = []
-    if it.vqa is not None:
-        rows.append(_annotation_row(it, split, "vqa", it.vqa[0], it.vqa[1]))
+    rows = [
+        _annotation_row(it, split, "vqa", question, refs, number=k) for k, (question, refs) in enumerate(it.questions)
+    ]
     if it.ocr is not None:
         rows.append(_annotation_row(it, split, "ocr", PROMPTS["ocr"], [it.ocr]))
     if it.captions:
@@ -463,10 +552,12 @@ def _check_image_files(json_path: Path, image_root: Path, items: list[CocoItem])
     for it in items:
         path = image_root / it.file_name
         if not path.is_file():
-            raise _err(json_path, it.index, it.file_name, "image_info.file_name", f"image file not found: {path}")
+            raise _err(
+                it.source or json_path, it.index, it.file_name, "image_info.file_name", f"image file not found: {path}"
+            )
         if path.is_symlink():
             raise _err(
-                json_path,
+                it.source or json_path,
                 it.index,
                 it.file_name,
                 "image_info.file_name",
@@ -515,6 +606,11 @@ def import_hones_coco(
 ) -> pd.DataFrame:
     """Import the HONES unified COCO JSON into ``out_dir`` (annotations.parquet, images.parquet).
 
+    ``json_path`` is one file, split here (``assign_splits``: ``n_discovery``, ``n_dev`` and
+    ``n_test`` images, the rest train), or a folder of the authors' split files used as given
+    (``load_split_files``: ``discovery.json``, ``dev.json``, ``test.json``, and ``train.json``
+    if present), of which each split keeps its first ``n_<split>`` images (all, when fewer).
+
     One annotation row per (image, task) present: vqa (prompt = the question, references =
     the majority ``answer`` then the other ``all_answers``), ocr (references = ``[text]``), caption (references = up to
     5 captions), retrieval (candidates = the first caption + ``n_negatives`` hard negatives from
@@ -534,8 +630,13 @@ def import_hones_coco(
     if not image_root.is_dir():
         raise BenchmarkError(f"coco import: image root is not a directory: {image_root}")
     _refuse_links(json_path, image_root)
-    items = load_items(json_path, max_images)
-    splits = assign_splits(len(items), seed=seed, n_discovery=n_discovery, n_dev=n_dev, n_test=n_test)
+    if json_path.is_dir():
+        items, splits = load_split_files(json_path, max_images)
+        keep = first_of_each_split(splits, {"discovery": n_discovery, "dev": n_dev, "test": n_test})
+        items, splits = [items[k] for k in keep], splits[keep]
+    else:
+        items = load_items(json_path, max_images)
+        splits = assign_splits(len(items), seed=seed, n_discovery=n_discovery, n_dev=n_dev, n_test=n_test)
     rows = annotation_rows(items, splits, seed=seed, n_negatives=n_negatives)
     table = pa.Table.from_pylist(rows, schema=ANNOTATION_SCHEMA)
     _check_image_files(json_path, image_root, items)
