@@ -76,7 +76,8 @@ def check_graph(root: Path, stages: dict[str, dict], params: dict) -> list[str]:
         expected = import_closure(root, module)
         problems += [f"{name}: missing code dep {d}" for d in sorted(expected - code)]
         problems += [f"{name}: extra code dep {d}" for d in sorted(code - expected)]
-        names = {k: v for k, v in (("model", _argument(argv, "--model")), ("task", _argument(argv, "--task"))) if v}
+        flags = (("model", "--model"), ("task", "--task"), ("ood_benchmark", "--name"))
+        names = {k: v for k, flag in flags if (v := _argument(argv, flag))}
         reads = _fill(_reads(root, module), params, names)
         declared = set(stage["params"])
         problems += [f"{name}: missing param {k}" for k in sorted(reads - declared)]
@@ -105,11 +106,15 @@ def resolved_stages(root: Path) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def params() -> dict:
     """params.yaml with one model of each producer: tiny-llava trained here (profiles/train.yaml),
-    tiny-idefics3 from its shipped weights, and a brought model resolved (not studied)."""
+    tiny-idefics3 from its shipped weights, and a brought model resolved (not studied); and an
+    out-of-distribution set, so that its import and transfer stages resolve."""
     values = yaml.safe_load((ROOT / "params.yaml").read_text())
     values["trained_models"], values["shipped_models"] = ["tiny-llava"], ["tiny-idefics3"]
     values["pretrained_models"] = ["brought"]
     values["models"]["brought"] = {"source": "pretrained", "path": "elsewhere/brought"}
+    values["ood_benchmarks"] = {
+        "gqa": {"format": "gqa", "records": "data/inputs/gqa/q.json", "images": "data/inputs/gqa/images"}
+    }
     return values
 
 
@@ -124,6 +129,7 @@ def stages(params, tmp_path_factory) -> dict[str, dict]:
     Repo.init(str(root), no_scm=True).close()
     out = resolved_stages(root)
     assert {"train_default_model@tiny-llava", "ship_model@tiny-idefics3", "resolve_model@brought"} <= set(out)
+    assert {"ood_benchmark@gqa", "transfer_ood@tiny-llava-gqa"} <= set(out)
     return out
 
 
