@@ -66,6 +66,7 @@ def check_graph(root: Path, stages: dict[str, dict], params: dict) -> list[str]:
     ``stages``: name -> {"cmd": str, "deps": [paths], "params": [keys]}, as DVC resolves them.
     """
     problems: list[str] = []
+    closures: dict[str, set[str]] = {}  # a matrix's stages share their module's closure
     for name, stage in sorted(stages.items()):
         argv = shlex.split(stage["cmd"])
         if argv[:2] != ["python", "-m"]:
@@ -73,7 +74,9 @@ def check_graph(root: Path, stages: dict[str, dict], params: dict) -> list[str]:
             continue
         module = argv[2]
         code = {d for d in stage["deps"] if d.endswith(".py") or d.split("/")[0] in PACKAGES}
-        expected = import_closure(root, module)
+        if module not in closures:
+            closures[module] = import_closure(root, module)
+        expected = closures[module]
         problems += [f"{name}: missing code dep {d}" for d in sorted(expected - code)]
         problems += [f"{name}: extra code dep {d}" for d in sorted(code - expected)]
         flags = (("model", "--model"), ("task", "--task"), ("ood_benchmark", "--name"))
