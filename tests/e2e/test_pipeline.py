@@ -289,6 +289,7 @@ def test_outputs_are_written(repo: Path) -> None:
     assert "data:image/png;base64," in report and "http" not in report.split("<body>")[1]
     assert report.index("<h2>Verdict</h2>") < report.index("<h2>Model quality")
     assert BROUGHT in report and f"{BROUGHT}: logit lens" in report
+    assert "Do they transfer to the out-of-distribution sets you brought?" in report
 
 
 def test_a_recipe_pooling_two_families_is_refused(repo: Path) -> None:
