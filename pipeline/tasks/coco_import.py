@@ -201,8 +201,8 @@ def _parse_captions(block: object, bad: _Bad) -> list[str] | None:
     return captions
 
 
-def _parse_item(json_path: Path, index: int, raw: object) -> tuple[CocoItem, list[str]]:
-    """Validate one element of ``data``; returns the item and the tasks it lacks."""
+def _parse_item(json_path: Path, index: int, raw: object) -> CocoItem:
+    """Validate one element of ``data`` into its item."""
     fn = _parse_file_name(json_path, index, raw)
 
     def bad(field: str, problem: str) -> BenchmarkError:
@@ -222,10 +222,7 @@ def _parse_item(json_path: Path, index: int, raw: object) -> tuple[CocoItem, lis
     vqa = _parse_vqa(raw.get("vqa"), bad)
     ocr = _parse_ocr(raw.get("ocr"), bad)
     captions = _parse_captions(raw.get("captions"), bad)
-    lacking = (["vqa"] if vqa is None else []) + (["ocr"] if ocr is None else [])
-    if captions is None:
-        lacking += ["caption", "retrieval"]
-    return CocoItem(index, fn, Path(fn).stem, (vqa,) if vqa is not None else (), ocr, captions, json_path), lacking
+    return CocoItem(index, fn, Path(fn).stem, (vqa,) if vqa is not None else (), ocr, captions, json_path)
 
 
 def _merged(json_path: Path, first: CocoItem, again: CocoItem) -> CocoItem:
@@ -276,7 +273,7 @@ def load_items(json_path: Path, max_images: int | None = None) -> list[CocoItem]
     items: list[CocoItem] = []
     position: dict[str, int] = {}  # image id -> its place in items
     for i, raw in enumerate(data):
-        item, _ = _parse_item(json_path, i, raw)
+        item = _parse_item(json_path, i, raw)
         if item.image_id in position:
             k = position[item.image_id]
             if items[k].file_name != item.file_name:
@@ -299,9 +296,9 @@ def load_items(json_path: Path, max_images: int | None = None) -> list[CocoItem]
     lacking["retrieval"] = lacking["caption"]
     for t in TASKS:
         log.info("coco import: %d of %d images lack the %s task (no row emitted)", lacking[t], len(items), t)
-    questions = sum(len(it.questions) for it in items)
-    if questions > sum(bool(it.questions) for it in items):
-        log.info("coco import: %d questions about %d images", questions, sum(bool(it.questions) for it in items))
+    questions, asked = sum(len(it.questions) for it in items), len(items) - lacking["vqa"]
+    if questions > asked:
+        log.info("coco import: %d questions about %d images", questions, asked)
     return items
 
 
@@ -326,7 +323,7 @@ def load_split_files(folder: Path, max_images: int | None = None) -> tuple[list[
                     f"{path}: data[{it.index}] (file_name {it.file_name!r}) is also in {seen[it.image_id]}: "
                     "the splits must not share an image"
                 )
-            seen[it.image_id] = f"{folder / (split + '.json')}"
+            seen[it.image_id] = str(path)
             items.append(it)
             splits.append(split)
     return items, np.array(splits, dtype=object)
