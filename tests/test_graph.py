@@ -256,3 +256,16 @@ def test_library_imports_flow_one_way() -> None:
             elif len(parts) > 1 and LAYERS.get(parts[1], -1) > own:
                 problems.append(f"{path.relative_to(ROOT)} imports {module} from a higher layer")
     assert not problems, "\n".join(problems)
+
+
+def test_dvc_reads_the_lock_with_the_c_parser() -> None:
+    """DVC reads dvc.lock with ruamel.yaml's safe loader several times for every stage it runs;
+    the pure-Python parser takes seconds per read on the default's lock (docs/benchmarks.md
+    "DVC's own time"), so the install must bring the C one (ruamel.yaml.clib)."""
+    from dvc.utils.serialize._yaml import parse_yaml
+    from ruamel.yaml import YAML
+
+    parser = YAML(typ="safe").Parser
+    assert not parser.__module__.startswith("ruamel.yaml.parser"), f"pure-Python YAML parser: {parser}"
+    text = "stages:\n  a:\n    cmd: echo\n    deps:\n    - path: x\n      md5: 0\n"
+    assert parse_yaml(text, "dvc.lock") == yaml.safe_load(text)
