@@ -2,13 +2,19 @@
 the utility it differentiates (teacher-forced) and under the generative one the default scores.
 
     python benchmarks/bench_head_estimate.py --model data/models/tiny-llava --benchmark data/benchmark \\
-        [--tasks vqa ocr caption retrieval] [--items 40] [--top-k 4] [--candidates 8]
+        [--tasks vqa ocr caption retrieval] [--items 40] [--top-k 4] [--candidates 8] [--path-steps 0 2 4]
 
 Per task, on the first ``--items`` discovery items: Spearman of the estimate
 (``heads.estimate_head_scores``, mean over items) with the exact scores of every head, and the
 recall of the exact top ``--top-k`` among the estimate's top ``--candidates`` (what guided
 localisation then scores exactly), for exact scores under ``teacher_forced`` and under
 ``generative`` utility. Skips politely when the folders are absent. Not run by CI.
+
+``--path-steps``: the estimates compared. 0 is the pipeline's (the gradient at no substitution);
+S > 0 averages the gradient at S points along the path that substitutes every head at once
+(alpha = (k + 1/2) / S, k < S; integrated gradients of the joint substitution, S forward and
+backward passes per batch), to see whether the linear estimate's misses come from the size of the
+intervention.
 """
 
 from __future__ import annotations
@@ -28,17 +34,53 @@ def _spearman(a, b) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def path_estimate(adapter, items, images, *, steps: int, batch_size: int):
+    """Mean over ``steps`` midpoints alpha of -dU/dalpha (every head substituted by alpha at once):
+    float64 [items, layers, heads], nats; the pipeline's estimate at alpha = 0 when steps is 0."""
+    import numpy as np
+    import torch
+
+    from pipeline.method.heads import estimate_head_scores
+    from pipeline.model.batching import for_each_batch
+    from pipeline.model.hooks import trace_head_substitution
+    from pipeline.model.scoring import mean_answer_logprob, model_answer_logprobs
+    from pipeline.tasks.items import item_prompts, teacher_forced_answers
+
+    if steps == 0:
+        return estimate_head_scores(adapter, items, images, batch_size=batch_size, progress=False)
+    prompts, answers = item_prompts(items), teacher_forced_answers(items)
+    imgs = [images[i] for i in items["image_id"]]
+    layers = adapter.num_layers
+    out = np.zeros((len(items), layers, adapter.num_heads), dtype=np.float64)
+    for k in range(steps):
+        alpha = (k + 0.5) / steps
+
+        def run(sl: slice, alpha: float = alpha) -> None:
+            inputs = adapter.build_inputs(imgs[sl], prompts[sl], answers=answers[sl])
+            with torch.enable_grad(), trace_head_substitution(adapter, inputs.batch_size) as alphas:
+                with torch.no_grad():
+                    for a in alphas.values():
+                        a.fill_(alpha)
+                utility = mean_answer_logprob(*model_answer_logprobs(adapter, inputs))
+                grads = torch.autograd.grad(utility.sum(), [alphas[layer] for layer in range(layers)])
+            out[sl] -= torch.stack(grads, dim=1).double().cpu().numpy() / steps
+
+        for_each_batch(len(items), batch_size, run, what="path estimate", progress=False)
+    return out
+
+
 def main(argv=None) -> int:
     p = model_task_parser(__doc__, items=40, threads=1, repeats=1, repeats_help="unused")
     p.add_argument("--tasks", nargs="+", default=["vqa", "ocr", "caption", "retrieval"])
     p.add_argument("--top-k", type=int, default=4)
     p.add_argument("--candidates", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--path-steps", type=int, nargs="+", default=[0])
     args = p.parse_args(argv)
     if not require(args.model, args.benchmark):
         return 0
 
-    from pipeline.method.heads import estimate_head_scores, score_heads, top_heads, with_estimate
+    from pipeline.method.heads import score_heads, top_heads, with_estimate
     from pipeline.tasks.items import read_annotations
 
     adapter, images = load_model_and_images(args.model, args.benchmark, args.threads, args.dtype, args.device)
@@ -46,7 +88,9 @@ def main(argv=None) -> int:
     for task in args.tasks:
         items = read_annotations(args.benchmark / "annotations.parquet", splits=(args.split,), tasks=(task,))
         items = items.head(args.items).reset_index(drop=True)
-        estimate = estimate_head_scores(adapter, items, images, batch_size=args.batch_size, progress=False)
+        estimates = {
+            s: path_estimate(adapter, items, images, steps=s, batch_size=args.batch_size) for s in args.path_steps
+        }
         for utility in ("teacher_forced", "generative"):
             exact = score_heads(
                 adapter,
@@ -57,21 +101,23 @@ def main(argv=None) -> int:
                 max_new_tokens=args.max_new_tokens,
                 utility=utility,
             )
-            table_ = with_estimate(exact, estimate)
-            best = {(int(l), int(h)) for l, h in top_heads(table_, args.top_k)[["layer", "head"]].to_numpy()}
-            order = table_.sort_values(["estimate", "layer", "head"], ascending=[False, True, True], kind="stable")
-            chosen = {(int(l), int(h)) for l, h in order.head(args.candidates)[["layer", "head"]].to_numpy()}
-            rows.append(
-                (
-                    task,
-                    utility,
-                    _spearman(table_["estimate"], table_["score"]),
-                    len(best & chosen) / len(best),
-                    float((table_["score"] != 0).mean()),
+            for steps, estimate in estimates.items():
+                table_ = with_estimate(exact, estimate)
+                best = {(int(l), int(h)) for l, h in top_heads(table_, args.top_k)[["layer", "head"]].to_numpy()}
+                order = table_.sort_values(["estimate", "layer", "head"], ascending=[False, True, True], kind="stable")
+                chosen = {(int(l), int(h)) for l, h in order.head(args.candidates)[["layer", "head"]].to_numpy()}
+                rows.append(
+                    (
+                        task,
+                        utility,
+                        steps,
+                        _spearman(table_["estimate"], table_["score"]),
+                        len(best & chosen) / len(best),
+                        float((table_["score"] != 0).mean()),
+                    )
                 )
-            )
     print(f"{args.model.name}, {args.items} {args.split} items, top {args.top_k} among {args.candidates} candidates")
-    print(table(("task", "exact utility", "Spearman", "recall", "heads with a non-zero score"), rows))
+    print(table(("task", "exact utility", "path steps", "Spearman", "recall", "heads with a non-zero score"), rows))
     return 0
 
 
