@@ -269,3 +269,16 @@ def test_dvc_reads_the_lock_with_the_c_parser() -> None:
     assert not parser.__module__.startswith("ruamel.yaml.parser"), f"pure-Python YAML parser: {parser}"
     text = "stages:\n  a:\n    cmd: echo\n    deps:\n    - path: x\n      md5: 0\n"
     assert parse_yaml(text, "dvc.lock") == yaml.safe_load(text)
+
+
+@pytest.mark.slow
+def test_the_committed_lock_holds_the_graphs_stages_and_no_others() -> None:
+    """DVC never prunes the lock entry of a stage that dvc.yaml no longer has (renamed, or a
+    matrix item whose model left the params); the committed lock holds the graph's stages only."""
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        graph = {stage.name for stage in repo.index.stages if stage.path_in_repo == "dvc.yaml"}
+    lock = set(yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"])
+    assert not lock - graph, f"dvc.lock holds stages dvc.yaml does not: {sorted(lock - graph)}"
+    assert not graph - lock, f"stages never run into dvc.lock: {sorted(graph - lock)}"
