@@ -3,6 +3,8 @@ intervals, deletion curves on a planted neuron, and the verdict table."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -401,3 +403,29 @@ def test_a_recipe_decides_per_instance_claims_on_every_instance() -> None:
     assert got["counts"]["r"] == {"holds": 2, "fails": 0, "equivalent": 0, "undecided": 1, "mixed": 1}
     assert got["counts"]["a"] == {"holds": 4, "fails": 0, "equivalent": 0, "undecided": 1}
     assert "decided_by" not in verdict_summary(rows, ["a", "b"])
+
+
+def test_study_verdicts_refuse_a_recipe_before_reading_its_instances(tmp_path: Path) -> None:
+    """The report's verdicts check a recipe's instances' training records first: the error names
+    the recipe and what differs, and no evaluation file is read (``tmp_path`` holds none)."""
+    from types import SimpleNamespace
+
+    from pipeline.report.study import study_verdicts
+
+    spec = {"family": "llava", "steps": 3000, "seed": 0}
+    results = SimpleNamespace(
+        models=[], training={"a": {"spec": spec}, "b": {"spec": {**spec, "family": "idefics3", "seed": 1}}}
+    )
+    with pytest.raises(
+        PipelineError, match=r"replicates.seeds: b was trained with another recipe than a \(differing: family"
+    ):
+        study_verdicts(
+            results,
+            {"seeds": ["a", "b"]},
+            tmp_path,
+            steer_utility="likelihood",
+            n_resamples=10,
+            seed=0,
+            confidence=0.95,
+            equivalence_margin=0.5,
+        )
