@@ -52,20 +52,19 @@ def path_estimate(adapter, items, images, *, steps: int, batch_size: int):
     imgs = [images[i] for i in items["image_id"]]
     layers = adapter.num_layers
     out = np.zeros((len(items), layers, adapter.num_heads), dtype=np.float64)
-    for k in range(steps):
-        alpha = (k + 0.5) / steps
 
-        def run(sl: slice, alpha: float = alpha) -> None:
-            inputs = adapter.build_inputs(imgs[sl], prompts[sl], answers=answers[sl])
+    def run(sl: slice) -> None:
+        inputs = adapter.build_inputs(imgs[sl], prompts[sl], answers=answers[sl])
+        for k in range(steps):
             with torch.enable_grad(), trace_head_substitution(adapter, inputs.batch_size) as alphas:
                 with torch.no_grad():
                     for a in alphas.values():
-                        a.fill_(alpha)
+                        a.fill_((k + 0.5) / steps)
                 utility = mean_answer_logprob(*model_answer_logprobs(adapter, inputs))
                 grads = torch.autograd.grad(utility.sum(), [alphas[layer] for layer in range(layers)])
             out[sl] -= torch.stack(grads, dim=1).double().cpu().numpy() / steps
 
-        for_each_batch(len(items), batch_size, run, what="path estimate", progress=False)
+    for_each_batch(len(items), batch_size, run, what="path estimate", progress=False)
     return out
 
 
