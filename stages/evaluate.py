@@ -1,11 +1,14 @@
 """Stage `evaluate@<model>`: cross-task suppression on the held-out split, with intervals and deletion curves."""
 
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 
 import pandas as pd
 
-from pipeline.io import write_json, write_parquet
+from pipeline.errors import PipelineError
+from pipeline.io import write_parquet
+from pipeline.outcomes.records import IntervalRecord, SuppressionRecord, UtilitySuppression, write_record
 from pipeline.outcomes.suppression import (
     conditions_table,
     mask_conditions,
@@ -47,9 +50,16 @@ def selected_masks(
     return masks[masks["method"].isin(methods) & masks["task"].isin(tasks)]
 
 
-def _matrix(cells: dict) -> pd.DataFrame:
+def _matrix(cells: Mapping[str, Mapping[str, IntervalRecord]]) -> pd.DataFrame:
     """{target: {eval: interval}} -> [target x eval] values."""
-    return pd.DataFrame({t: {s: iv["value"] for s, iv in row.items()} for t, row in cells.items()}).T
+    return pd.DataFrame({t: {s: iv.value for s, iv in row.items()} for t, row in cells.items()}).T
+
+
+def _utility(record: SuppressionRecord, utility: str) -> UtilitySuppression:
+    figures = record.of(utility)
+    if figures is None:
+        raise PipelineError(f"suppression statistics: the {utility} utility was not evaluated")
+    return figures
 
 
 @entry
@@ -75,7 +85,7 @@ def main() -> None:
         workers=workers,
         threads=threads,
     )
-    stats = suppression_statistics(
+    record = suppression_statistics(
         scores,
         conditions,
         n_resamples=st.bootstrap_resamples,
@@ -85,9 +95,9 @@ def main() -> None:
     )
     write_parquet(scores_table(scores, items), args.out / "scores.parquet")
     write_parquet(conditions_table(conditions), args.out / "conditions.parquet")
-    write_json(stats, args.out / "suppression.json")
+    write_record(record, args.out / "suppression.json")
     for utility in ("generative", "likelihood"):
-        for method, cells in stats[utility]["relative_drop"].items():
+        for method, cells in _utility(record, utility).relative_drop.items():
             plot_square(
                 _matrix(cells),
                 args.out / f"suppression_{utility}_{method}.png",
@@ -98,7 +108,7 @@ def main() -> None:
                 fmt="{:.1f}",
             )
     plot_deletion_curves(
-        stats["likelihood"]["curve"],
+        _utility(record, "likelihood").curve or {},
         args.out / "deletion_curves.png",
         f"{args.model}: deletion curves (likelihood, {st.confidence:.0%} intervals)",
     )

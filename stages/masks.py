@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.io import write_json, write_parquet
+from pipeline.io import write_parquet
 from pipeline.method.masks import build_masks, faithfulness, mask_size, overlap
 from pipeline.method.store import read_importance, read_importance_on_ablation_items
+from pipeline.outcomes.records import AttributionRecord, as_record, write_record
 from pipeline.outcomes.statistics import layer_preference, verdict
 from pipeline.report.plots import plot_layer_distribution, plot_square
 from stages._common import entry, parser, report_rows
@@ -110,7 +111,7 @@ def main() -> None:
             "p_value": round(pref["p_value"], 4),
             "verdict": verdict(pref["interval"], pref["null_q95"]),
         }
-    write_json(metrics, args.metrics)
+    write_record(as_record(AttributionRecord, metrics, f"attribution metrics of {args.model}"), args.metrics)
     plot_layer_distribution(
         headline,
         n_layers,

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from pipeline.io import write_json
 from pipeline.model.evaluation import evaluate_model_quality
+from pipeline.outcomes.records import QualityRecord, as_record, write_record
 from stages._common import entry, parser
 from stages._load import load_images, load_items, load_model
 from stages.params import read_params
@@ -40,7 +40,7 @@ def main() -> None:
         max_new_tokens=rt.max_new_tokens,
         max_items=cfg.max_items,
     )
-    write_json(result, args.out)
+    write_record(as_record(QualityRecord, result, f"model quality of {args.model}"), args.out)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.io import write_json, write_parquet
-from pipeline.outcomes.shared_neurons import shared_conditions, shared_neuron_statistics, shared_sets
+from pipeline.io import write_parquet
+from pipeline.outcomes.records import write_record
+from pipeline.outcomes.shared_neurons import no_shared_neurons, shared_conditions, shared_neuron_statistics, shared_sets
 from pipeline.outcomes.suppression import conditions_table, score_suppression, scores_table
 from stages._common import entry, parser
 from stages._load import load_items, load_model_and_images, worker_plan
@@ -50,7 +51,7 @@ def main() -> None:
     conditions = shared_conditions(sets, rho)
     args.out.mkdir(parents=True, exist_ok=True)
     if not conditions:
-        write_json({"mask_size": rho, "utility": "likelihood", "pairs": {}, "claims": {}}, args.out / "shared.json")
+        write_record(no_shared_neurons(rho), args.out / "shared.json")
         return
     items = load_items(args.benchmark, (params.evaluate.split,), tuple(tasks), params.evaluate.max_items)
     workers, threads = worker_plan(params, args.model)
@@ -66,10 +67,11 @@ def main() -> None:
         generative=False,
         what="shared neurons",
     )
-    stats = shared_neuron_statistics(
+    record = shared_neuron_statistics(
         scores,
         conditions,
         sets,
+        mask_size=rho,
         n_resamples=st.bootstrap_resamples,
         seed=st.seed,
         confidence=st.confidence,
@@ -77,7 +79,7 @@ def main() -> None:
     )
     write_parquet(scores_table(scores, items), args.out / "scores.parquet")
     write_parquet(conditions_table(conditions), args.out / "conditions.parquet")
-    write_json({"mask_size": rho, **stats}, args.out / "shared.json")
+    write_record(record, args.out / "shared.json")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import pandas as pd
 from pipeline.io import write_json, write_parquet
 from pipeline.method.masks import headline_mask
 from pipeline.model.workers import map_jobs
+from pipeline.outcomes.records import write_record
 from pipeline.outcomes.steering import (
     SteeringJob,
     SteeringSettings,
@@ -123,7 +124,7 @@ def main() -> None:
     write_parquet(table, args.out / "steering.parquet")
     write_json(steering_summary(table), args.out / "steering.json")
     st = params.statistics
-    write_json(
+    write_record(
         steering_statistics(
             runs, cfg.utility, n_resamples=st.bootstrap_resamples, seed=st.seed, confidence=st.confidence
         ),

@@ -10,6 +10,7 @@ import pandas as pd
 
 from pipeline.io import write_json, write_parquet
 from pipeline.method.masks import headline_mask
+from pipeline.outcomes.records import write_record
 from pipeline.outcomes.steering import load_scales, steering_statistics, steering_summary, steering_table
 from pipeline.outcomes.suppression import conditions_table, mask_conditions, scores_table, suppression_statistics
 from pipeline.outcomes.transfer import TransferSteeringJob, chosen_grid_scales, transfer_outcomes, transfer_variants
@@ -112,7 +113,7 @@ def measure_transfer(
     )
     write_parquet(scores_table(scores, items), out / "scores.parquet")
     write_parquet(conditions_table(conditions), out / "conditions.parquet")
-    write_json(
+    write_record(
         suppression_statistics(
             scores,
             conditions,
@@ -126,7 +127,7 @@ def measure_transfer(
     table = steering_table(runs)
     write_parquet(table, out / "steering.parquet")
     write_json(steering_summary(table), out / "steering.json")
-    write_json(
+    write_record(
         steering_statistics(
             runs, params.steer.utility, n_resamples=st.bootstrap_resamples, seed=st.seed, confidence=st.confidence
         ),

@@ -378,3 +378,23 @@ def test_paper_vqa_utility_scores_the_majority_answer_alone():
     assert value == 0.5
     # Standard: three-annotator rule over every reference: 2/3 for "blue", 1/3 for "red".
     assert standard_utility("vqa", ["blue", "red"], items) == pytest.approx((2 / 3 + 1 / 3) / 2)
+
+
+def test_generated_captions_are_scored_from_one_cleaning():
+    """The corpus BLEU, the per-item scores and the statistics a bootstrap resamples all score
+    the cleaned captions, as the authors' evaluation cleans them."""
+    import pandas as pd
+
+    from pipeline.model.evaluation import generative_scores
+    from pipeline.tasks import metrics
+
+    raw = ['Caption: "a red square"\nand more', "Answer: a blue circle on grey", "a green"]
+    cleaned = ["a red square", "a blue circle on grey", "a green"]
+    refs = [["a red square on grey", "red square"], ["a blue circle on grey"], ["a green triangle"]]
+    items = pd.DataFrame({"references": refs})
+    assert [metrics.clean_generation(p) for p in raw] == cleaned
+    value, per, stats = generative_scores("caption", raw, items)
+    assert value == metrics.paper_corpus_bleu(cleaned, refs)
+    np.testing.assert_array_equal(stats, metrics.paper_bleu_statistics(cleaned, refs))
+    assert per.tolist() == [metrics.sentence_bleu(p, r) for p, r in zip(cleaned, refs)]
+    assert generative_scores("vqa", ["Answer: red"], pd.DataFrame({"references": [["red"]]}))[2] is None

@@ -18,9 +18,11 @@ from pipeline.outcomes.records import (
     SharedNeuronsRecord,
     SteeringRecord,
     SuppressionRecord,
+    as_record,
     load_record,
     load_transfer,
     parse_comparison,
+    write_record,
 )
 from pipeline.report.study import read_study_results, report_metrics, study_verdicts
 from pipeline.report.verdict import verdict_metrics, verdict_rows
@@ -244,6 +246,23 @@ def test_an_unknown_field_or_a_wrong_type_is_an_error(tmp_path) -> None:
         load_record(SuppressionRecord, _write(tmp_path / "s.json", doc))
     with pytest.raises(RecordError, match=r"absent\.json: file not found"):
         load_record(QualityRecord, tmp_path / "absent.json")
+
+
+def test_a_producer_result_becomes_its_record_and_is_written_unchanged(tmp_path) -> None:
+    record = as_record(SuppressionRecord, SUPPRESSION, "suppression statistics")
+    write_record(record, tmp_path / "suppression.json")
+    assert (tmp_path / "suppression.json").read_text() == json.dumps(SUPPRESSION, indent=2) + "\n"
+
+
+def test_a_producer_result_that_is_not_its_record_stops_before_anything_is_written(tmp_path) -> None:
+    missing = {k: v for k, v in SUPPRESSION.items() if k != "items_per_task"}
+    with pytest.raises(RecordError, match=r"^suppression statistics: not a valid SuppressionRecord: items_per_task"):
+        as_record(SuppressionRecord, missing, "suppression statistics")
+    # Every field present but not in the record's order: the file would not be what was computed.
+    reordered = {"resamples": SUPPRESSION["resamples"], **{k: v for k, v in SUPPRESSION.items() if k != "resamples"}}
+    with pytest.raises(RecordError, match="does not write back the document it was made from"):
+        as_record(SuppressionRecord, reordered, "suppression statistics")
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_transfer_that_measured_nothing_is_none(tmp_path) -> None:

@@ -9,8 +9,12 @@ import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.model.evaluation import TaskResult
-from pipeline.outcomes.records import SharedNeuronsRecord
-from pipeline.outcomes.shared_neurons import shared_conditions, shared_neuron_statistics, shared_sets
+from pipeline.outcomes.shared_neurons import (
+    no_shared_neurons,
+    shared_conditions,
+    shared_neuron_statistics,
+    shared_sets,
+)
 from pipeline.report.verdict import shared_neuron_rows
 
 TASKS = ["vqa", "ocr", "caption"]
@@ -84,26 +88,29 @@ def test_statistics_match_relative_drops_computed_by_hand() -> None:
         ("likelihood", t): {0: _result(t, base), **{k: _result(t, base * f[t]) for k, f in factor.items()}}
         for t in TASKS
     }
-    stats = shared_neuron_statistics(scores, conds, sets, n_resamples=50, seed=0, equivalence_margin=0.5)
-    vqa_ocr = stats["pairs"]["vqa&ocr"]
-    assert vqa_ocr["shared_neurons"] == 2
-    assert vqa_ocr["on_pair"]["shared"]["value"] == pytest.approx(20.0)
-    assert vqa_ocr["cross_task"]["shared"]["value"] == pytest.approx(10.0)
-    assert vqa_ocr["on_pair"]["subset:ocr"]["value"] == pytest.approx(0.0)
-    assert vqa_ocr["shared_minus_subset"]["on_pair"]["value"] == pytest.approx(20.0)
-    assert stats["pairs"]["vqa&caption"]["on_pair"]["shared"]["value"] == pytest.approx(4.0)
-    claims = stats["claims"]
+    record = shared_neuron_statistics(
+        scores, conds, sets, mask_size=0.05, n_resamples=50, seed=0, equivalence_margin=0.5
+    )
+    vqa_ocr = record.pairs["vqa&ocr"]
+    assert vqa_ocr.shared_neurons == 2
+    assert vqa_ocr.on_pair["shared"].value == pytest.approx(20.0)
+    assert vqa_ocr.cross_task["shared"].value == pytest.approx(10.0)
+    assert vqa_ocr.on_pair["subset:ocr"].value == pytest.approx(0.0)
+    assert vqa_ocr.shared_minus_subset.on_pair.value == pytest.approx(20.0)
+    assert record.pairs["vqa&caption"].on_pair["shared"].value == pytest.approx(4.0)
     # Every pair holds VQA: there is no other pair to compare with.
-    assert "vqa_pairs_minus_others" not in claims
-    assert claims["shared_minus_subset"]["value"] == pytest.approx((20.0 + 4.0) / 2)
-    assert claims["shared_minus_subset"]["verdict"] == "holds"
+    assert record.claims.vqa_pairs_minus_others is None
+    assert record.claims.shared_minus_subset.value == pytest.approx((20.0 + 4.0) / 2)
+    assert record.claims.shared_minus_subset.verdict == "holds"
+    assert record.document()["mask_size"] == 0.05 and "vqa_pairs_minus_others" not in record.document()["claims"]
 
-    rows = shared_neuron_rows("m", SharedNeuronsRecord.model_validate({"mask_size": 0.05, **stats}))
+    rows = shared_neuron_rows("m", record)
     assert [(r["claim"], r["verdict"]) for r in rows] == [
         ("shared neurons drop their pair's tasks more than as many other neurons of the masks", "holds")
     ]
-    nothing_shared = {"mask_size": 0.05, "utility": "likelihood", "pairs": {}, "claims": {}}
-    assert shared_neuron_rows("m", SharedNeuronsRecord.model_validate(nothing_shared)) == []
+    nothing_shared = no_shared_neurons(0.05)
+    assert nothing_shared.document() == {"mask_size": 0.05, "utility": "likelihood", "pairs": {}, "claims": {}}
+    assert shared_neuron_rows("m", nothing_shared) == []
 
 
 def test_vqa_pairs_are_compared_with_the_other_pairs() -> None:
@@ -122,7 +129,8 @@ def test_vqa_pairs_are_compared_with_the_other_pairs() -> None:
         }
         for t in TASKS
     }
-    claim = shared_neuron_statistics(scores, conds, sets, n_resamples=50, seed=0)["claims"]["vqa_pairs_minus_others"]
+    record = shared_neuron_statistics(scores, conds, sets, mask_size=0.05, n_resamples=50, seed=0)
+    claim = record.claims.vqa_pairs_minus_others
     # Cross-task: vqa&ocr's shared neurons drop caption by 30%, ocr&caption's drop vqa by 10%.
-    assert claim["value"] == pytest.approx(20.0)
-    assert claim["pairs_with_vqa"] == ["vqa&ocr"] and claim["other_pairs"] == ["ocr&caption"]
+    assert claim.value == pytest.approx(20.0)
+    assert claim.pairs_with_vqa == ["vqa&ocr"] and claim.other_pairs == ["ocr&caption"]

@@ -154,23 +154,22 @@ def test_deletion_curve_finds_the_planted_neuron() -> None:
     rhos = [0.01, 0.05, 0.1, 0.2]
     masks = build_masks(methods, TASKS, scores, rhos, 0.05, random_draws=5, seed=0)
     conditions = mask_conditions(masks)
-    document = suppression_statistics(_fake_model_scores(conditions), conditions, n_resamples=300, seed=0)
-    stats = document["likelihood"]
+    record = suppression_statistics(_fake_model_scores(conditions), conditions, n_resamples=300, seed=0)
+    stats = record.likelihood
     drop = 100 * 0.8 / 0.9 / 2  # vqa loses 0.8 of 0.9; on-target averages the vqa and ocr masks
-    hones = stats["curve"]["hones"]
-    assert all(hones[f"{r:g}"]["on_target_drop"]["value"] == pytest.approx(drop, rel=0.05) for r in rhos)
-    ma = stats["curve"]["ma"]
-    assert [ma[f"{r:g}"]["on_target_drop"]["value"] > 1 for r in rhos] == [False, False, True, True]
+    hones = stats.curve["hones"]
+    assert all(hones[f"{r:g}"].on_target_drop.value == pytest.approx(drop, rel=0.05) for r in rhos)
+    ma = stats.curve["ma"]
+    assert [ma[f"{r:g}"].on_target_drop.value > 1 for r in rhos] == [False, False, True, True]
     # The planted neuron never enters an ocr mask, so nothing is lost off target.
-    assert all(abs(p["off_target_drop"]["value"]) < 1e-9 for p in hones.values())
-    assert stats["auc"]["hones"]["on_target_drop"]["value"] > stats["auc"]["ma"]["on_target_drop"]["value"] + 10
+    assert all(abs(p.off_target_drop.value) < 1e-9 for p in hones.values())
+    assert stats.auc["hones"].on_target_drop.value > stats.auc["ma"].on_target_drop.value + 10
     # At the headline size (5%), hones beats ma and random on target, decisively.
-    assert stats["differences"]["hones-minus-ma"]["on_target_drop"]["verdict"] == "holds"
-    assert stats["differences"]["hones-minus-random"]["on_target_drop"]["verdict"] == "holds"
-    assert stats["random_draws"]["on_target_drop"]["n"] == 5
-    sens = stats["sensitivity"]
-    assert sens["excludes_zero"] and sens["half_width_within_third"]
-    record = SuppressionRecord.model_validate(document)
+    assert stats.difference("hones", "ma").on_target_drop.verdict == "holds"
+    assert stats.difference("hones", "random").on_target_drop.verdict == "holds"
+    assert stats.random_draws.on_target_drop.n == 5
+    sens = stats.sensitivity
+    assert sens.excludes_zero and sens.half_width_within_third
     assert "can see effects" in sensitivity_message(record.likelihood.sensitivity)
     rows = verdict_rows("fake", record, _NO_STEERING, _NO_ATTRIBUTION)
     assert {r["verdict"] for r in rows if "on-target" in r["claim"]} == {"holds"}
@@ -272,7 +271,7 @@ def test_replicated_differences_carry_the_instances_variance() -> None:
     from pipeline.outcomes.suppression import replicated_differences
 
     one = _planted_study()
-    alone = suppression_statistics(*one, n_resamples=300, seed=0)["likelihood"]["differences"]
+    alone = suppression_statistics(*one, n_resamples=300, seed=0).document()["likelihood"]["differences"]
     # Three copies of one instance: the same point and interval as the instance alone.
     same = replicated_differences({"s0": one, "s1": one, "s2": one}, n_resamples=300, seed=0)["likelihood"]
     for k in ("on_target_drop", "selectivity"):
@@ -289,9 +288,9 @@ def test_replicated_differences_carry_the_instances_variance() -> None:
     widths = [
         np.subtract(
             *[
-                suppression_statistics(*s, n_resamples=300, seed=0)["likelihood"]["differences"]["hones-minus-ma"][
-                    "on_target_drop"
-                ][x]
+                suppression_statistics(*s, n_resamples=300, seed=0)
+                .likelihood.difference("hones", "ma")
+                .on_target_drop.model_dump()[x]
                 for x in ("ci_high", "ci_low")
             ]
         )

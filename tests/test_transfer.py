@@ -87,7 +87,7 @@ def test_each_variant_equals_the_model_steered_alone(tiny_adapter, annotations, 
             )[0]
         assert run.likelihood[name].per_item == pytest.approx(alone.per_item, abs=1e-5), name
     stats = steering_statistics([run], "generative", n_resamples=50, seed=0)
-    assert {"learned-minus-base", "learned-minus-grid_search"} <= set(stats["likelihood"]["differences"])
+    assert {"learned-minus-base", "learned-minus-grid_search"} <= {str(c) for c in stats.likelihood.differences}
 
 
 def test_one_job_list_equals_suppression_and_steering_run_apart(tiny_adapter, annotations, images) -> None:

@@ -25,7 +25,8 @@ Map of this module:
   intervened layer once per distinct sequence (``RowSharing``, ``hooks.forward_sharing_prefix``);
   generation always runs every row in full.
 - ``aggregate_utility``: per-item scores and the corpus-level utility for a task (the paper's
-  metric); ``standard_utility``: this project's standard variant of it.
+  metric), and ``generative_scores`` with it the captions' BLEU statistics;
+  ``standard_utility``: this project's standard variant of it.
 - ``evaluate_model_quality``: the generative and likelihood utilities of each task on one split.
 """
 
@@ -99,6 +100,16 @@ def aggregate_utility(task: str, predictions: Sequence[str], items: pd.DataFrame
     computes it (``metrics.clean_generation``, then ``paper_vqa_accuracy`` against the first
     reference, ``paper_anls`` or ``paper_corpus_bleu``): (corpus-level utility, per-item scores). Captions' per-item score
     is the smoothed sentence BLEU of the cleaned caption (the corpus value is not its mean)."""
+    utility, per, _ = generative_scores(task, predictions, items)
+    return utility, per
+
+
+def generative_scores(
+    task: str, predictions: Sequence[str], items: pd.DataFrame
+) -> tuple[float, np.ndarray, np.ndarray | None]:
+    """``aggregate_utility``'s (utility, per-item scores), and for captions the per-item
+    statistics [item, 10] of the paper's corpus BLEU (``metrics.paper_bleu_statistics``, what a
+    bootstrap resamples; None for other tasks), each answer cleaned once."""
     refs = [list(r) for r in items["references"]]
     cleaned = [metrics.clean_generation(p) for p in predictions]
     if task == "vqa":
@@ -106,21 +117,16 @@ def aggregate_utility(task: str, predictions: Sequence[str], items: pd.DataFrame
         # a list of answers under keys their COCO records do not use, so it scores the majority
         # answer with the substring rule, never the three-annotator rule.
         per = np.array([metrics.paper_vqa_accuracy(p, r[:1]) for p, r in zip(cleaned, refs)])
-        return float(per.mean()) if len(per) else math.nan, per
+        return (float(per.mean()) if len(per) else math.nan), per, None
     if task == "ocr":
         per = np.array([metrics.paper_anls(p, r) for p, r in zip(cleaned, refs)])
-        return float(per.mean()) if len(per) else math.nan, per
+        return (float(per.mean()) if len(per) else math.nan), per, None
     if task == "caption":
         per = np.array([metrics.sentence_bleu(p, r) for p, r in zip(cleaned, refs)])
-        return float(metrics.paper_corpus_bleu(cleaned, refs)), per
+        stats = metrics.paper_bleu_statistics(cleaned, refs)
+        # paper_corpus_bleu's own arithmetic, on the statistics computed once.
+        return float(metrics.paper_bleu_from_statistics(stats.sum(axis=0))), per, stats
     raise PipelineError(f"task {task!r} has no generative metric; known: vqa, ocr, caption (retrieval is ranked)")
-
-
-def caption_statistics(predictions: Sequence[str], items: pd.DataFrame) -> np.ndarray:
-    """Per-item statistics [item, 10] of the paper's corpus BLEU of generated captions
-    (``metrics.paper_bleu_statistics`` of the cleaned captions): what a bootstrap resamples."""
-    cleaned = [metrics.clean_generation(p) for p in predictions]
-    return metrics.paper_bleu_statistics(cleaned, [list(r) for r in items["references"]])
 
 
 def standard_utility(task: str, predictions: Sequence[str], items: pd.DataFrame) -> float:
@@ -420,8 +426,7 @@ def _evaluate_rows(
     results: dict[int, TaskResult] = {}
     for k, c in enumerate(conds):
         if utility == "generative":
-            u, per = aggregate_utility(task, preds[k], items)
-            stats = caption_statistics(preds[k], items) if task == "caption" else None
+            u, per, stats = generative_scores(task, preds[k], items)
             results[c] = TaskResult(task, METRIC_NAMES.get(task, task), u, per, preds[k], stats)
         elif utility == "likelihood":
             per = np.bincount(seq_item, weights=np.exp(scores[k]), minlength=n) / np.bincount(seq_item, minlength=n)

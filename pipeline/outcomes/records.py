@@ -1,9 +1,12 @@
-"""Typed records of the result documents the report reads: one strict pydantic model per file.
+"""Typed records of the result documents: one strict pydantic model per file.
 
-The stages write these files as plain JSON (their producers are unchanged); the report loads
-each through its record, so a missing or misspelt field stops it with one line naming the file
-and the field instead of leaving a blank cell. A record dumps back (``document()``) to the
-document it was read from, key for key and number for number (an int stays an int).
+The producers return these records (``suppression_statistics``, ``steering_statistics``,
+``shared_neuron_statistics``) or their stages build them (the masks stage's attribution metrics,
+model quality), and the stages write them with ``write_record``; the report loads each file
+through its record again. A missing or misspelt field stops the producer, or the report, with
+one line naming the result and the field instead of leaving a blank cell. A record dumps back
+(``document()``) to the document it was made from, key for key and number for number (an int
+stays an int).
 
 Map of this module:
 - ``IntervalRecord`` {value, ci_low, ci_high} (None where the producer's value was not
@@ -19,9 +22,11 @@ Map of this module:
 - ``QualityRecord``: ``metrics/model_quality/<m>.json``
   (``pipeline.model.evaluation.evaluate_model_quality``).
 - ``SharedNeuronsRecord``: ``shared_neurons/<m>/shared.json``
-  (``pipeline.outcomes.shared_neurons.shared_neuron_statistics`` with the mask size).
+  (``pipeline.outcomes.shared_neurons.shared_neuron_statistics``).
 - ``TransferRecord``: the transfer stage's two documents, each None where the stage measured
   nothing (it writes ``{}``); for a transfer_ood stage also its set's ``OodImportRecord``.
+- ``as_record(cls, document, what)``: a producer's document as its record, checked to dump
+  back to the same JSON; ``write_record(record, path)``: the file a stage writes.
 - ``load_record(cls, path)`` (also ``cls.load(path)``) and ``load_transfer(folder)``: read a
   file into its record; ``RecordError`` (a ``PipelineError``) names the file and every invalid
   field.
@@ -48,6 +53,7 @@ from pydantic import (
 )
 
 from pipeline.errors import PipelineError
+from pipeline.io import write_json
 from pipeline.outcomes.statistics import Interval
 
 UTILITIES = ("likelihood", "generative")
@@ -429,6 +435,21 @@ def validate_record(cls: type[R], document: Any, source: str) -> R:
     except ValidationError as e:
         problems = "; ".join(f"{_field(err['loc'])}: {err['msg']}" for err in e.errors())
         raise RecordError(f"{source}: not a valid {cls.__name__}: {problems}") from None
+
+
+def as_record(cls: type[R], document: dict, what: str) -> R:
+    """``document``, a producer's result, as its record ``cls``: RecordError naming ``what``
+    and every invalid field, or when the record would not write back the very same JSON (a
+    key it drops or reorders), so that what a stage writes is exactly what was computed."""
+    record = validate_record(cls, document, what)
+    if json.dumps(record.document()) != json.dumps(document):
+        raise RecordError(f"{what}: the {cls.__name__} does not write back the document it was made from")
+    return record
+
+
+def write_record(record: _Record, path: Path) -> None:
+    """``record``'s document as the stage's JSON file ``path`` (``io.write_json``: atomic)."""
+    write_json(record.document(), path)
 
 
 def load_record(cls: type[R], path: Path) -> R:

@@ -21,7 +21,9 @@ draw). Two claims are decided with the paired bootstrap over test items:
   as many other neurons of the two masks (the size-matched comparison).
 
 Map of this module: ``shared_sets`` (the shared neurons and the size-matched draws per pair),
-``shared_conditions`` (those as ``suppression.MaskCondition``), ``shared_neuron_statistics``.
+``shared_conditions`` (those as ``suppression.MaskCondition``), ``shared_neuron_statistics``
+(the figures and claims, a ``records.SharedNeuronsRecord``), ``no_shared_neurons`` (the record
+when no two masks share a neuron).
 """
 
 from __future__ import annotations
@@ -36,10 +38,18 @@ import pandas as pd
 
 from pipeline.errors import PipelineError
 from pipeline.model.evaluation import TaskResult
+from pipeline.outcomes.records import SharedNeuronsRecord, as_record
 from pipeline.outcomes.statistics import interval, mean_over, verdict
 from pipeline.outcomes.suppression import MaskCondition, relative_drops
 
-__all__ = ["SharedSet", "shared_sets", "shared_conditions", "shared_neuron_statistics", "SHARED_METHOD"]
+__all__ = [
+    "SharedSet",
+    "shared_sets",
+    "shared_conditions",
+    "shared_neuron_statistics",
+    "no_shared_neurons",
+    "SHARED_METHOD",
+]
 
 Neuron = tuple[int, int]
 SHARED_METHOD = "shared"
@@ -126,17 +136,21 @@ def shared_neuron_statistics(
     conditions: Sequence[MaskCondition],
     sets: Sequence[SharedSet],
     *,
+    mask_size: float,
     n_resamples: int,
     seed: int,
     confidence: float = 0.95,
     equivalence_margin: float = 0.0,
-) -> dict:
-    """The per-pair figures and the two claims of the module docstring, JSON-ready.
+) -> SharedNeuronsRecord:
+    """The per-pair figures and the two claims of the module docstring, as the record a
+    ``shared.json`` holds.
 
     ``scores``: {(utility, eval_task): {condition: TaskResult}} (condition 0 the base, k the
-    ``conditions[k - 1]``) with the likelihood of every condition on every task. Returns
-    {"pairs": {pair: {"shared_neurons", "on_pair" / "cross_task": {condition kind: interval},
-    "shared_minus_subset": {on_pair, cross_task}}}, "claims": {...}, ...}; claims with a verdict.
+    ``conditions[k - 1]``) with the likelihood of every condition on every task; ``mask_size``:
+    the masks' size (fraction of all FFN neurons) the sets were taken at. The record's document:
+    {"mask_size", "utility", "confidence", "resamples", "pairs": {pair: {"shared_neurons",
+    "on_pair" / "cross_task": {condition kind: interval}, "shared_minus_subset": {on_pair,
+    cross_task}}}, "claims": {...}}; claims with a verdict.
     """
     tasks = list(dict.fromkeys(t for (u, t) in scores if u == UTILITY))
     if not tasks:
@@ -149,7 +163,13 @@ def shared_neuron_statistics(
         cells = [drops.cells[(condition, t)] for t in over]
         return float(np.mean([p for p, _ in cells])), mean_over([r for _, r in cells])
 
-    out: dict = {"utility": UTILITY, "confidence": confidence, "resamples": n_resamples, "pairs": {}}
+    out: dict = {
+        "mask_size": mask_size,
+        "utility": UTILITY,
+        "confidence": confidence,
+        "resamples": n_resamples,
+        "pairs": {},
+    }
     per_pair: dict[str, dict[str, tuple[float, np.ndarray]]] = {}
     for s in sets:
         own, others = [s.a, s.b], [t for t in tasks if t not in (s.a, s.b)]
@@ -200,7 +220,16 @@ def shared_neuron_statistics(
             "pairs": matched_pairs,
         }
     out["claims"] = claims
-    return out
+    return as_record(SharedNeuronsRecord, out, "shared neuron statistics")
+
+
+def no_shared_neurons(mask_size: float) -> SharedNeuronsRecord:
+    """The record of a study whose masks share no neuron at ``mask_size``: no pairs, no claims."""
+    return as_record(
+        SharedNeuronsRecord,
+        {"mask_size": mask_size, "utility": UTILITY, "pairs": {}, "claims": {}},
+        "shared neuron statistics",
+    )
 
 
 def _pair_mean(figures: list[tuple[float, np.ndarray]]) -> tuple[float, np.ndarray]:

@@ -47,6 +47,7 @@ from pipeline.model.adapter import ModelAdapter
 from pipeline.model.evaluation import TaskResult, evaluate_conditions, evaluate_task, result_values
 from pipeline.model.hooks import condition_scales, lowest_scaled_layer, scale_neurons
 from pipeline.model.scoring import model_answer_logprobs, token_logprobs
+from pipeline.outcomes.records import SteeringRecord, as_record
 from pipeline.outcomes.statistics import (
     bootstrap_counts,
     interval,
@@ -586,8 +587,9 @@ def apply_steering(
 
 def steering_statistics(
     runs: Sequence[TaskSteering], utility: str, *, n_resamples: int, seed: int, confidence: float = 0.95
-) -> dict:
-    """Paired-bootstrap intervals of the steering results (JSON-ready), per utility.
+) -> SteeringRecord:
+    """Paired-bootstrap intervals of the steering results (the record a ``steering_intervals.json``
+    holds), per utility.
 
     For ``utility`` (the settings' utility, of ``TaskSteering.results``) and the likelihood: ``utility`` {task | "mean": {variant: interval}}
     (``mean``: the mean over tasks, each task resampled over its own items), and ``differences``
@@ -631,4 +633,4 @@ def steering_statistics(
         for run in runs
         if run.scales.get("learned")
     }
-    return out
+    return as_record(SteeringRecord, out, "steering statistics")

@@ -44,6 +44,7 @@ from pipeline.errors import PipelineError
 from pipeline.model.evaluation import TaskResult, evaluate_conditions, result_values
 from pipeline.model.hooks import ablate_neurons_per_row, lowest_layer
 from pipeline.model.workers import map_jobs
+from pipeline.outcomes.records import SuppressionRecord, as_record
 from pipeline.outcomes.statistics import (
     Interval,
     bootstrap_counts,
@@ -404,8 +405,8 @@ def suppression_statistics(
     seed: int,
     confidence: float = 0.95,
     equivalence_margin: float = 0.0,
-) -> dict:
-    """Intervals of every reported effect (module docstring), as a JSON-ready dict.
+) -> SuppressionRecord:
+    """Intervals of every reported effect (module docstring), as the record a ``suppression.json`` holds.
 
     Per utility: ``baseline`` {task: interval}; ``relative_drop`` {method: {target: {eval: interval}}}
     at the headline size (random: the mean over draws); ``summary`` {method: {on_target_drop,
@@ -478,7 +479,7 @@ def suppression_statistics(
                 },
             }
         out[utility] = u_out
-    return out
+    return as_record(SuppressionRecord, out, "suppression statistics")
 
 
 def scores_from_table(table: pd.DataFrame) -> dict[tuple[str, str], dict[int, TaskResult]]:

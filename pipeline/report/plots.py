@@ -13,7 +13,9 @@ written by ``_save`` (parent folders created, tight layout, 110 dpi).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -127,23 +129,25 @@ def plot_square(
     _save(fig, path)
 
 
-def plot_deletion_curves(curve: dict, path: Path, title: str) -> None:
+def plot_deletion_curves(curve: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> None:
     """Two panels (on-target, mean off-target drop in %) against mask size rho (log scale), one
-    line per method with its interval as a band. ``curve``: {method: {rho: {key: interval dict}}}
-    (``pipeline.outcomes.suppression.suppression_statistics``)."""
+    line per method with its interval as a band. ``curve``: {method: {rho: ``records.CurvePoint``}}
+    (``records.UtilitySuppression.curve``, of ``pipeline.outcomes.suppression.suppression_statistics``;
+    not imported here: the stages that plot heatmaps alone need no records)."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for ax, key, label in zip(axes, ("on_target_drop", "off_target_drop"), ("on target", "mean off target")):
-        if all(p[key]["value"] is None for points in curve.values() for p in points.values()):
+        if all(getattr(p, key).value is None for points in curve.values() for p in points.values()):
             # One task studied: nothing is off target.
             ax.text(0.5, 0.5, "no other task", ha="center", va="center", transform=ax.transAxes)
             ax.set_title(label)
             continue
         for method, points in curve.items():
             rhos = np.array([float(r) for r in points]) * 100.0
-            val = np.array([points[r][key]["value"] for r in points], dtype=float)
-            lo = np.array([points[r][key]["ci_low"] for r in points], dtype=float)
-            hi = np.array([points[r][key]["ci_high"] for r in points], dtype=float)
+            ivs = [getattr(p, key) for p in points.values()]
+            val = np.array([iv.value for iv in ivs], dtype=float)
+            lo = np.array([iv.ci_low for iv in ivs], dtype=float)
+            hi = np.array([iv.ci_high for iv in ivs], dtype=float)
             (line,) = ax.plot(rhos, val, marker="o", ms=3, label=method)
             ax.fill_between(rhos, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
         ax.set_xscale("log")
