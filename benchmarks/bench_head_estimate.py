@@ -3,6 +3,7 @@ the utility it differentiates (teacher-forced) and under the generative one the 
 
     python benchmarks/bench_head_estimate.py --model data/models/tiny-llava --benchmark data/benchmark \\
         [--tasks vqa ocr caption retrieval] [--items 40] [--top-k 4] [--candidates 8] [--path-steps 0 2 4]
+        [--screen-items 25 50 100] [--heads data/heads/tiny-llava]
 
 Per task, on the first ``--items`` discovery items: Spearman of the estimate
 (``heads.estimate_head_scores``, mean over items) with the exact scores of every head, and the
@@ -15,12 +16,23 @@ S > 0 averages the gradient at S points along the path that substitutes every he
 (alpha = (k + 1/2) / S, k < S; integrated gradients of the joint substitution, S forward and
 backward passes per batch), to see whether the linear estimate's misses come from the size of the
 intervention.
+
+``--screen-items N``: another candidate ranking, not a gradient: every head's exact
+teacher-forced substitution score (one forward row per head and item, no generation) on the
+first N items, to see whether a cheap exact sweep finds the candidates the estimate misses.
+
+``--heads DIR``: the exhaustive generative scores of a heads stage (``DIR/<task>/scores.parquet``,
+the stage's ``heads.max_items`` items) instead of scoring again on ``--items``; the estimates then
+use the same items. "tie-aware recall" counts a found head whose exact score equals the
+exhaustive k-th score as found (a degenerate task's zeros tie every head).
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
+import numpy as np
 from _common import load_model_and_images, model_task_parser, require, table
 
 
@@ -68,6 +80,19 @@ def path_estimate(adapter, items, images, *, steps: int, batch_size: int):
     return out
 
 
+def _recall(table_, ranking: str, k: int, candidates: int) -> tuple[float, float]:
+    """(recall, tie-aware recall) of the exhaustive top ``k`` among the top ``k`` by exact score
+    of the ``candidates`` heads ranked highest by the column ``ranking``."""
+    from pipeline.method.heads import top_heads
+
+    best = {(int(l), int(h)) for l, h in top_heads(table_, k)[["layer", "head"]].to_numpy()}
+    kth = float(top_heads(table_, k)["score"].iloc[-1])
+    order = table_.sort_values([ranking, "layer", "head"], ascending=[False, True, True], kind="stable")
+    found = top_heads(order.head(candidates).drop(columns="exact", errors="ignore"), k)
+    keys = {(int(l), int(h)) for l, h in found[["layer", "head"]].to_numpy()}
+    return len(best & keys) / k, min(1.0, float((found["score"] >= kth).sum()) / k)
+
+
 def main(argv=None) -> int:
     p = model_task_parser(__doc__, items=40, threads=1, repeats=1, repeats_help="unused")
     p.add_argument("--tasks", nargs="+", default=["vqa", "ocr", "caption", "retrieval"])
@@ -75,48 +100,79 @@ def main(argv=None) -> int:
     p.add_argument("--candidates", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--path-steps", type=int, nargs="+", default=[0])
+    p.add_argument("--screen-items", type=int, nargs="*", default=[])
+    p.add_argument("--heads", type=Path, default=None, help="a heads stage's folder of this model")
     args = p.parse_args(argv)
     if not require(args.model, args.benchmark):
         return 0
 
-    from pipeline.method.heads import score_heads, top_heads, with_estimate
+    import pandas as pd
+
+    from pipeline.method.heads import score_heads, with_estimate
     from pipeline.tasks.items import read_annotations
 
     adapter, images = load_model_and_images(args.model, args.benchmark, args.threads, args.dtype, args.device)
     rows = []
     for task in args.tasks:
         items = read_annotations(args.benchmark / "annotations.parquet", splits=(args.split,), tasks=(task,))
-        items = items.head(args.items).reset_index(drop=True)
-        estimates = {
-            s: path_estimate(adapter, items, images, steps=s, batch_size=args.batch_size) for s in args.path_steps
+        n_items = args.items
+        if args.heads is not None:
+            n_items = int(pd.read_parquet(args.heads / task / "per_item.parquet")["item"].max()) + 1
+        items = items.head(n_items).reset_index(drop=True)
+        rankings = {
+            f"estimate, path steps {s}": path_estimate(adapter, items, images, steps=s, batch_size=args.batch_size)
+            for s in args.path_steps
         }
-        for utility in ("teacher_forced", "generative"):
-            exact = score_heads(
-                adapter,
-                task,
-                items,
-                images,
-                batch_size=args.batch_size,
-                max_new_tokens=args.max_new_tokens,
-                utility=utility,
+        for n in args.screen_items:
+            sweep = score_heads(
+                adapter, task, items.head(n), images, batch_size=args.batch_size, utility="teacher_forced"
             )
-            for steps, estimate in estimates.items():
-                table_ = with_estimate(exact, estimate)
-                best = {(int(l), int(h)) for l, h in top_heads(table_, args.top_k)[["layer", "head"]].to_numpy()}
-                order = table_.sort_values(["estimate", "layer", "head"], ascending=[False, True, True], kind="stable")
-                chosen = {(int(l), int(h)) for l, h in order.head(args.candidates)[["layer", "head"]].to_numpy()}
+            screen = np.zeros((1, adapter.num_layers, adapter.num_heads))
+            screen[0, sweep["layer"], sweep["head"]] = sweep["score"]
+            rankings[f"teacher-forced sweep, {min(n, len(items))} items"] = screen
+        utilities = ("teacher_forced", "generative") if args.heads is None else ("generative",)
+        for utility in utilities:
+            if args.heads is None:
+                exact = score_heads(
+                    adapter,
+                    task,
+                    items,
+                    images,
+                    batch_size=args.batch_size,
+                    max_new_tokens=args.max_new_tokens,
+                    utility=utility,
+                )
+            else:
+                exact = pd.read_parquet(args.heads / task / "scores.parquet")[["layer", "head", "score"]]
+            for name, ranking in rankings.items():
+                table_ = with_estimate(exact, ranking)
+                recall, tie_aware = _recall(table_, "estimate", args.top_k, args.candidates)
                 rows.append(
                     (
                         task,
                         utility,
-                        steps,
+                        name,
                         _spearman(table_["estimate"], table_["score"]),
-                        len(best & chosen) / len(best),
+                        recall,
+                        tie_aware,
                         float((table_["score"] != 0).mean()),
                     )
                 )
-    print(f"{args.model.name}, {args.items} {args.split} items, top {args.top_k} among {args.candidates} candidates")
-    print(table(("task", "exact utility", "path steps", "Spearman", "recall", "heads with a non-zero score"), rows))
+    print(f"{args.model.name}, {len(items)} {args.split} items, top {args.top_k} among {args.candidates} candidates")
+    print(
+        table(
+            (
+                "task",
+                "exact utility",
+                "candidate ranking",
+                "Spearman",
+                "recall",
+                "tie-aware recall",
+                "heads with a non-zero score",
+            ),
+            rows,
+        )
+    )
     return 0
 
 
