@@ -143,6 +143,14 @@ def test_guided_localisation_recall():
     # A degenerate task (no head changes the utility): recall is defined, the correlation is not.
     flat = guided_localisation(_table([0, 0, 0, 0], [1, 2, 3, 4]), 2, 2)
     assert np.isnan(flat["spearman"]) and flat["exhaustive_top_heads"] == ["0.0", "0.1"]
+    # Every head ties: guided keeps heads 2 and 3, as good as the sweep's 0 and 1.
+    assert flat["guided_top_heads"] == ["0.2", "0.3"] and flat["recall"] == 0.0
+    assert flat["recall_ties_counted"] == 1.0
+    # A tie at the k-th score only: head 2 ties the sweep's second head, head 3 is below it.
+    tied = guided_localisation(_table([3, 1, 1, 0], [0, 0, 2, 1]), 2, 2)
+    assert tied["guided_top_heads"] == ["0.2", "0.3"] and tied["recall"] == 0.0
+    assert tied["recall_ties_counted"] == 0.5
+    assert out["recall_ties_counted"] == 0.5
 
 
 def test_with_estimate_marks_exact_rows():

@@ -75,7 +75,10 @@ def guided_localisation(scores: pd.DataFrame, k: int, candidates: int) -> dict:
     exact score among the ``candidates`` heads with the highest estimate; the exact scores of
     those candidates are the ones in ``scores``. Returns JSON-ready: ``spearman`` of estimate and
     exact score over every head, ``recall`` (share of the exhaustive top ``k`` that guided
-    localisation finds), ``recall_estimate_only`` (the same for the estimate's own top ``k``,
+    localisation finds), ``recall_ties_counted`` (the same, counting a guided head whose exact
+    score equals the exhaustive k-th score as found: which of tied heads make the exhaustive top
+    ``k`` is the layer order's choice, and a degenerate task's zeros tie every head),
+    ``recall_estimate_only`` (the same for the estimate's own top ``k``,
     ``candidates`` = ``k``), ``candidate_recall`` (share of the exhaustive top ``k`` among the
     candidates), the top heads of each, and ``same_heads`` (guided keeps the same set, so the
     dump, masks and everything after are unchanged).
@@ -92,6 +95,7 @@ def guided_localisation(scores: pd.DataFrame, k: int, candidates: int) -> dict:
     estimate_only = set(guided_candidates(scores, k, name="heads.top_k"))
     truth = set(_labels(exhaustive))
     recall = len(truth & set(_labels(guided))) / k
+    kth = float(exhaustive["score"].iloc[-1])
     return {
         "top_k": k,
         "candidates": candidates,
@@ -103,6 +107,7 @@ def guided_localisation(scores: pd.DataFrame, k: int, candidates: int) -> dict:
             else float("nan")
         ),
         "recall": recall,
+        "recall_ties_counted": min(1.0, float((guided["score"] >= kth).sum()) / k),
         "recall_estimate_only": len(truth & {f"{l}.{h}" for l, h in estimate_only}) / k,
         "candidate_recall": len(truth & {f"{l}.{h}" for l, h in chosen}) / k,
         "exhaustive_top_heads": _labels(exhaustive),

@@ -151,6 +151,7 @@ def _localisation_section(heads: dict[str, dict]) -> list[Section]:
         (m, t): {
             "spearman (estimate, exact)": g["spearman"],
             "recall": g["recall"],
+            "recall, ties counted": g["recall_ties_counted"],
             "recall, estimate alone": g["recall_estimate_only"],
             "exhaustive top heads": " ".join(g["exhaustive_top_heads"]),
             "guided top heads": " ".join(g["guided_top_heads"]),
@@ -169,7 +170,9 @@ def _localisation_section(heads: dict[str, dict]) -> list[Section]:
             f"its substitution effect on the answer's log-probability and scores only the top "
             f"{g['candidates']} of {g['heads']} exactly. Recall: the share of the exhaustive sweep's top "
             f"{g['top_k']} heads it keeps; where it is 1, the dump, masks and every result after are "
-            "unchanged. Compare with the bootstrap recall of the exhaustive sweep itself (above).",
+            "unchanged. Ties counted: a kept head whose exact score equals the exhaustive sweep's "
+            f"{g['top_k']}th counts as found (which tied heads the sweep keeps is the layer order's "
+            "choice). Compare with the bootstrap recall of the exhaustive sweep itself (above).",
             table=pd.DataFrame(rows).T,
         )
     ]
