@@ -99,7 +99,15 @@ def test_dump_after_out_of_memory_equals_a_run_at_the_smaller_batch(
     want, have = read_arrays(reference.root), read_arrays(got.root)
     assert want.keys() == have.keys()
     for name in want:
-        np.testing.assert_array_equal(have[name], want[name], err_msg=name)
+        # Block 0's z ran at 4 rows, the reference's at 2: on some CPUs (an AVX-512 Xeon with AMX,
+        # kernels pinned to AVX2) a matmul's last bits depend on the rows in its batch, so equal
+        # to float32 rounding, not bitwise; every other block ran at 2 rows, as the reference did.
+        if np.issubdtype(want[name].dtype, np.floating):
+            np.testing.assert_allclose(have[name], want[name], rtol=1e-5, atol=1e-7, err_msg=name)
+        else:
+            np.testing.assert_array_equal(have[name], want[name], err_msg=name)
+    # z is [condition, item, layer, neuron]: the items after block 0's are bitwise the reference's.
+    np.testing.assert_array_equal(have["z"][:, 1:], want["z"][:, 1:])
 
 
 @pytest.mark.parametrize(

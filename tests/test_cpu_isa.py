@@ -1,11 +1,11 @@
-"""The stages' kernels run the AVX2 code paths on any x86-64-v3 CPU (``stages/__init__.py``), so
-an AVX-512 machine and an AVX2-only one compute the same bits.
+"""The stages' kernels run the AVX2 code paths on any x86-64-v3 CPU (``stages/__init__.py``).
 
-``test_pinned_training_gives_the_recorded_weights`` is the cross-machine check: a short training
-of the tiny fixture model in a stage's environment must give the weights recorded below, whatever
-the CPU. CI runs on machines of either kind; a mismatch on one of them means the pin no longer
-covers some kernel (or the trainer, the fixture benchmark, torch or transformers changed: then
-re-record the hash, after checking the new one is the same on an AVX2-only and an AVX-512 CPU).
+That narrows the differences between machines without closing them: a short pinned training of
+the tiny fixture model gave weights with sha256[:16] 6fd694157f1b70cd on the AVX-512 machine the
+pin was measured on (and on CI's machines until then), and 1c8a83b1517a17b6 on an AVX-512 Xeon
+with AMX (docs/reproducibility.md). So the tests assert what holds on any one machine: the pin
+selects the AVX2 kernels, a pinned training is bitwise repeatable across processes, and without
+the pin an AVX-512 CPU trains other weights.
 """
 
 from __future__ import annotations
@@ -24,10 +24,6 @@ TESTS = Path(__file__).resolve().parent
 HAS_AVX2 = "avx2" in stages.cpu_flags()
 HAS_AVX512 = "avx512f" in stages.cpu_flags()
 KEYS = (*stages.CPU_ISA_PIN, "HONES_CPU_ISA")
-
-# sha256[:16] of model.safetensors after _CHILD's training under the pin (torch 2.14.1,
-# transformers as constraints.txt pins them); recorded on an AVX-512 CPU.
-PINNED_WEIGHTS = "6fd694157f1b70cd"
 
 _CHILD = """
 import hashlib, sys
@@ -98,15 +94,13 @@ def test_a_stage_process_runs_the_avx2_kernels() -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_AVX2, reason="the pin applies to x86-64 CPUs with AVX2")
-def test_pinned_training_gives_the_recorded_weights(benchmark_dir, tmp_path) -> None:
-    capability, digest = _train(benchmark_dir, tmp_path / "pinned", pinned=True)
-    assert capability == "AVX2"
-    assert digest == PINNED_WEIGHTS, (
-        f"pinned training gave weights {digest}, recorded {PINNED_WEIGHTS} (CPU flags avx512f: {HAS_AVX512}); "
-        "see this module's docstring"
-    )
+def test_pinned_training_is_bitwise_repeatable(benchmark_dir, tmp_path) -> None:
+    first = _train(benchmark_dir, tmp_path / "first", pinned=True)
+    second = _train(benchmark_dir, tmp_path / "second", pinned=True)
+    assert first[0] == "AVX2" and first == second, (first, second)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_AVX512, reason="shows the pin matters, which needs an AVX-512 CPU")
 def test_without_the_pin_an_avx512_cpu_trains_other_weights(benchmark_dir, tmp_path) -> None:
     """The recorded weights are not what any CPU computes anyway: without the pin, AVX-512 kernels
