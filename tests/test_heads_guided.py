@@ -23,7 +23,7 @@ from pipeline.method.heads import (
     with_estimate,
 )
 from pipeline.model.hooks import substitute_heads, trace_head_substitution
-from pipeline.outcomes.head_stability import guided_localisation, head_stability
+from pipeline.outcomes.head_stability import guided_localisation, head_stability, screened_localisation
 from pipeline.tasks.items import item_prompts, teacher_forced_answers
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -151,6 +151,31 @@ def test_guided_localisation_recall():
     assert tied["guided_top_heads"] == ["0.2", "0.3"] and tied["recall"] == 0.0
     assert tied["recall_ties_counted"] == 0.5
     assert out["recall_ties_counted"] == 0.5
+
+
+def test_screened_localisation_keeps_the_screens_candidates():
+    # Head 0 matters only on the last two items: a screen of the first two misses it.
+    values = np.array(
+        [
+            [1.0, 1.0, 1.0, 1.0],  # base
+            [1.0, 1.0, 0.0, 0.0],  # head 0: drop 0.5 overall, 0 on the first two items
+            [0.5, 0.5, 1.0, 1.0],  # head 1: 0.25, 0.5
+            [0.8, 0.8, 0.8, 0.8],  # head 2: 0.2, 0.2
+            [1.0, 1.0, 1.0, 1.0],  # head 3: 0, 0
+        ]
+    )
+    scores = _table(values[0].mean() - values[1:].mean(axis=1), [0, 0, 0, 0])
+    two = screened_localisation(scores, values, "mean", 1, 2)
+    assert list(two) == ["1", "2"]
+    assert two["2"] == {"items": 2, "recall": 0.0, "recall_ties_counted": 0.0, "screened_top_heads": ["0.1"]}
+    # A third candidate: heads 0 and 3 tie at 0 on the screen, and the layer order takes head 0.
+    three = screened_localisation(scores, values, "mean", 1, 3)
+    assert three["2"]["screened_top_heads"] == ["0.0"] and three["2"]["recall"] == 1.0
+    with pytest.raises(PipelineError, match="heads.guided.candidates = 5 but the model has 4"):
+        screened_localisation(scores, values, "mean", 1, 5)
+    guided = scores.assign(score=[0.5, np.nan, 0.2, 0.0])
+    with pytest.raises(PipelineError, match="exhaustive heads table"):
+        screened_localisation(guided, values, "mean", 1, 2)
 
 
 def test_with_estimate_marks_exact_rows():

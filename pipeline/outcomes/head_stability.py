@@ -8,6 +8,10 @@ substitution lowers the utility: the top K_h is then arbitrary and HONES reduces
 ``guided_localisation``: how well gradient-guided localisation (``pipeline.method.heads.
 score_heads_guided``) would have found the exhaustive sweep's top K_h, from an exhaustive
 heads table that carries every head's gradient estimate.
+
+``screened_localisation``: the same for a screen instead of the gradient: every head scored
+exactly on the first items only, the best candidates then on every item (from the exhaustive
+sweep's per-item values; not a ``heads`` option yet).
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from scipy.stats import spearmanr
 from pipeline.errors import PipelineError
 from pipeline.method.heads import guided_candidates, top_heads
 from pipeline.outcomes.statistics import bootstrap_counts, distribution, utility_replicates
+
+# The screens measured, as shares of the head-scoring items.
+SCREEN_SHARES = (0.25, 0.5)
 
 
 def head_stability(scores: pd.DataFrame, values: np.ndarray, kind: str, k: int, *, n_resamples: int, seed: int) -> dict:
@@ -114,3 +121,47 @@ def guided_localisation(scores: pd.DataFrame, k: int, candidates: int) -> dict:
         "guided_top_heads": _labels(guided),
         "same_heads": recall == 1.0,
     }
+
+
+def screened_localisation(
+    scores: pd.DataFrame, values: np.ndarray, kind: str, k: int, candidates: int, shares=SCREEN_SHARES
+) -> dict:
+    """How well a screen would find the exhaustive sweep's top ``k``: every head scored exactly on
+    the first n items alone (n = each share of the head-scoring items), the ``candidates`` best of
+    them kept (ties broken by layer, then head), and the top ``k`` of those by their exact score
+    on every item.
+
+    ``scores``: an exhaustive heads table; ``values`` / ``kind``: its per-item utilities
+    (``score_heads_per_item``: row 0 the base, then the heads in ``scores``' order). The screen's
+    items are among the items that define the exhaustive top ``k``, as they would be in a run
+    that screens its own head-scoring items. Returns JSON-ready {n: {"items", "recall",
+    "recall_ties_counted", "screened_top_heads"}} (``guided_localisation``'s recalls), for each
+    n from 1 to below the item count.
+    """
+    if scores["score"].isna().any():
+        raise PipelineError("screened_localisation needs an exhaustive heads table (heads.localisation: exhaustive)")
+    if candidates > len(scores):
+        raise PipelineError(
+            f"heads.guided.candidates = {candidates} but the model has {len(scores)} attention heads; "
+            f"set it to at most {len(scores)}"
+        )
+    n_items = values.shape[1]
+    exhaustive = top_heads(scores, k, name="heads.top_k")
+    truth, kth = set(_labels(exhaustive)), float(exhaustive["score"].iloc[-1])
+    out = {}
+    for n in sorted({int(share * n_items) for share in shares}):
+        if not 1 <= n < n_items:
+            continue
+        first = np.zeros((1, n_items))
+        first[0, :n] = 1.0
+        _, reps = utility_replicates(values, first, kind)
+        screened = scores.assign(score=np.asarray(reps)[0, 0] - np.asarray(reps)[1:, 0])
+        chosen = set(_labels(top_heads(screened, candidates, name="heads.guided.candidates")))
+        kept = top_heads(scores[[label in chosen for label in _labels(scores)]], k, name="heads.top_k")
+        out[str(n)] = {
+            "items": n,
+            "recall": len(truth & set(_labels(kept))) / k,
+            "recall_ties_counted": min(1.0, float((kept["score"] >= kth).sum()) / k),
+            "screened_top_heads": _labels(kept),
+        }
+    return out

@@ -155,6 +155,7 @@ def _localisation_section(heads: dict[str, dict]) -> list[Section]:
             "recall, estimate alone": g["recall_estimate_only"],
             "exhaustive top heads": " ".join(g["exhaustive_top_heads"]),
             "guided top heads": " ".join(g["guided_top_heads"]),
+            **{f"screen of {n} items, ties counted": sc["recall_ties_counted"] for n, sc in g["screened"].items()},
         }
         for m, by_task in heads.items()
         for t, h in by_task.items()
@@ -172,7 +173,10 @@ def _localisation_section(heads: dict[str, dict]) -> list[Section]:
             f"{g['top_k']} heads it keeps; where it is 1, the dump, masks and every result after are "
             "unchanged. Ties counted: a kept head whose exact score equals the exhaustive sweep's "
             f"{g['top_k']}th counts as found (which tied heads the sweep keeps is the layer order's "
-            "choice). Compare with the bootstrap recall of the exhaustive sweep itself (above).",
+            "choice). A screen instead of the gradient: every head scored exactly on the first items "
+            f"only, the best {g['candidates']} then on every item (not a heads option yet; its items "
+            "are among the sweep's own). Compare with the bootstrap recall of the exhaustive sweep itself "
+            "(above).",
             table=pd.DataFrame(rows).T,
         )
     ]

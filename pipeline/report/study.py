@@ -28,7 +28,7 @@ import pandas as pd
 
 from pipeline.method.heads import per_item_values
 from pipeline.method.store import read_importance
-from pipeline.outcomes.head_stability import guided_localisation, head_stability
+from pipeline.outcomes.head_stability import guided_localisation, head_stability, screened_localisation
 from pipeline.outcomes.records import (
     UTILITIES,
     AttributionRecord,
@@ -131,12 +131,14 @@ def read_study_results(
 def head_stability_of(folder: Path, top_k: int, *, n_resamples: int, seed: int, candidates: int) -> dict:
     """The stability of the top ``top_k`` heads stored in one heads-stage folder (``scores.parquet``,
     ``per_item.parquet``): see ``pipeline.outcomes.head_stability.head_stability``; where the
-    sweep was exhaustive, ``localisation`` holds ``guided_localisation`` with ``candidates``."""
+    sweep was exhaustive, ``localisation`` holds ``guided_localisation`` with ``candidates``, and
+    under ``screened`` the ``screened_localisation`` of the same candidates."""
     scores = pd.read_parquet(Path(folder) / "scores.parquet")
     values, kind = per_item_values(pd.read_parquet(Path(folder) / "per_item.parquet"))
     out = head_stability(scores, values, kind, top_k, n_resamples=n_resamples, seed=seed)
     if "estimate" in scores.columns and scores["score"].notna().all():
         out["localisation"] = guided_localisation(scores, top_k, candidates)
+        out["localisation"]["screened"] = screened_localisation(scores, values, kind, top_k, candidates)
     return out
 
 
