@@ -15,6 +15,7 @@ from pipeline.model.evaluation import TaskResult, answer_logprob, evaluate_condi
 from pipeline.model.hooks import scale_neurons
 from pipeline.outcomes.records import (
     AttributionRecord,
+    Comparison,
     QualityRecord,
     Sensitivity,
     SteeringRecord,
@@ -273,18 +274,19 @@ def test_replicated_differences_carry_the_instances_variance() -> None:
     one = _planted_study()
     alone = suppression_statistics(*one, n_resamples=300, seed=0).document()["likelihood"]["differences"]
     # Three copies of one instance: the same point and interval as the instance alone.
-    same = replicated_differences({"s0": one, "s1": one, "s2": one}, n_resamples=300, seed=0)["likelihood"]
+    same = replicated_differences({"s0": one, "s1": one, "s2": one}, n_resamples=300, seed=0)
+    assert same.instances == ["s0", "s1", "s2"] and same.of("generative") == {}
     for k in ("on_target_drop", "selectivity"):
-        got, want = same["differences"]["hones-minus-ma"][k], alone["hones-minus-ma"][k]
-        assert [got[x] for x in ("value", "ci_low", "ci_high", "verdict")] == [
+        got, want = same.of("likelihood")[Comparison("hones", "ma")][k], alone["hones-minus-ma"][k]
+        assert [got.value, got.ci_low, got.ci_high, got.verdict] == [
             want[x] for x in ("value", "ci_low", "ci_high", "verdict")
         ]
     # Seeds that disagree (the planted neuron matters in one instance, barely in the others):
     # the point is their mean, and the interval is wider than any instance's item interval.
     studies = {"s0": _planted_study(0.1, 0), "s1": _planted_study(0.85, 1), "s2": _planted_study(0.88, 2)}
-    rep = replicated_differences(studies, n_resamples=300, seed=0)["likelihood"]["differences"]["hones-minus-ma"]
-    per = rep["on_target_drop"]["per_instance"]
-    assert rep["on_target_drop"]["value"] == pytest.approx(np.mean(list(per.values())), abs=1e-3)
+    rep = replicated_differences(studies, n_resamples=300, seed=0).of("likelihood")[Comparison("hones", "ma")]
+    per = rep["on_target_drop"].per_instance
+    assert rep["on_target_drop"].value == pytest.approx(np.mean(list(per.values())), abs=1e-3)
     widths = [
         np.subtract(
             *[
@@ -296,7 +298,7 @@ def test_replicated_differences_carry_the_instances_variance() -> None:
         )
         for s in studies.values()
     ]
-    assert rep["on_target_drop"]["ci_high"] - rep["on_target_drop"]["ci_low"] > 3 * max(widths)
+    assert rep["on_target_drop"].ci_high - rep["on_target_drop"].ci_low > 3 * max(widths)
     with pytest.raises(Exception, match="same items"):
         short = _planted_study()
         short[0][("likelihood", "vqa")] = {

@@ -44,7 +44,7 @@ from pipeline.errors import PipelineError
 from pipeline.model.evaluation import TaskResult, evaluate_conditions, result_values
 from pipeline.model.hooks import ablate_neurons_per_row, lowest_layer
 from pipeline.model.workers import map_jobs
-from pipeline.outcomes.records import SuppressionRecord, as_record
+from pipeline.outcomes.records import Comparison, SuppressionRecord, as_record
 from pipeline.outcomes.statistics import (
     Interval,
     bootstrap_counts,
@@ -508,6 +508,37 @@ def conditions_from_table(table: pd.DataFrame) -> list[MaskCondition]:
     ]
 
 
+@dataclass(frozen=True)
+class ReplicatedFigure:
+    """One figure of a comparison decided across a recipe's instances: the point and interval
+    (percentage points of relative drop; None where not finite), its verdict, and each instance's
+    own point {instance: value}."""
+
+    value: float | None
+    ci_low: float | None
+    ci_high: float | None
+    verdict: str
+    per_instance: dict[str, float | None]
+
+
+@dataclass(frozen=True)
+class ReplicatedDifferences:
+    """``replicated_differences``' result: ``differences`` {utility: {comparison: {figure:
+    ReplicatedFigure}}} (figures: on_target_drop, selectivity), and how it was decided."""
+
+    instances: list[str]
+    confidence: float
+    resamples: int
+    equivalence_margin: float
+    differences: dict[str, dict[Comparison, dict[str, ReplicatedFigure]]]
+
+    def of(self, utility: str) -> dict[Comparison, dict[str, ReplicatedFigure]]:
+        """One utility's comparisons; empty when the instances were not evaluated under it."""
+        if utility not in ("likelihood", "generative"):
+            raise ValueError(f"unknown utility {utility!r}")
+        return self.differences.get(utility, {})
+
+
 def replicated_differences(
     instances: dict[str, tuple[dict[tuple[str, str], dict[int, TaskResult]], Sequence[MaskCondition]]],
     *,
@@ -515,7 +546,7 @@ def replicated_differences(
     seed: int,
     confidence: float = 0.95,
     equivalence_margin: float = 0.0,
-) -> dict:
+) -> ReplicatedDifferences:
     """The ``differences`` of ``suppression_statistics`` decided across model instances of one
     recipe (the same architecture and schedule trained with other seeds).
 
@@ -525,8 +556,8 @@ def replicated_differences(
     resamples test items within them. The instances are scored on the same test items, so
     replicate b resamples the same items in every instance (the crossed design: an item's
     difficulty is shared by all instances, and resampling it independently per instance would
-    average that variance away). Returns {utility: {"a-minus-b": {on_target_drop, selectivity:
-    {value, ci_low, ci_high, verdict, per_instance: {name: value}}}}, "instances": [names]}.
+    average that variance away). Returns ``ReplicatedDifferences``: per utility, per comparison
+    (a, b), the on-target drop and selectivity differences as ``ReplicatedFigure``s.
     """
     names = list(instances)
     if not names:
@@ -538,12 +569,7 @@ def replicated_differences(
             + "; ".join(f"{n}: {items[n]}" for n in names)
         )
     pick = np.random.default_rng([seed, 13]).integers(len(names), size=(n_resamples, len(names)))
-    out: dict = {
-        "instances": names,
-        "confidence": confidence,
-        "resamples": n_resamples,
-        "equivalence_margin": equivalence_margin,
-    }
+    decided: dict[str, dict[Comparison, dict[str, ReplicatedFigure]]] = {}
     utilities = list(dict.fromkeys(u for sc, _ in instances.values() for (u, _) in sc))
     for utility in utilities:
         heads = {}
@@ -551,7 +577,7 @@ def replicated_differences(
             tasks = list(dict.fromkeys(t for (u, t) in sc if u == utility))
             heads[n] = _Headline({t: sc[(utility, t)] for t in tasks}, conds, n_resamples, seed)
         pairs = [p for p in heads[names[0]].comparisons() if all(p in h.comparisons() for h in heads.values())]
-        diffs = {}
+        diffs: dict[Comparison, dict[str, ReplicatedFigure]] = {}
         for a, b in pairs:
             entry = {}
             for k in ("on_target_drop", "selectivity"):
@@ -560,10 +586,16 @@ def replicated_differences(
                 with np.errstate(invalid="ignore"):
                     replicates = np.nanmean(reps[pick.T, np.arange(n_resamples)], axis=0)
                 point = float(np.mean([p for p, _ in per]))
-                entry[k] = {
+                entry[k] = ReplicatedFigure(
                     **_difference_entry(point, replicates, confidence, equivalence_margin),
-                    "per_instance": {n: (round(p, 4) if math.isfinite(p) else None) for n, (p, _) in zip(names, per)},
-                }
-            diffs[f"{a}-minus-{b}"] = entry
-        out[utility] = {"differences": diffs}
-    return out
+                    per_instance={n: (round(p, 4) if math.isfinite(p) else None) for n, (p, _) in zip(names, per)},
+                )
+            diffs[Comparison(a, b)] = entry
+        decided[utility] = diffs
+    return ReplicatedDifferences(
+        instances=names,
+        confidence=confidence,
+        resamples=n_resamples,
+        equivalence_margin=equivalence_margin,
+        differences=decided,
+    )

@@ -37,9 +37,9 @@ from pipeline.outcomes.records import (
     SharedNeuronsRecord,
     SteeringRecord,
     SuppressionRecord,
-    parse_comparison,
 )
 from pipeline.outcomes.statistics import verdict
+from pipeline.outcomes.suppression import ReplicatedDifferences
 
 VERDICT_COLUMNS = (
     "model",
@@ -257,26 +257,26 @@ def shared_neuron_rows(model: str, shared: SharedNeuronsRecord) -> list[dict]:
     return _finite([_row(model, claim, shared.utility, d, 0.0, d.verdict) for d, claim in decided if d is not None])
 
 
-def replicated_rows(recipe: str, replicated: dict) -> list[dict]:
+def replicated_rows(recipe: str, replicated: ReplicatedDifferences) -> list[dict]:
     """Rows (``VERDICT_COLUMNS``) of one recipe from ``suppression.replicated_differences``: each
     method comparison decided across its instances (``instances`` of them; ``per_instance``
     holds each instance's own value)."""
     rows = []
-    n = len(replicated.get("instances", []))
+    n = len(replicated.instances)
     for utility in (DECIDING_UTILITY, "generative"):
-        diffs = replicated.get(utility, {}).get("differences", {})
         for key, label in _LABELS:
-            for name, d in diffs.items():
+            for comparison, figures in replicated.of(utility).items():
+                f = figures[key]
                 rows.append(
                     _row(
                         recipe,
-                        _comparison_claim(parse_comparison(name), label),
+                        _comparison_claim(comparison, label),
                         utility,
-                        IntervalRecord.model_construct(**{k: d[key][k] for k in ("value", "ci_low", "ci_high")}),
+                        IntervalRecord.model_construct(value=f.value, ci_low=f.ci_low, ci_high=f.ci_high),
                         0.0,
-                        d[key]["verdict"],
+                        f.verdict,
                         instances=n,
-                        per_instance=d[key]["per_instance"],
+                        per_instance=f.per_instance,
                     )
                 )
     return _finite(rows)
