@@ -85,8 +85,9 @@ def _recall(table_, ranking: str, k: int, candidates: int) -> tuple[float, float
     of the ``candidates`` heads ranked highest by the column ``ranking``."""
     from pipeline.method.heads import top_heads
 
-    best = {(int(l), int(h)) for l, h in top_heads(table_, k)[["layer", "head"]].to_numpy()}
-    kth = float(top_heads(table_, k)["score"].iloc[-1])
+    exhaustive = top_heads(table_, k)
+    best = {(int(l), int(h)) for l, h in exhaustive[["layer", "head"]].to_numpy()}
+    kth = float(exhaustive["score"].iloc[-1])
     order = table_.sort_values([ranking, "layer", "head"], ascending=[False, True, True], kind="stable")
     found = top_heads(order.head(candidates).drop(columns="exact", errors="ignore"), k)
     keys = {(int(l), int(h)) for l, h in found[["layer", "head"]].to_numpy()}

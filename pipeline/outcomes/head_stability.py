@@ -74,6 +74,14 @@ def _labels(table: pd.DataFrame) -> list[str]:
     return [f"{int(l)}.{int(h)}" for l, h in zip(table["layer"], table["head"])]
 
 
+def _recalls(exhaustive: pd.DataFrame, kept: pd.DataFrame, k: int) -> tuple[float, float]:
+    """(recall, recall with ties counted) of the ``exhaustive`` top ``k`` among the ``kept`` heads:
+    a kept head whose exact score equals the exhaustive k-th score counts as found in the second."""
+    recall = len(set(_labels(exhaustive)) & set(_labels(kept))) / k
+    tied = float((kept["score"] >= float(exhaustive["score"].iloc[-1])).sum())
+    return recall, min(1.0, tied / k)
+
+
 def guided_localisation(scores: pd.DataFrame, k: int, candidates: int) -> dict:
     """Gradient-guided localisation measured against the exhaustive sweep it would replace.
 
@@ -101,8 +109,7 @@ def guided_localisation(scores: pd.DataFrame, k: int, candidates: int) -> dict:
     guided = top_heads(scores[in_candidates], k, name="heads.top_k")
     estimate_only = set(guided_candidates(scores, k, name="heads.top_k"))
     truth = set(_labels(exhaustive))
-    recall = len(truth & set(_labels(guided))) / k
-    kth = float(exhaustive["score"].iloc[-1])
+    recall, recall_ties_counted = _recalls(exhaustive, guided, k)
     return {
         "top_k": k,
         "candidates": candidates,
@@ -114,7 +121,7 @@ def guided_localisation(scores: pd.DataFrame, k: int, candidates: int) -> dict:
             else float("nan")
         ),
         "recall": recall,
-        "recall_ties_counted": min(1.0, float((guided["score"] >= kth).sum()) / k),
+        "recall_ties_counted": recall_ties_counted,
         "recall_estimate_only": len(truth & {f"{l}.{h}" for l, h in estimate_only}) / k,
         "candidate_recall": len(truth & {f"{l}.{h}" for l, h in chosen}) / k,
         "exhaustive_top_heads": _labels(exhaustive),
@@ -140,14 +147,8 @@ def screened_localisation(
     """
     if scores["score"].isna().any():
         raise PipelineError("screened_localisation needs an exhaustive heads table (heads.localisation: exhaustive)")
-    if candidates > len(scores):
-        raise PipelineError(
-            f"heads.guided.candidates = {candidates} but the model has {len(scores)} attention heads; "
-            f"set it to at most {len(scores)}"
-        )
     n_items = values.shape[1]
     exhaustive = top_heads(scores, k, name="heads.top_k")
-    truth, kth = set(_labels(exhaustive)), float(exhaustive["score"].iloc[-1])
     out = {}
     for n in sorted({int(share * n_items) for share in shares}):
         if not 1 <= n < n_items:
@@ -158,10 +159,11 @@ def screened_localisation(
         screened = scores.assign(score=np.asarray(reps)[0, 0] - np.asarray(reps)[1:, 0])
         chosen = set(_labels(top_heads(screened, candidates, name="heads.guided.candidates")))
         kept = top_heads(scores[[label in chosen for label in _labels(scores)]], k, name="heads.top_k")
+        recall, recall_ties_counted = _recalls(exhaustive, kept, k)
         out[str(n)] = {
             "items": n,
-            "recall": len(truth & set(_labels(kept))) / k,
-            "recall_ties_counted": min(1.0, float((kept["score"] >= kth).sum()) / k),
+            "recall": recall,
+            "recall_ties_counted": recall_ties_counted,
             "screened_top_heads": _labels(kept),
         }
     return out
