@@ -1,5 +1,6 @@
-"""Stage `heads@<model>-<task>`: S_t(l, h) for every head (``heads.localisation`` exhaustive) or for
-the gradient estimate's top candidates (guided), with every head's estimate -> scores.parquet +
+"""Stage `heads@<model>-<task>`: S_t(l, h) for every head (``heads.localisation`` exhaustive), for
+the gradient estimate's top candidates (guided) or for the best candidates of an exact screen of
+the first items (screened), with every head's estimate -> scores.parquet +
 heatmap.png, and the per-item utilities behind the exact scores -> per_item.parquet (what the
 report's stability check resamples)."""
 
@@ -11,6 +12,7 @@ from pipeline.method.heads import (
     per_item_table,
     score_heads_guided,
     score_heads_per_item,
+    score_heads_screened,
     with_estimate,
 )
 from pipeline.report.plots import plot_head_scores
@@ -59,7 +61,19 @@ def main() -> None:
             **scoring,
         )
     else:
-        scores, values, kind = score_heads_per_item(adapter, args.task, items, images, **scoring)
+        if cfg.localisation == "screened":
+            scores, values, kind = score_heads_screened(
+                adapter,
+                args.task,
+                items,
+                images,
+                screen_items=mode.items,
+                candidates=mode.candidates,
+                name="heads.screened.candidates",
+                **scoring,
+            )
+        else:
+            scores, values, kind = score_heads_per_item(adapter, args.task, items, images, **scoring)
         estimate = estimate_head_scores(adapter, items, images, batch_size=cfg.gradient_batch_items)
         scores = with_estimate(scores, estimate)
     args.out.mkdir(parents=True, exist_ok=True)

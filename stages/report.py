@@ -24,6 +24,7 @@ READS = (
     "ood_benchmarks",
     "heads.top_k",
     "heads.guided.candidates",
+    "heads.screened",
     "steer.utility",
     "statistics.bootstrap_resamples",
     "statistics.seed",
@@ -62,6 +63,7 @@ def main() -> None:
         n_resamples=st.bootstrap_resamples,
         seed=st.seed,
         candidates=params.heads.guided.candidates,
+        screen=(params.heads.screened.items, params.heads.screened.candidates),
     )
     sampled = sampled_ground_truths(args.data, results, models, n_resamples=st.bootstrap_resamples, seed=st.seed)
     documents = report_metrics(results, verdicts, heads, params.replicates, sampled)

@@ -45,6 +45,10 @@ def test_out_of_range_is_named() -> None:
         validate_section(TrainedModelConfig, {"text_hidden": 130, "text_heads": 4}, "models.m")
     with pytest.raises(ConfigError, match=r"heads.guided.candidates = 3 is below heads.top_k = 4"):
         validate_section(HeadsConfig, {"top_k": 4, "guided": {"candidates": 3}}, "heads")
+    with pytest.raises(ConfigError, match=r"heads.screened.candidates = 2 is below heads.top_k = 4"):
+        validate_section(HeadsConfig, {"top_k": 4, "screened": {"candidates": 2}}, "heads")
+    with pytest.raises(ConfigError, match=r"heads\.screened\.items"):
+        validate_section(HeadsConfig, {"screened": {"items": 0}}, "heads")
     with pytest.raises(ConfigError, match=r"heads\.localisation"):
         validate_section(HeadsConfig, {"localisation": "gradient"}, "heads")
 

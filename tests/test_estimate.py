@@ -213,10 +213,32 @@ def test_guided_localisation_prices_candidates_and_one_gradient_pass_per_item(ca
         estimate(arch, Workload(**base, localisation="guided", guided_candidates=1024))["stages"]["heads"]["rows"]
         == exhaustive["heads"]["rows"]
     )
-    with pytest.raises(ValueError, match=r"--guided-candidates 10 must lie in \[top_k = 30, 1024 heads\]"):
+    with pytest.raises(ValueError, match=r"--candidates 10 must lie in \[top_k = 30, 1024 heads\]"):
         estimate(arch, Workload(**base, localisation="guided", guided_candidates=10))
     assert main(["--model-config", "llava-1.5-7b", "--top-k", "30", "--localisation", "guided"]) == 0
     assert "heads: items x (M + 1), M guided candidates" in capsys.readouterr().out
+
+
+def test_screened_localisation_prices_the_screen_and_the_candidates(capsys):
+    arch = architecture(PRESETS["llava-1.5-7b"], "llava-1.5-7b")
+    base = dict(items=5000, top_k=30, dtype="bfloat16", store_dtype="float16")
+    exhaustive = estimate(arch, Workload(**base))["stages"]
+    screened = estimate(arch, Workload(**base, localisation="screened", screen_items=100))["stages"]
+    # Every head (and the base) on the 100 screened items, the base and M = 4 x top_k on the rest.
+    assert screened["heads"]["rows"] == 100 * (1024 + 1) + 4900 * (120 + 1)
+    assert screened["heads_gradients"]["rows"] == 5000
+    assert screened["heads"]["shared_prefix_flops"] < screened["heads"]["flops"]
+    # A screen of every item is the exhaustive sweep, whatever the candidates.
+    everything = estimate(arch, Workload(**base, localisation="screened", screen_items=5000))["stages"]
+    assert everything["heads"]["rows"] == exhaustive["heads"]["rows"]
+    assert everything["heads"]["flops"] == exhaustive["heads"]["flops"]
+    with pytest.raises(ValueError, match="--screen-items must be >= 1, got 0"):
+        estimate(arch, Workload(**base, localisation="screened", screen_items=0))
+    with pytest.raises(ValueError, match="unknown localisation 'sampled'; use exhaustive, guided or screened"):
+        estimate(arch, Workload(**base, localisation="sampled"))
+    argv = ["--model-config", "llava-1.5-7b", "--top-k", "30", "--localisation", "screened", "--screen-items", "100"]
+    assert main([*argv, "--candidates", "120"]) == 0
+    assert "heads: 100 screened items x (L*H + 1) + the others x (M + 1), M candidates" in capsys.readouterr().out
 
 
 def test_float16_store_halves_the_per_item_float_arrays():

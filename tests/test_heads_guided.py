@@ -19,6 +19,7 @@ from pipeline.method.heads import (
     score_heads,
     score_heads_guided,
     score_heads_per_item,
+    score_heads_screened,
     top_heads,
     with_estimate,
 )
@@ -116,6 +117,62 @@ def test_guided_scores_exactly_only_the_top_estimates(tiny_adapter, annotations,
         guided_localisation(guided, 2, 3)
 
 
+def test_screen_of_every_item_and_head_is_the_exhaustive_sweep(tiny_adapter, annotations, images):
+    a = tiny_adapter
+    items = discovery_items(annotations, "vqa", 3)
+    n_heads = a.num_layers * a.num_heads
+    kw = dict(batch_size=7, utility="teacher_forced")
+    exhaustive, ex_values, ex_kind = score_heads_per_item(a, "vqa", items, images, **kw)
+    for screen_items in (3, 10):  # the screen covers every item, or asks for more than there are
+        screened, values, kind = score_heads_screened(
+            a, "vqa", items, images, screen_items=screen_items, candidates=n_heads, **kw
+        )
+        assert screened["exact"].all() and kind == ex_kind
+        pd.testing.assert_frame_equal(screened[list(exhaustive.columns)], exhaustive)
+        np.testing.assert_array_equal(screened["screen_score"], exhaustive["score"])
+        np.testing.assert_array_equal(values, ex_values)
+
+
+def test_screen_keeps_its_best_heads_and_scores_them_on_every_item(tiny_adapter, annotations, images):
+    a = tiny_adapter
+    items = discovery_items(annotations, "caption", 4)
+    kw = dict(batch_size=8, utility="teacher_forced")
+    screened, values, kind = score_heads_screened(
+        a, "caption", items, images, screen_items=2, candidates=3, name="heads.screened.candidates", **kw
+    )
+    screen = score_heads(a, "caption", items.iloc[:2], images, **kw)
+    np.testing.assert_allclose(screened["screen_score"], screen["score"], atol=1e-6)
+    expected = sorted((int(l), int(h)) for l, h in zip(*top_heads(screen, 3)[["layer", "head"]].to_numpy().T))
+    exact = screened[screened["exact"]]
+    assert [(int(l), int(h)) for l, h in zip(exact["layer"], exact["head"])] == expected
+    assert screened.loc[~screened["exact"], ["score", "intervened"]].isna().all().all()
+    assert values.shape == (4, 4) and kind == "mean"  # the base and three candidates, on all four items
+    # The candidates' scores are over every item: as a sweep of those heads alone computes them.
+    reference, ref_values, _ = score_heads_per_item(a, "caption", items, images, heads=expected, **kw)
+    np.testing.assert_allclose(exact["score"], reference["score"], atol=1e-5)
+    np.testing.assert_allclose(values, ref_values, atol=1e-5)
+    np.testing.assert_allclose(screened["baseline"], reference["baseline"].iloc[0], atol=1e-5)
+    # Downstream reads it as it reads a guided table: the top k among the candidates only.
+    assert len(top_heads(screened, 3)) == 3
+    with pytest.raises(PipelineError, match="only 3 of the model's 8 heads have exact scores"):
+        top_heads(screened, 4, name="heads.top_k")
+    stability = head_stability(screened, values, kind, 2, n_resamples=20, seed=0)
+    assert set(stability["top_heads"]) <= {f"{l}.{h}" for l, h in expected}
+    # The report's measure of the screen, from an exhaustive sweep's per-item values, keeps the
+    # heads the screen itself keeps.
+    exhaustive, ex_values, ex_kind = score_heads_per_item(a, "caption", items, images, **kw)
+    measured = screened_localisation(exhaustive, ex_values, ex_kind, 2, 3, (2,))["2"]
+    assert measured["screened_top_heads"] == [
+        f"{l}.{h}" for l, h in zip(*top_heads(screened, 2)[["layer", "head"]].to_numpy().T)
+    ]
+    with pytest.raises(PipelineError, match="heads.screened.candidates = 9 but the model has 8"):
+        score_heads_screened(
+            a, "caption", items, images, screen_items=2, candidates=9, name="heads.screened.candidates", **kw
+        )
+    with pytest.raises(PipelineError, match="screen_items must be >= 1, got 0"):
+        score_heads_screened(a, "caption", items, images, screen_items=0, candidates=3, **kw)
+
+
 def _table(score, estimate) -> pd.DataFrame:
     return pd.DataFrame(
         {
@@ -165,17 +222,23 @@ def test_screened_localisation_keeps_the_screens_candidates():
         ]
     )
     scores = _table(values[0].mean() - values[1:].mean(axis=1), [0, 0, 0, 0])
-    two = screened_localisation(scores, values, "mean", 1, 2)
+    two = screened_localisation(scores, values, "mean", 1, 2, (1, 2, 4))
     assert list(two) == ["1", "2"]
-    assert two["2"] == {"items": 2, "recall": 0.0, "recall_ties_counted": 0.0, "screened_top_heads": ["0.1"]}
+    assert two["2"] == {
+        "items": 2,
+        "candidates": 2,
+        "recall": 0.0,
+        "recall_ties_counted": 0.0,
+        "screened_top_heads": ["0.1"],
+    }
     # A third candidate: heads 0 and 3 tie at 0 on the screen, and the layer order takes head 0.
-    three = screened_localisation(scores, values, "mean", 1, 3)
+    three = screened_localisation(scores, values, "mean", 1, 3, (2,))
     assert three["2"]["screened_top_heads"] == ["0.0"] and three["2"]["recall"] == 1.0
-    with pytest.raises(PipelineError, match="heads.guided.candidates = 5 but the model has 4"):
-        screened_localisation(scores, values, "mean", 1, 5)
+    with pytest.raises(PipelineError, match="heads.screened.candidates = 5 but the model has 4"):
+        screened_localisation(scores, values, "mean", 1, 5, (2,))
     guided = scores.assign(score=[0.5, np.nan, 0.2, 0.0])
     with pytest.raises(PipelineError, match="exhaustive heads table"):
-        screened_localisation(guided, values, "mean", 1, 2)
+        screened_localisation(guided, values, "mean", 1, 2, (2,))
 
 
 def test_with_estimate_marks_exact_rows():

@@ -15,6 +15,8 @@ forwards instead of L*H+1 passes over the split.
 - ``score_heads_guided``: gradient-guided localisation (an addition to the paper, which
   substitutes every head): exact scores only for the ``candidates`` heads the estimate ranks
   highest; ``guided_candidates`` is that choice.
+- ``score_heads_screened``: screened localisation (also an addition): every head scored exactly
+  on the first ``screen_items`` items, then the ``candidates`` best of them on every item.
 - ``score_heads_per_item``: ``score_heads`` and the per-item utilities behind it;
   ``per_item_table`` / ``per_item_values``: those utilities as a long table and back.
 
@@ -38,6 +40,7 @@ from pipeline.model.evaluation import evaluate_task, result_values
 from pipeline.model.hooks import lowest_layer, substitute_heads, trace_head_substitution
 from pipeline.model.scoring import mean_answer_logprob, model_answer_logprobs
 from pipeline.tasks.items import ImageTable, item_prompts, teacher_forced_answers
+from pipeline.tasks.metrics import utility_of_values
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +234,63 @@ def score_heads_guided(
     table["metric"], table["utility"] = exact["metric"].iloc[0], exact["utility"].iloc[0]
     table = table.astype({"layer": np.int32, "head": np.int32})
     return with_estimate(table, estimate), values, kind
+
+
+def score_heads_screened(
+    adapter,
+    task: str,
+    items: pd.DataFrame,
+    images: ImageTable,
+    *,
+    screen_items: int,
+    candidates: int,
+    name: str = "candidates",
+    **kwargs,
+) -> tuple[pd.DataFrame, np.ndarray, str]:
+    """Screened localisation: every head scored exactly (``score_heads_per_item``, ``kwargs``
+    its batching and utility) on the first ``screen_items`` items, then the ``candidates`` heads
+    with the highest screen score (ties broken by layer, then head) on the remaining items too,
+    ranked by their exact score over every item. Cost: L*H + 1 rows per screened item and
+    ``candidates`` + 1 per other item, against L*H + 1 per item exhaustive.
+
+    Returns ``score_heads_guided``'s layout: the table holds every head (``score`` and
+    ``intervened`` over every item, NaN outside the candidates; ``screen_score`` every head's
+    score on the screened items; ``exact``), ``values`` the base and the candidates over every
+    item [1 + candidates, items(, 10)] in the order of the table's exact rows. With
+    ``screen_items`` >= the items and ``candidates`` = every head it is ``score_heads``.
+    """
+    if screen_items < 1:
+        raise PipelineError(f"screen_items must be >= 1, got {screen_items}")
+    items = items.reset_index(drop=True)
+    n = min(screen_items, len(items))
+    screen, screen_values, kind = score_heads_per_item(adapter, task, items.iloc[:n], images, **kwargs)
+    top = top_heads(screen, candidates, name=name)
+    chosen = sorted((int(l), int(h)) for l, h in zip(top["layer"], top["head"]))
+    labels = list(zip(screen["layer"].astype(int), screen["head"].astype(int)))
+    values = screen_values[[0, *(1 + labels.index(head) for head in chosen)]]
+    if n < len(items):
+        log.info(
+            "%s: screened %d heads on %d items; %d candidates on the other %d",
+            task,
+            len(screen),
+            n,
+            candidates,
+            len(items) - n,
+        )
+        _, rest, rest_kind = score_heads_per_item(adapter, task, items.iloc[n:], images, heads=chosen, **kwargs)
+        if rest_kind != kind:
+            raise PipelineError(f"heads {task}: the screen's utilities are {kind}, the other items' {rest_kind}")
+        values = np.concatenate([values, rest], axis=1)
+    utility = utility_of_values(values, kind)
+    exact = _table(
+        chosen, float(utility[0]), [float(u) for u in utility[1:]], screen["metric"].iloc[0], screen["utility"].iloc[0]
+    )
+    table = screen[["layer", "head"]].merge(exact, on=["layer", "head"], how="left")
+    table["baseline"] = exact["baseline"].iloc[0]
+    table["metric"], table["utility"] = exact["metric"].iloc[0], exact["utility"].iloc[0]
+    table["screen_score"] = screen["score"].to_numpy()
+    table["exact"] = table["score"].notna().to_numpy()
+    return table.astype({"layer": np.int32, "head": np.int32}), values, kind
 
 
 def top_heads(scores: pd.DataFrame, k: int, name: str = "top_k") -> pd.DataFrame:

@@ -9,12 +9,14 @@ substitution lowers the utility: the top K_h is then arbitrary and HONES reduces
 score_heads_guided``) would have found the exhaustive sweep's top K_h, from an exhaustive
 heads table that carries every head's gradient estimate.
 
-``screened_localisation``: the same for a screen instead of the gradient: every head scored
-exactly on the first items only, the best candidates then on every item (from the exhaustive
-sweep's per-item values; not a ``heads`` option yet).
+``screened_localisation``: the same for screened localisation (``score_heads_screened``): every
+head scored exactly on the first items only, the best candidates then on every item, computed
+from the exhaustive sweep's per-item values.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -23,9 +25,6 @@ from scipy.stats import spearmanr
 from pipeline.errors import PipelineError
 from pipeline.method.heads import guided_candidates, top_heads
 from pipeline.outcomes.statistics import bootstrap_counts, distribution, utility_replicates
-
-# The screens measured, as shares of the head-scoring items.
-SCREEN_SHARES = (0.25, 0.5)
 
 
 def head_stability(scores: pd.DataFrame, values: np.ndarray, kind: str, k: int, *, n_resamples: int, seed: int) -> dict:
@@ -131,37 +130,38 @@ def guided_localisation(scores: pd.DataFrame, k: int, candidates: int) -> dict:
 
 
 def screened_localisation(
-    scores: pd.DataFrame, values: np.ndarray, kind: str, k: int, candidates: int, shares=SCREEN_SHARES
+    scores: pd.DataFrame, values: np.ndarray, kind: str, k: int, candidates: int, screens: Sequence[int]
 ) -> dict:
-    """How well a screen would find the exhaustive sweep's top ``k``: every head scored exactly on
-    the first n items alone (n = each share of the head-scoring items), the ``candidates`` best of
+    """How well screened localisation would find the exhaustive sweep's top ``k``: every head
+    scored exactly on the first n items alone (n each of ``screens``), the ``candidates`` best of
     them kept (ties broken by layer, then head), and the top ``k`` of those by their exact score
     on every item.
 
     ``scores``: an exhaustive heads table; ``values`` / ``kind``: its per-item utilities
     (``score_heads_per_item``: row 0 the base, then the heads in ``scores``' order). The screen's
     items are among the items that define the exhaustive top ``k``, as they would be in a run
-    that screens its own head-scoring items. Returns JSON-ready {n: {"items", "recall",
+    that screens its own head-scoring items. Returns JSON-ready {n: {"items", "candidates", "recall",
     "recall_ties_counted", "screened_top_heads"}} (``guided_localisation``'s recalls), for each
-    n from 1 to below the item count.
+    n from 1 to below the item count (a screen of every item is the sweep itself).
     """
     if scores["score"].isna().any():
         raise PipelineError("screened_localisation needs an exhaustive heads table (heads.localisation: exhaustive)")
     n_items = values.shape[1]
     exhaustive = top_heads(scores, k, name="heads.top_k")
     out = {}
-    for n in sorted({int(share * n_items) for share in shares}):
+    for n in sorted(set(screens)):
         if not 1 <= n < n_items:
             continue
         first = np.zeros((1, n_items))
         first[0, :n] = 1.0
         _, reps = utility_replicates(values, first, kind)
         screened = scores.assign(score=np.asarray(reps)[0, 0] - np.asarray(reps)[1:, 0])
-        chosen = set(_labels(top_heads(screened, candidates, name="heads.guided.candidates")))
+        chosen = set(_labels(top_heads(screened, candidates, name="heads.screened.candidates")))
         kept = top_heads(scores[[label in chosen for label in _labels(scores)]], k, name="heads.top_k")
         recall, recall_ties_counted = _recalls(exhaustive, kept, k)
         out[str(n)] = {
             "items": n,
+            "candidates": candidates,
             "recall": recall,
             "recall_ties_counted": recall_ties_counted,
             "screened_top_heads": _labels(kept),

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import PipelineError
-from pipeline.tasks.metrics import paper_bleu_from_statistics
+from pipeline.tasks.metrics import paper_bleu_from_statistics, utility_of_values
 
 CONFIDENCE = 0.95
 Verdict = Literal["holds", "fails", "equivalent", "undecided"]
@@ -54,16 +54,13 @@ def utility_replicates(values: np.ndarray, counts: np.ndarray, kind: str = "mean
     n = values.shape[1]
     if counts.shape[1] != n:
         raise PipelineError(f"bootstrap: counts cover {counts.shape[1]} items, values {n}")
-    w = counts.astype(np.float64)
+    if kind not in ("mean", "corpus_bleu"):
+        raise PipelineError(f"bootstrap: unknown utility kind {kind!r}; known: mean, corpus_bleu")
+    w, v = counts.astype(np.float64), values.astype(np.float64)
+    point = utility_of_values(v, kind)
     if kind == "mean":
-        v = values.astype(np.float64)
-        return v.mean(axis=1), v @ w.T / n
-    if kind == "corpus_bleu":
-        v = values.astype(np.float64)
-        point = paper_bleu_from_statistics(v.sum(axis=1))
-        reps = paper_bleu_from_statistics(np.einsum("bn,cns->cbs", w, v))
-        return point, reps
-    raise PipelineError(f"bootstrap: unknown utility kind {kind!r}; known: mean, corpus_bleu")
+        return point, v @ w.T / n
+    return point, paper_bleu_from_statistics(np.einsum("bn,cns->cbs", w, v))
 
 
 def relative_drop(base: np.ndarray | float, masked: np.ndarray | float) -> np.ndarray:

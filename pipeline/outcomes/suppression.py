@@ -44,7 +44,7 @@ from pipeline.errors import PipelineError
 from pipeline.model.evaluation import TaskResult, evaluate_conditions, result_values
 from pipeline.model.hooks import ablate_neurons_per_row, lowest_layer
 from pipeline.model.workers import map_jobs
-from pipeline.outcomes.records import Comparison, SuppressionRecord, as_record
+from pipeline.outcomes.records import UTILITIES, Comparison, SuppressionRecord, as_record
 from pipeline.outcomes.statistics import (
     Interval,
     bootstrap_counts,
@@ -534,8 +534,8 @@ class ReplicatedDifferences:
 
     def of(self, utility: str) -> dict[Comparison, dict[str, ReplicatedFigure]]:
         """One utility's comparisons; empty when the instances were not evaluated under it."""
-        if utility not in ("likelihood", "generative"):
-            raise ValueError(f"unknown utility {utility!r}")
+        if utility not in UTILITIES:
+            raise ValueError(f"unknown utility {utility!r}; known: {', '.join(UTILITIES)}")
         return self.differences.get(utility, {})
 
 

@@ -173,10 +173,10 @@ def _localisation_section(heads: dict[str, dict]) -> list[Section]:
             f"{g['top_k']} heads it keeps; where it is 1, the dump, masks and every result after are "
             "unchanged. Ties counted: a kept head whose exact score equals the exhaustive sweep's "
             f"{g['top_k']}th counts as found (which tied heads the sweep keeps is the layer order's "
-            "choice). A screen instead of the gradient: every head scored exactly on the first items "
-            f"only, the best {g['candidates']} then on every item (not a heads option yet; its items "
-            "are among the sweep's own). Compare with the bootstrap recall of the exhaustive sweep itself "
-            "(above).",
+            "choice). Screened localisation (heads.localisation: screened) instead of the gradient: "
+            "every head scored exactly on the first items only, the best heads.screened.candidates "
+            "then on every item, computed here from the sweep's per-item values (so its items are among "
+            "the sweep's own). Compare with the bootstrap recall of the exhaustive sweep itself (above).",
             table=pd.DataFrame(rows).T,
         )
     ]

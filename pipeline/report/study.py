@@ -128,17 +128,23 @@ def read_study_results(
     )
 
 
-def head_stability_of(folder: Path, top_k: int, *, n_resamples: int, seed: int, candidates: int) -> dict:
+def head_stability_of(
+    folder: Path, top_k: int, *, n_resamples: int, seed: int, candidates: int, screen: tuple[int, int]
+) -> dict:
     """The stability of the top ``top_k`` heads stored in one heads-stage folder (``scores.parquet``,
     ``per_item.parquet``): see ``pipeline.outcomes.head_stability.head_stability``; where the
     sweep was exhaustive, ``localisation`` holds ``guided_localisation`` with ``candidates``, and
-    under ``screened`` the ``screened_localisation`` of the same candidates."""
+    under ``screened`` the ``screened_localisation`` of ``screen`` = (items, candidates) and of
+    half as many items."""
     scores = pd.read_parquet(Path(folder) / "scores.parquet")
     values, kind = per_item_values(pd.read_parquet(Path(folder) / "per_item.parquet"))
     out = head_stability(scores, values, kind, top_k, n_resamples=n_resamples, seed=seed)
     if "estimate" in scores.columns and scores["score"].notna().all():
         out["localisation"] = guided_localisation(scores, top_k, candidates)
-        out["localisation"]["screened"] = screened_localisation(scores, values, kind, top_k, candidates)
+        items, screen_candidates = screen
+        out["localisation"]["screened"] = screened_localisation(
+            scores, values, kind, top_k, screen_candidates, (items // 2, items)
+        )
     return out
 
 
@@ -154,7 +160,15 @@ def sampled_ground_truth_of(attribution: Path, mask_size: int, *, n_resamples: i
 
 
 def head_stabilities(
-    data: Path, models: list[str], tasks: list[str], top_k: int, *, n_resamples: int, seed: int, candidates: int
+    data: Path,
+    models: list[str],
+    tasks: list[str],
+    top_k: int,
+    *,
+    n_resamples: int,
+    seed: int,
+    candidates: int,
+    screen: tuple[int, int],
 ) -> dict[str, dict[str, dict]]:
     """{model: {task: ``head_stability_of``}} of every studied model and task; a task whose head
     scores are all zero (no substitution lowers its utility) is logged, since its top heads are
@@ -162,7 +176,12 @@ def head_stabilities(
     heads = {
         m: {
             t: head_stability_of(
-                data / "heads" / m / t, top_k, n_resamples=n_resamples, seed=seed, candidates=candidates
+                data / "heads" / m / t,
+                top_k,
+                n_resamples=n_resamples,
+                seed=seed,
+                candidates=candidates,
+                screen=screen,
             )
             for t in tasks
         }

@@ -29,6 +29,8 @@ are this project's standard variants (the VQA and DocVQA conventions), reported 
   non-word character (spaces too) removed.
 - ``paper_bleu_statistics`` / ``paper_bleu_from_statistics`` / ``paper_corpus_bleu``: NLTK's
   corpus BLEU-4 with smoothing method 1, on lowercased whitespace tokens.
+- ``utility_of_values``: a task's utility from per-item values (a mean, or the corpus BLEU of
+  summed statistics), what ``outcomes.statistics`` resamples.
 
 Only numpy and the standard library are used. Invalid input raises ``MetricError`` (a
 ``PipelineError``, hence a ``ValueError``) naming the offending value; nothing is skipped silently.
@@ -493,6 +495,20 @@ def paper_bleu_from_statistics(stats: np.ndarray) -> np.ndarray:
         log_p = (np.log(smoothed / np.where(totals > 0, totals, 1.0)) / max_n).sum(axis=-1)
         bp = np.where(hyp_len > ref_len, 1.0, np.exp(1.0 - ref_len / np.where(hyp_len > 0, hyp_len, 1.0)))
     return np.where(zero, 0.0, bp * np.exp(log_p))
+
+
+def utility_of_values(values: np.ndarray, kind: str) -> np.ndarray:
+    """A task's utility under each of C conditions from its per-item values: [C] float64.
+
+    ``kind="mean"``: ``values`` [C, n] per-item scores, the utility their mean;
+    ``kind="corpus_bleu"``: ``values`` [C, n, S] per-item ``paper_bleu_statistics``, the utility
+    the paper's corpus BLEU of their sum over items."""
+    v = np.asarray(values, dtype=np.float64)
+    if kind == "mean":
+        return v.mean(axis=1)
+    if kind == "corpus_bleu":
+        return paper_bleu_from_statistics(v.sum(axis=1))
+    raise MetricError(f"unknown utility kind {kind!r}; known: mean, corpus_bleu")
 
 
 def paper_corpus_bleu(predictions: Sequence[str], references: Sequence[Sequence[str]], max_n: int = 4) -> float:

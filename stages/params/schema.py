@@ -265,28 +265,39 @@ class GuidedHeadsConfig(_Strict):
     candidates: int = Field(8, ge=1)
 
 
+class ScreenedHeadsConfig(_Strict):
+    """``heads.screened``: every head scored exactly on the first ``items`` head-scoring items,
+    then the ``candidates`` best of them on every item (also what the report measures the screen
+    with)."""
+
+    items: int = Field(50, ge=1)
+    candidates: int = Field(8, ge=1)
+
+
 class HeadsConfig(_Strict):
     """Critical-head localisation. ``top_k`` is read by ``dump`` (selection is cheap; scoring is not).
     ``localisation``: ``exhaustive`` (the paper: every head substituted on every item) or
-    ``guided``; the heads stage reads the section of that name. Both write every head's gradient
-    estimate, ``gradient_batch_items`` items per forward and backward pass."""
+    ``guided`` or ``screened``; the heads stage reads the section of that name. All three write
+    every head's gradient estimate, ``gradient_batch_items`` items per forward and backward pass."""
 
     split: HeldOutSplit = "discovery"
     max_items: int | None = Field(None, ge=1)
     utility: Literal["generative", "teacher_forced"] = "generative"
     top_k: int = Field(4, ge=1)
-    localisation: Literal["exhaustive", "guided"] = "exhaustive"
+    localisation: Literal["exhaustive", "guided", "screened"] = "exhaustive"
     gradient_batch_items: int = Field(16, ge=1)
     exhaustive: ExhaustiveHeadsConfig = Field(default_factory=ExhaustiveHeadsConfig)
     guided: GuidedHeadsConfig = Field(default_factory=GuidedHeadsConfig)
+    screened: ScreenedHeadsConfig = Field(default_factory=ScreenedHeadsConfig)
 
     @model_validator(mode="after")
     def _enough_candidates(self) -> "HeadsConfig":
-        if self.guided.candidates < self.top_k:
-            raise ValueError(
-                f"heads.guided.candidates = {self.guided.candidates} is below heads.top_k = "
-                f"{self.top_k}: guided localisation keeps the top_k of its candidates"
-            )
+        for mode in ("guided", "screened"):
+            if (candidates := getattr(self, mode).candidates) < self.top_k:
+                raise ValueError(
+                    f"heads.{mode}.candidates = {candidates} is below heads.top_k = "
+                    f"{self.top_k}: {mode} localisation keeps the top_k of its candidates"
+                )
         return self
 
 

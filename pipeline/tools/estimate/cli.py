@@ -110,12 +110,14 @@ def _compute_rows(est: dict) -> Rows:
             None,
         )
     ]
-    guided = w["localisation"] == "guided"
     formulas = {
-        "heads": "items x (M + 1), M guided candidates" if guided else "items x (L*H + 1)",
+        "heads": {
+            "guided": "items x (M + 1), M guided candidates",
+            "screened": f"{w['screen_items']} screened items x (L*H + 1) + the others x (M + 1), M candidates",
+        }.get(w["localisation"], "items x (L*H + 1)"),
         "dump": "items x (K + 1)",
         "dump_gradients": "items, forward + backward",
-        "heads_gradients": "items, forward + backward (guided estimate)",
+        "heads_gradients": "items, forward + backward (the gradient estimate)",
         "ablation": "items x sampled neurons" if w["ablation_neurons"] else "items x L x I",
     }
     heads_items = w["heads_items"] if w["heads_items"] is not None else w["items"]
@@ -195,15 +197,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads-items", type=int, default=None, help="heads.max_items (default: --items)")
     p.add_argument(
         "--localisation",
-        choices=("exhaustive", "guided"),
+        choices=("exhaustive", "guided", "screened"),
         default=d.localisation,
-        help="heads.localisation: substitute every head, or only the gradient estimate's top candidates",
+        help="heads.localisation: substitute every head, only the gradient estimate's top candidates, "
+        "or every head on the first --screen-items items and the screen's top candidates on the others",
     )
     p.add_argument(
+        "--candidates",
         "--guided-candidates",
+        dest="guided_candidates",
         type=int,
         default=None,
-        help="heads.guided.candidates, the heads guided localisation scores exactly (default 4 x top_k)",
+        help="heads.guided.candidates / heads.screened.candidates, the heads scored exactly on every "
+        "item (default 4 x top_k)",
+    )
+    p.add_argument(
+        "--screen-items",
+        type=int,
+        default=d.screen_items,
+        help="heads.screened.items: the items on which screened localisation substitutes every head",
     )
     p.add_argument("--ablation-items", type=int, default=d.ablation_items)
     p.add_argument(
@@ -260,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             heads_items=args.heads_items,
             localisation=args.localisation,
             guided_candidates=args.guided_candidates,
+            screen_items=args.screen_items,
             ablation_items=args.ablation_items,
             ablation_neurons=args.ablation_neurons,
             target_chunk_mib=args.target_chunk_mib,

@@ -25,8 +25,9 @@ class Workload:
     prompt_tokens: int = 48  # text tokens of a prompt with its chat template, without the image
     answer_tokens: int = 8
     heads_items: int | None = None  # heads.max_items (default: items)
-    localisation: str = "exhaustive"  # heads.localisation: exhaustive | guided
-    guided_candidates: int | None = None  # heads.guided.candidates (default: 4 x top_k)
+    localisation: str = "exhaustive"  # heads.localisation: exhaustive | guided | screened
+    guided_candidates: int | None = None  # heads.guided/screened.candidates (default: 4 x top_k)
+    screen_items: int = 100  # heads.screened.items: items on which screened localisation scores every head
     ablation_items: int = 16  # ablation.max_items
     ablation_neurons: int | None = None  # neurons zeroed per item (a sampled ground truth; default all L x I)
     max_new_tokens: int = 24  # generative head scoring decodes up to this many tokens
@@ -103,9 +104,9 @@ def _stages(arch: ModelArch, w: Workload, S: int) -> tuple[int, dict[str, dict]]
     flops_vision = 2 * vision_params * v.positions if v else 0
     row_flops = flops_text + flops_vision
     heads_items = w.heads_items if w.heads_items is not None else w.items
-    guided = w.localisation == "guided"
+    guided = w.localisation in ("guided", "screened")
     rows = {
-        "heads": heads_items * (scored_heads(arch, w) + 1),
+        "heads": round(heads_items * (scored_heads(arch, w) + 1)),
         **({"heads_gradients": heads_items} if guided else {}),
         "dump": w.items * (w.top_k + 1),
         "dump_gradients": w.items,
@@ -162,19 +163,26 @@ def estimate(arch: ModelArch, w: Workload) -> dict:
     }
 
 
-def scored_heads(arch: ModelArch, w: Workload) -> int:
-    """Heads whose substitution the heads stage runs exactly per item: every one (exhaustive) or
-    the guided candidates (default 4 x top_k); EstimateError for an unknown localisation or a
-    candidate count outside [top_k, L x H]."""
+def scored_heads(arch: ModelArch, w: Workload) -> float:
+    """Heads whose substitution the heads stage runs exactly, per item: every one (exhaustive),
+    the candidates (guided; default 4 x top_k), or every one on the screen's items and the
+    candidates on the others (screened: a mean over the items); EstimateError for an unknown
+    localisation, a candidate count outside [top_k, L x H] or a screen of no item."""
     every = arch.text.layers * arch.text.heads
     if w.localisation == "exhaustive":
         return every
-    if w.localisation != "guided":
-        raise EstimateError(f"unknown localisation {w.localisation!r}; use exhaustive or guided")
+    if w.localisation not in ("guided", "screened"):
+        raise EstimateError(f"unknown localisation {w.localisation!r}; use exhaustive, guided or screened")
     m = w.guided_candidates if w.guided_candidates is not None else 4 * w.top_k
     if not w.top_k <= m <= every:
-        raise EstimateError(f"--guided-candidates {m} must lie in [top_k = {w.top_k}, {every} heads]")
-    return m
+        raise EstimateError(f"--candidates {m} must lie in [top_k = {w.top_k}, {every} heads]")
+    if w.localisation == "guided":
+        return m
+    if w.screen_items < 1:
+        raise EstimateError(f"--screen-items must be >= 1, got {w.screen_items}")
+    items = w.heads_items if w.heads_items is not None else w.items
+    screen = min(w.screen_items, items)
+    return (screen * every + (items - screen) * m) / items
 
 
 def ablated_neurons(arch: ModelArch, w: Workload) -> int:
