@@ -11,8 +11,8 @@ mask's Jaccard with the committed ``hones`` mask, and both masks' on-target rela
 likelihood on the evaluate split (``evaluate.max_items`` items, paired bootstrap, 95% interval)
 with their difference. Where the heads are the same, so is everything downstream: nothing runs.
 
-First the committed heads go through the same path, and the mask must equal the committed one:
-the benchmark recomputes what the pipeline computes, or it stops.
+First the committed heads go through the same path: the mask must equal the committed one, and
+its drop the evaluate stage's; the benchmark recomputes what the pipeline computes, or it stops.
 
     python benchmarks/bench_head_downstream.py --model-name tiny-llava [--json out.json]
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -71,6 +70,7 @@ def main(argv=None) -> int:
     import yaml
 
     from pipeline.method.heads import per_item_values, top_heads
+    from pipeline.model.source import read_source
     from pipeline.outcomes.head_stability import guided_localisation, screened_localisation
     from pipeline.outcomes.statistics import interval
     from pipeline.outcomes.suppression import MaskCondition, relative_drops, score_suppression
@@ -84,12 +84,17 @@ def main(argv=None) -> int:
     screen_items = args.screen_items or int(heads_cfg["screened"]["items"])
     tasks = args.tasks or params["tasks"]
     evaluate, st = params["evaluate"], params["statistics"]
-    model_dir, benchmark = data / "models" / m, data / "benchmark"
-    missing = [str(f) for f in (model_dir / "config.json", data / "masks" / f"{m}.parquet") if not f.is_file()]
+    benchmark = data / "benchmark"
+    missing = [
+        str(f) for f in (data / "models" / m / "source.json", data / "masks" / f"{m}.parquet") if not f.is_file()
+    ]
     if missing:
         print(f"skipped: {', '.join(missing)} not found; run `dvc repro` (or `dvc pull`) first.")
         return 0
-    adapter, images = load_model_and_images(model_dir, benchmark, args.threads)
+    # The folder the model's resolve or ship stage pinned (data/shipped/<m> for the default's).
+    source = read_source(data / "models" / m, m)
+    folder = Path(source.location) if source.kind == "folder" else source.folder(None, m)
+    adapter, images = load_model_and_images(folder if folder.is_absolute() else REPO / folder, benchmark, args.threads)
     annotations = benchmark / "annotations.parquet"
     committed = pd.read_parquet(data / "masks" / f"{m}.parquet")
     rows, records = [], []
@@ -115,7 +120,7 @@ def main(argv=None) -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 masks[name] = _neurons(hones_mask(adapter, items, images, top_heads(chosen, k), dump, rho, Path(tmp)))
         if masks["exhaustive"] != _neurons(reference):
-            print(f"error: {m} {task}: the committed heads' mask differs from data/masks/{m}.parquet", file=sys.stderr)
+            print(f"error: {m} {task}: the committed heads' mask differs from data/masks/{m}.parquet")
             return 1
         others = [name for name in ("guided", "screened") if name in masks]
         drops = {}
@@ -130,6 +135,14 @@ def main(argv=None) -> int:
                 {task: by_task[("likelihood", task)]}, int(st["bootstrap_resamples"]), int(st["seed"])
             ).cells
             drops = {n: cells[(j + 1, task)] for j, n in enumerate(names)}
+            stage = json.loads((data / "evaluate" / m / "suppression.json").read_text())
+            expected = stage["likelihood"]["relative_drop"]["hones"][task][task]["value"]
+            if (
+                stage["items_per_task"]["likelihood"][task] == len(test)
+                and abs(drops["exhaustive"][0] - expected) > 1e-3
+            ):
+                print(f"error: {m} {task}: hones drops {drops['exhaustive'][0]:.4f}, the evaluate stage {expected}")
+                return 1
         for name in ("guided", "screened"):
             same = name not in masks
             a, b = set(masks["exhaustive"]), set(masks.get(name, masks["exhaustive"]))

@@ -25,6 +25,7 @@ READS = (
     "heads.top_k",
     "heads.guided.candidates",
     "heads.screened",
+    "evaluate.methods",
     "steer.utility",
     "statistics.bootstrap_resamples",
     "statistics.seed",
@@ -65,7 +66,9 @@ def main() -> None:
         candidates=params.heads.guided.candidates,
         screen=(params.heads.screened.items, params.heads.screened.candidates),
     )
-    sampled = sampled_ground_truths(args.data, results, models, n_resamples=st.bootstrap_resamples, seed=st.seed)
+    sampled = sampled_ground_truths(
+        args.data, results, models, params.evaluate.methods, n_resamples=st.bootstrap_resamples, seed=st.seed
+    )
     documents = report_metrics(results, verdicts, heads, params.replicates, sampled)
     for name, document in documents.items():
         write_json(document, args.metrics / name)

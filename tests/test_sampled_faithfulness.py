@@ -8,7 +8,15 @@ import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.method.masks import faithfulness
-from pipeline.outcomes.sampled_faithfulness import check_against_exhaustive, sample_neurons, sampled_faithfulness
+from pipeline.outcomes.sampled_faithfulness import (
+    census_methods,
+    draw_sample,
+    sample_from_table,
+    sample_neurons,
+    sample_table,
+    sampled_faithfulness,
+    sampled_ground_truth,
+)
 
 
 def _population(seed: int = 0, shape=(4, 300)):
@@ -75,16 +83,62 @@ def test_bad_samples_are_refused():
         sampled_faithfulness(scores, truth, sample, 6, n_resamples=2, seed=0)
     with pytest.raises(PipelineError, match="noisy scores have shape"):
         sample_neurons({"good": truth, "noisy": truth[:2]}, 5, 10, 10, np.random.default_rng(0))
-    with pytest.raises(PipelineError, match="method 'ablation'"):
-        check_against_exhaustive(["good"], ["t"], truth[None, None], 5, n_resamples=2, seed=0)
+    with pytest.raises(PipelineError, match="near and far are shares of the census"):
+        draw_sample(scores, 5, near=-1.0, far=0.5, seed=0, index=0)
+    with pytest.raises(PipelineError, match=r"evaluate.methods: \['lape'\] not among"):
+        census_methods(["hones", "lape", "ablation"], ["hones", "atp", "ablation"])
+    with pytest.raises(PipelineError, match="at least one method besides ablation"):
+        census_methods(["ablation"], ["hones", "ablation"])
+    assert census_methods(["atp", "ablation", "hones"], ["hones", "atp", "ablation"]) == ["atp", "hones"]
 
 
-def test_check_against_exhaustive_reads_the_ground_truth_row():
+def test_draw_sample_sizes_its_strata_from_the_census():
+    _, scores = _population(seed=4)
+    sample = draw_sample(scores, 12, near=1.0, far=0.5, seed=7, index=2)
+    sizes = sample.sizes()
+    assert sizes["near"] == sizes["census"] and sizes["far"] == sizes["census"] // 2
+    again = draw_sample(scores, 12, near=1.0, far=0.5, seed=7, index=2)
+    assert (again.sampled == sample.sampled).all()  # seeded: the report and the stage agree
+    assert not (draw_sample(scores, 12, near=1.0, far=0.5, seed=7, index=3).sampled == sample.sampled).all()
+
+
+def test_a_sample_table_reads_back_and_refuses_holes():
+    truth, scores = _population(seed=6)
+    sample = sample_neurons(scores, 5, 30, 20, np.random.default_rng(0))
+    se = np.abs(truth) / 10
+    table = sample_table(sample, np.where(sample.sampled, truth, np.nan), se)
+    assert len(table) == truth.size and list(table["stratum"].cat.categories) == ["census", "near", "far"]
+    assert table["effect"].notna().sum() == sample.sampled.sum() == table["sampled"].sum()
+    back, effect = sample_from_table(table.sample(frac=1.0, random_state=0), "t.parquet (vqa)")
+    assert (back.census == sample.census).all()
+    for (p0, d0), (p1, d1) in zip(back.strata, sample.strata):
+        assert (p0 == p1).all() and (d0 == d1).all()
+    np.testing.assert_array_equal(effect[sample.sampled], truth[sample.sampled])
+    holed = table.copy()
+    holed.loc[holed.index[holed["sampled"]][0], "effect"] = np.nan
+    with pytest.raises(PipelineError, match=r"t.parquet \(vqa\): a sampled neuron has no finite effect"):
+        sample_from_table(holed, "t.parquet (vqa)")
+    with pytest.raises(PipelineError, match="rows, expected one per neuron"):
+        sample_from_table(table.iloc[1:], "t.parquet (vqa)")
+
+
+def test_sampled_ground_truth_compares_with_the_exhaustive_one_where_it_has_it():
     truth, scores = _population(seed=5)
-    methods = ["ablation", *scores]
-    importance = np.stack([truth, *scores.values()])[:, None]  # [method, task, layer, neuron]
-    out = check_against_exhaustive(methods, ["vqa"], importance, 12, n_resamples=100, seed=0)
-    assert out["figures"] == 9 and out["within"] >= 7
+    sample = draw_sample(scores, 12, near=1.0, far=0.5, seed=0, index=0)
+    measured = np.where(sample.sampled, truth + 1e-9, np.nan)  # the same zeroing, run again
+    out = sampled_ground_truth(
+        {"vqa": scores, "ocr": scores},
+        {"vqa": (sample, measured), "ocr": (sample, measured)},
+        12,
+        exhaustive={"vqa": truth, "ocr": np.full_like(truth, np.nan)},
+        n_resamples=100,
+        seed=0,
+    )
+    assert out["figures"] == 9 and out["within"] >= 7  # only vqa has an exhaustive ground truth
     good = out["by_task"]["vqa"]["good"]["spearman"]
     assert good["exhaustive"] == pytest.approx(faithfulness(scores["good"], truth, 12)["spearman"])
     assert good["within"] == (good["ci_low"] <= good["exhaustive"] <= good["ci_high"])
+    assert out["by_task"]["vqa"]["effect_max_abs_difference"] == pytest.approx(1e-9, abs=1e-12)
+    ocr = out["by_task"]["ocr"]
+    assert "exhaustive" not in ocr["good"]["spearman"] and "effect_max_abs_difference" not in ocr
+    assert ocr["good"]["spearman"]["value"] == good["value"]

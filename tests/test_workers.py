@@ -140,6 +140,25 @@ def test_ablation_shards_over_workers_equal_one_pass(benchmark_dir, tiny_adapter
     assert np.abs(effect).max() > 1e-4
 
 
+def test_a_sampled_ground_truth_measures_the_exhaustive_effects_of_its_neurons(tiny_adapter, annotations, images):
+    """The sampled_ground_truth stage's shards: only the sample's neurons are zeroed, each with the
+    effect the exhaustive ablation gives it; a shard whose layers hold none of them runs nothing."""
+    items = discovery_items(annotations, "ocr", 2)
+    effect, se = neuron_ablation_effects(tiny_adapter, items, images, batch_size=16)
+    neurons = [(0, 3), (0, 17), (1, 5)]
+    state = (tiny_adapter, images)
+    parts = [ablation_shard_job(state, (k, 3), items=items, batch_size=16, neurons=neurons) for k in range(3)]
+    assert [layers for layers, _, _ in parts] == [[0], [1], []]
+    measured, measured_se = merge_ablation_shards(parts)
+    chosen = np.zeros(effect.shape, dtype=bool)
+    chosen[tuple(np.array(neurons).T)] = True
+    assert np.isnan(measured[~chosen]).all() and np.isfinite(measured[chosen]).all()
+    np.testing.assert_allclose(measured[chosen], effect[chosen], atol=1e-5)
+    np.testing.assert_allclose(measured_se[chosen], se[chosen], atol=1e-5)
+    none_here = ablation_shard_job(state, (1, 2), items=items, batch_size=16, neurons=[(0, 3)])
+    assert none_here[0] == [1] and np.isnan(none_here[1]).all()
+
+
 def test_worker_plan_keeps_accelerator_models_in_one_process(monkeypatch) -> None:
     import stages._load as load
     from stages.params import load_params_file

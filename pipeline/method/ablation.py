@@ -10,7 +10,8 @@ for models small enough (the embedded default: 2,048 neurons).
 - ``neuron_ablation_effects``: effect [layer, neuron] in nats, and its standard error over the
   items (sample standard deviation of the per-item effects / sqrt(n_items)).
 - ``ablation_shard_job`` / ``merge_ablation_shards``: the same over shards of the layers
-  (jobs of ``pipeline.model.workers.map_jobs``), merged. Prompts and answers are
+  (jobs of ``pipeline.model.workers.map_jobs``), merged; ``ablation_task_shard_job``: shards of
+  several tasks (each its own items and sampled neurons) in one pool. Prompts and answers are
   ``pipeline.tasks.items.item_prompts`` / ``teacher_forced_answers``, scored by
   ``pipeline.model.evaluation.answer_logprob``: the same utility as the teacher-forced heads.
 """
@@ -110,18 +111,42 @@ def neuron_ablation_effects(
 
 
 def ablation_shard_job(
-    state: tuple, shard: tuple[int, int], *, items: pd.DataFrame, batch_size: int
+    state: tuple,
+    shard: tuple[int, int],
+    *,
+    items: pd.DataFrame,
+    batch_size: int,
+    neurons: list[tuple[int, int]] | None = None,
 ) -> tuple[list[int], np.ndarray, np.ndarray]:
     """(layers, effect, se) of ``neuron_ablation_effects`` on the layers s, s + n, s + 2n, ...
-    of ``shard`` = (s, n) (none when s >= the model's layers; other rows NaN); ``state`` is
-    (adapter, images). Shards are independent: each computes the items' base utility itself."""
+    of ``shard`` = (s, n) (none when s >= the model's layers; other rows NaN): every neuron of
+    those layers, or only the (layer, neuron) pairs of ``neurons`` in them (a sampled ground
+    truth; the others NaN). ``state`` is (adapter, images). Shards are independent: each
+    computes the items' base utility itself."""
     adapter, images = state
     start, step = shard
     layers = list(range(start, adapter.num_layers, step))
-    if not layers:
+    mine = None if neurons is None else [(l, i) for l, i in neurons if l in set(layers)]
+    if not layers or mine == []:
         empty = np.full((adapter.num_layers, adapter.ffn_width), np.nan)
-        return [], empty, empty.copy()
+        return layers, empty, empty.copy()
+    if mine is not None:
+        return (layers, *neuron_ablation_effects(adapter, items, images, batch_size=batch_size, neurons=mine))
     return (layers, *neuron_ablation_effects(adapter, items, images, batch_size=batch_size, layers=layers))
+
+
+def ablation_task_shard_job(
+    state: tuple,
+    job: tuple[str, tuple[int, int]],
+    *,
+    items: dict[str, pd.DataFrame],
+    neurons: dict[str, list[tuple[int, int]]],
+    batch_size: int,
+) -> tuple[str, tuple[list[int], np.ndarray, np.ndarray]]:
+    """(task, ``ablation_shard_job``'s result) of ``job`` = (task, shard), on that task's
+    ``items`` and ``neurons``: the shards of several tasks in one pool of workers."""
+    task, shard = job
+    return task, ablation_shard_job(state, shard, items=items[task], batch_size=batch_size, neurons=neurons[task])
 
 
 def merge_ablation_shards(parts: list[tuple[list[int], np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:

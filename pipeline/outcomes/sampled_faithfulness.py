@@ -13,11 +13,15 @@ A stratified sample zeroes far fewer:
 
 Each sampled neuron of a stratum stands for N_h / n_h of its stratum's neurons (1 in the census).
 
-- ``NeuronSample`` / ``sample_neurons``: the strata as boolean [layer, neuron] masks.
+- ``NeuronSample`` / ``sample_neurons``: the strata as boolean [layer, neuron] masks;
+  ``census_methods``: the methods a census covers; ``draw_sample``: the sample of one task the ``sampled_ground_truth`` stage zeroes (strata sized
+  from the census); ``sample_table`` / ``sample_from_table``: a sample and its measured effects
+  as rows and back.
 - ``sampled_faithfulness``: ``pipeline.method.masks.faithfulness``'s spearman, precision_at_k and
   captured_effect estimated from the sample's effects alone, each with a percentile interval
   from a bootstrap within each random stratum (the census is fixed).
-- ``check_against_exhaustive``: both side by side on a model that has the exhaustive one.
+- ``sampled_ground_truth``: per task, every method's figures from a measured sample, beside the
+  exhaustive figures where the model has those too (the embedded default).
 
 The estimators use those inclusion weights: the ground truth's k-th largest effect is the
 threshold tau where the weighted count of sampled effects above it reaches k; precision@k is
@@ -34,8 +38,12 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from pipeline.errors import PipelineError
+
+# The strata of a sample, as ``sample_table`` names them.
+STRATA = ("census", "near", "far")
 
 
 def _top(values: np.ndarray, k: int) -> np.ndarray:
@@ -90,6 +98,75 @@ def sample_neurons(
         drawn.flat[rng.choice(members, size=min(n, members.size), replace=False)] = True
         strata.append((population, drawn))
     return NeuronSample(census, tuple(strata))
+
+
+def census_methods(evaluated: list[str], stored: list[str]) -> list[str]:
+    """The methods whose top neurons a sample's census holds: the ``evaluated`` ones
+    (``evaluate.methods``) but the ground truth itself; PipelineError naming ``evaluate.methods``
+    for one the importance array's ``stored`` methods lack, or for none at all."""
+    methods = [m for m in evaluated if m != "ablation"]
+    missing = [m for m in methods if m not in stored]
+    if missing:
+        raise PipelineError(f"evaluate.methods: {missing} not among the attribution's methods {stored}")
+    if not methods:
+        raise PipelineError("evaluate.methods: a sampled ground truth needs at least one method besides ablation")
+    return methods
+
+
+def draw_sample(
+    scores: dict[str, np.ndarray], k: int, *, near: float, far: float, seed: int, index: int
+) -> NeuronSample:
+    """The sample a sampled ground truth zeroes for one task (``sample_neurons``): the census
+    (every method of ``scores``' top ``k``), int(``near`` x its size) neurons of the near stratum
+    and int(``far`` x its size) of the rest, drawn by a generator seeded with (``seed``, 28,
+    ``index``), ``index`` the task's position."""
+    if near < 0 or far < 0:
+        raise PipelineError(f"draw_sample: near and far are shares of the census, >= 0; got {near}, {far}")
+    n = int(sample_neurons(scores, k, 0, 0, np.random.default_rng(0)).census.sum())
+    return sample_neurons(scores, k, int(near * n), int(far * n), np.random.default_rng([seed, 28, index]))
+
+
+def sample_table(sample: NeuronSample, effect: np.ndarray, se: np.ndarray) -> pd.DataFrame:
+    """Every neuron of the model as a row (layer, neuron, stratum, sampled, effect, se): its
+    stratum (``STRATA``), whether it was zeroed, and its measured effect and standard error
+    (nats; NaN where not sampled); ``sample_from_table`` reads it back."""
+    shape = sample.census.shape
+    if effect.shape != shape or se.shape != shape:
+        raise PipelineError(f"sample_table: effects of shape {effect.shape} / {se.shape}, sample {shape}")
+    stratum = np.zeros(shape, dtype=np.int8)
+    for code, (population, _) in enumerate(sample.strata, start=1):
+        stratum[population] = code
+    sampled = sample.sampled
+    layers, neurons = np.indices(shape)
+    return pd.DataFrame(
+        {
+            "layer": layers.ravel().astype(np.int32),
+            "neuron": neurons.ravel().astype(np.int32),
+            "stratum": pd.Categorical.from_codes(stratum.ravel(), categories=list(STRATA)),
+            "sampled": sampled.ravel(),
+            "effect": np.where(sampled, effect, np.nan).ravel().astype(np.float64),
+            "se": np.where(sampled, se, np.nan).ravel().astype(np.float64),
+        }
+    )
+
+
+def sample_from_table(table: pd.DataFrame, what: str) -> tuple[NeuronSample, np.ndarray]:
+    """(sample, effect [layer, neuron]) of a ``sample_table``; PipelineError naming ``what`` (the
+    file, the task) when rows are missing or a sampled neuron has no finite effect."""
+    table = table.sort_values(["layer", "neuron"], kind="stable")
+    L, I = int(table["layer"].max()) + 1, int(table["neuron"].max()) + 1
+    if len(table) != L * I:
+        raise PipelineError(f"{what}: {len(table)} rows, expected one per neuron ({L} layers x {I} neurons)")
+    stratum = table["stratum"].astype(str).to_numpy().reshape(L, I)
+    sampled = table["sampled"].to_numpy(dtype=bool).reshape(L, I)
+    effect = table["effect"].to_numpy(dtype=np.float64).reshape(L, I)
+    if not np.isfinite(effect[sampled]).all():
+        raise PipelineError(f"{what}: a sampled neuron has no finite effect")
+    census = stratum == "census"
+    if not sampled[census].all():
+        raise PipelineError(f"{what}: a census neuron was not zeroed")
+    strata = tuple((stratum == name, (stratum == name) & sampled) for name in STRATA[1:])
+    return NeuronSample(census, strata), effect
 
 
 def _weighted_ranks(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -203,48 +280,57 @@ def sampled_faithfulness(
 
 
 FIGURES = ("spearman", "precision_at_k", "captured_effect")
+_ROUNDING = 1e-6
 
 
-def check_against_exhaustive(
-    methods: list[str], tasks: list[str], importance: np.ndarray, k: int, *, n_resamples: int, seed: int
+def sampled_ground_truth(
+    scores: dict[str, dict[str, np.ndarray]],
+    measured: dict[str, tuple[NeuronSample, np.ndarray]],
+    k: int,
+    *,
+    exhaustive: dict[str, np.ndarray] | None = None,
+    n_resamples: int,
+    seed: int,
 ) -> dict:
-    """The sampled ground truth checked against the exhaustive one it would replace.
+    """Every method's faithfulness from a measured sampled ground truth, per task.
 
-    ``importance`` [method, task, layer, neuron] holds every method's scores and, as method
-    "ablation", the exhaustive ground truth (``pipeline.method.store.read_importance``). Per
-    task, the census is every other method's top ``k``; the near stratum gets as many neurons as
-    the census, the far one half as many; each method's three figures are estimated from those
-    neurons' exact effects alone (``sampled_faithfulness``) beside the exhaustive value
-    (``pipeline.method.masks.faithfulness``). Returns JSON-ready {task: {method: {figure:
-    {value, ci_low, ci_high, exhaustive, within}}, "sample": sizes}} and "within" / "figures":
-    how many exhaustive values lie in their sampled interval.
+    ``measured``: {task: (sample, effect [layer, neuron])}, what the ``sampled_ground_truth``
+    stage zeroed and measured (``sample_from_table``); ``scores``: {task: {method: [layer,
+    neuron]}}, the methods whose top ``k`` the census holds. Each method's figures come from
+    ``sampled_faithfulness``. Where ``exhaustive`` holds the task's exhaustive ground truth
+    [layer, neuron] (every neuron finite: the embedded default), each figure also has its
+    exhaustive value and whether it lies in the sampled interval (to within 1e-6 relative: float
+    rounding), and the task the largest
+    difference between a sampled neuron's two measured effects (the same zeroing run by two
+    stages: float rounding alone). Returns JSON-ready {"by_task": {task: {method: {figure:
+    {value, ci_low, ci_high[, exhaustive, within]}}, "sample": sizes[,
+    "effect_max_abs_difference"]}}, "within", "figures"} (counted over exhaustive comparisons).
     """
     from pipeline.method.masks import faithfulness
 
-    if "ablation" not in methods:
-        raise PipelineError("check_against_exhaustive needs the exhaustive ground truth (method 'ablation')")
-    truth_index = methods.index("ablation")
     out: dict = {}
     within = figures = 0
-    for j, task in enumerate(tasks):
-        truth = importance[truth_index, j]
-        if not np.isfinite(truth).all():
-            continue  # no exhaustive ground truth for this task
-        scores = {m: importance[i, j] for i, m in enumerate(methods) if m != "ablation"}
-        census = sample_neurons(scores, k, 0, 0, np.random.default_rng(0)).census
-        n = int(census.sum())
-        sample = sample_neurons(scores, k, n, n // 2, np.random.default_rng([seed, 28, j]))
-        sampled = sampled_faithfulness(
-            scores, np.where(sample.sampled, truth, np.nan), sample, k, n_resamples=n_resamples, seed=seed
-        )
-        out[task] = {"sample": sampled.pop("sample")}
-        for method, est in sampled.items():
-            exact = faithfulness(scores[method], truth, k)
-            out[task][method] = {}
+    for task, (sample, effect) in measured.items():
+        estimates = sampled_faithfulness(scores[task], effect, sample, k, n_resamples=n_resamples, seed=seed)
+        entry: dict = {"sample": estimates.pop("sample")}
+        truth = (exhaustive or {}).get(task)
+        if truth is not None and not np.isfinite(truth).all():
+            truth = None  # no exhaustive ground truth for this task
+        if truth is not None:
+            entry["effect_max_abs_difference"] = float(np.abs(effect - truth)[sample.sampled].max())
+        for method, figures_of in estimates.items():
+            exact = faithfulness(scores[task][method], truth, k) if truth is not None else None
+            entry[method] = {}
             for f in FIGURES:
-                e = est[f]
-                inside = bool(e["ci_low"] <= exact[f] <= e["ci_high"])
-                out[task][method][f] = {**e, "exhaustive": exact[f], "within": inside}
-                within += inside
-                figures += 1
+                e = figures_of[f]
+                if exact is not None:
+                    # A census-only figure has a zero-width interval, and the two stages' effects
+                    # of one zeroing differ in the last bits: within up to float rounding.
+                    tol = _ROUNDING * max(1.0, abs(exact[f]))
+                    inside = bool(e["ci_low"] - tol <= exact[f] <= e["ci_high"] + tol)
+                    e = {**e, "exhaustive": exact[f], "within": inside}
+                    within += inside
+                    figures += 1
+                entry[method][f] = e
+        out[task] = entry
     return {"by_task": out, "within": within, "figures": figures}

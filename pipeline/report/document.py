@@ -195,19 +195,23 @@ def _sampled_ground_truth_section(sampled: dict[str, dict]) -> list[Section]:
                     rows[(m, task, method)] = {
                         "neurons zeroed": f"{zeroed} of {size['population']}",
                         **{
-                            f"{f} exhaustive / sampled": f"{v['exhaustive']:.3g} / {interval_text(v)}"
+                            (f"{f} exhaustive / sampled" if "exhaustive" in v else f"{f} sampled"): (
+                                f"{v['exhaustive']:.3g} / {interval_text(v)}" if "exhaustive" in v else interval_text(v)
+                            )
                             for f, v in by_method[method].items()
                         },
                     }
-    within = ", ".join(f"{m} {c['within']} of {c['figures']}" for m, c in sampled.items())
+    compared = {m: c for m, c in sampled.items() if c["figures"]}
+    within = ", ".join(f"{m} {c['within']} of {c['figures']}" for m, c in compared.items()) or "none compared"
     return [
         Section(
             "Would a sampled ground truth do?",
-            "The exhaustive ground truth zeroes every neuron. A sample zeroes every method's top-k neurons, "
-            "as many of the neurons some method ranks in its top 4k, and half as many of the rest, and "
-            "estimates each method's faithfulness from those effects alone, with a bootstrap interval "
-            f"(docs/methods.md). Exhaustive values inside their sampled interval, all methods and figures: "
-            f"{within}. Rows: HONES and AtP.",
+            "The exhaustive ground truth zeroes every neuron. The sampled one (stage sampled_ground_truth, "
+            "params ablation.sample) zeroes every evaluated method's top-k neurons, as many of the neurons "
+            "some method ranks in its top 4k, and half as many of the rest, and estimates each method's "
+            "faithfulness from those effects alone, with a bootstrap interval (docs/methods.md). "
+            f"Exhaustive values inside their sampled interval, all methods and figures: {within}. "
+            "Rows: HONES and AtP.",
             table=pd.DataFrame(rows).T,
         )
     ]

@@ -10,8 +10,8 @@ Map of this module:
 - ``head_stability_of(folder, top_k, ...)``: the stability of one task's critical heads.
 - ``study_verdicts(results, replicates, data, ...)``: the verdict rows of every model, then of
   every recipe across its instances (after checking the instances share their recipe).
-- ``sampled_ground_truth_of(attribution, mask_size, ...)``: a sampled ground truth checked against
-  the exhaustive one of one model.
+- ``sampled_ground_truth_of(data, model, methods, mask_size, ...)``: each method's faithfulness
+  from one model's measured sampled ground truth, beside the exhaustive one where it has it.
 - ``report_metrics(results, verdicts, heads, replicates, sampled_ground_truth)``: the metrics files'
   contents, by name.
 """
@@ -23,9 +23,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
+from pipeline.errors import PipelineError
 from pipeline.method.heads import per_item_values
 from pipeline.method.store import read_importance
 from pipeline.outcomes.head_stability import guided_localisation, head_stability, screened_localisation
@@ -40,7 +40,7 @@ from pipeline.outcomes.records import (
     load_record,
     load_transfer,
 )
-from pipeline.outcomes.sampled_faithfulness import check_against_exhaustive
+from pipeline.outcomes.sampled_faithfulness import census_methods, sample_from_table, sampled_ground_truth
 from pipeline.outcomes.suppression import conditions_from_table, replicated_differences, scores_from_table
 from pipeline.report.verdict import (
     check_recipe_instances,
@@ -148,15 +148,28 @@ def head_stability_of(
     return out
 
 
-def sampled_ground_truth_of(attribution: Path, mask_size: int, *, n_resamples: int, seed: int) -> dict | None:
-    """A sampled ground truth checked against the exhaustive one in one model's importance array
-    (``<data>/attribution/<m>.zarr``), at the masks' size: see
-    ``pipeline.outcomes.sampled_faithfulness.check_against_exhaustive``; None when the model has
-    no exhaustive ground truth (ablation off)."""
-    methods, tasks, importance, _ = read_importance(attribution)
-    if "ablation" not in methods or not np.isfinite(importance[methods.index("ablation")]).any():
+def sampled_ground_truth_of(
+    data: Path, model: str, evaluated: list[str], mask_size: int, *, n_resamples: int, seed: int
+) -> dict | None:
+    """One model's sampled ground truth (``<data>/sampled_ground_truth/<m>.parquet``) and importance
+    (``<data>/attribution/<m>.zarr``) at the masks' size: see
+    ``pipeline.outcomes.sampled_faithfulness.sampled_ground_truth``, for the census methods of
+    ``evaluated`` (``evaluate.methods``); None when the sample was off (an empty table)."""
+    path = data / "sampled_ground_truth" / f"{model}.parquet"
+    table = pd.read_parquet(path)
+    if table.empty:
         return None
-    return check_against_exhaustive(methods, tasks, importance, mask_size, n_resamples=n_resamples, seed=seed)
+    stored, tasks, importance, _ = read_importance(data / "attribution" / f"{model}.zarr")
+    methods = census_methods(evaluated, stored)
+    unknown = sorted(set(table["task"]) - set(tasks))
+    if unknown:
+        raise PipelineError(f"{path}: tasks {unknown} are not in the attribution's {tasks}")
+    measured = {t: sample_from_table(g, f"{path} ({t})") for t, g in table.groupby("task", sort=False)}
+    scores = {t: {m: importance[stored.index(m), tasks.index(t)] for m in methods} for t in measured}
+    exhaustive = (
+        {t: importance[stored.index("ablation"), tasks.index(t)] for t in measured} if "ablation" in stored else None
+    )
+    return sampled_ground_truth(scores, measured, mask_size, exhaustive=exhaustive, n_resamples=n_resamples, seed=seed)
 
 
 def head_stabilities(
@@ -201,13 +214,13 @@ def head_stabilities(
 
 
 def sampled_ground_truths(
-    data: Path, results: StudyResults, models: list[str], *, n_resamples: int, seed: int
+    data: Path, results: StudyResults, models: list[str], evaluated: list[str], *, n_resamples: int, seed: int
 ) -> dict[str, dict]:
-    """{model: ``sampled_ground_truth_of``} for the models whose attribution holds both ground truths."""
+    """{model: ``sampled_ground_truth_of``} for the models whose sampled ground truth was measured."""
     out = {}
     for m in models:
         checked = sampled_ground_truth_of(
-            data / "attribution" / f"{m}.zarr", results.attribution[m].mask_size, n_resamples=n_resamples, seed=seed
+            data, m, evaluated, results.attribution[m].mask_size, n_resamples=n_resamples, seed=seed
         )
         if checked:
             out[m] = checked

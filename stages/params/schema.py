@@ -316,12 +316,27 @@ class DumpConfig(_Strict):
     target_chunk_mib: float = Field(1.0, gt=0, le=1024)
 
 
+class AblationSampleConfig(_Strict):
+    """``ablation.sample``: the sampled ground truth (stage ``sampled_ground_truth@<model>``): every
+    evaluated method's top neurons at ``masks.rho`` (the census), ``near`` x as many drawn among
+    the neurons some method ranks in its top 4k, ``far`` x as many from the rest, seeded by
+    ``seed``."""
+
+    enabled: bool = True
+    near: float = Field(1.0, ge=0)
+    far: float = Field(0.5, ge=0)
+    seed: int = 0
+
+
 class AblationConfig(_Strict):
-    """Ground-truth single-neuron ablation (only for models small enough; off for real VLMs)."""
+    """Ground-truth single-neuron ablation: ``enabled``, every neuron zeroed alone (only for models
+    small enough; off for real VLMs); ``sample``, a stratified sample of them (any model), on the
+    same ``split`` and ``max_items`` items per task."""
 
     enabled: bool = True
     split: HeldOutSplit = "discovery"
     max_items: int = Field(16, ge=1)
+    sample: AblationSampleConfig = Field(default_factory=AblationSampleConfig)
 
 
 class AttributeConfig(_Strict):
