@@ -156,6 +156,12 @@ def _localisation_section(heads: dict[str, dict]) -> list[Section]:
             "exhaustive top heads": " ".join(g["exhaustive_top_heads"]),
             "guided top heads": " ".join(g["guided_top_heads"]),
             **{f"screen of {n} items, ties counted": sc["recall_ties_counted"] for n, sc in g["screened"].items()},
+            **{
+                f"{name}: HONES mask Jaccard / on-target drop change (pp)": (
+                    "same heads" if d["same_heads"] else f"{d['mask_jaccard']:.2f} / {interval_text(d['difference'])}"
+                )
+                for name, d in g.get("downstream", {}).items()
+            },
         }
         for m, by_task in heads.items()
         for t, h in by_task.items()
@@ -166,7 +172,7 @@ def _localisation_section(heads: dict[str, dict]) -> list[Section]:
     g = next(h["localisation"] for by_task in heads.values() for h in by_task.values() if "localisation" in h)
     return [
         Section(
-            "Would gradient-guided head localisation find the same heads?",
+            "Would a cheaper head localisation find the same heads?",
             f"Guided localisation (heads.localisation: guided) ranks every head by the gradient estimate of "
             f"its substitution effect on the answer's log-probability and scores only the top "
             f"{g['candidates']} of {g['heads']} exactly. Recall: the share of the exhaustive sweep's top "
@@ -176,7 +182,11 @@ def _localisation_section(heads: dict[str, dict]) -> list[Section]:
             "choice). Screened localisation (heads.localisation: screened) instead of the gradient: "
             "every head scored exactly on the first items only, the best heads.screened.candidates "
             "then on every item, computed here from the sweep's per-item values (so its items are among "
-            "the sweep's own). Compare with the bootstrap recall of the exhaustive sweep itself (above).",
+            "the sweep's own). Downstream (stage localisation_downstream): where a localisation keeps "
+            "other heads, the task is dumped again under them; the HONES mask's Jaccard with the "
+            "exhaustive sweep's, and the change in its on-target likelihood drop (percentage points, "
+            "paired interval on the evaluate items). Compare with the bootstrap recall of the "
+            "exhaustive sweep itself (above).",
             table=pd.DataFrame(rows).T,
         )
     ]

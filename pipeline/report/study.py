@@ -183,9 +183,11 @@ def head_stabilities(
     candidates: int,
     screen: tuple[int, int],
 ) -> dict[str, dict[str, dict]]:
-    """{model: {task: ``head_stability_of``}} of every studied model and task; a task whose head
-    scores are all zero (no substitution lowers its utility) is logged, since its top heads are
-    arbitrary and HONES then ranks as hones_nohead."""
+    """{model: {task: ``head_stability_of``}} of every studied model and task, each task's
+    ``localisation`` with what the localisation_downstream stage measured downstream of the other
+    localisations' heads (``<data>/localisation_downstream/<m>.json``); a task whose head scores
+    are all zero (no substitution lowers its utility) is logged, since its top heads are arbitrary
+    and HONES then ranks as hones_nohead."""
     heads = {
         m: {
             t: head_stability_of(
@@ -201,7 +203,10 @@ def head_stabilities(
         for m in models
     }
     for m, by_task in heads.items():
+        downstream = json.loads((data / "localisation_downstream" / f"{m}.json").read_text())["by_task"]
         for t, h in by_task.items():
+            if "localisation" in h and t in downstream:
+                h["localisation"]["downstream"] = downstream[t]
             if h["degenerate"]:
                 log.warning(
                     "%s %s: no head's substitution lowers the utility; its top %d heads are arbitrary and HONES "

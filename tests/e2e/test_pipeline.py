@@ -280,6 +280,10 @@ def test_outputs_are_written(repo: Path) -> None:
             guided = localisation[model][task]
             assert guided["top_k"] == 2 and guided["heads"] == 8 and 0 <= guided["recall"] <= 1
             assert guided["exhaustive_top_heads"] == stability[model][task]["top_heads"]
+            # Downstream of each cheaper localisation: the same heads give the same mask.
+            for name, d in guided["downstream"].items():
+                assert d["same_heads"] == (set(d["top_heads"]) == set(guided["exhaustive_top_heads"]))
+                assert d["mask_jaccard"] == 1.0 if d["same_heads"] else "difference" in d, (model, task, name)
     # Every model's sampled ground truth was measured and, beside its exhaustive one, agrees with
     # it neuron by neuron (the same zeroing, run by two stages).
     sampled = json.loads((repo / "metrics/sampled_ground_truth.json").read_text())
