@@ -10,8 +10,25 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
+def model_folder(model: Path) -> Path:
+    """The folder holding the model's files: ``model`` itself, or, for a pipeline model folder
+    that holds only its ship or resolve stage's ``source.json`` (the default's: its weights are in
+    ``data/shipped/<model>``), the local folder that record pins."""
+    model = Path(model)
+    if (model / "config.json").is_file() or not (model / "source.json").is_file():
+        return model
+    from pipeline.model.source import read_source
+
+    source = read_source(model, model.name)
+    if source.kind != "folder":
+        return model
+    location = Path(source.location)
+    return location if location.is_absolute() else REPO / location
+
+
 def require(model: Path, benchmark: Path) -> bool:
     """True if both folders exist; otherwise say how to make them and return False."""
+    model = model_folder(model)
     missing = [str(p) for p, f in ((model, "config.json"), (benchmark, "annotations.parquet")) if not (p / f).is_file()]
     if missing:
         print(
@@ -72,4 +89,5 @@ def load_model_and_images(model: Path, benchmark: Path, threads: int, dtype: str
     from pipeline.tasks.items import ImageTable
 
     torch.set_num_threads(threads)
-    return ModelAdapter.load(str(model), dtype=dtype, device=device), ImageTable(Path(benchmark) / "images.parquet")
+    adapter = ModelAdapter.load(str(model_folder(model)), dtype=dtype, device=device)
+    return adapter, ImageTable(Path(benchmark) / "images.parquet")
