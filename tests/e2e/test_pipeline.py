@@ -14,10 +14,10 @@ it declares; that a second `dvc repro` reruns nothing; and that each kind of cha
 exactly what depends on it: a code file (the stages that import it), `runtime.max_new_tokens`
 (the stages that generate text), one model's training params and a brought model's new weights
 (the stages that load that model, and nothing of another), a retrain with the same params
-(nothing), `heads.top_k` (the dumps); an experiment `dvc exp run -S shared_neurons.draws=...`
-runs those stages and the report and is applied back with `dvc exp apply`. Where a change's
-stages are marked but not all run (`dvc status`), the one stage that shows the change is run,
-and the change is undone.
+(nothing), `heads.top_k` (the dumps and localisation_downstream); an experiment `dvc exp run -S
+shared_neurons.draws=...` runs those stages and the report and is applied back with `dvc exp
+apply`. Where a change's stages are marked but not all run (`dvc status`), the one stage that
+shows the change is run, and the change is undone.
 
 The tests share one repository and run in file order; each leaves it as up to date as it found it.
 """
@@ -548,14 +548,15 @@ def test_the_same_model_by_hub_id_from_an_offline_cache(repo: Path, tmp_path: Pa
 
 
 def test_top_k_change_marks_the_dump_onwards_not_training(repo: Path) -> None:
-    """heads.top_k is read by the dump (which heads it substitutes) and the report: those are
-    marked, nothing upstream; one dump run shows the new K in the store."""
+    """heads.top_k is read by the dump (which heads it substitutes), by localisation_downstream
+    (the heads the cheaper localisations keep) and the report: those are marked, nothing
+    upstream; one dump run shows the new K in the store."""
     before = edit_params(repo, lambda p: p["heads"].__setitem__("top_k", 3))
     dump = "dump@tiny-llava-vqa"
     try:
         changed = changed_stages(repo)
-        assert {s.split("@")[0] for s in changed} == {"dump", "report"}, changed
-        assert len(changed) == len(MODELS) * len(TASKS) + 1
+        assert {s.split("@")[0] for s in changed} == {"dump", "localisation_downstream", "report"}, changed
+        assert len(changed) == len(MODELS) * len(TASKS) + len(MODELS) + 1
         assert ran_stages(dvc(repo, "repro", "--single-item", dump)) == {dump}
         heads = pd.read_parquet(repo / "data/activations/tiny-llava/vqa.heads.parquet")
         assert len(heads) == 3, heads
