@@ -69,14 +69,15 @@ def head_stability(scores: pd.DataFrame, values: np.ndarray, kind: str, k: int, 
     }
 
 
-def _labels(table: pd.DataFrame) -> list[str]:
+def head_labels(table: pd.DataFrame) -> list[str]:
+    """ "layer.head" of each row of a heads table, in row order."""
     return [f"{int(l)}.{int(h)}" for l, h in zip(table["layer"], table["head"])]
 
 
 def _recalls(exhaustive: pd.DataFrame, kept: pd.DataFrame, k: int) -> tuple[float, float]:
     """(recall, recall with ties counted) of the ``exhaustive`` top ``k`` among the ``kept`` heads:
     a kept head whose exact score equals the exhaustive k-th score counts as found in the second."""
-    recall = len(set(_labels(exhaustive)) & set(_labels(kept))) / k
+    recall = len(set(head_labels(exhaustive)) & set(head_labels(kept))) / k
     tied = float((kept["score"] >= float(exhaustive["score"].iloc[-1])).sum())
     return recall, min(1.0, tied / k)
 
@@ -107,7 +108,7 @@ def guided_localisation(scores: pd.DataFrame, k: int, candidates: int) -> dict:
     in_candidates = [(int(l), int(h)) in chosen for l, h in zip(scores["layer"], scores["head"])]
     guided = top_heads(scores[in_candidates], k, name="heads.top_k")
     estimate_only = set(guided_candidates(scores, k, name="heads.top_k"))
-    truth = set(_labels(exhaustive))
+    truth = set(head_labels(exhaustive))
     recall, recall_ties_counted = _recalls(exhaustive, guided, k)
     return {
         "top_k": k,
@@ -123,8 +124,8 @@ def guided_localisation(scores: pd.DataFrame, k: int, candidates: int) -> dict:
         "recall_ties_counted": recall_ties_counted,
         "recall_estimate_only": len(truth & {f"{l}.{h}" for l, h in estimate_only}) / k,
         "candidate_recall": len(truth & {f"{l}.{h}" for l, h in chosen}) / k,
-        "exhaustive_top_heads": _labels(exhaustive),
-        "guided_top_heads": _labels(guided),
+        "exhaustive_top_heads": head_labels(exhaustive),
+        "guided_top_heads": head_labels(guided),
         "same_heads": recall == 1.0,
     }
 
@@ -156,14 +157,14 @@ def screened_localisation(
         first[0, :n] = 1.0
         _, reps = utility_replicates(values, first, kind)
         screened = scores.assign(score=np.asarray(reps)[0, 0] - np.asarray(reps)[1:, 0])
-        chosen = set(_labels(top_heads(screened, candidates, name="heads.screened.candidates")))
-        kept = top_heads(scores[[label in chosen for label in _labels(scores)]], k, name="heads.top_k")
+        chosen = set(head_labels(top_heads(screened, candidates, name="heads.screened.candidates")))
+        kept = top_heads(scores[[label in chosen for label in head_labels(scores)]], k, name="heads.top_k")
         recall, recall_ties_counted = _recalls(exhaustive, kept, k)
         out[str(n)] = {
             "items": n,
             "candidates": candidates,
             "recall": recall,
             "recall_ties_counted": recall_ties_counted,
-            "screened_top_heads": _labels(kept),
+            "screened_top_heads": head_labels(kept),
         }
     return out

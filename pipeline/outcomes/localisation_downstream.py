@@ -31,7 +31,7 @@ from pipeline.method.attribution import hones_importance, task_statistics
 from pipeline.method.dump import DumpExecution, DumpRequest, DumpStorage, dump_activations
 from pipeline.method.heads import top_heads
 from pipeline.method.masks import mask_topk
-from pipeline.outcomes.head_stability import guided_localisation, screened_localisation
+from pipeline.outcomes.head_stability import guided_localisation, head_labels, screened_localisation
 from pipeline.outcomes.statistics import interval
 from pipeline.outcomes.suppression import MaskCondition, relative_drops, score_suppression
 from pipeline.tasks.items import ImageTable
@@ -54,10 +54,6 @@ class DumpSettings:
     gradient_batch_size: int
 
 
-def _labels(table: pd.DataFrame) -> list[str]:
-    return [f"{int(l)}.{int(h)}" for l, h in zip(table["layer"], table["head"])]
-
-
 def alternative_heads(
     scores: pd.DataFrame,
     values: np.ndarray,
@@ -75,9 +71,9 @@ def alternative_heads(
     guided = guided_localisation(scores, k, guided_candidates)["guided_top_heads"]
     items, candidates = screen
     measured = screened_localisation(scores, values, kind, k, candidates, (items,))
-    screened = measured[str(items)]["screened_top_heads"] if str(items) in measured else _labels(exhaustive)
-    labels = _labels(scores)
-    kept = {"exhaustive": _labels(exhaustive), "guided": guided, "screened": screened}
+    screened = measured[str(items)]["screened_top_heads"] if str(items) in measured else head_labels(exhaustive)
+    labels = head_labels(scores)
+    kept = {"exhaustive": head_labels(exhaustive), "guided": guided, "screened": screened}
     return {
         name: top_heads(scores[[label in chosen for label in labels]], k, name="heads.top_k")
         for name, chosen in kept.items()
@@ -140,16 +136,16 @@ def localisation_downstream(
         raise PipelineError(f"{task}: localisation_downstream needs the exhaustive heads")
     if not exhaustive_mask:
         raise PipelineError(f"{task}: no HONES headline mask to compare with (masks stage, method hones)")
-    exhaustive_labels = set(_labels(heads["exhaustive"]))
+    exhaustive_labels = set(head_labels(heads["exhaustive"]))
     masks, out = {}, {}
     for name in [n for n in heads if n != "exhaustive"]:
-        same = set(_labels(heads[name])) == exhaustive_labels
+        same = set(head_labels(heads[name])) == exhaustive_labels
         if not same:
-            log.info("%s: %s localisation keeps %s; dumping again", task, name, " ".join(_labels(heads[name])))
+            log.info("%s: %s localisation keeps %s; dumping again", task, name, " ".join(head_labels(heads[name])))
             masks[name] = hones_mask_under(adapter, discovery, images, heads[name], settings, rho, scratch / name)
         a, b = set(exhaustive_mask), set(masks.get(name, exhaustive_mask))
         out[name] = {
-            "top_heads": _labels(heads[name]),
+            "top_heads": head_labels(heads[name]),
             "same_heads": same,
             "mask_jaccard": len(a & b) / len(a | b),
         }
