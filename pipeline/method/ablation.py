@@ -126,7 +126,8 @@ def ablation_shard_job(
     adapter, images = state
     start, step = shard
     layers = list(range(start, adapter.num_layers, step))
-    mine = None if neurons is None else [(l, i) for l, i in neurons if l in set(layers)]
+    in_shard = set(layers)
+    mine = None if neurons is None else [(l, i) for l, i in neurons if l in in_shard]
     if not layers or mine == []:
         empty = np.full((adapter.num_layers, adapter.ffn_width), np.nan)
         return layers, empty, empty.copy()

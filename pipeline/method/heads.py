@@ -229,11 +229,16 @@ def score_heads_guided(
     every = pd.DataFrame(all_heads(adapter.num_layers, adapter.num_heads), columns=["layer", "head"])
     chosen = guided_candidates(with_estimate(every.assign(score=np.nan), estimate), candidates, name)
     exact, values, kind = score_heads_per_item(adapter, task, items, images, heads=chosen, **kwargs)
-    table = every.merge(exact, on=["layer", "head"], how="left")
+    return with_estimate(_every_head(every, exact), estimate), values, kind
+
+
+def _every_head(heads: pd.DataFrame, exact: pd.DataFrame) -> pd.DataFrame:
+    """``heads`` (layer, head of every head of the model) with ``exact``'s columns where it scored
+    the head (NaN elsewhere), and its baseline, metric and utility on every row."""
+    table = heads[["layer", "head"]].merge(exact, on=["layer", "head"], how="left")
     table["baseline"] = exact["baseline"].iloc[0]
     table["metric"], table["utility"] = exact["metric"].iloc[0], exact["utility"].iloc[0]
-    table = table.astype({"layer": np.int32, "head": np.int32})
-    return with_estimate(table, estimate), values, kind
+    return table.astype({"layer": np.int32, "head": np.int32})
 
 
 def score_heads_screened(
@@ -285,12 +290,10 @@ def score_heads_screened(
     exact = _table(
         chosen, float(utility[0]), [float(u) for u in utility[1:]], screen["metric"].iloc[0], screen["utility"].iloc[0]
     )
-    table = screen[["layer", "head"]].merge(exact, on=["layer", "head"], how="left")
-    table["baseline"] = exact["baseline"].iloc[0]
-    table["metric"], table["utility"] = exact["metric"].iloc[0], exact["utility"].iloc[0]
+    table = _every_head(screen, exact)
     table["screen_score"] = screen["score"].to_numpy()
     table["exact"] = table["score"].notna().to_numpy()
-    return table.astype({"layer": np.int32, "head": np.int32}), values, kind
+    return table, values, kind
 
 
 def top_heads(scores: pd.DataFrame, k: int, name: str = "top_k") -> pd.DataFrame:

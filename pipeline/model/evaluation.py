@@ -23,7 +23,9 @@ Map of this module:
   ``condition_layers`` (the lowest decoder layer each condition intervenes on) lets the
   single-forward utilities compute the vision tower and the layers below each batch's lowest
   intervened layer once per distinct sequence (``RowSharing``, ``hooks.forward_sharing_prefix``);
-  generation always runs every row in full.
+  generation always runs every row in full. Retrieval's candidates of one item under one
+  condition run after one pass over the prefix they share where the family allows it
+  (``hooks.candidates``), in place of that layer sharing.
 - ``aggregate_utility``: per-item scores and the corpus-level utility for a task (the paper's
   metric), and ``generative_scores`` with it the captions' BLEU statistics;
   ``standard_utility``: this project's standard variant of it.
@@ -47,6 +49,7 @@ from pipeline.errors import PipelineError
 from pipeline.model.adapter import ModelInputs
 from pipeline.model.batching import for_each_batch
 from pipeline.model.hooks import forward_sharing_prefix
+from pipeline.model.hooks.candidates import CANDIDATE_PREFIX_FAMILIES, last_logits_sharing_candidates
 from pipeline.model.scoring import answer_logprobs, answer_token_id, mean_answer_logprob
 from pipeline.tasks import metrics
 from pipeline.tasks.items import (
@@ -255,11 +258,16 @@ def yes_no_margin(
     sharing: RowSharing | None = None,
 ) -> np.ndarray:
     """logit("Yes") - logit("No") at the last prompt token; [batch]."""
-    tok = adapter.processor.tokenizer
-    yes, no = answer_token_id(tok, RETRIEVAL_YES), answer_token_id(tok, RETRIEVAL_NO)
     logits, inputs = _logits(adapter, images, prompts, None, hooks, sharing)
     rows = torch.arange(logits.shape[0])
-    last = logits[rows, inputs.last_prompt_index].float()
+    return _yes_no(adapter, logits[rows, inputs.last_prompt_index])
+
+
+def _yes_no(adapter, last: torch.Tensor) -> np.ndarray:
+    """logit("Yes") - logit("No") from each row's logits at its last prompt token [B, V]; [B]."""
+    tok = adapter.processor.tokenizer
+    yes, no = answer_token_id(tok, RETRIEVAL_YES), answer_token_id(tok, RETRIEVAL_NO)
+    last = last.float()
     return (last[:, yes] - last[:, no]).cpu().numpy()
 
 
@@ -446,25 +454,56 @@ def _retrieval_margins(
     layers: dict[int, int] | None,
     progress: str | None,
 ) -> dict[int, list[np.ndarray]]:
-    """{condition: [item] -> Yes-minus-No margin of each candidate} for retrieval ``items``."""
-    # Rows: (item, candidate, condition), item-major so that an image's rows share a batch.
-    rows = [(i, k, c) for i in range(len(items)) for k in range(len(items.at[i, "candidates"])) for c in conds]
-    if layers is not None:
-        rows = [rows[r] for r in _layer_major(np.array([c for _, _, c in rows]), None, layers)]
+    """{condition: [item] -> Yes-minus-No margin of each candidate} for retrieval ``items``.
+
+    Where the family allows it (``hooks.candidates``), an item's candidates under one condition
+    run after one pass over the prefix they share (the image and the template before the
+    candidate); otherwise every (item, candidate, condition) row runs in full, sharing the
+    vision tower and the layers below each batch's lowest intervened layer (``layers``).
+    """
+    share_candidates = adapter.family in CANDIDATE_PREFIX_FAMILIES
+    n_candidates = [len(items.at[i, "candidates"]) for i in range(len(items))]
+    if share_candidates:
+        # Rows: (item, candidate, condition), an item's candidates under one condition together.
+        rows = [(i, k, c) for i in range(len(items)) for c in conds for k in range(n_candidates[i])]
+    else:
+        # Item-major so that an image's rows share a batch.
+        rows = [(i, k, c) for i in range(len(items)) for k in range(n_candidates[i]) for c in conds]
+        if layers is not None:
+            rows = [rows[r] for r in _layer_major(np.array([c for _, _, c in rows]), None, layers)]
     margins: dict[tuple[int, int, int], float] = {}
+    image_ids = items["image_id"].tolist()
+    prompts_of = [
+        [candidate_prompt(prompt, candidate) for candidate in candidates]
+        for prompt, candidates in zip(items["prompt"], items["candidates"])
+    ]
 
     def run(sl: slice) -> None:
         batch = rows[sl]
-        imgs = [images[items.at[i, "image_id"]] for i, _, _ in batch]
-        prompts = [candidate_prompt(items.at[i, "prompt"], items.at[i, "candidates"][k]) for i, k, _ in batch]
+        decoded = {i: images[image_ids[i]] for i in dict.fromkeys(i for i, _, _ in batch)}  # once per batch
+        imgs = [decoded[i] for i, _, _ in batch]
+        prompts = [prompts_of[i][k] for i, k, _ in batch]
         row_conds = np.array([c for _, _, c in batch])
-        m = yes_no_margin(
-            adapter,
-            imgs,
-            prompts,
-            lambda: _hooks(condition_hooks, row_conds),
-            _batch_sharing([(i, k) for i, k, _ in batch], row_conds, layers),
-        )
+        last = None
+        if share_candidates:
+            last = last_logits_sharing_candidates(
+                adapter,
+                imgs,
+                prompts,
+                [i for i, _, _ in batch],
+                [(i, c) for i, _, c in batch],
+                lambda rs: _hooks(condition_hooks, row_conds[rs]),
+            )
+        if last is not None:
+            m = _yes_no(adapter, last)
+        else:
+            m = yes_no_margin(
+                adapter,
+                imgs,
+                prompts,
+                lambda: _hooks(condition_hooks, row_conds),
+                _batch_sharing([(i, k) for i, k, _ in batch], row_conds, layers),
+            )
         for key, v in zip(batch, m):
             margins[key] = float(v)
 

@@ -5,6 +5,8 @@ Map of this package:
   ``capture_residual_stream``), head mean substitution (``substitute_heads``), neuron scaling
   and zeroing (``scale_neurons``, ``scale_neurons_per_row``, ``ablate_neurons_per_row``,
   ``condition_scales``) and the differentiable probes (``trace_ffn``, ``trace_head_substitution``).
+- ``candidates``: retrieval candidates after the prefix they share, computed once per item and
+  intervention (``last_logits_sharing_candidates``).
 - ``prefix``: the shared-prefix engine (``forward_sharing_prefix``): rows that repeat a few
   distinct sequences run the vision tower and the layers below the lowest intervened one
   (``lowest_layer``, ``lowest_scaled_layer``) once per distinct sequence.

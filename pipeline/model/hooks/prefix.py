@@ -175,7 +175,9 @@ def forward_sharing_prefix(
     input of ``first_layer`` replaced by the first pass's,
     row by row. The embedding, masks and position ids are still computed for B rows by the
     model's own code, so every family's conventions (M-RoPE, token types, per-layer masks)
-    hold. Full forwards only (no KV cache, no generation), no gradients.
+    hold. No generation, no gradients; a KV cache (``use_cache=True``) is whole only with
+    ``first_layer`` 0 (the layers below it pass their input through), as ``hooks.candidates``
+    uses it.
     """
     ctx = interventions if interventions is not None else contextlib.nullcontext
     (first_layer,) = adapter.check_layers([first_layer], "forward_sharing_prefix")

@@ -114,14 +114,19 @@ def _group_rows(adapter: ModelAdapter, row_specs: Sequence[RowSpec], unit: str) 
     each row's pairs checked by ``ModelAdapter.check_heads`` / ``check_neurons`` (distinct)."""
     check = adapter.check_heads if unit == "head" else adapter.check_neurons
     per_layer: dict[int, tuple[list[int], list[int]]] = {}
+    # Rows under one condition usually hold the same spec object: check each object once.
+    checked: dict[int, list[tuple[int, int]]] = {}
     for row, entry in enumerate(row_specs):
         if entry is None:
             continue
-        pairs = [entry] if _is_pair(entry) else list(entry)
-        for pair in pairs:
-            if not _is_pair(pair):
-                raise ValueError(f"row {row}: expected (layer, {unit}) pairs, got {pair!r}")
-        for layer, idx in check(pairs, f"row {row}", distinct=True):
+        valid = checked.get(id(entry))
+        if valid is None:
+            pairs = [entry] if _is_pair(entry) else list(entry)
+            for pair in pairs:
+                if not _is_pair(pair):
+                    raise ValueError(f"row {row}: expected (layer, {unit}) pairs, got {pair!r}")
+            valid = checked[id(entry)] = check(pairs, f"row {row}", distinct=True)
+        for layer, idx in valid:
             rows, units = per_layer.setdefault(layer, ([], []))
             rows.append(row)
             units.append(idx)

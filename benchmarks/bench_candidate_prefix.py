@@ -1,0 +1,99 @@
+"""Retrieval candidates after their shared prefix against every candidate in full.
+
+    python benchmarks/bench_candidate_prefix.py [--model data/models/tiny-llava]
+        [--masks data/masks/tiny-llava.parquet] [--items 10] [--threads 2] [--repeats 2]
+
+Runs the retrieval work of two stages both ways, in one process: the heads stage's exhaustive
+sweep (every head substituted, ``score_heads_per_item``, on the first ``--items`` discovery
+items) and the evaluate stage's likelihood of every mask of ``--masks`` (``run_suppression_job``
+on the first ``--items`` test items). "full" runs every (item, candidate, condition) row in
+full, sharing the vision tower and the layers below each batch's lowest intervention across
+conditions (the path before ``pipeline.model.hooks.candidates``); "shared" runs each item's
+candidates under one condition after one pass over the prefix they share. Prints the wall
+seconds (fastest of ``--repeats``), rows/s, the speed-up and the largest difference between
+the two ways' results (head scores; per-item likelihoods). Needs the default's models and
+masks (``dvc repro masks``). Not run by CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pandas as pd
+from _common import REPO, load_model_and_images, require, table
+
+
+def main() -> None:
+    from pipeline.method.heads import score_heads_per_item
+    from pipeline.model import evaluation
+    from pipeline.model.batching import rows_completed
+    from pipeline.outcomes.suppression import mask_conditions, run_suppression_job, suppression_jobs
+    from pipeline.tasks.items import read_annotations
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=REPO / "data" / "models" / "tiny-llava")
+    p.add_argument("--masks", type=Path, default=None, help="default: data/masks/<model name>.parquet")
+    p.add_argument("--benchmark", type=Path, default=REPO / "data" / "benchmark")
+    p.add_argument("--items", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args()
+    masks = args.masks or REPO / "data" / "masks" / f"{args.model.name}.parquet"
+    if not require(args.model, args.benchmark) or not masks.is_file():
+        return
+    adapter, images = load_model_and_images(args.model, args.benchmark, args.threads)
+    notes = read_annotations(args.benchmark / "annotations.parquet")
+    retrieval = notes[notes["task"] == "retrieval"]
+    discovery = retrieval[retrieval["split"] == "discovery"].head(args.items).reset_index(drop=True)
+    test = retrieval[retrieval["split"] == "test"].head(args.items).reset_index(drop=True)
+    conditions = mask_conditions(pd.read_parquet(masks))
+
+    def heads() -> np.ndarray:
+        scores, _, _ = score_heads_per_item(adapter, "retrieval", discovery, images, batch_size=args.batch_size)
+        return scores["score"].to_numpy()
+
+    def evaluate() -> np.ndarray:
+        (job,) = [j for j in suppression_jobs(test, conditions, generative=False) if j.eval_task == "retrieval"]
+        out = run_suppression_job(
+            (adapter, images), job, items=test, conditions=conditions, batch_size=args.batch_size, max_new_tokens=None
+        )
+        return np.stack([r.per_item for _, per in sorted(out.items()) for _, r in sorted(per.items())])
+
+    rows = []
+    for what, work in (("heads (every head substituted)", heads), ("evaluate (every mask, likelihood)", evaluate)):
+        result, seconds, n_rows = {}, {}, {}
+        for way in ("full", "shared"):
+            families = frozenset() if way == "full" else evaluation.CANDIDATE_PREFIX_FAMILIES
+            best = float("inf")
+            for _ in range(args.repeats):
+                before = rows_completed()
+                with mock.patch.object(evaluation, "CANDIDATE_PREFIX_FAMILIES", families):
+                    start = time.perf_counter()
+                    result[way] = work()
+                    best = min(best, time.perf_counter() - start)
+                n_rows[way] = rows_completed() - before
+            seconds[way] = best
+        diff = float(np.max(np.abs(result["full"] - result["shared"])))
+        for way in ("full", "shared"):
+            rows.append(
+                (
+                    what,
+                    way,
+                    round(seconds[way], 2),
+                    n_rows[way],
+                    n_rows[way] / seconds[way],
+                    f"{seconds['full'] / seconds[way]:.2f}x",
+                    f"{diff:.2g}" if way == "shared" else "",
+                )
+            )
+    print(f"{args.model.name}: {args.items} retrieval items, {len(conditions)} masks, {args.threads} threads")
+    print(table(("work", "way", "s", "rows", "rows/s", "speed-up", "max |difference|"), rows))
+
+
+if __name__ == "__main__":
+    main()
