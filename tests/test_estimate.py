@@ -257,3 +257,49 @@ def test_a_sampled_ground_truth_prices_its_neurons():
     assert sampled["shared_prefix_flops"] * 4 == pytest.approx(every["shared_prefix_flops"], rel=1e-3)
     with pytest.raises(ValueError, match=r"--ablation-neurons 0 must lie in \[1, 352256 neurons\]"):
         estimate(arch, Workload(ablation_neurons=0))
+
+
+def test_retrieval_prices_every_candidate_and_the_shared_prefix_by_hand():
+    """3 (item, condition) groups of 5 candidates in batches of 4: 6 (group, batch) prefix passes."""
+    from pipeline.tools.estimate import retrieval_flops
+    from pipeline.tools.estimate.cost import _text_flops
+
+    arch = architecture(PRESETS["llava-1.5-7b"], "llava-1.5-7b")
+    w = Workload(batch_size=4, retrieval_candidates=5, prompt_tokens=40, candidate_tokens=10)
+    got = retrieval_flops(arch, w, groups=3, f_vision=7.0)
+    # Batches [0-3] group 0; [4-7] groups 0, 1; [8-11] groups 1, 2; [12-14] group 2.
+    assert (got["rows"], got["prefix_passes"]) == (15, 6)
+    S, P = 576 + 40, 576 + 30
+    assert got["full_flops"] == 15 * (_text_flops(arch, S, S, S) + 7.0)
+    assert got["shared_flops"] == 6 * (_text_flops(arch, P, P, 1) + 7.0) + 15 * _text_flops(arch, 10, P + 10, 10)
+    # One row of the language model: 2 x (non-embedding parameters) per token, attention, lm_head.
+    t = arch.text
+    matmul = 2 * t.layers * (t.layer_params() - 2 * t.hidden)
+    assert _text_flops(arch, 1, 1, 1) == matmul + 4 * t.layers * t.heads * t.head_dim + 2 * t.vocab * t.hidden
+    with pytest.raises(ValueError, match=r"--candidate-tokens 40 must lie in \[1, prompt tokens = 40\)"):
+        retrieval_flops(arch, Workload(prompt_tokens=40, candidate_tokens=40), groups=1, f_vision=0.0)
+
+
+def test_the_retrieval_task_dominates_a_7b_study_unless_its_candidates_share_their_prefix(capsys):
+    arch = architecture(PRESETS["llava-1.5-7b"], "llava-1.5-7b")
+    base = dict(items=5000, top_k=30, dtype="bfloat16", store_dtype="float16")
+    est = estimate(arch, Workload(**base))
+    heads = est["stages"]["heads"]
+    assert heads["retrieval"]["rows"] == 50 * heads["rows"]
+    assert "retrieval" not in est["stages"]["dump"]  # the dump runs the positive's row alone
+    assert 8 < heads["retrieval"]["saving"] < 10  # a 576-token image shared by 50 candidates of 24 tokens
+    # All tasks: three of one row per item and condition, retrieval's 50 candidates.
+    st, t = est["stages"], est["all_tasks"]
+    one_row = sum(s.get("shared_prefix_flops", s["flops"]) for s in st.values())
+    assert t["flops"] == pytest.approx(
+        sum((3 if "retrieval" in s else 4) * s.get("shared_prefix_flops", s["flops"]) for s in st.values())
+        + sum(s["retrieval"]["shared_flops"] for s in st.values() if "retrieval" in s)
+    )
+    no_retrieval = estimate(arch, Workload(**base, retrieval_candidates=0))
+    assert "retrieval" not in no_retrieval["stages"]["heads"]
+    assert no_retrieval["all_tasks"]["flops"] == pytest.approx(4 * one_row)
+    assert t["full_gpu_hours"] > 5 * t["gpu_hours"] > 5 * no_retrieval["all_tasks"]["gpu_hours"]
+    assert main(["--model-config", "llava-1.5-7b", "--items", "5000", "--top-k", "30"]) == 0
+    out = capsys.readouterr().out
+    assert "heads, retrieval: 50 candidates per item and condition" in out
+    assert "all 4 tasks, one of them retrieval (50 candidates): the stages above" in out

@@ -23,7 +23,12 @@ From a transformers config (``config.json`` of a local folder, a JSON file or st
   rows of forward + backward (~3x a forward of the language model: the backward computes
   gradients of activations, not of weights, ~2x), ablation ``items * L * I``; and the FLOPs of
   heads, dump and ablation with the shared prefix (``shared_prefix_flops``: rows computed only
-  from their intervention's layer up, the vision tower once per distinct item).
+  from their intervention's layer up, the vision tower once per distinct item);
+- the retrieval task of heads and ablation (``retrieval_flops``): every item's
+  ``--retrieval-candidates`` rows (the positive and its negatives, 50 in the paper's COCO
+  setup), in full and as ``pipeline.model.hooks.candidates`` runs them (the prefix the candidates
+  share once per group and batch, then ``--candidate-tokens`` per row); and the whole study over
+  all tasks (``all_tasks``), one of them retrieval.
 
 Parameter counts are exact for Llama/Qwen2-style decoders, CLIP vision towers with the LLaVA
 projector, and the Qwen2-VL / Qwen2.5-VL vision towers (checked in the tests against the
@@ -44,7 +49,7 @@ The names above are importable from ``pipeline.tools.estimate`` itself.
 """
 
 from pipeline.tools.estimate.cli import build_parser, format_table, human_count, main
-from pipeline.tools.estimate.cost import Workload, estimate, shared_prefix_flops
+from pipeline.tools.estimate.cost import Workload, all_tasks, estimate, retrieval_flops, shared_prefix_flops
 from pipeline.tools.estimate.model_arch import (
     DTYPE_BYTES,
     DYNAMIC_RESOLUTION_TOKENS,
@@ -66,6 +71,7 @@ __all__ = [
     "TextArch",
     "VisionArch",
     "Workload",
+    "all_tasks",
     "architecture",
     "build_parser",
     "estimate",
@@ -73,5 +79,6 @@ __all__ = [
     "human_count",
     "load_config",
     "main",
+    "retrieval_flops",
     "shared_prefix_flops",
 ]

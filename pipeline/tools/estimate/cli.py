@@ -150,6 +150,23 @@ def _compute_rows(est: dict) -> Rows:
                     + (" (heads assumed spread evenly over the layers)" if name == "dump" else ""),
                 )
             )
+        if "retrieval" in s:
+            r = s["retrieval"]
+            rows.append(
+                (
+                    f"  {name}, retrieval: {r['candidates']} candidates per item and condition",
+                    f"{r['rows']:,} rows, {human_count(r['full_flops'])}FLOP in full ({r['full_gpu_hours']:,.1f} GPU-h); "
+                    f"after each group's shared prefix {human_count(r['shared_flops'])}FLOP "
+                    f"({r['gpu_hours']:,.1f} GPU-h, {r['saving']:.1f}x fewer)",
+                )
+            )
+    t = est["all_tasks"]
+    retrieval = f", one of them retrieval ({w['retrieval_candidates']} candidates)" if w["retrieval_candidates"] else ""
+    rows += [
+        (f"all {w['tasks']} tasks{retrieval}: the stages above", None),
+        ("as the pipeline runs them", f"{human_count(t['flops'])}FLOP, {t['gpu_hours']:,.1f} GPU-h"),
+        ("every row in full", f"{human_count(t['full_flops'])}FLOP, {t['full_gpu_hours']:,.1f} GPU-h"),
+    ]
     return rows
 
 
@@ -217,6 +234,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.screen_items,
         help="heads.screened.items: the items on which screened localisation substitutes every head",
     )
+    p.add_argument(
+        "--retrieval-candidates",
+        type=int,
+        default=d.retrieval_candidates,
+        help="candidates per retrieval item, the positive and its negatives (hones_coco.n_negatives + 1; "
+        "0: no retrieval task)",
+    )
+    p.add_argument(
+        "--candidate-tokens",
+        type=int,
+        default=d.candidate_tokens,
+        help="tokens of a retrieval row after the prefix its item's candidates share (the candidate and the "
+        "template after it)",
+    )
     p.add_argument("--ablation-items", type=int, default=d.ablation_items)
     p.add_argument(
         "--ablation-neurons",
@@ -273,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
             localisation=args.localisation,
             guided_candidates=args.guided_candidates,
             screen_items=args.screen_items,
+            retrieval_candidates=args.retrieval_candidates,
+            candidate_tokens=args.candidate_tokens,
             ablation_items=args.ablation_items,
             ablation_neurons=args.ablation_neurons,
             target_chunk_mib=args.target_chunk_mib,

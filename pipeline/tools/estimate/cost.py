@@ -1,6 +1,6 @@
 """The cost model: ``Workload`` (what one run of the pipeline does) and ``estimate`` /
-``shared_prefix_flops`` (memory, disk, forward passes and FLOPs of that workload on a
-``ModelArch``)."""
+``shared_prefix_flops`` / ``retrieval_flops`` / ``all_tasks`` (memory, disk, forward passes and
+FLOPs of that workload on a ``ModelArch``)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,10 @@ class Workload:
     ablation_items: int = 16  # ablation.max_items
     ablation_neurons: int | None = None  # neurons zeroed per item (a sampled ground truth; default all L x I)
     max_new_tokens: int = 24  # generative head scoring decodes up to this many tokens
+    # The retrieval task: each item's positive and negatives scored by their Yes/No margins
+    # (hones_coco.n_negatives + 1; 0: no retrieval task among the tasks).
+    retrieval_candidates: int = 50
+    candidate_tokens: int = 24  # tokens of a candidate's row after the prefix all its candidates share
     target_chunk_mib: float = 1.0
     max_files: int = 2000
     eager_attention: bool = False
@@ -132,7 +136,65 @@ def _stages(arch: ModelArch, w: Workload, S: int) -> tuple[int, dict[str, dict]]
     for name, flops in shared.items():
         stages[name]["shared_prefix_flops"] = flops
         stages[name]["shared_prefix_saving"] = stages[name]["flops"] / flops
+    if w.retrieval_candidates:
+        for name in RETRIEVAL_STAGES:
+            stages[name]["retrieval"] = retrieval_flops(arch, w, rows[name], flops_vision)
     return row_flops, stages
+
+
+# The stages whose retrieval utility scores every candidate of an item (the dump runs the
+# positive's row alone, as it does any task's).
+RETRIEVAL_STAGES = ("heads", "ablation")
+
+
+def _text_flops(arch: ModelArch, tokens: int, context: int, logits: int) -> float:
+    """FLOPs of the language model on ``tokens`` new tokens that attend to ``context`` keys each
+    (every query against every key, as the row formula counts it), with the lm_head on ``logits``
+    positions."""
+    t = arch.text
+    matmul = t.layers * (t.layer_params() - 2 * t.hidden)
+    return (
+        2 * matmul * tokens + 4 * t.layers * tokens * context * t.heads * t.head_dim + 2 * t.vocab * t.hidden * logits
+    )
+
+
+def retrieval_flops(arch: ModelArch, w: Workload, groups: int, f_vision: float) -> dict[str, float]:
+    """The retrieval task of a stage that runs ``groups`` (item, condition) pairs: each is
+    ``retrieval_candidates`` rows of the image and the prompt with one candidate (no answer:
+    the margin is read at the last prompt token).
+
+    - ``full_flops``: every row in full (the vision tower, every token, logits at every position);
+    - ``shared_flops``: as ``pipeline.model.hooks.candidates`` runs them: per batch of
+      ``batch_size`` consecutive rows (a group's candidates together), one prefix pass per group
+      the batch touches (the vision tower and the P = image + prompt - ``candidate_tokens``
+      tokens the candidates share, logits at its last token only), then every row's
+      ``candidate_tokens`` after its group's cache, attending to P + those tokens. A group larger
+      than a batch runs its prefix once per batch it spans. The tower is counted once per prefix
+      pass (an upper bound where a batch holds several groups of one item).
+    """
+    K, c, B = w.retrieval_candidates, w.candidate_tokens, w.batch_size
+    S = arch.image_tokens + w.prompt_tokens
+    if not 1 <= c < w.prompt_tokens:
+        raise EstimateError(f"--candidate-tokens {c} must lie in [1, prompt tokens = {w.prompt_tokens})")
+    P = S - c
+    rows = groups * K
+    batches = math.ceil(rows / B)
+    # (group, batch) pairs: every batch, plus every group that starts inside a batch.
+    step = B // math.gcd(B, K)
+    aligned = (groups - 1) // step + 1 if groups else 0
+    prefix_passes = batches + groups - aligned
+    full = rows * (_text_flops(arch, S, S, S) + f_vision)
+    shared = prefix_passes * (_text_flops(arch, P, P, 1) + f_vision) + rows * _text_flops(arch, c, P + c, c)
+    return {
+        "candidates": K,
+        "rows": rows,
+        "prefix_passes": prefix_passes,
+        "full_flops": full,
+        "shared_flops": shared,
+        "saving": full / shared,
+        "gpu_hours": shared / (w.effective_tflops * 1e12) / 3600,
+        "full_gpu_hours": full / (w.effective_tflops * 1e12) / 3600,
+    }
 
 
 def estimate(arch: ModelArch, w: Workload) -> dict:
@@ -142,6 +204,10 @@ def estimate(arch: ModelArch, w: Workload) -> dict:
         raise EstimateError(f"unknown dtype {w.dtype!r} / store dtype {w.store_dtype!r}")
     S = arch.image_tokens + w.prompt_tokens + w.answer_tokens
     row_flops, stages = _stages(arch, w, S)
+    if w.tasks < 1 or w.retrieval_candidates < 0:
+        raise EstimateError(
+            f"--tasks ({w.tasks}) must be >= 1 and --retrieval-candidates ({w.retrieval_candidates}) >= 0"
+        )
     return {
         "name": arch.name,
         "notes": list(arch.notes),
@@ -159,8 +225,24 @@ def estimate(arch: ModelArch, w: Workload) -> dict:
         "store": _store(arch, w),
         "row_flops": row_flops,
         "stages": stages,
+        "all_tasks": all_tasks(stages, w),
         "workload": asdict(w),
     }
+
+
+def all_tasks(stages: dict[str, dict], w: Workload) -> dict[str, float]:
+    """FLOPs and GPU-hours of every stage over all ``tasks``: one of them retrieval (its
+    ``RETRIEVAL_STAGES`` scoring every candidate) when ``retrieval_candidates`` > 0, the others
+    one row per item and condition. ``flops``: as the pipeline runs them (the shared prefix, and
+    retrieval's candidates after theirs); ``full_flops``: every row in full."""
+    flops = full = 0.0
+    for name, st in stages.items():
+        retrieval = st.get("retrieval")
+        one_row = w.tasks - 1 if retrieval else w.tasks
+        flops += one_row * st.get("shared_prefix_flops", st["flops"]) + (retrieval["shared_flops"] if retrieval else 0)
+        full += one_row * st["flops"] + (retrieval["full_flops"] if retrieval else 0)
+    per_hour = w.effective_tflops * 1e12 * 3600
+    return {"flops": flops, "full_flops": full, "gpu_hours": flops / per_hour, "full_gpu_hours": full / per_hour}
 
 
 def scored_heads(arch: ModelArch, w: Workload) -> float:
