@@ -4,11 +4,13 @@ where it does not."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import WITH_PROCESSOR, make_images
 from tiny_models import cached_adapter as adapter_for
 
+from pipeline.model.evaluation import evaluate_task
 from pipeline.model.hooks import ablate_neurons_per_row, substitute_heads
 from pipeline.model.hooks.candidates import CANDIDATE_PREFIX_FAMILIES, last_logits_sharing_candidates
 
@@ -119,3 +121,42 @@ def test_rows_of_one_group_must_share_the_item():
     prompts = [TEMPLATES[0].format(candidate=c) for c in CANDIDATES[:2]]
     with pytest.raises(ValueError, match="several items"):
         last_logits_sharing_candidates(a, images, prompts, [0, 1], [0, 0], lambda rows: _null())
+
+
+def test_the_default_models_retrieval_runs_every_batch_after_the_shared_prefix(
+    tiny_adapter, annotations, images, monkeypatch
+):
+    """The embedded default's retrieval prompts (the candidate after the image) share their prefix:
+    no batch falls back to the full rows, and the margins are the full rows' (NDCG identical,
+    likelihood to float rounding)."""
+    from conftest import discovery_items
+
+    from pipeline.model import evaluation
+    from pipeline.model.hooks import condition_scales
+
+    a = tiny_adapter
+    items = discovery_items(annotations, "retrieval", 3)
+    top = a.num_layers - 1
+    conditions = [{}, {(top, 1): 0.0, (0, 2): 0.0}, {(0, 0): 2.0}]
+    kw = dict(
+        batch_size=7,
+        n_conditions=len(conditions),
+        condition_hooks=condition_scales(a, conditions),
+        progress=False,
+    )
+    full = {}
+    for utility in ("generative", "likelihood"):
+        with monkeypatch.context() as m:
+            m.setattr(evaluation, "CANDIDATE_PREFIX_FAMILIES", frozenset())
+            full[utility] = evaluate_task(a, "retrieval", items, images, utility=utility, **kw)
+
+    def no_full_rows(*args, **kwargs):
+        raise AssertionError("a batch ran its candidates in full")
+
+    monkeypatch.setattr(evaluation, "yes_no_margin", no_full_rows)
+    for utility in ("generative", "likelihood"):
+        shared = evaluate_task(a, "retrieval", items, images, utility=utility, **kw)
+        for s, f in zip(shared, full[utility]):
+            np.testing.assert_allclose(s.per_item, f.per_item, rtol=1e-5, atol=1e-6)
+    # The conditions changed the likelihoods: the comparison covers the interventions.
+    assert not np.allclose(full["likelihood"][0].per_item, full["likelihood"][1].per_item)
