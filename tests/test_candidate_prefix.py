@@ -67,12 +67,14 @@ def _conditions(a, conds):
     return both
 
 
+# suffix_rows 3: the suffix passes cut groups of 3 and 4 candidates, each from a copy of the cache.
+@pytest.mark.parametrize("suffix_rows", [None, 3])
 @pytest.mark.parametrize("family", sorted(CANDIDATE_PREFIX_FAMILIES))
-def test_shared_candidate_prefix_equals_the_full_forward(family):
+def test_shared_candidate_prefix_equals_the_full_forward(family, suffix_rows):
     a = adapter_for(family)
     images, prompts, items, groups, conds = _rows()
     interventions = _conditions(a, conds)
-    got = last_logits_sharing_candidates(a, images, prompts, items, groups, interventions)
+    got = last_logits_sharing_candidates(a, images, prompts, items, groups, interventions, suffix_rows=suffix_rows)
     assert got is not None
     expected = _full_last_logits(a, images, prompts, lambda: interventions(list(range(len(prompts)))))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

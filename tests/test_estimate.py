@@ -260,18 +260,23 @@ def test_a_sampled_ground_truth_prices_its_neurons():
 
 
 def test_retrieval_prices_every_candidate_and_the_shared_prefix_by_hand():
-    """3 (item, condition) groups of 5 candidates in batches of 4: 6 (group, batch) prefix passes."""
+    """3 (item, condition) groups of 5 candidates in batches of 4: one prefix pass per group, then
+    its candidates in passes of at most 4 (2 per group)."""
     from pipeline.tools.estimate import retrieval_flops
     from pipeline.tools.estimate.cost import _text_flops
 
     arch = architecture(PRESETS["llava-1.5-7b"], "llava-1.5-7b")
     w = Workload(batch_size=4, retrieval_candidates=5, prompt_tokens=40, candidate_tokens=10)
     got = retrieval_flops(arch, w, groups=3, f_vision=7.0)
-    # Batches [0-3] group 0; [4-7] groups 0, 1; [8-11] groups 1, 2; [12-14] group 2.
-    assert (got["rows"], got["prefix_passes"]) == (15, 6)
+    assert (got["rows"], got["prefix_passes"], got["suffix_passes"]) == (15, 3, 6)
     S, P = 576 + 40, 576 + 30
     assert got["full_flops"] == 15 * (_text_flops(arch, S, S, S) + 7.0)
-    assert got["shared_flops"] == 6 * (_text_flops(arch, P, P, 1) + 7.0) + 15 * _text_flops(arch, 10, P + 10, 10)
+    assert got["shared_flops"] == 3 * (_text_flops(arch, P, P, 1) + 7.0) + 15 * _text_flops(arch, 10, P + 10, 10)
+    # Batches of 12 rows hold 2 groups of 5: 2 suffix passes for 3 groups.
+    assert (
+        retrieval_flops(arch, Workload(**{**w.__dict__, "batch_size": 12}), groups=3, f_vision=7.0)["suffix_passes"]
+        == 2
+    )
     # One row of the language model: 2 x (non-embedding parameters) per token, attention, lm_head.
     t = arch.text
     matmul = 2 * t.layers * (t.layer_params() - 2 * t.hidden)
@@ -287,7 +292,7 @@ def test_the_retrieval_task_dominates_a_7b_study_unless_its_candidates_share_the
     heads = est["stages"]["heads"]
     assert heads["retrieval"]["rows"] == 50 * heads["rows"]
     assert "retrieval" not in est["stages"]["dump"]  # the dump runs the positive's row alone
-    assert 8 < heads["retrieval"]["saving"] < 10  # a 576-token image shared by 50 candidates of 24 tokens
+    assert 15 < heads["retrieval"]["saving"] < 20  # a 576-token image shared by 50 candidates of 24 tokens
     # All tasks: three of one row per item and condition, retrieval's 50 candidates.
     st, t = est["stages"], est["all_tasks"]
     one_row = sum(s.get("shared_prefix_flops", s["flops"]) for s in st.values())

@@ -47,7 +47,7 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.model.adapter import ModelInputs
-from pipeline.model.batching import for_each_batch
+from pipeline.model.batching import for_each_batch, largest_fitting_batch
 from pipeline.model.hooks import forward_sharing_prefix
 from pipeline.model.hooks.candidates import CANDIDATE_PREFIX_FAMILIES, last_logits_sharing_candidates
 from pipeline.model.scoring import answer_logprobs, answer_token_id, mean_answer_logprob
@@ -463,9 +463,14 @@ def _retrieval_margins(
     """
     share_candidates = adapter.family in CANDIDATE_PREFIX_FAMILIES
     n_candidates = [len(items.at[i, "candidates"]) for i in range(len(items))]
+    rows_per_call = batch_size
     if share_candidates:
-        # Rows: (item, candidate, condition), an item's candidates under one condition together.
+        # Rows: (item, candidate, condition), an item's candidates under one condition together,
+        # and calls of whole groups: as many as fit in a batch, or one group whose suffixes then
+        # run in passes of at most a batch after its one prefix.
         rows = [(i, k, c) for i in range(len(items)) for c in conds for k in range(n_candidates[i])]
+        widest = max(n_candidates)
+        rows_per_call = (batch_size // widest) * widest if widest <= batch_size else widest
     else:
         # Item-major so that an image's rows share a batch.
         rows = [(i, k, c) for i in range(len(items)) for k in range(n_candidates[i]) for c in conds]
@@ -493,6 +498,7 @@ def _retrieval_margins(
                 [i for i, _, _ in batch],
                 [(i, c) for i, _, c in batch],
                 lambda rs: _hooks(condition_hooks, row_conds[rs]),
+                suffix_rows=largest_fitting_batch(batch_size),
             )
         if last is not None:
             m = _yes_no(adapter, last)
@@ -507,7 +513,7 @@ def _retrieval_margins(
         for key, v in zip(batch, m):
             margins[key] = float(v)
 
-    for_each_batch(len(rows), batch_size, run, what=progress or "retrieval", progress=progress is not False)
+    for_each_batch(len(rows), rows_per_call, run, what=progress or "retrieval", progress=progress is not False)
     return {
         c: [np.array([margins[(i, k, c)] for k in range(len(items.at[i, "candidates"]))]) for i in range(len(items))]
         for c in conds

@@ -4,9 +4,9 @@ A retrieval item is one image and prompt scored against K candidate texts; its K
 are equal up to the first token where the candidates differ (the image's tokens and the
 template before the candidate). Here that prefix runs once per group of rows (an item under
 one intervention), its keys and values are kept, and only each row's suffix runs after it:
-for a VLM whose image takes hundreds of tokens (LLaVA-1.5: 576) against a caption of a few
-dozen, the rows cost a few percent of their full forward passes; on the default models about
-half.
+for a VLM whose image takes hundreds of tokens (LLaVA-1.5: 576; Qwen2.5-VL: ~391 for a COCO
+image) against a caption of a few dozen, the rows cost a few percent of their full forward
+passes; on the default models about half.
 
 Map of this module:
 - ``CANDIDATE_PREFIX_FAMILIES``: the families whose results equal the full forward's (tests).
@@ -20,6 +20,7 @@ rows (the groups' first rows in the first, every row in the second).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Hashable, Sequence
 from contextlib import AbstractContextManager
 
@@ -30,14 +31,17 @@ from pipeline.model.hooks.prefix import forward_sharing_prefix
 
 __all__ = ["CANDIDATE_PREFIX_FAMILIES", "last_logits_sharing_candidates"]
 
-# One-dimensional positions that a cached prefix continues, and causal attention over the whole
-# sequence. Not here: PaliGemma (its prompt attends both ways, so the prefix sees the
-# candidate), Gemma 3 (token types per position), Qwen2-VL and Qwen2.5-VL (M-RoPE positions
-# kept in the model from the image's pass, for its batch), InternVL and Mistral 3 (untested).
-CANDIDATE_PREFIX_FAMILIES = frozenset({"llava", "idefics3", "smolvlm"})
+# Causal attention over the whole sequence, and positions that the suffix continues: one-
+# dimensional (LLaVA, Idefics3, SmolVLM), or M-RoPE's three (Qwen2-VL, Qwen2.5-VL: given to the
+# suffix explicitly, from the prefix's own). Not here: PaliGemma (its prompt attends both ways,
+# so the prefix sees the candidate), Gemma 3 (token types per position, images attend both
+# ways), InternVL and Mistral 3 (not checked).
+CANDIDATE_PREFIX_FAMILIES = frozenset({"llava", "idefics3", "smolvlm", "qwen2_vl", "qwen2_5_vl"})
+_MROPE_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl"})
 
-# Model inputs with one entry per token; rows with any other are not split.
-_TOKEN_KEYS = frozenset({"input_ids", "attention_mask"})
+# Model inputs with one entry per token that are split at the prefix; rows with any other
+# per-token input are not split.
+_TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 
 
 def _image_token_id(adapter: ModelAdapter) -> int | None:
@@ -82,6 +86,27 @@ def _right_pad(rows: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.
     return ids, mask
 
 
+def _take(images: dict[str, torch.Tensor], n_seq: int, rows: list[int]) -> dict[str, torch.Tensor] | None:
+    """The image inputs of sequences ``rows`` (repeats allowed) out of those of ``n_seq``
+    sequences: tensors with one entry per sequence indexed; Qwen2-VL's flattened patches
+    (``pixel_values`` [patches, dim] with ``image_grid_thw`` [n_seq, 3]) cut per sequence; None
+    where a tensor is neither."""
+    grid = images.get("image_grid_thw")
+    out: dict[str, torch.Tensor] = {}
+    for key, value in images.items():
+        if key == "pixel_values" and grid is not None and value.dim() == 2 and grid.shape[0] == n_seq:
+            counts = grid.prod(dim=-1).tolist()
+            if sum(counts) != value.shape[0]:
+                return None
+            starts = [sum(counts[:s]) for s in range(n_seq)]
+            out[key] = torch.cat([value[starts[s] : starts[s] + counts[s]] for s in rows])
+        elif value.dim() >= 1 and value.shape[0] == n_seq:
+            out[key] = value[torch.tensor(rows, dtype=torch.long, device=value.device)]
+        else:
+            return None
+    return out
+
+
 def _first_index(keys: Sequence[Hashable]) -> tuple[list[int], torch.Tensor]:
     """(the first row of each distinct key, in order of appearance; each row's key index [B])."""
     index: dict[Hashable, int] = {}
@@ -103,6 +128,8 @@ def last_logits_sharing_candidates(
     items: Sequence[Hashable],
     groups: Sequence[Hashable],
     interventions: Callable[[list[int]], AbstractContextManager],
+    *,
+    suffix_rows: int | None = None,
 ) -> torch.Tensor | None:
     """Logits [B, V] at the last prompt token of each row (image and prompt, no answer), the
     prefix that rows of one group share computed once.
@@ -114,13 +141,16 @@ def last_logits_sharing_candidates(
         groups: per row, the rows that share a prefix pass: one item under one intervention
             (each group's rows belong to one item).
         interventions: the context manager of given rows' interventions (their indices in
-            this batch); entered for the prefix pass with each group's first row, and for the
-            suffix pass with every row.
+            this batch); entered for the prefix pass with each group's first row, and for each
+            suffix pass with its rows.
+        suffix_rows: at most this many rows per suffix pass (None: all in one); each pass
+            copies the prefix's cache for its rows, so a group of more candidates than a batch
+            holds still runs its prefix once.
 
     Within an item the prefix is the tokens every row's prompt shares, up to the first that
     differs (at most all but the last); it must hold every image token. The prefix pass runs
     once per group (the vision tower once per item, ``forward_sharing_prefix``) and keeps its
-    keys and values; the suffix pass runs each row's remaining tokens after its group's cache.
+    keys and values; the suffix passes run each row's remaining tokens after its group's cache.
     The logits equal the full forward's to float rounding (tests: each family of
     ``CANDIDATE_PREFIX_FAMILIES``, with head substitutions and neuron scales).
 
@@ -142,10 +172,12 @@ def last_logits_sharing_candidates(
     extra = {k: v for k, v in tensors.items() if k not in _TOKEN_KEYS}
     if any(v.dim() >= 2 and tuple(v.shape[:2]) == (n_seq, width) for v in extra.values()):
         return None
-    if any(v.dim() == 0 or v.shape[0] != n_seq for v in extra.values()):
+    if _take(extra, n_seq, [0]) is None:
         return None
     ids, mask = tensors["input_ids"], tensors["attention_mask"].bool()
     tokens = [ids[s][mask[s]] for s in range(n_seq)]
+    token_types = tensors.get("mm_token_type_ids")
+    types = None if token_types is None else [token_types[s][mask[s]] for s in range(n_seq)]
 
     # Per item: the prefix its sequences share.
     item_first, item_of_seq = _first_index([items[b] for b in seq_first])
@@ -154,6 +186,8 @@ def last_logits_sharing_candidates(
         rows = [tokens[s] for s in range(n_seq) if int(item_of_seq[s]) == i]
         p = _common_length(rows)
         if p < 1 or any(int((r[p:] == image_token).sum()) for r in rows):
+            return None
+        if types is not None and any(int(types[s][p:].ne(0).sum()) for s in range(n_seq) if int(item_of_seq[s]) == i):
             return None
         prefix_len.append(p)
     item_seq = [int((item_of_seq == i).nonzero()[0, 0]) for i in range(len(item_first))]
@@ -167,11 +201,21 @@ def last_logits_sharing_candidates(
         raise ValueError("last_logits_sharing_candidates: a group holds rows of several items")
 
     # Prefix pass: one row per group, the vision tower and embeddings once per item.
-    unique_ids, unique_mask = _left_pad([tokens[item_seq[i]][: prefix_len[i]] for i in range(len(item_first))], pad)
+    n_items = len(item_first)
+    unique_ids, unique_mask = _left_pad([tokens[item_seq[i]][: prefix_len[i]] for i in range(n_items)], pad)
     unique = {"input_ids": unique_ids.to(device), "attention_mask": unique_mask.to(device)}
-    unique.update({k: v[[item_seq[i] for i in range(len(item_first))]] for k, v in extra.items()})
+    if types is not None:
+        unique["mm_token_type_ids"] = _left_pad([types[item_seq[i]][: prefix_len[i]] for i in range(n_items)], 0)[0].to(
+            device
+        )
+    images_of_items = _take(extra, n_seq, item_seq)
+    unique_images = _take(images_of_items, n_items, item_of_group) if images_of_items is not None else None
+    if images_of_items is None or unique_images is None:
+        return None
     source = torch.tensor(item_of_group, dtype=torch.long)
     prefix_rows = {k: v[source.to(v.device)] for k, v in unique.items()}
+    prefix_rows.update(unique_images)
+    unique.update(images_of_items)
     out = forward_sharing_prefix(
         adapter,
         unique,
@@ -183,16 +227,44 @@ def last_logits_sharing_candidates(
         logits_to_keep=1,
     )
     cache = out.cache
-    cache.reorder_cache(group_of_row.to(device))
+    group_of_row = group_of_row.to(device)
+    if adapter.family in _MROPE_FAMILIES:
+        # Text after the image continues from the prefix's largest position, in all three parts.
+        rope, _ = adapter.model.model.get_rope_index(
+            prefix_rows["input_ids"],
+            prefix_rows["mm_token_type_ids"],
+            image_grid_thw=prefix_rows.get("image_grid_thw"),
+            attention_mask=prefix_rows["attention_mask"],
+        )
+        group_last_position = rope.masked_fill(~prefix_rows["attention_mask"].bool().unsqueeze(0), -1).amax(dim=(0, 2))
+    else:
+        group_last_position = None
 
-    # Suffix pass: every row's tokens after its item's prefix, right-padded after the cache.
-    suffix_ids, suffix_mask = _right_pad(
-        [tokens[int(seq_of_row[b])][prefix_len[item_of_group[int(group_of_row[b])]] :] for b in range(n)], pad
-    )
-    attention = torch.cat([prefix_rows["attention_mask"][group_of_row.to(device)], suffix_mask.to(device)], dim=1)
-    with interventions(list(range(n))):
-        logits = adapter.model(
-            input_ids=suffix_ids.to(device), attention_mask=attention, cache=cache, use_cache=True
-        ).logits
-    last = suffix_mask.sum(dim=1).to(device) - 1
-    return logits[torch.arange(n, device=device), last]
+    # Suffix passes: every row's tokens after its item's prefix, right-padded after its group's
+    # cache, at most ``suffix_rows`` rows a pass.
+    size = n if suffix_rows is None else max(1, suffix_rows)
+    chunks = [list(range(start, min(start + size, n))) for start in range(0, n, size)]
+    logits_out: torch.Tensor | None = None
+    for chunk in chunks:
+        rows_cache = copy.deepcopy(cache) if len(chunks) > 1 else cache
+        rows_cache.reorder_cache(group_of_row[chunk])
+        suffix_ids, suffix_mask = _right_pad(
+            [tokens[int(seq_of_row[b])][prefix_len[item_of_group[int(group_of_row[b])]] :] for b in chunk], pad
+        )
+        suffix_mask = suffix_mask.to(device)
+        attention = torch.cat([prefix_rows["attention_mask"][group_of_row[chunk]], suffix_mask], dim=1)
+        positions = {}
+        if group_last_position is not None:
+            steps = torch.arange(1, suffix_ids.shape[1] + 1, device=device)
+            positions["position_ids"] = (
+                (group_last_position[group_of_row[chunk]].unsqueeze(1) + steps).unsqueeze(0).expand(3, -1, -1)
+            )
+        with interventions(chunk):
+            logits = adapter.model(
+                input_ids=suffix_ids.to(device), attention_mask=attention, cache=rows_cache, use_cache=True, **positions
+            ).logits
+        last = logits[torch.arange(len(chunk), device=device), suffix_mask.sum(dim=1) - 1]
+        if logits_out is None:
+            logits_out = last.new_empty((n, last.shape[-1]))
+        logits_out[chunk] = last
+    return logits_out

@@ -164,13 +164,13 @@ def retrieval_flops(arch: ModelArch, w: Workload, groups: int, f_vision: float) 
     the margin is read at the last prompt token).
 
     - ``full_flops``: every row in full (the vision tower, every token, logits at every position);
-    - ``shared_flops``: as ``pipeline.model.hooks.candidates`` runs them: per batch of
-      ``batch_size`` consecutive rows (a group's candidates together), one prefix pass per group
-      the batch touches (the vision tower and the P = image + prompt - ``candidate_tokens``
-      tokens the candidates share, logits at its last token only), then every row's
-      ``candidate_tokens`` after its group's cache, attending to P + those tokens. A group larger
-      than a batch runs its prefix once per batch it spans. The tower is counted once per prefix
-      pass (an upper bound where a batch holds several groups of one item).
+    - ``shared_flops``: as ``pipeline.model.hooks.candidates`` runs them: the rows go to the
+      model in calls of whole groups (as many as ``batch_size`` rows hold, or one group whose
+      candidates then run in passes of ``batch_size``), so each group runs one prefix pass (the
+      vision tower and the P = image + prompt - ``candidate_tokens`` tokens the candidates
+      share, logits at its last token only), then every row its ``candidate_tokens`` after the
+      group's cache, attending to P + those tokens. The tower is counted once per group (an
+      upper bound: a call's groups of one item share it).
     """
     K, c, B = w.retrieval_candidates, w.candidate_tokens, w.batch_size
     S = arch.image_tokens + w.prompt_tokens
@@ -178,17 +178,13 @@ def retrieval_flops(arch: ModelArch, w: Workload, groups: int, f_vision: float) 
         raise EstimateError(f"--candidate-tokens {c} must lie in [1, prompt tokens = {w.prompt_tokens})")
     P = S - c
     rows = groups * K
-    batches = math.ceil(rows / B)
-    # (group, batch) pairs: every batch, plus every group that starts inside a batch.
-    step = B // math.gcd(B, K)
-    aligned = (groups - 1) // step + 1 if groups else 0
-    prefix_passes = batches + groups - aligned
     full = rows * (_text_flops(arch, S, S, S) + f_vision)
-    shared = prefix_passes * (_text_flops(arch, P, P, 1) + f_vision) + rows * _text_flops(arch, c, P + c, c)
+    shared = groups * (_text_flops(arch, P, P, 1) + f_vision) + rows * _text_flops(arch, c, P + c, c)
     return {
         "candidates": K,
         "rows": rows,
-        "prefix_passes": prefix_passes,
+        "prefix_passes": groups,
+        "suffix_passes": groups * math.ceil(K / B) if K > B else math.ceil(groups / (B // K)),
         "full_flops": full,
         "shared_flops": shared,
         "saving": full / shared,
