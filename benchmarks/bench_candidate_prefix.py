@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
 
@@ -34,8 +35,6 @@ from _common import REPO, load_model_and_images, require, table
 
 def main() -> None:
     from pipeline.method.heads import score_heads_per_item
-    from pipeline.model import evaluation
-    from pipeline.model.batching import rows_completed
     from pipeline.outcomes.suppression import mask_conditions, run_suppression_job, suppression_jobs
     from pipeline.tasks.items import read_annotations
 
@@ -77,18 +76,7 @@ def main() -> None:
 
     rows = []
     for what, work in (("heads (every head substituted)", heads), ("evaluate (every mask, likelihood)", evaluate)):
-        result, seconds, n_rows = {}, {}, {}
-        for way in ("full", "shared"):
-            families = frozenset() if way == "full" else evaluation.CANDIDATE_PREFIX_FAMILIES
-            best = float("inf")
-            for _ in range(args.repeats):
-                before = rows_completed()
-                with mock.patch.object(evaluation, "CANDIDATE_PREFIX_FAMILIES", families):
-                    start = time.perf_counter()
-                    result[way] = work()
-                    best = min(best, time.perf_counter() - start)
-                n_rows[way] = rows_completed() - before
-            seconds[way] = best
+        result, seconds, n_rows = both_ways(work, args.repeats)
         diff = float(np.max(np.abs(result["full"] - result["shared"])))
         for way in ("full", "shared"):
             rows.append(
@@ -106,6 +94,27 @@ def main() -> None:
     print(table(("work", "way", "s", "rows", "rows/s", "speed-up", "max |difference|"), rows))
 
 
+def both_ways(work: Callable[[], np.ndarray], repeats: int) -> tuple[dict, dict, dict]:
+    """({way: work()'s result}, {way: fastest wall seconds of ``repeats``}, {way: rows run}) for
+    way "full" (candidate sharing switched off) and "shared"."""
+    from pipeline.model import evaluation
+    from pipeline.model.batching import rows_completed
+
+    result, seconds, n_rows = {}, {}, {}
+    for way in ("full", "shared"):
+        families = frozenset() if way == "full" else evaluation.CANDIDATE_PREFIX_FAMILIES
+        best = float("inf")
+        for _ in range(repeats):
+            before = rows_completed()
+            with mock.patch.object(evaluation, "CANDIDATE_PREFIX_FAMILIES", families):
+                start = time.perf_counter()
+                result[way] = work()
+                best = min(best, time.perf_counter() - start)
+            n_rows[way] = rows_completed() - before
+        seconds[way] = best
+    return result, seconds, n_rows
+
+
 def synthetic(args: argparse.Namespace) -> None:
     """Retrieval on a random LLaVA whose image is ``--image-tokens`` tokens, both ways."""
     import math
@@ -115,7 +124,6 @@ def synthetic(args: argparse.Namespace) -> None:
 
     from pipeline.model import evaluation
     from pipeline.model.adapter import ModelAdapter
-    from pipeline.model.batching import rows_completed
     from pipeline.model.default import (
         DefaultModelSpec,
         benchmark_vocabulary,
@@ -150,29 +158,22 @@ def synthetic(args: argparse.Namespace) -> None:
         for _ in range(args.conditions - 1)
     ]
     hooks = condition_scales(adapter, conditions)
-    result, seconds, n_rows = {}, {}, {}
-    for way in ("full", "shared"):
-        families = frozenset() if way == "full" else evaluation.CANDIDATE_PREFIX_FAMILIES
-        best = float("inf")
-        for _ in range(args.repeats):
-            before = rows_completed()
-            with mock.patch.object(evaluation, "CANDIDATE_PREFIX_FAMILIES", families):
-                start = time.perf_counter()
-                out = evaluation.evaluate_task(
-                    adapter,
-                    "retrieval",
-                    items,
-                    images,
-                    batch_size=args.batch_size,
-                    utility="likelihood",
-                    n_conditions=len(conditions),
-                    condition_hooks=hooks,
-                    progress=False,
-                )
-                best = min(best, time.perf_counter() - start)
-            n_rows[way] = rows_completed() - before
-        result[way] = np.stack([r.per_item for r in out])
-        seconds[way] = best
+
+    def likelihoods() -> np.ndarray:
+        out = evaluation.evaluate_task(
+            adapter,
+            "retrieval",
+            items,
+            images,
+            batch_size=args.batch_size,
+            utility="likelihood",
+            n_conditions=len(conditions),
+            condition_hooks=hooks,
+            progress=False,
+        )
+        return np.stack([r.per_item for r in out])
+
+    result, seconds, n_rows = both_ways(likelihoods, args.repeats)
     diff = float(np.max(np.abs(result["full"] - result["shared"])))
     print(
         f"random LLaVA, {args.image_tokens} image tokens, text hidden {spec.text_hidden} x {spec.text_layers} layers; "

@@ -103,8 +103,7 @@ def _stages(arch: ModelArch, w: Workload, S: int) -> tuple[int, dict[str, dict]]
     L = t.layers
     vision_params = (v.params + v.projector_params) if v else 0
     # FLOPs of one row (one sequence) forward: matmuls 2 x params per token, attention 4*L*S^2*H*d, lm_head.
-    text_matmul = t.layers * (t.layer_params() - 2 * t.hidden)
-    flops_text = 2 * text_matmul * S + 4 * L * S * S * t.heads * t.head_dim + 2 * t.vocab * t.hidden * S
+    flops_text = _text_flops(arch, S, S, S)
     flops_vision = 2 * vision_params * v.positions if v else 0
     row_flops = flops_text + flops_vision
     heads_items = w.heads_items if w.heads_items is not None else w.items
