@@ -1,4 +1,8 @@
-"""Stage `ablation@<model>-<task>`: ground-truth effect of zeroing each FFN neuron -> Parquet."""
+"""Stage `ablation@<model>`: ground-truth effect of zeroing each FFN neuron, per task -> a folder
+of Parquet tables (`<task>.parquet`).
+
+One stage per model, not per task: only models small enough run it (`ablation.enabled`), and on
+them a stage per task costs more in DVC's bookkeeping and process start than the task's work."""
 
 from functools import partial
 from pathlib import Path
@@ -6,14 +10,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.io import write_parquet
-from pipeline.method.ablation import ablation_shard_job, merge_ablation_shards
+from pipeline.io import atomic_directory, write_parquet
+from pipeline.method.ablation import ablation_task_shard_job, merge_ablation_shards
 from pipeline.model.workers import map_jobs
 from stages._common import entry, parser
 from stages._load import load_items, load_model_and_images, worker_plan
 from stages.params import read_params
 
 READS = (
+    "tasks",
     "ablation.enabled",
     "ablation.split",
     "ablation.max_items",
@@ -42,31 +47,36 @@ def effect_table(effect: np.ndarray, se: np.ndarray) -> pd.DataFrame:
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--model", required=True)
-    p.add_argument("--task", required=True)
     p.add_argument("--benchmark", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True, help="Parquet (layer, neuron, effect, se)")
+    p.add_argument("--out", type=Path, required=True, help="folder: <task>.parquet (layer, neuron, effect, se)")
     args = p.parse_args()
-    params = read_params(args.params, READS, model=args.model, task=args.task)
+    params = read_params(args.params, READS, model=args.model)
     cfg = params.ablation
     if not cfg.enabled:
-        write_parquet(effect_table(np.zeros((0, 0)), np.zeros((0, 0))), args.out)
-        return
-    items = load_items(args.benchmark, (cfg.split,), (args.task,), cfg.max_items)
-    workers, threads = worker_plan(params, args.model)
-    # Shard k of n holds layers k, k + n, ...; a layer's rows compute every layer from it up,
-    # so the lowest are the heaviest and go first. One worker: one shard, all layers.
-    n = 1 if workers == 1 else 2 * workers
-    parts = map_jobs(
-        partial(ablation_shard_job, items=items, batch_size=params.runtime.batch_sequences),
-        [(k, n) for k in range(n)],
-        partial(load_model_and_images, params, args.model, args.benchmark),
-        workers=workers,
-        threads=threads,
-        describe=lambda sh: f"layers {sh[0]}::{sh[1]}",
-        what=f"ablation {args.task}",
-    )
-    effect, se = merge_ablation_shards(parts)
-    write_parquet(effect_table(effect, se), args.out)
+        tables = {task: effect_table(np.zeros((0, 0)), np.zeros((0, 0))) for task in params.tasks}
+    else:
+        items = {task: load_items(args.benchmark, (cfg.split,), (task,), cfg.max_items) for task in params.tasks}
+        workers, threads = worker_plan(params, args.model)
+        # Shard k of n holds layers k, k + n, ...; a layer's rows compute every layer from it up,
+        # so the lowest are the heaviest and go first. One worker: one shard, all layers. Every
+        # task's shards in one pool, so that the workers load the model once.
+        n = 1 if workers == 1 else 2 * workers
+        parts = map_jobs(
+            partial(ablation_task_shard_job, items=items, neurons=None, batch_size=params.runtime.batch_sequences),
+            [(task, (s, n)) for s in range(n) for task in params.tasks],
+            partial(load_model_and_images, params, args.model, args.benchmark),
+            workers=workers,
+            threads=threads,
+            describe=lambda job: f"{job[0]} layers {job[1][0]}::{job[1][1]}",
+            what="ablation",
+        )
+        tables = {
+            task: effect_table(*merge_ablation_shards([part for t, part in parts if t == task]))
+            for task in params.tasks
+        }
+    with atomic_directory(args.out) as tmp:
+        for task, table in tables.items():
+            write_parquet(table, tmp / f"{task}.parquet")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from stages.profile import _expand_same_as, main, merged, set_param_arguments
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = sorted((ROOT / "profiles").glob("*.yaml"))
 FULL = ROOT / "profiles" / "full.yaml"
+SEEDS = ROOT / "profiles" / "seeds.yaml"
 
 
 def _apply_with_dvc(params: Path, arguments: list[str]) -> dict:
@@ -38,6 +39,8 @@ def test_dvc_applies_each_profile_as_merged(tmp_path: Path, profile: Path) -> No
 
 def _numbers(over: dict, base: dict, prefix: str = ""):
     for key, value in over.items():
+        if key not in base:
+            continue  # a new entry (a recipe of seeds) only adds work
         if isinstance(value, dict):
             yield from _numbers(value, base[key], f"{prefix}{key}.")
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -51,9 +54,26 @@ def test_full_profile_only_adds_work() -> None:
     default's (a ``null`` item limit, every item, is more than any)."""
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     counts = list(_numbers(yaml.safe_load(FULL.read_text()), base))
-    assert len(counts) >= 5  # ablation and evaluate items, deletion-curve sizes, random draws, steering epochs
+    # models studied, ablation and evaluate items, deletion-curve sizes, random draws, steering epochs
+    assert len(counts) >= 6
     less = [(key, value, default) for key, value, default in counts if default is not None and value < default]
     assert not less, f"the full profile makes these smaller than the default: {less}"
+
+
+def test_the_seeds_profile_studies_every_shipped_seed_of_each_family() -> None:
+    """profiles/seeds.yaml: the shipped instances, each family's seeds one recipe (entries equal
+    but for the seed), and the exhaustive ground truth with its masks evaluated."""
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert base["replicates"] == {} and len(base["studied_models"]) == 2  # the default: one seed per family
+    params = merged(base, _expand_same_as(yaml.safe_load(SEEDS.read_text()), base))
+    shipped = sorted(p.name for p in (ROOT / "data" / "shipped").iterdir() if p.is_dir())
+    assert sorted(params["studied_models"]) == sorted(params["shipped_models"]) == shipped
+    assert sorted(m for ms in params["replicates"].values() for m in ms) == shipped
+    for recipe, instances in params["replicates"].items():
+        entries = [{k: v for k, v in params["models"][m].items() if k != "seed"} for m in instances]
+        assert len(instances) == 3 and all(e == entries[0] for e in entries), recipe
+        assert len({params["models"][m]["seed"] for m in instances}) == 3, recipe
+    assert params["ablation"]["enabled"] and "ablation" in params["evaluate"]["methods"]
 
 
 @pytest.mark.parametrize(
@@ -85,7 +105,8 @@ def test_an_empty_mapping_empties_an_extendable_section(tmp_path: Path) -> None:
     """DVC merges a mapping override into a mapping: ``replicates: {}`` must still empty it."""
     params = tmp_path / "params.yaml"
     shutil.copy(ROOT / "params.yaml", params)
-    assert yaml.safe_load(params.read_text())["replicates"]  # the default replicates its recipes
+    _apply_with_dvc(params, set_param_arguments(SEEDS, params))
+    assert yaml.safe_load(params.read_text())["replicates"]  # the seeds profile replicates its recipes
     profile = tmp_path / "p.yaml"
     profile.write_text("studied_models: [tiny-llava]\nshipped_models: [tiny-llava]\nreplicates: {}\n")
     arguments = set_param_arguments(profile, params)

@@ -141,13 +141,15 @@ def ablation_task_shard_job(
     job: tuple[str, tuple[int, int]],
     *,
     items: dict[str, pd.DataFrame],
-    neurons: dict[str, list[tuple[int, int]]],
+    neurons: dict[str, list[tuple[int, int]]] | None,
     batch_size: int,
 ) -> tuple[str, tuple[list[int], np.ndarray, np.ndarray]]:
     """(task, ``ablation_shard_job``'s result) of ``job`` = (task, shard), on that task's
-    ``items`` and ``neurons``: the shards of several tasks in one pool of workers."""
+    ``items`` and ``neurons`` (None: every neuron): the shards of several tasks in one pool of
+    workers."""
     task, shard = job
-    return task, ablation_shard_job(state, shard, items=items[task], batch_size=batch_size, neurons=neurons[task])
+    mine = None if neurons is None else neurons[task]
+    return task, ablation_shard_job(state, shard, items=items[task], batch_size=batch_size, neurons=mine)
 
 
 def merge_ablation_shards(parts: list[tuple[list[int], np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
