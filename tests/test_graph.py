@@ -282,3 +282,41 @@ def test_the_committed_lock_holds_the_graphs_stages_and_no_others() -> None:
     lock = set(yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"])
     assert not lock - graph, f"dvc.lock holds stages dvc.yaml does not: {sorted(lock - graph)}"
     assert not graph - lock, f"stages never run into dvc.lock: {sorted(graph - lock)}"
+
+
+def _cached_outputs(params: dict, root: Path) -> dict[str, str]:
+    """{output path: stage} of every output DVC caches (``cache: false`` ones are git's) in the
+    graph dvc.yaml resolves under ``params``, in a scratch DVC repository at ``root``."""
+    from dvc.repo import Repo
+
+    (root / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    Repo.init(str(root), no_scm=True).close()
+    with Repo(str(root)) as repo:
+        return {out.def_path: stage.name for stage in repo.index.stages for out in stage.outs if out.use_cache}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "profile", [None, *sorted((ROOT / "profiles").glob("*.yaml"))], ids=lambda p: getattr(p, "stem", "default")
+)
+def test_git_tracks_no_file_inside_an_output_dvc_caches(profile: Path | None, tmp_path: Path) -> None:
+    """DVC refuses to run a stage whose cached output holds a file git tracks ("already tracked
+    by SCM"): a .gitignore that DVC wrote for an output at a path that is now inside another
+    (a per-task output become a per-model folder) stops a fresh clone's run at that stage."""
+    import subprocess
+
+    from stages.profile import _expand_same_as, merged
+
+    values = yaml.safe_load((ROOT / "params.yaml").read_text())
+    if profile is not None:
+        values = merged(values, _expand_same_as(yaml.safe_load(profile.read_text()), values))
+    outputs = _cached_outputs(values, tmp_path)
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    inside = sorted(
+        (path, outputs[out])
+        for path in tracked
+        for out in outputs
+        if path == out or path.startswith(out.rstrip("/") + "/")
+    )
+    assert not inside, f"git tracks files inside outputs DVC caches (file, stage): {inside}"
