@@ -11,8 +11,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.io import atomic_directory, write_parquet
-from pipeline.method.ablation import ablation_task_shard_job, merge_ablation_shards
-from pipeline.model.workers import map_jobs
+from pipeline.method.ablation import ablation_effects_per_task
 from stages._common import entry, parser
 from stages._load import load_items, load_model_and_images, worker_plan
 from stages.params import read_params
@@ -57,23 +56,15 @@ def main() -> None:
     else:
         items = {task: load_items(args.benchmark, (cfg.split,), (task,), cfg.max_items) for task in params.tasks}
         workers, threads = worker_plan(params, args.model)
-        # Shard k of n holds layers k, k + n, ...; a layer's rows compute every layer from it up,
-        # so the lowest are the heaviest and go first. One worker: one shard, all layers. Every
-        # task's shards in one pool, so that the workers load the model once.
-        n = 1 if workers == 1 else 2 * workers
-        parts = map_jobs(
-            partial(ablation_task_shard_job, items=items, neurons=None, batch_size=params.runtime.batch_sequences),
-            [(task, (s, n)) for s in range(n) for task in params.tasks],
-            partial(load_model_and_images, params, args.model, args.benchmark),
+        effects = ablation_effects_per_task(
+            items,
+            None,
+            load=partial(load_model_and_images, params, args.model, args.benchmark),
+            batch_size=params.runtime.batch_sequences,
             workers=workers,
             threads=threads,
-            describe=lambda job: f"{job[0]} layers {job[1][0]}::{job[1][1]}",
-            what="ablation",
         )
-        tables = {
-            task: effect_table(*merge_ablation_shards([part for t, part in parts if t == task]))
-            for task in params.tasks
-        }
+        tables = {task: effect_table(*effects[task]) for task in params.tasks}
     with atomic_directory(args.out) as tmp:
         for task, table in tables.items():
             write_parquet(table, tmp / f"{task}.parquet")

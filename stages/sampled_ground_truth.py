@@ -11,10 +11,9 @@ import numpy as np
 import pandas as pd
 
 from pipeline.io import write_parquet
-from pipeline.method.ablation import ablation_task_shard_job, merge_ablation_shards
+from pipeline.method.ablation import ablation_effects_per_task
 from pipeline.method.masks import mask_size
 from pipeline.method.store import read_importance
-from pipeline.model.workers import map_jobs
 from pipeline.outcomes.sampled_faithfulness import census_methods, draw_sample, sample_table
 from stages._common import entry, parser
 from stages._load import load_items, load_model_and_images, worker_plan
@@ -64,21 +63,18 @@ def main() -> None:
         )
         neurons[task] = [(int(l), int(i)) for l, i in zip(*np.nonzero(samples[task].sampled))]
         items[task] = load_items(args.benchmark, (cfg.split,), (task,), cfg.max_items)
-    # Shards by layer, as the exhaustive ablation (one worker: one shard of every layer), every
-    # task's in one pool so that the workers load the model once.
-    n = 1 if workers == 1 else 2 * workers
-    parts = map_jobs(
-        partial(ablation_task_shard_job, items=items, neurons=neurons, batch_size=params.runtime.batch_sequences),
-        [(task, (s, n)) for task in params.tasks for s in range(n)],
-        partial(load_model_and_images, params, args.model, args.benchmark),
+    effects = ablation_effects_per_task(
+        items,
+        neurons,
+        load=partial(load_model_and_images, params, args.model, args.benchmark),
+        batch_size=params.runtime.batch_sequences,
         workers=workers,
         threads=threads,
-        describe=lambda job: f"{job[0]} layers {job[1][0]}::{job[1][1]}",
         what=f"sampled ground truth ({sum(map(len, neurons.values()))} neurons)",
     )
     frames = []
     for task in params.tasks:
-        effect, se = merge_ablation_shards([part for t, part in parts if t == task])
+        effect, se = effects[task]
         frames.append(sample_table(samples[task], effect, se).assign(task=task))
     write_parquet(pd.concat(frames, ignore_index=True)[list(COLUMNS)], args.out)
 

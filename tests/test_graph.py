@@ -88,6 +88,16 @@ def check_graph(root: Path, stages: dict[str, dict], params: dict) -> list[str]:
     return problems
 
 
+def _scratch_repo(root: Path, params: dict) -> Path:
+    """``root`` made a DVC repository (no git) holding this project's dvc.yaml and ``params``."""
+    from dvc.repo import Repo
+
+    (root / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    Repo.init(str(root), no_scm=True).close()
+    return root
+
+
 def resolved_stages(root: Path) -> dict[str, dict]:
     """The stages as DVC resolves dvc.yaml (matrix expanded, ``${...}`` filled)."""
     from dvc.dependency.param import ParamsDependency
@@ -124,12 +134,7 @@ def params() -> dict:
 @pytest.fixture(scope="module")
 def stages(params, tmp_path_factory) -> dict[str, dict]:
     """The stages DVC resolves from dvc.yaml under ``params``, in a scratch DVC repository."""
-    from dvc.repo import Repo
-
-    root = tmp_path_factory.mktemp("graph")
-    (root / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    Repo.init(str(root), no_scm=True).close()
+    root = _scratch_repo(tmp_path_factory.mktemp("graph"), params)
     out = resolved_stages(root)
     assert {"train_default_model@tiny-llava", "ship_model@tiny-idefics3", "resolve_model@brought"} <= set(out)
     assert {"ood_benchmark@gqa", "transfer_ood@tiny-llava-gqa"} <= set(out)
@@ -289,10 +294,7 @@ def _cached_outputs(params: dict, root: Path) -> dict[str, str]:
     graph dvc.yaml resolves under ``params``, in a scratch DVC repository at ``root``."""
     from dvc.repo import Repo
 
-    (root / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    Repo.init(str(root), no_scm=True).close()
-    with Repo(str(root)) as repo:
+    with Repo(str(_scratch_repo(root, params))) as repo:
         return {out.def_path: stage.name for stage in repo.index.stages for out in stage.outs if out.use_cache}
 
 

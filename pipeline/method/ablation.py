@@ -11,7 +11,8 @@ for models small enough (the embedded default: 2,048 neurons).
   items (sample standard deviation of the per-item effects / sqrt(n_items)).
 - ``ablation_shard_job`` / ``merge_ablation_shards``: the same over shards of the layers
   (jobs of ``pipeline.model.workers.map_jobs``), merged; ``ablation_task_shard_job``: shards of
-  several tasks (each its own items and sampled neurons) in one pool. Prompts and answers are
+  several tasks (each its own items and sampled neurons) in one pool, which
+  ``ablation_effects_per_task`` runs and merges per task. Prompts and answers are
   ``pipeline.tasks.items.item_prompts`` / ``teacher_forced_answers``, scored by
   ``pipeline.model.evaluation.answer_logprob``: the same utility as the teacher-forced heads.
 """
@@ -19,6 +20,8 @@ for models small enough (the embedded default: 2,048 neurons).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -29,6 +32,7 @@ from pipeline.model.batching import for_each_batch
 from pipeline.model.evaluation import answer_logprob
 from pipeline.model.hooks import ablate_neurons_per_row, forward_sharing_prefix, lowest_layer
 from pipeline.model.scoring import answer_logprobs, mean_answer_logprob
+from pipeline.model.workers import map_jobs
 from pipeline.tasks.items import ImageTable, item_prompts, teacher_forced_answers
 
 log = logging.getLogger(__name__)
@@ -158,3 +162,33 @@ def merge_ablation_shards(parts: list[tuple[list[int], np.ndarray, np.ndarray]])
     for layers, e, s in parts:
         effect[layers], se[layers] = e[layers], s[layers]
     return effect, se
+
+
+def ablation_effects_per_task(
+    items: dict[str, pd.DataFrame],
+    neurons: dict[str, list[tuple[int, int]]] | None,
+    *,
+    load: Callable[[], tuple],
+    batch_size: int,
+    workers: int,
+    threads: int,
+    what: str = "ablation",
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{task: (effect, se)} [layer, neuron], nats, of zeroing each neuron of ``neurons[task]``
+    (None: every neuron) alone on ``items[task]``; unablated neurons NaN.
+
+    Every task's layer shards run in one pool of ``workers`` processes (``load``: the picklable
+    (adapter, images) loader each runs once). Shard k of n holds layers k, k + n, ...; a layer's
+    rows compute every layer from it up, so the lowest shards are the heaviest and go first. One
+    worker: one shard of every layer per task."""
+    n = 1 if workers == 1 else 2 * workers
+    parts = map_jobs(
+        partial(ablation_task_shard_job, items=items, neurons=neurons, batch_size=batch_size),
+        [(task, (s, n)) for s in range(n) for task in items],
+        load,
+        workers=workers,
+        threads=threads,
+        describe=lambda job: f"{job[0]} layers {job[1][0]}::{job[1][1]}",
+        what=what,
+    )
+    return {task: merge_ablation_shards([part for t, part in parts if t == task]) for task in items}
