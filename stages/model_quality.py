@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pipeline.model.evaluation import evaluate_model_quality
+from pipeline.model.quality import evaluate_model_quality
 from pipeline.outcomes.records import QualityRecord, as_record, write_record
 from stages._common import entry, parser
 from stages._load import load_images, load_items, load_model

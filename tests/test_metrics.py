@@ -337,12 +337,8 @@ def test_paper_corpus_bleu_by_hand():
 
 
 def test_model_quality_reports_the_standard_variant_of_the_same_generations(tiny_adapter, annotations, images):
-    from pipeline.model.evaluation import (
-        aggregate_utility,
-        evaluate_conditions,
-        evaluate_model_quality,
-        standard_utility,
-    )
+    from pipeline.model.evaluation import aggregate_utility, evaluate_conditions, standard_utility
+    from pipeline.model.quality import evaluate_model_quality
 
     quality = evaluate_model_quality(
         tiny_adapter,
@@ -354,7 +350,7 @@ def test_model_quality_reports_the_standard_variant_of_the_same_generations(tiny
         max_new_tokens=4,
         max_items=3,
     )
-    assert set(quality) == {"generative", "generative_standard", "likelihood"}
+    assert set(quality) == {"generative", "generative_standard", "generative_by_question_type", "likelihood"}
     assert set(quality["generative_standard"]) == {"vqa", "caption"}  # retrieval ranks, generates nothing
     for task in ("vqa", "caption"):
         items = annotations[(annotations["split"] == "test") & (annotations["task"] == task)].head(3)
@@ -398,3 +394,39 @@ def test_generated_captions_are_scored_from_one_cleaning():
     np.testing.assert_array_equal(stats, metrics.paper_bleu_statistics(cleaned, refs))
     assert per.tolist() == [metrics.sentence_bleu(p, r) for p, r in zip(cleaned, refs)]
     assert generative_scores("vqa", ["Answer: red"], pd.DataFrame({"references": [["red"]]}))[2] is None
+
+
+def test_model_quality_breaks_a_task_down_by_question_type(tiny_adapter, annotations, images):
+    """Each question type's value is the paper's utility of that type's items alone, on the very
+    generations of the task's overall value; a task of one type has no breakdown."""
+    from pipeline.model.evaluation import aggregate_utility, evaluate_conditions
+    from pipeline.model.quality import evaluate_model_quality
+
+    test = annotations[annotations["split"] == "test"]
+    vqa = test[test["task"] == "vqa"].head(12)
+    assert vqa["question_type"].nunique() > 1
+    assert test[test["task"] == "caption"]["question_type"].nunique() == 1
+    quality = evaluate_model_quality(
+        tiny_adapter,
+        annotations,
+        images,
+        tasks=["vqa", "caption"],
+        split="test",
+        batch_size=8,
+        max_new_tokens=4,
+        max_items=12,
+        utilities=("generative",),
+    )
+    by_type = quality["generative_by_question_type"]
+    assert set(by_type) == {"vqa"}
+    run = evaluate_conditions(tiny_adapter, "vqa", vqa, images, {"generative": [0]}, batch_size=8, max_new_tokens=4)
+    predictions = np.asarray(run["generative"][0].predictions, dtype=object)
+    kinds = vqa["question_type"].to_numpy()
+    assert list(by_type["vqa"]) == list(dict.fromkeys(kinds))
+    for k, value in by_type["vqa"].items():
+        sel = kinds == k
+        assert value == round(aggregate_utility("vqa", list(predictions[sel]), vqa[sel])[0], 6)
+    # The overall value weighs the types by their item counts.
+    counts = vqa["question_type"].value_counts()
+    overall = sum(by_type["vqa"][k] * counts[k] for k in by_type["vqa"]) / len(vqa)
+    assert quality["generative"]["vqa"] == pytest.approx(overall, abs=1e-5)

@@ -128,6 +128,7 @@ ATTRIBUTION = {
 QUALITY = {
     "generative": {"vqa": 0.9, "ocr": 1, "caption": 0.41, "retrieval": 0.85},
     "likelihood": {"vqa": 0.8, "ocr": 0.99, "caption": 0.7, "retrieval": 0.6},
+    "generative_by_question_type": {"vqa": {"color": 0.95, "count": 1, "position": 0.8}},
 }
 
 SHARED = {

@@ -29,7 +29,7 @@ Map of this module:
 - ``aggregate_utility``: per-item scores and the corpus-level utility for a task (the paper's
   metric), and ``generative_scores`` with it the captions' BLEU statistics;
   ``standard_utility``: this project's standard variant of it.
-- ``evaluate_model_quality``: the generative and likelihood utilities of each task on one split.
+(The model-quality stage's measure is ``pipeline.model.quality``.)
 """
 
 from __future__ import annotations
@@ -563,48 +563,3 @@ def _retrieval_result(items: pd.DataFrame, margins: list[np.ndarray], utility: s
         return TaskResult("retrieval", METRIC_NAMES["retrieval"], float(per.mean()), per)
     per = np.array([float(np.exp(m[p] - m.max()) / np.exp(m - m.max()).sum()) for m, p in zip(margins, pos)])
     return TaskResult("retrieval", LIKELIHOOD_NAMES["retrieval"], float(per.mean()), per)
-
-
-def evaluate_model_quality(
-    adapter,
-    annotations: pd.DataFrame,
-    images: ImageTable,
-    *,
-    tasks: Sequence[str],
-    split: str,
-    batch_size: int,
-    max_new_tokens: int,
-    max_items: int | None = None,
-    utilities: Sequence[str] = ("generative", "likelihood"),
-) -> dict[str, dict[str, float]]:
-    """{utility: {task: value}} on ``split`` (the first ``max_items`` items per task).
-
-    With the ``generative`` utility, ``generative_standard`` holds this project's standard
-    variant of the metric (``standard_utility``) on the same generations, for every task that
-    generates (retrieval ranks: its NDCG@5 has one definition)."""
-    out: dict[str, dict[str, float]] = {u: {} for u in utilities}
-    if "generative" in utilities:
-        out["generative_standard"] = {}
-    for task in tasks:
-        items = annotations[(annotations["split"] == split) & (annotations["task"] == task)]
-        if max_items is not None:
-            items = items.head(max_items)
-        if items.empty:
-            raise PipelineError(f"no {task!r} items in split {split!r} of the benchmark")
-        res = evaluate_conditions(
-            adapter,
-            task,
-            items,
-            images,
-            {u: [0] for u in utilities},
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            progress=f"quality {task}",
-        )
-        for u in utilities:
-            out[u][task] = round(res[u][0].utility, 6)
-            log.info("%s %s on %s (%d items): %.4f", res[u][0].metric, task, split, len(items), res[u][0].utility)
-        predictions = res["generative"][0].predictions if "generative" in utilities else None
-        if predictions is not None:
-            out["generative_standard"][task] = round(standard_utility(task, predictions, items), 6)
-    return out

@@ -20,7 +20,7 @@ Map of this module:
   (``pipeline.outcomes.steering.steering_statistics``), per utility a ``UtilitySteering``.
 - ``AttributionRecord``: ``metrics/attribution/<m>.json`` (stage ``masks``).
 - ``QualityRecord``: ``metrics/model_quality/<m>.json``
-  (``pipeline.model.evaluation.evaluate_model_quality``).
+  (``pipeline.model.quality.evaluate_model_quality``).
 - ``SharedNeuronsRecord``: ``shared_neurons/<m>/shared.json``
   (``pipeline.outcomes.shared_neurons.shared_neuron_statistics``).
 - ``TransferRecord``: the transfer stage's two documents, each None where the stage measured
@@ -328,15 +328,21 @@ class AttributionRecord(_Record):
 # --- model quality ------------------------------------------------------------------------------
 
 
+# The per-task utilities a QualityRecord holds (what `of` gives).
+QUALITY_UTILITIES = ("generative", "likelihood", "generative_standard")
+
+
 class QualityRecord(_Record):
     """``metrics/model_quality/<m>.json``: {task: value} per utility measured."""
 
     generative: dict[str, Number | None] | None = None
     likelihood: dict[str, Number | None] | None = None
     generative_standard: dict[str, Number | None] | None = None
+    # {task: {question type: generative value}}, tasks whose items have several types.
+    generative_by_question_type: dict[str, dict[str, Number | None]] | None = None
 
     def of(self, utility: str) -> dict[str, Number | None] | None:
-        if utility not in type(self).model_fields:
+        if utility not in QUALITY_UTILITIES:
             raise ValueError(f"unknown quality utility {utility!r}")
         return getattr(self, utility)
 

@@ -351,6 +351,20 @@ def _quality_sections(results: StudyResults, targets: dict[str, dict]) -> list[S
                 table=pd.DataFrame(rows).T if rows else None,
             )
         )
+    by_type = {
+        m: {f"{t}: {k}": v for t, kinds in q.generative_by_question_type.items() for k, v in kinds.items()}
+        for m, q in results.quality.items()
+        if q.generative_by_question_type
+    }
+    if by_type:
+        sections.append(
+            Section(
+                "Model quality by question type (generative)",
+                "The paper's metric on the same test generations, per question type of the tasks "
+                "whose items have several: where a task's utility falls short.",
+                table=pd.DataFrame(by_type).T,
+            )
+        )
     if targets:
         met = {
             m: {

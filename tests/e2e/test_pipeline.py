@@ -157,8 +157,12 @@ def repo(tmp_path_factory) -> Path:
 def test_outputs_are_written(repo: Path) -> None:
     for model in MODELS:
         quality = json.loads((repo / f"metrics/model_quality/{model}.json").read_text())
+        by_type = quality.pop("generative_by_question_type")
         assert set(quality) == {"generative", "generative_standard", "likelihood"}
         assert all(0.0 <= v <= 1.0 for q in quality.values() for v in q.values()), quality
+        # The synthetic benchmark's VQA asks four kinds of question; the other tasks one each.
+        assert set(by_type) == {"vqa"} and len(by_type["vqa"]) > 1, by_type
+        assert all(0.0 <= v <= 1.0 for v in by_type["vqa"].values()), by_type
         assert set(quality["generative"]) == set(quality["likelihood"]) == set(TASKS)
         # The standard variants exist for generated answers; retrieval ranks.
         assert set(quality["generative_standard"]) == set(TASKS) - {"retrieval"}
@@ -300,6 +304,7 @@ def test_outputs_are_written(repo: Path) -> None:
     report = (repo / "reports/hones_report.html").read_text()
     assert "data:image/png;base64," in report and "http" not in report.split("<body>")[1]
     assert report.index("<h2>Verdict</h2>") < report.index("<h2>Model quality")
+    assert "<h2>Model quality by question type (generative)</h2>" in report
     assert BROUGHT in report and f"{BROUGHT}: logit lens" in report
     assert "Do they transfer to the out-of-distribution sets you brought?" in report
 
