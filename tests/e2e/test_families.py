@@ -121,7 +121,10 @@ def test_bfloat16_runs_the_whole_graph_and_ranks_like_float32(repo: Path) -> Non
     ran = set(json.loads((repo.parent / "ran.json").read_text()))
     assert {f"steer@{BF16}", f"model_quality@{BF16}", f"logit_lens@{BF16}", f"evaluate@{BF16}"} <= ran
     quality = json.loads((repo / f"metrics/model_quality/{BF16}.json").read_text())
-    assert all(np.isfinite(v) for by_task in quality.values() for v in by_task.values()), quality
+    by_type = quality.pop("generative_by_question_type")
+    values = [v for by_task in quality.values() for v in by_task.values()]
+    values += [v for kinds in by_type.values() for v in kinds.values()]
+    assert by_type and all(np.isfinite(v) for v in values), quality
     methods, _, low, _ = read_importance(repo / f"data/attribution/{BF16}.zarr")
     methods32, _, full, _ = read_importance(repo / f"data/attribution/{F32}.zarr")
     assert methods == methods32
