@@ -2,6 +2,11 @@
 
 Resumable: it checkpoints every ``runtime.checkpoint_every_steps`` steps inside its output
 (``persist: true`` in dvc.yaml) and a killed run resumes, to bitwise the same weights.
+
+Run by hand with ``--warm-tower-from FOLDER`` (a model this stage wrote with the same warm-up,
+say ``data/shipped/<model>``), it reuses that model's vision tower instead of repeating the
+warm-up: after a change to the language phase's recipe only, it writes the bytes a full
+training would, in the language phase's time (``pipeline.model.default.reuse_warm_tower``).
 """
 
 from dataclasses import asdict
@@ -24,6 +29,11 @@ def main() -> None:
     p.add_argument("--model", required=True, help="name under 'models' in params.yaml")
     p.add_argument("--benchmark", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--warm-tower-from",
+        type=Path,
+        help="a trained folder with the same warm-up whose vision tower replaces the warm-up",
+    )
     args = p.parse_args()
     params = read_params(args.params, READS, model=args.model)
     cfg = params.models[args.model]
@@ -48,6 +58,7 @@ def main() -> None:
         device=device,
         resume_key=resume_key,
         checkpoint_every=params.runtime.checkpoint_every_steps,
+        warm_tower_from=args.warm_tower_from,
     )
     report_rows(cfg.spec.steps * cfg.spec.batch_size, "training examples")
 

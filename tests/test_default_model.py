@@ -306,3 +306,74 @@ def test_ranking_step_adds_softmax_over_the_evaluations_margins(benchmark_dir, a
     np.testing.assert_allclose(per_example, want, rtol=1e-4, atol=1e-5)
     assert loss == pytest.approx(np.mean(want), rel=1e-4)
     assert ranking_loss(torch.tensor([2.0, 0.0])) == pytest.approx(float(np.log1p(np.exp(-2.0))))
+
+
+def test_language_step_clips_only_what_it_trains(benchmark_dir, annotations, images) -> None:
+    """The frozen tower's gradients are dropped when it freezes, and a gradient left on a frozen
+    parameter does not enter the clipping norm: the step is the same with or without it."""
+    from conftest import build_tiny_adapter
+
+    from pipeline.model.default import _language_optimizer, _training_step, vision_tower
+    from pipeline.tasks.items import TrainingExample
+
+    rows = annotations[annotations["task"] == "vqa"].head(4)
+    batch = [TrainingExample("vqa", r.image_id, r.prompt, r.references[0]) for r in rows.itertuples()]
+    decoded = {e.image_id: images[e.image_id] for e in batch}
+    spec = tiny_model_spec()
+
+    def one_step(stale_after_freeze: bool) -> dict[str, torch.Tensor]:
+        adapter = build_tiny_adapter(benchmark_dir)
+        adapter.model.requires_grad_(True)
+        tower = vision_tower(adapter.model)
+        for p in tower.parameters():
+            p.grad = torch.full_like(p, 100.0)  # as the warm-up's last step leaves it, only larger
+        optimizer = _language_optimizer(adapter.model, spec)
+        assert all(p.grad is None for p in tower.parameters())
+        if stale_after_freeze:
+            for p in tower.parameters():
+                p.grad = torch.full_like(p, 100.0)
+        _training_step(adapter, optimizer, batch, decoded, lr=1e-2)
+        return {k: v.detach().clone() for k, v in adapter.model.state_dict().items()}
+
+    clean, stale = one_step(False), one_step(True)
+    assert clean.keys() == stale.keys()
+    assert all(torch.equal(clean[k], stale[k]) for k in clean)
+
+
+def test_warm_up_uses_its_own_learning_rate(benchmark_dir, tmp_path, monkeypatch) -> None:
+    from pipeline.model.default import training
+
+    seen = {}
+
+    def fake_warm_up(*args, lr, **kwargs):
+        seen["lr"] = lr
+        return [0.0]
+
+    monkeypatch.setattr(training, "warm_up_vision", fake_warm_up)
+    spec = replace(tiny_model_spec(), steps=1, batch_size=4, lr=3e-4, vision_warmup_lr=2e-3, warmup_steps=1)
+    train_default_model(spec, benchmark_dir, tmp_path / "m", name="m")
+    assert seen == {"lr": 2e-3}
+
+
+def test_reusing_a_warm_tower_trains_the_full_trainings_bytes(benchmark_dir, tmp_path) -> None:
+    """A training that takes its tower from a finished one with the same warm-up writes every
+    file a full training writes, byte for byte, also when the language phase's recipe changed;
+    a folder warmed up otherwise is refused, naming the field."""
+    spec = replace(tiny_model_spec(), steps=3, batch_size=4, vision_warmup_steps=2, warmup_steps=1)
+    other = replace(spec, lr=3e-4)
+    for name, s in (("full", spec), ("full-other", other)):
+        train_default_model(s, benchmark_dir, tmp_path / name, name="m")
+    train_default_model(other, benchmark_dir, tmp_path / "reused", name="m", warm_tower_from=tmp_path / "full")
+    want = {p.name: p.read_bytes() for p in sorted((tmp_path / "full-other").iterdir())}
+    got = {p.name: p.read_bytes() for p in sorted((tmp_path / "reused").iterdir())}
+    assert want.keys() == got.keys() and "model.safetensors" in want
+    assert [n for n in want if want[n] != got[n]] == []
+    with pytest.raises(PipelineError, match="vision_warmup_lr: trained 0.001, params 0.002"):
+        train_default_model(
+            replace(spec, vision_warmup_lr=2e-3),
+            benchmark_dir,
+            tmp_path / "refused",
+            name="m",
+            warm_tower_from=tmp_path / "full",
+        )
+    assert not (tmp_path / "refused").exists()

@@ -3,7 +3,8 @@
 Kept apart from the trainer (``default``) so that the params schema can use it without
 making every stage depend on the training code.
 
-- ``DefaultModelSpec``: frozen dataclass; sizes in features, ``lr`` per step, ``steps`` in
+- ``DefaultModelSpec``: frozen dataclass; sizes in features, learning rates (``lr``: the
+  language phase's peak; ``vision_warmup_lr``: the tower's warm-up) per step, ``steps`` in
   optimiser steps. Field constraints are ``Annotated`` so a validator (pydantic) enforces them.
 - ``DEFAULT_MODEL_FIELDS``: the fields a params entry sets (all but ``image_size``, which the
   trainer takes from the benchmark's images).
@@ -47,6 +48,9 @@ class DefaultModelSpec:
     text_kv_heads: Annotated[int, Field(ge=1)] = 4
     text_ffn: Annotated[int, Field(ge=8)] = 512
     vision_warmup_steps: Annotated[int, Field(ge=0)] = 1500
+    # The warm-up's own learning rate (constant): ``lr`` is the language phase's, and the two
+    # phases train different parameters with different losses.
+    vision_warmup_lr: Annotated[float, Field(gt=0, le=1)] = 1e-3
     steps: Annotated[int, Field(ge=1)] = 3000
     batch_size: Annotated[int, Field(ge=1)] = 32
     lr: Annotated[float, Field(gt=0, le=1)] = 1e-3
@@ -83,11 +87,19 @@ def architecture_problems(values: dict) -> list[str]:
     return problems
 
 
-def check_trained_with(folder: Path, spec: DefaultModelSpec, name: str) -> None:
-    """Raise PipelineError unless ``folder`` holds a model trained with ``spec``: its
-    ``training.json`` (written by ``train_default_model``) records every field of ``spec`` but
-    ``image_size`` with the same value (a field the record lacks counts at its default). The
-    message names model ``name``, the folder and each differing field."""
+# What the model's initialisation and the vision warm-up read: two specs equal on these give the
+# same warmed-up tower (on the same benchmark, code and machine), whatever their language phase.
+WARM_UP_FIELDS: tuple[str, ...] = tuple(
+    f
+    for f in DEFAULT_MODEL_FIELDS
+    if f.startswith(("vision_", "text_")) or f in ("family", "patch_size", "batch_size", "seed")
+)
+
+
+def _record_differences(folder: Path, spec: DefaultModelSpec, name: str, keys: tuple[str, ...]) -> list[str]:
+    """``"field: trained X, params Y"`` for each of ``keys`` on which ``folder``'s ``training.json``
+    (a field it lacks counts at its default) differs from ``spec``; ``PipelineError`` naming model
+    ``name`` when the record is missing or unreadable."""
     record_path = Path(folder) / "training.json"
     try:
         trained = json.loads(record_path.read_text())["spec"]
@@ -98,14 +110,34 @@ def check_trained_with(folder: Path, spec: DefaultModelSpec, name: str) -> None:
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise PipelineError(f"model {name!r}: {record_path} is not a training record ({exc})") from None
     defaults, wanted = asdict(DefaultModelSpec()), asdict(spec)
-    differ = [
+    return [
         f"{k}: trained {trained.get(k, defaults[k])!r}, params {wanted[k]!r}"
-        for k in DEFAULT_MODEL_FIELDS
+        for k in keys
         if trained.get(k, defaults[k]) != wanted[k]
     ]
+
+
+def check_trained_with(folder: Path, spec: DefaultModelSpec, name: str) -> None:
+    """Raise PipelineError unless ``folder`` holds a model trained with ``spec``: its
+    ``training.json`` (written by ``train_default_model``) records every field of ``spec`` but
+    ``image_size`` with the same value (a field the record lacks counts at its default). The
+    message names model ``name``, the folder and each differing field."""
+    differ = _record_differences(folder, spec, name, DEFAULT_MODEL_FIELDS)
     if differ:
         raise PipelineError(
             f"model {name!r}: {folder} holds weights of another recipe than the params give "
             f"({'; '.join(differ)}); train the recipe (its train_default_model stage) and ship "
             "that folder, or set the params back"
+        )
+
+
+def check_warmed_up_with(folder: Path, spec: DefaultModelSpec, name: str) -> None:
+    """Raise PipelineError unless ``folder``'s vision tower was warmed up as ``spec`` would warm
+    it up: its ``training.json`` agrees with ``spec`` on every field of ``WARM_UP_FIELDS``. The
+    message names model ``name``, the folder and each differing field."""
+    differ = _record_differences(folder, spec, name, WARM_UP_FIELDS)
+    if differ:
+        raise PipelineError(
+            f"model {name!r}: the vision tower in {folder} was warmed up otherwise than the params "
+            f"give ({'; '.join(differ)}); train without reusing it"
         )

@@ -13,7 +13,8 @@ Map of this package (``DefaultModelSpec``, the architecture and training schedul
 - ``training``: ``train_default_model`` trains on the benchmark's train split and
   ``save_pretrained``s model + processor into a folder that ``ModelAdapter.load`` reads like any
   hub model. Its steps, in order: ``_read_train_split`` -> ``_build_untrained`` ->
-  ``_decode_images`` -> ``warm_up_vision`` -> ``_language_optimizer`` -> ``_train_language_model``
+  ``_decode_images`` -> ``warm_up_vision`` (or ``reuse_warm_tower``, a finished training's
+  tower) -> ``_language_optimizer`` -> ``_train_language_model``
   (``_refill_pool``, ``_training_step``) -> ``_training_summary`` -> ``_save_trained``.
 Imports run one way: ``checkpoints`` <- ``vision`` <- ``training`` -> ``build``. Re-exported here:
 the names used outside the package (private ones too: tests and benchmarks drive single steps).
@@ -30,6 +31,7 @@ from pipeline.model.default.training import (
     _read_train_split,
     _training_step,
     ranking_loss,
+    reuse_warm_tower,
     train_default_model,
 )
 from pipeline.model.default.vision import (
@@ -61,6 +63,7 @@ __all__ = [
     "image_word_targets",
     "patch_features",
     "ranking_loss",
+    "reuse_warm_tower",
     "train_default_model",
     "vision_tower",
     "warm_up_vision",

@@ -29,7 +29,7 @@ from pipeline.model.default.build import (
 )
 from pipeline.model.default.checkpoints import Checkpoints, _gradients, _restore_model, _restore_rng
 from pipeline.model.default.vision import FrozenVisionCache, image_word_targets, vision_tower, warm_up_vision
-from pipeline.model.default_spec import DefaultModelSpec
+from pipeline.model.default_spec import DefaultModelSpec, check_warmed_up_with
 from pipeline.model.scoring import answer_cross_entropy, answer_token_id
 from pipeline.tasks.items import (
     RETRIEVAL_NO,
@@ -106,11 +106,17 @@ def _learning_rate(spec: DefaultModelSpec, step: int) -> float:
 
 
 def _language_optimizer(model: torch.nn.Module, spec: DefaultModelSpec) -> torch.optim.AdamW:
-    """Freeze the vision tower; AdamW over every parameter still trainable (projector + LM)."""
+    """Freeze the vision tower (dropping the warm-up's last gradients); AdamW over every
+    parameter still trainable (projector + LM)."""
     # As in LLaVA, the language model learns to read a frozen vision tower; letting the VLM loss
     # reach the tower collapsed its features to an image-independent vector (measured: patch
     # features differing by 1% between images after 1,500 steps) and nothing was learned.
-    vision_tower(model).requires_grad_(False)
+    tower = vision_tower(model)
+    tower.requires_grad_(False)
+    for p in tower.parameters():
+        # Left in place, the warm-up's last gradient would count in every language step's
+        # clipping norm (``_training_step`` clips what the optimiser trains, for the same reason).
+        p.grad = None
     return torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=spec.lr,
@@ -191,7 +197,7 @@ def _training_step(
     adapter, optimizer: torch.optim.Optimizer, batch: list[Example], decoded: dict, lr: float
 ) -> tuple[float, list[float]]:
     """One optimiser step at learning rate ``lr`` on ``batch`` (examples; images from
-    ``decoded``), gradients clipped to norm 1.
+    ``decoded``), the gradients of the parameters ``optimizer`` trains clipped to norm 1.
 
     An example's loss is its answer cross-entropy; a ranking group's is the mean answer
     cross-entropy of its rows plus ``ranking_loss`` of their margins. The step minimises the
@@ -224,7 +230,7 @@ def _training_step(
     values = example_loss.detach().tolist()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
     optimizer.step()
     return loss.item(), values
 
@@ -341,6 +347,25 @@ def _training_summary(
     }
 
 
+def reuse_warm_tower(model: torch.nn.Module, source: Path, spec: DefaultModelSpec, name: str) -> list[float]:
+    """Load into ``model`` the vision tower of the model ``train_default_model`` saved in
+    ``source``, in place of the warm-up, and return that training's warm-up loss curve.
+
+    The language phase never changes the tower (it is frozen), so ``source``'s tower is its
+    warm-up's output. ``source`` must have been trained with the same ``WARM_UP_FIELDS``
+    (``check_warmed_up_with``), on the same benchmark and warm-up code: then the training that
+    follows writes bitwise the model a full training would, warm-up included, on a machine whose
+    warm-up gives ``source``'s tower (the language phase draws nothing from torch's global RNG,
+    the only state the skipped warm-up would have advanced). The benchmark and code are the
+    caller's to keep; what ``source`` records is checked."""
+    source = Path(source)
+    check_warmed_up_with(source, spec, name)
+    # from_pretrained, not the raw file: it maps the saved keys to the module's, as loading does.
+    trained = type(model).from_pretrained(source, dtype=torch.float32)
+    vision_tower(model).load_state_dict(vision_tower(trained).state_dict())
+    return list(json.loads((source / "training.json").read_text())["vision_warmup_loss"])
+
+
 def _save_trained(model: torch.nn.Module, processor, summary: dict, out_dir: Path) -> None:
     """``save_pretrained`` model and processor plus ``training.json`` into ``out_dir``, written
     under a temporary sibling name and renamed (``pipeline.io.atomic_directory``)."""
@@ -371,6 +396,7 @@ def train_default_model(
     resume_key: str | None = None,
     checkpoint_every: int = 0,
     on_checkpoint: Callable[[str, int], None] | None = None,
+    warm_tower_from: Path | None = None,
 ) -> dict:
     """Train the default model ``name`` on the benchmark's train split and save it to ``out_dir``.
 
@@ -388,6 +414,10 @@ def train_default_model(
     run; anything else in ``out_dir`` is removed at the start (``pipeline.io.resumable_scratch``),
     and the scratch goes with the finished model's rename. ``on_checkpoint(phase, step)`` runs
     after each save.
+
+    With ``warm_tower_from`` (a folder this function wrote, with the same warm-up), its vision
+    tower replaces the warm-up (``reuse_warm_tower``): a recipe that changes only the language
+    phase retrains without repeating the warm-up, to the bytes of a full training.
     """
     from pipeline.model.adapter import ModelAdapter
 
@@ -407,7 +437,10 @@ def train_default_model(
         _restore_model(model, resume)
 
     t0 = time.perf_counter()
-    if resume is None or resume["phase"] == "warmup":
+    if warm_tower_from is not None and (resume is None or resume["phase"] == "warmup"):
+        warmup_losses = reuse_warm_tower(model, Path(warm_tower_from), spec, name)
+        resume = None
+    elif resume is None or resume["phase"] == "warmup":
         warmup_losses = warm_up_vision(
             model,
             processor,
@@ -415,7 +448,7 @@ def train_default_model(
             image_word_targets(data.train, processor.tokenizer),
             steps=spec.vision_warmup_steps,
             batch_size=spec.batch_size * 2,
-            lr=spec.lr,
+            lr=spec.vision_warmup_lr,
             seed=spec.seed,
             checkpoints=checkpoints,
             resume=resume,
